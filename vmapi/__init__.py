@@ -1,0 +1,70 @@
+"""vmapi: an HTTP API that runs a fleet of libvirt hypervisor hosts."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__version__ = "1.0.0"
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """The application factory: configuration, extensions, blueprints, errors, CLI."""
+    from vmapi import models  # noqa: F401 - registers every model with the metadata
+    from vmapi.api import register_api
+    from vmapi.cli import register_cli
+    from vmapi.config import load_config
+    from vmapi.errors import register_error_handlers
+    from vmapi.extensions import db, migrate
+    from vmapi.hypervisor.libvirt import LibvirtDriver
+    from vmapi.services.hosts import DRIVER_KEY
+
+    app = Flask(__name__, instance_relative_config=True)
+    load_config(app, config)
+    logging.basicConfig(level=app.config["LOG_LEVEL"])
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=_migrations_dir())
+    app.extensions[DRIVER_KEY] = LibvirtDriver(
+        timeout=app.config["LIBVIRT_TIMEOUT"],
+        keepalive_interval=app.config["LIBVIRT_KEEPALIVE_INTERVAL"],
+        keepalive_count=app.config["LIBVIRT_KEEPALIVE_COUNT"],
+    )
+
+    @app.before_request
+    def assign_request_id() -> None:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "-")
+        return response
+
+    register_error_handlers(app)
+    register_api(app)
+    register_cli(app)
+    return app
+
+
+def _migrations_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
+    """SQLite ignores foreign keys unless asked, per connection."""
+    if type(dbapi_connection).__module__ == "sqlite3":
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()

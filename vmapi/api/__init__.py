@@ -1,0 +1,50 @@
+"""The HTTP API: version handling, the resource blueprints and the meta endpoints."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Flask, request
+from werkzeug.routing import IntegerConverter
+
+from vmapi.api import catalog, meta, node
+from vmapi.api.resource import RESOURCES
+from vmapi.api.version import check_version
+from vmapi.errors import ApiError, from_http_exception
+from vmapi.representations import error_response
+
+_API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
+
+
+class IdConverter(IntegerConverter):
+    """Positive ids that fit in PostgreSQL's bigint; anything else is no route (404)."""
+
+    def __init__(self, map, *args, **kwargs) -> None:  # noqa: A002 - werkzeug's signature
+        super().__init__(map, min=1, max=2**63 - 1)
+
+
+def register_api(app: Flask) -> None:
+    app.url_map.converters["id"] = IdConverter
+    app.jinja_env.globals["resources"] = set(RESOURCES)
+
+    @app.url_value_preprocessor
+    def pop_version(endpoint: str | None, values: dict | None) -> None:
+        if values and "api_version" in values:
+            check_version(values.pop("api_version"))
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        # An unknown route under a bad version says so, rather than a bare 404.
+        match = _API_PREFIX.match(request.path)
+        if match:
+            try:
+                check_version(match.group(1))
+            except ApiError as err:
+                return error_response(err)
+        if isinstance(exc, ApiError):
+            return error_response(exc)
+        return error_response(from_http_exception(exc))
+
+    app.register_blueprint(meta.bp)
+    for resource in (*catalog.RESOURCES, *node.RESOURCES):
+        app.register_blueprint(resource.blueprint())

@@ -1,0 +1,43 @@
+"""Endpoints about the API itself: /health, the OpenAPI document, the index."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, jsonify
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from vmapi.api.resource import RESOURCES, principal
+from vmapi.errors import ServiceUnavailable
+from vmapi.extensions import db
+from vmapi.representations import success_response
+
+bp = Blueprint("meta", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    """200 when the database answers, 503 otherwise. No authentication."""
+    try:
+        db.session.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        raise ServiceUnavailable(reason="the database does not answer") from exc
+    return success_response({"database": "ok"})
+
+
+@bp.get("/api/<api_version>/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 document of the whole API. No authentication."""
+    from vmapi.api.openapi import openapi_document
+
+    return jsonify(openapi_document())
+
+
+@bp.get("/api/<api_version>/")
+def index() -> Response:
+    """The resources this server offers (a starting point for browsing)."""
+    principal()
+    g.resource_name = None
+    return success_response(
+        {name: {"href": f"/api/v1/{name}", "summary": r.summary} for name, r in RESOURCES.items()}
+    )

@@ -1,0 +1,308 @@
+"""The OpenAPI 3 document, generated from the resource registry and marshmallow schemas.
+
+It is built from the same :class:`ResourceApi` objects that serve requests, so routes,
+fields, filters and role rules cannot drift from the document. ``UPDATE`` cannot be
+named in OpenAPI 3.0 (only the standard methods can); it is documented as ``PATCH``,
+which the server treats identically, and noted in ``x-method-aliases``.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from vmapi import __version__
+from vmapi.api.resource import ADMIN_ONLY, RESOURCES, ResourceApi
+from vmapi.schemas.base import Bool, Float, Int, Ref
+
+ERROR_STATUSES = {
+    400: "Invalid request (general/validation, general/malformed_body, "
+    "general/version/malformed).",
+    401: "No or bad token (general/authentication/required, general/authentication/failed).",
+    403: "The token's role may not do this (general/authorization/forbidden).",
+    404: "No such object or version ({resource}/not_found, general/not_found, "
+    "general/version/unsupported).",
+    405: "Method not allowed on this URL (general/method_not_allowed).",
+    409: "Conflict ({resource}/duplicate, {resource}/in_use, {resource}/protected{extra}).",
+    413: "Body larger than the configured limit (general/body_too_large).",
+    415: "Body neither JSON nor MessagePack (general/unsupported_media_type).",
+    500: "Unexpected failure; data.request_id names it in the server log (general/internal).",
+}
+EXTRA_CONFLICTS = {"node": ", node/unreachable", "virt_node": ", node/unreachable"}
+
+
+def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
+    if not isinstance(field, Ref):
+        return {}
+    ref = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}},
+        "required": ["id"],
+        "additionalProperties": False,
+        "description": f"Reference to a {field.resource}.",
+    }
+    if field.allow_none:
+        ref["nullable"] = True
+    return ref
+
+
+def _error(code: int, resource: str) -> dict[str, Any]:
+    text = ERROR_STATUSES[code].format(resource=resource, extra=EXTRA_CONFLICTS.get(resource, ""))
+    return {
+        "description": text,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _success(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    envelope = {
+        "type": "object",
+        "required": ["status", "data"],
+        "properties": {"status": {"type": "string", "enum": ["success"]}, "data": schema},
+    }
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": envelope},
+            "application/msgpack": {"schema": envelope},
+            "text/html": {"schema": {"type": "string"}},
+        },
+    }
+
+
+def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": description,
+        "content": {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}},
+    }
+
+
+def _keyed(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": item, "description": "Objects keyed by id."}
+
+
+def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 100}]}
+
+
+def _query_schema(field: Any) -> dict[str, Any]:
+    if isinstance(field, Ref):
+        return {"type": "integer", "minimum": 1, "format": "int64"}
+    if isinstance(field, Int):
+        return {"type": "integer", "format": "int64"}
+    if isinstance(field, Float):
+        return {"type": "number"}
+    if isinstance(field, Bool):
+        return {"type": "boolean"}
+    return {"type": "string"}
+
+
+def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> None:
+    name = res.name
+    component = "".join(part.capitalize() for part in name.split("_"))
+    spec.components.schema(component, schema=res.schema_class)
+    ref = {"$ref": f"#/components/schemas/{component}"}
+    props = plugin.converter.schema2jsonschema(res.schema_class)
+    writable = {k: v for k, v in copy.deepcopy(props["properties"]).items() if not v.get("readOnly")}
+    create = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "description": "Ignored."}, **writable},
+        "required": props.get("required", []),
+        "additionalProperties": False,
+    }
+    change = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}, **writable},
+        "additionalProperties": False,
+    }
+    change_many = copy.deepcopy(change)
+    change_many["required"] = ["id"]
+    id_only = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}},
+        "required": ["id"],
+        "additionalProperties": False,
+    }
+    roles = "admin only" if res.read_roles == ADMIN_ONLY else "admin and customer tokens"
+    tags = [name]
+    errs = lambda *codes: {str(c): _error(c, name) for c in codes}  # noqa: E731
+    filters = [
+        {"name": key, "in": "query", "required": False, "schema": _query_schema(f),
+         "description": f"Only objects whose {key} equals this."}
+        for key, (_col, f) in sorted(res.filters.items())
+    ]  # fmt: skip
+    nest = {
+        "name": "nest",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Comma-separated references to inline: " + (", ".join(res.refs) or "none"),
+    }
+    paging = [
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {"name": "after", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 0, "format": "int64"},
+         "description": "Keyset paging: objects with a larger id. See the Link header."},
+    ]  # fmt: skip
+    aliases = {"x-method-aliases": {"UPDATE": "patch"}}
+    spec.path(
+        path=f"/api/v1/{name}",
+        operations={
+            "get": {
+                "tags": tags,
+                "summary": f"List {name} objects ({roles} may read).",
+                "parameters": [*paging, nest, *filters],
+                "responses": {
+                    "200": {
+                        **_success(_keyed(ref), "One page, keyed by id, ordered by id."),
+                        "headers": {"Link": {"schema": {"type": "string"},
+                                             "description": 'rel="next" when more follow.'}},
+                    },
+                    **errs(400, 401, 403, 404),
+                },
+            },
+            "post": {
+                "tags": tags,
+                "summary": f"Create one {name} or an array of up to 100 (all or nothing).",
+                "requestBody": _body(_one_or_many(create), "One object or an array."),
+                "responses": {
+                    "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
+                    **errs(400, 401, 403, 404, 409, 413, 415),
+                },
+            },
+            "patch": {
+                "tags": tags,
+                "summary": f"Change {name} objects: body with id (or an array). Also UPDATE.",
+                "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
+                "responses": {
+                    "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
+                    **errs(400, 401, 403, 404, 409, 413, 415),
+                },
+                **aliases,
+            },
+            "delete": {
+                "tags": tags,
+                "summary": f"Delete {name} objects named by id (or an array).",
+                "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
+                "responses": {
+                    "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
+                    **errs(400, 401, 403, 404, 409, 413, 415),
+                },
+            },
+        },
+    )
+    ident = {
+        "name": "ident",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1, "format": "int64"},
+    }
+    spec.path(
+        path=f"/api/v1/{name}/{{ident}}",
+        operations={
+            "get": {
+                "tags": tags,
+                "summary": f"One {name}.",
+                "parameters": [ident, nest],
+                "responses": {"200": _success(ref, "The object."), **errs(400, 401, 403, 404)},
+            },
+            "patch": {
+                "tags": tags,
+                "summary": f"Change one {name}. Also UPDATE.",
+                "parameters": [ident],
+                "requestBody": _body(change, "The fields to change."),
+                "responses": {
+                    "200": _success(ref, "The changed object."),
+                    **errs(400, 401, 403, 404, 409, 413, 415),
+                },
+                **aliases,
+            },
+            "delete": {
+                "tags": tags,
+                "summary": f"Delete one {name}.",
+                "parameters": [ident],
+                "responses": {
+                    "200": _success(ref, "The deleted object, as it was."),
+                    **errs(400, 401, 403, 404, 409),
+                },
+            },
+        },
+    )
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The whole document (built once per process)."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="vmapi",
+        version=__version__,
+        openapi_version="3.0.3",
+        plugins=[plugin],
+        info={
+            "description": "Runs a fleet of libvirt hypervisor hosts. Every response is an "
+            "envelope; errors carry a stable error_id. The UPDATE method is accepted "
+            "wherever PATCH is documented (x-method-aliases).",
+        },
+        servers=[{"url": "/"}],
+        security=[{"bearer": []}],
+    )
+    plugin.converter.add_attribute_function(_ref_property)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.schema(
+        "Error",
+        component={
+            "type": "object",
+            "required": ["status", "status_code", "error_id", "message"],
+            "properties": {
+                "status": {"type": "string", "enum": ["error"]},
+                "status_code": {"type": "integer"},
+                "error_id": {"type": "string", "pattern": "^[a-z_]+(/[a-z_]+)+$"},
+                "message": {"type": "string"},
+                "data": {"description": "Details: bad fields, conflicting ids, index."},
+            },
+        },
+    )
+    spec.path(
+        path="/health",
+        operations={
+            "get": {
+                "summary": "200 when the database answers, 503 otherwise.",
+                "security": [],
+                "responses": {
+                    "200": _success({"type": "object"}, "Healthy."),
+                    "503": {"description": "Database down (general/unavailable)."},
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/api/v1/openapi.json",
+        operations={
+            "get": {
+                "summary": "This document.",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3 document.",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }
+        },
+    )  # fmt: skip
+    spec.path(
+        path="/api/v1/",
+        operations={
+            "get": {
+                "summary": "The resources this server offers.",
+                "responses": {"200": _success({"type": "object"}, "Index."), **{
+                    str(c): _error(c, "general") for c in (401,)}},
+            }
+        },
+    )  # fmt: skip
+    for res in RESOURCES.values():
+        _paths_for(spec, plugin, res)
+    return spec.to_dict()

@@ -1,0 +1,289 @@
+"""The collection/item machinery every resource blueprint is made of (API.md §1).
+
+A :class:`ResourceApi` couples a resource name, its marshmallow schema, its service and
+its role rules, and makes the blueprint: GET/POST/DELETE/UPDATE/PATCH on the collection,
+GET/DELETE/UPDATE/PATCH on items. Views here only parse, call the service and dump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Blueprint, Response, current_app, g, request
+from marshmallow import Schema
+from marshmallow import ValidationError as MarshmallowError
+
+from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
+from vmapi.errors import ApiError, Forbidden, ValidationError
+from vmapi.representations import parse_body, success_response
+from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
+from vmapi.services.crud import CrudService, ListParams
+
+ALL_ROLES = frozenset({ADMIN, CUSTOMER})
+ADMIN_ONLY = frozenset({ADMIN})
+COLLECTION_METHODS = ["GET", "POST", "DELETE", "UPDATE", "PATCH"]
+ITEM_METHODS = ["GET", "DELETE", "UPDATE", "PATCH"]
+LIST_ARGS = {"limit", "after", "nest"}
+
+#: Every resource by name: for nest=, links in HTML, and the OpenAPI document.
+RESOURCES: dict[str, ResourceApi] = {}
+
+
+def principal() -> Principal:
+    """The caller, authenticated once per request."""
+    if "principal" not in g:
+        g.principal = authenticate(request.headers.get("Authorization"))
+    return g.principal
+
+
+class ResourceApi:
+    """HTTP face of one resource."""
+
+    def __init__(
+        self,
+        name: str,
+        schema: type[Schema],
+        service: CrudService,
+        *,
+        read_roles: frozenset[str] = ALL_ROLES,
+        write_roles: frozenset[str] = ADMIN_ONLY,
+        summary: str = "",
+    ) -> None:
+        self.name = name
+        self.schema_class = schema
+        self.schema = schema()
+        self.service = service
+        self.read_roles = read_roles
+        self.write_roles = write_roles
+        self.summary = summary
+        self.refs: dict[str, Ref] = {
+            key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
+        }
+        self.filters = self._filterable()
+        RESOURCES[name] = self
+
+    # ------------------------------------------------------------------ wiring
+    def blueprint(self) -> Blueprint:
+        bp = Blueprint(self.name, __name__, url_prefix="/api/<api_version>")
+        bp.add_url_rule(
+            f"/{self.name}", "collection", self.collection, methods=COLLECTION_METHODS
+        )
+        bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=ITEM_METHODS)
+        return bp
+
+    def _filterable(self) -> dict[str, tuple[str, Any]]:
+        """Query keys -> (model column, field that parses the value)."""
+        columns = set(self.service.model.__table__.columns.keys())
+        found: dict[str, tuple[str, Any]] = {}
+        for key, f in self.schema.fields.items():
+            column = f.attribute or key
+            if column not in columns:
+                continue
+            if isinstance(f, Ref):
+                found[f"{key}.id"] = (column, f)
+            elif isinstance(f, Int | Float | Bool | Str):
+                found[key] = (column, f)
+        return found
+
+    # ------------------------------------------------------------------ views
+    def collection(self) -> Response:
+        g.resource_name = self.name
+        who = principal()
+        method = request.method
+        if method == "GET":
+            require_role(who, self.read_roles, f"read {self.name}")
+            return self.list_objects(who)
+        require_role(who, self.write_roles, f"change {self.name}")
+        if method == "POST":
+            return self.create(who)
+        if method == "DELETE":
+            return self.delete_collection(who)
+        return self.update_collection(who)
+
+    def item(self, ident: int) -> Response:
+        g.resource_name = self.name
+        who = principal()
+        if request.method == "GET":
+            require_role(who, self.read_roles, f"read {self.name}")
+            nest = self.parse_nest(request.args, who, allowed={"nest"})
+            return success_response(self.dump(self.service.get(ident, who, nest), nest))
+        require_role(who, self.write_roles, f"change {self.name}")
+        options = self.parse_options(request.args)
+        if request.method == "DELETE":
+            if parse_body() is not None:
+                raise ValidationError("DELETE on an item takes no body; its id is in the URL.")
+            (obj,) = self.service.delete_many([ident], who, options, indexed=False)
+            return success_response(self.dump(obj))
+        body = parse_body()
+        if not isinstance(body, dict):
+            raise ValidationError("The body must be an object with the fields to change.")
+        if "id" in body and body.pop("id") != ident:
+            raise ValidationError(data={"id": ["Does not match the id in the URL."]})
+        data = self.load(body, partial=True)
+        (obj,) = self.service.update_many([(ident, data)], who, indexed=False)
+        return success_response(self.dump(obj))
+
+    def list_objects(self, who: Principal) -> Response:
+        params = self.parse_list(request.args, who)
+        objs, more = self.service.list_page(who, params)
+        headers = None
+        if more and objs:
+            query = request.args.to_dict(flat=False)
+            query["after"] = [str(objs[-1].id)]
+            headers = {"Link": f'<{request.base_url}?{urlencode(query, doseq=True)}>; rel="next"'}
+        return success_response(self.dump_keyed(objs, params.nest), headers=headers)
+
+    def create(self, who: Principal) -> Response:
+        self.parse_options(request.args)
+        items, indexed = self.body_items()
+        loaded = []
+        for index, item in enumerate(items):
+            item.pop("id", None)  # API.md: id on POST is ignored
+            loaded.append(self.load(item, index=index if indexed else None))
+        objs = self.service.create_many(loaded, who, indexed)
+        data = self.dump_keyed(objs) if indexed else self.dump(objs[0])
+        return success_response(data, status=201)
+
+    def update_collection(self, who: Principal) -> Response:
+        self.parse_options(request.args)
+        items, indexed = self.body_items()
+        loaded = []
+        for index, item in enumerate(items):
+            ident = self.load_id(item.pop("id", None), index if indexed else None)
+            loaded.append((ident, self.load(item, partial=True, index=index if indexed else None)))
+        objs = self.service.update_many(loaded, who, indexed)
+        return success_response(self.dump_keyed(objs) if indexed else self.dump(objs[0]))
+
+    def delete_collection(self, who: Principal) -> Response:
+        options = self.parse_options(request.args)
+        items, indexed = self.body_items()
+        ids = []
+        for index, item in enumerate(items):
+            try:
+                ids.append(IdSchema().load(item)["id"])
+            except MarshmallowError as exc:
+                err = ValidationError(data=exc.messages)
+                raise err.with_index(index) if indexed else err from exc
+        objs = self.service.delete_many(ids, who, options, indexed)
+        return success_response(self.dump_keyed(objs) if indexed else self.dump(objs[0]))
+
+    # ------------------------------------------------------------------ parsing
+    def body_items(self) -> tuple[list[dict[str, Any]], bool]:
+        """The body as a list of objects, and whether it was an array."""
+        body = parse_body()
+        if isinstance(body, dict):
+            return [body], False
+        if isinstance(body, list):
+            limit = current_app.config["MAX_BATCH"]
+            if not body:
+                raise ValidationError("The array is empty; send at least one object.")
+            if len(body) > limit:
+                raise ValidationError(
+                    f"The array has {len(body)} elements; at most {limit} are accepted.",
+                    data={"limit": limit, "count": len(body)},
+                )
+            for index, item in enumerate(body):
+                if not isinstance(item, dict):
+                    raise ValidationError(
+                        "Each element of the array must be an object.", data={"index": index}
+                    )
+            return body, True
+        if body is None:
+            raise ValidationError("A body is required: an object or an array of objects.")
+        raise ValidationError("The body must be an object or an array of objects.")
+
+    def load(self, item: dict[str, Any], partial: bool = False, index: int | None = None) -> dict:
+        try:
+            return self.schema.load(item, partial=partial)
+        except MarshmallowError as exc:
+            err = ValidationError(data=exc.messages)
+            raise (err.with_index(index) if index is not None else err) from exc
+
+    @staticmethod
+    def load_id(value: Any, index: int | None) -> int:
+        try:
+            return IdSchema().load({"id": value})["id"]
+        except MarshmallowError as exc:
+            msg = "Each object needs the id of the object to change."
+            err = ValidationError(msg, data={"id": exc.messages.get("id", ["Missing."])})
+            raise (err.with_index(index) if index is not None else err) from exc
+
+    def parse_options(self, args: Mapping[str, str]) -> dict[str, Any]:
+        """Query options of a write; catalog resources take none."""
+        if args:
+            raise ValidationError(
+                data={key: ["Unknown query parameter."] for key in args}
+            )
+        return {}
+
+    def parse_list(self, args: Mapping[str, str], who: Principal) -> ListParams:
+        errors: dict[str, list[str]] = {}
+        params = ListParams(limit=current_app.config["PAGE_DEFAULT_LIMIT"])
+        params.nest = self.parse_nest(args, who, allowed=LIST_ARGS | set(self.filters))
+        for key in args:
+            values = args.getlist(key) if hasattr(args, "getlist") else [args[key]]
+            if len(values) > 1:
+                errors[key] = ["Give this parameter once."]
+                continue
+            raw = values[0]
+            try:
+                if key == "limit":
+                    params.limit = self._parse_limit(raw)
+                elif key == "after":
+                    params.after = Ref("any").parse_query(raw) if raw != "0" else 0
+                elif key == "nest":
+                    continue
+                elif key in self.filters:
+                    column, f = self.filters[key]
+                    params.filters.append((column, f.parse_query(raw)))
+                else:
+                    errors[key] = [
+                        "Unknown filter; use one of: " + ", ".join(sorted(self.filters)) + "."
+                    ]
+            except MarshmallowError as exc:
+                errors[key] = exc.messages if isinstance(exc.messages, list) else [str(exc)]
+        if errors:
+            raise ValidationError(data=errors)
+        return params
+
+    @staticmethod
+    def _parse_limit(raw: str) -> int:
+        maximum = current_app.config["PAGE_MAX_LIMIT"]
+        if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+            raise MarshmallowError(f"Must be a whole number from 1 to {maximum}.")
+        return int(raw)
+
+    def parse_nest(self, args: Mapping[str, str], who: Principal, allowed: set[str]) -> list[str]:
+        unknown = [key for key in args if key not in allowed]
+        if unknown:
+            raise ValidationError(data={key: ["Unknown query parameter."] for key in unknown})
+        raw = args.get("nest")
+        if raw is None:
+            return []
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+        bad = [n for n in names if n not in self.refs]
+        if bad or not names:
+            choices = ", ".join(sorted(self.refs)) or "nothing on this resource"
+            raise ValidationError(
+                data={"nest": [f"Cannot nest {', '.join(bad) or 'nothing'}; choose from {choices}."]}
+            )
+        for n in names:
+            target = RESOURCES.get(self.refs[n].resource)
+            if target is not None and who.role not in target.read_roles:
+                raise Forbidden(action=f"read {target.name}")
+        return list(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------ dumping
+    def dump(self, obj: Any, nest: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        data = self.schema.dump(obj)
+        for name in nest:
+            related = getattr(obj, name)
+            target = RESOURCES[self.refs[name].resource]
+            data[name] = None if related is None else target.schema.dump(related)
+        return data
+
+    def dump_keyed(self, objs: list[Any], nest: list[str] | tuple[str, ...] = ()) -> dict:
+        return {str(obj.id): self.dump(obj, nest) for obj in objs}
+

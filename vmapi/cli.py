@@ -1,0 +1,138 @@
+"""``flask vmapi ...`` admin commands and the ``flask shell`` context; thin wrappers."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+from vmapi.auth import ADMIN, CUSTOMER, Principal
+from vmapi.errors import ApiError
+from vmapi.extensions import db
+
+vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
+token_cli = AppGroup("token", help="API tokens.")
+node_cli = AppGroup("node", help="Hypervisor hosts.")
+vmapi_cli.add_command(token_cli)
+vmapi_cli.add_command(node_cli)
+
+#: The CLI acts with admin rights (it runs on the API host with its database credentials).
+CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
+
+
+@vmapi_cli.command("seed")
+def seed_command() -> None:
+    """Insert the default catalog rows that are missing (idempotent)."""
+    from vmapi.services.seed import seed_defaults
+
+    added = seed_defaults()
+    click.echo("seeded: " + (", ".join(added) if added else "nothing was missing"))
+
+
+@token_cli.command("create")
+@click.option("--admin", "is_admin", is_flag=True, help="An admin token (may do everything).")
+@click.option("--customer", "customer_id", type=click.IntRange(min=0), help="Customer id.")
+@click.option("--name", help="A name to recognise the token by (unique).")
+@click.option("--expires", "expires_days", type=click.IntRange(min=1), help="Days until expiry.")
+def token_create(
+    is_admin: bool, customer_id: int | None, name: str | None, expires_days: int | None
+) -> None:
+    """Create a token; the plain token is printed once, alone on the last line."""
+    from vmapi.services.tokens import TokenError, create_token
+
+    if is_admin == (customer_id is not None):
+        raise click.UsageError("give exactly one of --admin or --customer ID")
+    try:
+        token, plain = create_token(ADMIN if is_admin else CUSTOMER, customer_id, name, expires_days)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    expiry = token.expires_at.isoformat() if token.expires_at else "never"
+    click.echo(f"created token {token.id} {token.name!r} role={token.role} expires={expiry}")
+    click.echo("store it now; it cannot be shown again:", err=True)
+    click.echo(plain)
+
+
+@token_cli.command("list")
+def token_list() -> None:
+    """List tokens (never their values)."""
+    from vmapi.services.tokens import list_tokens
+
+    click.echo(f"{'id':>5}  {'name':32} {'role':8} {'customer':>8}  {'expires':25} revoked")
+    for t in list_tokens():
+        click.echo(
+            f"{t.id:>5}  {t.name:32} {t.role:8} {t.customer_id if t.customer_id is not None else '-':>8}"
+            f"  {t.expires_at.isoformat() if t.expires_at else 'never':25} "
+            f"{t.revoked_at.isoformat() if t.revoked_at else 'no'}"
+        )
+
+
+@token_cli.command("revoke")
+@click.argument("token")
+def token_revoke(token: str) -> None:
+    """Revoke a token by id or name."""
+    from vmapi.services.tokens import TokenError, revoke_token
+
+    try:
+        row = revoke_token(token)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"revoked token {row.id} {row.name!r}")
+
+
+@node_cli.command("add")
+@click.option("--fqdn", required=True)
+@click.option("--ipv4-addr-ext", required=True, help="e.g. 192.0.2.10/24")
+@click.option("--ipv6-addr-ext", required=True, help="e.g. 2001:db8::10/64")
+@click.option("--ipv4-gw-ext", required=True)
+@click.option("--ipv6-gw-ext", required=True)
+@click.option("--libvirt-uri", help="Default: LIBVIRT_URI_TEMPLATE with the fqdn.")
+@click.option("--state", "state_name", default="running", show_default=True)
+@click.option("--virt-method", "methods", multiple=True, help="Name, e.g. KVM (repeatable).")
+@click.option("--location")
+@click.option("--cores", type=int, help="Default: asked from the host's libvirt.")
+@click.option("--ram", type=int, help="Bytes. Default: asked from the host's libvirt.")
+@click.option("--interface-mode", type=click.Choice(["bridge", "ethernet", "user"]))
+def node_add(state_name: str, methods: tuple[str, ...], **fields: Any) -> None:
+    """Register a node (capacity read from its libvirt) and its virt methods."""
+    from sqlalchemy import select
+
+    from vmapi.api.node import node, virt_node
+    from vmapi.models import NodeState
+
+    state = db.session.scalars(select(NodeState).where(NodeState.name == state_name)).first()
+    if state is None:
+        raise click.ClickException(f"no node_state named {state_name!r}")
+    body = {k: v for k, v in fields.items() if v is not None}
+    body["node_state"] = {"id": state.id}
+    try:
+        data = node.load(body)
+        (new,) = node.service.create_many([data], CLI_PRINCIPAL, indexed=False)
+        for name in methods:
+            vn = virt_node.load({"node": {"id": new.id}, "virt_method": {"name": name}})
+            virt_node.service.create_many([vn], CLI_PRINCIPAL, indexed=False)
+    except ApiError as exc:
+        detail = f" {exc.data}" if exc.data else ""
+        raise click.ClickException(f"{exc.error_id}: {exc.message}{detail}") from exc
+    click.echo(
+        f"added node {new.id} {new.fqdn}: {new.cores} cores, {new.ram} bytes RAM"
+        + (f", virt methods {', '.join(methods)}" if methods else "")
+    )
+
+
+def register_cli(app: Flask) -> None:
+    app.cli.add_command(vmapi_cli)
+
+    @app.shell_context_processor
+    def shell_context() -> dict[str, Any]:
+        from vmapi import models
+
+        context: dict[str, Any] = {"db": db, "session": db.session, "app": app}
+        context.update({name: getattr(models, name) for name in models.__all__})
+        return context
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: flask --app wsgi vmapi ...")

@@ -1,0 +1,99 @@
+"""Configuration: built-in defaults, then ``instance/vmapi.cfg``, then ``VMAPI_*`` variables.
+
+Nothing is read at import time; :func:`load_config` runs inside ``create_app``.
+Every key below can be set in ``instance/vmapi.cfg`` (Python syntax, ``KEY = value``)
+or as an environment variable ``VMAPI_<KEY>``; the environment wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flask import Flask
+
+GIB = 1024**3
+MIB = 1024**2
+
+#: key -> (default, one-line description). The README's configuration table mirrors this.
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "DATABASE_URL": (None, "SQLAlchemy URL; default: SQLite file instance/vmapi.sqlite3"),
+    "SECRET_KEY": ("dev-only-change-me", "Flask secret key (set it in production)"),
+    "LIBVIRT_URI_TEMPLATE": (
+        "qemu+ssh://root@{fqdn}/system",
+        "libvirt URI for nodes whose libvirt_uri is null; {fqdn} is replaced",
+    ),
+    "LIBVIRT_TIMEOUT": (10.0, "seconds any single libvirt call may take before 504"),
+    "LIBVIRT_KEEPALIVE_INTERVAL": (5, "seconds between libvirt keepalive probes"),
+    "LIBVIRT_KEEPALIVE_COUNT": (3, "unanswered keepalive probes before a connection is dead"),
+    "CPU_ALLOCATION_RATIO": (4.0, "vCPUs per physical core when a node's ratio is null"),
+    "RAM_ALLOCATION_RATIO": (1.0, "RAM overcommit when a node's ratio is null"),
+    "RESERVED_RAM": (GIB, "bytes of host RAM kept for the host when a node's value is null"),
+    "INTERFACE_MODE": ("bridge", "VM NIC wiring when a node's interface_mode is null"),
+    "MAX_BODY": (MIB, "largest request body in bytes (413 above)"),
+    "PAGE_DEFAULT_LIMIT": (100, "list page size when ?limit is not given"),
+    "PAGE_MAX_LIMIT": (1000, "largest ?limit accepted"),
+    "MAX_BATCH": (100, "largest array accepted by POST/UPDATE/DELETE"),
+    "INSTALLATION_ID": ("vmapi", "identifies this installation in domain metadata"),
+    "LOG_LEVEL": ("INFO", "Python log level"),
+}
+
+INTERFACE_MODES = ("bridge", "ethernet", "user")
+
+
+def _coerce(raw: str, default: Any) -> Any:
+    """Turn an environment string into the type of the default value."""
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, list | dict):
+        return json.loads(raw)
+    return raw
+
+
+def database_url(url: str) -> str:
+    """A bare ``postgresql://`` (or ``postgres://``) URL means psycopg2, the pinned driver.
+
+    SQLAlchemy 2.1 maps it to psycopg 3, which vmapi does not ship.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
+    """Fill ``app.config`` from defaults, the instance file, the environment, then overrides."""
+    for key, (default, _doc) in DEFAULTS.items():
+        app.config[key] = default
+    app.config.from_pyfile("vmapi.cfg", silent=True)
+    for key, (default, _doc) in DEFAULTS.items():
+        env = os.environ.get(f"VMAPI_{key}")
+        if env is not None:
+            try:
+                app.config[key] = _coerce(env, default if default is not None else "")
+            except ValueError as exc:
+                raise RuntimeError(f"VMAPI_{key}: {exc}") from exc
+    if overrides:
+        app.config.update(overrides)
+
+    if not app.config["DATABASE_URL"]:
+        path = os.path.join(app.instance_path, "vmapi.sqlite3")
+        app.config["DATABASE_URL"] = f"sqlite:///{path}"
+    if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
+        raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
+
+    app.config["DATABASE_URL"] = database_url(app.config["DATABASE_URL"])
+    app.config["SQLALCHEMY_DATABASE_URI"] = app.config["DATABASE_URL"]
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    if app.config["DATABASE_URL"].startswith("postgresql"):
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_pre_ping", True)

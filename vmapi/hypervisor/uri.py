@@ -1,0 +1,83 @@
+"""Validation of libvirt connection URIs given by admins.
+
+libvirt can be told by a URI to run a local program (the ``ext`` transport, the
+``command=`` and ``netcat=`` parameters, an ssh "host" that starts with ``-``). An admin
+typo or a stolen admin token must never execute anything on the API host, so only the
+transports a real deployment uses are accepted, with a short list of harmless parameters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import parse_qsl, urlsplit
+
+#: Hypervisor drivers vmapi can manage.
+DRIVERS = frozenset({"qemu", "test", "lxc", "xen", "libxl", "ch", "bhyve", "vz"})
+#: Transports: '' is the plain local connection.
+TRANSPORTS = frozenset({"", "ssh", "tls", "tcp", "unix", "libssh", "libssh2"})
+#: Query parameters that only tune the connection (see libvirt's remote URI docs).
+SAFE_PARAMS = frozenset(
+    {
+        "name", "socket", "keyfile", "no_verify", "no_tty", "pkipath", "known_hosts",
+        "known_hosts_verify", "sshauth", "mode", "proxy", "tls_priority",
+    }
+)  # fmt: skip
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+_PATH = re.compile(r"^/[A-Za-z0-9_./-]*$")
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address; never something ssh could read as an option."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+
+
+def validate_libvirt_uri(uri: str) -> None:
+    """Raise ``ValueError`` with a reason a person can act on if ``uri`` is not acceptable."""
+    if not uri or len(uri) > 1024:
+        raise ValueError("must be a libvirt URI of at most 1024 characters")
+    if any(ord(c) < 33 or ord(c) == 127 for c in uri):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URI ({exc})") from exc
+    driver, _, transport = parts.scheme.partition("+")
+    if driver not in DRIVERS:
+        raise ValueError(
+            f"driver {driver!r} is not supported; use one of {', '.join(sorted(DRIVERS))}"
+        )
+    if transport not in TRANSPORTS:
+        raise ValueError(
+            f"transport {transport!r} is not allowed; use ssh, tls, tcp, unix or a local URI"
+        )
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    host = parts.hostname or ""
+    if host and not _valid_host(host):
+        raise ValueError(f"host {host!r} is not a valid host name or address")
+    if parts.username is not None and not _USER.match(parts.username):
+        raise ValueError(f"user name {parts.username!r} is not allowed")
+    if parts.password is not None:
+        raise ValueError("must not carry a password; use keys or certificates")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    if transport == "" and host and driver != "test":
+        # A host without a transport means TLS in libvirt; say it explicitly.
+        raise ValueError("name the transport for a remote host, e.g. qemu+ssh://host/system")
+    if parts.path and not _PATH.match(parts.path):
+        raise ValueError(f"path {parts.path!r} is not allowed")
+    for key, _value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in SAFE_PARAMS:
+            raise ValueError(
+                f"parameter {key!r} is not allowed (parameters that run programs, such as "
+                "command and netcat, are refused)"
+            )

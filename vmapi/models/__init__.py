@@ -1,0 +1,16 @@
+"""Typed SQLAlchemy 2 models, one module per area; importing this registers them all."""
+
+from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models.node import Node, VirtNode
+from vmapi.models.token import ApiToken
+
+__all__ = [
+    "ApiToken",
+    "CacheOption",
+    "Node",
+    "NodeState",
+    "StorageType",
+    "VirtMethod",
+    "VirtNode",
+    "VmState",
+]

@@ -1,0 +1,75 @@
+"""Physical hosts (``node``) and their hypervisor roles (``virt_node``)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from vmapi.config import INTERFACE_MODES
+from vmapi.extensions import db
+from vmapi.models.catalog import NodeState, VirtMethod, _in
+
+
+class Node(db.Model):
+    __tablename__ = "node"
+    __table_args__ = (
+        CheckConstraint("cores > 0", name="cores_positive"),
+        CheckConstraint("ram > 0", name="ram_positive"),
+        CheckConstraint("allocated_cores >= 0", name="allocated_cores_nonneg"),
+        CheckConstraint("allocated_ram >= 0", name="allocated_ram_nonneg"),
+        CheckConstraint("cpu_allocation_ratio > 0", name="cpu_ratio_positive"),
+        CheckConstraint("ram_allocation_ratio > 0", name="ram_ratio_positive"),
+        CheckConstraint("reserved_ram >= 0", name="reserved_ram_nonneg"),
+        CheckConstraint(
+            "interface_mode IS NULL OR " + _in("interface_mode", INTERFACE_MODES),
+            name="interface_mode",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fqdn: Mapped[str] = mapped_column(String(253), unique=True)
+    ipv4_addr_ext: Mapped[str] = mapped_column(String(64))
+    ipv6_addr_ext: Mapped[str] = mapped_column(String(64))
+    ipv4_gw_ext: Mapped[str] = mapped_column(String(64))
+    ipv6_gw_ext: Mapped[str] = mapped_column(String(64))
+    location: Mapped[str | None] = mapped_column(String(255))
+    bond_interfaces: Mapped[str | None] = mapped_column(String(255))
+    node_state_id: Mapped[int] = mapped_column(ForeignKey("node_state.id"), index=True)
+    libvirt_uri: Mapped[str | None] = mapped_column(String(1024))
+    cores: Mapped[int] = mapped_column(Integer)
+    ram: Mapped[int] = mapped_column(BigInteger)
+    cpu_allocation_ratio: Mapped[float | None] = mapped_column(Float)
+    ram_allocation_ratio: Mapped[float | None] = mapped_column(Float)
+    reserved_ram: Mapped[int | None] = mapped_column(BigInteger)
+    interface_mode: Mapped[str | None] = mapped_column(String(16))
+    allocated_cores: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    allocated_ram: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+    node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
+
+
+class VirtNode(db.Model):
+    __tablename__ = "virt_node"
+    __table_args__ = (
+        UniqueConstraint("node_id", "virt_method_id"),
+        CheckConstraint("local_storage_gb IS NULL OR local_storage_gb >= 0", name="storage_gb"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)
+    virt_method_id: Mapped[int] = mapped_column(ForeignKey("virt_method.id"), index=True)
+    local_storage_gb: Mapped[int | None] = mapped_column(Integer)
+    vg_name: Mapped[str | None] = mapped_column(String(255))
+    local_storage_path: Mapped[str | None] = mapped_column(String(1024))
+
+    node: Mapped[Node] = relationship(lazy="raise_on_sql")
+    virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")

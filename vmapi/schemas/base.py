@@ -1,0 +1,191 @@
+"""Base schema (unknown fields raise) and strict field types shared by every resource.
+
+JSON has one number type and Python's ``bool`` is an ``int``; without these fields
+``true`` would pass as ``1`` and ``1e400`` or ``2**70`` would reach the database.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+#: Names of catalog rows: a word a script can use unquoted.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class BaseSchema(Schema):
+    """Every request and response shape: unknown fields are an error, never ignored."""
+
+    class Meta:
+        unknown = RAISE
+
+
+class Int(fields.Integer):
+    """A JSON integer (never a bool, a float or a string) that fits in 64 bits."""
+
+    default_error_messages = {
+        "invalid": "Not a valid integer.",
+        "range": "Must fit in a signed 64-bit integer.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise self.make_error("range")
+        return value
+
+    def parse_query(self, raw: str) -> int:
+        """The value of ``?field=raw`` as this field's type."""
+        if not re.fullmatch(r"-?\d{1,19}", raw):
+            raise ValidationError("Not a valid integer.")
+        return self._deserialize(int(raw), None, None)
+
+
+class Float(fields.Float):
+    """A finite JSON number (never a bool or a string)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.make_error("invalid")
+        result = float(value)
+        if not math.isfinite(result):
+            raise self.make_error("special")
+        return result
+
+    def parse_query(self, raw: str) -> float:
+        try:
+            return self._deserialize(float(raw), None, None)
+        except ValueError as exc:
+            raise ValidationError("Not a valid number.") from exc
+
+
+class Bool(fields.Boolean):
+    """A JSON ``true`` or ``false``; ``1`` or ``"yes"`` are not booleans."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+    def parse_query(self, raw: str) -> bool:
+        if raw not in ("true", "false"):
+            raise ValidationError("Use true or false.")
+        return raw == "true"
+
+
+class Str(fields.String):
+    """A string; query values pass through unchanged."""
+
+    def parse_query(self, raw: str) -> str:
+        self._validate(raw)
+        return raw
+
+
+class Ref(fields.Field):
+    """A reference to another object: ``{"id": N}`` in and out; loads as the id.
+
+    ``resource`` names the referenced resource (for ``nest=``, links and the OpenAPI
+    document). Declare it with ``attribute="<name>_id"`` so dumping needs no join.
+    """
+
+    default_error_messages = {
+        "invalid": 'Must be a reference {"id": <positive integer>}.',
+    }
+
+    def __init__(self, resource: str, **kwargs: Any) -> None:
+        self.resource = resource
+        super().__init__(**kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        if value is None:
+            return None
+        return {"id": value if isinstance(value, int) else value.id}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, dict) or set(value) != {"id"}:
+            raise self.make_error("invalid")
+        ident = value["id"]
+        if isinstance(ident, bool) or not isinstance(ident, int) or not 0 < ident <= INT64_MAX:
+            raise self.make_error("invalid")
+        return ident
+
+    def parse_query(self, raw: str) -> int:
+        if not re.fullmatch(r"\d{1,19}", raw) or not 0 < int(raw) <= INT64_MAX:
+            raise ValidationError("Not a valid id.")
+        return int(raw)
+
+
+def positive(maximum: int = INT64_MAX) -> validate.Range:
+    return validate.Range(min=1, max=maximum)
+
+
+def non_negative(maximum: int = INT64_MAX) -> validate.Range:
+    return validate.Range(min=0, max=maximum)
+
+
+def name_field(max_length: int = 64, **kwargs: Any) -> Str:
+    kwargs.setdefault("required", True)
+    return Str(
+        validate=[
+            validate.Length(min=1, max=max_length),
+            validate.Regexp(NAME_PATTERN, error="Use letters, digits, '.', '_' and '-' only."),
+        ],
+        **kwargs,
+    )
+
+
+def text_field(max_length: int = 255, **kwargs: Any) -> Str:
+    return Str(validate=validate.Length(min=1, max=max_length), **kwargs)
+
+
+def validate_hostname(value: str) -> None:
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or len(labels) < 2 or not all(_HOSTNAME_LABEL.match(x) for x in labels):
+        raise ValidationError("Must be a fully qualified host name, e.g. node1.example.com.")
+
+
+def interface_validator(version: int):
+    """An address with prefix of one IP family, e.g. ``192.0.2.10/24``."""
+
+    def check(value: str) -> None:
+        if "/" not in value:
+            raise ValidationError(f"Must be an IPv{version} address with a prefix, e.g. x/24.")
+        try:
+            iface = ipaddress.ip_interface(value)
+        except ValueError as exc:
+            raise ValidationError(f"Not a valid IPv{version} interface address.") from exc
+        if iface.version != version:
+            raise ValidationError(f"Must be an IPv{version} address, not IPv{iface.version}.")
+
+    return check
+
+
+def address_validator(version: int):
+    """A plain address of one IP family, e.g. ``192.0.2.1``."""
+
+    def check(value: str) -> None:
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValidationError(f"Not a valid IPv{version} address.") from exc
+        if addr.version != version:
+            raise ValidationError(f"Must be an IPv{version} address, not IPv{addr.version}.")
+
+    return check
+
+
+class IdSchema(BaseSchema):
+    """``{"id": N}``: the body of DELETE on a collection."""
+
+    id = Int(required=True, validate=positive())

@@ -1,0 +1,102 @@
+"""Schemas of /node and /virt_node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import ValidationError, validate, validates
+
+from vmapi.config import INTERFACE_MODES
+from vmapi.hypervisor.uri import validate_libvirt_uri
+from vmapi.models.catalog import DOMAIN_TYPES
+from vmapi.schemas.base import (
+    INT64_MAX,
+    BaseSchema,
+    Float,
+    Int,
+    Ref,
+    Str,
+    address_validator,
+    interface_validator,
+    name_field,
+    non_negative,
+    positive,
+    text_field,
+    validate_hostname,
+)
+
+
+class NodeSchema(BaseSchema):
+    id = Int(dump_only=True)
+    fqdn = Str(required=True, validate=validate_hostname)
+    ipv4_addr_ext = Str(required=True, validate=interface_validator(4))
+    ipv6_addr_ext = Str(required=True, validate=interface_validator(6))
+    ipv4_gw_ext = Str(required=True, validate=address_validator(4))
+    ipv6_gw_ext = Str(required=True, validate=address_validator(6))
+    location = text_field(allow_none=True)
+    bond_interfaces = text_field(allow_none=True)
+    node_state = Ref("node_state", attribute="node_state_id", required=True)
+    libvirt_uri = Str(allow_none=True, validate=validate.Length(min=1, max=1024))
+    cores = Int(allow_none=True, validate=positive(1 << 20))
+    ram = Int(allow_none=True, validate=positive())
+    cpu_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
+    ram_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
+    reserved_ram = Int(allow_none=True, validate=non_negative())
+    interface_mode = Str(allow_none=True, validate=validate.OneOf(INTERFACE_MODES))
+    allocated_cores = Int(dump_only=True)
+    allocated_ram = Int(dump_only=True)
+
+    @validates("libvirt_uri")
+    def check_uri(self, value: str | None, data_key: str) -> None:
+        if value is None:
+            return
+        try:
+            validate_libvirt_uri(value)
+        except ValueError as exc:
+            raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
+
+
+class NodeOrRef(Ref):
+    """``{"id": N}`` for an existing node, or the full fields of a new one (dict)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("node", **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int | dict:
+        if isinstance(value, dict) and set(value) == {"id"}:
+            return super()._deserialize(value, attr, data, **kwargs)
+        if isinstance(value, dict):
+            return NodeSchema().load(value)
+        raise ValidationError('Must be {"id": N} or the fields of a new node.')
+
+
+class MethodRef(Ref):
+    """``{"id": N}`` or ``{"name": "KVM"}`` (an unknown name creates the method)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("virt_method", **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int | str:
+        if isinstance(value, dict) and set(value) == {"id"}:
+            return super()._deserialize(value, attr, data, **kwargs)
+        if isinstance(value, dict) and set(value) == {"name"}:
+            return name_field().deserialize(value["name"])
+        raise ValidationError(
+            'Must be {"id": N} or {"name": "..."}; a new name must be one of libvirt\'s '
+            f"domain types ({', '.join(DOMAIN_TYPES)})."
+        )
+
+
+class VirtNodeSchema(BaseSchema):
+    id = Int(dump_only=True)
+    node = NodeOrRef(attribute="node_id", required=True)
+    virt_method = MethodRef(attribute="virt_method_id", required=True)
+    local_storage_gb = Int(allow_none=True, validate=non_negative(INT64_MAX))
+    vg_name = name_field(max_length=255, allow_none=True, required=False)
+    local_storage_path = Str(
+        allow_none=True,
+        validate=[
+            validate.Length(min=1, max=1024),
+            validate.Regexp(r"^/[^\x00]*$", error="Must be an absolute path."),
+        ],
+    )

@@ -1,0 +1,1 @@
+"""Use cases: transactions, checks against the database, calls to the hypervisors, undo."""

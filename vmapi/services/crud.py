@@ -1,0 +1,251 @@
+"""Generic create/read/update/delete over one model, with the contract's conflict rules.
+
+Each resource's service is a :class:`CrudService` (or a subclass adding its own checks).
+Uniqueness, references and "still in use" are derived from the table's own constraints,
+so a new column or foreign key is covered without new code. The database constraints
+stay the last line of defence: an ``IntegrityError`` that slips past a check (a race)
+still answers 409/400, never 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Select, UniqueConstraint, and_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
+
+from vmapi.auth import Principal
+from vmapi.errors import ApiError, Conflict, NotFound, ValidationError
+from vmapi.extensions import db
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+IN_USE_SAMPLE = 100  # referencing ids listed in an in_use error
+
+
+@dataclass
+class ListParams:
+    """A parsed list request: equality filters by column, keyset position, page size."""
+
+    filters: list[tuple[str, Any]] = field(default_factory=list)
+    after: int | None = None
+    limit: int = 100
+    nest: Sequence[str] = ()
+
+
+def model_for_table(table_name: str) -> type:
+    for mapper in db.Model.registry.mappers:
+        if mapper.local_table.name == table_name:
+            return mapper.class_
+    raise LookupError(table_name)
+
+
+class CrudService(Generic[M]):
+    """Database-only CRUD for ``model``, named ``resource`` in URLs and error ids."""
+
+    def __init__(self, model: type[M], resource: str) -> None:
+        self.model = model
+        self.resource = resource
+
+    # ------------------------------------------------------------------ reading
+    def scope(self, stmt: Select, principal: Principal) -> Select:
+        """Restrict a query to what ``principal`` may see (customers: their own objects)."""
+        return stmt
+
+    def not_found(self, ident: int) -> NotFound:
+        return NotFound(error_id=f"{self.resource}/not_found", resource=self.resource, id=ident)
+
+    def get(self, ident: int, principal: Principal, nest: Sequence[str] = ()) -> M:
+        stmt = select(self.model).where(self.model.id == ident)
+        stmt = self.scope(stmt, principal)
+        for name in nest:
+            stmt = stmt.options(selectinload(getattr(self.model, name)))
+        obj = db.session.scalars(stmt).first()
+        if obj is None:
+            raise self.not_found(ident)
+        return obj
+
+    def list_page(self, principal: Principal, params: ListParams) -> tuple[list[M], bool]:
+        """One page in id order, and whether more follow. Keyset: ``id > after``, no OFFSET."""
+        stmt = select(self.model)
+        for column, value in params.filters:
+            stmt = stmt.where(getattr(self.model, column) == value)
+        if params.after is not None:
+            stmt = stmt.where(self.model.id > params.after)
+        stmt = self.scope(stmt, principal).order_by(self.model.id).limit(params.limit + 1)
+        for name in params.nest:
+            stmt = stmt.options(selectinload(getattr(self.model, name)))
+        objs = list(db.session.scalars(stmt))
+        return objs[: params.limit], len(objs) > params.limit
+
+    # ------------------------------------------------------------------ writing, one object
+    def create(self, data: dict[str, Any], principal: Principal) -> M:
+        self.check_references(data)
+        obj = self.model(**data)
+        self.check_unique(obj)
+        self.complete(obj, data, principal)
+        db.session.add(obj)
+        db.session.flush()
+        return obj
+
+    def update(self, obj: M, data: dict[str, Any], principal: Principal) -> M:
+        if getattr(obj, "seeded", False) and "name" in data and data["name"] != obj.name:
+            raise Conflict(
+                f"{self.resource} {obj.name!r} is seeded; other code relies on its name.",
+                error_id=f"{self.resource}/protected",
+            )
+        self.check_references(data)
+        with db.session.no_autoflush:
+            for key, value in data.items():
+                setattr(obj, key, value)
+            self.check_unique(obj)
+            self.complete(obj, data, principal)
+        db.session.flush()
+        return obj
+
+    def complete(self, obj: M, data: dict[str, Any], principal: Principal) -> None:
+        """Hook after the cheap checks, before the write: derive values, ask hosts."""
+
+    def delete(self, obj: M, principal: Principal, options: dict[str, Any]) -> None:
+        if getattr(obj, "seeded", False):
+            raise Conflict(
+                f"{self.resource} {obj.name!r} is seeded and cannot be deleted.",
+                error_id=f"{self.resource}/protected",
+            )
+        self.check_in_use(obj)
+        db.session.delete(obj)
+        db.session.flush()
+
+    # ------------------------------------------------------------------ batches
+    def create_many(
+        self, items: list[dict[str, Any]], principal: Principal, indexed: bool
+    ) -> list[M]:
+        return self.in_transaction(items, indexed, lambda data: self.create(data, principal))
+
+    def update_many(
+        self, items: list[tuple[int, dict[str, Any]]], principal: Principal, indexed: bool
+    ) -> list[M]:
+        def one(item: tuple[int, dict[str, Any]]) -> M:
+            ident, data = item
+            return self.update(self.get(ident, principal), data, principal)
+
+        return self.in_transaction(items, indexed, one)
+
+    def delete_many(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> list[M]:
+        def one(ident: int) -> M:
+            obj = self.get(ident, principal)
+            self.delete(obj, principal, options)
+            return obj
+
+        return self.in_transaction(ids, indexed, one)
+
+    def in_transaction(self, items: Iterable[T], indexed: bool, fn: Callable[[T], M]) -> list[M]:
+        """Apply ``fn`` to every item in one transaction: all of them, or none."""
+        done: list[M] = []
+        try:
+            for index, item in enumerate(items):
+                try:
+                    try:
+                        done.append(fn(item))
+                    except IntegrityError as exc:
+                        raise self.integrity_error(exc) from exc
+                except ApiError as exc:
+                    if indexed:
+                        exc.with_index(index)
+                    raise
+            db.session.commit()
+        except IntegrityError as exc:  # at commit time (deferred constraints)
+            db.session.rollback()
+            raise self.integrity_error(exc) from exc
+        except BaseException:
+            db.session.rollback()
+            raise
+        return done
+
+    # ------------------------------------------------------------------ checks
+    def check_references(self, data: dict[str, Any]) -> None:
+        """Every foreign key in ``data`` must name an existing row (400 otherwise)."""
+        problems: dict[str, list[str]] = {}
+        for column in self.model.__table__.columns:
+            if column.name not in data or data[column.name] is None:
+                continue
+            for fk in column.foreign_keys:
+                target = model_for_table(fk.column.table.name)
+                if db.session.get(target, data[column.name]) is None:
+                    name = column.name.removesuffix("_id")
+                    problems[name] = [f"No {fk.column.table.name} with id {data[column.name]}."]
+        if problems:
+            raise ValidationError(data=problems)
+
+    def check_unique(self, obj: M) -> None:
+        """409 ``<resource>/duplicate`` if another row holds ``obj``'s unique values."""
+        table = self.model.__table__
+        groups = [[c] for c in table.columns if c.unique]
+        groups += [list(c.columns) for c in table.constraints if isinstance(c, UniqueConstraint)]
+        with db.session.no_autoflush:
+            for columns in groups:
+                values = {c.name: getattr(obj, c.name) for c in columns}
+                if any(v is None for v in values.values()):
+                    continue
+                cond = and_(*(getattr(self.model, name) == v for name, v in values.items()))
+                stmt = select(self.model.id).where(cond)
+                if obj.id is not None:
+                    stmt = stmt.where(self.model.id != obj.id)
+                other = db.session.scalars(stmt.limit(1)).first()
+                if other is not None:
+                    shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                    raise Conflict(
+                        f"Another {self.resource} (id {other}) already has {shown}.",
+                        error_id=f"{self.resource}/duplicate",
+                        data={"id": other, "fields": list(values)},
+                    )
+
+    def referencing(self, obj: M) -> dict[str, list[int]]:
+        """Ids of rows in other tables whose foreign keys point at ``obj``."""
+        found: dict[str, list[int]] = {}
+        own = self.model.__table__
+        for table in db.metadata.sorted_tables:
+            for fk in table.foreign_keys:
+                if fk.column.table is not own:
+                    continue
+                stmt = select(table.c.id).where(fk.parent == obj.id).order_by(table.c.id)
+                ids = list(db.session.scalars(stmt.limit(IN_USE_SAMPLE)))
+                if ids:
+                    found.setdefault(table.name, []).extend(ids)
+        return found
+
+    def check_in_use(self, obj: M) -> None:
+        found = self.referencing(obj)
+        if found:
+            listing = "; ".join(f"{t} {', '.join(map(str, ids))}" for t, ids in found.items())
+            raise Conflict(
+                f"{self.resource} {obj.id} is still referenced by {listing}; delete or change "
+                "those first.",
+                error_id=f"{self.resource}/in_use",
+                data=found,
+            )
+
+    def integrity_error(self, exc: IntegrityError) -> ApiError:
+        """A constraint the checks did not catch (usually a concurrent request won)."""
+        code = getattr(getattr(exc, "orig", None), "pgcode", None)
+        text = str(getattr(exc, "orig", exc))
+        if code == "23505" or "UNIQUE constraint failed" in text:
+            return Conflict(
+                f"Another {self.resource} with the same unique values was written concurrently.",
+                error_id=f"{self.resource}/duplicate",
+            )
+        if code == "23503" or "FOREIGN KEY constraint failed" in text:
+            return Conflict(
+                f"The {self.resource} is referenced by, or references, a row that changed "
+                "concurrently.",
+                error_id=f"{self.resource}/in_use",
+            )
+        return ValidationError(
+            f"The {self.resource} violates a database constraint: {text.splitlines()[0]}"
+        )

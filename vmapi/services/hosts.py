@@ -1,0 +1,50 @@
+"""How services reach a node's hypervisor: its URI, the driver, and reading its capacity."""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from vmapi.errors import Conflict, ValidationError
+from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, HypervisorTimeout
+from vmapi.hypervisor.uri import validate_libvirt_uri
+
+DRIVER_KEY = "vmapi.hypervisor"
+
+
+def hypervisor() -> HypervisorDriver:
+    """The app's hypervisor driver (tests may wrap it to inject faults)."""
+    return current_app.extensions[DRIVER_KEY]
+
+
+def node_uri(fqdn: str, libvirt_uri: str | None) -> str:
+    """The URI of a node: its own, or the configured template filled with its fqdn."""
+    if libvirt_uri:
+        return libvirt_uri
+    uri = current_app.config["LIBVIRT_URI_TEMPLATE"].format(fqdn=fqdn)
+    try:
+        validate_libvirt_uri(uri)
+    except ValueError as exc:
+        raise ValidationError(
+            data={"libvirt_uri": [f"The URI {uri!r} built from LIBVIRT_URI_TEMPLATE {exc}."]}
+        ) from exc
+    return uri
+
+
+def read_capacity(fqdn: str, uri: str) -> HostInfo:
+    """Ask the host's libvirt for its CPUs and memory; 409 ``node/unreachable`` if it can't."""
+    try:
+        return hypervisor().host_info(uri)
+    except HypervisorTimeout as exc:
+        raise Conflict(
+            f"Node {fqdn} did not answer at {uri} within {exc.timeout:g} s; give cores and "
+            "ram explicitly or fix the connection.",
+            error_id="node/unreachable",
+            data={"uri": uri, "reason": exc.reason},
+        ) from exc
+    except HypervisorError as exc:
+        raise Conflict(
+            f"Node {fqdn} cannot be reached at {uri} ({exc.reason}); give cores and ram "
+            "explicitly or fix the connection.",
+            error_id="node/unreachable",
+            data={"uri": uri, "reason": exc.reason},
+        ) from exc

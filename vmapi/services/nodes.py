@@ -1,0 +1,79 @@
+"""Registering hosts (``node``) and their hypervisor roles (``virt_node``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from vmapi.auth import Principal
+from vmapi.errors import ValidationError
+from vmapi.extensions import db
+from vmapi.models import Node, VirtMethod, VirtNode
+from vmapi.models.catalog import DOMAIN_TYPES
+from vmapi.services.crud import CrudService
+from vmapi.services.hosts import node_uri, read_capacity
+
+
+class NodeService(CrudService[Node]):
+    """Nodes: capacity comes from the host's libvirt when the admin does not give it.
+
+    On UPDATE, ``cores: null`` or ``ram: null`` asks the host again (after a hardware
+    change); a changed ``fqdn`` or ``libvirt_uri`` is re-validated.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Node, "node")
+
+    def complete(self, obj: Node, data: dict[str, Any], principal: Principal) -> None:
+        uri = node_uri(obj.fqdn, obj.libvirt_uri)
+        if obj.cores is None or obj.ram is None:
+            info = read_capacity(obj.fqdn, uri)
+            if obj.cores is None:
+                obj.cores = info.cores
+            if obj.ram is None:
+                obj.ram = info.ram
+
+
+class VirtNodeService(CrudService[VirtNode]):
+    """A node's ability to host one virtualization method; may create the node or method."""
+
+    def __init__(self, nodes: NodeService) -> None:
+        super().__init__(VirtNode, "virt_node")
+        self.nodes = nodes
+
+    def create(self, data: dict[str, Any], principal: Principal) -> VirtNode:
+        data = dict(data)
+        if isinstance(data.get("node_id"), dict):
+            data["node_id"] = self.nodes.create(data["node_id"], principal).id
+        if isinstance(data.get("virt_method_id"), str):
+            data["virt_method_id"] = self._method_by_name(data["virt_method_id"]).id
+        return super().create(data, principal)
+
+    def update(self, obj: VirtNode, data: dict[str, Any], principal: Principal) -> VirtNode:
+        data = dict(data)
+        if isinstance(data.get("node_id"), dict):
+            raise ValidationError(data={"node": ['Use {"id": N} to move a virt_node.']})
+        if isinstance(data.get("virt_method_id"), str):
+            data["virt_method_id"] = self._method_by_name(data["virt_method_id"]).id
+        return super().update(obj, data, principal)
+
+    @staticmethod
+    def _method_by_name(name: str) -> VirtMethod:
+        method = db.session.scalars(select(VirtMethod).where(VirtMethod.name == name)).first()
+        if method is not None:
+            return method
+        domain_type = name.lower()
+        if domain_type not in DOMAIN_TYPES:
+            raise ValidationError(
+                data={
+                    "virt_method": [
+                        f"No virt_method named {name!r}, and it is not a libvirt domain type "
+                        f"({', '.join(DOMAIN_TYPES)}) to create one from."
+                    ]
+                }
+            )
+        method = VirtMethod(name=name, domain_type=domain_type)
+        db.session.add(method)
+        db.session.flush()
+        return method
