@@ -122,6 +122,24 @@ def node_add(state_name: str, methods: tuple[str, ...], **fields: Any) -> None:
     )
 
 
+@node_cli.command("list")
+@click.option("--quiet", is_flag=True, help="Only the fqdns.")
+def node_list(quiet: bool) -> None:
+    """List nodes with their capacity and allocation."""
+    from sqlalchemy import select
+
+    from vmapi.models import Node
+
+    for n in db.session.scalars(select(Node).order_by(Node.id)):
+        if quiet:
+            click.echo(n.fqdn)
+        else:
+            click.echo(
+                f"{n.id:>5}  {n.fqdn:40} cores {n.allocated_cores}/{n.cores}  "
+                f"ram {n.allocated_ram}/{n.ram}  {n.libvirt_uri or '(template)'}"
+            )
+
+
 def register_cli(app: Flask) -> None:
     app.cli.add_command(vmapi_cli)
 

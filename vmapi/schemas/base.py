@@ -85,11 +85,32 @@ class Bool(fields.Boolean):
 
 
 class Str(fields.String):
-    """A string; query values pass through unchanged."""
+    """A string of text PostgreSQL can store: no NUL, no lone surrogates (JSON's \\ud800).
+
+    As a filter, any value is a value: one that cannot exist matches nothing.
+    """
+
+    default_error_messages = {"text": "Must be text without NUL characters or lone surrogates."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        result = super()._deserialize(value, attr, data, **kwargs)
+        _check_text(result, self.make_error("text"))
+        return result
 
     def parse_query(self, raw: str) -> str:
-        self._validate(raw)
+        if len(raw) > 1024:
+            raise ValidationError("Longer than 1024 characters.")
+        _check_text(raw, ValidationError(self.default_error_messages["text"]))
         return raw
+
+
+def _check_text(value: str, error: ValidationError) -> None:
+    if "\x00" in value:
+        raise error
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error from None
 
 
 class Ref(fields.Field):
@@ -100,7 +121,7 @@ class Ref(fields.Field):
     """
 
     default_error_messages = {
-        "invalid": 'Must be a reference {"id": <positive integer>}.',
+        "invalid": 'Must be a reference {{"id": <positive integer>}}.',
     }
 
     def __init__(self, resource: str, **kwargs: Any) -> None:

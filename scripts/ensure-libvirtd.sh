@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Make sure a real libvirtd with the QEMU driver answers on qemu:///system (the
+# hypervisor test tier). Installs Debian's packages, the users, groups and folders the
+# daemons expect, and starts virtlogd and libvirtd when they are not running.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+uri=qemu:///system
+
+answers() { timeout 20 virsh -c "$uri" version >/dev/null 2>&1; }
+
+if command -v virsh >/dev/null && answers; then exit 0; fi
+"$here/ensure-packages.sh" libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+  qemu-system-x86 >&2
+getent group kvm >/dev/null || groupadd --system kvm
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-qemu \
+  -G kvm -s /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
+pgrep -x virtlogd >/dev/null || virtlogd -d
+pgrep -x libvirtd >/dev/null || libvirtd -d
+for _ in $(seq 1 30); do answers && exit 0; sleep 1; done
+echo "libvirtd does not answer on $uri" >&2
+exit 1
