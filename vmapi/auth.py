@@ -19,7 +19,7 @@ from vmapi.errors import AuthenticationFailed, AuthenticationRequired, Forbidden
 from vmapi.extensions import db
 from vmapi.models import ApiToken
 
-TOKEN_PREFIX = "vmapi_"
+TOKEN_PREFIX = "vmapi_"  # noqa: S105 - a prefix that makes leaked tokens greppable
 ADMIN = "admin"
 CUSTOMER = "customer"
 

@@ -46,7 +46,9 @@ def token_create(
     if is_admin == (customer_id is not None):
         raise click.UsageError("give exactly one of --admin or --customer ID")
     try:
-        token, plain = create_token(ADMIN if is_admin else CUSTOMER, customer_id, name, expires_days)
+        token, plain = create_token(
+            ADMIN if is_admin else CUSTOMER, customer_id, name, expires_days
+        )
     except TokenError as exc:
         raise click.ClickException(str(exc)) from exc
     expiry = token.expires_at.isoformat() if token.expires_at else "never"
@@ -62,11 +64,10 @@ def token_list() -> None:
 
     click.echo(f"{'id':>5}  {'name':32} {'role':8} {'customer':>8}  {'expires':25} revoked")
     for t in list_tokens():
-        click.echo(
-            f"{t.id:>5}  {t.name:32} {t.role:8} {t.customer_id if t.customer_id is not None else '-':>8}"
-            f"  {t.expires_at.isoformat() if t.expires_at else 'never':25} "
-            f"{t.revoked_at.isoformat() if t.revoked_at else 'no'}"
-        )
+        customer = "-" if t.customer_id is None else str(t.customer_id)
+        expires = t.expires_at.isoformat() if t.expires_at else "never"
+        revoked = t.revoked_at.isoformat() if t.revoked_at else "no"
+        click.echo(f"{t.id:>5}  {t.name:32} {t.role:8} {customer:>8}  {expires:25} {revoked}")
 
 
 @token_cli.command("revoke")

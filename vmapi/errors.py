@@ -99,9 +99,7 @@ class BodyTooLarge(ApiError):
 class UnsupportedMediaType(ApiError):
     status_code = 415
     error_id = "general/unsupported_media_type"
-    template = (
-        "Send the body as application/json or application/msgpack, not {content_type}."
-    )
+    template = "Send the body as application/json or application/msgpack, not {content_type}."
 
 
 class HypervisorFailure(ApiError):

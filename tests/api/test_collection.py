@@ -67,13 +67,17 @@ def test_array_of_non_objects(api):
 
 
 def test_unknown_fields_are_rejected(api):
-    body = assert_error(api.post("node_state", json={"name": "x", "color": "red"}), 400, "general/validation")
+    body = assert_error(
+        api.post("node_state", json={"name": "x", "color": "red"}), 400, "general/validation"
+    )
     assert body["data"] == {"color": ["Unknown field."]}
 
 
 def test_read_only_fields_are_rejected(api, make_node):
     node = make_node()
-    body = assert_error(api.update(f"node/{node['id']}", json={"allocated_cores": 5}), 400, "general/validation")
+    body = assert_error(
+        api.update(f"node/{node['id']}", json={"allocated_cores": 5}), 400, "general/validation"
+    )
     assert "allocated_cores" in body["data"]
 
 
@@ -93,8 +97,17 @@ def test_update_item_and_patch_item(api):
 
 def test_update_item_id_must_match(api):
     created = api.post("node_state", json={"name": "a"}).json["data"]
-    assert api.update(f"node_state/{created['id']}", json={"id": created["id"], "name": "z"}).status_code == 200
-    assert_error(api.update(f"node_state/{created['id']}", json={"id": 1, "name": "y"}), 400, "general/validation")
+    assert (
+        api.update(
+            f"node_state/{created['id']}", json={"id": created["id"], "name": "z"}
+        ).status_code
+        == 200
+    )
+    assert_error(
+        api.update(f"node_state/{created['id']}", json={"id": 1, "name": "y"}),
+        400,
+        "general/validation",
+    )
 
 
 def test_update_collection_single_and_array(api):
@@ -102,7 +115,9 @@ def test_update_collection_single_and_array(api):
     response = api.update("node_state", json={"id": a["id"], "name": "a2"})
     assert response.status_code == 200
     assert response.json["data"]["name"] == "a2"
-    response = api.update("node_state", json=[{"id": a["id"], "schedulable": True}, {"id": b["id"], "name": "b2"}])
+    response = api.update(
+        "node_state", json=[{"id": a["id"], "schedulable": True}, {"id": b["id"], "name": "b2"}]
+    )
     assert response.json["data"] == {
         str(a["id"]): {"id": a["id"], "name": "a2", "schedulable": True},
         str(b["id"]): {"id": b["id"], "name": "b2", "schedulable": False},
@@ -111,7 +126,9 @@ def test_update_collection_single_and_array(api):
 
 def test_update_collection_all_or_nothing(api):
     a, b = api.post("node_state", json=[{"name": "a"}, {"name": "b"}]).json["data"].values()
-    response = api.update("node_state", json=[{"id": a["id"], "name": "a2"}, {"id": b["id"], "name": "a2"}])
+    response = api.update(
+        "node_state", json=[{"id": a["id"], "name": "a2"}, {"id": b["id"], "name": "a2"}]
+    )
     body = assert_error(response, 409, "node_state/duplicate")
     assert body["data"]["index"] == 1
     assert "a2" not in names(api)
@@ -120,12 +137,18 @@ def test_update_collection_all_or_nothing(api):
 def test_update_collection_needs_id(api):
     body = assert_error(api.update("node_state", json={"name": "x"}), 400, "general/validation")
     assert "id" in body["data"]
-    body = assert_error(api.update("node_state", json=[{"id": 1, "schedulable": True}, {"id": "2"}]), 400, "general/validation")
+    body = assert_error(
+        api.update("node_state", json=[{"id": 1, "schedulable": True}, {"id": "2"}]),
+        400,
+        "general/validation",
+    )
     assert body["data"]["index"] == 1
 
 
 def test_update_missing_object(api):
-    assert_error(api.update("node_state", json={"id": 999, "name": "x"}), 404, "node_state/not_found")
+    assert_error(
+        api.update("node_state", json={"id": 999, "name": "x"}), 404, "node_state/not_found"
+    )
 
 
 def test_delete_item_returns_it(api):
@@ -137,7 +160,11 @@ def test_delete_item_returns_it(api):
 
 
 def test_delete_collection_by_body(api):
-    a, b, c = api.post("node_state", json=[{"name": "a"}, {"name": "b"}, {"name": "c"}]).json["data"].values()
+    a, b, c = (
+        api.post("node_state", json=[{"name": "a"}, {"name": "b"}, {"name": "c"}])
+        .json["data"]
+        .values()
+    )
     response = api.delete("node_state", json={"id": a["id"]})
     assert response.json["data"] == a
     response = api.delete("node_state", json=[{"id": b["id"]}, {"id": c["id"]}])
@@ -147,7 +174,9 @@ def test_delete_collection_by_body(api):
 
 def test_delete_collection_all_or_nothing(api):
     a = api.post("node_state", json={"name": "a"}).json["data"]
-    body = assert_error(api.delete("node_state", json=[{"id": a["id"]}, {"id": 1}]), 409, "node_state/protected")
+    body = assert_error(
+        api.delete("node_state", json=[{"id": a["id"]}, {"id": 1}]), 409, "node_state/protected"
+    )
     assert body["data"]["index"] == 1
     assert "a" in names(api)
 
@@ -159,11 +188,19 @@ def test_delete_body_shape(api):
 
 
 def test_seeded_rows_are_protected(api):
-    for resource, ident in [("node_state", 1), ("vm_state", 2), ("virt_method", 1), ("storage_type", 1), ("cache_option", 1)]:
+    for resource, ident in [
+        ("node_state", 1),
+        ("vm_state", 2),
+        ("virt_method", 1),
+        ("storage_type", 1),
+        ("cache_option", 1),
+    ]:
         assert_error(api.delete(f"{resource}/{ident}"), 409, f"{resource}/protected")
     assert_error(api.update("vm_state/2", json={"name": "up"}), 409, "vm_state/protected")
     # other fields of seeded rows may change
-    assert api.update("node_state/2", json={"schedulable": True}).json["data"]["schedulable"] is True
+    assert (
+        api.update("node_state/2", json={"schedulable": True}).json["data"]["schedulable"] is True
+    )
 
 
 def test_in_use_names_the_referencing_ids(api, make_node):
@@ -175,10 +212,26 @@ def test_in_use_names_the_referencing_ids(api, make_node):
 
 
 def test_duplicate_names_the_existing_id(api):
-    body = assert_error(api.post("virt_method", json={"name": "KVM", "domain_type": "kvm"}), 409, "virt_method/duplicate")
+    body = assert_error(
+        api.post("virt_method", json={"name": "KVM", "domain_type": "kvm"}),
+        409,
+        "virt_method/duplicate",
+    )
     assert body["data"]["id"] == 1
     assert body["data"]["fields"] == ["name"]
-    body = assert_error(api.post("storage_type", json={"name": "new", "description": "raw volumes in the node's local pool", "pool": "p", "format": "raw"}), 409, "storage_type/duplicate")
+    body = assert_error(
+        api.post(
+            "storage_type",
+            json={
+                "name": "new",
+                "description": "raw volumes in the node's local pool",
+                "pool": "p",
+                "format": "raw",
+            },
+        ),
+        409,
+        "storage_type/duplicate",
+    )
     assert body["data"]["fields"] == ["description"]
 
 
@@ -223,7 +276,9 @@ def test_link_keeps_filters(api):
     assert "after=4" in response.headers["Link"]
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "after=-1", "after=x", "limit=1&limit=2"])
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=1001", "limit=x", "after=-1", "after=x", "limit=1&limit=2"]
+)
 def test_bad_paging(api, query):
     assert_error(api.get(f"vm_state?{query}"), 400, "general/validation")
 
@@ -239,7 +294,9 @@ def test_filters_on_scalars_and_refs(api, make_node):
     assert api.get("node?cores=16").status_code == 200
 
 
-@pytest.mark.parametrize("query", ["colour=red", "node_state=1", "schedulable=yes", "id.id=1", "name.id=1"])
+@pytest.mark.parametrize(
+    "query", ["colour=red", "node_state=1", "schedulable=yes", "id.id=1", "name.id=1"]
+)
 def test_bad_filters(api, query):
     assert_error(api.get(f"node_state?{query}"), 400, "general/validation")
 
@@ -271,7 +328,11 @@ def test_write_rejects_unknown_query_parameters(api):
 @pytest.mark.parametrize("value", ["a\u0000b", "\ud800"])
 def test_text_postgres_cannot_store_is_a_validation_error(api, value):
     assert_error(api.post("node_state", json={"name": value}), 400, "general/validation")
-    assert_error(api.post("cache_option", json={"name": "none", "description": value}), 400, "general/validation")
+    assert_error(
+        api.post("cache_option", json={"name": "none", "description": value}),
+        400,
+        "general/validation",
+    )
     assert_error(api.get("node?location=a%00b"), 400, "general/validation")
     # werkzeug decodes invalid UTF-8 in a query as U+FFFD: harmless text, no match
     assert api.get("node?location=%ED%A0%80").status_code == 200

@@ -47,8 +47,17 @@ def test_unknown_route_is_enveloped(api):
     assert_error(api.get("/nowhere"), 404, "general/not_found")
 
 
-@pytest.mark.parametrize("path", ["vm_state/abc", "vm_state/-1", "vm_state/0", "vm_state/1.5",
-                                  "vm_state/99999999999999999999", "vm_state/..%2f..%2fetc"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "vm_state/abc",
+        "vm_state/-1",
+        "vm_state/0",
+        "vm_state/1.5",
+        "vm_state/99999999999999999999",
+        "vm_state/..%2f..%2fetc",
+    ],
+)
 def test_bad_ids_are_404(api, path):
     assert_error(api.get(path), 404, "general/not_found")
 
@@ -90,7 +99,10 @@ def test_msgpack_out(api):
         response = api.get("vm_state/1", headers={"Accept": accept})
         assert response.status_code == 200
         assert response.mimetype == accept
-        assert msgpack.unpackb(response.data) == {"status": "success", "data": {"id": 1, "name": "building"}}
+        assert msgpack.unpackb(response.data) == {
+            "status": "success",
+            "data": {"id": 1, "name": "building"},
+        }
 
 
 def test_msgpack_errors_too(api):
@@ -130,7 +142,9 @@ def test_json_is_default_for_any(api):
 
 
 def test_unsupported_media_type(api):
-    response = api.post("vm_state", data="name=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = api.post(
+        "vm_state", data="name=x", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert_error(response, 415, "general/unsupported_media_type")
     response = api.post("vm_state", data=b'{"name": "x"}', headers={"Content-Type": ""})
     assert_error(response, 415, "general/unsupported_media_type")
@@ -156,13 +170,21 @@ def test_malformed_body(api, data, ctype):
 def test_body_too_large(app, api):
     limit = app.config["MAX_CONTENT_LENGTH"]
     big = json.dumps({"name": "x" * (limit + 10)})
-    assert_error(api.post("vm_state", data=big, content_type="application/json"), 413, "general/body_too_large")
+    assert_error(
+        api.post("vm_state", data=big, content_type="application/json"),
+        413,
+        "general/body_too_large",
+    )
 
 
 @pytest.mark.parametrize("app_config", [{"MAX_BODY": 100}])
 def test_body_limit_is_configurable(api, app_config):
     body = json.dumps({"name": "a" * 120})
-    assert_error(api.post("vm_state", data=body, content_type="application/json"), 413, "general/body_too_large")
+    assert_error(
+        api.post("vm_state", data=body, content_type="application/json"),
+        413,
+        "general/body_too_large",
+    )
     assert api.post("vm_state", json={"name": "short"}).status_code == 201
 
 

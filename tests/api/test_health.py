@@ -2,6 +2,7 @@
 
 import pytest
 
+
 @pytest.mark.parametrize(
     "app_config", [{"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"}]
 )

@@ -8,7 +8,9 @@ from vmapi.schemas.catalog import NodeStateSchema
 from vmapi.schemas.node import NodeSchema
 
 
-@pytest.mark.parametrize("value", [True, False, 1.0, 1.5, "1", None, [1], {"a": 1}, 2**63, -(2**63) - 1])
+@pytest.mark.parametrize(
+    "value", [True, False, 1.0, 1.5, "1", None, [1], {"a": 1}, 2**63, -(2**63) - 1]
+)
 def test_int_rejects_non_integers_and_overflow(value):
     with pytest.raises(ValidationError):
         Int(required=True).deserialize(value)

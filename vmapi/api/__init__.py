@@ -19,7 +19,7 @@ _API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 class IdConverter(IntegerConverter):
     """Positive ids that fit in PostgreSQL's bigint; anything else is no route (404)."""
 
-    def __init__(self, map, *args, **kwargs) -> None:  # noqa: A002 - werkzeug's signature
+    def __init__(self, map, *args, **kwargs) -> None:
         super().__init__(map, min=1, max=2**63 - 1)
 
 

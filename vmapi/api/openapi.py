@@ -20,8 +20,7 @@ from vmapi.api.resource import ADMIN_ONLY, RESOURCES, ResourceApi
 from vmapi.schemas.base import Bool, Float, Int, Ref
 
 ERROR_STATUSES = {
-    400: "Invalid request (general/validation, general/malformed_body, "
-    "general/version/malformed).",
+    400: "Invalid request (general/validation, general/malformed_body, general/version/malformed).",
     401: "No or bad token (general/authentication/required, general/authentication/failed).",
     403: "The token's role may not do this (general/authorization/forbidden).",
     404: "No such object or version ({resource}/not_found, general/not_found, "
@@ -78,7 +77,10 @@ def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {
         "required": True,
         "description": description,
-        "content": {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}},
+        "content": {
+            "application/json": {"schema": schema},
+            "application/msgpack": {"schema": schema},
+        },
     }
 
 
@@ -108,7 +110,9 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
     spec.components.schema(component, schema=res.schema_class)
     ref = {"$ref": f"#/components/schemas/{component}"}
     props = plugin.converter.schema2jsonschema(res.schema_class)
-    writable = {k: v for k, v in copy.deepcopy(props["properties"]).items() if not v.get("readOnly")}
+    writable = {
+        k: v for k, v in copy.deepcopy(props["properties"]).items() if not v.get("readOnly")
+    }
     create = {
         "type": "object",
         "properties": {"id": {"type": "integer", "description": "Ignored."}, **writable},
@@ -161,8 +165,12 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                 "responses": {
                     "200": {
                         **_success(_keyed(ref), "One page, keyed by id, ordered by id."),
-                        "headers": {"Link": {"schema": {"type": "string"},
-                                             "description": 'rel="next" when more follow.'}},
+                        "headers": {
+                            "Link": {
+                                "schema": {"type": "string"},
+                                "description": 'rel="next" when more follow.',
+                            }
+                        },
                     },
                     **errs(400, 401, 403, 404),
                 },
@@ -288,8 +296,10 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "summary": "This document.",
                 "security": [],
-                "responses": {"200": {"description": "OpenAPI 3 document.",
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+                "responses": {"200": {
+                    "description": "OpenAPI 3 document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }},
             }
         },
     )  # fmt: skip

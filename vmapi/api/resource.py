@@ -16,7 +16,7 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
-from vmapi.errors import ApiError, Forbidden, ValidationError
+from vmapi.errors import Forbidden, ValidationError
 from vmapi.representations import parse_body, success_response
 from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
 from vmapi.services.crud import CrudService, ListParams
@@ -67,9 +67,7 @@ class ResourceApi:
     # ------------------------------------------------------------------ wiring
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.name, __name__, url_prefix="/api/<api_version>")
-        bp.add_url_rule(
-            f"/{self.name}", "collection", self.collection, methods=COLLECTION_METHODS
-        )
+        bp.add_url_rule(f"/{self.name}", "collection", self.collection, methods=COLLECTION_METHODS)
         bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=ITEM_METHODS)
         return bp
 
@@ -213,9 +211,7 @@ class ResourceApi:
     def parse_options(self, args: Mapping[str, str]) -> dict[str, Any]:
         """Query options of a write; catalog resources take none."""
         if args:
-            raise ValidationError(
-                data={key: ["Unknown query parameter."] for key in args}
-            )
+            raise ValidationError(data={key: ["Unknown query parameter."] for key in args})
         return {}
 
     def parse_list(self, args: Mapping[str, str], who: Principal) -> ListParams:
@@ -267,7 +263,9 @@ class ResourceApi:
         if bad or not names:
             choices = ", ".join(sorted(self.refs)) or "nothing on this resource"
             raise ValidationError(
-                data={"nest": [f"Cannot nest {', '.join(bad) or 'nothing'}; choose from {choices}."]}
+                data={
+                    "nest": [f"Cannot nest {', '.join(bad) or 'nothing'}; choose from {choices}."]
+                }
             )
         for n in names:
             target = RESOURCES.get(self.refs[n].resource)
@@ -286,4 +284,3 @@ class ResourceApi:
 
     def dump_keyed(self, objs: list[Any], nest: list[str] | tuple[str, ...] = ()) -> dict:
         return {str(obj.id): self.dump(obj, nest) for obj in objs}
-

@@ -1,4 +1,7 @@
-"""Schemas of the catalog resources: node_state, vm_state, virt_method, storage_type, cache_option."""
+"""Schemas of the catalog resources.
+
+node_state, vm_state, virt_method, storage_type and cache_option.
+"""
 
 from __future__ import annotations
 

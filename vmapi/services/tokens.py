@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -31,7 +32,8 @@ def create_token(
     plain = generate_token()
     now = datetime.now(UTC)
     if name is None:
-        name = f"{role}-{customer_id}-{now:%Y%m%d%H%M%S}" if customer_id else f"{role}-{now:%Y%m%d%H%M%S%f}"
+        owner = f"-{customer_id}" if customer_id is not None else ""
+        name = f"{role}{owner}-{secrets.token_hex(4)}"
     if db.session.scalars(select(ApiToken).where(ApiToken.name == name)).first():
         raise TokenError(f"a token named {name!r} exists already")
     token = ApiToken(

@@ -12,6 +12,7 @@ Why this shape (see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -134,10 +135,9 @@ class ConnectionCache:
             raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
         if conn is None:  # older bindings return None instead of raising
             raise HypervisorUnavailable(uri, "libvirt returned no connection")
-        try:
+        # Local drivers (test, qemu:///system over unix) have no keepalive.
+        with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(self.keepalive_interval, self.keepalive_count)
-        except libvirt.libvirtError:
-            pass  # local drivers (test, qemu:///system over unix) have no keepalive
         with self._lock:
             self._conns[uri] = conn
         return conn
