@@ -1,0 +1,69 @@
+"""Configuration: defaults, then instance/vmapi.cfg, then VMAPI_* variables."""
+
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from vmapi.config import DEFAULTS, database_url, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_app(tmp_path):
+    return Flask("t", instance_path=str(tmp_path), instance_relative_config=True)
+
+
+def test_defaults_and_sqlite_in_instance(tmp_path, monkeypatch):
+    for key in DEFAULTS:
+        monkeypatch.delenv(f"VMAPI_{key}", raising=False)
+    app = make_app(tmp_path)
+    load_config(app)
+    assert app.config["CPU_ALLOCATION_RATIO"] == 4.0
+    assert app.config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path}/vmapi.sqlite3"
+    assert app.config["MAX_CONTENT_LENGTH"] == 1024 * 1024
+
+
+def test_instance_file_then_environment(tmp_path, monkeypatch):
+    (tmp_path / "vmapi.cfg").write_text(
+        "CPU_ALLOCATION_RATIO = 2.0\nRESERVED_RAM = 5\nMAX_BODY = 10\n"
+    )
+    monkeypatch.setenv("VMAPI_RESERVED_RAM", "7")
+    monkeypatch.setenv("VMAPI_INTERFACE_MODE", "ethernet")
+    app = make_app(tmp_path)
+    load_config(app)
+    assert app.config["CPU_ALLOCATION_RATIO"] == 2.0  # from the file
+    assert app.config["RESERVED_RAM"] == 7  # the environment wins, typed
+    assert app.config["INTERFACE_MODE"] == "ethernet"
+    assert app.config["MAX_CONTENT_LENGTH"] == 10
+
+
+def test_bad_environment_values_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMAPI_CPU_ALLOCATION_RATIO", "lots")
+    with pytest.raises(RuntimeError, match="VMAPI_CPU_ALLOCATION_RATIO"):
+        load_config(make_app(tmp_path))
+
+
+def test_bad_interface_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMAPI_INTERFACE_MODE", "macvtap")
+    with pytest.raises(RuntimeError, match="INTERFACE_MODE"):
+        load_config(make_app(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgresql://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgres://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+    ],
+)
+def test_database_url_uses_psycopg2(given, used):
+    assert database_url(given) == used
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in DEFAULTS if f"`VMAPI_{key}`" not in readme]
+    assert missing == []
