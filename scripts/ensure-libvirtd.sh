@@ -8,7 +8,9 @@ uri=qemu:///system
 
 answers() { timeout 20 virsh -c "$uri" version >/dev/null 2>&1; }
 
-if command -v virsh >/dev/null && answers; then exit 0; fi
+if command -v virsh >/dev/null && answers && { [ ! -c /dev/kvm ] || [ "$(stat -c %G /dev/kvm)" = kvm ]; }; then
+  exit 0
+fi
 "$here/ensure-packages.sh" libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
   qemu-system-x86 >&2
 getent group kvm >/dev/null || groupadd --system kvm
@@ -16,8 +18,15 @@ getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-qemu \
   -G kvm -s /usr/sbin/nologin libvirt-qemu
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
+# Without udev (containers, minimal VMs) /dev/kvm stays root-only; QEMU runs as libvirt-qemu.
+if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
 pgrep -x virtlogd >/dev/null || virtlogd -d
 pgrep -x libvirtd >/dev/null || libvirtd -d
-for _ in $(seq 1 30); do answers && exit 0; sleep 1; done
-echo "libvirtd does not answer on $uri" >&2
-exit 1
+for _ in $(seq 1 30); do answers && break; sleep 1; done
+answers || { echo "libvirtd does not answer on $uri" >&2; exit 1; }
+# The first domain definition makes libvirtd probe QEMU (about a minute on a new
+# machine); do it here, once, rather than inside a test's libvirt timeout.
+timeout 300 virsh -c "$uri" domcapabilities --virttype qemu >/dev/null 2>&1 || true
+if [ -c /dev/kvm ]; then
+  timeout 300 virsh -c "$uri" domcapabilities --virttype kvm >/dev/null 2>&1 || true
+fi

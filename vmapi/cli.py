@@ -110,7 +110,7 @@ def node_add(state_name: str, methods: tuple[str, ...], **fields: Any) -> None:
     body["node_state"] = {"id": state.id}
     try:
         data = node.load(body)
-        (new,) = node.service.create_many([data], CLI_PRINCIPAL, indexed=False)
+        (new,) = node.service.create_many([data], CLI_PRINCIPAL, indexed=False).objects
         for name in methods:
             vn = virt_node.load({"node": {"id": new.id}, "virt_method": {"name": name}})
             virt_node.service.create_many([vn], CLI_PRINCIPAL, indexed=False)
@@ -139,6 +139,27 @@ def node_list(quiet: bool) -> None:
                 f"{n.id:>5}  {n.fqdn:40} cores {n.allocated_cores}/{n.cores}  "
                 f"ram {n.allocated_ram}/{n.ram}  {n.libvirt_uri or '(template)'}"
             )
+
+
+@vmapi_cli.command("reconcile")
+@click.option("--fix", is_flag=True, help="Repair what can be repaired safely.")
+def reconcile_command(fix: bool) -> None:
+    """Compare every node's libvirt domains with the database.
+
+    Exits 1 when something was found and not fixed (or a node did not answer).
+    """
+    from vmapi.services.reconcile import reconcile
+
+    findings = reconcile(fix)
+    for finding in findings:
+        click.echo(finding.line())
+    open_findings = [f for f in findings if not f.fixed]
+    click.echo(
+        f"{len(findings)} finding(s), {len(findings) - len(open_findings)} fixed, "
+        f"{len(open_findings)} left"
+    )
+    if open_findings:
+        sys.exit(1)
 
 
 def register_cli(app: Flask) -> None:

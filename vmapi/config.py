@@ -36,6 +36,13 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "PAGE_MAX_LIMIT": (1000, "largest ?limit accepted"),
     "MAX_BATCH": (100, "largest array accepted by POST/UPDATE/DELETE"),
     "INSTALLATION_ID": ("vmapi", "identifies this installation in domain metadata"),
+    "SCHEDULER_WEIGHER": ("spread", "spread (most free RAM first) or pack (least that fits)"),
+    "LIBVIRT_COOLOFF": (60, "seconds the scheduler skips a node after its libvirt failed"),
+    "CPU_PERIOD": (100000, "cputune period in microseconds; cputime_limit is the quota"),
+    "VM_MAX_VCPUS": (8, "vCPUs a domain is defined with at most, so cores can grow live"),
+    "VM_MAX_RAM_FACTOR": (1.0, "a domain's maximum memory as a multiple of its ram"),
+    "SHUTDOWN_TIMEOUT": (20.0, "seconds to wait for an ACPI shutdown before answering"),
+    "BUILD_TIMEOUT": (600, "seconds after which reconcile treats a building VM as stale"),
     "LOG_LEVEL": ("INFO", "Python log level"),
 }
 
@@ -88,6 +95,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if not app.config["DATABASE_URL"]:
         path = os.path.join(app.instance_path, "vmapi.sqlite3")
         app.config["DATABASE_URL"] = f"sqlite:///{path}"
+    if app.config["SCHEDULER_WEIGHER"] not in ("spread", "pack"):
+        raise RuntimeError("SCHEDULER_WEIGHER must be spread or pack")
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
 

@@ -8,6 +8,8 @@ template filled from keyword arguments. Domain code raises; it never calls ``abo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask, g
@@ -46,6 +48,17 @@ class ApiError(Exception):
         else:
             self.data = {"index": index, "details": self.data}
         return self
+
+
+@contextmanager
+def at_index(index: int | None) -> Iterator[None]:
+    """Errors raised inside name the array element at ``index`` (None: not an array)."""
+    try:
+        yield
+    except ApiError as exc:
+        if index is not None:
+            exc.with_index(index)
+        raise
 
 
 class ValidationError(ApiError):

@@ -101,10 +101,20 @@ def _render(envelope: dict[str, Any], status: int, headers: dict[str, str] | Non
 
 
 def success_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
+    data: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    messages: list[str] | None = None,
 ) -> Response:
-    """``{"status": "success", "data": data}`` in the negotiated format."""
-    return _render({"status": "success", "data": data}, status, headers)
+    """``{"status": "success", "data": data}`` in the negotiated format.
+
+    ``messages`` (what a person should know, e.g. what takes effect only at the next
+    start) become ``"message"``, one sentence after another.
+    """
+    envelope: dict[str, Any] = {"status": "success", "data": data}
+    if messages:
+        envelope["message"] = " ".join(messages)
+    return _render(envelope, status, headers)
 
 
 def error_response(exc: ApiError) -> Response:

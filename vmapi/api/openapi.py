@@ -30,8 +30,10 @@ ERROR_STATUSES = {
     413: "Body larger than the configured limit (general/body_too_large).",
     415: "Body neither JSON nor MessagePack (general/unsupported_media_type).",
     500: "Unexpected failure; data.request_id names it in the server log (general/internal).",
+    502: "The hypervisor failed; its message is in the answer{extra}.",
+    504: "The hypervisor did not answer in time{extra}.",
 }
-EXTRA_CONFLICTS = {"node": ", node/unreachable", "virt_node": ", node/unreachable"}
+EXTRA_ERRORS = {"node": {409: ["node/unreachable"]}, "virt_node": {409: ["node/unreachable"]}}
 
 
 def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
@@ -50,7 +52,15 @@ def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def _error(code: int, resource: str) -> dict[str, Any]:
-    text = ERROR_STATUSES[code].format(resource=resource, extra=EXTRA_CONFLICTS.get(resource, ""))
+    ids = RESOURCES[resource].error_ids if resource in RESOURCES else {}
+    extra_ids = ids.get(code, []) or EXTRA_ERRORS.get(resource, {}).get(code, [])
+    extra = "".join(f", {i}" for i in extra_ids)
+    if code in (502, 504) and extra_ids:
+        extra = f" ({', '.join(extra_ids)})"
+    text = ERROR_STATUSES[code].format(resource=resource, extra=extra)
+    for i in extra_ids:
+        if i not in text:
+            text += f" Also: {i}."
     return {
         "description": text,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -61,7 +71,11 @@ def _success(schema: dict[str, Any], description: str) -> dict[str, Any]:
     envelope = {
         "type": "object",
         "required": ["status", "data"],
-        "properties": {"status": {"type": "string", "enum": ["success"]}, "data": schema},
+        "properties": {
+            "status": {"type": "string", "enum": ["success"]},
+            "data": schema,
+            "message": {"type": "string", "description": "What takes effect later, or notes."},
+        },
     }
     return {
         "description": description,
@@ -90,6 +104,17 @@ def _keyed(item: dict[str, Any]) -> dict[str, Any]:
 
 def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
     return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 100}]}
+
+
+def _option_params(plugin: MarshmallowPlugin, schema: Any) -> list[dict[str, Any]]:
+    """Query parameters of a verb's option schema (e.g. ``force``)."""
+    if schema is None:
+        return []
+    return [
+        {"name": key, "in": "query", "required": False, "schema": _query_schema(f),
+         "description": (schema.__doc__ or "").strip().splitlines()[0]}
+        for key, f in schema().fields.items()
+    ]  # fmt: skip
 
 
 def _query_schema(field: Any) -> dict[str, Any]:
@@ -134,7 +159,13 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
     }
     roles = "admin only" if res.read_roles == ADMIN_ONLY else "admin and customer tokens"
     tags = [name]
-    errs = lambda *codes: {str(c): _error(c, name) for c in codes}  # noqa: E731
+    hypervisor_codes = tuple(c for c in (502, 504) if c in res.error_ids)
+
+    def errs(*codes: int, writes: bool = False) -> dict[str, Any]:
+        return {str(c): _error(c, name) for c in (*codes, *(hypervisor_codes if writes else ()))}
+
+    update_params = _option_params(plugin, res.update_options)
+    delete_params = _option_params(plugin, res.delete_options)
     filters = [
         {"name": key, "in": "query", "required": False, "schema": _query_schema(f),
          "description": f"Only objects whose {key} equals this."}
@@ -181,26 +212,28 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                 "requestBody": _body(_one_or_many(create), "One object or an array."),
                 "responses": {
                     "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
-                    **errs(400, 401, 403, 404, 409, 413, 415),
+                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
                 },
             },
             "patch": {
                 "tags": tags,
                 "summary": f"Change {name} objects: body with id (or an array). Also UPDATE.",
+                "parameters": update_params,
                 "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
                 "responses": {
                     "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
-                    **errs(400, 401, 403, 404, 409, 413, 415),
+                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
                 },
                 **aliases,
             },
             "delete": {
                 "tags": tags,
                 "summary": f"Delete {name} objects named by id (or an array).",
+                "parameters": delete_params,
                 "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
                 "responses": {
                     "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
-                    **errs(400, 401, 403, 404, 409, 413, 415),
+                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
                 },
             },
         },
@@ -223,25 +256,40 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "patch": {
                 "tags": tags,
                 "summary": f"Change one {name}. Also UPDATE.",
-                "parameters": [ident],
+                "parameters": [ident, *update_params],
                 "requestBody": _body(change, "The fields to change."),
                 "responses": {
                     "200": _success(ref, "The changed object."),
-                    **errs(400, 401, 403, 404, 409, 413, 415),
+                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
                 },
                 **aliases,
             },
             "delete": {
                 "tags": tags,
                 "summary": f"Delete one {name}.",
-                "parameters": [ident],
+                "parameters": [ident, *delete_params],
                 "responses": {
                     "200": _success(ref, "The deleted object, as it was."),
-                    **errs(400, 401, 403, 404, 409),
+                    **errs(400, 401, 403, 404, 409, writes=True),
                 },
             },
         },
     )
+    for action in res.actions:
+        spec.path(
+            path=f"/api/v1/{name}/{{ident}}/{action}",
+            operations={
+                "post": {
+                    "tags": tags,
+                    "summary": f"{action.capitalize()} one {name}.",
+                    "parameters": [ident],
+                    "responses": {
+                        "200": _success(ref, f"The {name} after the {action}."),
+                        **errs(400, 401, 403, 404, 409, writes=True),
+                    },
+                }
+            },
+        )
 
 
 @cache

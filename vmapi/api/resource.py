@@ -16,10 +16,10 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
-from vmapi.errors import Forbidden, ValidationError
+from vmapi.errors import Forbidden, ValidationError, at_index
 from vmapi.representations import parse_body, success_response
 from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
-from vmapi.services.crud import CrudService, ListParams
+from vmapi.services.crud import CrudService, ListParams, Outcome
 
 ALL_ROLES = frozenset({ADMIN, CUSTOMER})
 ADMIN_ONLY = frozenset({ADMIN})
@@ -50,6 +50,10 @@ class ResourceApi:
         read_roles: frozenset[str] = ALL_ROLES,
         write_roles: frozenset[str] = ADMIN_ONLY,
         summary: str = "",
+        update_options: type[Schema] | None = None,
+        delete_options: type[Schema] | None = None,
+        actions: dict[str, str] | None = None,
+        error_ids: dict[int, list[str]] | None = None,
     ) -> None:
         self.name = name
         self.schema_class = schema
@@ -58,6 +62,13 @@ class ResourceApi:
         self.read_roles = read_roles
         self.write_roles = write_roles
         self.summary = summary
+        #: query options a verb accepts (e.g. ``?force=true``); none when None
+        self.update_options = update_options
+        self.delete_options = delete_options
+        #: item actions: ``POST /<name>/<id>/<action>`` -> service method name
+        self.actions = actions or {}
+        #: error ids beyond the generic ones, by status (for the OpenAPI document)
+        self.error_ids = error_ids or {}
         self.refs: dict[str, Ref] = {
             key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
         }
@@ -69,7 +80,28 @@ class ResourceApi:
         bp = Blueprint(self.name, __name__, url_prefix="/api/<api_version>")
         bp.add_url_rule(f"/{self.name}", "collection", self.collection, methods=COLLECTION_METHODS)
         bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=ITEM_METHODS)
+        for action in self.actions:
+            bp.add_url_rule(
+                f"/{self.name}/<id:ident>/{action}",
+                f"action_{action}",
+                self.action_view(action),
+                methods=["POST"],
+            )
         return bp
+
+    def action_view(self, action: str):
+        def view(ident: int) -> Response:
+            g.resource_name = self.name
+            who = principal()
+            require_role(who, self.write_roles, f"{action} {self.name}")
+            self.parse_options(request.args, None)
+            if parse_body() not in (None, {}):
+                raise ValidationError(f"{action} takes no body.")
+            outcome = getattr(self.service, self.actions[action])(ident, who)
+            return self.answer(outcome, indexed=False)
+
+        view.__name__ = f"{self.name}_{action}"
+        return view
 
     def _filterable(self) -> dict[str, tuple[str, Any]]:
         """Query keys -> (model column, field that parses the value)."""
@@ -108,20 +140,27 @@ class ResourceApi:
             nest = self.parse_nest(request.args, who, allowed={"nest"})
             return success_response(self.dump(self.service.get(ident, who, nest), nest))
         require_role(who, self.write_roles, f"change {self.name}")
-        options = self.parse_options(request.args)
         if request.method == "DELETE":
+            options = self.parse_options(request.args, self.delete_options)
             if parse_body() is not None:
                 raise ValidationError("DELETE on an item takes no body; its id is in the URL.")
-            (obj,) = self.service.delete_many([ident], who, options, indexed=False)
-            return success_response(self.dump(obj))
+            outcome = self.service.delete_many([ident], who, options, indexed=False)
+            return self.answer(outcome, indexed=False)
+        options = self.parse_options(request.args, self.update_options)
         body = parse_body()
         if not isinstance(body, dict):
             raise ValidationError("The body must be an object with the fields to change.")
         if "id" in body and body.pop("id") != ident:
             raise ValidationError(data={"id": ["Does not match the id in the URL."]})
         data = self.load(body, partial=True)
-        (obj,) = self.service.update_many([(ident, data)], who, indexed=False)
-        return success_response(self.dump(obj))
+        outcome = self.service.update_many([(ident, data)], who, False, options)
+        return self.answer(outcome, indexed=False)
+
+    def answer(self, outcome: Outcome, indexed: bool, status: int = 200) -> Response:
+        """The objects of a write: one object, or keyed by id for an array request."""
+        objs = outcome.objects
+        data = self.dump_keyed(objs) if indexed else self.dump(objs[0])
+        return success_response(data, status=status, messages=outcome.messages)
 
     def list_objects(self, who: Principal) -> Response:
         params = self.parse_list(request.args, who)
@@ -134,38 +173,37 @@ class ResourceApi:
         return success_response(self.dump_keyed(objs, params.nest), headers=headers)
 
     def create(self, who: Principal) -> Response:
-        self.parse_options(request.args)
+        self.parse_options(request.args, None)
         items, indexed = self.body_items()
         loaded = []
         for index, item in enumerate(items):
             item.pop("id", None)  # API.md: id on POST is ignored
             loaded.append(self.load(item, index=index if indexed else None))
-        objs = self.service.create_many(loaded, who, indexed)
-        data = self.dump_keyed(objs) if indexed else self.dump(objs[0])
-        return success_response(data, status=201)
+        outcome = self.service.create_many(loaded, who, indexed)
+        return self.answer(outcome, indexed, status=201)
 
     def update_collection(self, who: Principal) -> Response:
-        self.parse_options(request.args)
+        options = self.parse_options(request.args, self.update_options)
         items, indexed = self.body_items()
         loaded = []
         for index, item in enumerate(items):
             ident = self.load_id(item.pop("id", None), index if indexed else None)
             loaded.append((ident, self.load(item, partial=True, index=index if indexed else None)))
-        objs = self.service.update_many(loaded, who, indexed)
-        return success_response(self.dump_keyed(objs) if indexed else self.dump(objs[0]))
+        outcome = self.service.update_many(loaded, who, indexed, options)
+        return self.answer(outcome, indexed)
 
     def delete_collection(self, who: Principal) -> Response:
-        options = self.parse_options(request.args)
+        options = self.parse_options(request.args, self.delete_options)
         items, indexed = self.body_items()
         ids = []
         for index, item in enumerate(items):
-            try:
-                ids.append(IdSchema().load(item)["id"])
-            except MarshmallowError as exc:
-                err = ValidationError(data=exc.messages)
-                raise err.with_index(index) if indexed else err from exc
-        objs = self.service.delete_many(ids, who, options, indexed)
-        return success_response(self.dump_keyed(objs) if indexed else self.dump(objs[0]))
+            with at_index(index if indexed else None):
+                try:
+                    ids.append(IdSchema().load(item)["id"])
+                except MarshmallowError as exc:
+                    raise ValidationError(data=exc.messages) from exc
+        outcome = self.service.delete_many(ids, who, options, indexed)
+        return self.answer(outcome, indexed)
 
     # ------------------------------------------------------------------ parsing
     def body_items(self) -> tuple[list[dict[str, Any]], bool]:
@@ -193,26 +231,33 @@ class ResourceApi:
         raise ValidationError("The body must be an object or an array of objects.")
 
     def load(self, item: dict[str, Any], partial: bool = False, index: int | None = None) -> dict:
-        try:
-            return self.schema.load(item, partial=partial)
-        except MarshmallowError as exc:
-            err = ValidationError(data=exc.messages)
-            raise (err.with_index(index) if index is not None else err) from exc
+        with at_index(index):
+            try:
+                return self.schema.load(item, partial=partial)
+            except MarshmallowError as exc:
+                raise ValidationError(data=exc.messages) from exc
 
     @staticmethod
     def load_id(value: Any, index: int | None) -> int:
-        try:
-            return IdSchema().load({"id": value})["id"]
-        except MarshmallowError as exc:
-            msg = "Each object needs the id of the object to change."
-            err = ValidationError(msg, data={"id": exc.messages.get("id", ["Missing."])})
-            raise (err.with_index(index) if index is not None else err) from exc
+        with at_index(index):
+            try:
+                return IdSchema().load({"id": value})["id"]
+            except MarshmallowError as exc:
+                msg = "Each object needs the id of the object to change."
+                data = {"id": exc.messages.get("id", ["Missing."])}
+                raise ValidationError(msg, data=data) from exc
 
-    def parse_options(self, args: Mapping[str, str]) -> dict[str, Any]:
-        """Query options of a write; catalog resources take none."""
-        if args:
-            raise ValidationError(data={key: ["Unknown query parameter."] for key in args})
-        return {}
+    @staticmethod
+    def parse_options(args: Mapping[str, str], schema: type[Schema] | None) -> dict[str, Any]:
+        """Query options of a write, parsed by the verb's option schema (none by default)."""
+        if schema is None:
+            if args:
+                raise ValidationError(data={key: ["Unknown query parameter."] for key in args})
+            return {}
+        try:
+            return schema().load(dict(args))
+        except MarshmallowError as exc:
+            raise ValidationError(data=exc.messages) from exc
 
     def parse_list(self, args: Mapping[str, str], who: Principal) -> ListParams:
         errors: dict[str, list[str]] = {}

@@ -1,21 +1,41 @@
 """The only door to the hypervisors. Takes and returns plain dataclasses.
 
 Nothing here imports Flask, the models or the session; only ``hypervisor/libvirt/``
-imports ``libvirt``. ``get_driver()`` returns the process-wide driver.
+imports ``libvirt``.
 """
 
 from vmapi.hypervisor.driver import (
+    CRASHED,
+    ERROR,
+    PAUSED,
+    RUNNING,
+    SHUTOFF,
+    DomainInfo,
+    DomainNotFound,
+    DomainSpec,
     HostInfo,
     HypervisorDriver,
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    NotSupported,
+    OperationInvalid,
 )
 
 __all__ = [
+    "CRASHED",
+    "ERROR",
+    "PAUSED",
+    "RUNNING",
+    "SHUTOFF",
+    "DomainInfo",
+    "DomainNotFound",
+    "DomainSpec",
     "HostInfo",
     "HypervisorDriver",
     "HypervisorError",
     "HypervisorTimeout",
     "HypervisorUnavailable",
+    "NotSupported",
+    "OperationInvalid",
 ]

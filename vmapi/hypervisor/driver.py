@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+#: Domain states as vmapi names them (the seeded vm_state rows).
+RUNNING, PAUSED, SHUTOFF, CRASHED, ERROR = "running", "paused", "shutoff", "crashed", "error"
 
 
 class HypervisorError(Exception):
@@ -27,6 +30,18 @@ class HypervisorTimeout(HypervisorError):
         super().__init__(uri, f"no answer within {timeout:g} s")
 
 
+class DomainNotFound(HypervisorError):
+    """The host has no domain of that name."""
+
+
+class OperationInvalid(HypervisorError):
+    """The domain is not in a state that allows the operation (e.g. suspend a shut-off one)."""
+
+
+class NotSupported(HypervisorError):
+    """The hypervisor cannot do this (e.g. change a live setting its driver does not support)."""
+
+
 @dataclass(frozen=True)
 class HostInfo:
     """What a host reports about itself (libvirt's ``virNodeGetInfo``)."""
@@ -37,9 +52,82 @@ class HostInfo:
     mhz: int
 
 
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything a domain is made of; the persistent definition is rewritten from it."""
+
+    name: str
+    uuid: str
+    domain_type: str  # libvirt's <domain type>: kvm, qemu, test, ...
+    vcpus: int
+    max_vcpus: int
+    memory: int  # bytes, current
+    max_memory: int  # bytes
+    vm_id: int
+    installation: str
+    cpu_period: int | None = None  # microseconds; with cpu_quota: <cputune>
+    cpu_quota: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain as the host reports it. ``vm_id``/``installation`` come from our metadata."""
+
+    name: str
+    uuid: str
+    state: str
+    vcpus: int
+    memory: int  # bytes
+    vm_id: int | None = None
+    installation: str | None = None
+
+
 class HypervisorDriver(Protocol):
     """The calls vmapi makes on a host. Every call is bounded by the driver's timeout."""
 
     def host_info(self, uri: str) -> HostInfo:
         """Capacity of the host behind ``uri``."""
+        ...
+
+    def define(self, uri: str, spec: DomainSpec) -> None:
+        """Create or replace the persistent definition of ``spec.name``."""
+        ...
+
+    def start(self, uri: str, name: str) -> None:
+        """Boot a defined, shut-off domain."""
+        ...
+
+    def shutdown(self, uri: str, name: str) -> None:
+        """Ask the guest to power off (ACPI); returns at once."""
+        ...
+
+    def destroy(self, uri: str, name: str) -> None:
+        """Power off at once; a domain that is not running is left as it is."""
+        ...
+
+    def undefine(self, uri: str, name: str) -> None:
+        """Remove the definition (``DomainNotFound`` when there is none)."""
+        ...
+
+    def suspend(self, uri: str, name: str) -> None: ...
+
+    def resume(self, uri: str, name: str) -> None: ...
+
+    def reboot(self, uri: str, name: str) -> None: ...
+
+    def domain(self, uri: str, name: str) -> DomainInfo:
+        """State and size of one domain (``DomainNotFound`` when there is none)."""
+        ...
+
+    def domains(self, uri: str) -> list[DomainInfo]:
+        """Every domain on the host, with our metadata where present."""
+        ...
+
+    def set_vcpus_live(self, uri: str, name: str, vcpus: int) -> None: ...
+
+    def set_memory_live(self, uri: str, name: str, memory: int) -> None: ...
+
+    def set_cputune_live(self, uri: str, name: str, period: int, quota: int) -> None:
+        """Change the running domain's CPU bandwidth; quota -1 means unlimited."""
         ...

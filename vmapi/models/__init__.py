@@ -3,6 +3,7 @@
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.token import ApiToken
+from vmapi.models.vm import Vm
 
 __all__ = [
     "ApiToken",
@@ -12,5 +13,6 @@ __all__ = [
     "StorageType",
     "VirtMethod",
     "VirtNode",
+    "Vm",
     "VmState",
 ]

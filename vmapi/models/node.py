@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    DateTime,
     Float,
     ForeignKey,
     Integer,
@@ -53,6 +56,9 @@ class Node(db.Model):
     interface_mode: Mapped[str | None] = mapped_column(String(16))
     allocated_cores: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     allocated_ram: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: When the API last failed to reach the node's libvirt; the scheduler skips the node
+    #: for LIBVIRT_COOLOFF seconds after it.
+    libvirt_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
 

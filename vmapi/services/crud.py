@@ -18,13 +18,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from vmapi.auth import Principal
-from vmapi.errors import ApiError, Conflict, NotFound, ValidationError
+from vmapi.errors import ApiError, Conflict, NotFound, ValidationError, at_index
 from vmapi.extensions import db
 
 M = TypeVar("M")
 T = TypeVar("T")
 
 IN_USE_SAMPLE = 100  # referencing ids listed in an in_use error
+
+
+@dataclass
+class Outcome(Generic[M]):
+    """What a write did: the objects (as they are now, or were just before deletion) and
+    notes for the person asking (e.g. what takes effect only at the next start)."""
+
+    objects: list[M]
+    messages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,42 +132,44 @@ class CrudService(Generic[M]):
     # ------------------------------------------------------------------ batches
     def create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
-    ) -> list[M]:
-        return self.in_transaction(items, indexed, lambda data: self.create(data, principal))
+    ) -> Outcome[M]:
+        return Outcome(
+            self.in_transaction(items, indexed, lambda data: self.create(data, principal))
+        )
 
     def update_many(
-        self, items: list[tuple[int, dict[str, Any]]], principal: Principal, indexed: bool
-    ) -> list[M]:
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        principal: Principal,
+        indexed: bool,
+        options: dict[str, Any],
+    ) -> Outcome[M]:
         def one(item: tuple[int, dict[str, Any]]) -> M:
             ident, data = item
             return self.update(self.get(ident, principal), data, principal)
 
-        return self.in_transaction(items, indexed, one)
+        return Outcome(self.in_transaction(items, indexed, one))
 
     def delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
-    ) -> list[M]:
+    ) -> Outcome[M]:
         def one(ident: int) -> M:
             obj = self.get(ident, principal)
             self.delete(obj, principal, options)
             return obj
 
-        return self.in_transaction(ids, indexed, one)
+        return Outcome(self.in_transaction(ids, indexed, one))
 
     def in_transaction(self, items: Iterable[T], indexed: bool, fn: Callable[[T], M]) -> list[M]:
         """Apply ``fn`` to every item in one transaction: all of them, or none."""
         done: list[M] = []
         try:
             for index, item in enumerate(items):
-                try:
+                with at_index(index if indexed else None):
                     try:
                         done.append(fn(item))
                     except IntegrityError as exc:
                         raise self.integrity_error(exc) from exc
-                except ApiError as exc:
-                    if indexed:
-                        exc.with_index(index)
-                    raise
             db.session.commit()
         except IntegrityError as exc:  # at commit time (deferred constraints)
             db.session.rollback()

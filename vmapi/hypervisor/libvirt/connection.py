@@ -21,7 +21,14 @@ from typing import TypeVar
 
 import libvirt
 
-from vmapi.hypervisor.driver import HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from vmapi.hypervisor.driver import (
+    DomainNotFound,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    NotSupported,
+    OperationInvalid,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,8 +44,13 @@ _UNREACHABLE = {
     libvirt.VIR_ERR_AUTH_FAILED,
     libvirt.VIR_ERR_AUTH_CANCELLED,
     libvirt.VIR_ERR_AUTH_UNAVAILABLE,
-    libvirt.VIR_ERR_NO_SUPPORT,
     libvirt.VIR_ERR_INVALID_CONN,
+}
+_NOT_SUPPORTED = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
 }
 
 
@@ -50,6 +62,12 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
         return HypervisorTimeout(uri, 0)
     if code in _UNREACHABLE:
         return HypervisorUnavailable(uri, message)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(uri, message)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return OperationInvalid(uri, message)
+    if code in _NOT_SUPPORTED:
+        return NotSupported(uri, message)
     return HypervisorError(uri, message)
 
 

@@ -1,0 +1,49 @@
+"""What a domain needs (policy), turned into the XML objects of :mod:`.config`.
+
+Kept apart from the XML objects as Nova keeps ``designer.py`` apart from ``config.py``:
+this module decides, ``config`` only writes.
+"""
+
+from __future__ import annotations
+
+from vmapi.hypervisor.driver import DomainSpec
+from vmapi.hypervisor.libvirt.config import (
+    CpuTune,
+    Device,
+    Domain,
+    Memory,
+    Metadata,
+    Os,
+    Vcpu,
+)
+
+#: Domain types that emulate a PC with firmware (ACPI power button, clock, balloon).
+PC_TYPES = frozenset({"kvm", "qemu"})
+
+
+def design(spec: DomainSpec) -> Domain:
+    """The domain XML objects for ``spec``."""
+    cputune = None
+    if spec.cpu_quota is not None and spec.cpu_period is not None:
+        cputune = CpuTune(period=spec.cpu_period, quota=spec.cpu_quota)
+    domain = Domain(
+        type=spec.domain_type,
+        name=spec.name,
+        uuid=spec.uuid,
+        metadata=Metadata(spec.vm_id, spec.installation, dict(spec.metadata)),
+        memory=Memory("memory", spec.max_memory // 1024),
+        current_memory=Memory("currentMemory", spec.memory // 1024),
+        vcpu=Vcpu(current=spec.vcpus, maximum=spec.max_vcpus),
+        os=Os(),
+        cputune=cputune,
+    )
+    if spec.domain_type in PC_TYPES:
+        domain.features = ("acpi", "apic")
+        domain.clock_offset = "utc"
+        domain.lifecycle = {"on_poweroff": "destroy", "on_reboot": "restart", "on_crash": "destroy"}
+        domain.devices = [
+            Device("serial", {"type": "pty"}),
+            Device("console", {"type": "pty"}),
+            Device("memballoon", {"model": "virtio"}),
+        ]
+    return domain

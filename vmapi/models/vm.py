@@ -1,0 +1,53 @@
+"""Virtual machines: size, owner, placement, and the state libvirt last reported."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from vmapi.extensions import db
+from vmapi.models.catalog import VirtMethod, VmState
+from vmapi.models.node import Node
+
+
+class Vm(db.Model):
+    __tablename__ = "vm"
+    __table_args__ = (
+        # libvirt refuses two domains with one UUID on one host; this is the last defence.
+        UniqueConstraint("node_id", "uuid"),
+        CheckConstraint("cores > 0", name="cores_positive"),
+        CheckConstraint("ram > 0", name="ram_positive"),
+        CheckConstraint(
+            "cputime_limit IS NULL OR cputime_limit BETWEEN 1000 AND 1000000", name="cputime"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cores: Mapped[int] = mapped_column(Integer)
+    ram: Mapped[int] = mapped_column(BigInteger)
+    customer_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    cputime_limit: Mapped[int | None] = mapped_column(Integer)
+    uuid: Mapped[str] = mapped_column(String(36), index=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)
+    virt_method_id: Mapped[int] = mapped_column(ForeignKey("virt_method.id"), index=True)
+    vm_state_id: Mapped[int] = mapped_column(ForeignKey("vm_state.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    node: Mapped[Node] = relationship(lazy="raise_on_sql")
+    virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
+    vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
+
+    @property
+    def name(self) -> str:
+        """The libvirt domain name, unique per installation."""
+        return f"vm-{self.id}"

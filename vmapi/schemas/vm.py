@@ -1,0 +1,73 @@
+"""Schemas of /vm and its query options."""
+
+from __future__ import annotations
+
+import uuid
+
+from marshmallow import ValidationError, validate
+
+from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, Str, non_negative, positive
+
+MIB = 1024 * 1024
+MIN_RAM = 64 * MIB
+
+
+def validate_ram(value: int) -> None:
+    if value < MIN_RAM:
+        raise ValidationError(f"Must be at least 64 MiB ({MIN_RAM} bytes).")
+    if value % MIB:
+        raise ValidationError(
+            "Must be a whole number of MiB (a multiple of 1048576 bytes): libvirt accounts "
+            "memory in KiB and vmapi sizes VMs in MiB."
+        )
+
+
+def validate_uuid(value: str) -> None:
+    try:
+        uuid.UUID(value)
+    except ValueError as exc:
+        raise ValidationError(
+            "Not a valid UUID, e.g. 4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968."
+        ) from exc
+
+
+class UuidStr(Str):
+    """A UUID, stored in its canonical lowercase form."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        validate_uuid(text)
+        return str(uuid.UUID(text))
+
+
+class VmSchema(BaseSchema):
+    id = Int(dump_only=True)
+    cores = Int(required=True, validate=positive(1024))
+    ram = Int(required=True, validate=validate_ram)
+    customer_id = Int(allow_none=True, validate=non_negative())
+    cputime_limit = Int(
+        allow_none=True,
+        validate=validate.Range(
+            min=1000, max=1000000, error="Must be between 1000 and 1000000 µs per period."
+        ),
+    )
+    uuid = UuidStr(allow_none=True)
+    node = Ref("node", attribute="node_id", allow_none=True)
+    virt_method = Ref("virt_method", attribute="virt_method_id", required=True)
+    vm_state = Ref("vm_state", attribute="vm_state_id")
+    name = Str(dump_only=True)
+
+
+class VmUpdateOptions(BaseSchema):
+    """``?force=true``: power off at once (destroy) instead of an ACPI shutdown."""
+
+    force = Bool()
+
+    def load(self, data, **kwargs):  # query strings carry text, not JSON booleans
+        values = dict(data)
+        if "force" in values:
+            raw = values["force"]
+            if raw not in ("true", "false"):
+                raise ValidationError({"force": ["Use true or false."]})
+            values["force"] = raw == "true"
+        return super().load(values, **kwargs)
