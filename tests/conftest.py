@@ -273,3 +273,41 @@ def make_node(api: Api):
         return response.json["data"]
 
     return make
+
+
+@pytest.fixture
+def test_method(api: Api) -> int:
+    """A virt_method for libvirt's test driver (domain type ``test``)."""
+    response = api.post("virt_method", json={"name": "TEST", "domain_type": "test"})
+    return response.json["data"]["id"]
+
+
+@pytest.fixture
+def vm_host(api: Api, host_uri, test_method: int):
+    """``vm_host(cores=8, ram=16 * GIB)``: a schedulable node on its own test-driver host,
+    with exact capacity (ratios 1.0, nothing reserved) and the TEST virt method."""
+
+    def make(cores: int = 8, ram: int = 16 * GIB, **fields: Any) -> dict[str, Any]:
+        body = node_body(libvirt_uri=host_uri(cores=cores, ram=ram), cpu_allocation_ratio=1.0,
+                         ram_allocation_ratio=1.0, reserved_ram=0, **fields)  # fmt: skip
+        node = api.post("node", json=body).json["data"]
+        vn = api.post(
+            "virt_node", json={"node": {"id": node["id"]}, "virt_method": {"id": test_method}}
+        )
+        assert vn.status_code == 201, vn.json
+        return node
+
+    return make
+
+
+@pytest.fixture
+def driver(app: Flask):
+    """The app's hypervisor driver (to look at domains the way libvirt sees them)."""
+    from vmapi.services.hosts import DRIVER_KEY
+
+    return app.extensions[DRIVER_KEY]
+
+
+def vm_body(method: int, **overrides: Any) -> dict[str, Any]:
+    """The seed's example: 2 cores, 1 GiB."""
+    return {"cores": 2, "ram": GIB, "virt_method": {"id": method}, **overrides}

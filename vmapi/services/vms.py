@@ -358,9 +358,13 @@ class VmService(CrudService[Vm]):
         return UpdatePlan(vm.id, data, target)
 
     def apply_update(self, plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
-        vm, old = self.change_row(plan, undo)
-        host = Host.of(vm.node_id)
+        host = Host.of(db.session.get(Vm, plan.vm_id).node_id)  # a VM never changes node
         driver = hypervisor()
+        name = f"vm-{plan.vm_id}"
+        # Pushed first, so it runs last when undoing: once the inverses are done, store
+        # the state libvirt reports.
+        undo.append(lambda: self.record_state(vm, driver.domain(host.uri, name)))
+        vm, old = self.change_row(plan, undo)
         method = db.session.get(VirtMethod, vm.virt_method_id)
         sized = [k for k in SIZE_FIELDS if k in plan.changes and plan.changes[k] != old[k]]
         step = "redefining the domain"
@@ -371,7 +375,7 @@ class VmService(CrudService[Vm]):
                 undo.append(lambda: driver.define(host.uri, old_spec))
                 step = "applying the change to the running domain"
                 if driver.domain(host.uri, vm.name).state in (RUNNING, PAUSED):
-                    self.apply_live(vm, host, sized, plan.messages)
+                    self.apply_live(vm, host, sized, old, plan.messages, undo)
             if plan.target_state:
                 step = f"changing the state to {plan.target_state}"
                 self.transition(vm, host, plan.target_state, force, undo, plan.messages)
@@ -424,22 +428,31 @@ class VmService(CrudService[Vm]):
         undo.append(restore)
         return vm, old
 
-    def apply_live(self, vm: Vm, host: Host, sized: list[str], messages: list[str]) -> None:
+    def apply_live(
+        self,
+        vm: Vm,
+        host: Host,
+        sized: list[str],
+        old: dict[str, Any],
+        messages: list[str],
+        undo: Undo,
+    ) -> None:
         """Change the running domain where the hypervisor allows; say what waits a restart."""
         driver = hypervisor()
-        live = {
-            "cores": lambda: driver.set_vcpus_live(host.uri, vm.name, vm.cores),
-            "ram": lambda: driver.set_memory_live(host.uri, vm.name, vm.ram),
-            "cputime_limit": lambda: driver.set_cputune_live(
-                host.uri,
-                vm.name,
-                current_app.config["CPU_PERIOD"],
-                vm.cputime_limit if vm.cputime_limit is not None else -1,
-            ),
-        }
+        period = current_app.config["CPU_PERIOD"]
+
+        def set_live(key: str, value: Any) -> None:
+            if key == "cores":
+                driver.set_vcpus_live(host.uri, vm.name, value)
+            elif key == "ram":
+                driver.set_memory_live(host.uri, vm.name, value)
+            else:
+                quota = value if value is not None else -1
+                driver.set_cputune_live(host.uri, vm.name, period, quota)
+
         for key in sized:
             try:
-                live[key]()
+                set_live(key, getattr(vm, key))
             except (HypervisorUnavailable, HypervisorTimeout):
                 raise
             except HypervisorError as exc:
@@ -447,6 +460,8 @@ class VmService(CrudService[Vm]):
                     f"The new {key} of vm-{vm.id} is saved and takes effect at the next start; "
                     f"the running domain could not change it ({exc.reason})."
                 )
+            else:
+                undo.append(lambda key=key: set_live(key, old[key]))
 
     def transition(
         self, vm: Vm, host: Host, target: str, force: bool, undo: Undo, messages: list[str]

@@ -1,0 +1,155 @@
+"""A failure at every step of create, update and delete leaves nothing behind."""
+
+import pytest
+
+from tests.api.test_envelope import assert_error
+from tests.conftest import GIB, vm_body
+from tests.faults import FaultyDriver
+from vmapi.services.hosts import DRIVER_KEY
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture
+def faults(app):
+    real = app.extensions[DRIVER_KEY]
+    app.extensions[DRIVER_KEY] = FaultyDriver(real)
+    return app.extensions[DRIVER_KEY]
+
+
+def state(api, node, faults):
+    """Everything a failure could leave behind: rows, claims, domains."""
+    data = api.get(f"node/{node['id']}").json["data"]
+    domains = sorted(d.name for d in faults.real.domains(node["libvirt_uri"]))
+    return {
+        "vms": sorted(api.get("vm").json["data"]),
+        "allocated": (data["allocated_cores"], data["allocated_ram"]),
+        "domains": domains,
+    }
+
+
+EMPTY = {"vms": [], "allocated": (0, 0), "domains": []}
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "status", "error_id", "step"),
+    [
+        ("define", "error", 502, "vm/hypervisor_error", "defining the domain"),
+        ("start", "error", 502, "vm/hypervisor_error", "starting the domain"),
+        ("domain", "error", 502, "vm/hypervisor_error", "reading the domain's state"),
+        ("define", "timeout", 504, "vm/hypervisor_timeout", "defining the domain"),
+        ("start", "timeout", 504, "vm/hypervisor_timeout", "starting the domain"),
+        ("start", "unavailable", 502, "vm/hypervisor_error", "starting the domain"),
+    ],
+)
+def test_create_failure_leaves_nothing(
+    api, vm_host, test_method, faults, method, kind, status, error_id, step
+):
+    node = vm_host()
+    faults.fail(method, kind)
+    error = assert_error(api.post("vm", json=vm_body(test_method)), status, error_id)
+    assert error["data"]["step"] == step
+    assert error["data"]["node"] == {"id": node["id"]}
+    if kind == "error":
+        assert "injected failure" in error["message"]
+    assert state(api, node, faults) == EMPTY
+    assert api.post("vm", json=vm_body(test_method)).status_code == 201 or kind != "error"
+
+
+def test_unreachable_node_is_skipped_after_a_failure(api, vm_host, test_method, faults):
+    first = vm_host(ram=32 * GIB)
+    second = vm_host()
+    faults.fail("define", "unavailable")
+    assert_error(api.post("vm", json=vm_body(test_method)), 502, "vm/hypervisor_error")
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    assert vm["node"] == {"id": second["id"]}  # first is in its cool-off
+    assert api.get(f"node/{first['id']}").json["data"]["allocated_cores"] == 0
+
+
+def test_array_create_failure_undoes_earlier_vms(api, vm_host, test_method, faults):
+    node = vm_host()
+    faults.fail("start", skip=2)  # the third VM fails to start
+    body = [vm_body(test_method) for _ in range(3)]
+    error = assert_error(api.post("vm", json=body), 502, "vm/hypervisor_error")
+    assert error["data"]["index"] == 2
+    assert state(api, node, faults) == EMPTY
+
+
+def test_failed_undo_is_left_to_reconcile(api, vm_host, test_method, faults, runner):
+    node = vm_host()
+    faults.fail("start")
+    faults.fail("destroy")  # the undo cannot remove the domain it defined
+    assert_error(api.post("vm", json=vm_body(test_method)), 502, "vm/hypervisor_error")
+    left = state(api, node, faults)
+    assert left["vms"] == [] and left["allocated"] == (0, 0)
+    assert left["domains"] == ["vm-1"]  # an orphan with our metadata...
+    result = runner.invoke(args=["vmapi", "reconcile", "--fix"])
+    assert "orphan_domain" in result.output and result.exit_code == 0, result.output
+    assert state(api, node, faults) == EMPTY  # ...that reconcile removes
+
+
+@pytest.mark.parametrize(
+    ("method", "skip", "kind", "status"),
+    [
+        ("define", 0, "error", 502),  # the new persistent definition
+        ("set_vcpus_live", 0, "timeout", 504),  # the live change
+        ("domain", 1, "error", 502),  # reading the state afterwards
+    ],
+)
+def test_resize_failure_restores_everything(
+    api, vm_host, test_method, faults, method, skip, kind, status
+):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    faults.fail(method, kind, skip=skip)
+    response = api.update(f"vm/{vm['id']}", json={"cores": 4})
+    assert response.status_code == status, response.json
+    assert api.get(f"vm/{vm['id']}").json["data"]["cores"] == 2
+    assert state(api, node, faults)["allocated"] == (2, GIB)
+    info = faults.real.domain(node["libvirt_uri"], vm["name"])
+    assert info.vcpus == 2
+    conn = faults.real.connections.get(node["libvirt_uri"], 5)
+    assert "current='2'" in conn.lookupByName(vm["name"]).XMLDesc(2)  # persistent too
+
+
+def test_state_change_failure_undoes_earlier_elements(api, vm_host, test_method, faults):
+    node = vm_host()
+    a, b = api.post("vm", json=[vm_body(test_method), vm_body(test_method)]).json["data"].values()
+    faults.fail("suspend", skip=1)  # pausing b fails after a was paused
+    body = [{"id": a["id"], "vm_state": {"id": 3}}, {"id": b["id"], "vm_state": {"id": 3}}]
+    error = assert_error(api.update("vm", json=body), 502, "vm/hypervisor_error")
+    assert error["data"]["index"] == 1
+    assert faults.real.domain(node["libvirt_uri"], a["name"]).state == "running"
+    assert api.get(f"vm/{a['id']}").json["data"]["vm_state"] == {"id": 2}
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "status"), [("destroy", "error", 502), ("undefine", "timeout", 504)]
+)
+def test_delete_failure_deletes_nothing(api, vm_host, test_method, faults, method, kind, status):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    faults.fail(method, kind)
+    response = api.delete(f"vm/{vm['id']}")
+    assert response.status_code == status
+    assert api.get(f"vm/{vm['id']}").status_code == 200
+    assert state(api, node, faults)["allocated"] == (2, GIB)
+
+
+def test_delete_host_check_failure_deletes_nothing_of_an_array(api, vm_host, test_method, faults):
+    node = vm_host()
+    a, b = api.post("vm", json=[vm_body(test_method), vm_body(test_method)]).json["data"].values()
+    faults.fail("domain", "timeout", skip=1)  # the check of the second VM's host
+    error = assert_error(
+        api.delete("vm", json=[{"id": a["id"]}, {"id": b["id"]}]), 504, "vm/hypervisor_timeout"
+    )
+    assert error["data"]["index"] == 1
+    assert state(api, node, faults)["domains"] == sorted([a["name"], b["name"]])
+    assert len(state(api, node, faults)["vms"]) == 2
+
+
+def test_reboot_failure(api, vm_host, test_method, faults):
+    vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    faults.fail("reboot")
+    assert_error(api.post(f"vm/{vm['id']}/reboot"), 502, "vm/hypervisor_error")

@@ -1,0 +1,100 @@
+"""Domain XML objects and designer: compared structurally (C14N), never as strings."""
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from vmapi.hypervisor import DomainSpec
+from vmapi.hypervisor.libvirt.config import METADATA_NS, CpuTune, Memory, Metadata, Vcpu
+from vmapi.hypervisor.libvirt.designer import design
+
+GIB = 1024**3
+
+
+def same_xml(a: str, b: str) -> bool:
+    return ET.canonicalize(a, strip_text=True) == ET.canonicalize(b, strip_text=True)
+
+
+def spec(**overrides):
+    values = dict(name="vm-5", uuid="4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968", domain_type="kvm",
+                  vcpus=2, max_vcpus=8, memory=GIB, max_memory=2 * GIB, vm_id=5,
+                  installation="fra1", cpu_period=100000, cpu_quota=50000)  # fmt: skip
+    values.update(overrides)
+    return DomainSpec(**values)
+
+
+def test_kvm_domain():
+    expected = f"""
+    <domain type="kvm">
+      <name>vm-5</name>
+      <uuid>4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968</uuid>
+      <metadata>
+        <vmapi:instance xmlns:vmapi="{METADATA_NS}">
+          <vmapi:id>5</vmapi:id><vmapi:installation>fra1</vmapi:installation>
+        </vmapi:instance>
+      </metadata>
+      <memory unit="KiB">2097152</memory>
+      <currentMemory unit="KiB">1048576</currentMemory>
+      <vcpu placement="static" current="2">8</vcpu>
+      <cputune><period>100000</period><quota>50000</quota></cputune>
+      <os><type arch="x86_64">hvm</type><boot dev="hd"/><boot dev="network"/></os>
+      <features><acpi/><apic/></features>
+      <clock offset="utc"/>
+      <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
+      <devices>
+        <serial type="pty"/><console type="pty"/><memballoon model="virtio"/>
+      </devices>
+    </domain>"""
+    assert same_xml(design(spec()).to_xml(), expected)
+
+
+def test_no_cputune_without_limit_and_no_current_when_equal():
+    xml = design(spec(cpu_quota=None, cpu_period=None, vcpus=8)).to_xml()
+    root = ET.fromstring(xml)
+    assert root.find("cputune") is None
+    assert root.find("vcpu").attrib == {"placement": "static"}
+    assert root.find("vcpu").text == "8"
+
+
+def test_test_driver_domain_is_minimal():
+    root = ET.fromstring(design(spec(domain_type="test")).to_xml())
+    assert root.get("type") == "test"
+    assert root.find("features") is None
+    assert list(root.find("devices")) == []
+
+
+def test_values_are_escaped():
+    xml = design(spec(installation='a<b>&"c')).to_xml()
+    assert (
+        Metadata.parse(
+            ET.tostring(ET.fromstring(xml).find("metadata")[0], encoding="unicode")
+        ).installation
+        == 'a<b>&"c'
+    )
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        # as libvirt's metadata() answers: no prefix, the namespace was the question
+        "<instance><id>7</id><installation>x</installation><extra>1</extra></instance>",
+        f'<vmapi:instance xmlns:vmapi="{METADATA_NS}"><vmapi:id>7</vmapi:id>'
+        "<vmapi:installation>x</vmapi:installation><vmapi:extra>1</vmapi:extra></vmapi:instance>",
+    ],
+)
+def test_metadata_parse(xml):
+    meta = Metadata.parse(xml)
+    assert (meta.vm_id, meta.installation, meta.values) == (7, "x", {"extra": "1"})
+
+
+def test_metadata_parse_rejects_other_elements():
+    with pytest.raises(ValueError):
+        Metadata.parse("<other><id>1</id></other>")
+
+
+def test_small_objects():
+    assert same_xml(Memory("memory", 1024).to_xml(), '<memory unit="KiB">1024</memory>')
+    assert same_xml(Vcpu(4, 4).to_xml(), '<vcpu placement="static">4</vcpu>')
+    assert same_xml(
+        CpuTune(100000, -1).to_xml(), "<cputune><period>100000</period><quota>-1</quota></cputune>"
+    )
