@@ -473,7 +473,7 @@ def test_customers_see_and_change_only_their_own(api, customer_api, vm_host, tes
     assert_error(seven.update(f"vm/{theirs['id']}", json={"cores": 1}), 404, "vm/not_found")
     assert_error(seven.delete(f"vm/{theirs['id']}"), 404, "vm/not_found")
     assert_error(seven.post(f"vm/{theirs['id']}/reboot"), 404, "vm/not_found")
-    assert seven.get(f"vm?customer_id=8").json["data"] == {}
+    assert seven.get("vm?customer_id=8").json["data"] == {}
     assert seven.update(f"vm/{mine['id']}", json={"cores": 1}).status_code == 200
     assert api.get(f"vm/{theirs['id']}").json["data"]["cores"] == 2
 
