@@ -1,0 +1,131 @@
+"""A real gunicorn with several workers over one PostgreSQL database, for racing clients.
+
+All nodes point at libvirtd's test driver (``test+unix:///default``), so every worker
+sees the same hypervisor. Domains carry a test installation id and are removed after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from tests.conftest import create_database, drop_database, migrate, unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_URI = "test+unix:///default"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running gunicorn and a small JSON client for it."""
+
+    def __init__(self, url: str, db_url: str, token: str, installation: str) -> None:
+        self.url = url
+        self.db_url = db_url
+        self.token = token
+        self.installation = installation
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.url}/api/v1/{path}", data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def remove_domains(installation_prefix: str) -> None:
+    conn = libvirt.open(SHARED_URI)
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
+            except libvirt.libvirtError:
+                continue
+            if installation_prefix in meta:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+def our_domains(installation: str) -> list[str]:
+    conn = libvirt.open(SHARED_URI)
+    try:
+        names = []
+        for dom in conn.listAllDomains():
+            try:
+                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
+            except libvirt.libvirtError:
+                continue
+            if installation in meta:
+                names.append(dom.name())
+        return names
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def server(pg_server):
+    try:
+        libvirt.open(SHARED_URI).close()
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd's test driver does not answer on {SHARED_URI}: {exc}")
+    remove_domains("vmapi-race-")
+    installation = f"vmapi-race-{uuid.uuid4().hex[:8]}"
+    db_url = create_database(pg_server)
+    migrate(db_url)
+    env = {**os.environ, "VMAPI_DATABASE_URL": db_url, "VMAPI_INSTALLATION_ID": installation,
+           "VMAPI_LIBVIRT_TIMEOUT": "20"}  # fmt: skip
+    flask = [sys.executable, "-m", "flask", "--app", "wsgi", "vmapi"]
+    subprocess.run([*flask, "seed"], cwd=ROOT, env=env, check=True, capture_output=True)
+    out = subprocess.run([*flask, "token", "create", "--admin"], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    token = out.strip().splitlines()[-1]
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "5",
+         "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", "wsgi:app"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(process.stderr.read().decode()[-2000:]) from None
+            time.sleep(0.2)
+    yield Server(url, db_url, token, installation)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    remove_domains(installation)
+    drop_database(pg_server, db_url)

@@ -1,0 +1,162 @@
+"""The hypervisor tier: a real libvirtd with QEMU (KVM when it works), checked with libvirt.
+
+``make test`` starts libvirtd when it is down (scripts/ensure-libvirtd.sh). Domains made
+here carry a test installation id; leftovers of an interrupted run are removed first.
+"""
+
+import subprocess
+import uuid
+
+import libvirt
+import pytest
+
+from tests.conftest import GIB, MIB, node_body, unavailable
+
+pytestmark = [pytest.mark.hypervisor]
+
+URI = "qemu:///system"
+INSTALLATION = f"vmapi-test-{uuid.uuid4().hex[:8]}"
+
+
+def kvm_works() -> bool:
+    result = subprocess.run(["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"],
+                            capture_output=True, timeout=120)  # fmt: skip
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def conn():
+    try:
+        connection = libvirt.open(URI)
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd does not answer on {URI}: {exc}")
+    yield connection
+    connection.close()
+
+
+def remove_test_domains(conn):
+    for dom in conn.listAllDomains():
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
+        except libvirt.libvirtError:
+            continue
+        if "vmapi-test-" in meta:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+
+
+@pytest.fixture
+def app_config():
+    return {"INSTALLATION_ID": INSTALLATION, "LIBVIRT_TIMEOUT": 60.0, "SHUTDOWN_TIMEOUT": 1.0}
+
+
+@pytest.fixture
+def qemu_node(api, conn):
+    remove_test_domains(conn)
+    method = "KVM" if kvm_works() else "QEMU"
+    body = {"node": node_body(libvirt_uri=URI), "virt_method": {"name": method}}
+    response = api.post("virt_node", json=body)
+    assert response.status_code == 201, response.json
+    vn = response.json["data"]
+    yield {
+        "node": api.get(f"node/{vn['node']['id']}").json["data"],
+        "method": vn["virt_method"]["id"],
+        "kind": method,
+    }
+    remove_test_domains(conn)
+
+
+def create(api, qemu_node, **fields):
+    body = {"cores": 2, "ram": GIB, "virt_method": {"id": qemu_node["method"]}, **fields}
+    response = api.post("vm", json=body)
+    assert response.status_code == 201, response.json
+    return response.json["data"]
+
+
+def test_node_capacity_comes_from_libvirt(qemu_node, conn):
+    _model, memory_mib, cpus, *_ = conn.getInfo()
+    assert qemu_node["node"]["cores"] == cpus
+    assert qemu_node["node"]["ram"] == memory_mib * MIB
+
+
+def test_seed_example_runs_with_2_vcpus_and_1_gib(api, qemu_node, conn):
+    vm = create(api, qemu_node)
+    dom = conn.lookupByName(vm["name"])
+    state, max_mem, memory, vcpus, _ = dom.info()
+    assert state == libvirt.VIR_DOMAIN_RUNNING
+    assert vcpus == 2
+    assert max_mem == memory == GIB // 1024
+    assert dom.UUIDString() == vm["uuid"]
+    assert dom.OSType() == "hvm"
+    xml = dom.XMLDesc(0)
+    assert f"type='{'kvm' if qemu_node['kind'] == 'KVM' else 'qemu'}'" in xml
+    assert f"<vmapi:installation>{INSTALLATION}</vmapi:installation>" in xml
+
+
+def test_cputime_limit_is_the_vcpu_quota(api, qemu_node, conn):
+    vm = create(api, qemu_node, cputime_limit=50000)
+    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    assert (params["vcpu_period"], params["vcpu_quota"]) == (100000, 50000)
+    response = api.update(f"vm/{vm['id']}", json={"cputime_limit": 25000})
+    assert "message" not in response.json  # QEMU changes it live
+    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    assert params["vcpu_quota"] == 25000
+    api.update(f"vm/{vm['id']}", json={"cputime_limit": None})
+    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    assert params["vcpu_quota"] in (-1, 17592186044415)  # unlimited, as this QEMU spells it
+    assert "<cputune>" not in conn.lookupByName(vm["name"]).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def test_lifecycle_transitions(api, qemu_node, conn):
+    vm = create(api, qemu_node)
+    dom = conn.lookupByName(vm["name"])
+
+    def update(state_id, query=""):
+        response = api.update(f"vm/{vm['id']}{query}", json={"vm_state": {"id": state_id}})
+        assert response.status_code == 200, response.json
+        return response.json
+
+    update(3)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    update(2)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    # firmware without an OS ignores the ACPI power button: the API says so
+    answer = update(4)
+    assert "force=true" in answer["message"]
+    assert answer["data"]["vm_state"] == {"id": 2}
+    assert update(4, "?force=true")["data"]["vm_state"] == {"id": 4}
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    update(2)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert api.post(f"vm/{vm['id']}/reboot").status_code == 200
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_resize_live_and_persistent(api, qemu_node, conn):
+    vm = create(api, qemu_node)
+    response = api.update(f"vm/{vm['id']}", json={"cores": 3, "ram": 512 * MIB})
+    assert response.status_code == 200, response.json
+    dom = conn.lookupByName(vm["name"])
+    assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 3
+    assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == 3
+    inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<currentMemory unit='KiB'>524288</currentMemory>" in inactive
+    node = api.get(f"node/{qemu_node['node']['id']}").json["data"]
+    assert (node["allocated_cores"], node["allocated_ram"]) == (3, 512 * MIB)
+
+
+def test_delete_leaves_no_domain(api, qemu_node, conn):
+    vm = create(api, qemu_node)
+    assert api.delete(f"vm/{vm['id']}").status_code == 200
+    with pytest.raises(libvirt.libvirtError) as info:
+        conn.lookupByName(vm["name"])
+    assert info.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    node = api.get(f"node/{qemu_node['node']['id']}").json["data"]
+    assert (node["allocated_cores"], node["allocated_ram"]) == (0, 0)
+
+
+def test_reconcile_sees_a_real_host_clean(api, qemu_node, runner):
+    create(api, qemu_node)
+    result = runner.invoke(args=["vmapi", "reconcile"])
+    assert result.exit_code == 0, result.output
