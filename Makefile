@@ -47,7 +47,8 @@ run: venv db-upgrade
 	@echo "admin token (shown once; keep it):"
 	@$(FLASK) vmapi token create --admin 2>/dev/null | tail -n 1
 	@echo "serving on http://$(HOST):$(PORT)/api/v1/  (Ctrl-C stops)"
-	@$(BIN)/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) wsgi:app
+	@# One process (with threads): the embedded test driver keeps its domains per process.
+	@$(BIN)/gunicorn -c gunicorn.conf.py --workers 1 --threads 4 --bind $(HOST):$(PORT) wsgi:app
 
 test: venv
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
