@@ -141,6 +141,15 @@ def node_list(quiet: bool) -> None:
             )
 
 
+@node_cli.command("refresh-capacity")
+def node_refresh_capacity() -> None:
+    """Recompute every node's free capacity (run after changing the default ratios)."""
+    from vmapi.scheduler import refresh_all
+    from vmapi.services.nodes import capacity_defaults
+
+    click.echo(f"refreshed {refresh_all(capacity_defaults())} node(s)")
+
+
 @vmapi_cli.command("reconcile")
 @click.option("--fix", is_flag=True, help="Repair what can be repaired safely.")
 def reconcile_command(fix: bool) -> None:

@@ -83,7 +83,12 @@ def test_stale_building_row_is_cleaned(app, api, runner, vm_host, test_method, d
         db.session.execute(
             sa.update(Node)
             .where(Node.id == node["id"])
-            .values(allocated_cores=2, allocated_ram=GIB)
+            .values(
+                allocated_cores=2,
+                allocated_ram=GIB,
+                free_cores=Node.free_cores - 2,
+                free_ram=Node.free_ram - GIB,
+            )
         )
         vm = Vm(cores=2, ram=GIB, uuid="4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968", node_id=node["id"],
                 virt_method_id=test_method, vm_state_id=1, created_at=datetime.now(UTC) - timedelta(hours=1))  # fmt: skip

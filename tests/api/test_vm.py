@@ -503,3 +503,24 @@ def test_customer_field_rules(api, customer_api, vm_host, test_method):
     assert api.update(f"vm/{vm['id']}", json={"customer_id": 9}).json["data"]["customer_id"] == 9
     assert_error(seven.get(f"vm/{vm['id']}"), 404, "vm/not_found")
     assert api.get("vm").json["data"].keys() == {str(vm["id"])}
+
+
+def test_refresh_capacity_after_changing_defaults(app, api, runner, host_uri, test_method):
+    from tests.conftest import node_body
+
+    node = api.post(
+        "node", json=node_body(libvirt_uri=host_uri(cores=1, ram=4 * GIB), reserved_ram=0)
+    ).json["data"]
+    api.post("virt_node", json={"node": {"id": node["id"]}, "virt_method": {"id": test_method}})
+    api.post("vm", json=vm_body(test_method, cores=1, ram=GIB))
+    app.config["CPU_ALLOCATION_RATIO"] = 1.0  # was 4.0 when the node was written
+    assert api.post("vm", json=vm_body(test_method, cores=1, ram=GIB)).status_code == 201
+    app.config["CPU_ALLOCATION_RATIO"] = 1.0
+    result = runner.invoke(args=["vmapi", "node", "refresh-capacity"])
+    assert result.exit_code == 0 and "refreshed 1 node" in result.output
+    assert_error(
+        api.post("vm", json=vm_body(test_method, cores=1, ram=GIB)), 409, "vm/no_valid_host"
+    )
+    app.config["CPU_ALLOCATION_RATIO"] = 8.0
+    runner.invoke(args=["vmapi", "node", "refresh-capacity"])
+    assert api.post("vm", json=vm_body(test_method, cores=1, ram=GIB)).status_code == 201

@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -56,11 +57,22 @@ class Node(db.Model):
     interface_mode: Mapped[str | None] = mapped_column(String(16))
     allocated_cores: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     allocated_ram: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: Schedulable capacity minus allocation, kept by every claim and node write (see
+    #: vmapi.scheduler.capacity); what the scheduler filters and weighs on.
+    free_cores: Mapped[float] = mapped_column(Float, default=0, server_default=text("0"))
+    free_ram: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     #: When the API last failed to reach the node's libvirt; the scheduler skips the node
     #: for LIBVIRT_COOLOFF seconds after it.
     libvirt_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
+
+
+# The scheduler's weighers walk these in order (spread: most free RAM first; pack: least
+# first; ties to the lowest id), so a placement reads a handful of rows whatever the
+# fleet's size.
+Index("ix_node_spread", Node.free_ram.desc(), Node.id)
+Index("ix_node_pack", Node.free_ram, Node.id)
 
 
 class VirtNode(db.Model):

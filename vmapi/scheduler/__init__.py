@@ -5,18 +5,22 @@ vCPUs and RAM on the best candidate with a conditional ``UPDATE``; losing a race
 concurrent request just moves on to the next candidate.
 """
 
+from vmapi.scheduler.capacity import CapacityDefaults, refresh_all, set_free
 from vmapi.scheduler.claims import claim, release
 from vmapi.scheduler.filters import FILTERS, Defaults, PlacementRequest
 from vmapi.scheduler.select import NoValidHost, explain, select_and_claim, unsuitable_reasons
 
 __all__ = [
     "FILTERS",
+    "CapacityDefaults",
     "Defaults",
     "NoValidHost",
     "PlacementRequest",
     "claim",
     "explain",
+    "refresh_all",
     "release",
     "select_and_claim",
+    "set_free",
     "unsuitable_reasons",
 ]

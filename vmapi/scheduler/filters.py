@@ -1,10 +1,8 @@
 """Scheduler filters and weighers, each a named SQL expression over ``node``.
 
-Capacity, as API.md defines it (the ratios and reservation fall back to configuration
-when a node's own value is null):
-
-    free vCPUs = cores * cpu_allocation_ratio - allocated_cores
-    free RAM   = (ram - reserved_ram) * ram_allocation_ratio - allocated_ram
+Free capacity (API.md: capacity times ratio, less reservation, minus what is
+allocated) is stored on the node and kept by every claim; see
+:mod:`vmapi.scheduler.capacity`.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, exists, literal, or_, select
 
 from vmapi.models import Node, NodeState, VirtNode, Vm
 
@@ -30,23 +28,9 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Defaults:
-    """Configuration the filters need: default ratios, reservation, libvirt cool-off."""
+    """What the filters need beyond the request: when libvirt failures stop counting."""
 
-    cpu_allocation_ratio: float
-    ram_allocation_ratio: float
-    reserved_ram: int
     down_since: datetime  # nodes whose libvirt failed after this are skipped
-
-
-def free_cores(d: Defaults) -> ColumnElement:
-    ratio = func.coalesce(Node.cpu_allocation_ratio, literal(d.cpu_allocation_ratio))
-    return Node.cores * ratio - Node.allocated_cores
-
-
-def free_ram(d: Defaults) -> ColumnElement:
-    ratio = func.coalesce(Node.ram_allocation_ratio, literal(d.ram_allocation_ratio))
-    reserved = func.coalesce(Node.reserved_ram, literal(d.reserved_ram))
-    return (Node.ram - reserved) * ratio - Node.allocated_ram
 
 
 def state_schedulable(r: PlacementRequest, d: Defaults) -> ColumnElement:
@@ -68,12 +52,12 @@ def libvirt_reachable(r: PlacementRequest, d: Defaults) -> ColumnElement:
 
 def enough_cores(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """Free vCPUs (capacity times ratio, minus allocated) fit the request."""
-    return free_cores(d) >= r.cores
+    return Node.free_cores >= r.cores
 
 
 def enough_ram(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """Free RAM (capacity less reservation, times ratio, minus allocated) fits the request."""
-    return free_ram(d) >= r.ram
+    return Node.free_ram >= r.ram
 
 
 def uuid_free(r: PlacementRequest, d: Defaults) -> ColumnElement:
@@ -96,14 +80,14 @@ FILTERS: list[tuple[str, Filter]] = [
 ]
 
 
-def spread(d: Defaults) -> list[ColumnElement]:
-    """Most free RAM first: VMs spread over the fleet (the default)."""
-    return [free_ram(d).desc(), Node.id]
+def spread() -> list[ColumnElement]:
+    """Most free RAM first: VMs spread over the fleet (the default). Index ix_node_spread."""
+    return [Node.free_ram.desc(), Node.id]
 
 
-def pack(d: Defaults) -> list[ColumnElement]:
-    """Least free RAM that fits first: fill nodes up before starting new ones."""
-    return [free_ram(d).asc(), Node.id]
+def pack() -> list[ColumnElement]:
+    """Least free RAM that fits first: fill nodes up before new ones. Index ix_node_pack."""
+    return [Node.free_ram.asc(), Node.id]
 
 
-WEIGHERS: dict[str, Callable[[Defaults], list[ColumnElement]]] = {"spread": spread, "pack": pack}
+WEIGHERS: dict[str, Callable[[], list[ColumnElement]]] = {"spread": spread, "pack": pack}

@@ -29,16 +29,18 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
     SQL (PostgreSQL), one round trip per attempt:
         SELECT node.id FROM node
         WHERE <every filter> ORDER BY <weigher>, node.id LIMIT 5
+    The weigher's order is an index, so PostgreSQL reads nodes best-first and stops at
+    the fifth that passes the filters.
     """
     conditions = [f(request, d) for _name, f in FILTERS]
-    order = WEIGHERS[weigher](d)
+    order = WEIGHERS[weigher]()
     for _attempt in range(ATTEMPTS):
         stmt = select(Node.id).where(and_(*conditions)).order_by(*order).limit(CANDIDATES)
         candidates = list(db.session.scalars(stmt))
         if not candidates:
             break
         for node_id in candidates:
-            if claim(node_id, request.cores, request.ram, d):
+            if claim(node_id, request.cores, request.ram):
                 return node_id
     raise NoValidHost(explain(request, d))
 

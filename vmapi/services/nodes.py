@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from sqlalchemy import select
 
 from vmapi.auth import Principal
@@ -11,6 +12,7 @@ from vmapi.errors import ValidationError
 from vmapi.extensions import db
 from vmapi.models import Node, VirtMethod, VirtNode
 from vmapi.models.catalog import DOMAIN_TYPES
+from vmapi.scheduler import CapacityDefaults, set_free
 from vmapi.services.crud import CrudService
 from vmapi.services.hosts import node_uri, read_capacity
 
@@ -33,6 +35,14 @@ class NodeService(CrudService[Node]):
                 obj.cores = info.cores
             if obj.ram is None:
                 obj.ram = info.ram
+        set_free(obj, capacity_defaults())
+
+
+def capacity_defaults() -> CapacityDefaults:
+    config = current_app.config
+    return CapacityDefaults(
+        config["CPU_ALLOCATION_RATIO"], config["RAM_ALLOCATION_RATIO"], config["RESERVED_RAM"]
+    )
 
 
 class VirtNodeService(CrudService[VirtNode]):

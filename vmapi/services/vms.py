@@ -70,13 +70,8 @@ Undo = list[Callable[[], None]]
 
 
 def scheduler_defaults() -> Defaults:
-    config = current_app.config
-    return Defaults(
-        cpu_allocation_ratio=config["CPU_ALLOCATION_RATIO"],
-        ram_allocation_ratio=config["RAM_ALLOCATION_RATIO"],
-        reserved_ram=config["RESERVED_RAM"],
-        down_since=datetime.now(UTC) - timedelta(seconds=config["LIBVIRT_COOLOFF"]),
-    )
+    cooloff = timedelta(seconds=current_app.config["LIBVIRT_COOLOFF"])
+    return Defaults(down_since=datetime.now(UTC) - cooloff)
 
 
 def state_id(name: str) -> int:
@@ -224,7 +219,7 @@ class VmService(CrudService[Vm]):
                 error_id="vm/uuid_conflict",
                 data={"node": {"id": node_id}, "uuid": request.uuid},
             )
-        if not reasons and not claim(node_id, request.cores, request.ram, defaults):
+        if not reasons and not claim(node_id, request.cores, request.ram):
             reasons = ["enough_cores", "enough_ram"]  # taken by a concurrent request
         if reasons:
             raise Conflict(
@@ -398,9 +393,7 @@ class VmService(CrudService[Vm]):
             old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id")}
             cores = plan.changes.get("cores", vm.cores) - vm.cores
             ram = plan.changes.get("ram", vm.ram) - vm.ram
-            if (cores > 0 or ram > 0) and not claim(
-                vm.node_id, max(cores, 0), max(ram, 0), scheduler_defaults()
-            ):
+            if (cores > 0 or ram > 0) and not claim(vm.node_id, max(cores, 0), max(ram, 0)):
                 reasons = [n for n, d in (("enough_cores", cores), ("enough_ram", ram)) if d > 0]
                 raise Conflict(
                     f"Node {vm.node_id} has no room to grow vm-{vm.id}: {', '.join(reasons)}.",

@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``); figures are printed and recorded in docs/benchmarks.md."""
