@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -245,13 +247,12 @@ def host_uri(tmp_path):
     return make
 
 
-_fqdn_counter = itertools.count(1)
-
-
 def node_body(**overrides: Any) -> dict[str, Any]:
-    n = next(_fqdn_counter)
+    # Unique without a counter: pytest may import this module twice (as conftest and
+    # as tests.conftest), and two counters would hand out the same names.
+    n = uuid.uuid4().int % 10_000
     body = {
-        "fqdn": f"node{n}.example.com",
+        "fqdn": f"node-{uuid.uuid4().hex[:12]}.example.com",
         "ipv4_addr_ext": f"192.0.2.{n % 250 + 1}/24",
         "ipv6_addr_ext": f"2001:db8::{n:x}/64",
         "ipv4_gw_ext": "192.0.2.254",
@@ -311,3 +312,30 @@ def driver(app: Flask):
 def vm_body(method: int, **overrides: Any) -> dict[str, Any]:
     """The seed's example: 2 cores, 1 GiB."""
     return {"cores": 2, "ram": GIB, "virt_method": {"id": method}, **overrides}
+
+
+@pytest.fixture
+def silent_host():
+    """A TCP port that accepts connections and never answers: a hung libvirtd."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"qemu+tcp://127.0.0.1:{server.getsockname()[1]}/system"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()

@@ -1,7 +1,5 @@
 """/node and /virt_node: capacity from the host's libvirt, URI safety, nested creation."""
 
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,33 +8,6 @@ from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body
 
 pytestmark = pytest.mark.embedded
-
-
-@pytest.fixture
-def silent_host():
-    """A TCP port that accepts connections and never answers: a hung libvirtd."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted = []
-    stop = threading.Event()
-
-    def accept():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"qemu+tcp://127.0.0.1:{server.getsockname()[1]}/system"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 def test_capacity_is_read_from_libvirt(api, host_uri):
