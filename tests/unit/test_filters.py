@@ -1,0 +1,74 @@
+"""Each scheduler filter is a named SQL condition over indexed node columns (no database)."""
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from vmapi.models import Node
+from vmapi.scheduler import FILTERS, Defaults, PlacementRequest
+from vmapi.scheduler.filters import WEIGHERS
+
+REQUEST = PlacementRequest(
+    cores=2, ram=1024, virt_method_id=7, uuid="4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968"
+)
+DEFAULTS = Defaults(down_since=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def sql(condition, dialect=postgresql.dialect()) -> str:
+    stmt = select(Node.id).where(condition)
+    return str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
+def test_filter_names_and_order_are_the_contract():
+    # vm/no_valid_host reports removals under these names, in this order
+    assert [name for name, _f in FILTERS] == [
+        "state_schedulable", "has_virt_method", "libvirt_reachable",
+        "enough_cores", "enough_ram", "uuid_free",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("state_schedulable", ["node.node_state_id IN", "node_state.schedulable IS true"]),
+        (
+            "has_virt_method",
+            ["EXISTS", "virt_node.node_id = node.id", "virt_node.virt_method_id = 7"],
+        ),
+        ("libvirt_reachable", ["node.libvirt_failed_at IS NULL", "node.libvirt_failed_at <"]),
+        ("enough_cores", ["node.free_cores >= 2"]),
+        ("enough_ram", ["node.free_ram >= 1024"]),
+        (
+            "uuid_free",
+            [
+                "NOT (EXISTS",
+                "vm.node_id = node.id",
+                "vm.uuid = '4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968'",
+            ],
+        ),
+    ],
+)
+def test_each_filter_is_sql(name, fragments):
+    condition = dict(FILTERS)[name](REQUEST, DEFAULTS)
+    text = sql(condition)
+    for fragment in fragments:
+        assert fragment in text, text
+    sql(condition, sqlite.dialect())  # the embedded default compiles it too
+
+
+def test_uuid_filter_passes_everything_without_a_uuid():
+    condition = dict(FILTERS)["uuid_free"](PlacementRequest(1, 1, 1, None), DEFAULTS)
+    assert "vm" not in sql(condition).split("WHERE", 1)[1]
+
+
+def test_weighers_order_by_indexed_columns():
+    def order(weigher):
+        return str(select(Node.id).order_by(*WEIGHERS[weigher]()).compile()).split("ORDER BY ")[1]
+
+    assert order("spread") == "node.free_ram DESC, node.id"
+    assert order("pack") == "node.free_ram ASC, node.id"
+    indexes = {i.name: [str(e) for e in i.expressions] for i in Node.__table__.indexes}
+    assert indexes["ix_node_spread"] == ["node.free_ram DESC", "node.id"]
+    assert indexes["ix_node_pack"] == ["node.free_ram", "node.id"]
