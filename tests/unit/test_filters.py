@@ -16,7 +16,10 @@ REQUEST = PlacementRequest(
 DEFAULTS = Defaults(down_since=datetime(2026, 1, 1, tzinfo=UTC))
 
 
-def sql(condition, dialect=postgresql.dialect()) -> str:
+POSTGRES = postgresql.dialect()
+
+
+def sql(condition, dialect=POSTGRES) -> str:
     stmt = select(Node.id).where(condition)
     return str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
