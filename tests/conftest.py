@@ -81,27 +81,28 @@ def pg_server() -> str:
     return url
 
 
-def create_database(server_url: str) -> str:
-    name = f"vmapi_test_{uuid.uuid4().hex[:12]}"
+def _server_ddl(server_url: str, statement: str, name: str) -> None:
+    """Run ``CREATE DATABASE`` or ``DROP DATABASE IF EXISTS`` for ``name`` (quoted by the
+    dialect: DDL takes no bind parameters)."""
     engine = sa.create_engine(
         server_url.replace("postgresql://", "postgresql+psycopg2://", 1),
         isolation_level="AUTOCOMMIT",
     )
     with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        quoted = conn.dialect.identifier_preparer.quote(name)
+        suffix = " WITH (FORCE)" if statement.startswith("DROP") else ""
+        conn.execute(sa.text(f"{statement} {quoted}{suffix}"))
     engine.dispose()
+
+
+def create_database(server_url: str) -> str:
+    name = f"vmapi_test_{uuid.uuid4().hex[:12]}"
+    _server_ddl(server_url, "CREATE DATABASE", name)
     return _with_database(server_url, name)
 
 
 def drop_database(server_url: str, url: str) -> None:
-    name = sa.engine.make_url(url).database
-    engine = sa.create_engine(
-        server_url.replace("postgresql://", "postgresql+psycopg2://", 1),
-        isolation_level="AUTOCOMMIT",
-    )
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
+    _server_ddl(server_url, "DROP DATABASE IF EXISTS", sa.engine.make_url(url).database)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +127,8 @@ def reset_postgres(app: Flask) -> None:
 
     with app.app_context():
         db.session.remove()
-        tables = ", ".join(f'"{t.name}"' for t in db.metadata.sorted_tables)
+        quote = db.engine.dialect.identifier_preparer.quote
+        tables = ", ".join(quote(t.name) for t in db.metadata.sorted_tables)
         db.session.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         db.session.commit()
         seed_defaults()

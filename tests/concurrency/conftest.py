@@ -22,6 +22,7 @@ import libvirt
 import pytest
 
 from tests.conftest import create_database, drop_database, migrate, unavailable
+from tests.domains import tagged_domains
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_URI = "test+unix:///default"
@@ -55,18 +56,13 @@ class Server:
             return exc.code, json.loads(exc.read() or b"{}")
 
 
-def remove_domains(installation_prefix: str) -> None:
+def remove_domains(marker: str) -> None:
     conn = libvirt.open(SHARED_URI)
     try:
-        for dom in conn.listAllDomains():
-            try:
-                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
-            except libvirt.libvirtError:
-                continue
-            if installation_prefix in meta:
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
+        for dom in tagged_domains(conn, marker):
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
     finally:
         conn.close()
 
@@ -74,15 +70,7 @@ def remove_domains(installation_prefix: str) -> None:
 def our_domains(installation: str) -> list[str]:
     conn = libvirt.open(SHARED_URI)
     try:
-        names = []
-        for dom in conn.listAllDomains():
-            try:
-                meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
-            except libvirt.libvirtError:
-                continue
-            if installation in meta:
-                names.append(dom.name())
-        return names
+        return [dom.name() for dom in tagged_domains(conn, installation)]
     finally:
         conn.close()
 

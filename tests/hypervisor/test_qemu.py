@@ -11,6 +11,7 @@ import libvirt
 import pytest
 
 from tests.conftest import GIB, MIB, node_body, unavailable
+from tests.domains import tagged_domains
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -35,15 +36,10 @@ def conn():
 
 
 def remove_test_domains(conn):
-    for dom in conn.listAllDomains():
-        try:
-            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
-        except libvirt.libvirtError:
-            continue
-        if "vmapi-test-" in meta:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+    for dom in tagged_domains(conn, "vmapi-test-"):
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
 
 
 @pytest.fixture
@@ -160,3 +156,19 @@ def test_reconcile_sees_a_real_host_clean(api, qemu_node, runner):
     create(api, qemu_node)
     result = runner.invoke(args=["vmapi", "reconcile"])
     assert result.exit_code == 0, result.output
+
+
+def test_software_emulation_domain(api, qemu_node, conn):
+    """The QEMU method (domain type qemu, no KVM) on the same host."""
+    response = api.post(
+        "virt_node", json={"node": {"id": qemu_node["node"]["id"]}, "virt_method": {"name": "QEMU"}}
+    )
+    method = (
+        response.json["data"]["virt_method"]["id"]
+        if response.status_code == 201
+        else qemu_node["method"]
+    )
+    vm = create(api, {**qemu_node, "method": method}, cores=1, ram=256 * MIB)
+    dom = conn.lookupByName(vm["name"])
+    assert "type='qemu'" in dom.XMLDesc(0)
+    assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING

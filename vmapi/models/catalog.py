@@ -6,7 +6,7 @@ refuses to delete or rename them because code and operators rely on their names.
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, CheckConstraint, String, false
+from sqlalchemy import Boolean, CheckConstraint, ColumnElement, String, column, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from vmapi.extensions import db
@@ -21,10 +21,9 @@ CACHE_MODES = ("none", "writethrough", "writeback", "directsync", "unsafe", "def
 STORAGE_FORMATS = ("qcow2", "raw")
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    # Values are module constants, never user input; quoting is still done properly.
-    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-    return f"{column} IN ({quoted})"
+def one_of(name: str, values: tuple[str, ...]) -> ColumnElement:
+    """``name IN (values)`` for a CHECK constraint, written by SQLAlchemy's compiler."""
+    return column(name).in_(values)
 
 
 class SeededMixin:
@@ -48,7 +47,7 @@ class VmState(SeededMixin, db.Model):
 
 class VirtMethod(SeededMixin, db.Model):
     __tablename__ = "virt_method"
-    __table_args__ = (CheckConstraint(_in("domain_type", DOMAIN_TYPES), name="domain_type"),)
+    __table_args__ = (CheckConstraint(one_of("domain_type", DOMAIN_TYPES), name="domain_type"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -57,7 +56,7 @@ class VirtMethod(SeededMixin, db.Model):
 
 class StorageType(SeededMixin, db.Model):
     __tablename__ = "storage_type"
-    __table_args__ = (CheckConstraint(_in("format", STORAGE_FORMATS), name="format"),)
+    __table_args__ = (CheckConstraint(one_of("format", STORAGE_FORMATS), name="format"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -68,7 +67,7 @@ class StorageType(SeededMixin, db.Model):
 
 class CacheOption(SeededMixin, db.Model):
     __tablename__ = "cache_option"
-    __table_args__ = (CheckConstraint(_in("name", CACHE_MODES), name="name"),)
+    __table_args__ = (CheckConstraint(one_of("name", CACHE_MODES), name="name"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(16), unique=True)

@@ -14,13 +14,15 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    column,
+    or_,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.config import INTERFACE_MODES
 from vmapi.extensions import db
-from vmapi.models.catalog import NodeState, VirtMethod, _in
+from vmapi.models.catalog import NodeState, VirtMethod, one_of
 
 
 class Node(db.Model):
@@ -34,7 +36,7 @@ class Node(db.Model):
         CheckConstraint("ram_allocation_ratio > 0", name="ram_ratio_positive"),
         CheckConstraint("reserved_ram >= 0", name="reserved_ram_nonneg"),
         CheckConstraint(
-            "interface_mode IS NULL OR " + _in("interface_mode", INTERFACE_MODES),
+            or_(column("interface_mode").is_(None), one_of("interface_mode", INTERFACE_MODES)),
             name="interface_mode",
         ),
     )

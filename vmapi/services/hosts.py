@@ -34,17 +34,13 @@ def read_capacity(fqdn: str, uri: str) -> HostInfo:
     """Ask the host's libvirt for its CPUs and memory; 409 ``node/unreachable`` if it can't."""
     try:
         return hypervisor().host_info(uri)
-    except HypervisorTimeout as exc:
-        raise Conflict(
-            f"Node {fqdn} did not answer at {uri} within {exc.timeout:g} s; give cores and "
-            "ram explicitly or fix the connection.",
-            error_id="node/unreachable",
-            data={"uri": uri, "reason": exc.reason},
-        ) from exc
     except HypervisorError as exc:
+        if isinstance(exc, HypervisorTimeout):
+            what = f"did not answer at {uri} within {exc.timeout:g} s"
+        else:
+            what = f"cannot be reached at {uri} ({exc.reason})"
         raise Conflict(
-            f"Node {fqdn} cannot be reached at {uri} ({exc.reason}); give cores and ram "
-            "explicitly or fix the connection.",
+            f"Node {fqdn} {what}; give cores and ram explicitly or fix the connection.",
             error_id="node/unreachable",
             data={"uri": uri, "reason": exc.reason},
         ) from exc
