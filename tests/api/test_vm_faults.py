@@ -153,3 +153,10 @@ def test_reboot_failure(api, vm_host, test_method, faults):
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
     faults.fail("reboot")
     assert_error(api.post(f"vm/{vm['id']}/reboot"), 502, "vm/hypervisor_error")
+
+
+def test_refused_resize_undoes_quietly(api, vm_host, test_method, caplog):
+    vm_host(cores=2)
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    assert_error(api.update(f"vm/{vm['id']}", json={"cores": 3}), 409, "vm/node_unsuitable")
+    assert "undo step failed" not in caplog.text

@@ -25,8 +25,8 @@ from vmapi.auth import as_utc
 from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError
 from vmapi.models import Node, Vm, VmState
+from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor
-from vmapi.services.vms import BUILDING, Host, VmService, state_id
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,9 @@ def _check_vm(
             "stale_building", fqdn, vm.name, f"building since {vm.created_at:%Y-%m-%d %H:%M:%S}"
         )
         if fix:
-            service = VmService()
             if domain is not None:
-                service.remove_domain(host, vm.name)
-            service.forget(vm)
+                remove_domain(host, vm.name)
+            forget(vm)
             finding.fixed = True
         return [finding]
     if domain is None:
@@ -116,7 +115,7 @@ def _check_domain(
             )
         finding = Finding("orphan_domain", fqdn, domain.name, "our metadata, no VM row")
         if fix:
-            VmService().remove_domain(host, domain.name)
+            remove_domain(host, domain.name)
             finding.fixed = True
             finding.detail += "; destroyed and undefined"
         return finding

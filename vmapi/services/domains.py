@@ -1,0 +1,121 @@
+"""A VM's domain on its host: reaching it, recording what it reports, removing it, undo.
+
+Shared by the VM use cases and reconcile. Every write records the inverse of what it did
+on an undo stack (:data:`Undo`); :func:`run_undo` plays it backwards after a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+
+from vmapi.errors import ApiError, HypervisorFailure
+from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.extensions import db
+from vmapi.hypervisor import (
+    DomainInfo,
+    DomainNotFound,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+)
+from vmapi.models import Node, Vm, VmState
+from vmapi.scheduler import release
+from vmapi.services.hosts import hypervisor, node_uri
+
+log = logging.getLogger(__name__)
+
+BUILDING = "building"
+
+Undo = list[Callable[[], None]]
+
+
+def state_id(name: str) -> int:
+    return db.session.scalars(select(VmState.id).where(VmState.name == name)).one()
+
+
+def run_undo(undo: Undo) -> None:
+    """Run the inverses of what was done, newest first; keep going past failures."""
+    while undo:
+        step = undo.pop()
+        try:
+            step()
+        except Exception:  # an undo that fails must not hide the original error
+            db.session.rollback()
+            log.exception("undo step failed; reconcile will find what is left")
+
+
+@dataclass
+class Host:
+    """A VM's node and how to reach it."""
+
+    node: Node
+    uri: str
+
+    @classmethod
+    def of(cls, node_id: int) -> Host:
+        node = db.session.get(Node, node_id)
+        return cls(node, node_uri(node.fqdn, node.libvirt_uri))
+
+
+def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
+    """A hypervisor failure as the API answers it; marks the node down when unreachable."""
+    data = {"step": step, "node": {"id": host.node.id}}
+    if isinstance(exc, HypervisorUnavailable | HypervisorTimeout):
+        note_host_failure(host.node.id)
+    if isinstance(exc, HypervisorTimeout):
+        return HypervisorTimeoutError(
+            f"Node {host.node.fqdn} did not answer within {exc.timeout:g} s while "
+            f"{step}; the request was undone.",
+            error_id="vm/hypervisor_timeout",
+            data=data,
+        )
+    return HypervisorFailure(
+        f"Node {host.node.fqdn} failed while {step}: {exc.reason}",
+        error_id="vm/hypervisor_error",
+        data=data,
+    )
+
+
+def note_host_failure(node_id: int) -> None:
+    """Remember that the node's libvirt failed, so the scheduler skips it for a while."""
+    try:
+        db.session.rollback()
+        db.session.execute(
+            update(Node).where(Node.id == node_id).values(libvirt_failed_at=datetime.now(UTC))
+        )
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        log.exception("could not record the failure of node %s", node_id)
+
+
+def remove_domain(host: Host, name: str) -> bool:
+    """Destroy and undefine; False when there was no such domain."""
+    driver = hypervisor()
+    try:
+        driver.destroy(host.uri, name)
+        driver.undefine(host.uri, name)
+    except DomainNotFound:
+        return False
+    return True
+
+
+def forget(vm: Vm) -> None:
+    """Release the VM's claim and delete its row, in one transaction."""
+    db.session.rollback()
+    row = db.session.scalars(select(Vm).where(Vm.id == vm.id).with_for_update()).first()
+    if row is None:
+        return
+    release(row.node_id, row.cores, row.ram)
+    db.session.delete(row)
+    db.session.commit()
+
+
+def record_state(vm: Vm, info: DomainInfo) -> None:
+    vm.vm_state_id = state_id(info.state)
+    db.session.commit()

@@ -1,0 +1,217 @@
+"""Changing a VM that exists: resize (claimed, persistent, live where possible) and state.
+
+Each step pushes its inverse on the request's undo stack, so a failure anywhere in an
+UPDATE (or later in the same array) restores the row, the claim, the persistent
+definition, live settings and the domain's state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from vmapi.errors import Conflict
+from vmapi.extensions import db
+from vmapi.hypervisor import (
+    PAUSED,
+    RUNNING,
+    SHUTOFF,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    OperationInvalid,
+)
+from vmapi.models import VirtMethod, Vm
+from vmapi.scheduler import claim, release
+from vmapi.services.designer import domain_spec
+from vmapi.services.domains import Host, Undo, hypervisor_failure, record_state
+from vmapi.services.hosts import hypervisor
+
+SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
+IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}
+SIZE_FIELDS = ("cores", "ram", "cputime_limit")
+
+
+@dataclass
+class UpdatePlan:
+    vm_id: int
+    changes: dict[str, Any]
+    target_state: str | None
+    messages: list[str] = field(default_factory=list)
+
+
+def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
+    """Row and claim, persistent definition, live change, state; then record the state."""
+    host = Host.of(db.session.get(Vm, plan.vm_id).node_id)  # a VM never changes node
+    driver = hypervisor()
+    name = f"vm-{plan.vm_id}"
+    # Pushed first, so it runs last when undoing: once the inverses are done, store
+    # the state libvirt reports.
+    undo.append(lambda: record_state(db.session.get(Vm, plan.vm_id), driver.domain(host.uri, name)))
+    vm, old = change_row(plan, undo)
+    method = db.session.get(VirtMethod, vm.virt_method_id)
+    sized = [k for k in SIZE_FIELDS if k in plan.changes and plan.changes[k] != old[k]]
+    step = "redefining the domain"
+    try:
+        if sized:
+            old_spec = domain_spec(_with(vm, old), method, current_app.config)
+            driver.define(host.uri, domain_spec(vm, method, current_app.config))
+            undo.append(lambda: driver.define(host.uri, old_spec))
+            step = "applying the change to the running domain"
+            if driver.domain(host.uri, vm.name).state in (RUNNING, PAUSED):
+                apply_live(vm, host, sized, old, plan.messages, undo)
+        if plan.target_state:
+            step = f"changing the state to {plan.target_state}"
+            transition(vm, host, plan.target_state, force, undo, plan.messages)
+        step = "reading the domain's state"
+        info = driver.domain(host.uri, vm.name)
+    except OperationInvalid as exc:
+        raise Conflict(
+            f"vm-{vm.id} cannot do that in its present state: {exc.reason}",
+            error_id="vm/state_conflict",
+        ) from exc
+    except HypervisorError as exc:
+        raise hypervisor_failure(exc, step, host) from exc
+    record_state(vm, info)
+    return vm
+
+
+def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
+    """Lock the row, claim (or release) the size difference, store the new values."""
+    try:
+        vm = db.session.scalars(select(Vm).where(Vm.id == plan.vm_id).with_for_update()).one()
+        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id")}
+        cores = plan.changes.get("cores", vm.cores) - vm.cores
+        ram = plan.changes.get("ram", vm.ram) - vm.ram
+        if (cores > 0 or ram > 0) and not claim(vm.node_id, max(cores, 0), max(ram, 0)):
+            reasons = [n for n, d in (("enough_cores", cores), ("enough_ram", ram)) if d > 0]
+            raise Conflict(
+                f"Node {vm.node_id} has no room to grow vm-{vm.id}: {', '.join(reasons)}.",
+                error_id="vm/node_unsuitable",
+                data={"node": {"id": vm.node_id}, "reasons": reasons},
+            )
+        if cores < 0 or ram < 0:
+            release(vm.node_id, max(-cores, 0), max(-ram, 0))
+        for key, value in plan.changes.items():
+            setattr(vm, key, value)
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+
+    def restore() -> None:
+        db.session.rollback()
+        row = db.session.scalars(select(Vm).where(Vm.id == vm.id).with_for_update()).one()
+        # The inverse is unconditional: what was ours to use is ours again.
+        release(row.node_id, row.cores - old["cores"], row.ram - old["ram"])
+        for key, value in old.items():
+            setattr(row, key, value)
+        db.session.commit()
+
+    undo.append(restore)
+    return vm, old
+
+
+def apply_live(
+    vm: Vm,
+    host: Host,
+    sized: list[str],
+    old: dict[str, Any],
+    messages: list[str],
+    undo: Undo,
+) -> None:
+    """Change the running domain where the hypervisor allows; say what waits a restart."""
+    driver = hypervisor()
+    period = current_app.config["CPU_PERIOD"]
+
+    def set_live(key: str, value: Any) -> None:
+        if key == "cores":
+            driver.set_vcpus_live(host.uri, vm.name, value)
+        elif key == "ram":
+            driver.set_memory_live(host.uri, vm.name, value)
+        else:
+            quota = value if value is not None else -1
+            driver.set_cputune_live(host.uri, vm.name, period, quota)
+
+    for key in sized:
+        try:
+            set_live(key, getattr(vm, key))
+        except (HypervisorUnavailable, HypervisorTimeout):
+            raise
+        except HypervisorError as exc:
+            messages.append(
+                f"The new {key} of vm-{vm.id} is saved and takes effect at the next start; "
+                f"the running domain could not change it ({exc.reason})."
+            )
+        else:
+            undo.append(lambda key=key: set_live(key, old[key]))
+
+
+def transition(
+    vm: Vm, host: Host, target: str, force: bool, undo: Undo, messages: list[str]
+) -> None:
+    """Drive the domain to ``target``; a state it is already in is a no-op."""
+    driver = hypervisor()
+    uri, name = host.uri, vm.name
+    current = driver.domain(uri, name).state
+    if target == RUNNING:
+        if current == PAUSED:
+            driver.resume(uri, name)
+            undo.append(lambda: driver.suspend(uri, name))
+        elif current != RUNNING:
+            driver.start(uri, name)
+            undo.append(lambda: driver.destroy(uri, name))
+    elif target == PAUSED:
+        if current == RUNNING:
+            driver.suspend(uri, name)
+            undo.append(lambda: driver.resume(uri, name))
+        elif current != PAUSED:
+            raise Conflict(
+                f"vm-{vm.id} is {current}; only a running VM can be paused.",
+                error_id="vm/state_conflict",
+            )
+    elif current in (RUNNING, PAUSED):  # target shutoff
+        if force:
+            driver.destroy(uri, name)
+        else:
+            if current == PAUSED:
+                driver.resume(uri, name)  # a paused guest cannot see the ACPI button
+            driver.shutdown(uri, name)
+            if not wait_for(host, name, SHUTOFF):
+                messages.append(
+                    f"vm-{vm.id} was asked to shut down but had not powered off after "
+                    f"{current_app.config['SHUTDOWN_TIMEOUT']:g} s; it may still be "
+                    "shutting down, or send ?force=true to power it off."
+                )
+                return
+        undo.append(lambda: driver.start(uri, name))
+
+
+def wait_for(host: Host, name: str, state: str) -> bool:
+    deadline = time.monotonic() + float(current_app.config["SHUTDOWN_TIMEOUT"])
+    while True:
+        if hypervisor().domain(host.uri, name).state == state:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _with(vm: Vm, values: dict[str, Any]) -> Vm:
+    """A detached copy of ``vm`` with some values replaced (for the previous spec)."""
+    copy = Vm(
+        id=vm.id,
+        cores=vm.cores,
+        ram=vm.ram,
+        cputime_limit=vm.cputime_limit,
+        uuid=vm.uuid,
+        node_id=vm.node_id,
+        virt_method_id=vm.virt_method_id,
+    )
+    for key, value in values.items():
+        setattr(copy, key, value)
+    return copy
