@@ -286,9 +286,10 @@ def test_method(api: Api) -> int:
 
 
 @pytest.fixture
-def vm_host(api: Api, host_uri, test_method: int):
+def vm_host(api: Api, host_uri, test_method: int, address_pools):
     """``vm_host(cores=8, ram=16 * GIB)``: a schedulable node on its own test-driver host,
-    with exact capacity (ratios 1.0, nothing reserved) and the TEST virt method."""
+    with exact capacity (ratios 1.0, nothing reserved) and the TEST virt method; address
+    pools exist."""
 
     def make(cores: int = 8, ram: int = 16 * GIB, **fields: Any) -> dict[str, Any]:
         body = node_body(libvirt_uri=host_uri(cores=cores, ram=ram), cpu_allocation_ratio=1.0,
@@ -341,3 +342,12 @@ def silent_host():
     for conn in accepted:
         conn.close()
     server.close()
+
+
+@pytest.fixture
+def address_pools(api: Api) -> dict[str, Any]:
+    """A /24 of IPv4 addresses (253 hosts) and an IPv6 /64 pool, for VMs to take from."""
+    v4 = api.post("ipv4", json={"network": "198.51.100.0/24", "gateway": "198.51.100.1"})
+    v6 = api.post("ipv6", json={"network": "2001:db8:100::/64", "gateway": "2001:db8:100::1"})
+    assert v4.status_code == v6.status_code == 201, (v4.json, v6.json)
+    return {"ipv4": v4.json["data"], "ipv6_pool": v6.json["data"]}

@@ -200,7 +200,7 @@ def test_ties_go_to_lowest_id(api, vm_host, test_method):
     assert api.post("vm", json=vm_body(test_method)).json["data"]["node"] == {"id": first["id"]}
 
 
-def test_allocation_ratios_and_reservation_from_config(api, host_uri, test_method):
+def test_allocation_ratios_and_reservation_from_config(api, host_uri, test_method, address_pools):
     # node fields null: CPU ratio 4.0, RAM ratio 1.0, 1 GiB reserved (the defaults)
     from tests.conftest import node_body
 
@@ -505,7 +505,9 @@ def test_customer_field_rules(api, customer_api, vm_host, test_method):
     assert api.get("vm").json["data"].keys() == {str(vm["id"])}
 
 
-def test_refresh_capacity_after_changing_defaults(app, api, runner, host_uri, test_method):
+def test_refresh_capacity_after_changing_defaults(
+    app, api, runner, host_uri, test_method, address_pools
+):
     from tests.conftest import node_body
 
     node = api.post(

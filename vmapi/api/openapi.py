@@ -106,6 +106,12 @@ def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
     return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 100}]}
 
 
+def _only(operations: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """The operations of the HTTP methods a route takes (UPDATE is documented as patch)."""
+    allowed = {m.lower() for m in methods} | ({"patch"} if "UPDATE" in methods else set())
+    return {verb: op for verb, op in operations.items() if verb in allowed}
+
+
 def _option_params(plugin: MarshmallowPlugin, schema: Any) -> list[dict[str, Any]]:
     """Query parameters of a verb's option schema (e.g. ``force``)."""
     if schema is None:
@@ -141,9 +147,10 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
     create = {
         "type": "object",
         "properties": {"id": {"type": "integer", "description": "Ignored."}, **writable},
-        "required": props.get("required", []),
         "additionalProperties": False,
     }
+    if props.get("required"):
+        create["required"] = props["required"]
     change = {
         "type": "object",
         "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}, **writable},
@@ -186,95 +193,91 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
          "description": "Keyset paging: objects with a larger id. See the Link header."},
     ]  # fmt: skip
     aliases = {"x-method-aliases": {"UPDATE": "patch"}}
-    spec.path(
-        path=f"/api/v1/{name}",
-        operations={
-            "get": {
-                "tags": tags,
-                "summary": f"List {name} objects ({roles} may read).",
-                "parameters": [*paging, nest, *filters],
-                "responses": {
-                    "200": {
-                        **_success(_keyed(ref), "One page, keyed by id, ordered by id."),
-                        "headers": {
-                            "Link": {
-                                "schema": {"type": "string"},
-                                "description": 'rel="next" when more follow.',
-                            }
-                        },
+    collection_ops = {
+        "get": {
+            "tags": tags,
+            "summary": f"List {name} objects ({roles} may read).",
+            "parameters": [*paging, nest, *filters],
+            "responses": {
+                "200": {
+                    **_success(_keyed(ref), "One page, keyed by id, ordered by id."),
+                    "headers": {
+                        "Link": {
+                            "schema": {"type": "string"},
+                            "description": 'rel="next" when more follow.',
+                        }
                     },
-                    **errs(400, 401, 403, 404),
                 },
-            },
-            "post": {
-                "tags": tags,
-                "summary": f"Create one {name} or an array of up to 100 (all or nothing).",
-                "requestBody": _body(_one_or_many(create), "One object or an array."),
-                "responses": {
-                    "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
-                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
-                },
-            },
-            "patch": {
-                "tags": tags,
-                "summary": f"Change {name} objects: body with id (or an array). Also UPDATE.",
-                "parameters": update_params,
-                "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
-                "responses": {
-                    "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
-                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
-                },
-                **aliases,
-            },
-            "delete": {
-                "tags": tags,
-                "summary": f"Delete {name} objects named by id (or an array).",
-                "parameters": delete_params,
-                "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
-                "responses": {
-                    "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
-                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
-                },
+                **errs(400, 401, 403, 404),
             },
         },
-    )
+        "post": {
+            "tags": tags,
+            "summary": f"Create one {name} or an array of up to 100 (all or nothing).",
+            "requestBody": _body(_one_or_many(create), "One object or an array."),
+            "responses": {
+                "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
+                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+            },
+        },
+        "patch": {
+            "tags": tags,
+            "summary": f"Change {name} objects: body with id (or an array). Also UPDATE.",
+            "parameters": update_params,
+            "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
+            "responses": {
+                "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
+                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+            },
+            **aliases,
+        },
+        "delete": {
+            "tags": tags,
+            "summary": f"Delete {name} objects named by id (or an array).",
+            "parameters": delete_params,
+            "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
+            "responses": {
+                "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
+                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+            },
+        },
+    }
+    spec.path(path=f"/api/v1/{name}", operations=_only(collection_ops, res.collection_methods))
     ident = {
         "name": "ident",
         "in": "path",
         "required": True,
         "schema": {"type": "integer", "minimum": 1, "format": "int64"},
     }
-    spec.path(
-        path=f"/api/v1/{name}/{{ident}}",
-        operations={
-            "get": {
-                "tags": tags,
-                "summary": f"One {name}.",
-                "parameters": [ident, nest],
-                "responses": {"200": _success(ref, "The object."), **errs(400, 401, 403, 404)},
+    item_ops = {
+        "get": {
+            "tags": tags,
+            "summary": f"One {name}.",
+            "parameters": [ident, nest],
+            "responses": {"200": _success(ref, "The object."), **errs(400, 401, 403, 404)},
+        },
+        "patch": {
+            "tags": tags,
+            "summary": f"Change one {name}. Also UPDATE.",
+            "parameters": [ident, *update_params],
+            "requestBody": _body(change, "The fields to change."),
+            "responses": {
+                "200": _success(ref, "The changed object."),
+                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
             },
-            "patch": {
-                "tags": tags,
-                "summary": f"Change one {name}. Also UPDATE.",
-                "parameters": [ident, *update_params],
-                "requestBody": _body(change, "The fields to change."),
-                "responses": {
-                    "200": _success(ref, "The changed object."),
-                    **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
-                },
-                **aliases,
-            },
-            "delete": {
-                "tags": tags,
-                "summary": f"Delete one {name}.",
-                "parameters": [ident, *delete_params],
-                "responses": {
-                    "200": _success(ref, "The deleted object, as it was."),
-                    **errs(400, 401, 403, 404, 409, writes=True),
-                },
+            **aliases,
+        },
+        "delete": {
+            "tags": tags,
+            "summary": f"Delete one {name}.",
+            "parameters": [ident, *delete_params],
+            "responses": {
+                "200": _success(ref, "The deleted object, as it was."),
+                **errs(400, 401, 403, 404, 409, writes=True),
             },
         },
-    )
+    }
+    spec.path(path=f"/api/v1/{name}/{{ident}}", operations=_only(item_ops, res.item_methods))
     for action in res.actions:
         spec.path(
             path=f"/api/v1/{name}/{{ident}}/{action}",

@@ -54,6 +54,8 @@ class ResourceApi:
         delete_options: type[Schema] | None = None,
         actions: dict[str, str] | None = None,
         error_ids: dict[int, list[str]] | None = None,
+        collection_methods: list[str] = COLLECTION_METHODS,
+        item_methods: list[str] = ITEM_METHODS,
     ) -> None:
         self.name = name
         self.schema_class = schema
@@ -69,6 +71,9 @@ class ResourceApi:
         self.actions = actions or {}
         #: error ids beyond the generic ones, by status (for the OpenAPI document)
         self.error_ids = error_ids or {}
+        #: the verbs this resource takes; others answer 405
+        self.collection_methods = collection_methods
+        self.item_methods = item_methods
         self.refs: dict[str, Ref] = {
             key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
         }
@@ -78,8 +83,10 @@ class ResourceApi:
     # ------------------------------------------------------------------ wiring
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.name, __name__, url_prefix="/api/<api_version>")
-        bp.add_url_rule(f"/{self.name}", "collection", self.collection, methods=COLLECTION_METHODS)
-        bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=ITEM_METHODS)
+        bp.add_url_rule(
+            f"/{self.name}", "collection", self.collection, methods=self.collection_methods
+        )
+        bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=self.item_methods)
         for action in self.actions:
             bp.add_url_rule(
                 f"/{self.name}/<id:ident>/{action}",
@@ -157,9 +164,10 @@ class ResourceApi:
         return self.answer(outcome, indexed=False)
 
     def answer(self, outcome: Outcome, indexed: bool, status: int = 200) -> Response:
-        """The objects of a write: one object, or keyed by id for an array request."""
+        """The objects of a write: one object, or keyed by id for an array request (or a
+        request that made many, such as an IPv4 network)."""
         objs = outcome.objects
-        data = self.dump_keyed(objs) if indexed else self.dump(objs[0])
+        data = self.dump_keyed(objs) if indexed or outcome.keyed else self.dump(objs[0])
         return success_response(data, status=status, messages=outcome.messages)
 
     def list_objects(self, who: Principal) -> Response:

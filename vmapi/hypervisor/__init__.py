@@ -18,6 +18,7 @@ from vmapi.hypervisor.driver import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    NicSpec,
     NotSupported,
     OperationInvalid,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "HypervisorError",
     "HypervisorTimeout",
     "HypervisorUnavailable",
+    "NicSpec",
     "NotSupported",
     "OperationInvalid",
 ]

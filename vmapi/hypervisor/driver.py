@@ -53,6 +53,20 @@ class HostInfo:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """One network interface: how it is wired and what the guest should configure."""
+
+    mac: str
+    mode: str  # bridge (device = bridge name), ethernet (device = tap name), user
+    device: str | None = None
+    ipv4: str | None = None  # with prefix, e.g. 192.0.2.5/24
+    ipv4_gateway: str | None = None
+    ipv6: str | None = None
+    ipv6_gateway: str | None = None
+    vlan: int | None = None
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything a domain is made of; the persistent definition is rewritten from it."""
 
@@ -68,6 +82,7 @@ class DomainSpec:
     cpu_period: int | None = None  # microseconds; with cpu_quota: <cputune>
     cpu_quota: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    nics: tuple[NicSpec, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Typed SQLAlchemy 2 models, one module per area; importing this registers them all."""
 
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.token import ApiToken
 from vmapi.models.vm import Vm
@@ -8,11 +9,16 @@ from vmapi.models.vm import Vm
 __all__ = [
     "ApiToken",
     "CacheOption",
+    "Interface",
+    "Ipv4Address",
+    "Ipv6Address",
+    "Ipv6Pool",
     "Node",
     "NodeState",
     "StorageType",
     "VirtMethod",
     "VirtNode",
+    "Vlan",
     "Vm",
     "VmState",
 ]

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
 from vmapi.models.catalog import VirtMethod, VmState
+from vmapi.models.network import Interface
 from vmapi.models.node import Node
 
 
@@ -46,6 +47,9 @@ class Vm(db.Model):
     node: Mapped[Node] = relationship(lazy="raise_on_sql")
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
+    interfaces: Mapped[list[Interface]] = relationship(
+        lazy="raise_on_sql", order_by="Interface.id", viewonly=True
+    )
 
     @property
     def name(self) -> str:

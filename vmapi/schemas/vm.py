@@ -7,6 +7,7 @@ import uuid
 from marshmallow import ValidationError, validate
 
 from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, Str, non_negative, positive
+from vmapi.schemas.network import RefList
 
 MIB = 1024 * 1024
 MIN_RAM = 64 * MIB
@@ -56,6 +57,7 @@ class VmSchema(BaseSchema):
     virt_method = Ref("virt_method", attribute="virt_method_id", required=True)
     vm_state = Ref("vm_state", attribute="vm_state_id")
     name = Str(dump_only=True)
+    interfaces = RefList("interface")
 
 
 class VmUpdateOptions(BaseSchema):

@@ -34,6 +34,8 @@ class Outcome(Generic[M]):
 
     objects: list[M]
     messages: list[str] = field(default_factory=list)
+    #: answer keyed by id even for a single-object request (one request made many)
+    keyed: bool = False
 
 
 @dataclass
@@ -65,11 +67,31 @@ class CrudService(Generic[M]):
         """Restrict a query to what ``principal`` may see (customers: their own objects)."""
         return stmt
 
+    def load_options(self) -> list:
+        """Loader options every read applies (e.g. selectinload of listed relationships,
+        so a page costs a fixed number of queries)."""
+        return []
+
+    def loaded(self, objs: list[M]) -> list[M]:
+        """``objs`` with the read options applied (one query), ready to be answered."""
+        options = self.load_options()
+        if not options or not objs:
+            return objs
+        ids = [obj.id for obj in objs]
+        stmt = (
+            select(self.model)
+            .where(self.model.id.in_(ids))
+            .options(*options)
+            .execution_options(populate_existing=True)
+        )
+        by_id = {obj.id: obj for obj in db.session.scalars(stmt)}
+        return [by_id[i] for i in ids]
+
     def not_found(self, ident: int) -> NotFound:
         return NotFound(error_id=f"{self.resource}/not_found", resource=self.resource, id=ident)
 
     def get(self, ident: int, principal: Principal, nest: Sequence[str] = ()) -> M:
-        stmt = select(self.model).where(self.model.id == ident)
+        stmt = select(self.model).where(self.model.id == ident).options(*self.load_options())
         stmt = self.scope(stmt, principal)
         for name in nest:
             stmt = stmt.options(selectinload(getattr(self.model, name)))
@@ -86,6 +108,7 @@ class CrudService(Generic[M]):
         if params.after is not None:
             stmt = stmt.where(self.model.id > params.after)
         stmt = self.scope(stmt, principal).order_by(self.model.id).limit(params.limit + 1)
+        stmt = stmt.options(*self.load_options())
         for name in params.nest:
             stmt = stmt.options(selectinload(getattr(self.model, name)))
         objs = list(db.session.scalars(stmt))
@@ -133,9 +156,8 @@ class CrudService(Generic[M]):
     def create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[M]:
-        return Outcome(
-            self.in_transaction(items, indexed, lambda data: self.create(data, principal))
-        )
+        made = self.in_transaction(items, indexed, lambda data: self.create(data, principal))
+        return Outcome(self.loaded(made))
 
     def update_many(
         self,
@@ -148,7 +170,7 @@ class CrudService(Generic[M]):
             ident, data = item
             return self.update(self.get(ident, principal), data, principal)
 
-        return Outcome(self.in_transaction(items, indexed, one))
+        return Outcome(self.loaded(self.in_transaction(items, indexed, one)))
 
     def delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool

@@ -8,13 +8,58 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmapi.hypervisor import DomainSpec
-from vmapi.models import VirtMethod, Vm
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from vmapi.extensions import db
+from vmapi.hypervisor import DomainSpec, NicSpec
+from vmapi.models import Interface, Node, VirtMethod, Vm
 
 MIB = 1024 * 1024
 
 
-def domain_spec(vm: Vm, method: VirtMethod, config: dict[str, Any]) -> DomainSpec:
+def device_name(mode: str, vm_id: int, interface_id: int) -> str | None:
+    """The host device of a NIC: the bridge its host's configuration makes, or the tap."""
+    if mode == "bridge":
+        return f"br-{vm_id}-{interface_id}"
+    if mode == "ethernet":
+        return f"vm{vm_id}-{interface_id}"
+    return None
+
+
+def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
+    stmt = (
+        select(Interface)
+        .where(Interface.vm_id == vm_id)
+        .order_by(Interface.id)
+        .options(
+            selectinload(Interface.ipv4), selectinload(Interface.ipv6), selectinload(Interface.vlan)
+        )
+    )
+    nics = []
+    for iface in db.session.scalars(stmt):
+        v4 = iface.ipv4[0] if iface.ipv4 else None
+        v6 = iface.ipv6[0] if iface.ipv6 else None
+        nics.append(
+            NicSpec(
+                mac=iface.mac,
+                mode=mode,
+                device=device_name(mode, vm_id, iface.id),
+                ipv4=f"{v4.address}/{v4.prefix}" if v4 else None,
+                ipv4_gateway=v4.gateway if v4 else None,
+                ipv6=f"{v6.address}/{v6.prefix}" if v6 else None,
+                ipv6_gateway=v6.gateway if v6 else None,
+                vlan=iface.vlan.tag if iface.vlan else None,
+            )
+        )
+    return tuple(nics)
+
+
+def interface_mode(node: Node, config: dict[str, Any]) -> str:
+    return node.interface_mode or config["INTERFACE_MODE"]
+
+
+def domain_spec(vm: Vm, method: VirtMethod, node: Node, config: dict[str, Any]) -> DomainSpec:
     max_vcpus = max(vm.cores, int(config["VM_MAX_VCPUS"]))
     max_memory = max(vm.ram, int(vm.ram * float(config["VM_MAX_RAM_FACTOR"])) // MIB * MIB)
     quota = vm.cputime_limit
@@ -30,4 +75,5 @@ def domain_spec(vm: Vm, method: VirtMethod, config: dict[str, Any]) -> DomainSpe
         installation=config["INSTALLATION_ID"],
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
+        nics=nic_specs(vm.id, interface_mode(node, config)),
     )

@@ -26,6 +26,7 @@ from vmapi.hypervisor import (
 from vmapi.models import Node, Vm, VmState
 from vmapi.scheduler import release
 from vmapi.services.hosts import hypervisor, node_uri
+from vmapi.services.network import release_interfaces
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def state_id(name: str) -> int:
 
 def run_undo(undo: Undo) -> None:
     """Run the inverses of what was done, newest first; keep going past failures."""
+    db.session.rollback()  # the failure may have left the transaction unusable
     while undo:
         step = undo.pop()
         try:
@@ -106,12 +108,13 @@ def remove_domain(host: Host, name: str) -> bool:
 
 
 def forget(vm: Vm) -> None:
-    """Release the VM's claim and delete its row, in one transaction."""
-    db.session.rollback()
+    """Release the VM's claim, addresses and interfaces and delete its row, in one
+    transaction (only once its domain is gone)."""
     row = db.session.scalars(select(Vm).where(Vm.id == vm.id).with_for_update()).first()
     if row is None:
         return
     release(row.node_id, row.cores, row.ram)
+    release_interfaces(row.id)
     db.session.delete(row)
     db.session.commit()
 

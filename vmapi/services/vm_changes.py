@@ -58,8 +58,8 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
     step = "redefining the domain"
     try:
         if sized:
-            old_spec = domain_spec(_with(vm, old), method, current_app.config)
-            driver.define(host.uri, domain_spec(vm, method, current_app.config))
+            old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
+            driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
             undo.append(lambda: driver.define(host.uri, old_spec))
             step = "applying the change to the running domain"
             if driver.domain(host.uri, vm.name).state in (RUNNING, PAUSED):

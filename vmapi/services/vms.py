@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
 
 from vmapi.auth import Principal
 from vmapi.errors import (
@@ -59,6 +60,7 @@ from vmapi.services.domains import (
     state_id,
 )
 from vmapi.services.hosts import hypervisor
+from vmapi.services.network import add_interface
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ class VmService(CrudService[Vm]):
         super().__init__(Vm, "vm")
 
     # ------------------------------------------------------------------ reading
+    def load_options(self) -> list:
+        return [selectinload(Vm.interfaces)]
+
     def scope(self, stmt, principal: Principal):
         """Customers see only their own VMs; others' answer 404 as if absent."""
         if principal.is_admin:
@@ -99,7 +104,7 @@ class VmService(CrudService[Vm]):
             except BaseException:
                 run_undo(undo)
                 raise
-        return Outcome(made)
+        return Outcome(self.loaded(made))
 
     def prepare_create(self, data: dict[str, Any], principal: Principal) -> dict[str, Any]:
         """The checks that need no lock: roles, references, the generated UUID."""
@@ -174,6 +179,8 @@ class VmService(CrudService[Vm]):
                 created_at=datetime.now(UTC),
             )
             db.session.add(vm)
+            db.session.flush()
+            add_interface(vm)
             db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
             db.session.rollback()
@@ -186,7 +193,8 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node_id)
         undo.append(lambda: forget(vm))
-        spec = domain_spec(vm, db.session.get(VirtMethod, vm.virt_method_id), current_app.config)
+        method = db.session.get(VirtMethod, vm.virt_method_id)
+        spec = domain_spec(vm, method, host.node, current_app.config)
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -225,7 +233,7 @@ class VmService(CrudService[Vm]):
                 raise
             prefix = f"vm-{plan.vm_id}: " if indexed else ""
             messages += [prefix + m for m in plan.messages]
-        return Outcome(vms, messages)
+        return Outcome(self.loaded(vms), messages)
 
     def plan_update(self, ident: int, data: dict[str, Any], principal: Principal) -> UpdatePlan:
         vm = self.get(ident, principal)
@@ -320,4 +328,4 @@ class VmService(CrudService[Vm]):
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
-        return Outcome([vm])
+        return Outcome(self.loaded([vm]))

@@ -43,6 +43,8 @@ class Metadata(XmlObject):
     vm_id: int
     installation: str
     values: dict[str, str] = field(default_factory=dict)
+    #: per NIC: mac, ipv4, ipv4_gateway, ipv6, ipv6_gateway, vlan (what provisioning reads)
+    interfaces: list[dict[str, str]] = field(default_factory=list)
 
     def instance(self) -> ET.Element:
         root = ET.Element(_q("instance"), {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
@@ -50,6 +52,8 @@ class Metadata(XmlObject):
         ET.SubElement(root, _q("installation")).text = self.installation
         for key, value in sorted(self.values.items()):
             ET.SubElement(root, _q(key)).text = value
+        for nic in self.interfaces:
+            ET.SubElement(root, _q("interface"), {k: v for k, v in nic.items() if v})
         return root
 
     def element(self) -> ET.Element:
@@ -66,10 +70,15 @@ class Metadata(XmlObject):
         # was the question. A full document names it.
         if root.tag not in ("instance", f"{{{METADATA_NS}}}instance"):
             raise ValueError(f"not a vmapi instance element: {root.tag}")
-        values = {_local(child.tag): child.text or "" for child in root}
+        values, interfaces = {}, []
+        for child in root:
+            if _local(child.tag) == "interface":
+                interfaces.append(dict(child.attrib))
+            else:
+                values[_local(child.tag)] = child.text or ""
         vm_id = int(values.pop("id"))
         installation = values.pop("installation")
-        return cls(vm_id, installation, values)
+        return cls(vm_id, installation, values, interfaces)
 
 
 @dataclass
@@ -139,6 +148,26 @@ class Device(XmlObject):
 
 
 @dataclass
+class Nic(XmlObject):
+    """``<interface>``: a virtio NIC on a bridge, a tap device, or QEMU's user network."""
+
+    mode: str
+    mac: str
+    device: str | None = None
+    model: str = "virtio"
+
+    def element(self) -> ET.Element:
+        el = ET.Element("interface", type=self.mode)
+        ET.SubElement(el, "mac", address=self.mac)
+        if self.mode == "bridge":
+            ET.SubElement(el, "source", bridge=self.device or "")
+        elif self.mode == "ethernet" and self.device:
+            ET.SubElement(el, "target", dev=self.device)
+        ET.SubElement(el, "model", type=self.model)
+        return el
+
+
+@dataclass
 class Domain(XmlObject):
     type: str
     name: str
@@ -153,6 +182,7 @@ class Domain(XmlObject):
     clock_offset: str | None = None
     lifecycle: dict[str, str] = field(default_factory=dict)
     devices: list[Device] = field(default_factory=list)
+    nics: list[Nic] = field(default_factory=list)
 
     def element(self) -> ET.Element:
         root = ET.Element("domain", type=self.type)
@@ -175,6 +205,8 @@ class Domain(XmlObject):
             if event in self.lifecycle:
                 ET.SubElement(root, event).text = self.lifecycle[event]
         devices = ET.SubElement(root, "devices")
+        for nic in self.nics:
+            devices.append(nic.element())
         for device in self.devices:
             devices.append(device.element())
         return root

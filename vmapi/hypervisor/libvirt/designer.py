@@ -6,13 +6,14 @@ this module decides, ``config`` only writes.
 
 from __future__ import annotations
 
-from vmapi.hypervisor.driver import DomainSpec
+from vmapi.hypervisor.driver import DomainSpec, NicSpec
 from vmapi.hypervisor.libvirt.config import (
     CpuTune,
     Device,
     Domain,
     Memory,
     Metadata,
+    Nic,
     Os,
     Vcpu,
 )
@@ -30,12 +31,20 @@ def design(spec: DomainSpec) -> Domain:
         type=spec.domain_type,
         name=spec.name,
         uuid=spec.uuid,
-        metadata=Metadata(spec.vm_id, spec.installation, dict(spec.metadata)),
+        metadata=Metadata(
+            spec.vm_id,
+            spec.installation,
+            dict(spec.metadata),
+            [_nic_metadata(nic) for nic in spec.nics],
+        ),
         memory=Memory("memory", spec.max_memory // 1024),
         current_memory=Memory("currentMemory", spec.memory // 1024),
         vcpu=Vcpu(current=spec.vcpus, maximum=spec.max_vcpus),
         os=Os(),
         cputune=cputune,
+        # libvirt cannot put a VLAN tag on bridge (without Open vSwitch), ethernet or user
+        # interfaces: the tag travels in the metadata for the host's configuration.
+        nics=[Nic(mode=nic.mode, mac=nic.mac, device=nic.device) for nic in spec.nics],
     )
     if spec.domain_type in PC_TYPES:
         domain.features = ("acpi", "apic")
@@ -47,3 +56,17 @@ def design(spec: DomainSpec) -> Domain:
             Device("memballoon", {"model": "virtio"}),
         ]
     return domain
+
+
+def _nic_metadata(nic: NicSpec) -> dict[str, str]:
+    values = {
+        "mac": nic.mac,
+        "mode": nic.mode,
+        "device": nic.device or "",
+        "ipv4": nic.ipv4 or "",
+        "ipv4_gateway": nic.ipv4_gateway or "",
+        "ipv6": nic.ipv6 or "",
+        "ipv6_gateway": nic.ipv6_gateway or "",
+        "vlan": str(nic.vlan) if nic.vlan is not None else "",
+    }
+    return {key: value for key, value in values.items() if value}

@@ -1,0 +1,130 @@
+"""Schemas of /interface, /ipv4, /ipv6, /ipv6_pool and /vlan."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from marshmallow import ValidationError, fields, validate, validates_schema
+
+from vmapi.addressing import network_problems
+from vmapi.schemas.base import BaseSchema, Int, Ref, Str
+
+
+class RefList(fields.Field):
+    """A read-only list of references: ``[{"id": N}, ...]`` from a relationship."""
+
+    def __init__(self, resource: str, **kwargs: Any) -> None:
+        self.resource = resource
+        super().__init__(dump_only=True, **kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
+        return [{"id": item.id} for item in value or ()]
+
+
+def _address(version: int):
+    def check(value: str) -> None:
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValidationError(f"Not a valid IPv{version} address.") from exc
+        if addr.version != version:
+            raise ValidationError(f"Must be an IPv{version} address.")
+        if str(addr) != value:
+            raise ValidationError(f"Write it in canonical form: {addr}.")
+
+    return check
+
+
+def _network(version: int):
+    def check(value: str) -> None:
+        try:
+            net = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValidationError(
+                f"Not a valid IPv{version} network with no host bits set, e.g. "
+                + ("198.51.100.0/24." if version == 4 else "2001:db8:1::/64.")
+            ) from exc
+        if net.version != version:
+            raise ValidationError(f"Must be an IPv{version} network.")
+
+    return check
+
+
+class VlanSchema(BaseSchema):
+    id = Int(dump_only=True)
+    tag = Int(required=True, validate=validate.Range(min=1, max=4094))
+
+
+class InterfaceSchema(BaseSchema):
+    id = Int(dump_only=True)
+    vm = Ref("vm", attribute="vm_id", dump_only=True)
+    mac = Str(dump_only=True)
+    ipv4 = RefList("ipv4")
+    ipv6 = RefList("ipv6")
+    vlan = Ref("vlan", attribute="vlan_id", allow_none=True)
+
+
+class _AddressSchema(BaseSchema):
+    """An address (with prefix and gateway), or on POST a whole ``network``."""
+
+    VERSION = 4
+
+    @validates_schema
+    def check_shape(self, data: dict[str, Any], partial: Any = None, **kwargs: Any) -> None:
+        if "network" in data:
+            extra = [k for k in ("address", "prefix") if k in data]
+            if extra or "gateway" not in data:
+                raise ValidationError(
+                    "Send either {address, prefix, gateway} or {network, gateway}.",
+                    field_name="network",
+                )
+            net = ipaddress.ip_network(data["network"])
+            if ipaddress.ip_address(data["gateway"]) not in net:
+                raise ValidationError({"gateway": [f"Must be inside {net}."]})
+            return
+        if partial:
+            return
+        missing = [k for k in ("address", "prefix", "gateway") if k not in data]
+        if missing:
+            raise ValidationError({k: ["Missing data for required field."] for k in missing})
+        problems = network_problems(data["address"], data["prefix"], data["gateway"])
+        if problems:
+            raise ValidationError(problems)
+
+
+class Ipv4Schema(_AddressSchema):
+    id = Int(dump_only=True)
+    address = Str(validate=_address(4))
+    prefix = Int(validate=validate.Range(min=0, max=32))
+    gateway = Str(validate=_address(4))
+    network = Str(load_only=True, validate=_network(4))
+    interface = Ref("interface", attribute="interface_id", dump_only=True)
+
+
+class Ipv6Schema(_AddressSchema):
+    VERSION = 6
+    id = Int(dump_only=True)
+    address = Str(validate=_address(6))
+    prefix = Int(validate=validate.Range(min=0, max=128))
+    gateway = Str(validate=_address(6))
+    interface = Ref("interface", attribute="interface_id", dump_only=True)
+    pool = Ref("ipv6_pool", attribute="pool_id", dump_only=True)
+
+
+class Ipv6PoolSchema(BaseSchema):
+    id = Int(dump_only=True)
+    network = Str(required=True, validate=_network(6))
+    gateway = Str(required=True, validate=_address(6))
+    prefix = Int(dump_only=True)
+    next_host = Int(dump_only=True)
+    size = Int(dump_only=True)
+
+    @validates_schema
+    def check_gateway(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "network" in data and "gateway" in data:
+            net = ipaddress.ip_network(data["network"])
+            if net.prefixlen > 126:
+                raise ValidationError({"network": ["Use a /126 or larger network."]})
+            if ipaddress.ip_address(data["gateway"]) not in net:
+                raise ValidationError({"gateway": [f"Must be inside {net}."]})

@@ -1,0 +1,142 @@
+"""Interfaces and address allocation for VMs.
+
+Every allocation is one statement that takes the lowest free row and marks it held:
+
+    UPDATE ipv4_address SET interface_id = :iface
+    WHERE id = (SELECT id FROM ipv4_address WHERE interface_id IS NULL
+                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+      AND interface_id IS NULL
+    RETURNING id
+
+``SKIP LOCKED`` lets concurrent creates take different rows instead of queueing on one
+(PostgreSQL); SQLite serializes writers and ignores the clause. It runs in the same
+transaction as the capacity claim, so running out of addresses undoes the claim too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+
+from sqlalchemy import delete, select, update
+
+from vmapi.errors import Conflict
+from vmapi.extensions import db
+from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
+
+MAC_PREFIX = "52:54:00"
+MAC_ATTEMPTS = 8
+
+
+def new_mac() -> str:
+    """A MAC in the locally administered 52:54:00 range that no interface has yet."""
+    for _ in range(MAC_ATTEMPTS):
+        mac = MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+        if db.session.scalars(select(Interface.id).where(Interface.mac == mac)).first() is None:
+            return mac
+    raise Conflict("No free MAC address was found; retry the request.", error_id="vm/no_free_mac")
+
+
+def _take_free(model: type, interface_id: int) -> int | None:
+    free = (
+        select(model.id)
+        .where(model.interface_id.is_(None))
+        .order_by(model.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(model)
+        .where(model.id == free, model.interface_id.is_(None))
+        .values(interface_id=interface_id)
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+    return db.session.execute(stmt).scalar()
+
+
+def allocate_ipv4(interface_id: int) -> int:
+    """Hold the lowest free IPv4 address for the interface; 409 when there is none."""
+    taken = _take_free(Ipv4Address, interface_id)
+    if taken is None:
+        raise Conflict(
+            "No free IPv4 address is left; add addresses with POST /api/v1/ipv4.",
+            error_id="vm/no_free_ipv4",
+        )
+    return taken
+
+
+def allocate_ipv6(interface_id: int) -> int:
+    """Hold a released IPv6 address, or take the next one from a pool; 409 when none."""
+    taken = _take_free(Ipv6Address, interface_id)
+    if taken is not None:
+        return taken
+    while True:
+        pick = (
+            select(Ipv6Pool.id)
+            .where(Ipv6Pool.next_host < Ipv6Pool.size)
+            .order_by(Ipv6Pool.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        row = db.session.execute(
+            update(Ipv6Pool)
+            .where(Ipv6Pool.id == pick, Ipv6Pool.next_host < Ipv6Pool.size)
+            .values(next_host=Ipv6Pool.next_host + 1)
+            .returning(Ipv6Pool.id, Ipv6Pool.network, Ipv6Pool.gateway, Ipv6Pool.next_host)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is None:
+            raise Conflict(
+                "No free IPv6 address is left; add a pool with POST /api/v1/ipv6.",
+                error_id="vm/no_free_ipv6",
+            )
+        network = ipaddress.IPv6Network(row.network)
+        address = network.network_address + (row.next_host - 1)
+        if (
+            str(address) == row.gateway
+            or db.session.scalars(
+                select(Ipv6Address.id).where(Ipv6Address.address == str(address))
+            ).first()
+        ):
+            continue  # the gateway, or an address an admin added by hand
+        entry = Ipv6Address(
+            address=str(address),
+            prefix=network.prefixlen,
+            gateway=row.gateway,
+            interface_id=interface_id,
+            pool_id=row.id,
+        )
+        db.session.add(entry)
+        db.session.flush()
+        return entry.id
+
+
+def add_interface(vm: Vm) -> Interface:
+    """One NIC with a new MAC, one free IPv4 and one free IPv6 address (in the caller's
+    transaction: a 409 for want of addresses rolls everything back)."""
+    interface = Interface(vm_id=vm.id, mac=new_mac())
+    db.session.add(interface)
+    db.session.flush()
+    allocate_ipv4(interface.id)
+    allocate_ipv6(interface.id)
+    return interface
+
+
+def release_interfaces(vm_id: int) -> None:
+    """Free the VM's addresses and delete its interfaces (once its domain is gone)."""
+    ids = select(Interface.id).where(Interface.vm_id == vm_id).scalar_subquery()
+    for model in (Ipv4Address, Ipv6Address):
+        db.session.execute(
+            update(model)
+            .where(model.interface_id.in_(ids))
+            .values(interface_id=None)
+            .execution_options(synchronize_session=False)
+        )
+    db.session.execute(
+        delete(Interface)
+        .where(Interface.vm_id == vm_id)
+        .execution_options(synchronize_session=False)
+    )
