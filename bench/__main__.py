@@ -59,6 +59,20 @@ def fleet(server: str, nodes: int, host_file: Path):
             sa.text("INSERT INTO virt_node (node_id, virt_method_id) SELECT id, :m FROM node"),
             {"m": method},
         )
+        db.session.execute(
+            sa.text(
+                "INSERT INTO ipv4_address (address, prefix, gateway)"
+                " SELECT '10.' || (i / 65536) || '.' || (i / 256 % 256) || '.' || (i % 256),"
+                " 8, '10.255.255.254' FROM generate_series(1, :n) AS i"
+            ),
+            {"n": WARMUP + REQUESTS + 10},
+        )
+        db.session.execute(
+            sa.text(
+                "INSERT INTO ipv6_pool (network, prefix, gateway, next_host, size)"
+                " VALUES ('2001:db8::/64', 64, '2001:db8::1', 1, 4611686018427387904)"
+            )
+        )
         db.session.execute(sa.text("ANALYZE"))
         db.session.commit()
     return url, app, method

@@ -23,7 +23,8 @@ def engine_for(url):
     return sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
 
 
-def test_capacity_race(server):
+def setup_fleet(server, ipv4_network="198.51.100.0/24"):
+    """4 nodes with 4 vCPUs each (room for 16 one-core VMs) and address pools."""
     status, method = server.call("POST", "virt_method", {"name": "TEST", "domain_type": "test"})
     assert status == 201
     for _ in range(NODES):
@@ -32,6 +33,20 @@ def test_capacity_race(server):
                 "virt_method": {"id": method["data"]["id"]}}  # fmt: skip
         status, answer = server.call("POST", "virt_node", body)
         assert status == 201, answer
+    gateway = ipv4_network.replace(".0/", ".1/").split("/")[0]
+    assert server.call("POST", "ipv4", {"network": ipv4_network, "gateway": gateway})[0] == 201
+    v6 = {"network": "2001:db8:100::/64", "gateway": "2001:db8:100::1"}
+    assert server.call("POST", "ipv6", v6)[0] == 201
+    return {"cores": 1, "ram": 256 * 1024 * 1024, "virt_method": {"id": method["data"]["id"]}}
+
+
+def race(server, body):
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda _: server.call("POST", "vm", body), range(REQUESTS)))
+
+
+def test_capacity_race(server):
+    body = setup_fleet(server)
 
     engine = engine_for(server.db_url)
     stop = threading.Event()
@@ -47,10 +62,8 @@ def test_capacity_race(server):
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    body = {"cores": 1, "ram": 256 * 1024 * 1024, "virt_method": {"id": method["data"]["id"]}}
     try:
-        with ThreadPoolExecutor(THREADS) as pool:
-            answers = list(pool.map(lambda _: server.call("POST", "vm", body), range(REQUESTS)))
+        answers = race(server, body)
     finally:
         stop.set()
         sampler.join()
@@ -72,3 +85,29 @@ def test_capacity_race(server):
     created = sorted(a["data"]["name"] for s, a in answers if s == 201)
     assert sorted(our_domains(server.installation)) == created
     engine.dispose()
+
+
+def test_address_exhaustion_race(server):
+    """Room for 16 VMs, but a /28 holds 13 free IPv4 addresses (14 hosts less the gateway)."""
+    body = setup_fleet(server, ipv4_network="192.0.2.0/28")
+    answers = race(server, body)
+    statuses = Counter(status for status, _ in answers)
+    errors = Counter(a.get("error_id") for status, a in answers if status != 201)
+    assert statuses == {201: 13, 409: REQUESTS - 13}, (statuses, errors)
+    assert errors == {"vm/no_free_ipv4": REQUESTS - 13}
+    engine = engine_for(server.db_url)
+    with engine.connect() as conn:
+        held = conn.execute(
+            sa.text("SELECT address, interface_id FROM ipv4_address WHERE interface_id IS NOT NULL")
+        ).all()
+        v6 = conn.execute(
+            sa.text("SELECT address FROM ipv6_address WHERE interface_id IS NOT NULL")
+        ).all()
+        ifaces = conn.execute(sa.text("SELECT count(*) FROM interface")).scalar()
+        cores = conn.execute(sa.text("SELECT sum(allocated_cores) FROM node")).scalar()
+    engine.dispose()
+    assert len(held) == 13 and len({a for a, _ in held}) == 13 and len({i for _, i in held}) == 13
+    assert len(v6) == 13 == len({a for (a,) in v6}) == ifaces
+    assert cores == 13  # the losers' claims were rolled back with their address
+    created = sorted(a["data"]["name"] for s, a in answers if s == 201)
+    assert sorted(our_domains(server.installation)) == created

@@ -6,6 +6,7 @@ here carry a test installation id; leftovers of an interrupted run are removed f
 
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
@@ -48,10 +49,14 @@ def app_config():
 
 
 @pytest.fixture
-def qemu_node(api, conn):
+def qemu_node(api, conn, address_pools):
     remove_test_domains(conn)
     method = "KVM" if kvm_works() else "QEMU"
-    body = {"node": node_body(libvirt_uri=URI), "virt_method": {"name": method}}
+    # user networking needs nothing on the host; ethernet (a tap) is tested below
+    body = {
+        "node": node_body(libvirt_uri=URI, interface_mode="user"),
+        "virt_method": {"name": method},
+    }
     response = api.post("virt_node", json=body)
     assert response.status_code == 201, response.json
     vn = response.json["data"]
@@ -172,3 +177,28 @@ def test_software_emulation_domain(api, qemu_node, conn):
     dom = conn.lookupByName(vm["name"])
     assert "type='qemu'" in dom.XMLDesc(0)
     assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+@pytest.mark.parametrize("mode", ["user", "ethernet"])
+def test_nic_with_the_mac_the_api_reports(api, qemu_node, conn, mode):
+    api.update(f"node/{qemu_node['node']['id']}", json={"interface_mode": mode})
+    vm = create(api, qemu_node)
+    iface = api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
+    dom = conn.lookupByName(vm["name"])
+    assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+    nics = ET.fromstring(dom.XMLDesc(0)).findall("devices/interface")
+    assert [(n.get("type"), n.find("mac").get("address")) for n in nics] == [(mode, iface["mac"])]
+    if mode == "ethernet":
+        tap = f"vm{vm['id']}-{iface['id']}"
+        assert nics[0].find("target").get("dev") == tap
+        link = subprocess.run(["ip", "-o", "link", "show", tap], capture_output=True, text=True)
+        assert link.returncode == 0 and iface["mac"][3:] in link.stdout  # the host side of the tap
+    meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "urn:vmapi:domain:1", 0)
+    v4 = api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]
+    assert f'ipv4="{v4["address"]}/{v4["prefix"]}"' in meta
+    api.delete(f"vm/{vm['id']}")
+    if mode == "ethernet":
+        gone = subprocess.run(
+            ["ip", "link", "show", f"vm{vm['id']}-{iface['id']}"], capture_output=True
+        )
+        assert gone.returncode != 0

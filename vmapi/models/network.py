@@ -7,10 +7,15 @@ are the rows whose ``interface_id`` is null (a partial index finds them at once)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
+
+if TYPE_CHECKING:
+    from vmapi.models.vm import Vm
 
 
 class Vlan(db.Model):
@@ -29,6 +34,7 @@ class Interface(db.Model):
     mac: Mapped[str] = mapped_column(String(17), unique=True)
     vlan_id: Mapped[int | None] = mapped_column(ForeignKey("vlan.id"), index=True)
 
+    vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
     vlan: Mapped[Vlan | None] = relationship(lazy="raise_on_sql")
     ipv4: Mapped[list[Ipv4Address]] = relationship(
         lazy="raise_on_sql", order_by="Ipv4Address.id", viewonly=True

@@ -58,9 +58,23 @@ def model_for_table(table_name: str) -> type:
 class CrudService(Generic[M]):
     """Database-only CRUD for ``model``, named ``resource`` in URLs and error ids."""
 
+    #: every service by its model, so a nested load can apply the target's read options
+    by_model: dict[type, CrudService] = {}
+
     def __init__(self, model: type[M], resource: str) -> None:
         self.model = model
         self.resource = resource
+        CrudService.by_model.setdefault(model, self)
+
+    def nest_options(self, names: Sequence[str]) -> list:
+        """Loader options for ``nest=``: each relationship, with its target's own options."""
+        options = []
+        for name in names:
+            relationship = getattr(self.model, name)
+            target = CrudService.by_model.get(relationship.property.mapper.class_)
+            extra = target.load_options() if target is not None else []
+            options.append(selectinload(relationship).options(*extra))
+        return options
 
     # ------------------------------------------------------------------ reading
     def scope(self, stmt: Select, principal: Principal) -> Select:
@@ -92,9 +106,7 @@ class CrudService(Generic[M]):
 
     def get(self, ident: int, principal: Principal, nest: Sequence[str] = ()) -> M:
         stmt = select(self.model).where(self.model.id == ident).options(*self.load_options())
-        stmt = self.scope(stmt, principal)
-        for name in nest:
-            stmt = stmt.options(selectinload(getattr(self.model, name)))
+        stmt = self.scope(stmt, principal).options(*self.nest_options(nest))
         obj = db.session.scalars(stmt).first()
         if obj is None:
             raise self.not_found(ident)
@@ -108,9 +120,7 @@ class CrudService(Generic[M]):
         if params.after is not None:
             stmt = stmt.where(self.model.id > params.after)
         stmt = self.scope(stmt, principal).order_by(self.model.id).limit(params.limit + 1)
-        stmt = stmt.options(*self.load_options())
-        for name in params.nest:
-            stmt = stmt.options(selectinload(getattr(self.model, name)))
+        stmt = stmt.options(*self.load_options(), *self.nest_options(params.nest))
         objs = list(db.session.scalars(stmt))
         return objs[: params.limit], len(objs) > params.limit
 

@@ -73,12 +73,15 @@ def allocate_ipv6(interface_id: int) -> int:
     if taken is not None:
         return taken
     while True:
+        # No SKIP LOCKED here: a pool is one counter row, and skipping it while another
+        # create holds it would wrongly find no pool. Waiting costs the rest of that
+        # short transaction; PostgreSQL then re-checks next_host < size on the new row.
         pick = (
             select(Ipv6Pool.id)
             .where(Ipv6Pool.next_host < Ipv6Pool.size)
             .order_by(Ipv6Pool.id)
             .limit(1)
-            .with_for_update(skip_locked=True)
+            .with_for_update()
             .scalar_subquery()
         )
         row = db.session.execute(
