@@ -12,7 +12,7 @@ if command -v virsh >/dev/null && answers && { [ ! -c /dev/kvm ] || [ "$(stat -c
   exit 0
 fi
 "$here/ensure-packages.sh" libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-  qemu-system-x86 >&2
+  qemu-system-x86 qemu-utils >&2
 getent group kvm >/dev/null || groupadd --system kvm
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-qemu \

@@ -43,6 +43,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "VM_MAX_RAM_FACTOR": (1.0, "a domain's maximum memory as a multiple of its ram"),
     "SHUTDOWN_TIMEOUT": (20.0, "seconds to wait for an ACPI shutdown before answering"),
     "BUILD_TIMEOUT": (600, "seconds after which reconcile treats a building VM as stale"),
+    "STORAGE_POOL_DIR": (
+        "/var/lib/libvirt/images/vmapi",
+        "where a missing pool is made: <dir>/<pool name>, unless the node's virt_node sets "
+        "local_storage_path",
+    ),
+    "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
     "LOG_LEVEL": ("INFO", "Python log level"),
 }
 

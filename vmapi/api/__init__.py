@@ -7,7 +7,7 @@ import re
 from flask import Flask, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, meta, network, node, vm
+from vmapi.api import catalog, meta, network, node, storage, vm
 from vmapi.api.resource import RESOURCES
 from vmapi.api.version import check_version
 from vmapi.errors import ApiError, from_http_exception
@@ -46,5 +46,6 @@ def register_api(app: Flask) -> None:
         return error_response(from_http_exception(exc))
 
     app.register_blueprint(meta.bp)
-    for resource in (*catalog.RESOURCES, *node.RESOURCES, *vm.RESOURCES, *network.RESOURCES):
+    groups = (catalog, node, vm, network, storage)
+    for resource in (r for group in groups for r in group.RESOURCES):
         app.register_blueprint(resource.blueprint())

@@ -1,7 +1,7 @@
 """Blueprint of /vm (admins and customers; customers see only their own VMs)."""
 
 from vmapi.api.resource import ALL_ROLES, ResourceApi
-from vmapi.schemas.vm import VmSchema, VmUpdateOptions
+from vmapi.schemas.vm import VmDeleteOptions, VmSchema, VmUpdateOptions
 from vmapi.services.vms import VmService
 
 vm = ResourceApi(
@@ -12,11 +12,20 @@ vm = ResourceApi(
     write_roles=ALL_ROLES,
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
+    delete_options=VmDeleteOptions,
     actions={"reboot": "reboot"},
     error_ids={
         400: ["vm/immutable_field", "vm/state_not_settable"],
         404: ["vm/node_not_found"],
-        409: ["vm/no_valid_host", "vm/node_unsuitable", "vm/uuid_conflict", "vm/state_conflict"],
+        409: [
+            "vm/no_valid_host",
+            "vm/node_unsuitable",
+            "vm/uuid_conflict",
+            "vm/state_conflict",
+            "vm/no_free_ipv4",
+            "vm/no_free_ipv6",
+            "vm/has_storage",
+        ],
         502: ["vm/hypervisor_error"],
         504: ["vm/hypervisor_timeout"],
     },

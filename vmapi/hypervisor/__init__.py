@@ -10,6 +10,7 @@ from vmapi.hypervisor.driver import (
     PAUSED,
     RUNNING,
     SHUTOFF,
+    DiskSpec,
     DomainInfo,
     DomainNotFound,
     DomainSpec,
@@ -21,6 +22,7 @@ from vmapi.hypervisor.driver import (
     NicSpec,
     NotSupported,
     OperationInvalid,
+    VolumeNotFound,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "PAUSED",
     "RUNNING",
     "SHUTOFF",
+    "DiskSpec",
     "DomainInfo",
     "DomainNotFound",
     "DomainSpec",
@@ -40,4 +43,5 @@ __all__ = [
     "NicSpec",
     "NotSupported",
     "OperationInvalid",
+    "VolumeNotFound",
 ]

@@ -34,6 +34,10 @@ class DomainNotFound(HypervisorError):
     """The host has no domain of that name."""
 
 
+class VolumeNotFound(HypervisorError):
+    """The pool has no volume of that name."""
+
+
 class OperationInvalid(HypervisorError):
     """The domain is not in a state that allows the operation (e.g. suspend a shut-off one)."""
 
@@ -67,6 +71,18 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """A volume attached as a virtio disk, with its cache mode and I/O limits."""
+
+    path: str
+    format: str  # qcow2 or raw
+    target: str  # vdb, vdc, ...
+    cache: str | None = None
+    #: libvirt <iotune> names: read_iops_sec, write_iops_sec, read_bytes_sec, write_bytes_sec
+    iotune: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything a domain is made of; the persistent definition is rewritten from it."""
 
@@ -83,6 +99,7 @@ class DomainSpec:
     cpu_quota: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     nics: tuple[NicSpec, ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,3 +163,28 @@ class HypervisorDriver(Protocol):
     def set_cputune_live(self, uri: str, name: str, period: int, quota: int) -> None:
         """Change the running domain's CPU bandwidth; quota -1 means unlimited."""
         ...
+
+    def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
+        """Make sure a started storage pool ``pool`` exists; define a dir pool at ``path``
+        if it does not. True when it was created."""
+        ...
+
+    def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
+        """Create a volume; return its path."""
+        ...
+
+    def volume(self, uri: str, pool: str, name: str) -> tuple[str, int]:
+        """Path and capacity (bytes) of a volume (``VolumeNotFound`` when there is none)."""
+        ...
+
+    def resize_volume(self, uri: str, pool: str, name: str, size: int) -> None: ...
+
+    def delete_volume(self, uri: str, pool: str, name: str) -> None: ...
+
+    def attach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None: ...
+
+    def detach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None: ...
+
+    def set_iotune_live(self, uri: str, name: str, target: str, iotune: dict[str, int]) -> None: ...
+
+    def resize_disk_live(self, uri: str, name: str, target: str, size: int) -> None: ...

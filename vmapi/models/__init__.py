@@ -3,6 +3,7 @@
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
+from vmapi.models.storage import Storage
 from vmapi.models.token import ApiToken
 from vmapi.models.vm import Vm
 
@@ -15,6 +16,7 @@ __all__ = [
     "Ipv6Pool",
     "Node",
     "NodeState",
+    "Storage",
     "StorageType",
     "VirtMethod",
     "VirtNode",

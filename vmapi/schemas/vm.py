@@ -73,3 +73,9 @@ class VmUpdateOptions(BaseSchema):
                 raise ValidationError({"force": ["Use true or false."]})
             values["force"] = raw == "true"
         return super().load(values, **kwargs)
+
+
+class VmDeleteOptions(BaseSchema):
+    """``?cascade=storage``: delete the VM's volumes too (otherwise 409 vm/has_storage)."""
+
+    cascade = Str(validate=validate.OneOf(["storage"]))

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from vmapi.extensions import db
-from vmapi.hypervisor import DomainSpec, NicSpec
-from vmapi.models import Interface, Node, VirtMethod, Vm
+from vmapi.hypervisor import DiskSpec, DomainSpec, NicSpec
+from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 
 MIB = 1024 * 1024
 
@@ -55,11 +55,53 @@ def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
     return tuple(nics)
 
 
+IOTUNE = {
+    "read_iops_limit": "read_iops_sec",
+    "write_iops_limit": "write_iops_sec",
+    "read_bps_limit": "read_bytes_sec",
+    "write_bps_limit": "write_bytes_sec",
+}
+
+
+def disk_spec(storage: Storage, fmt: str, cache: str | None) -> DiskSpec:
+    iotune = {key: getattr(storage, limit) for limit, key in IOTUNE.items()}
+    return DiskSpec(
+        path=storage.path or "",
+        format=fmt,
+        target=storage.target,
+        cache=cache,
+        iotune={key: value for key, value in iotune.items() if value},
+    )
+
+
+def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
+    """The VM's volumes that exist (``path`` set), in target order."""
+    stmt = (
+        select(Storage, StorageType.format, CacheOption.name)
+        .join(StorageType, StorageType.id == Storage.storage_type_id)
+        .outerjoin(CacheOption, CacheOption.id == Storage.cache_option_id)
+        .where(Storage.vm_id == vm_id, Storage.path.is_not(None))
+        .order_by(Storage.target)
+    )
+    return tuple(
+        disk_spec(storage, fmt, cache)
+        for storage, fmt, cache in db.session.execute(stmt)
+        if storage.id != exclude
+    )
+
+
 def interface_mode(node: Node, config: dict[str, Any]) -> str:
     return node.interface_mode or config["INTERFACE_MODE"]
 
 
-def domain_spec(vm: Vm, method: VirtMethod, node: Node, config: dict[str, Any]) -> DomainSpec:
+def domain_spec(
+    vm: Vm,
+    method: VirtMethod,
+    node: Node,
+    config: dict[str, Any],
+    without_disk: int | None = None,
+) -> DomainSpec:
+    """The whole domain from the database; ``without_disk`` leaves one storage out."""
     max_vcpus = max(vm.cores, int(config["VM_MAX_VCPUS"]))
     max_memory = max(vm.ram, int(vm.ram * float(config["VM_MAX_RAM_FACTOR"])) // MIB * MIB)
     quota = vm.cputime_limit
@@ -76,4 +118,5 @@ def domain_spec(vm: Vm, method: VirtMethod, node: Node, config: dict[str, Any]) 
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
         nics=nic_specs(vm.id, interface_mode(node, config)),
+        disks=disk_specs(vm.id, exclude=without_disk),
     )

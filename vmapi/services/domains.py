@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from vmapi.errors import ApiError, HypervisorFailure
 from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
@@ -23,7 +23,7 @@ from vmapi.hypervisor import (
     HypervisorTimeout,
     HypervisorUnavailable,
 )
-from vmapi.models import Node, Vm, VmState
+from vmapi.models import Node, Storage, Vm, VmState
 from vmapi.scheduler import release
 from vmapi.services.hosts import hypervisor, node_uri
 from vmapi.services.network import release_interfaces
@@ -115,6 +115,9 @@ def forget(vm: Vm) -> None:
         return
     release(row.node_id, row.cores, row.ram)
     release_interfaces(row.id)
+    db.session.execute(
+        delete(Storage).where(Storage.vm_id == row.id).execution_options(synchronize_session=False)
+    )
     db.session.delete(row)
     db.session.commit()
 

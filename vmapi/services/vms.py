@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import current_app
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
@@ -37,7 +38,7 @@ from vmapi.hypervisor import (
     HypervisorError,
     OperationInvalid,
 )
-from vmapi.models import Node, VirtMethod, Vm, VmState
+from vmapi.models import Node, Storage, VirtMethod, Vm, VmState
 from vmapi.scheduler import (
     Defaults,
     NoValidHost,
@@ -61,6 +62,7 @@ from vmapi.services.domains import (
 )
 from vmapi.services.hosts import hypervisor
 from vmapi.services.network import add_interface
+from vmapi.services.storage import Disk, StorageService
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 
 log = logging.getLogger(__name__)
@@ -270,9 +272,18 @@ class VmService(CrudService[Vm]):
     ) -> Outcome[Vm]:
         """Delete the VMs and their domains. Every host is checked before anything goes."""
         vms: list[Vm] = []
+        cascade = options.get("cascade") == "storage"
         for index, ident in enumerate(ids):
             with at_index(index if indexed else None):
                 vms.append(self.get(ident, principal))
+                volumes = storage_of(vms[-1].id)
+                if volumes and not cascade:
+                    raise Conflict(
+                        f"vm-{ident} still has storage {volumes}; delete it first or send "
+                        "?cascade=storage.",
+                        error_id="vm/has_storage",
+                        data={"storage": volumes},
+                    )
                 self.check_host(vms[-1])
         messages = []
         for index, vm in enumerate(vms):
@@ -287,6 +298,8 @@ class VmService(CrudService[Vm]):
                 if indexed:
                     error.with_index(index)
                 raise error from exc
+            if cascade:
+                self.delete_volumes(vm, host, index if indexed else None)
             forget(vm)
             if not existed:
                 messages.append(
@@ -294,6 +307,20 @@ class VmService(CrudService[Vm]):
                     "it was removed from the inventory."
                 )
         return Outcome(vms, messages)
+
+    @staticmethod
+    def delete_volumes(vm: Vm, host: Host, index: int | None) -> None:
+        """The volumes of a VM whose domain is gone (``?cascade=storage``)."""
+        for storage in db.session.scalars(select(Storage).where(Storage.vm_id == vm.id)):
+            try:
+                StorageService.delete_volume(Disk(storage))
+            except HypervisorError as exc:
+                error = hypervisor_failure(
+                    exc, f"deleting the volume of storage {storage.id}", host
+                )
+                if index is not None:
+                    error.with_index(index)
+                raise error from exc
 
     def check_host(self, vm: Vm) -> None:
         """Refuse early (nothing deleted) when the VM's host does not answer."""
@@ -329,3 +356,9 @@ class VmService(CrudService[Vm]):
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
         return Outcome(self.loaded([vm]))
+
+
+def storage_of(vm_id: int) -> list[int]:
+    return list(
+        db.session.scalars(select(Storage.id).where(Storage.vm_id == vm_id).order_by(Storage.id))
+    )

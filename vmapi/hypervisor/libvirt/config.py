@@ -168,6 +168,61 @@ class Nic(XmlObject):
 
 
 @dataclass
+class Disk(XmlObject):
+    """``<disk type='file'>``: a volume as a virtio disk with cache mode and ``<iotune>``."""
+
+    path: str
+    format: str
+    target: str
+    cache: str | None = None
+    iotune: dict[str, int] = field(default_factory=dict)
+
+    def element(self) -> ET.Element:
+        el = ET.Element("disk", type="file", device="disk")
+        driver = {"name": "qemu", "type": self.format}
+        if self.cache:
+            driver["cache"] = self.cache
+        ET.SubElement(el, "driver", driver)
+        ET.SubElement(el, "source", file=self.path)
+        ET.SubElement(el, "target", dev=self.target, bus="virtio")
+        if self.iotune:
+            iotune = ET.SubElement(el, "iotune")
+            for key in sorted(self.iotune):
+                ET.SubElement(iotune, key).text = str(self.iotune[key])
+        return el
+
+
+@dataclass
+class StoragePool(XmlObject):
+    """A ``dir`` storage pool."""
+
+    name: str
+    path: str
+
+    def element(self) -> ET.Element:
+        el = ET.Element("pool", type="dir")
+        ET.SubElement(el, "name").text = self.name
+        target = ET.SubElement(el, "target")
+        ET.SubElement(target, "path").text = self.path
+        return el
+
+
+@dataclass
+class Volume(XmlObject):
+    name: str
+    capacity: int  # bytes
+    format: str
+
+    def element(self) -> ET.Element:
+        el = ET.Element("volume")
+        ET.SubElement(el, "name").text = self.name
+        ET.SubElement(el, "capacity", unit="bytes").text = str(self.capacity)
+        target = ET.SubElement(el, "target")
+        ET.SubElement(target, "format", type=self.format)
+        return el
+
+
+@dataclass
 class Domain(XmlObject):
     type: str
     name: str
@@ -183,6 +238,7 @@ class Domain(XmlObject):
     lifecycle: dict[str, str] = field(default_factory=dict)
     devices: list[Device] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
 
     def element(self) -> ET.Element:
         root = ET.Element("domain", type=self.type)
@@ -205,6 +261,8 @@ class Domain(XmlObject):
             if event in self.lifecycle:
                 ET.SubElement(root, event).text = self.lifecycle[event]
         devices = ET.SubElement(root, "devices")
+        for disk in self.disks:
+            devices.append(disk.element())
         for nic in self.nics:
             devices.append(nic.element())
         for device in self.devices:

@@ -28,6 +28,7 @@ from vmapi.hypervisor.driver import (
     HypervisorUnavailable,
     NotSupported,
     OperationInvalid,
+    VolumeNotFound,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
         return HypervisorUnavailable(uri, message)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainNotFound(uri, message)
+    if code == libvirt.VIR_ERR_NO_STORAGE_VOL:
+        return VolumeNotFound(uri, message)
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return OperationInvalid(uri, message)
     if code in _NOT_SUPPORTED:

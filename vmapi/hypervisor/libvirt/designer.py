@@ -6,10 +6,11 @@ this module decides, ``config`` only writes.
 
 from __future__ import annotations
 
-from vmapi.hypervisor.driver import DomainSpec, NicSpec
+from vmapi.hypervisor.driver import DiskSpec, DomainSpec, NicSpec
 from vmapi.hypervisor.libvirt.config import (
     CpuTune,
     Device,
+    Disk,
     Domain,
     Memory,
     Metadata,
@@ -45,6 +46,7 @@ def design(spec: DomainSpec) -> Domain:
         # libvirt cannot put a VLAN tag on bridge (without Open vSwitch), ethernet or user
         # interfaces: the tag travels in the metadata for the host's configuration.
         nics=[Nic(mode=nic.mode, mac=nic.mac, device=nic.device) for nic in spec.nics],
+        disks=[disk_xml(disk) for disk in spec.disks],
     )
     if spec.domain_type in PC_TYPES:
         domain.features = ("acpi", "apic")
@@ -70,3 +72,7 @@ def _nic_metadata(nic: NicSpec) -> dict[str, str]:
         "vlan": str(nic.vlan) if nic.vlan is not None else "",
     }
     return {key: value for key, value in values.items() if value}
+
+
+def disk_xml(disk: DiskSpec) -> Disk:
+    return Disk(disk.path, disk.format, disk.target, disk.cache, dict(disk.iotune))

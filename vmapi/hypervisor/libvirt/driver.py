@@ -15,6 +15,7 @@ from vmapi.hypervisor.driver import (
     PAUSED,
     RUNNING,
     SHUTOFF,
+    DiskSpec,
     DomainInfo,
     DomainSpec,
     HostInfo,
@@ -22,14 +23,15 @@ from vmapi.hypervisor.driver import (
     HypervisorUnavailable,
     NotSupported,
 )
-from vmapi.hypervisor.libvirt.config import METADATA_NS, Metadata
+from vmapi.hypervisor.libvirt.config import METADATA_NS, Metadata, StoragePool, Volume
 from vmapi.hypervisor.libvirt.connection import ConnectionCache, call_with_timeout, translate
-from vmapi.hypervisor.libvirt.designer import design
+from vmapi.hypervisor.libvirt.designer import design, disk_xml
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIB = 1024 * 1024
+IOTUNE_KEYS = ("read_iops_sec", "write_iops_sec", "read_bytes_sec", "write_bytes_sec")
 
 STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: ERROR,
@@ -173,3 +175,79 @@ class LibvirtDriver:
             dom.setSchedulerParametersFlags(params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
         self._on_domain(uri, name, tune)
+
+    # ------------------------------------------------------------------ storage
+    def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
+        def ensure(conn: libvirt.virConnect) -> bool:
+            created = False
+            try:
+                found = conn.storagePoolLookupByName(pool)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    raise
+                found = conn.storagePoolDefineXML(StoragePool(pool, path).to_xml(), 0)
+                found.build(0)
+                found.setAutostart(1)
+                created = True
+            if not found.isActive():
+                found.create(0)
+            return created
+
+        created = self._call(uri, ensure)
+        if created:
+            log.info("defined and started dir storage pool %s at %s on %s", pool, path, uri)
+        return created
+
+    def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
+        xml = Volume(name, size, fmt).to_xml()
+        return self._call(
+            uri, lambda conn: conn.storagePoolLookupByName(pool).createXML(xml, 0).path()
+        )
+
+    def volume(self, uri: str, pool: str, name: str) -> tuple[str, int]:
+        def look(conn: libvirt.virConnect) -> tuple[str, int]:
+            vol = conn.storagePoolLookupByName(pool).storageVolLookupByName(name)
+            return vol.path(), vol.info()[1]
+
+        return self._call(uri, look)
+
+    def resize_volume(self, uri: str, pool: str, name: str, size: int) -> None:
+        self._call(
+            uri,
+            lambda conn: (
+                conn.storagePoolLookupByName(pool).storageVolLookupByName(name).resize(size, 0)
+            ),
+        )
+
+    def delete_volume(self, uri: str, pool: str, name: str) -> None:
+        self._call(
+            uri,
+            lambda conn: conn.storagePoolLookupByName(pool).storageVolLookupByName(name).delete(0),
+        )
+
+    def attach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None:
+        xml = disk_xml(disk).to_xml()
+        self._on_domain(
+            uri, name, lambda dom: dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        )
+
+    def detach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None:
+        xml = disk_xml(disk).to_xml()
+        self._on_domain(
+            uri, name, lambda dom: dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        )
+
+    def set_iotune_live(self, uri: str, name: str, target: str, iotune: dict[str, int]) -> None:
+        params = {key: iotune.get(key, 0) for key in IOTUNE_KEYS}  # 0 lifts a limit
+        self._on_domain(
+            uri,
+            name,
+            lambda dom: dom.setBlockIoTune(target, params, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+        )
+
+    def resize_disk_live(self, uri: str, name: str, target: str, size: int) -> None:
+        self._on_domain(
+            uri,
+            name,
+            lambda dom: dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES),
+        )

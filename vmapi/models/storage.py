@@ -1,0 +1,50 @@
+"""Block storage: volumes in a libvirt pool on the VM's node, attached as virtio disks."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    String,
+    UniqueConstraint,
+    column,
+    or_,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from vmapi.extensions import db
+
+LIMITS = ("write_iops_limit", "read_iops_limit", "write_bps_limit", "read_bps_limit")
+
+
+class Storage(db.Model):
+    __tablename__ = "storage"
+    __table_args__ = (
+        # one target device per VM; the last defence against two disks racing for vdb
+        UniqueConstraint("vm_id", "target"),
+        CheckConstraint("size > 0", name="size_positive"),
+        *[
+            CheckConstraint(or_(column(limit).is_(None), column(limit) >= 0), name=limit)
+            for limit in LIMITS
+        ],
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vm.id"), index=True)
+    storage_type_id: Mapped[int] = mapped_column(ForeignKey("storage_type.id"), index=True)
+    cache_option_id: Mapped[int | None] = mapped_column(ForeignKey("cache_option.id"), index=True)
+    write_iops_limit: Mapped[int | None] = mapped_column(BigInteger)
+    read_iops_limit: Mapped[int | None] = mapped_column(BigInteger)
+    write_bps_limit: Mapped[int | None] = mapped_column(BigInteger)
+    read_bps_limit: Mapped[int | None] = mapped_column(BigInteger)
+    #: the guest's device name (vdb, vdc, ...), chosen without clashes per VM
+    target: Mapped[str] = mapped_column(String(8))
+    #: the volume's path on the node, as libvirt reported it (null until it exists)
+    path: Mapped[str | None] = mapped_column(String(1024))
+
+    @property
+    def volume(self) -> str:
+        """The libvirt volume's name, tied to the storage id."""
+        return f"vmapi-storage-{self.id}"

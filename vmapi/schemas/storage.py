@@ -1,0 +1,26 @@
+"""Schema of /storage."""
+
+from __future__ import annotations
+
+from marshmallow import ValidationError
+
+from vmapi.schemas.base import BaseSchema, Int, Ref, non_negative
+
+MIB = 1024 * 1024
+
+
+def validate_size(value: int) -> None:
+    if value <= 0 or value % MIB:
+        raise ValidationError("Must be a positive whole number of MiB (a multiple of 1048576).")
+
+
+class StorageSchema(BaseSchema):
+    id = Int(dump_only=True)
+    size = Int(required=True, validate=validate_size)
+    vm = Ref("vm", attribute="vm_id", required=True)
+    storage_type = Ref("storage_type", attribute="storage_type_id", required=True)
+    cache_option = Ref("cache_option", attribute="cache_option_id", allow_none=True)
+    write_iops_limit = Int(allow_none=True, validate=non_negative())
+    read_iops_limit = Int(allow_none=True, validate=non_negative())
+    write_bps_limit = Int(allow_none=True, validate=non_negative())
+    read_bps_limit = Int(allow_none=True, validate=non_negative())

@@ -1,0 +1,345 @@
+"""/storage: volumes in a libvirt pool on the VM's node, attached as virtio disks.
+
+Order of a create: pick a target device under the VM's row lock and commit the row;
+make sure the pool exists; create the volume; rewrite the domain's persistent definition
+(from the database, now with the disk); attach it live when the domain runs. Each step
+pushes its inverse, so a failure leaves no volume, no disk and no row. Where the
+hypervisor cannot change a running domain (attach, grow, limits) the persistent
+definition has it and the answer says it takes effect at the next start.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from vmapi.auth import Principal
+from vmapi.errors import Conflict, ValidationError, at_index
+from vmapi.extensions import db
+from vmapi.hypervisor import (
+    PAUSED,
+    RUNNING,
+    DomainSpec,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    VolumeNotFound,
+)
+from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
+from vmapi.services.crud import CrudService, Outcome
+from vmapi.services.designer import disk_spec, domain_spec
+from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
+from vmapi.services.hosts import hypervisor
+
+TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
+MIB = 1024 * 1024
+
+
+def visible_vm(vm_id: int, principal: Principal) -> Vm:
+    """The VM, if the principal may see it (400 otherwise: the body names it)."""
+    stmt = select(Vm).where(Vm.id == vm_id)
+    if not principal.is_admin:
+        stmt = stmt.where(Vm.customer_id == principal.customer_id)
+    vm = db.session.scalars(stmt).first()
+    if vm is None:
+        raise ValidationError(data={"vm": [f"No vm with id {vm_id}."]})
+    return vm
+
+
+class Disk:
+    """A storage row with what the hypervisor needs to know about it."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.vm = db.session.get(Vm, storage.vm_id)
+        self.host = Host.of(self.vm.node_id)
+        self.type = db.session.get(StorageType, storage.storage_type_id)
+        cache = (
+            db.session.get(CacheOption, storage.cache_option_id)
+            if storage.cache_option_id
+            else None
+        )
+        self.spec = disk_spec(storage, self.type.format, cache.name if cache else None)
+
+    def domain(self, without: bool = False) -> DomainSpec:
+        method = db.session.get(VirtMethod, self.vm.virt_method_id)
+        exclude = self.storage.id if without else None
+        return domain_spec(self.vm, method, self.host.node, current_app.config, exclude)
+
+    def running(self) -> bool:
+        return hypervisor().domain(self.host.uri, self.vm.name).state in (RUNNING, PAUSED)
+
+
+def live(action: Callable[[], None], messages: list[str], what: str) -> bool:
+    """Change the running domain; a refusal (not a lost host) waits for the next start."""
+    try:
+        action()
+    except (HypervisorUnavailable, HypervisorTimeout):
+        raise
+    except HypervisorError as exc:
+        messages.append(f"{what} takes effect at the next start ({exc.reason}).")
+        return False
+    return True
+
+
+class StorageService(CrudService[Storage]):
+    def __init__(self) -> None:
+        super().__init__(Storage, "storage")
+
+    def scope(self, stmt, principal: Principal):
+        if principal.is_admin:
+            return stmt
+        own = select(Vm.id).where(Vm.customer_id == principal.customer_id)
+        return stmt.where(Storage.vm_id.in_(own))
+
+    def check_size(self, size: int) -> None:
+        limit = current_app.config["STORAGE_MAX_SIZE"]
+        if size > limit:
+            raise ValidationError(data={"size": [f"Must be at most {limit} bytes."]})
+
+    # ------------------------------------------------------------------ create
+    def create_many(
+        self, items: list[dict[str, Any]], principal: Principal, indexed: bool
+    ) -> Outcome[Storage]:
+        for index, data in enumerate(items):
+            with at_index(index if indexed else None):
+                visible_vm(data["vm_id"], principal)
+                self.check_references(data)
+                self.check_size(data["size"])
+        undo: Undo = []
+        made: list[Storage] = []
+        messages: list[str] = []
+        for index, data in enumerate(items):
+            try:
+                with at_index(index if indexed else None):
+                    made.append(self.create_one(data, undo, messages))
+            except BaseException:
+                run_undo(undo)
+                raise
+        return Outcome(made, messages)
+
+    def pool_dir(self, vm: Vm, pool: str) -> str:
+        configured = db.session.scalars(
+            select(VirtNode.local_storage_path).where(
+                VirtNode.node_id == vm.node_id, VirtNode.virt_method_id == vm.virt_method_id
+            )
+        ).first()
+        return configured or f"{current_app.config['STORAGE_POOL_DIR']}/{pool}"
+
+    def take_target(self, vm_id: int) -> str:
+        """The first free device name of the VM, under its row lock."""
+        db.session.scalars(select(Vm).where(Vm.id == vm_id).with_for_update()).one()
+        used = set(db.session.scalars(select(Storage.target).where(Storage.vm_id == vm_id)))
+        free = [t for t in TARGETS if t not in used]
+        if not free:
+            raise Conflict(
+                f"vm-{vm_id} has no free disk device name left.", error_id="storage/no_free_target"
+            )
+        return free[0]
+
+    def create_one(self, data: dict[str, Any], undo: Undo, messages: list[str]) -> Storage:
+        try:
+            storage = Storage(**data, target=self.take_target(data["vm_id"]))
+            db.session.add(storage)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        undo.append(lambda: self.forget(storage.id))
+        disk = Disk(storage)
+        driver = hypervisor()
+        uri, pool = disk.host.uri, disk.type.pool
+        step = "preparing the storage pool"
+        try:
+            directory = self.pool_dir(disk.vm, pool)
+            if driver.ensure_pool(uri, pool, directory):
+                messages.append(f"Storage pool {pool} was created at {directory}.")
+            step = "creating the volume"
+            size, fmt = storage.size, disk.type.format
+            storage.path = driver.create_volume(uri, pool, storage.volume, size, fmt)
+            undo.append(lambda: self.delete_volume(disk, quiet=True))
+            db.session.commit()
+            disk = Disk(storage)
+            step = "attaching the disk"
+            old = disk.domain(without=True)
+            driver.define(uri, disk.domain())
+            undo.append(lambda: driver.define(uri, old))
+            if disk.running():
+                name = disk.vm.name
+                what = f"Attaching storage {storage.id} to the running vm-{disk.vm.id}"
+                if live(lambda: driver.attach_disk_live(uri, name, disk.spec), messages, what):
+                    undo.append(lambda: driver.detach_disk_live(uri, name, disk.spec))
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, step, disk.host) from exc
+        return storage
+
+    @staticmethod
+    def forget(storage_id: int) -> None:
+        db.session.rollback()
+        row = db.session.get(Storage, storage_id)
+        if row is not None:
+            db.session.delete(row)
+            db.session.commit()
+
+    @staticmethod
+    def delete_volume(disk: Disk, quiet: bool = False) -> bool:
+        """Delete the volume; False if it was already gone."""
+        try:
+            hypervisor().delete_volume(disk.host.uri, disk.type.pool, disk.storage.volume)
+        except VolumeNotFound:
+            return False
+        except HypervisorError:
+            if not quiet:
+                raise
+        return True
+
+    # ------------------------------------------------------------------ update
+    def update_many(
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        principal: Principal,
+        indexed: bool,
+        options: dict[str, Any],
+    ) -> Outcome[Storage]:
+        plans = []
+        for index, (ident, data) in enumerate(items):
+            with at_index(index if indexed else None):
+                storage = self.get(ident, principal)
+                self.check_update(storage, data, principal)
+                plans.append((storage, data))
+        undo: Undo = []
+        messages: list[str] = []
+        for index, (storage, data) in enumerate(plans):
+            try:
+                with at_index(index if indexed else None):
+                    self.apply_update(storage, data, undo, messages)
+            except BaseException:
+                run_undo(undo)
+                raise
+        return Outcome([storage for storage, _ in plans], messages)
+
+    def check_update(self, storage: Storage, data: dict[str, Any], principal: Principal) -> None:
+        if "size" in data:
+            if data["size"] < storage.size:
+                raise ValidationError(
+                    f"Volumes only grow: {data['size']} is less than {storage.size} bytes.",
+                    error_id="storage/shrink_forbidden",
+                    data={"size": storage.size},
+                )
+            self.check_size(data["size"])
+        if "storage_type_id" in data and data["storage_type_id"] != storage.storage_type_id:
+            raise ValidationError(data={"storage_type": ["Cannot change; make a new volume."]})
+        if "vm_id" in data and data["vm_id"] != storage.vm_id:
+            target = visible_vm(data["vm_id"], principal)
+            if target.node_id != db.session.get(Vm, storage.vm_id).node_id:
+                raise Conflict(
+                    f"vm-{target.id} is on another node; volumes move only between VMs of "
+                    "one node.",
+                    error_id="storage/node_mismatch",
+                )
+        self.check_references(data)
+
+    def apply_update(
+        self, storage: Storage, data: dict[str, Any], undo: Undo, messages: list[str]
+    ) -> None:
+        before = Disk(storage)
+        old = {k: getattr(storage, k) for k in data}
+        moving = "vm_id" in data and data["vm_id"] != storage.vm_id
+        if moving:
+            data = {**data, "target": self.take_target(data["vm_id"])}
+            old["target"] = storage.target
+        for key, value in data.items():
+            setattr(storage, key, value)
+        db.session.commit()
+
+        def restore() -> None:
+            db.session.rollback()
+            for key, value in old.items():
+                setattr(storage, key, value)
+            db.session.commit()
+
+        undo.append(restore)
+        driver = hypervisor()
+        after = Disk(storage)
+        uri = after.host.uri
+        step = "changing the volume"
+        try:
+            if "size" in data and data["size"] != old["size"]:
+                driver.resize_volume(uri, after.type.pool, storage.volume, storage.size)
+            if moving:
+                step = "detaching the disk"
+                self.detach(before, messages, undo)
+                driver.define(uri, before.domain(without=True))
+                undo.append(lambda: driver.define(uri, before.domain()))
+            step = "redefining the domain"
+            previous = before.domain() if not moving else after.domain(without=True)
+            driver.define(uri, after.domain())
+            undo.append(lambda: driver.define(uri, previous))
+            if not after.running():
+                return
+            step = "changing the running domain"
+            name, label = after.vm.name, f"The change to storage {storage.id}"
+            if moving:
+                if live(lambda: driver.attach_disk_live(uri, name, after.spec), messages, label):
+                    undo.append(lambda: driver.detach_disk_live(uri, name, after.spec))
+                return
+            if "size" in data and data["size"] != old["size"]:
+                live(lambda: driver.resize_disk_live(uri, name, storage.target, storage.size),
+                     messages, f"Growing storage {storage.id} in the running domain")  # fmt: skip
+            limits = [k for k in data if k.endswith("_limit")]
+            if limits:
+                live(lambda: driver.set_iotune_live(uri, name, storage.target, after.spec.iotune),
+                     messages, f"The new I/O limits of storage {storage.id}")  # fmt: skip
+            if "cache_option_id" in data and data["cache_option_id"] != old["cache_option_id"]:
+                messages.append(
+                    f"The cache mode of storage {storage.id} takes effect at the next start."
+                )
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, step, after.host) from exc
+
+    def detach(self, disk: Disk, messages: list[str], undo: Undo) -> None:
+        """Detach from the running domain (if it runs); the caller redefines it."""
+        if not disk.running():
+            return
+        driver = hypervisor()
+        uri, name = disk.host.uri, disk.vm.name
+        what = f"Detaching storage {disk.storage.id} from the running vm-{disk.vm.id}"
+        if live(lambda: driver.detach_disk_live(uri, name, disk.spec), messages, what):
+            undo.append(lambda: driver.attach_disk_live(uri, name, disk.spec))
+
+    # ------------------------------------------------------------------ delete
+    def delete_many(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> Outcome[Storage]:
+        found = []
+        for index, ident in enumerate(ids):
+            with at_index(index if indexed else None):
+                found.append(self.get(ident, principal))
+        messages: list[str] = []
+        driver = hypervisor()
+        for index, storage in enumerate(found):
+            undo: Undo = []
+            disk = Disk(storage)
+            step = "detaching the disk"
+            try:
+                with at_index(index if indexed else None):
+                    try:
+                        self.detach(disk, messages, undo)
+                        step = "redefining the domain"
+                        driver.define(disk.host.uri, disk.domain(without=True))
+                        undo.append(lambda d=disk: driver.define(d.host.uri, d.domain()))
+                        step = "deleting the volume"
+                        if not self.delete_volume(disk):
+                            messages.append(f"The volume of storage {storage.id} was already gone.")
+                    except HypervisorError as exc:
+                        raise hypervisor_failure(exc, step, disk.host) from exc
+            except BaseException:
+                run_undo(undo)
+                raise
+            db.session.delete(storage)
+            db.session.commit()
+        return Outcome(found, messages)
