@@ -49,6 +49,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "local_storage_path",
     ),
     "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
+    "DETACH_TIMEOUT": (10.0, "seconds to wait for a running guest to release a disk"),
     "LOG_LEVEL": ("INFO", "Python log level"),
 }
 

@@ -45,7 +45,8 @@ def remove_test_domains(conn):
 
 @pytest.fixture
 def app_config():
-    return {"INSTALLATION_ID": INSTALLATION, "LIBVIRT_TIMEOUT": 60.0, "SHUTDOWN_TIMEOUT": 1.0}
+    return {"INSTALLATION_ID": INSTALLATION, "LIBVIRT_TIMEOUT": 60.0, "SHUTDOWN_TIMEOUT": 1.0,
+            "DETACH_TIMEOUT": 2.0}  # fmt: skip
 
 
 @pytest.fixture
@@ -202,3 +203,105 @@ def test_nic_with_the_mac_the_api_reports(api, qemu_node, conn, mode):
             ["ip", "link", "show", f"vm{vm['id']}-{iface['id']}"], capture_output=True
         )
         assert gone.returncode != 0
+
+
+# ---------------------------------------------------------------------- storage
+
+TEST_POOL = "vmapi-test"
+
+
+def remove_test_pool(conn):
+    try:
+        pool = conn.storagePoolLookupByName(TEST_POOL)
+    except libvirt.libvirtError:
+        return
+    if pool.isActive():
+        pool.refresh(0)
+        for vol in pool.listAllVolumes():
+            vol.delete(0)
+        pool.destroy()
+    pool.undefine()
+
+
+@pytest.fixture
+def storage_types(api, conn):
+    remove_test_pool(conn)
+    made = {}
+    for fmt in ("qcow2", "raw"):
+        body = {
+            "name": f"test-{fmt}",
+            "description": f"test {fmt}",
+            "pool": TEST_POOL,
+            "format": fmt,
+        }
+        made[fmt] = api.post("storage_type", json=body).json["data"]["id"]
+    yield made
+    remove_test_pool(conn)
+
+
+def disk(xml, dev):
+    """The <disk> of the domain XML with that target device, or None."""
+    found = [
+        d for d in ET.fromstring(xml).findall("devices/disk") if d.find("target").get("dev") == dev
+    ]
+    return found[0] if found else None
+
+
+def volume(conn, storage_id):
+    return conn.storagePoolLookupByName(TEST_POOL).storageVolLookupByName(
+        f"vmapi-storage-{storage_id}"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_volume_attached_live_with_cache_and_iotune(api, qemu_node, conn, storage_types, fmt):
+    vm = create(api, qemu_node)
+    body = {"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": storage_types[fmt]},
+            "cache_option": {"id": 1}, "read_iops_limit": 300, "write_bps_limit": 20 * MIB}  # fmt: skip
+    response = api.post("storage", json=body)
+    assert response.status_code == 201, response.json
+    storage = response.json["data"]
+    assert "next start" not in response.json.get("message", "")  # attached live
+    vol = volume(conn, storage["id"])
+    assert vol.info()[1] == GIB
+    assert f"<format type='{fmt}'/>" in vol.XMLDesc(0)
+    dom = conn.lookupByName(vm["name"])
+    live_disk = disk(dom.XMLDesc(0), "vdb")
+    assert live_disk.find("driver").get("cache") == "none"
+    assert live_disk.find("driver").get("type") == fmt
+    assert live_disk.find("source").get("file") == vol.path()
+    tune = dom.blockIoTune("vdb", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    assert (tune["read_iops_sec"], tune["write_bytes_sec"]) == (300, 20 * MIB)
+
+    grown = api.update(f"storage/{storage['id']}", json={"size": 2 * GIB, "read_iops_limit": 100})
+    assert grown.status_code == 200, grown.json
+    assert volume(conn, storage["id"]).info()[1] == 2 * GIB
+    assert dom.blockInfo("vdb")[0] == 2 * GIB  # the running guest sees the new size
+    assert dom.blockIoTune("vdb", libvirt.VIR_DOMAIN_AFFECT_LIVE)["read_iops_sec"] == 100
+
+    # firmware without an OS never releases a hot-plugged disk: refused, nothing changed
+    refused = api.delete(f"storage/{storage['id']}")
+    assert refused.status_code == 409 and refused.json["error_id"] == "storage/detach_failed"
+    assert disk(dom.XMLDesc(0), "vdb") is not None
+    assert disk(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdb") is not None
+    assert volume(conn, storage["id"]).info()[1] == 2 * GIB
+    # with the VM off, the disk leaves the definition and the volume goes
+    api.update(f"vm/{vm['id']}?force=true", json={"vm_state": {"id": 4}})
+    assert api.delete(f"storage/{storage['id']}").status_code == 200
+    assert disk(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdb") is None
+    with pytest.raises(libvirt.libvirtError):
+        volume(conn, storage["id"])
+
+
+def test_cascade_delete_leaves_no_domain_and_no_volume(api, qemu_node, conn, storage_types):
+    vm = create(api, qemu_node)
+    ids = [api.post("storage", json={"size": 256 * MIB, "vm": {"id": vm["id"]},
+                                     "storage_type": {"id": storage_types["qcow2"]}}).json["data"]["id"]
+           for _ in range(2)]  # fmt: skip
+    assert api.delete(f"vm/{vm['id']}").status_code == 409
+    assert api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName(vm["name"])
+    for storage_id in ids:
+        with pytest.raises(libvirt.libvirtError):
+            volume(conn, storage_id)

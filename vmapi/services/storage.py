@@ -27,6 +27,7 @@ from vmapi.hypervisor import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    NotSupported,
     VolumeNotFound,
 )
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
@@ -266,10 +267,10 @@ class StorageService(CrudService[Storage]):
         driver = hypervisor()
         after = Disk(storage)
         uri = after.host.uri
-        step = "changing the volume"
+        step = "growing the volume"
         try:
             if "size" in data and data["size"] != old["size"]:
-                driver.resize_volume(uri, after.type.pool, storage.volume, storage.size)
+                self.grow(before, storage.size, messages)
             if moving:
                 step = "detaching the disk"
                 self.detach(before, messages, undo)
@@ -287,9 +288,6 @@ class StorageService(CrudService[Storage]):
                 if live(lambda: driver.attach_disk_live(uri, name, after.spec), messages, label):
                     undo.append(lambda: driver.detach_disk_live(uri, name, after.spec))
                 return
-            if "size" in data and data["size"] != old["size"]:
-                live(lambda: driver.resize_disk_live(uri, name, storage.target, storage.size),
-                     messages, f"Growing storage {storage.id} in the running domain")  # fmt: skip
             limits = [k for k in data if k.endswith("_limit")]
             if limits:
                 live(lambda: driver.set_iotune_live(uri, name, storage.target, after.spec.iotune),
@@ -301,15 +299,50 @@ class StorageService(CrudService[Storage]):
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, after.host) from exc
 
+    @staticmethod
+    def grow(disk: Disk, size: int, messages: list[str]) -> None:
+        """Grow the volume: through QEMU while the disk is in use (it holds the image's
+        lock, and the guest sees the new size at once), else in the pool. A volume that
+        grew stays grown if a later step fails (volumes never shrink)."""
+        driver = hypervisor()
+        uri = disk.host.uri
+        if disk.running():
+            try:
+                driver.resize_disk_live(uri, disk.vm.name, disk.spec.target, size)
+                return
+            except NotSupported:
+                messages.append(
+                    f"Storage {disk.storage.id} grew; the guest sees it after a restart."
+                )
+        driver.resize_volume(uri, disk.type.pool, disk.storage.volume, size)
+
     def detach(self, disk: Disk, messages: list[str], undo: Undo) -> None:
-        """Detach from the running domain (if it runs); the caller redefines it."""
+        """Detach from the running domain (if it runs); the caller redefines it.
+
+        A guest that does not release the disk in time (no OS, or one that refuses PCI
+        hot-unplug) leaves everything as it was: 409 ``storage/detach_failed``.
+        """
         if not disk.running():
             return
         driver = hypervisor()
         uri, name = disk.host.uri, disk.vm.name
+        wait = float(current_app.config["DETACH_TIMEOUT"])
+        released: list[bool] = []
         what = f"Detaching storage {disk.storage.id} from the running vm-{disk.vm.id}"
-        if live(lambda: driver.detach_disk_live(uri, name, disk.spec), messages, what):
-            undo.append(lambda: driver.attach_disk_live(uri, name, disk.spec))
+        if not live(
+            lambda: released.append(driver.detach_disk_live(uri, name, disk.spec, wait)),
+            messages,
+            what,
+        ):
+            return
+        if not released[0]:
+            raise Conflict(
+                f"vm-{disk.vm.id} did not release {disk.spec.target} within {wait:g} s (the "
+                "guest must allow PCI hot-unplug); shut the VM off and retry. Nothing changed.",
+                error_id="storage/detach_failed",
+                data={"storage": {"id": disk.storage.id}, "target": disk.spec.target},
+            )
+        undo.append(lambda: driver.attach_disk_live(uri, name, disk.spec))
 
     # ------------------------------------------------------------------ delete
     def delete_many(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -231,11 +232,22 @@ class LibvirtDriver:
             uri, name, lambda dom: dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         )
 
-    def detach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None:
+    def detach_disk_live(self, uri: str, name: str, disk: DiskSpec, wait: float) -> bool:
+        # A live detach is a request to the guest (PCI hot-unplug); QEMU drops the device
+        # only when the guest lets go, so look until it is gone or the wait is over.
         xml = disk_xml(disk).to_xml()
         self._on_domain(
             uri, name, lambda dom: dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         )
+        deadline = time.monotonic() + wait
+        while True:
+            live = self._on_domain(uri, name, lambda dom: dom.XMLDesc(0))
+            targets = [t.get("dev") for t in ET.fromstring(live).iter("target")]  # noqa: S314
+            if disk.target not in targets:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
 
     def set_iotune_live(self, uri: str, name: str, target: str, iotune: dict[str, int]) -> None:
         params = {key: iotune.get(key, 0) for key in IOTUNE_KEYS}  # 0 lifts a limit

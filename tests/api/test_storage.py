@@ -1,0 +1,209 @@
+"""/storage on libvirt's test driver: volumes in pools, disks in the persistent definition.
+
+The test driver makes pools and volumes but cannot attach to a running domain, resize a
+volume or set I/O limits live; those run on a real libvirtd (tests/hypervisor).
+"""
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.api.test_envelope import assert_error
+from tests.conftest import GIB, MIB, vm_body
+from tests.faults import FaultyDriver
+from vmapi.hypervisor import HypervisorError, VolumeNotFound
+from vmapi.services.hosts import DRIVER_KEY
+
+pytestmark = pytest.mark.embedded
+
+INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
+
+
+@pytest.fixture
+def vm(api, vm_host, test_method):
+    node = vm_host()
+    made = api.post("vm", json=vm_body(test_method)).json["data"]
+    return {**made, "uri": node["libvirt_uri"], "node_id": node["id"]}
+
+
+def disks(driver, vm):
+    conn = driver.connections.get(vm["uri"], 5)
+    root = ET.fromstring(conn.lookupByName(vm["name"]).XMLDesc(INACTIVE))
+    return {d.find("target").get("dev"): d for d in root.findall("devices/disk")}
+
+
+def storage_body(for_vm, **fields):
+    return {"size": GIB, "vm": {"id": for_vm["id"]}, "storage_type": {"id": 1}, **fields}
+
+
+def test_create_makes_a_volume_and_a_disk(api, vm, driver):
+    response = api.post(
+        "storage",
+        json=storage_body(
+            vm, cache_option={"id": 1}, read_iops_limit=500, write_bps_limit=10 * MIB
+        ),
+    )
+    assert response.status_code == 201, response.json
+    storage = response.json["data"]
+    assert storage == {"id": 1, "size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1},
+                       "cache_option": {"id": 1}, "write_iops_limit": None, "read_iops_limit": 500,
+                       "write_bps_limit": 10 * MIB, "read_bps_limit": None}  # fmt: skip
+    assert "Storage pool vmapi was created" in response.json["message"]
+    assert "next start" in response.json["message"]  # the test driver cannot attach live
+    path, capacity = driver.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+    assert capacity == GIB
+    disk = disks(driver, vm)["vdb"]
+    assert disk.find("source").get("file") == path
+    assert disk.find("driver").attrib == {"name": "qemu", "type": "qcow2", "cache": "none"}
+    assert disk.find("target").get("bus") == "virtio"
+    assert disk.find("iotune/read_iops_sec").text == "500"
+    assert disk.find("iotune/write_bytes_sec").text == str(10 * MIB)
+
+
+def test_targets_do_not_clash_and_raw_format(api, vm, driver):
+    a = api.post("storage", json=storage_body(vm)).json["data"]
+    b = api.post("storage", json=storage_body(vm, storage_type={"id": 2})).json["data"]
+    assert set(disks(driver, vm)) == {"vdb", "vdc"}
+    assert disks(driver, vm)["vdc"].find("driver").get("type") == "raw"
+    api.delete(f"storage/{a['id']}")
+    api.post("storage", json=storage_body(vm))
+    assert set(disks(driver, vm)) == {"vdb", "vdc"}  # vdb is free again and reused
+    assert b["id"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({"size": GIB + 1}, "size"), ({"size": 0}, "size"), ({"size": 2**50}, "size"),
+     ({"read_iops_limit": -1}, "read_iops_limit"), ({"storage_type": {"id": 99}}, "storage_type"),
+     ({"cache_option": {"id": 99}}, "cache_option"), ({"vm": {"id": 99}}, "vm")],
+)  # fmt: skip
+def test_create_validation(api, vm, field, fields, driver):
+    error = assert_error(
+        api.post("storage", json=storage_body(vm, **fields)), 400, "general/validation"
+    )
+    assert field in error["data"]
+    assert api.get("storage").json["data"] == {} and disks(driver, vm) == {}
+
+
+def test_shrink_is_refused(api, vm):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    error = assert_error(
+        api.update(f"storage/{storage['id']}", json={"size": GIB // 2}),
+        400,
+        "storage/shrink_forbidden",
+    )
+    assert error["data"] == {"size": GIB}
+
+
+def test_grow_that_the_pool_cannot_do_changes_nothing(api, vm, driver):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    error = assert_error(
+        api.update(f"storage/{storage['id']}", json={"size": 2 * GIB}), 502, "vm/hypervisor_error"
+    )
+    assert "not supported" in error["message"]  # the test driver cannot resize volumes
+    assert api.get(f"storage/{storage['id']}").json["data"]["size"] == GIB
+
+
+def test_limits_and_cache_are_persistent(api, vm, driver):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    response = api.update(
+        f"storage/{storage['id']}", json={"write_iops_limit": 50, "cache_option": {"id": 3}}
+    )
+    assert response.status_code == 200, response.json
+    assert "cache mode" in response.json["message"] and "next start" in response.json["message"]
+    disk = disks(driver, vm)["vdb"]
+    assert disk.find("iotune/write_iops_sec").text == "50"
+    assert disk.find("driver").get("cache") == "writeback"
+    api.update(f"storage/{storage['id']}", json={"write_iops_limit": None})
+    assert disks(driver, vm)["vdb"].find("iotune") is None
+
+
+def test_move_between_vms_of_one_node_and_not_across(api, vm, vm_host, test_method, driver):
+    other = api.post("vm", json=vm_body(test_method, node={"id": vm["node_id"]})).json["data"]
+    other = {**other, "uri": vm["uri"]}
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    moved = api.update(f"storage/{storage['id']}", json={"vm": {"id": other["id"]}})
+    assert moved.status_code == 200, moved.json
+    assert disks(driver, vm) == {} and set(disks(driver, other)) == {"vdb"}
+    elsewhere = vm_host()
+    far = api.post("vm", json=vm_body(test_method, node={"id": elsewhere["id"]})).json["data"]
+    assert_error(
+        api.update(f"storage/{storage['id']}", json={"vm": {"id": far["id"]}}),
+        409,
+        "storage/node_mismatch",
+    )
+    assert set(disks(driver, other)) == {"vdb"}
+
+
+def test_delete_removes_disk_volume_and_row(api, vm, driver):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    response = api.delete(f"storage/{storage['id']}")
+    assert response.status_code == 200 and response.json["data"] == storage
+    assert disks(driver, vm) == {}
+    with pytest.raises(VolumeNotFound):
+        driver.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+    assert_error(api.get(f"storage/{storage['id']}"), 404, "storage/not_found")
+
+
+def test_vm_with_storage_needs_cascade(api, vm, driver):
+    a = api.post("storage", json=storage_body(vm)).json["data"]
+    b = api.post("storage", json=storage_body(vm)).json["data"]
+    error = assert_error(api.delete(f"vm/{vm['id']}"), 409, "vm/has_storage")
+    assert error["data"] == {"storage": [a["id"], b["id"]]}
+    assert_error(api.delete(f"vm/{vm['id']}?cascade=disks"), 400, "general/validation")
+    assert api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200
+    assert api.get("storage").json["data"] == {}
+    for ident in (a["id"], b["id"]):
+        with pytest.raises(VolumeNotFound):
+            driver.volume(vm["uri"], "vmapi", f"vmapi-storage-{ident}")
+
+
+def test_customers_only_for_their_own_vms(api, customer_api, vm_host, test_method):
+    vm_host()
+    seven, eight = customer_api(7), customer_api(8)
+    mine = seven.post("vm", json=vm_body(test_method)).json["data"]
+    theirs = eight.post("vm", json=vm_body(test_method)).json["data"]
+    assert seven.post("storage", json=storage_body(mine)).status_code == 201
+    error = assert_error(
+        seven.post("storage", json=storage_body(theirs)), 400, "general/validation"
+    )
+    assert error["data"] == {"vm": [f"No vm with id {theirs['id']}."]}  # as if it did not exist
+    their_storage = eight.post("storage", json=storage_body(theirs)).json["data"]
+    assert_error(seven.get(f"storage/{their_storage['id']}"), 404, "storage/not_found")
+    assert_error(seven.delete(f"storage/{their_storage['id']}"), 404, "storage/not_found")
+    assert len(seven.get("storage").json["data"]) == 1
+    assert_error(
+        seven.update(f"storage/{their_storage['id']}", json={"size": 2 * GIB}),
+        404,
+        "storage/not_found",
+    )
+
+
+# ---------------------------------------------------------------------- failures
+
+
+@pytest.fixture
+def faults(app):
+    app.extensions[DRIVER_KEY] = FaultyDriver(app.extensions[DRIVER_KEY])
+    return app.extensions[DRIVER_KEY]
+
+
+@pytest.mark.parametrize(
+    ("method", "status"), [("ensure_pool", 502), ("create_volume", 502), ("define", 502)]
+)
+def test_create_failure_leaves_no_volume_disk_or_row(api, vm, faults, method, status):
+    faults.fail(method, "error" if status == 502 else "timeout")
+    assert api.post("storage", json=storage_body(vm)).status_code == status
+    assert api.get("storage").json["data"] == {}
+    assert disks(faults.real, vm) == {}
+    with pytest.raises(HypervisorError, match="not found"):  # no volume (or not even a pool)
+        faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+
+
+def test_failed_volume_delete_keeps_row_and_disk(api, vm, faults):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    faults.fail("delete_volume", "timeout")
+    assert_error(api.delete(f"storage/{storage['id']}"), 504, "vm/hypervisor_timeout")
+    assert api.get(f"storage/{storage['id']}").status_code == 200
+    assert set(disks(faults.real, vm)) == {"vdb"}
+    assert faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")[1] == GIB
