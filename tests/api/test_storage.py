@@ -207,3 +207,23 @@ def test_failed_volume_delete_keeps_row_and_disk(api, vm, faults):
     assert api.get(f"storage/{storage['id']}").status_code == 200
     assert set(disks(faults.real, vm)) == {"vdb"}
     assert faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")[1] == GIB
+
+
+def test_failed_attach_deletes_the_fresh_volume(api, vm, faults):
+    faults.fail("attach_disk_live")  # the running domain refuses for a reason of its own
+    error = assert_error(api.post("storage", json=storage_body(vm)), 502, "vm/hypervisor_error")
+    assert error["data"]["step"] == "attaching the disk"
+    assert api.get("storage").json["data"] == {}
+    assert disks(faults.real, vm) == {}
+    with pytest.raises(VolumeNotFound):
+        faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+
+
+def test_failed_detach_leaves_everything_as_it_was(api, vm, faults):
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    faults.fail("detach_disk_live", "timeout")
+    error = assert_error(api.delete(f"storage/{storage['id']}"), 504, "vm/hypervisor_timeout")
+    assert error["data"]["step"] == "detaching the disk"
+    assert api.get(f"storage/{storage['id']}").status_code == 200
+    assert set(disks(faults.real, vm)) == {"vdb"}
+    assert faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")[1] == GIB

@@ -68,6 +68,17 @@ def _info(dom: libvirt.virDomain) -> DomainInfo:
     )
 
 
+def _live_targets(dom: libvirt.virDomain) -> set[str]:
+    """Device names of the disks the running domain has now."""
+    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from libvirt, not from a guest
+    return {t.get("dev") for t in root.findall("devices/disk/target")}
+
+
+def _require_live_disk(uri: str, dom: libvirt.virDomain, target: str) -> None:
+    if target not in _live_targets(dom):
+        raise NotSupported(uri, f"the running domain does not have {target} yet")
+
+
 class LibvirtDriver:
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
@@ -241,9 +252,7 @@ class LibvirtDriver:
         )
         deadline = time.monotonic() + wait
         while True:
-            live = self._on_domain(uri, name, lambda dom: dom.XMLDesc(0))
-            targets = [t.get("dev") for t in ET.fromstring(live).iter("target")]  # noqa: S314
-            if disk.target not in targets:
+            if disk.target not in self._on_domain(uri, name, _live_targets):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -251,15 +260,16 @@ class LibvirtDriver:
 
     def set_iotune_live(self, uri: str, name: str, target: str, iotune: dict[str, int]) -> None:
         params = {key: iotune.get(key, 0) for key in IOTUNE_KEYS}  # 0 lifts a limit
-        self._on_domain(
-            uri,
-            name,
-            lambda dom: dom.setBlockIoTune(target, params, libvirt.VIR_DOMAIN_AFFECT_LIVE),
-        )
+
+        def tune(dom: libvirt.virDomain) -> None:
+            _require_live_disk(uri, dom, target)
+            dom.setBlockIoTune(target, params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        self._on_domain(uri, name, tune)
 
     def resize_disk_live(self, uri: str, name: str, target: str, size: int) -> None:
-        self._on_domain(
-            uri,
-            name,
-            lambda dom: dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES),
-        )
+        def resize(dom: libvirt.virDomain) -> None:
+            _require_live_disk(uri, dom, target)
+            dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+        self._on_domain(uri, name, resize)
