@@ -336,3 +336,10 @@ def test_text_postgres_cannot_store_is_a_validation_error(api, value):
     assert_error(api.get("node?location=a%00b"), 400, "general/validation")
     # werkzeug decodes invalid UTF-8 in a query as U+FFFD: harmless text, no match
     assert api.get("node?location=%ED%A0%80").status_code == 200
+
+
+@pytest.mark.parametrize("ident", [{}, "x", None, [1], 99])
+def test_id_on_post_is_ignored_whatever_it_is(api, ident):
+    response = api.post("node_state", json={"id": ident, "name": "any"})
+    assert response.status_code == 201
+    assert response.json["data"]["id"] == 4

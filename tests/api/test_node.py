@@ -184,3 +184,10 @@ def test_node_with_virt_node_is_in_use(api, make_node):
 def test_virt_node_reference_shapes(api, make_node, body):
     make_node()
     assert_error(api.post("virt_node", json=body), 400, "general/validation")
+
+
+def test_values_beyond_a_32_bit_column_are_400_not_500(api, make_node):
+    node = make_node()
+    body = {"node": {"id": node["id"]}, "virt_method": {"id": 1}, "local_storage_gb": 2**31}
+    error = assert_error(api.post("virt_node", json=body), 400, "general/validation")
+    assert "local_storage_gb" in error["data"]

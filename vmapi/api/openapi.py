@@ -146,7 +146,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
     }
     create = {
         "type": "object",
-        "properties": {"id": {"type": "integer", "description": "Ignored."}, **writable},
+        "properties": {"id": {"description": "Ignored, whatever it is."}, **writable},
         "additionalProperties": False,
     }
     if props.get("required"):
@@ -322,7 +322,7 @@ def openapi_document() -> dict[str, Any]:
             "properties": {
                 "status": {"type": "string", "enum": ["error"]},
                 "status_code": {"type": "integer"},
-                "error_id": {"type": "string", "pattern": "^[a-z_]+(/[a-z_]+)+$"},
+                "error_id": {"type": "string", "pattern": "^[a-z0-9_]+(/[a-z0-9_]+)+$"},
                 "message": {"type": "string"},
                 "data": {"description": "Details: bad fields, conflicting ids, index."},
             },

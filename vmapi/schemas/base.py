@@ -15,6 +15,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 #: Names of catalog rows: a word a script can use unquoted.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

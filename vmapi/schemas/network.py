@@ -99,7 +99,7 @@ class Ipv4Schema(_AddressSchema):
     prefix = Int(validate=validate.Range(min=0, max=32))
     gateway = Str(validate=_address(4))
     network = Str(load_only=True, validate=_network(4))
-    interface = Ref("interface", attribute="interface_id", dump_only=True)
+    interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
 
 
 class Ipv6Schema(_AddressSchema):
@@ -108,8 +108,8 @@ class Ipv6Schema(_AddressSchema):
     address = Str(validate=_address(6))
     prefix = Int(validate=validate.Range(min=0, max=128))
     gateway = Str(validate=_address(6))
-    interface = Ref("interface", attribute="interface_id", dump_only=True)
-    pool = Ref("ipv6_pool", attribute="pool_id", dump_only=True)
+    interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
+    pool = Ref("ipv6_pool", attribute="pool_id", dump_only=True, allow_none=True)
 
 
 class Ipv6PoolSchema(BaseSchema):

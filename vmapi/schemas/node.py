@@ -10,7 +10,7 @@ from vmapi.config import INTERFACE_MODES
 from vmapi.hypervisor.uri import validate_libvirt_uri
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.schemas.base import (
-    INT64_MAX,
+    INT32_MAX,
     BaseSchema,
     Float,
     Int,
@@ -91,7 +91,7 @@ class VirtNodeSchema(BaseSchema):
     id = Int(dump_only=True)
     node = NodeOrRef(attribute="node_id", required=True)
     virt_method = MethodRef(attribute="virt_method_id", required=True)
-    local_storage_gb = Int(allow_none=True, validate=non_negative(INT64_MAX))
+    local_storage_gb = Int(allow_none=True, validate=non_negative(INT32_MAX))
     vg_name = name_field(max_length=255, allow_none=True, required=False)
     local_storage_path = Str(
         allow_none=True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, UniqueConstraint, and_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import selectinload
 
 from vmapi.auth import Principal
@@ -202,6 +202,9 @@ class CrudService(Generic[M]):
                         done.append(fn(item))
                     except IntegrityError as exc:
                         raise self.integrity_error(exc) from exc
+                    except DataError as exc:  # a value the column cannot hold
+                        first = str(getattr(exc, "orig", exc)).splitlines()[0]
+                        raise ValidationError(f"A value does not fit its column: {first}") from exc
             db.session.commit()
         except IntegrityError as exc:  # at commit time (deferred constraints)
             db.session.rollback()
