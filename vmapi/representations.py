@@ -24,6 +24,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object that names a key twice is ambiguous; refuse it rather than pick one."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
 def parse_body() -> Any:
     """Decode the request body by its Content-Type; ``None`` when there is no body."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
@@ -36,9 +46,11 @@ def parse_body() -> Any:
     if mimetype == JSON or mimetype.endswith("+json"):
         try:
             text = raw.decode("utf-8")
-            return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         except UnicodeDecodeError as exc:
             raise MalformedBody(kind="JSON", reason="the body is not valid UTF-8") from exc
+        except RecursionError as exc:
+            raise MalformedBody(kind="JSON", reason="it is nested too deeply") from exc
         except ValueError as exc:
             raise MalformedBody(kind="JSON", reason=str(exc)) from exc
     if mimetype in MSGPACK_TYPES:

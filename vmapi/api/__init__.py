@@ -17,7 +17,10 @@ _API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 
 
 class IdConverter(IntegerConverter):
-    """Positive ids that fit in PostgreSQL's bigint; anything else is no route (404)."""
+    """Positive ids that fit in PostgreSQL's bigint, in ASCII digits (``\\d`` would take
+    any Unicode digit); anything else is no route (404)."""
+
+    regex = r"[0-9]{1,19}"
 
     def __init__(self, map, *args, **kwargs) -> None:
         super().__init__(map, min=1, max=2**63 - 1)

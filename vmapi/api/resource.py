@@ -300,7 +300,7 @@ class ResourceApi:
     @staticmethod
     def _parse_limit(raw: str) -> int:
         maximum = current_app.config["PAGE_MAX_LIMIT"]
-        if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 7) or not 1 <= int(raw) <= maximum:
             raise MarshmallowError(f"Must be a whole number from 1 to {maximum}.")
         return int(raw)
 
