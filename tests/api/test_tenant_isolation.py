@@ -1,0 +1,80 @@
+"""Tenant isolation: a matrix over every resource and verb with two customers.
+
+Customer 8 acts on customer 7's objects (VM, interface, addresses, storage). It never
+reads, changes or learns of them (404, exactly as for an id that does not exist), never
+reaches admin-only resources (403), and lists never show them.
+"""
+
+import pytest
+
+from tests.api.test_envelope import assert_error
+from tests.conftest import GIB, vm_body
+from vmapi.api.resource import RESOURCES
+
+OWNED = ("vm", "interface", "ipv4", "ipv6", "storage")
+
+
+@pytest.fixture
+def tenants(api, customer_api, vm_host, test_method):
+    vm_host()
+    seven, eight = customer_api(7), customer_api(8)
+    vm = seven.post("vm", json=vm_body(test_method)).json["data"]
+    iface = seven.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
+    storage = seven.post("storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}).json["data"]
+    eight.post("vm", json=vm_body(test_method))  # the other tenant has objects of its own
+    ids = {"vm": vm["id"], "interface": iface["id"], "ipv4": iface["ipv4"][0]["id"],
+           "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"]}  # fmt: skip
+    return seven, eight, ids
+
+
+def expected(resource, verb_is_write):
+    api = RESOURCES[resource]
+    roles = api.write_roles if verb_is_write else api.read_roles
+    return (403, "general/authorization/forbidden") if "customer" not in roles else (404, f"{resource}/not_found")
+
+
+@pytest.mark.parametrize("resource", sorted(RESOURCES))
+def test_matrix(api, tenants, resource):
+    seven, eight, ids = tenants
+    res = RESOURCES[resource]
+    if "customer" not in res.read_roles:
+        assert_error(eight.get(resource), 403, "general/authorization/forbidden")
+        assert_error(eight.get(f"{resource}/1"), 403, "general/authorization/forbidden")
+        assert_error(eight.post(resource, json={}), 403, "general/authorization/forbidden")
+        assert_error(eight.delete(f"{resource}/1"), 403, "general/authorization/forbidden")
+        return
+    if resource not in OWNED:  # the public catalog: readable, not writable
+        assert eight.get(resource).status_code == 200
+        return
+    ident = ids[resource]
+    listed = eight.get(f"{resource}?limit=1000").json["data"]
+    assert str(ident) not in listed
+    assert seven.get(f"{resource}/{ident}").status_code == 200
+    missing = 999_999
+    for path in (f"{resource}/{ident}", f"{resource}/{missing}"):  # the same answer for both
+        assert_error(eight.get(path), 404, f"{resource}/not_found")
+        for verb in ("UPDATE", "PATCH", "DELETE"):
+            if verb in res.item_methods:
+                status, error_id = expected(resource, True)
+                body = {} if verb != "DELETE" else None
+                assert_error(eight.call(verb, path, json=body), status, error_id)
+    for action in res.actions:
+        assert_error(eight.post(f"{resource}/{ident}/{action}"), 404, f"{resource}/not_found")
+    # filters and nest cannot reach it either
+    assert eight.get(f"{resource}?id={ident}").json["data"] == {}
+    assert seven.get(f"{resource}/{ident}").status_code == 200  # untouched
+
+
+def test_collection_writes_by_id(api, tenants):
+    _seven, eight, ids = tenants
+    assert_error(eight.update("vm", json={"id": ids["vm"], "cores": 1}), 404, "vm/not_found")
+    assert_error(eight.delete("vm", json={"id": ids["vm"]}), 404, "vm/not_found")
+    assert_error(eight.delete("storage", json=[{"id": ids["storage"]}]), 404, "storage/not_found")
+    assert api.get(f"vm/{ids['vm']}").json["data"]["cores"] == 2
+
+
+def test_references_to_others_objects(api, tenants):
+    _seven, eight, ids = tenants
+    body = {"size": GIB, "vm": {"id": ids["vm"]}, "storage_type": {"id": 1}}
+    error = assert_error(eight.post("storage", json=body), 400, "general/validation")
+    assert error["data"] == {"vm": [f"No vm with id {ids['vm']}."]}  # as for any missing VM
