@@ -50,6 +50,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
     "DETACH_TIMEOUT": (10.0, "seconds to wait for a running guest to release a disk"),
+    "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
+    "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
     "LOG_LEVEL": ("INFO", "Python log level"),
 }
 

@@ -20,7 +20,9 @@ def tenants(api, customer_api, vm_host, test_method):
     seven, eight = customer_api(7), customer_api(8)
     vm = seven.post("vm", json=vm_body(test_method)).json["data"]
     iface = seven.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
-    storage = seven.post("storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}).json["data"]
+    storage = seven.post(
+        "storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+    ).json["data"]
     eight.post("vm", json=vm_body(test_method))  # the other tenant has objects of its own
     ids = {"vm": vm["id"], "interface": iface["id"], "ipv4": iface["ipv4"][0]["id"],
            "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"]}  # fmt: skip
@@ -30,7 +32,11 @@ def tenants(api, customer_api, vm_host, test_method):
 def expected(resource, verb_is_write):
     api = RESOURCES[resource]
     roles = api.write_roles if verb_is_write else api.read_roles
-    return (403, "general/authorization/forbidden") if "customer" not in roles else (404, f"{resource}/not_found")
+    return (
+        (403, "general/authorization/forbidden")
+        if "customer" not in roles
+        else (404, f"{resource}/not_found")
+    )
 
 
 @pytest.mark.parametrize("resource", sorted(RESOURCES))

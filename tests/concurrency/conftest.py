@@ -43,10 +43,14 @@ class Server:
         self.token = token
         self.installation = installation
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.url}/api/v1/{path}", data=data, method=method)
         request.add_header("Authorization", f"Bearer {self.token}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:

@@ -111,3 +111,16 @@ def test_address_exhaustion_race(server):
     assert cores == 13  # the losers' claims were rolled back with their address
     created = sorted(a["data"]["name"] for s, a in answers if s == 201)
     assert sorted(our_domains(server.installation)) == created
+
+
+def test_idempotent_retries_racing(server):
+    """32 clients send one create with one Idempotency-Key at once: one VM, one answer."""
+    body = setup_fleet(server)
+    headers = {"Idempotency-Key": "race-1"}
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda _: server.call("POST", "vm", body, headers), range(32)))
+    assert {status for status, _ in answers} == {201}, Counter(s for s, _ in answers)
+    assert len({a["data"]["id"] for _, a in answers}) == 1
+    assert len(our_domains(server.installation)) == 1
+    status, listing = server.call("GET", "vm")
+    assert status == 200 and len(listing["data"]) == 1

@@ -7,6 +7,7 @@ GET/DELETE/UPDATE/PATCH on items. Views here only parse, call the service and du
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -16,9 +17,10 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
-from vmapi.errors import Forbidden, ValidationError, at_index
-from vmapi.representations import parse_body, success_response
+from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
+from vmapi.representations import error_response, parse_body, success_response
 from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
+from vmapi.services import idempotency
 from vmapi.services.crud import CrudService, ListParams, Outcome
 
 ALL_ROLES = frozenset({ADMIN, CUSTOMER})
@@ -56,6 +58,7 @@ class ResourceApi:
         error_ids: dict[int, list[str]] | None = None,
         collection_methods: list[str] = COLLECTION_METHODS,
         item_methods: list[str] = ITEM_METHODS,
+        idempotent: bool = False,
     ) -> None:
         self.name = name
         self.schema_class = schema
@@ -74,6 +77,8 @@ class ResourceApi:
         #: the verbs this resource takes; others answer 405
         self.collection_methods = collection_methods
         self.item_methods = item_methods
+        #: POST honours the Idempotency-Key header
+        self.idempotent = idempotent
         self.refs: dict[str, Ref] = {
             key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
         }
@@ -134,6 +139,8 @@ class ResourceApi:
             return self.list_objects(who)
         require_role(who, self.write_roles, f"change {self.name}")
         if method == "POST":
+            if self.idempotent and "Idempotency-Key" in request.headers:
+                return idempotent_create(self, who)
             return self.create(who)
         if method == "DELETE":
             return self.delete_collection(who)
@@ -337,3 +344,46 @@ class ResourceApi:
 
     def dump_keyed(self, objs: list[Any], nest: list[str] | tuple[str, ...] = ()) -> dict:
         return {str(obj.id): self.dump(obj, nest) for obj in objs}
+
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def idempotent_create(resource: ResourceApi, who: Principal) -> Response:
+    """POST with an Idempotency-Key: run once, answer repeats with the first answer."""
+    key = request.headers["Idempotency-Key"]
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ValidationError(
+            data={"Idempotency-Key": ["Use 1 to 255 printable ASCII characters, no spaces."]}
+        )
+    config = current_app.config
+    stamp = idempotency.fingerprint(request.method, request.path, parse_body())
+    first = idempotency.claim(who.token_id, key, stamp, config["IDEMPOTENCY_TTL"])
+    if first is not None:
+        if first.fingerprint != stamp:
+            raise Conflict(
+                "This Idempotency-Key was used for a different request.",
+                error_id="general/idempotency_conflict",
+            )
+        done = idempotency.wait_for_answer(who.token_id, key, config["IDEMPOTENCY_WAIT"])
+        if done is None or done.status_code is None:
+            raise Conflict(
+                "The first request with this Idempotency-Key has not finished; retry later.",
+                error_id="general/idempotency_conflict",
+            )
+        replay = Response(done.body, status=done.status_code, mimetype=done.mimetype)
+        replay.headers["Idempotent-Replayed"] = "true"
+        return replay
+    try:
+        response = resource.create(who)
+    except ApiError as exc:
+        response = error_response(exc)
+    except BaseException:
+        idempotency.release(who.token_id, key)
+        raise
+    if response.status_code >= 500:
+        idempotency.release(who.token_id, key)
+    else:
+        body = response.get_data()
+        idempotency.store_answer(who.token_id, key, response.status_code, response.mimetype, body)
+    return response

@@ -10,6 +10,7 @@ storage = ResourceApi(
     StorageService(),
     read_roles=ALL_ROLES,
     write_roles=ALL_ROLES,
+    idempotent=True,
     summary="Block storage: volumes on the VM's node, attached as virtio disks.",
     error_ids={
         400: ["storage/shrink_forbidden"],

@@ -14,6 +14,7 @@ vm = ResourceApi(
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
     actions={"reboot": "reboot"},
+    idempotent=True,
     error_ids={
         400: ["vm/immutable_field", "vm/state_not_settable"],
         404: ["vm/node_not_found"],

@@ -1,6 +1,7 @@
 """Typed SQLAlchemy 2 models, one module per area; importing this registers them all."""
 
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models.idempotency import IdempotencyKey
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.storage import Storage
@@ -10,6 +11,7 @@ from vmapi.models.vm import Vm
 __all__ = [
     "ApiToken",
     "CacheOption",
+    "IdempotencyKey",
     "Interface",
     "Ipv4Address",
     "Ipv6Address",

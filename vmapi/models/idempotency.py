@@ -1,0 +1,26 @@
+"""Idempotency keys: the first answer to a create, kept per token for replays."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from vmapi.extensions import db
+
+
+class IdempotencyKey(db.Model):
+    __tablename__ = "idempotency_key"
+    __table_args__ = (UniqueConstraint("token_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_token.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    #: SHA-256 of method, path and body: the same key with another request is a conflict
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: null while the first request is still running
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    mimetype: Mapped[str | None] = mapped_column(String(64))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
