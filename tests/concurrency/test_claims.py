@@ -124,3 +124,15 @@ def test_idempotent_retries_racing(server):
     assert len(our_domains(server.installation)) == 1
     status, listing = server.call("GET", "vm")
     assert status == 200 and len(listing["data"]) == 1
+
+
+def test_quota_race(server):
+    """Room for 16, but customer 7 may have 5 VMs: 64 threads race, exactly 5 are made."""
+    body = {**setup_fleet(server), "customer_id": 7}
+    assert server.call("POST", "quota", {"customer_id": 7, "max_vms": 5})[0] == 201
+    answers = race(server, body)
+    statuses = Counter(status for status, _ in answers)
+    errors = Counter(a.get("error_id") for status, a in answers if status != 201)
+    assert statuses == {201: 5, 403: REQUESTS - 5}, (statuses, errors)
+    assert errors == {"vm/quota_exceeded": REQUESTS - 5}
+    assert len(our_domains(server.installation)) == 5

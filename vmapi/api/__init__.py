@@ -7,7 +7,7 @@ import re
 from flask import Flask, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, meta, network, node, storage, vm
+from vmapi.api import catalog, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
 from vmapi.api.version import check_version
 from vmapi.errors import ApiError, from_http_exception
@@ -49,6 +49,6 @@ def register_api(app: Flask) -> None:
         return error_response(from_http_exception(exc))
 
     app.register_blueprint(meta.bp)
-    groups = (catalog, node, vm, network, storage)
+    groups = (catalog, node, vm, network, storage, quota)
     for resource in (r for group in groups for r in group.RESOURCES):
         app.register_blueprint(resource.blueprint())

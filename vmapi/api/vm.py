@@ -17,6 +17,7 @@ vm = ResourceApi(
     idempotent=True,
     error_ids={
         400: ["vm/immutable_field", "vm/state_not_settable"],
+        403: ["vm/quota_exceeded"],
         404: ["vm/node_not_found"],
         409: [
             "vm/no_valid_host",

@@ -4,6 +4,7 @@ from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod
 from vmapi.models.idempotency import IdempotencyKey
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
+from vmapi.models.quota import Quota
 from vmapi.models.storage import Storage
 from vmapi.models.token import ApiToken
 from vmapi.models.vm import Vm
@@ -18,6 +19,7 @@ __all__ = [
     "Ipv6Pool",
     "Node",
     "NodeState",
+    "Quota",
     "Storage",
     "StorageType",
     "VirtMethod",

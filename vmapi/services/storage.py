@@ -33,6 +33,7 @@ from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import disk_spec, domain_spec
 from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
 from vmapi.services.hosts import hypervisor
+from vmapi.services.quotas import check_storage_quota
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
 MIB = 1024 * 1024
@@ -143,6 +144,7 @@ class StorageService(CrudService[Storage]):
     def create_one(self, data: dict[str, Any], undo: Undo, messages: list[str]) -> Storage:
         try:
             storage = Storage(**data, target=self.take_target(data["vm_id"]))
+            check_storage_quota(db.session.get(Vm, data["vm_id"]).customer_id, data["size"])
             db.session.add(storage)
             db.session.commit()
         except BaseException:
@@ -251,9 +253,16 @@ class StorageService(CrudService[Storage]):
         if moving:
             data = {**data, "target": self.take_target(data["vm_id"])}
             old["target"] = storage.target
-        for key, value in data.items():
-            setattr(storage, key, value)
-        db.session.commit()
+        try:
+            if data.get("size", storage.size) > storage.size:
+                owner = db.session.get(Vm, storage.vm_id).customer_id
+                check_storage_quota(owner, data["size"] - storage.size)
+            for key, value in data.items():
+                setattr(storage, key, value)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
 
         def restore() -> None:
             db.session.rollback()

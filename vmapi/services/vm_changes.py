@@ -30,6 +30,7 @@ from vmapi.scheduler import claim, release
 from vmapi.services.designer import domain_spec
 from vmapi.services.domains import Host, Undo, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
+from vmapi.services.quotas import check_vm_quota
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
 IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}
@@ -87,6 +88,11 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
         old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id")}
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram
+        owner = plan.changes.get("customer_id", vm.customer_id)
+        if owner != vm.customer_id:  # the new customer takes the whole VM
+            check_vm_quota(owner, 1, vm.cores + cores, vm.ram + ram)
+        else:
+            check_vm_quota(owner, 0, max(cores, 0), max(ram, 0))
         if (cores > 0 or ram > 0) and not claim(vm.node_id, max(cores, 0), max(ram, 0)):
             reasons = [n for n, d in (("enough_cores", cores), ("enough_ram", ram)) if d > 0]
             raise Conflict(

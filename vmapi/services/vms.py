@@ -62,6 +62,7 @@ from vmapi.services.domains import (
 )
 from vmapi.services.hosts import hypervisor
 from vmapi.services.network import add_interface
+from vmapi.services.quotas import check_vm_quota
 from vmapi.services.storage import Disk, StorageService
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 
@@ -168,6 +169,7 @@ class VmService(CrudService[Vm]):
         """Claim, record as building, define, start, record the state libvirt reports."""
         request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"])
         try:
+            check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
             node_id = self.claim_node(data, request)
             vm = Vm(
                 cores=data["cores"],

@@ -1,0 +1,12 @@
+"""Schema of /quota."""
+
+from vmapi.schemas.base import BaseSchema, Int, non_negative
+
+
+class QuotaSchema(BaseSchema):
+    id = Int(dump_only=True)
+    customer_id = Int(required=True, validate=non_negative())
+    max_vms = Int(allow_none=True, validate=non_negative())
+    max_cores = Int(allow_none=True, validate=non_negative())
+    max_ram = Int(allow_none=True, validate=non_negative())
+    max_storage = Int(allow_none=True, validate=non_negative())

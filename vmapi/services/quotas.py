@@ -1,0 +1,72 @@
+"""Quotas: checked in the same transaction as the capacity claim, under the quota row's
+lock, so concurrent creates and resizes of one customer can never pass a limit together.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from vmapi.auth import Principal
+from vmapi.errors import Forbidden
+from vmapi.extensions import db
+from vmapi.models import Quota, Storage, Vm
+from vmapi.services.crud import CrudService
+
+
+def locked_quota(customer_id: int | None) -> Quota | None:
+    if customer_id is None:
+        return None
+    stmt = select(Quota).where(Quota.customer_id == customer_id).with_for_update()
+    return db.session.scalars(stmt).first()
+
+
+def _exceeded(error_id: str, what: str, limit: int, usage: int, requested: int) -> Forbidden:
+    return Forbidden(
+        f"This would pass the customer's {what} quota: {usage} used + {requested} asked > {limit}.",
+        error_id=error_id,
+        data={"quota": what, "limit": limit, "usage": usage, "requested": requested},
+    )
+
+
+def check_vm_quota(customer_id: int | None, vms: int, cores: int, ram: int) -> None:
+    """403 ``vm/quota_exceeded`` if adding this would pass a limit (call before commit)."""
+    quota = locked_quota(customer_id)
+    if quota is None:
+        return
+    count, used_cores, used_ram = db.session.execute(
+        select(func.count(Vm.id), func.coalesce(func.sum(Vm.cores), 0),
+               func.coalesce(func.sum(Vm.ram), 0)).where(Vm.customer_id == customer_id)
+    ).one()  # fmt: skip
+    for what, limit, usage, requested in (
+        ("max_vms", quota.max_vms, count, vms),
+        ("max_cores", quota.max_cores, used_cores, cores),
+        ("max_ram", quota.max_ram, used_ram, ram),
+    ):
+        if limit is not None and requested > 0 and usage + requested > limit:
+            raise _exceeded("vm/quota_exceeded", what, limit, int(usage), requested)
+
+
+def check_storage_quota(customer_id: int | None, size: int) -> None:
+    """403 ``storage/quota_exceeded`` if ``size`` more bytes would pass the limit."""
+    quota = locked_quota(customer_id)
+    if quota is None or quota.max_storage is None or size <= 0:
+        return
+    used = db.session.scalar(
+        select(func.coalesce(func.sum(Storage.size), 0))
+        .join(Vm, Vm.id == Storage.vm_id)
+        .where(Vm.customer_id == customer_id)
+    )
+    if used + size > quota.max_storage:
+        raise _exceeded("storage/quota_exceeded", "max_storage", quota.max_storage, int(used), size)
+
+
+class QuotaService(CrudService[Quota]):
+    """Admins set quotas; a customer reads its own."""
+
+    def __init__(self) -> None:
+        super().__init__(Quota, "quota")
+
+    def scope(self, stmt, principal: Principal):
+        if principal.is_admin:
+            return stmt
+        return stmt.where(Quota.customer_id == principal.customer_id)
