@@ -51,6 +51,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
     "DETACH_TIMEOUT": (10.0, "seconds to wait for a running guest to release a disk"),
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
+    "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
     "LOG_LEVEL": ("INFO", "Python log level"),
 }

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -97,10 +98,12 @@ def server(pg_server):
                          capture_output=True, text=True).stdout  # fmt: skip
     token = out.strip().splitlines()[-1]
     port = free_port()
+    # The log goes to a file: a pipe nobody reads fills up and blocks the workers.
+    log_fd, log_name = tempfile.mkstemp(prefix="vmapi-gunicorn-", suffix=".log")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "5",
          "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_fd,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -111,7 +114,7 @@ def server(pg_server):
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(process.stderr.read().decode()[-2000:]) from None
+                raise RuntimeError(Path(log_name).read_text()[-2000:]) from None
             time.sleep(0.2)
     yield Server(url, db_url, token, installation)
     process.terminate()
@@ -119,5 +122,7 @@ def server(pg_server):
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
+    os.close(log_fd)
+    Path(log_name).unlink()
     remove_domains(installation)
     drop_database(pg_server, db_url)

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import libvirt
 import pytest
 import sqlalchemy as sa
 
@@ -136,3 +137,61 @@ def test_quota_race(server):
     assert statuses == {201: 5, 403: REQUESTS - 5}, (statuses, errors)
     assert errors == {"vm/quota_exceeded": REQUESTS - 5}
     assert len(our_domains(server.installation)) == 5
+
+
+def test_resizes_and_deletes_racing(server):
+    """Concurrent resizes and deletes of the same VMs: what remains is exactly what is claimed."""
+    body = setup_fleet(server)
+    made = [server.call("POST", "vm", body)[1]["data"]["id"] for _ in range(8)]
+    ops = []
+    for vm_id in made:
+        ops += [("UPDATE", f"vm/{vm_id}", {"cores": 2}), ("UPDATE", f"vm/{vm_id}", {"cores": 1, "ram": 512 * 1024 * 1024}),
+                ("UPDATE", f"vm/{vm_id}", {"cores": 3}), ("DELETE", f"vm/{vm_id}", None)]  # fmt: skip
+    ops += ops[:16]  # the same VMs again, racing their own deletes
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(lambda op: server.call(*op), ops))
+    assert all(status < 500 for status, _ in answers), [a for s, a in answers if s >= 500]
+    engine = engine_for(server.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT n.id, n.allocated_cores, n.allocated_ram, n.free_cores, n.cores,"
+            " coalesce(sum(v.cores), 0) AS cores_used, coalesce(sum(v.ram), 0) AS ram_used"
+            " FROM node n LEFT JOIN vm v ON v.node_id = n.id GROUP BY n.id"
+        )).all()  # fmt: skip
+    engine.dispose()
+    for row in rows:
+        assert (row.allocated_cores, row.allocated_ram) == (row.cores_used, row.ram_used), row
+        assert row.free_cores == row.cores - row.allocated_cores, row
+    _status, listing = server.call("GET", "vm")
+    assert sorted(v["name"] for v in listing["data"].values()) == sorted(
+        our_domains(server.installation)
+    )
+
+
+def test_storage_creates_on_one_vm_racing(server):
+    """Twelve volumes at once on one VM: distinct devices, no stray volume."""
+    body = setup_fleet(server)
+    vm = server.call("POST", "vm", body)[1]["data"]
+    disk = {"size": 64 * 1024 * 1024, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: server.call("POST", "storage", disk), range(12)))
+    assert {status for status, _ in answers} == {201}, answers
+    engine = engine_for(server.db_url)
+    with engine.connect() as conn:
+        targets = (
+            conn.execute(sa.text("SELECT target FROM storage WHERE vm_id = :v"), {"v": vm["id"]})
+            .scalars()
+            .all()
+        )
+    engine.dispose()
+    assert len(targets) == len(set(targets)) == 12
+    conn = libvirt.open(SHARED_URI)
+    try:
+        pool = conn.storagePoolLookupByName("vmapi")
+        pool.refresh(0)
+        ids = {a["data"]["id"] for _, a in answers}
+        volumes = {v.name() for v in pool.listAllVolumes() if v.name().startswith("vmapi-storage-")}
+        assert {f"vmapi-storage-{i}" for i in ids} <= volumes
+    finally:
+        conn.close()
+    assert server.call("DELETE", f"vm/{vm['id']}?cascade=storage")[0] == 200

@@ -33,10 +33,16 @@ from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import disk_spec, domain_spec
 from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
 from vmapi.services.hosts import hypervisor
+from vmapi.services.locks import vm_locks
 from vmapi.services.quotas import check_storage_quota
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
 MIB = 1024 * 1024
+
+
+def vms_of(storage_ids: list[int]) -> list[int]:
+    """The VMs the storage objects are attached to now (for locking them)."""
+    return list(db.session.scalars(select(Storage.vm_id).where(Storage.id.in_(storage_ids))))
 
 
 def visible_vm(vm_id: int, principal: Principal) -> Vm:
@@ -103,6 +109,12 @@ class StorageService(CrudService[Storage]):
 
     # ------------------------------------------------------------------ create
     def create_many(
+        self, items: list[dict[str, Any]], principal: Principal, indexed: bool
+    ) -> Outcome[Storage]:
+        with vm_locks(data["vm_id"] for data in items):
+            return self._create_many(items, principal, indexed)
+
+    def _create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Storage]:
         for index, data in enumerate(items):
@@ -200,6 +212,17 @@ class StorageService(CrudService[Storage]):
 
     # ------------------------------------------------------------------ update
     def update_many(
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        principal: Principal,
+        indexed: bool,
+        options: dict[str, Any],
+    ) -> Outcome[Storage]:
+        targets = [data["vm_id"] for _ident, data in items if "vm_id" in data]
+        with vm_locks([*vms_of([ident for ident, _data in items]), *targets]):
+            return self._update_many(items, principal, indexed, options)
+
+    def _update_many(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,
@@ -353,6 +376,12 @@ class StorageService(CrudService[Storage]):
 
     # ------------------------------------------------------------------ delete
     def delete_many(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> Outcome[Storage]:
+        with vm_locks(vms_of(ids)):
+            return self._delete_many(ids, principal, options, indexed)
+
+    def _delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Storage]:
         found = []

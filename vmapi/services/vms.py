@@ -61,6 +61,7 @@ from vmapi.services.domains import (
     state_id,
 )
 from vmapi.services.hosts import hypervisor
+from vmapi.services.locks import vm_locks
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.storage import Disk, StorageService
@@ -221,6 +222,16 @@ class VmService(CrudService[Vm]):
         indexed: bool,
         options: dict[str, Any],
     ) -> Outcome[Vm]:
+        with vm_locks(ident for ident, _data in items):
+            return self._update_many(items, principal, indexed, options)
+
+    def _update_many(
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        principal: Principal,
+        indexed: bool,
+        options: dict[str, Any],
+    ) -> Outcome[Vm]:
         plans = []
         for index, (ident, data) in enumerate(items):
             with at_index(index if indexed else None):
@@ -273,6 +284,12 @@ class VmService(CrudService[Vm]):
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Vm]:
         """Delete the VMs and their domains. Every host is checked before anything goes."""
+        with vm_locks(ids):
+            return self._delete_many(ids, principal, options, indexed)
+
+    def _delete_many(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> Outcome[Vm]:
         vms: list[Vm] = []
         cascade = options.get("cascade") == "storage"
         for index, ident in enumerate(ids):
@@ -336,6 +353,10 @@ class VmService(CrudService[Vm]):
 
     # ------------------------------------------------------------------ actions
     def reboot(self, ident: int, principal: Principal) -> Outcome[Vm]:
+        with vm_locks([ident]):
+            return self._reboot(ident, principal)
+
+    def _reboot(self, ident: int, principal: Principal) -> Outcome[Vm]:
         vm = self.get(ident, principal)
         host = Host.of(vm.node_id)
         driver = hypervisor()
