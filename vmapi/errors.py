@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask, g
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,19 @@ def register_error_handlers(app: Flask) -> None:
             response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return response
 
+    @app.errorhandler(SQLAlchemyOperationalError)
+    def handle_database_down(exc: SQLAlchemyOperationalError):
+        # The database went away (restart, failover, network): retryable, not a bug.
+        request_id = getattr(g, "request_id", "-")
+        log.error("database error, request_id=%s: %s", request_id, str(exc).splitlines()[0])
+        _rollback_quietly()
+        return error_response(
+            ServiceUnavailable(
+                f"The database did not answer; retry. Request id {request_id}.",
+                data={"request_id": request_id},
+            )
+        )
+
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception):
         # HTTPException has its own handler above, but Flask hands it here when that
@@ -191,3 +205,12 @@ def register_error_handlers(app: Flask) -> None:
             data={"request_id": request_id},
         )
         return error_response(err)
+
+
+def _rollback_quietly() -> None:
+    from vmapi.extensions import db
+
+    try:
+        db.session.rollback()
+    except Exception:  # the connection may be gone for good; the pool replaces it
+        log.debug("rollback after a database error failed", exc_info=True)

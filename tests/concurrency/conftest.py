@@ -38,11 +38,15 @@ def free_port() -> int:
 class Server:
     """A running gunicorn and a small JSON client for it."""
 
-    def __init__(self, url: str, db_url: str, token: str, installation: str) -> None:
+    def __init__(
+        self, url: str, db_url: str, token: str, installation: str, pid: int, env: dict
+    ) -> None:
         self.url = url
         self.db_url = db_url
         self.token = token
         self.installation = installation
+        self.pid = pid  # gunicorn's master
+        self.env = env
 
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
@@ -116,7 +120,7 @@ def server(pg_server):
                 process.kill()
                 raise RuntimeError(Path(log_name).read_text()[-2000:]) from None
             time.sleep(0.2)
-    yield Server(url, db_url, token, installation)
+    yield Server(url, db_url, token, installation, process.pid, env)
     process.terminate()
     try:
         process.wait(timeout=30)

@@ -56,6 +56,7 @@ def reconcile(fix: bool) -> list[Finding]:
             domains = {d.name: d for d in hypervisor().domains(host.uri)}
         except HypervisorError as exc:
             findings.append(Finding("unreachable", node.fqdn, "-", exc.reason))
+            findings += _stale_on_unreachable(node.id, host, states, stale_before, fix)
             continue
         vms = db.session.scalars(select(Vm).where(Vm.node_id == node.id).order_by(Vm.id)).all()
         for vm in vms:
@@ -66,6 +67,27 @@ def reconcile(fix: bool) -> list[Finding]:
             if finding:
                 findings.append(finding)
     return findings
+
+
+def _stale_on_unreachable(
+    node_id: int, host: Host, states: dict[int, str], stale_before: datetime, fix: bool
+) -> list[Finding]:
+    """Stale building rows on a node that does not answer: their requests never said
+    success, so their claims and addresses go; a domain one of them made carries our
+    metadata and is removed as an orphan once the node answers again."""
+    found = []
+    building = [vm_state for vm_state, name in states.items() if name == BUILDING]
+    stmt = select(Vm).where(Vm.node_id == node_id, Vm.vm_state_id.in_(building))
+    for vm in db.session.scalars(stmt.order_by(Vm.id)).all():
+        if as_utc(vm.created_at) >= stale_before:
+            continue
+        finding = Finding("stale_building", host.node.fqdn, vm.name, "building, node unreachable")
+        if fix:
+            forget(vm)
+            finding.fixed = True
+            finding.detail += "; claim and addresses released, domain left for orphan cleanup"
+        found.append(finding)
+    return found
 
 
 def _check_vm(
