@@ -81,3 +81,36 @@ def test_delete_then_retry(api, app, vm_host, test_method, driver, failing_commi
         "domains": [],
         "held": [],
     }
+
+
+@pytest.mark.parametrize("n", [1, 2])  # 1: the storage row; 2: its volume's path (then attach)
+def test_storage_attach(api, app, vm_host, test_method, driver, failing_commit, n):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    body = {"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+    with app.app_context():
+        failing_commit(n)
+        assert_error(api.post("storage", json=body), 503, "general/unavailable")
+    assert api.get("storage").json["data"] == {}
+    conn = driver.connections.get(node["libvirt_uri"], 5)
+    assert "<disk" not in conn.lookupByName(vm["name"]).XMLDesc(2)
+    pool = conn.storagePoolLookupByName("vmapi") if n > 1 else None
+    if pool is not None:
+        assert [v.name() for v in pool.listAllVolumes()] == []
+
+
+def test_storage_detach_then_retry(api, app, vm_host, test_method, driver, failing_commit):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    storage = api.post(
+        "storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+    ).json["data"]
+    with app.app_context():
+        failing_commit(1)  # disk detached and volume deleted, the row could not go
+        assert_error(api.delete(f"storage/{storage['id']}"), 503, "general/unavailable")
+    assert api.get(f"storage/{storage['id']}").status_code == 200
+    retry = api.delete(f"storage/{storage['id']}")
+    assert retry.status_code == 200 and "already gone" in retry.json["message"]
+    assert api.get("storage").json["data"] == {}
+    conn = driver.connections.get(node["libvirt_uri"], 5)
+    assert "<disk" not in conn.lookupByName(vm["name"]).XMLDesc(2)
