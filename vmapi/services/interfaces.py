@@ -24,7 +24,7 @@ from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import domain_spec, interface_mode
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
-from vmapi.services.locks import vm_locks
+from vmapi.services.locks import with_vm_locks
 
 
 class InterfaceService(CrudService[Interface]):
@@ -39,20 +39,12 @@ class InterfaceService(CrudService[Interface]):
     def load_options(self) -> list:
         return [selectinload(Interface.ipv4), selectinload(Interface.ipv6)]
 
-    def update_many(
-        self,
-        items: list[tuple[int, dict[str, Any]]],
-        principal: Principal,
-        indexed: bool,
-        options: dict[str, Any],
-    ) -> Outcome[Interface]:
-        vm_ids = db.session.scalars(
+    @with_vm_locks(
+        lambda items: db.session.scalars(
             select(Interface.vm_id).where(Interface.id.in_([i for i, _d in items]))
         )
-        with vm_locks(list(vm_ids)):
-            return self._update_many(items, principal, indexed, options)
-
-    def _update_many(
+    )
+    def update_many(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,

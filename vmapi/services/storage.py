@@ -33,7 +33,7 @@ from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import disk_spec, domain_spec
 from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
 from vmapi.services.hosts import hypervisor
-from vmapi.services.locks import vm_locks
+from vmapi.services.locks import with_vm_locks
 from vmapi.services.quotas import check_storage_quota
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
@@ -108,13 +108,8 @@ class StorageService(CrudService[Storage]):
             raise ValidationError(data={"size": [f"Must be at most {limit} bytes."]})
 
     # ------------------------------------------------------------------ create
+    @with_vm_locks(lambda items: [data["vm_id"] for data in items])
     def create_many(
-        self, items: list[dict[str, Any]], principal: Principal, indexed: bool
-    ) -> Outcome[Storage]:
-        with vm_locks(data["vm_id"] for data in items):
-            return self._create_many(items, principal, indexed)
-
-    def _create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Storage]:
         for index, data in enumerate(items):
@@ -211,18 +206,13 @@ class StorageService(CrudService[Storage]):
         return True
 
     # ------------------------------------------------------------------ update
+    @with_vm_locks(
+        lambda items: [
+            *vms_of([ident for ident, _data in items]),
+            *[data["vm_id"] for _ident, data in items if "vm_id" in data],
+        ]
+    )
     def update_many(
-        self,
-        items: list[tuple[int, dict[str, Any]]],
-        principal: Principal,
-        indexed: bool,
-        options: dict[str, Any],
-    ) -> Outcome[Storage]:
-        targets = [data["vm_id"] for _ident, data in items if "vm_id" in data]
-        with vm_locks([*vms_of([ident for ident, _data in items]), *targets]):
-            return self._update_many(items, principal, indexed, options)
-
-    def _update_many(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,
@@ -375,13 +365,8 @@ class StorageService(CrudService[Storage]):
         undo.append(lambda: driver.attach_disk_live(uri, name, disk.spec))
 
     # ------------------------------------------------------------------ delete
+    @with_vm_locks(lambda ids: vms_of(ids))
     def delete_many(
-        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
-    ) -> Outcome[Storage]:
-        with vm_locks(vms_of(ids)):
-            return self._delete_many(ids, principal, options, indexed)
-
-    def _delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Storage]:
         found = []

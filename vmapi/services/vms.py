@@ -61,7 +61,7 @@ from vmapi.services.domains import (
     state_id,
 )
 from vmapi.services.hosts import hypervisor
-from vmapi.services.locks import vm_locks
+from vmapi.services.locks import with_vm_locks
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.storage import Disk, StorageService
@@ -215,17 +215,8 @@ class VmService(CrudService[Vm]):
         return vm
 
     # ------------------------------------------------------------------ update
+    @with_vm_locks(lambda items: [ident for ident, _data in items])
     def update_many(
-        self,
-        items: list[tuple[int, dict[str, Any]]],
-        principal: Principal,
-        indexed: bool,
-        options: dict[str, Any],
-    ) -> Outcome[Vm]:
-        with vm_locks(ident for ident, _data in items):
-            return self._update_many(items, principal, indexed, options)
-
-    def _update_many(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,
@@ -280,16 +271,11 @@ class VmService(CrudService[Vm]):
         return UpdatePlan(vm.id, data, target)
 
     # ------------------------------------------------------------------ delete
+    @with_vm_locks(lambda ids: ids)
     def delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Vm]:
         """Delete the VMs and their domains. Every host is checked before anything goes."""
-        with vm_locks(ids):
-            return self._delete_many(ids, principal, options, indexed)
-
-    def _delete_many(
-        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
-    ) -> Outcome[Vm]:
         vms: list[Vm] = []
         cascade = options.get("cascade") == "storage"
         for index, ident in enumerate(ids):
@@ -352,11 +338,8 @@ class VmService(CrudService[Vm]):
             raise hypervisor_failure(exc, "checking the domain before deleting", host) from exc
 
     # ------------------------------------------------------------------ actions
+    @with_vm_locks(lambda ident: [ident])
     def reboot(self, ident: int, principal: Principal) -> Outcome[Vm]:
-        with vm_locks([ident]):
-            return self._reboot(ident, principal)
-
-    def _reboot(self, ident: int, principal: Principal) -> Outcome[Vm]:
         vm = self.get(ident, principal)
         host = Host.of(vm.node_id)
         driver = hypervisor()
