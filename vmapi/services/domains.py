@@ -35,8 +35,16 @@ BUILDING = "building"
 Undo = list[Callable[[], None]]
 
 
+_STATE_IDS: dict[tuple[str, str], int] = {}
+
+
 def state_id(name: str) -> int:
-    return db.session.scalars(select(VmState.id).where(VmState.name == name)).one()
+    """The id of a seeded vm_state. Seeded rows can be neither deleted nor renamed, so
+    the answer is cached per database (it was a query twice per create)."""
+    key = (str(db.engine.url), name)
+    if key not in _STATE_IDS:
+        _STATE_IDS[key] = db.session.scalars(select(VmState.id).where(VmState.name == name)).one()
+    return _STATE_IDS[key]
 
 
 def run_undo(undo: Undo) -> None:

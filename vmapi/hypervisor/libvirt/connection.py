@@ -143,10 +143,12 @@ class ConnectionCache:
         with self._lock:
             conn = self._conns.get(uri)
         if conn is not None:
+            # virConnectIsAlive looks at local state only and never blocks, so it needs no
+            # helper thread (it was one per libvirt call).
             try:
-                if call_with_timeout(uri, timeout, conn.isAlive):
+                if conn.isAlive():
                     return conn
-            except (libvirt.libvirtError, HypervisorTimeout):
+            except libvirt.libvirtError:
                 pass
             self.drop(uri)
         _event_loop.ensure_running()
