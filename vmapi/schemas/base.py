@@ -193,8 +193,9 @@ def interface_validator(version: int):
     return check
 
 
-def address_validator(version: int):
-    """A plain address of one IP family, e.g. ``192.0.2.1``."""
+def address_validator(version: int, canonical: bool = False):
+    """A plain address of one IP family, e.g. ``192.0.2.1``; with ``canonical`` it must be
+    written as Python's ipaddress writes it (pool addresses are compared as text)."""
 
     def check(value: str) -> None:
         try:
@@ -203,6 +204,8 @@ def address_validator(version: int):
             raise ValidationError(f"Not a valid IPv{version} address.") from exc
         if addr.version != version:
             raise ValidationError(f"Must be an IPv{version} address, not IPv{addr.version}.")
+        if canonical and str(addr) != value:
+            raise ValidationError(f"Write it in canonical form: {addr}.")
 
     return check
 

@@ -8,7 +8,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from vmapi.addressing import network_problems
-from vmapi.schemas.base import BaseSchema, Int, Ref, Str
+from vmapi.schemas.base import BaseSchema, Int, Ref, Str, address_validator
 
 
 class RefList(fields.Field):
@@ -20,20 +20,6 @@ class RefList(fields.Field):
 
     def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
         return [{"id": item.id} for item in value or ()]
-
-
-def _address(version: int):
-    def check(value: str) -> None:
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError as exc:
-            raise ValidationError(f"Not a valid IPv{version} address.") from exc
-        if addr.version != version:
-            raise ValidationError(f"Must be an IPv{version} address.")
-        if str(addr) != value:
-            raise ValidationError(f"Write it in canonical form: {addr}.")
-
-    return check
 
 
 def _network(version: int):
@@ -95,9 +81,9 @@ class _AddressSchema(BaseSchema):
 
 class Ipv4Schema(_AddressSchema):
     id = Int(dump_only=True)
-    address = Str(validate=_address(4))
+    address = Str(validate=address_validator(4, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=32))
-    gateway = Str(validate=_address(4))
+    gateway = Str(validate=address_validator(4, canonical=True))
     network = Str(load_only=True, validate=_network(4))
     interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
 
@@ -105,9 +91,9 @@ class Ipv4Schema(_AddressSchema):
 class Ipv6Schema(_AddressSchema):
     VERSION = 6
     id = Int(dump_only=True)
-    address = Str(validate=_address(6))
+    address = Str(validate=address_validator(6, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=128))
-    gateway = Str(validate=_address(6))
+    gateway = Str(validate=address_validator(6, canonical=True))
     interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
     pool = Ref("ipv6_pool", attribute="pool_id", dump_only=True, allow_none=True)
 
@@ -115,7 +101,7 @@ class Ipv6Schema(_AddressSchema):
 class Ipv6PoolSchema(BaseSchema):
     id = Int(dump_only=True)
     network = Str(required=True, validate=_network(6))
-    gateway = Str(required=True, validate=_address(6))
+    gateway = Str(required=True, validate=address_validator(6, canonical=True))
     prefix = Int(dump_only=True)
     next_host = Int(dump_only=True)
     size = Int(dump_only=True)
