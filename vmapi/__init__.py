@@ -25,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from vmapi.errors import register_error_handlers
     from vmapi.extensions import db, migrate
     from vmapi.hypervisor.libvirt import LibvirtDriver
+    from vmapi.requestlog import register_request_log
     from vmapi.services.hosts import DRIVER_KEY
 
     app = Flask(__name__, instance_relative_config=True)
@@ -49,6 +50,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "-")
         return response
 
+    register_request_log(app)
     register_error_handlers(app)
     register_api(app)
     register_cli(app)

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
     "LOG_LEVEL": ("INFO", "Python log level"),
+    "LOG_REQUESTS": (True, "one JSON line per request on the vmapi.request logger"),
 }
 
 INTERFACE_MODES = ("bridge", "ethernet", "user")
