@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients
+TEST_PACKAGES := nginx-light
 PYTEST_ARGS ?=
 
 .PHONY: help run test lint format bench db-upgrade system-packages venv clean
@@ -51,6 +52,7 @@ run: venv db-upgrade
 	@$(BIN)/gunicorn -c gunicorn.conf.py --workers 1 --threads 4 --bind $(HOST):$(PORT) wsgi:app
 
 test: venv
+	@scripts/ensure-packages.sh $(TEST_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
 	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest $(PYTEST_ARGS)
 

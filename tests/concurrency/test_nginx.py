@@ -1,0 +1,98 @@
+"""A real nginx, with the shipped proxy settings, in front of a real gunicorn."""
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.concurrency.conftest import ROOT, free_port
+from tests.conftest import unavailable
+
+pytestmark = [pytest.mark.concurrency]
+
+SITE = (ROOT / "deploy/nginx/vmapi-site.conf").read_text()
+
+
+@pytest.fixture
+def nginx(server, tmp_path):
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        unavailable("nginx is not installed")
+    port = free_port()
+    upstream = server.url.removeprefix("http://")
+    # The shipped site, made local: plain HTTP on a free port, the test's gunicorn upstream.
+    site = (SITE.replace("server 127.0.0.1:8000;", f"server {upstream};")
+            .replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
+            .replace("include /etc/nginx/vmapi-proxy.conf;", f"include {ROOT}/deploy/nginx/vmapi-proxy.conf;"))  # fmt: skip
+    site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+        "events {}\nhttp {\n"
+        f"access_log off;\nclient_body_temp_path {tmp_path};\nproxy_temp_path {tmp_path};\n"
+        f"{site}\n}}\n"
+    )
+    process = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        process.kill()
+        raise RuntimeError((tmp_path / "error.log").read_text())
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def call(url, token, method, path, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/v1/{path}", data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def test_every_verb_through_nginx(server, nginx):
+    status, headers, body = call(nginx, server.token, "POST", "node_state", {"name": "draining"})
+    assert status == 201 and body["data"]["name"] == "draining"
+    ident = body["data"]["id"]
+    assert len(headers["X-Request-Id"]) == 32  # nginx's $request_id, handed on and echoed
+    status, _, body = call(
+        nginx, server.token, "UPDATE", "node_state", {"id": ident, "schedulable": True}
+    )
+    assert status == 200 and body["data"]["schedulable"] is True
+    status, _, body = call(nginx, server.token, "UPDATE", f"node_state/{ident}", {"name": "drain2"})
+    assert status == 200 and body["data"]["name"] == "drain2"
+    status, _, body = call(
+        nginx, server.token, "PATCH", f"node_state/{ident}", {"schedulable": False}
+    )
+    assert status == 200 and body["data"]["schedulable"] is False
+    status, _, body = call(nginx, server.token, "GET", "node_state?name=drain2")
+    assert status == 200 and list(body["data"]) == [str(ident)]
+    status, _, body = call(nginx, server.token, "DELETE", f"node_state/{ident}")
+    assert status == 200 and body["data"]["id"] == ident
+    status, _, body = call(nginx, server.token, "GET", f"node_state/{ident}")
+    assert status == 404 and body["error_id"] == "node_state/not_found"
+
+
+def test_oversized_body_is_an_envelope_from_nginx(server, nginx):
+    status, _, body = call(
+        nginx, server.token, "POST", "node_state", {"name": "x" * (2 * 1024 * 1024)}
+    )
+    assert status == 413 and body["error_id"] == "general/body_too_large"
