@@ -181,7 +181,3 @@ def register_cli(app: Flask) -> None:
         context: dict[str, Any] = {"db": db, "session": db.session, "app": app}
         context.update({name: getattr(models, name) for name in models.__all__})
         return context
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: flask --app wsgi vmapi ...")

@@ -386,3 +386,24 @@ def test_customers_read_only_their_own_interfaces_and_addresses(
         seven.get(f"interface/{my_iface['id']}?nest=vlan"), 403, "general/authorization/forbidden"
     )
     assert seven.get(f"interface/{my_iface['id']}?nest=vm").json["data"]["vm"]["id"] == mine["id"]
+
+
+def test_vlan_change_that_the_host_refuses_changes_nothing(app, api, vm_host, test_method, driver):
+    from tests.faults import FaultyDriver
+    from vmapi.services.hosts import DRIVER_KEY
+
+    node = vm_host()
+    vlan = api.post("vlan", json={"tag": 100}).json["data"]
+    a, b = api.post("vm", json=[vm_body(test_method), vm_body(test_method)]).json["data"].values()
+    ifaces = [a["interfaces"][0]["id"], b["interfaces"][0]["id"]]
+    faults = FaultyDriver(driver)
+    app.extensions[DRIVER_KEY] = faults
+    faults.fail("define", skip=1)  # the first interface's domain is redefined, the second fails
+    body = [{"id": i, "vlan": {"id": vlan["id"]}} for i in ifaces]
+    error = assert_error(api.update("interface", json=body), 502, "vm/hypervisor_error")
+    assert error["data"]["step"] == "recording the VLAN in the domain"
+    assert [api.get(f"interface/{i}").json["data"]["vlan"] for i in ifaces] == [None, None]
+    meta = domain_xml(driver, node, a).find(
+        "metadata/{urn:vmapi:domain:1}instance/{urn:vmapi:domain:1}interface"
+    )
+    assert meta.get("vlan") is None  # the first domain's definition was put back too

@@ -54,8 +54,6 @@ class InterfaceSchema(BaseSchema):
 class _AddressSchema(BaseSchema):
     """An address (with prefix and gateway), or on POST a whole ``network``."""
 
-    VERSION = 4
-
     @validates_schema
     def check_shape(self, data: dict[str, Any], partial: Any = None, **kwargs: Any) -> None:
         if "network" in data:
@@ -89,7 +87,6 @@ class Ipv4Schema(_AddressSchema):
 
 
 class Ipv6Schema(_AddressSchema):
-    VERSION = 6
     id = Int(dump_only=True)
     address = Str(validate=address_validator(6, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=128))

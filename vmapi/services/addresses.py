@@ -15,30 +15,20 @@ from vmapi.addressing import network_problems
 from vmapi.auth import Principal
 from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
-from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
+from vmapi.models import Ipv4Address, Ipv6Address, Ipv6Pool
 from vmapi.services.crud import CrudService, Outcome
+from vmapi.services.ownership import own_interfaces
 
 MAX_RANGE = 4096
 POOL_SIZE_CAP = 2**62  # host numbers a pool may hand out (keeps next_host in a bigint)
 CHUNK = 1000
 
 
-def own_interfaces(principal: Principal):
-    """Ids of the interfaces of the principal's VMs (a subquery)."""
-    return (
-        select(Interface.id)
-        .join(Vm, Vm.id == Interface.vm_id)
-        .where(Vm.customer_id == principal.customer_id)
-    )
-
-
 class AddressService(CrudService):
     """Single addresses; held ones are protected."""
 
-    def scope(self, stmt, principal: Principal):
-        if principal.is_admin:
-            return stmt
-        return stmt.where(self.model.interface_id.in_(own_interfaces(principal)))
+    def customer_scope(self, stmt, customer_id: int | None):
+        return stmt.where(self.model.interface_id.in_(own_interfaces(customer_id)))
 
     def update(self, obj, data: dict[str, Any], principal: Principal):
         if "network" in data:

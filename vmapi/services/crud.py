@@ -78,7 +78,14 @@ class CrudService(Generic[M]):
 
     # ------------------------------------------------------------------ reading
     def scope(self, stmt: Select, principal: Principal) -> Select:
-        """Restrict a query to what ``principal`` may see (customers: their own objects)."""
+        """Restrict a query to what ``principal`` may see: admins everything, customers
+        what :meth:`customer_scope` allows (others' objects then answer 404)."""
+        if principal.is_admin:
+            return stmt
+        return self.customer_scope(stmt, principal.customer_id)
+
+    def customer_scope(self, stmt: Select, customer_id: int | None) -> Select:
+        """A customer's view; the catalog shows everything (its role rules still apply)."""
         return stmt
 
     def load_options(self) -> list:

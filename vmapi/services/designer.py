@@ -35,6 +35,9 @@ def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
         .options(
             selectinload(Interface.ipv4), selectinload(Interface.ipv6), selectinload(Interface.vlan)
         )
+        # The definition is written from the database: refresh what the session holds
+        # (an undo may have changed rows whose relationships it had loaded before).
+        .execution_options(populate_existing=True)
     )
     nics = []
     for iface in db.session.scalars(stmt):
@@ -82,6 +85,7 @@ def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
         .outerjoin(CacheOption, CacheOption.id == Storage.cache_option_id)
         .where(Storage.vm_id == vm_id, Storage.path.is_not(None))
         .order_by(Storage.target)
+        .execution_options(populate_existing=True)
     )
     return tuple(
         disk_spec(storage, fmt, cache)

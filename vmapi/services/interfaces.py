@@ -19,22 +19,20 @@ from vmapi.errors import ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
-from vmapi.services.addresses import own_interfaces
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import domain_spec, interface_mode
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
+from vmapi.services.ownership import own_interfaces
 
 
 class InterfaceService(CrudService[Interface]):
     def __init__(self) -> None:
         super().__init__(Interface, "interface")
 
-    def scope(self, stmt, principal: Principal):
-        if principal.is_admin:
-            return stmt
-        return stmt.where(Interface.id.in_(own_interfaces(principal)))
+    def customer_scope(self, stmt, customer_id: int | None):
+        return stmt.where(Interface.id.in_(own_interfaces(customer_id)))
 
     def load_options(self) -> list:
         return [selectinload(Interface.ipv4), selectinload(Interface.ipv6)]

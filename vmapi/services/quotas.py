@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from vmapi.auth import Principal
 from vmapi.errors import Forbidden
 from vmapi.extensions import db
 from vmapi.models import Quota, Storage, Vm
@@ -66,7 +65,5 @@ class QuotaService(CrudService[Quota]):
     def __init__(self) -> None:
         super().__init__(Quota, "quota")
 
-    def scope(self, stmt, principal: Principal):
-        if principal.is_admin:
-            return stmt
-        return stmt.where(Quota.customer_id == principal.customer_id)
+    def customer_scope(self, stmt, customer_id: int | None):
+        return stmt.where(Quota.customer_id == customer_id)

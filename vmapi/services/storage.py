@@ -34,6 +34,7 @@ from vmapi.services.designer import disk_spec, domain_spec
 from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
+from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
@@ -49,7 +50,7 @@ def visible_vm(vm_id: int, principal: Principal) -> Vm:
     """The VM, if the principal may see it (400 otherwise: the body names it)."""
     stmt = select(Vm).where(Vm.id == vm_id)
     if not principal.is_admin:
-        stmt = stmt.where(Vm.customer_id == principal.customer_id)
+        stmt = stmt.where(Vm.id.in_(own_vms(principal.customer_id)))
     vm = db.session.scalars(stmt).first()
     if vm is None:
         raise ValidationError(data={"vm": [f"No vm with id {vm_id}."]})
@@ -96,11 +97,8 @@ class StorageService(CrudService[Storage]):
     def __init__(self) -> None:
         super().__init__(Storage, "storage")
 
-    def scope(self, stmt, principal: Principal):
-        if principal.is_admin:
-            return stmt
-        own = select(Vm.id).where(Vm.customer_id == principal.customer_id)
-        return stmt.where(Storage.vm_id.in_(own))
+    def customer_scope(self, stmt, customer_id: int | None):
+        return stmt.where(Storage.vm_id.in_(own_vms(customer_id)))
 
     def check_size(self, size: int) -> None:
         limit = current_app.config["STORAGE_MAX_SIZE"]
