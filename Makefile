@@ -12,6 +12,7 @@ PORT ?= 8000
 FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients
 TEST_PACKAGES := nginx-light
+BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 
 .PHONY: help run test lint format bench db-upgrade system-packages venv clean
@@ -21,7 +22,7 @@ help:
 	@echo "make test        install what is missing, start PostgreSQL and libvirtd, run the whole suite"
 	@echo "make lint        ruff check + format check"
 	@echo "make format      ruff format + autofix"
-	@echo "make bench       benchmarks (figures go to docs/benchmarks.md)"
+	@echo "make bench       benchmarks (figures go to docs/benchmarks.md; BENCH=\"placement ...\" for some)"
 	@echo "make db-upgrade  apply migrations and seed the default rows"
 	@echo "make clean       remove the virtualenv and caches"
 
@@ -64,8 +65,11 @@ format: venv
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
+# BENCH= picks some of: placement listing overhead hypervisor memory scaleout
 bench: venv
-	@PG_URL=$$(scripts/ensure-postgres.sh) && VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/python -m bench
+	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
+	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
+	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
