@@ -22,6 +22,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from vmapi.api import register_api
     from vmapi.cli import register_cli
     from vmapi.config import load_config
+    from vmapi.database import ping_idle_connections
     from vmapi.errors import register_error_handlers
     from vmapi.extensions import db, migrate
     from vmapi.hypervisor.libvirt import LibvirtDriver
@@ -33,6 +34,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     logging.basicConfig(level=app.config["LOG_LEVEL"])
 
     db.init_app(app)
+    with app.app_context():
+        ping_idle_connections(db.engine, app.config["DB_PING_AFTER"])
     migrate.init_app(app, db, directory=_migrations_dir())
     app.extensions[DRIVER_KEY] = LibvirtDriver(
         timeout=app.config["LIBVIRT_TIMEOUT"],

@@ -53,6 +53,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
+    "DB_PING_AFTER": (
+        10.0,
+        "seconds a pooled database connection may sit idle before it is checked on reuse",
+    ),
+    "TOKEN_CACHE_SECONDS": (
+        5.0,
+        "seconds a worker trusts a verified token without reading it again (0: never); a "
+        "revocation takes effect within this time",
+    ),
     "LOG_LEVEL": ("INFO", "Python log level"),
     "LOG_REQUESTS": (True, "one JSON line per request on the vmapi.request logger"),
 }
@@ -115,5 +124,3 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = app.config["DATABASE_URL"]
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]
     app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
-    if app.config["DATABASE_URL"].startswith("postgresql"):
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_pre_ping", True)

@@ -1,9 +1,10 @@
 """API.md §1 authentication and authorization on the platform's resources."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import Api, make_token, node_body
@@ -47,6 +48,10 @@ def test_unknown_token(client):
     assert_error(Api(client, "ünïcode").get("vm_state"), 401, "general/authentication/failed")
 
 
+NO_TOKEN_CACHE = pytest.mark.parametrize("app_config", [{"TOKEN_CACHE_SECONDS": 0}])
+
+
+@NO_TOKEN_CACHE
 def test_revoked_token(app, client, runner):
     plain = make_token(app, "admin", name="soon-revoked")
     assert Api(client, plain).get("vm_state").status_code == 200
@@ -55,6 +60,7 @@ def test_revoked_token(app, client, runner):
     assert_error(Api(client, plain).get("vm_state"), 401, "general/authentication/failed")
 
 
+@NO_TOKEN_CACHE
 def test_expired_token(app, client):
     plain = make_token(app, "customer", 5, expires_days=1)
     assert Api(client, plain).get("vm_state").status_code == 200
@@ -132,3 +138,49 @@ def test_token_role_wins_over_body(customer_api):
     assert_error(
         customer.post("node_state", json={"name": "x"}), 403, "general/authorization/forbidden"
     )
+
+
+@pytest.mark.parametrize("app_config", [{"TOKEN_CACHE_SECONDS": 0.5}])
+def test_a_revocation_takes_effect_within_the_cache_time(app, client, runner):
+    """A worker trusts a verified token for TOKEN_CACHE_SECONDS, then reads it again."""
+    plain = make_token(app, "admin", name="cached")
+    assert Api(client, plain).get("vm_state").status_code == 200
+    assert runner.invoke(args=["vmapi", "token", "revoke", "cached"]).exit_code == 0
+    assert Api(client, plain).get("vm_state").status_code == 200  # still trusted
+    time.sleep(0.6)
+    assert_error(Api(client, plain).get("vm_state"), 401, "general/authentication/failed")
+
+
+def test_a_cached_token_costs_no_query(app, client):
+    plain = make_token(app, "admin")
+    statements: list[str] = []
+    with app.app_context():
+        engine = db.engine
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert Api(client, plain).get("vm_state").status_code == 200
+        first = list(statements)
+        statements.clear()
+        assert Api(client, plain).get("vm_state").status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert any("api_token" in s for s in first)
+    assert not any("api_token" in s for s in statements)
+
+
+def test_expiry_is_checked_on_every_request_even_when_cached(app, client, monkeypatch):
+    plain = make_token(app, "customer", 5, expires_days=1)
+    assert Api(client, plain).get("vm_state").status_code == 200
+    later = datetime.now(UTC) + timedelta(days=2)
+
+    class Tomorrow(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return later
+
+    monkeypatch.setattr("vmapi.auth.datetime", Tomorrow)
+    assert_error(Api(client, plain).get("vm_state"), 401, "general/authentication/failed")

@@ -26,14 +26,28 @@ class NoValidHost(Exception):
 def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spread") -> int:
     """Pick the best node for ``request`` and claim its capacity; return the node id.
 
-    SQL (PostgreSQL), one round trip per attempt:
-        SELECT node.id FROM node
-        WHERE <every filter> ORDER BY <weigher>, node.id LIMIT 5
+    SQL (PostgreSQL), first:
+        SELECT node.id FROM node WHERE <every filter>
+        ORDER BY <weigher>, node.id LIMIT 1 FOR UPDATE OF node SKIP LOCKED
     The weigher's order is an index, so PostgreSQL reads nodes best-first and stops at
-    the fifth that passes the filters.
+    the first that passes the filters and that no concurrent create is claiming; the
+    claim then updates a row this transaction already holds. Concurrent creates so go
+    to different nodes instead of queueing on the best one's row lock. Only when every
+    suitable node is being claimed does it fall back to reading the best five without
+    locking and waiting for one of them (a small fleet under a burst).
     """
     conditions = [f(request, d) for _name, f in FILTERS]
     order = WEIGHERS[weigher]()
+    unclaimed = (
+        select(Node.id)
+        .where(and_(*conditions))
+        .order_by(*order)
+        .limit(1)
+        .with_for_update(of=Node, skip_locked=True)
+    )
+    node_id = db.session.scalars(unclaimed).first()
+    if node_id is not None and claim(node_id, request.cores, request.ram):
+        return node_id
     for _attempt in range(ATTEMPTS):
         stmt = select(Node.id).where(and_(*conditions)).order_by(*order).limit(CANDIDATES)
         candidates = list(db.session.scalars(stmt))

@@ -21,7 +21,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload, selectinload
 
 from vmapi.auth import Principal
 from vmapi.errors import (
@@ -82,6 +82,9 @@ class VmService(CrudService[Vm]):
     # ------------------------------------------------------------------ reading
     def load_options(self) -> list:
         return [selectinload(Vm.interfaces)]
+
+    def get_options(self) -> list:
+        return [joinedload(Vm.interfaces)]
 
     def customer_scope(self, stmt, customer_id: int | None):
         return stmt.where(Vm.customer_id == customer_id)
