@@ -116,7 +116,8 @@ def populate(
                 " ram_allocation_ratio, reserved_ram, free_cores, free_ram)"
                 " SELECT 'node' || i || '.bench.example', '192.0.2.10/24', '2001:db8::10/64',"
                 " '192.0.2.1', '2001:db8::1', 1, :uri, :cores, :ram, 1.0, 1.0, 0,"
-                " :cores - :per, :ram - CAST(:per AS bigint) * :vm_ram FROM generate_series(1, :n) AS i"
+                " :cores - :per, :ram - CAST(:per AS bigint) * :vm_ram"
+                " FROM generate_series(1, :n) AS i"
             ),
             {"uri": uri, "cores": cores, "ram": ram, "n": nodes, "per": vms_per_node,
              "vm_ram": vm_ram},
@@ -197,7 +198,9 @@ def recommended_workers() -> int:
 def gunicorn(app: str, env: dict[str, str], workers: int) -> Iterator[tuple[str, int]]:
     """Serve ``app`` with the project's gunicorn.conf.py; yield (base URL, master pid)."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
+        prefix="bench-gunicorn-", suffix=".log", delete=False
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
          "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", app],

@@ -34,8 +34,8 @@ def call(base: str, token: str, method: str, path: str, body: dict | None = None
 
 
 def cycle(base: str, token: str, method: int) -> None:
-    vm = call(base, token, "POST", "vm",
-              {"cores": 1, "ram": 256 * 1024**2, "virt_method": {"id": method}})["data"]  # fmt: skip
+    body = {"cores": 1, "ram": 256 * 1024**2, "virt_method": {"id": method}}
+    vm = call(base, token, "POST", "vm", body)["data"]
     call(base, token, "GET", f"vm/{vm['id']}")
     call(base, token, "GET", f"vm/{vm['id']}?nest=node")
     call(base, token, "GET", "vm?limit=100")
@@ -79,8 +79,10 @@ def run() -> list[str]:
         "",
         f"| worker | RSS after {FIRST:,} requests (MB) | after {TOTAL:,} (MB) | growth |",
         "|---:|---:|---:|---:|",
-        *[f"| {i} | {before[p]:.1f} | {after[p]:.1f} | {growth[p]:+.1%} |"
-          for i, p in enumerate(pids, 1)],  # fmt: skip
+        *[
+            f"| {i} | {before[p]:.1f} | {after[p]:.1f} | {growth[p]:+.1%} |"
+            for i, p in enumerate(pids, 1)
+        ],
         "",
         f"Target every worker ≤ +10%: worst {worst:+.1%} — {verdict(worst <= 0.10)}.",
         "",

@@ -49,8 +49,10 @@ def run() -> list[str]:
         "",
         "| nodes | VMs placed | median ms | p95 ms | median vs 10 nodes |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {n:,} | {n * VMS_PER_NODE:,} | {m:.2f} | {p:.2f} | {m / base:.2f} x |"
-          for n, m, p in rows],  # fmt: skip
+        *[
+            f"| {n:,} | {n * VMS_PER_NODE:,} | {m:.2f} | {p:.2f} | {m / base:.2f} x |"
+            for n, m, p in rows
+        ],
         "",
         f"Target 10,000 nodes ≤ 1.3 x 10 nodes: {ratio:.2f} x — {verdict(ratio <= 1.3)}.",
         "",

@@ -32,6 +32,25 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+GROUPS = {"python": "vmapi (gunicorn workers)", "postgres": "PostgreSQL",
+          "libvirtd": "libvirtd", "wrk": "wrk (the client)"}  # fmt: skip
+
+
+def ticks_by_program() -> Counter[str]:
+    """CPU ticks (user + system) of every live process, by program name."""
+    out: Counter[str] = Counter()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        group = next((g for prefix, g in GROUPS.items() if name.startswith(prefix)), "other")
+        out[group] += int(fields[11]) + int(fields[12])
+    return out
+
+
 class Sampler(threading.Thread):
     """CPU busy share and lock waits, sampled while a load runs."""
 
@@ -46,6 +65,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         self.busy0, self.total0 = cpu_times()
+        programs0 = ticks_by_program()
         with self.engine.connect() as conn:
             while not self.stop.wait(0.05):
                 rows = conn.execute(sa.text(
@@ -62,6 +82,10 @@ class Sampler(threading.Thread):
                     self.waits.update(locked)
         busy1, total1 = cpu_times()
         self.cpu = (busy1 - self.busy0) / max(total1 - self.total0, 1)
+        used = ticks_by_program()
+        used.subtract(programs0)
+        spent = sum(max(v, 0) for v in used.values()) or 1
+        self.programs = {name: max(v, 0) / spent for name, v in used.most_common()}
         self.engine.dispose()
 
 
@@ -79,9 +103,12 @@ def run() -> list[str]:
     with served_fleet() as (fleet, env, token):
         body = json.dumps({"cores": 1, "ram": 256 * 1024**2, "virt_method": {"id": fleet.method}})
         lua = lua_request("POST", token, body)
-        with gunicorn("wsgi:app", env, workers) as (one, _), gunicorn("wsgi:app", env, workers) as (
-            two,
-            _,
+        with (
+            gunicorn("wsgi:app", env, workers) as (one, _),
+            gunicorn("wsgi:app", env, workers) as (
+                two,
+                _,
+            ),
         ):
             for label, urls in (("one instance", [one]), ("two instances", [one, two])):
                 sampler = Sampler(fleet.url)
@@ -110,6 +137,12 @@ def run() -> list[str]:
             f"| {label} | {rate:.0f} | {rate / base:.2f} x | {s.cpu:.0%} |"
             f" {s.active / max(s.samples, 1):.2f} | {s.waiting_samples}/{s.samples} |"
         )
+    lines += ["", "Where the CPU went (share of all CPU time used during the load):", "",
+              "| load | " + " | ".join(GROUPS.values()) + " | other |",
+              "|---|" + "---:|" * (len(GROUPS) + 1)]  # fmt: skip
+    for label, _rate, s in rows:
+        shares = [s.programs.get(g, 0.0) for g in [*GROUPS.values(), "other"]]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.0%}" for v in shares) + " |")
     waits = sum((s.waits for _l, _r, s in rows), Counter())
     lines += ["", f"Target two ≥ 1.6 x one: {ratio:.2f} x — {verdict(ratio >= 1.6)}."]
     if waits:

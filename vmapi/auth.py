@@ -30,7 +30,7 @@ from vmapi.models import ApiToken
 TOKEN_PREFIX = "vmapi_"  # noqa: S105 - a prefix that makes leaked tokens greppable
 ADMIN = "admin"
 CUSTOMER = "customer"
-TOKEN_CACHE_KEY = "vmapi.token_cache"
+TOKEN_CACHE_KEY = "vmapi.token_cache"  # noqa: S105 - an app.extensions key, not a secret
 TOKEN_CACHE_SIZE = 4096  # tokens a worker remembers at most (least recently used go)
 
 

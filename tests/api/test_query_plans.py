@@ -52,8 +52,12 @@ def large_fleet(app, host_uri):
             ),
             {"vm_ram": 256 * MIB, "per": VMS_PER_NODE, "m": method, "s": running},
         )
-        x(sa.text("INSERT INTO interface (vm_id, mac) SELECT id, '02:00:' || regexp_replace("
-                  "lpad(to_hex(id), 8, '0'), '(..)(..)(..)(..)', '\\1:\\2:\\3:\\4') FROM vm"))
+        x(
+            sa.text(
+                "INSERT INTO interface (vm_id, mac) SELECT id, '02:00:' || regexp_replace("
+                "lpad(to_hex(id), 8, '0'), '(..)(..)(..)(..)', '\\1:\\2:\\3:\\4') FROM vm"
+            )
+        )
         x(sa.text("INSERT INTO ipv4_address (address, prefix, gateway) SELECT '10.' || (i / 65536)"
                   " || '.' || (i / 256 % 256) || '.' || (i % 256), 8, '10.255.255.254'"
                   " FROM generate_series(1, :n) AS i"), {"n": FREE_ADDRESSES})  # fmt: skip

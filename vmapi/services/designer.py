@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload
 
 from vmapi.extensions import db
 from vmapi.hypervisor import DiskSpec, DomainSpec, NicSpec
@@ -32,15 +32,13 @@ def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
         select(Interface)
         .where(Interface.vm_id == vm_id)
         .order_by(Interface.id)
-        .options(
-            selectinload(Interface.ipv4), selectinload(Interface.ipv6), selectinload(Interface.vlan)
-        )
+        .options(joinedload(Interface.ipv4), joinedload(Interface.ipv6), joinedload(Interface.vlan))
         # The definition is written from the database: refresh what the session holds
         # (an undo may have changed rows whose relationships it had loaded before).
         .execution_options(populate_existing=True)
     )
     nics = []
-    for iface in db.session.scalars(stmt):
+    for iface in db.session.scalars(stmt).unique():
         v4 = iface.ipv4[0] if iface.ipv4 else None
         v6 = iface.ipv6[0] if iface.ipv6 else None
         nics.append(

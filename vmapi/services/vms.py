@@ -22,6 +22,7 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from vmapi.auth import Principal
 from vmapi.errors import (
@@ -69,6 +70,8 @@ from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, ap
 
 log = logging.getLogger(__name__)
 
+METHOD = "_virt_method"  # the VirtMethod row, carried from prepare_create to create_one
+
 
 def scheduler_defaults() -> Defaults:
     cooloff = timedelta(seconds=current_app.config["LIBVIRT_COOLOFF"])
@@ -108,7 +111,7 @@ class VmService(CrudService[Vm]):
             except BaseException:
                 run_undo(undo)
                 raise
-        return Outcome(self.loaded(made))
+        return Outcome(made)
 
     def prepare_create(self, data: dict[str, Any], principal: Principal) -> dict[str, Any]:
         """The checks that need no lock: roles, references, the generated UUID."""
@@ -123,10 +126,12 @@ class VmService(CrudService[Vm]):
             if data.get("node_id") is not None:
                 raise Forbidden("A customer token may not choose the node of a VM.")
             data["customer_id"] = principal.customer_id
-        if db.session.get(VirtMethod, data["virt_method_id"]) is None:
+        method = db.session.get(VirtMethod, data["virt_method_id"])
+        if method is None:
             raise ValidationError(
                 data={"virt_method": [f"No virt_method with id {data['virt_method_id']}."]}
             )
+        data[METHOD] = method  # read once: the create defines the domain with it
         if data.get("node_id") is not None and db.session.get(Node, data["node_id"]) is None:
             raise NotFound(
                 f"No node with id {data['node_id']}.",
@@ -185,7 +190,7 @@ class VmService(CrudService[Vm]):
             )
             db.session.add(vm)
             db.session.flush()
-            add_interface(vm)
+            interface = add_interface(vm)
             db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
             db.session.rollback()
@@ -198,8 +203,7 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node_id)
         undo.append(lambda: forget(vm))
-        method = db.session.get(VirtMethod, vm.virt_method_id)
-        spec = domain_spec(vm, method, host.node, current_app.config)
+        spec = domain_spec(vm, data[METHOD], host.node, current_app.config)
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -212,6 +216,8 @@ class VmService(CrudService[Vm]):
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
+        # What the answer shows, known without reading it back: the one new interface.
+        set_committed_value(vm, "interfaces", [interface])
         return vm
 
     # ------------------------------------------------------------------ update
