@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import msgpack
-from flask import Response, current_app, g, render_template, request
+from flask import Response, current_app, g, has_request_context, render_template, request
 
 from vmapi.errors import ApiError, BodyTooLarge, MalformedBody, UnsupportedMediaType
 
@@ -131,6 +131,8 @@ def success_response(
 
 def error_response(exc: ApiError) -> Response:
     """The error envelope for ``exc`` in the negotiated format."""
+    if has_request_context():
+        g.error_id = exc.error_id  # for the request log and the audit trail
     envelope: dict[str, Any] = {
         "status": "error",
         "status_code": exc.status_code,

@@ -66,6 +66,11 @@ class Node(db.Model):
     #: When the API last failed to reach the node's libvirt; the scheduler skips the node
     #: for LIBVIRT_COOLOFF seconds after it.
     libvirt_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Host health (``flask vmapi node check``): when its libvirt last answered, the last
+    #: probe's error, and since when it is unreachable (the scheduler skips it meanwhile).
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    unreachable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
 

@@ -23,6 +23,7 @@ from sqlalchemy import delete, select, update
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
+from vmapi.services import audit
 
 MAC_PREFIX = "52:54:00"
 MAC_ATTEMPTS = 8
@@ -53,7 +54,11 @@ def _take_free(model: type, interface_id: int) -> int | None:
         .returning(model.id)
         .execution_options(synchronize_session=False)
     )
-    return db.session.execute(stmt).scalar()
+    taken = db.session.execute(stmt).scalar()
+    if taken is not None:
+        audit.record(db.session, audit.resource_of(model.__tablename__), taken, "update",
+                     {"interface_id": None}, {"interface_id": interface_id})  # fmt: skip
+    return taken
 
 
 def allocate_ipv4(interface_id: int) -> int:
@@ -132,12 +137,20 @@ def release_interfaces(vm_id: int) -> None:
     """Free the VM's addresses and delete its interfaces (once its domain is gone)."""
     ids = select(Interface.id).where(Interface.vm_id == vm_id).scalar_subquery()
     for model in (Ipv4Address, Ipv6Address):
+        held = db.session.execute(
+            select(model.id, model.interface_id).where(model.interface_id.in_(ids))
+        ).all()
+        if not held:
+            continue
         db.session.execute(
             update(model)
-            .where(model.interface_id.in_(ids))
+            .where(model.id.in_([address_id for address_id, _ in held]))
             .values(interface_id=None)
             .execution_options(synchronize_session=False)
         )
+        for address_id, interface_id in held:
+            audit.record(db.session, audit.resource_of(model.__tablename__), address_id, "update",
+                         {"interface_id": interface_id}, {"interface_id": None})  # fmt: skip
     db.session.execute(
         delete(Interface)
         .where(Interface.vm_id == vm_id)

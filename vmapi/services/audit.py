@@ -1,0 +1,276 @@
+"""The audit trail, written in the same transaction as the change it records.
+
+Every ORM insert, update and delete of an audited model is collected after each flush
+(with the fields' values before and after, from the session's own attribute history)
+and written as :class:`~vmapi.models.Event` rows just before the transaction commits,
+so a change and its record are committed together or not at all. Changes made with a
+bulk SQL statement (an address handed to an interface) are recorded by the code that
+makes them, with :func:`record`. Bookkeeping that is not a change anyone asked for —
+a node's allocated and free capacity, idempotency keys, the events themselves — is not
+recorded. Secrets (a token's hash) never are.
+
+A request that fails leaves no change (its transaction is rolled back) and gets one
+event of its own, written after the rollback, with the error id as the outcome
+(:func:`record_failure`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from flask import g, has_request_context
+from flask_sqlalchemy.session import Session
+from sqlalchemy import event, inspect, select
+
+from vmapi.extensions import db
+from vmapi.models import Event, IdempotencyKey, Vm
+
+log = logging.getLogger(__name__)
+
+PENDING = "vmapi.audit.pending"
+#: Models whose rows are not changes anyone asked for.
+NOT_AUDITED = (Event, IdempotencyKey)
+#: Columns never written to the trail, by model; and bookkeeping columns of a node
+#: that every claim changes (the claim itself is recorded as the VM's create or resize).
+SECRET = {"api_token": {"token_hash"}}
+BOOKKEEPING = {"node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"}}
+#: URL names of resources whose table is named otherwise.
+RESOURCE_NAMES = {"ipv4_address": "ipv4", "ipv6_address": "ipv6", "api_token": "token"}
+
+
+def resource_of(table: str) -> str:
+    return RESOURCE_NAMES.get(table, table)
+
+
+def plain(value: Any) -> Any:
+    """A column value as JSON can hold it."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _hidden(table: str) -> set[str]:
+    return SECRET.get(table, set()) | BOOKKEEPING.get(table, set())
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    """The loaded column values (never a lazy load inside a flush)."""
+    state = inspect(obj)
+    table = obj.__table__.name
+    hidden = _hidden(table)
+    return {
+        attr.key: plain(state.dict[attr.key])
+        for attr in state.mapper.column_attrs
+        if attr.key in state.dict and attr.key not in hidden
+    }
+
+
+def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = inspect(obj)
+    hidden = _hidden(obj.__table__.name)
+    before, after = {}, {}
+    for attr in state.mapper.column_attrs:
+        if attr.key in hidden:
+            continue
+        history = state.attrs[attr.key].history
+        if not history.has_changes():
+            continue
+        old = history.deleted[0] if history.deleted else None
+        new = history.added[0] if history.added else None
+        if old != new:
+            before[attr.key], after[attr.key] = plain(old), plain(new)
+    return before, after
+
+
+def _owner(obj: Any) -> tuple[int | None, int | None]:
+    """(customer id, VM id whose customer owns it) as far as the object itself says."""
+    if isinstance(obj, Vm):
+        return obj.__dict__.get("customer_id"), None
+    return None, obj.__dict__.get("vm_id") if hasattr(type(obj), "vm_id") else None
+
+
+def record(
+    session: Any,
+    resource: str,
+    object_id: int | None,
+    action: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    *,
+    vm_id: int | None = None,
+    customer_id: int | None = None,
+) -> None:
+    """Queue an event for the current transaction (for changes made in bulk SQL)."""
+    session.info.setdefault(PENDING, []).append(
+        {
+            "resource": resource,
+            "object_id": object_id,
+            "action": action,
+            "before": before,
+            "after": after,
+            "customer_id": customer_id,
+            "vm_id": vm_id,
+        }
+    )
+
+
+@event.listens_for(Session, "after_flush")
+def _collect(session: Any, flush_context: Any) -> None:
+    for obj in session.new:
+        if not isinstance(obj, NOT_AUDITED):
+            customer, vm = _owner(obj)
+            record(
+                session,
+                resource_of(obj.__table__.name),
+                obj.id,
+                "create",
+                None,
+                _values(obj),
+                vm_id=vm,
+                customer_id=customer,
+            )
+    for obj in session.dirty:
+        if isinstance(obj, NOT_AUDITED) or not session.is_modified(obj):
+            continue
+        before, after = _changes(obj)
+        if before or after:
+            customer, vm = _owner(obj)
+            record(
+                session,
+                resource_of(obj.__table__.name),
+                obj.id,
+                "update",
+                before,
+                after,
+                vm_id=vm,
+                customer_id=customer,
+            )
+    for obj in session.deleted:
+        if not isinstance(obj, NOT_AUDITED):
+            customer, vm = _owner(obj)
+            record(
+                session,
+                resource_of(obj.__table__.name),
+                obj.id,
+                "delete",
+                _values(obj),
+                None,
+                vm_id=vm,
+                customer_id=customer,
+            )
+
+
+@event.listens_for(Session, "before_commit")
+def _write(session: Any) -> None:
+    if session.info.get(PENDING) is None and not (session.new or session.dirty or session.deleted):
+        return
+    session.flush()  # so what commit would flush is collected too
+    pending = session.info.pop(PENDING, None)
+    if not pending:
+        return
+    actor, token_id, request_id = who()
+    now = datetime.now(UTC)
+    owners = _vm_owners(session, pending)
+    for item in pending:
+        customer = item["customer_id"]
+        if customer is None and item["vm_id"] is not None:
+            customer = owners.get(item["vm_id"])
+        session.add(
+            Event(
+                at=now,
+                request_id=request_id,
+                actor=actor,
+                token_id=token_id,
+                customer_id=customer,
+                resource=item["resource"],
+                object_id=item["object_id"],
+                action=item["action"],
+                before=item["before"],
+                after=item["after"],
+                outcome="ok",
+            )
+        )
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Any) -> None:
+    session.info.pop(PENDING, None)
+
+
+def _vm_owners(session: Any, pending: list[dict[str, Any]]) -> dict[int, int | None]:
+    """Customer of each VM the events mention: from the database, or from the VM's own
+    delete event when it went in the same transaction."""
+    owners: dict[int, int | None] = {}
+    for item in pending:
+        if item["resource"] == "vm" and item["object_id"] is not None:
+            values = item["after"] or item["before"] or {}
+            if "customer_id" in values:
+                owners[item["object_id"]] = values["customer_id"]
+    wanted = {i["vm_id"] for i in pending if i["vm_id"] is not None} - set(owners)
+    if wanted:
+        with session.no_autoflush:
+            rows = session.execute(select(Vm.id, Vm.customer_id).where(Vm.id.in_(wanted)))
+            owners.update(dict(rows.all()))
+    return owners
+
+
+def who() -> tuple[str, int | None, str | None]:
+    """(actor, token id, request id): the request's token, or the CLI's user."""
+    if has_request_context():
+        principal = g.get("principal")
+        if principal is not None:
+            return principal.name, principal.token_id, g.get("request_id")
+        return "anonymous", None, g.get("request_id")
+    try:
+        user = getpass.getuser()
+    except Exception:  # no name for this uid (a container)
+        user = "unknown"
+    return f"cli:{user}", None, None
+
+
+def record_failure(
+    resource: str, object_id: int | None, action: str, error_id: str, status: int
+) -> None:
+    """One event for a refused or failed change, in a transaction of its own (the change
+    itself was rolled back). Never fails the answer: a database that cannot take the
+    event is logged."""
+    actor, token_id, request_id = who()
+    try:
+        db.session.rollback()
+        db.session.add(
+            Event(
+                at=datetime.now(UTC),
+                request_id=request_id,
+                actor=actor,
+                token_id=token_id,
+                customer_id=_customer_of(resource, object_id),
+                resource=resource,
+                object_id=object_id,
+                action=action,
+                outcome=error_id,
+                status=status,
+            )
+        )
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        log.exception("could not record a failed %s of %s %s", action, resource, object_id)
+
+
+def _customer_of(resource: str, object_id: int | None) -> int | None:
+    """The owner of a failed change's target, so its customer sees the refusal too."""
+    if has_request_context():
+        principal = g.get("principal")
+        if principal is not None and not principal.is_admin:
+            return principal.customer_id
+    if resource == "vm" and object_id is not None:
+        return db.session.scalar(select(Vm.customer_id).where(Vm.id == object_id))
+    return None

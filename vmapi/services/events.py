@@ -1,0 +1,16 @@
+"""Reading the audit trail (written by :mod:`vmapi.services.audit`)."""
+
+from __future__ import annotations
+
+from vmapi.models import Event
+from vmapi.services.crud import CrudService
+
+
+class EventService(CrudService[Event]):
+    """Admins read every event; a customer reads those about its own objects."""
+
+    def __init__(self) -> None:
+        super().__init__(Event, "event")
+
+    def customer_scope(self, stmt, customer_id: int | None):
+        return stmt.where(Event.customer_id == customer_id)
