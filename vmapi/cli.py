@@ -150,6 +150,31 @@ def node_refresh_capacity() -> None:
     click.echo(f"refreshed {refresh_all(capacity_defaults())} node(s)")
 
 
+@node_cli.command("check")
+@click.option("--fqdn", "fqdns", multiple=True, help="Only this node (repeatable).")
+@click.option("--workers", default=32, show_default=True, help="Nodes probed at once.")
+def node_check(fqdns: tuple[str, ...], workers: int) -> None:
+    """Probe every node's libvirt in parallel and record the result on the node.
+
+    A node that does not answer is marked unreachable (the scheduler skips it) until a
+    check reaches it again. Safe for cron or a systemd timer. Exits 1 when a node is
+    unreachable.
+    """
+    from vmapi.services.health import check_nodes
+
+    probes = check_nodes(workers, fqdns)
+    for probe in probes:
+        if probe.ok:
+            click.echo(f"ok    {probe.fqdn}: {probe.detail}")
+        else:
+            since = f"{probe.down_since:%Y-%m-%d %H:%M:%S}" if probe.down_since else "?"
+            click.echo(f"DOWN  {probe.fqdn} (since {since} UTC): {probe.detail}")
+    down = [p for p in probes if not p.ok]
+    click.echo(f"{len(probes)} node(s), {len(down)} unreachable")
+    if down:
+        sys.exit(1)
+
+
 @vmapi_cli.command("reconcile")
 @click.option("--fix", is_flag=True, help="Repair what can be repaired safely.")
 def reconcile_command(fix: bool) -> None:

@@ -40,7 +40,14 @@ def test_filter_names_and_order_are_the_contract():
             "has_virt_method",
             ["EXISTS", "virt_node.node_id = node.id", "virt_node.virt_method_id = 7"],
         ),
-        ("libvirt_reachable", ["node.libvirt_failed_at IS NULL", "node.libvirt_failed_at <"]),
+        (
+            "libvirt_reachable",
+            [
+                "node.unreachable_since IS NULL",
+                "node.libvirt_failed_at IS NULL",
+                "node.libvirt_failed_at <",
+            ],
+        ),
         ("enough_cores", ["node.free_cores >= 2"]),
         ("enough_ram", ["node.free_ram >= 1024"]),
         (

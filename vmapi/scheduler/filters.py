@@ -46,8 +46,12 @@ def has_virt_method(r: PlacementRequest, d: Defaults) -> ColumnElement:
 
 
 def libvirt_reachable(r: PlacementRequest, d: Defaults) -> ColumnElement:
-    """The node's libvirt has not failed within the cool-off period."""
-    return or_(Node.libvirt_failed_at.is_(None), Node.libvirt_failed_at < d.down_since)
+    """The node's libvirt answered its last health check (``flask vmapi node check``)
+    and no request failed to reach it within the cool-off period."""
+    return and_(
+        Node.unreachable_since.is_(None),
+        or_(Node.libvirt_failed_at.is_(None), Node.libvirt_failed_at < d.down_since),
+    )
 
 
 def enough_cores(r: PlacementRequest, d: Defaults) -> ColumnElement:

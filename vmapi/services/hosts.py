@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 from flask import current_app
 
 from vmapi.errors import Conflict, ValidationError
@@ -9,6 +13,8 @@ from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, Hyperv
 from vmapi.hypervisor.uri import validate_libvirt_uri
 
 DRIVER_KEY = "vmapi.hypervisor"
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 def hypervisor() -> HypervisorDriver:
@@ -44,3 +50,23 @@ def read_capacity(fqdn: str, uri: str) -> HostInfo:
             error_id="node/unreachable",
             data={"uri": uri, "reason": exc.reason},
         ) from exc
+
+
+def on_hosts(
+    uris: dict[K, str], call: Callable[[str], T], workers: int
+) -> dict[K, T | HypervisorError]:
+    """``call(uri)`` for every host at once, in up to ``workers`` threads; each result, or
+    the hypervisor error it raised. Every libvirt call is bounded by LIBVIRT_TIMEOUT, so a
+    hung host costs its own thread that long and delays no other host."""
+    if not uris:
+        return {}
+
+    def guarded(uri: str) -> T | HypervisorError:
+        try:
+            return call(uri)
+        except HypervisorError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(uris)))) as pool:
+        futures = {key: pool.submit(guarded, uri) for key, uri in uris.items()}
+        return {key: future.result() for key, future in futures.items()}

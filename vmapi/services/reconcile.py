@@ -26,7 +26,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError
 from vmapi.models import Node, Vm, VmState
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
-from vmapi.services.hosts import hypervisor
+from vmapi.services.hosts import hypervisor, on_hosts
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +44,25 @@ class Finding:
         return f"{status:5}  {self.kind:15} {self.domain:12} on {self.node}: {self.detail}"
 
 
-def reconcile(fix: bool) -> list[Finding]:
+def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings: list[Finding] = []
     installation = current_app.config["INSTALLATION_ID"]
     stale_before = datetime.now(UTC) - timedelta(seconds=current_app.config["BUILD_TIMEOUT"])
     states = {row.id: row.name for row in db.session.scalars(select(VmState))}
     known_ids = set(db.session.scalars(select(Vm.id)))
-    for node in db.session.scalars(select(Node).order_by(Node.id)).all():
-        host = Host.of(node.id)
-        try:
-            domains = {d.name: d for d in hypervisor().domains(host.uri)}
-        except HypervisorError as exc:
-            findings.append(Finding("unreachable", node.fqdn, "-", exc.reason))
+    nodes = db.session.scalars(select(Node).order_by(Node.id)).all()
+    hosts = {node.id: Host.of(node.id) for node in nodes}
+    # Every node is asked at once (each call bounded by LIBVIRT_TIMEOUT): hung hosts cost
+    # one timeout in all, not one each.
+    listings = on_hosts({i: h.uri for i, h in hosts.items()}, hypervisor().domains, workers)
+    for node in nodes:
+        host = hosts[node.id]
+        listing = listings[node.id]
+        if isinstance(listing, HypervisorError):
+            findings.append(Finding("unreachable", node.fqdn, "-", listing.reason))
             findings += _stale_on_unreachable(node.id, host, states, stale_before, fix)
             continue
+        domains = {d.name: d for d in listing}
         vms = db.session.scalars(select(Vm).where(Vm.node_id == node.id).order_by(Vm.id)).all()
         for vm in vms:
             domain = domains.pop(vm.name, None)
