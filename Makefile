@@ -50,7 +50,7 @@ run: venv db-upgrade
 	@$(FLASK) vmapi token create --admin 2>/dev/null | tail -n 1
 	@echo "serving on http://$(HOST):$(PORT)/api/v1/  (Ctrl-C stops)"
 	@# One process (with threads): the embedded test driver keeps its domains per process.
-	@$(BIN)/gunicorn -c gunicorn.conf.py --workers 1 --threads 4 --bind $(HOST):$(PORT) wsgi:app
+	@$(BIN)/gunicorn -c deploy/gunicorn.conf.py --workers 1 --threads 4 --bind $(HOST):$(PORT) wsgi:app
 
 test: venv
 	@scripts/ensure-packages.sh $(TEST_PACKAGES)

@@ -196,14 +196,15 @@ def recommended_workers() -> int:
 
 @contextlib.contextmanager
 def gunicorn(app: str, env: dict[str, str], workers: int) -> Iterator[tuple[str, int]]:
-    """Serve ``app`` with the project's gunicorn.conf.py; yield (base URL, master pid)."""
+    """Serve ``app`` with deploy/gunicorn.conf.py; yield (base URL, master pid)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
         prefix="bench-gunicorn-", suffix=".log", delete=False
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
-         "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", app],
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py",
+         "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+         "--access-logfile", "/dev/null", app],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -301,6 +302,8 @@ def served_fleet(nodes: int = 10, vms_per_node: int = 20) -> Iterator[tuple[Flee
     """A database whose nodes all point at libvirtd's test driver (shared by every
     worker), room for tens of thousands of creates, the environment for vmapi's
     gunicorn and an admin token. Domains made under it are removed afterwards."""
+    remove_domains(SHARED_URI, INSTALLATION)  # what an interrupted run left behind
+    remove_domains(SHARED_URI, "floor-")
     with database() as url:
         fleet = populate(url, nodes, vms_per_node, SHARED_URI, addresses=60_000,
                          cores=1_000_000, ram=1024**5)  # fmt: skip

@@ -26,8 +26,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from vmapi.errors import register_error_handlers
     from vmapi.extensions import db, migrate
     from vmapi.hypervisor.libvirt import LibvirtDriver
+    from vmapi.hypervisor.observed import ObservedDriver
     from vmapi.requestlog import register_request_log
     from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.telemetry import (
+        count_connections,
+        hypervisor_action,
+        register_request_metrics,
+    )
 
     app = Flask(__name__, instance_relative_config=True)
     load_config(app, config)
@@ -36,12 +42,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         ping_idle_connections(db.engine, app.config["DB_PING_AFTER"])
+        count_connections(db.engine)
     migrate.init_app(app, db, directory=_migrations_dir())
-    app.extensions[DRIVER_KEY] = LibvirtDriver(
+    driver = LibvirtDriver(
         timeout=app.config["LIBVIRT_TIMEOUT"],
         keepalive_interval=app.config["LIBVIRT_KEEPALIVE_INTERVAL"],
         keepalive_count=app.config["LIBVIRT_KEEPALIVE_COUNT"],
     )
+    app.extensions[DRIVER_KEY] = ObservedDriver(driver, hypervisor_action)
 
     @app.before_request
     def assign_request_id() -> None:
@@ -54,6 +62,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return response
 
     register_request_log(app)
+    register_request_metrics(app)
     register_error_handlers(app)
     register_api(app)
     register_cli(app)

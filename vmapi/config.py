@@ -7,6 +7,7 @@ or as an environment variable ``VMAPI_<KEY>``; the environment wins.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from typing import Any
@@ -62,6 +63,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "seconds a worker trusts a verified token without reading it again (0: never); a "
         "revocation takes effect within this time",
     ),
+    "METRICS_ALLOW": (
+        [],
+        "networks (CIDR, JSON list) that may read /metrics without the admin token",
+    ),
+    "LOG_HYPERVISOR": (True, "one JSON line per hypervisor action on vmapi.hypervisor"),
     "LOG_LEVEL": ("INFO", "Python log level"),
     "LOG_REQUESTS": (True, "one JSON line per request on the vmapi.request logger"),
 }
@@ -117,6 +123,11 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         app.config["DATABASE_URL"] = f"sqlite:///{path}"
     if app.config["SCHEDULER_WEIGHER"] not in ("spread", "pack"):
         raise RuntimeError("SCHEDULER_WEIGHER must be spread or pack")
+    for network in app.config["METRICS_ALLOW"]:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise RuntimeError(f"METRICS_ALLOW: {exc}") from exc
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
 

@@ -105,7 +105,7 @@ def server(pg_server):
     # The log goes to a file: a pipe nobody reads fills up and blocks the workers.
     log_fd, log_name = tempfile.mkstemp(prefix="vmapi-gunicorn-", suffix=".log")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "5",
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "--workers", "5",
          "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", "wsgi:app"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_fd,
     )  # fmt: skip

@@ -28,6 +28,7 @@ def nginx(server, tmp_path):
     # The shipped site, made local: plain HTTP on a free port, the test's gunicorn upstream.
     site = (SITE.replace("server 127.0.0.1:8000;", f"server {upstream};")
             .replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
+            .replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
             .replace("include /etc/nginx/vmapi-proxy.conf;", f"include {ROOT}/deploy/nginx/vmapi-proxy.conf;"))  # fmt: skip
     site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
     conf = tmp_path / "nginx.conf"
@@ -96,3 +97,21 @@ def test_oversized_body_is_an_envelope_from_nginx(server, nginx):
         nginx, server.token, "POST", "node_state", {"name": "x" * (2 * 1024 * 1024)}
     )
     assert status == 413 and body["error_id"] == "general/body_too_large"
+
+
+def test_a_client_request_id_passes_through(server, nginx):
+    status, headers, _ = call(nginx, server.token, "GET", "node_state",
+                              headers={"X-Request-Id": "puppet-run-42"})  # fmt: skip
+    assert status == 200 and headers["X-Request-Id"] == "puppet-run-42"
+
+
+def test_metrics_are_not_served_to_the_outside(server, nginx):
+    request = urllib.request.Request(f"{nginx}/metrics")
+    request.add_header("Authorization", f"Bearer {server.token}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403  # nginx's deny, before gunicorn
+    request = urllib.request.Request(f"{server.url}/metrics")  # gunicorn's own port
+    request.add_header("Authorization", f"Bearer {server.token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert b"vmapi_http_requests_total" in response.read()

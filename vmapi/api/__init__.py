@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask, request
+from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, meta, network, node, quota, storage, vm
+from vmapi.api import catalog, enc, event, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
 from vmapi.api.version import check_version
 from vmapi.errors import ApiError, from_http_exception
 from vmapi.representations import error_response
+from vmapi.services.audit import record_failure
+from vmapi.telemetry import count_change
+
+WRITE_METHODS = {"POST", "PUT", "PATCH", "UPDATE", "DELETE"}
+ACTIONS = {"POST": "create", "DELETE": "delete"}  # PUT, PATCH and UPDATE: update
 
 _API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 
@@ -48,7 +53,33 @@ def register_api(app: Flask) -> None:
             return error_response(exc)
         return error_response(from_http_exception(exc))
 
+    register_write_hooks(app)
     app.register_blueprint(meta.bp)
-    groups = (catalog, node, vm, network, storage, quota)
+    app.register_blueprint(enc.bp)
+    groups = (catalog, node, vm, network, storage, quota, event)
     for resource in (r for group in groups for r in group.RESOURCES):
         app.register_blueprint(resource.blueprint())
+
+
+def register_write_hooks(app: Flask) -> None:
+    """Every authenticated write is counted (``vmapi_changes_total``, ok or its error id);
+    a refused or failed one also gets an audit event of its own (successful changes are
+    recorded with the change itself, in its transaction)."""
+
+    @app.after_request
+    def after_write(response: Response) -> Response:
+        if (
+            request.method not in WRITE_METHODS
+            or g.get("principal") is None
+            or g.get("resource_name") is None
+        ):
+            return response
+        endpoint = request.endpoint or ""
+        action = endpoint.split(".action_", 1)[1] if ".action_" in endpoint else None
+        action = action or ACTIONS.get(request.method, "update")
+        outcome = g.get("error_id") or "general/unknown" if response.status_code >= 400 else "ok"
+        count_change(g.resource_name, action, outcome)
+        if response.status_code >= 400:
+            record_failure(g.resource_name, (request.view_args or {}).get("ident"), action,
+                           outcome, response.status_code)  # fmt: skip
+        return response

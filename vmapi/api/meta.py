@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify
+import ipaddress
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from vmapi.api.resource import RESOURCES, principal
+from vmapi.api.resource import ADMIN_ONLY, RESOURCES, principal
+from vmapi.auth import require_role
 from vmapi.errors import ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.representations import success_response
@@ -23,6 +26,27 @@ def health() -> Response:
         db.session.rollback()
         raise ServiceUnavailable(reason="the database does not answer") from exc
     return success_response({"database": "ok"})
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics of every worker: for the admin token, or without a token from
+    an address in METRICS_ALLOW (as gunicorn sees the peer)."""
+    if not from_allowed_network(request.remote_addr, current_app.config["METRICS_ALLOW"]):
+        require_role(principal(), ADMIN_ONLY, "read metrics")
+    from vmapi.telemetry import scrape
+
+    return scrape()
+
+
+def from_allowed_network(address: str | None, networks: list[str]) -> bool:
+    if not address or not networks:
+        return False
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(peer in ipaddress.ip_network(net, strict=False) for net in networks)
 
 
 @bp.get("/api/<api_version>/openapi.json")

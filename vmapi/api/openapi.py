@@ -364,6 +364,35 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     )  # fmt: skip
+    spec.path(
+        path="/metrics",
+        operations={
+            "get": {
+                "summary": "Prometheus metrics of every worker (admin token, or a peer in "
+                "METRICS_ALLOW).",
+                "responses": {"200": {
+                    "description": "Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }, **{str(c): _error(c, "general") for c in (401, 403)}},
+            }
+        },
+    )  # fmt: skip
+    spec.path(
+        path="/api/v1/node/{fqdn}/enc",
+        operations={
+            "get": {
+                "parameters": [{"name": "fqdn", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "summary": "The node's Puppet ENC answer (YAML): class vmapi::hypervisor "
+                "with its VMs, bridges or taps, VLANs and addresses.",
+                "responses": {"200": {
+                    "description": "ENC YAML (classes, parameters).",
+                    "content": {"application/yaml": {"schema": {"type": "string"}}},
+                }, "404": _error(404, "node"), **{
+                    str(c): _error(c, "general") for c in (401, 403)}},
+            }
+        },
+    )  # fmt: skip
     for res in RESOURCES.values():
         _paths_for(spec, plugin, res)
     return spec.to_dict()

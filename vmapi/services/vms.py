@@ -67,6 +67,7 @@ from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.storage import Disk, StorageService
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
+from vmapi.telemetry import PLACEMENT_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ class VmService(CrudService[Vm]):
         node_id = data.get("node_id")
         if node_id is None:
             try:
-                return select_and_claim(request, defaults, current_app.config["SCHEDULER_WEIGHER"])
+                with PLACEMENT_SECONDS.time():
+                    weigher = current_app.config["SCHEDULER_WEIGHER"]
+                    return select_and_claim(request, defaults, weigher)
             except NoValidHost as exc:
                 raise Conflict(
                     "No node can take this VM; data.removed_by_filter says why.",

@@ -1,0 +1,74 @@
+"""A driver wrapper that times every hypervisor action and tells a listener.
+
+It wraps any :class:`~vmapi.hypervisor.HypervisorDriver` (the libvirt one, or a test's
+fault injector) without knowing what the listener does with it (vmapi logs a JSON line
+and updates its metrics: :mod:`vmapi.telemetry`). Plain Python: no Flask, no models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from vmapi.hypervisor.driver import DomainSpec
+
+#: actions whose second argument is a domain name
+DOMAIN_ACTIONS = frozenset({
+    "start", "shutdown", "destroy", "undefine", "suspend", "resume", "reboot", "domain",
+    "set_vcpus_live", "set_memory_live", "set_cputune_live", "attach_disk_live",
+    "detach_disk_live", "set_iotune_live", "resize_disk_live",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Action:
+    """One finished hypervisor call."""
+
+    node: str  # the host part of the libvirt URI (the URI itself when it has none)
+    action: str
+    domain: str | None
+    seconds: float
+    error: str | None  # None: it worked; else the exception's class name
+
+
+def node_of(uri: str) -> str:
+    return urlsplit(uri).hostname or uri
+
+
+def domain_of(action: str, args: tuple[Any, ...]) -> str | None:
+    if args and isinstance(args[0], DomainSpec):
+        return args[0].name
+    if action in DOMAIN_ACTIONS and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+class ObservedDriver:
+    """Every public method of ``inner`` whose first argument is a libvirt URI, timed."""
+
+    def __init__(self, inner: Any, listener: Callable[[Action], None]) -> None:
+        self._inner = inner
+        self._listener = listener
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._inner, name)
+        if name.startswith("_") or not callable(target):
+            return target
+
+        def observed(uri: str, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            error = None
+            try:
+                return target(uri, *args, **kwargs)
+            except Exception as exc:  # HypervisorError mostly; reported, then re-raised
+                error = type(exc).__name__
+                raise
+            finally:
+                self._listener(Action(node_of(uri), name, domain_of(name, args),
+                                      time.perf_counter() - started, error))  # fmt: skip
+
+        observed.__name__ = name
+        return observed

@@ -1,0 +1,103 @@
+"""What a node's Puppet run needs to build the host side of what the API decided.
+
+:func:`node_classification` is the answer of a Puppet External Node Classifier for one
+node: the class ``vmapi::hypervisor`` with, as its parameters, the node's VMs, the
+device each NIC is wired to (bridges ``br-<vm_id>-<interface_id>`` in bridge mode, taps
+``vm<vm_id>-<interface_id>`` in ethernet mode), the VLANs those devices join, and the
+addresses routed to the VMs. Puppet applies it; vmapi never configures a host itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from vmapi.errors import NotFound
+from vmapi.extensions import db
+from vmapi.models import Interface, Node, NodeState, Vm, VmState
+from vmapi.services.designer import device_name, interface_mode
+
+CLASS = "vmapi::hypervisor"
+
+
+def node_classification(fqdn: str) -> dict[str, Any]:
+    node = db.session.scalars(select(Node).where(Node.fqdn == fqdn)).first()
+    if node is None:
+        raise NotFound(f"No node with fqdn {fqdn!r}.", error_id="node/not_found",
+                       data={"fqdn": fqdn})  # fmt: skip
+    mode = interface_mode(node, current_app.config)
+    states = {row.id: row.name for row in db.session.scalars(select(VmState))}
+    node_state = db.session.get(NodeState, node.node_state_id)
+    vms_stmt = (
+        select(Vm)
+        .where(Vm.node_id == node.id)
+        .order_by(Vm.id)
+        .options(
+            selectinload(Vm.interfaces).options(
+                selectinload(Interface.ipv4), selectinload(Interface.ipv6),
+                selectinload(Interface.vlan),
+            )
+        )
+    )  # fmt: skip
+    vms: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
+    vlans: set[int] = set()
+    ipv4: list[str] = []
+    ipv6: list[str] = []
+    for vm in db.session.scalars(vms_stmt):
+        nics = []
+        for iface in vm.interfaces:
+            device = device_name(mode, vm.id, iface.id)
+            v4 = [f"{a.address}/{a.prefix}" for a in iface.ipv4]
+            v6 = [f"{a.address}/{a.prefix}" for a in iface.ipv6]
+            vlan = iface.vlan.tag if iface.vlan else None
+            nic = {
+                "interface_id": iface.id,
+                "mac": iface.mac,
+                "device": device,
+                "vlan": vlan,
+                "ipv4": v4,
+                "ipv4_gateway": iface.ipv4[0].gateway if iface.ipv4 else None,
+                "ipv6": v6,
+                "ipv6_gateway": iface.ipv6[0].gateway if iface.ipv6 else None,
+            }
+            nics.append(nic)
+            if device is not None:
+                devices[device] = {"vm": vm.name, **nic}
+            if vlan is not None:
+                vlans.add(vlan)
+            ipv4 += v4
+            ipv6 += v6
+        vms[vm.name] = {
+            "id": vm.id,
+            "uuid": vm.uuid,
+            "cores": vm.cores,
+            "ram": vm.ram,
+            "state": states.get(vm.vm_state_id),
+            "customer_id": vm.customer_id,
+            "interfaces": nics,
+        }
+    return {
+        "classes": {
+            CLASS: {
+                "interface_mode": mode,
+                "vms": vms,
+                "bridges": devices if mode == "bridge" else {},
+                "taps": devices if mode == "ethernet" else {},
+                "vlans": sorted(vlans),
+                "addresses": {"ipv4": ipv4, "ipv6": ipv6},
+            }
+        },
+        "parameters": {
+            "vmapi_node_id": node.id,
+            "vmapi_node_state": node_state.name if node_state else None,
+            "vmapi_ipv4_addr_ext": node.ipv4_addr_ext,
+            "vmapi_ipv6_addr_ext": node.ipv6_addr_ext,
+            "vmapi_ipv4_gw_ext": node.ipv4_gw_ext,
+            "vmapi_ipv6_gw_ext": node.ipv6_gw_ext,
+            "vmapi_bond_interfaces": node.bond_interfaces,
+        },
+    }
