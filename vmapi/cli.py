@@ -16,8 +16,10 @@ from vmapi.extensions import db
 vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
 token_cli = AppGroup("token", help="API tokens.")
 node_cli = AppGroup("node", help="Hypervisor hosts.")
+event_cli = AppGroup("event", help="The audit trail.")
 vmapi_cli.add_command(token_cli)
 vmapi_cli.add_command(node_cli)
+vmapi_cli.add_command(event_cli)
 
 #: The CLI acts with admin rights (it runs on the API host with its database credentials).
 CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
@@ -173,6 +175,16 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     click.echo(f"{len(probes)} node(s), {len(down)} unreachable")
     if down:
         sys.exit(1)
+
+
+@event_cli.command("purge")
+@click.option("--older-than", "days", type=click.IntRange(min=1), required=True,
+              help="Delete events older than this many days.")  # fmt: skip
+def event_purge(days: int) -> None:
+    """Apply the audit trail's retention (the shipped timer keeps 400 days)."""
+    from vmapi.services.events import purge_events
+
+    click.echo(f"deleted {purge_events(days)} event(s) older than {days} day(s)")
 
 
 @vmapi_cli.command("reconcile")

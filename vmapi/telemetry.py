@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, current_app, g, has_request_context, request
+from flask import Flask, Response, current_app, g, has_app_context, has_request_context, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -203,8 +203,8 @@ def hypervisor_action(action: Action) -> None:
     LIBVIRT_SECONDS.labels(action.node, action.action).observe(action.seconds)
     if action.error:
         LIBVIRT_ERRORS.labels(action.node, action.action, action.error).inc()
-    if has_request_context() and not current_app.config["LOG_HYPERVISOR"]:
-        return
+    if has_app_context() and not current_app.config["LOG_HYPERVISOR"]:
+        return  # (probes run in threads without the app: they always log)
     line: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": g.get("request_id") if has_request_context() else None,

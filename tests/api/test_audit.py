@@ -2,6 +2,8 @@
 read it with filters and paging, customers seeing their own, failures with their error
 id, and no secrets."""
 
+from datetime import timedelta
+
 import pytest
 
 from tests.api.test_envelope import assert_error
@@ -127,3 +129,19 @@ def test_the_trail_works_on_the_embedded_database(api, backend):
     assert api.post("node_state", json={"name": "burn-in"}).status_code == 201
     made = events(api, resource="node_state", action="create")
     assert made[-1]["after"]["name"] == "burn-in"
+
+
+def test_events_past_their_retention_are_purged(app, runner, api):
+    assert api.post("node_state", json={"name": "old"}).status_code == 201
+    with app.app_context():
+        aged = db.session.query(Event).all()
+        for e in aged:
+            e.at = e.at - timedelta(days=31)
+        db.session.commit()
+    assert api.post("node_state", json={"name": "new"}).status_code == 201
+    result = runner.invoke(args=["vmapi", "event", "purge", "--older-than", "30"])
+    assert result.exit_code == 0, result.output
+    assert f"deleted {len(aged)} event(s)" in result.output
+    names = [e["after"]["name"] for e in events(api, resource="node_state")]
+    assert names == ["new"]
+    assert runner.invoke(args=["vmapi", "event", "purge", "--older-than", "0"]).exit_code != 0

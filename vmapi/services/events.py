@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete
+
+from vmapi.extensions import db
 from vmapi.models import Event
 from vmapi.services.crud import CrudService
 
@@ -14,3 +19,11 @@ class EventService(CrudService[Event]):
 
     def customer_scope(self, stmt, customer_id: int | None):
         return stmt.where(Event.customer_id == customer_id)
+
+
+def purge_events(days: int) -> int:
+    """Delete the events older than ``days`` days (retention); how many went."""
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    deleted = db.session.execute(delete(Event).where(Event.at < cutoff)).rowcount
+    db.session.commit()
+    return deleted
