@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
 from vmapi.errors import Conflict
 from vmapi.extensions import db
@@ -38,18 +39,12 @@ def new_mac() -> str:
     raise Conflict("No free MAC address was found; retry the request.", error_id="vm/no_free_mac")
 
 
-def _take_free(model: type, interface_id: int) -> int | None:
-    free = (
-        select(model.id)
-        .where(model.interface_id.is_(None))
-        .order_by(model.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+def _hand_out(model: type, which: Any, interface_id: int) -> int | None:
+    """Give the free address ``which`` (an id, or a subquery picking one) to the interface;
+    its id, or None when it was not free any more."""
     stmt = (
         update(model)
-        .where(model.id == free, model.interface_id.is_(None))
+        .where(model.id == which, model.interface_id.is_(None))
         .values(interface_id=interface_id)
         .returning(model.id)
         .execution_options(synchronize_session=False)
@@ -59,6 +54,18 @@ def _take_free(model: type, interface_id: int) -> int | None:
         audit.record(db.session, audit.resource_of(model.__tablename__), taken, "update",
                      {"interface_id": None}, {"interface_id": interface_id})  # fmt: skip
     return taken
+
+
+def _take_free(model: type, interface_id: int) -> int | None:
+    free = (
+        select(model.id)
+        .where(model.interface_id.is_(None))
+        .order_by(model.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return _hand_out(model, free, interface_id)
 
 
 def allocate_ipv4(interface_id: int) -> int:
@@ -73,14 +80,36 @@ def allocate_ipv4(interface_id: int) -> int:
 
 
 def allocate_ipv6(interface_id: int) -> int:
-    """Hold a released IPv6 address, or take the next one from a pool; 409 when none."""
-    taken = _take_free(Ipv6Address, interface_id)
-    if taken is not None:
-        return taken
+    """Hold a free IPv6 address (a released one first), else the next one of a pool.
+
+    A pool is one counter row that every create needs. On PostgreSQL the next address is
+    made in a transaction of its own (count up, insert the address free, commit: the
+    pool's row is locked for that moment only, not for the rest of the create), then
+    handed out in the create's transaction like any free address. Should the create
+    fail, the address stays free for the next one: nothing leaks. SQLite has one writer
+    at a time, so there it is all one transaction.
+    """
+    while True:
+        taken = _take_free(Ipv6Address, interface_id)
+        if taken is not None:
+            return taken
+        if db.engine.dialect.name == "postgresql":
+            with db.engine.begin() as conn:
+                made = _next_pool_address(conn)
+        else:
+            made = _next_pool_address(db.session)
+        taken = _hand_out(Ipv6Address, made, interface_id)
+        if taken is not None:
+            return taken
+        # a concurrent create took the new address as a free one first: take another
+
+
+def _next_pool_address(conn: Any) -> int:
+    """Count a pool up and insert its next address, free; the new row's id."""
     while True:
         # No SKIP LOCKED here: a pool is one counter row, and skipping it while another
-        # create holds it would wrongly find no pool. Waiting costs the rest of that
-        # short transaction; PostgreSQL then re-checks next_host < size on the new row.
+        # create holds it would wrongly find no pool. PostgreSQL re-checks next_host < size
+        # on the row it waited for.
         pick = (
             select(Ipv6Pool.id)
             .where(Ipv6Pool.next_host < Ipv6Pool.size)
@@ -89,7 +118,7 @@ def allocate_ipv6(interface_id: int) -> int:
             .with_for_update()
             .scalar_subquery()
         )
-        row = db.session.execute(
+        row = conn.execute(
             update(Ipv6Pool)
             .where(Ipv6Pool.id == pick, Ipv6Pool.next_host < Ipv6Pool.size)
             .values(next_host=Ipv6Pool.next_host + 1)
@@ -102,24 +131,16 @@ def allocate_ipv6(interface_id: int) -> int:
                 error_id="vm/no_free_ipv6",
             )
         network = ipaddress.IPv6Network(row.network)
-        address = network.network_address + (row.next_host - 1)
-        if (
-            str(address) == row.gateway
-            or db.session.scalars(
-                select(Ipv6Address.id).where(Ipv6Address.address == str(address))
-            ).first()
-        ):
+        address = str(network.network_address + (row.next_host - 1))
+        taken = conn.execute(select(Ipv6Address.id).where(Ipv6Address.address == address))
+        if address == row.gateway or taken.first() is not None:
             continue  # the gateway, or an address an admin added by hand
-        entry = Ipv6Address(
-            address=str(address),
-            prefix=network.prefixlen,
-            gateway=row.gateway,
-            interface_id=interface_id,
-            pool_id=row.id,
-        )
-        db.session.add(entry)
-        db.session.flush()
-        return entry.id
+        return conn.execute(
+            insert(Ipv6Address)
+            .values(address=address, prefix=network.prefixlen, gateway=row.gateway,
+                    interface_id=None, pool_id=row.id)
+            .returning(Ipv6Address.id)
+        ).scalar_one()  # fmt: skip
 
 
 def add_interface(vm: Vm) -> Interface:
