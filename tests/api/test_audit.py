@@ -129,6 +129,7 @@ def test_the_trail_works_on_the_embedded_database(api, backend):
     assert api.post("node_state", json={"name": "burn-in"}).status_code == 201
     made = events(api, resource="node_state", action="create")
     assert made[-1]["after"]["name"] == "burn-in"
+    assert made[-1]["at"].endswith("+00:00")  # SQLite keeps no zone; every time is UTC
 
 
 def test_events_past_their_retention_are_purged(app, runner, api):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
@@ -83,6 +84,16 @@ class Bool(fields.Boolean):
         if raw not in ("true", "false"):
             raise ValidationError("Use true or false.")
         return raw == "true"
+
+
+class UtcDateTime(fields.DateTime):
+    """A stored time, always written with its zone: every time vmapi stores is UTC, and
+    SQLite hands them back without one."""
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return super()._serialize(value, attr, obj, **kwargs)
 
 
 class Str(fields.String):

@@ -2,12 +2,12 @@
 
 from marshmallow import fields
 
-from vmapi.schemas.base import BaseSchema, Int, Str
+from vmapi.schemas.base import BaseSchema, Int, Str, UtcDateTime
 
 
 class EventSchema(BaseSchema):
     id = Int(dump_only=True)
-    at = fields.DateTime(dump_only=True)
+    at = UtcDateTime(dump_only=True)
     request_id = Str(dump_only=True, allow_none=True)
     actor = Str(dump_only=True)
     token_id = Int(dump_only=True, allow_none=True)

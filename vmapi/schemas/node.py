@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import ValidationError, fields, validate, validates
+from marshmallow import ValidationError, validate, validates
 
 from vmapi.config import INTERFACE_MODES
 from vmapi.hypervisor.uri import validate_libvirt_uri
@@ -16,6 +16,7 @@ from vmapi.schemas.base import (
     Int,
     Ref,
     Str,
+    UtcDateTime,
     address_validator,
     interface_validator,
     name_field,
@@ -46,9 +47,9 @@ class NodeSchema(BaseSchema):
     allocated_cores = Int(dump_only=True)
     allocated_ram = Int(dump_only=True)
     #: host health, kept by ``flask vmapi node check``
-    last_seen_at = fields.DateTime(dump_only=True, allow_none=True)
+    last_seen_at = UtcDateTime(dump_only=True, allow_none=True)
     last_error = Str(dump_only=True, allow_none=True)
-    unreachable_since = fields.DateTime(dump_only=True, allow_none=True)
+    unreachable_since = UtcDateTime(dump_only=True, allow_none=True)
 
     @validates("libvirt_uri")
     def check_uri(self, value: str | None, data_key: str) -> None:
