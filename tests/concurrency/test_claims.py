@@ -85,6 +85,16 @@ def test_capacity_race(server):
     assert all(r.allocated_cores == r.cores == r.used for r in per_node), per_node
     created = sorted(a["data"]["name"] for s, a in answers if s == 201)
     assert sorted(our_domains(server.installation)) == created
+    # the audit trail matches what happened, exactly: one create per VM, one refusal per
+    # 409, one address hand-out per VM (issue 8)
+    with engine.connect() as conn:
+        trail = Counter(conn.execute(sa.text(
+            "SELECT resource, action, outcome FROM event WHERE resource IN ('vm', 'ipv4')"
+        )).all())  # fmt: skip
+    made = NODES * CORES_EACH
+    assert trail[("vm", "create", "ok")] == made
+    assert trail[("vm", "create", "vm/no_valid_host")] == REQUESTS - made
+    assert trail[("ipv4", "update", "ok")] == made
     engine.dispose()
 
 
