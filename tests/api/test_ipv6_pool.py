@@ -3,9 +3,11 @@
 create that then fails stays free and goes to the next create. PostgreSQL only: SQLite
 has one writer at a time and does it all in the create's transaction."""
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from tests.api.test_network import held
 from tests.conftest import vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
@@ -52,3 +54,23 @@ def test_an_address_made_for_a_failed_create_is_reused(app, api, vm_host, test_m
     iface = api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
     assert iface["ipv6"] == [{"id": free[0]["id"]}]
     assert len(api.get("ipv6").json["data"]) == 1  # the pool did not count up again
+
+
+@pytest.mark.embedded
+def test_a_pool_skips_an_address_that_exists_already(app, api, vm_host, test_method, backend):
+    """The API refuses an address inside a pool, but rows from before the pool (or from
+    the database directly) may be there: the pool counts past them."""
+    vm_host()
+    big = next(iter(api.get("ipv6_pool").json["data"]))
+    api.delete(f"ipv6_pool/{big}")
+    api.post("ipv6", json={"network": "2001:db8:7::/125", "gateway": "2001:db8:7::1"})
+    with app.app_context():
+        db.session.execute(sa.text(
+            "INSERT INTO ipv6_address (address, prefix, gateway)"
+            " VALUES ('2001:db8:7::2', 125, '2001:db8:7::1')"
+        ))  # fmt: skip
+        db.session.commit()
+    first = api.post("vm", json=vm_body(test_method, cores=1))  # takes ::2, being free
+    second = api.post("vm", json=vm_body(test_method, cores=1))  # ::1 gateway, ::2 taken
+    assert first.status_code == second.status_code == 201
+    assert sorted(held(api, "ipv6")) == ["2001:db8:7::2", "2001:db8:7::3"]

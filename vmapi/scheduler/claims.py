@@ -15,8 +15,10 @@ from vmapi.extensions import db
 from vmapi.models import Node
 
 
-def claim(node_id: int, cores: int, ram: int) -> bool:
-    """Take ``cores``/``ram`` from the node's free capacity if they fit; False if not."""
+def claim(node_id: int, cores: int, ram: int) -> Node | None:
+    """Take ``cores``/``ram`` from the node's free capacity if they fit: the node as the
+    claim left it (loaded by the same statement, so the create needs no second read),
+    or None when they do not fit."""
     stmt = (
         update(Node)
         .where(Node.id == node_id, Node.free_cores >= cores, Node.free_ram >= ram)
@@ -26,9 +28,10 @@ def claim(node_id: int, cores: int, ram: int) -> bool:
             free_cores=Node.free_cores - cores,
             free_ram=Node.free_ram - ram,
         )
-        .execution_options(synchronize_session=False)
+        .returning(Node)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    return db.session.execute(stmt).rowcount == 1
+    return db.session.scalars(stmt).first()
 
 
 def release(node_id: int, cores: int, ram: int) -> None:

@@ -23,8 +23,8 @@ class NoValidHost(Exception):
         super().__init__("no valid host")
 
 
-def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spread") -> int:
-    """Pick the best node for ``request`` and claim its capacity; return the node id.
+def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spread") -> Node:
+    """Pick the best node for ``request`` and claim its capacity; return the node.
 
     SQL (PostgreSQL), first:
         SELECT node.id FROM node WHERE <every filter>
@@ -46,16 +46,16 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
         .with_for_update(of=Node, skip_locked=True)
     )
     node_id = db.session.scalars(unclaimed).first()
-    if node_id is not None and claim(node_id, request.cores, request.ram):
-        return node_id
+    if node_id is not None and (node := claim(node_id, request.cores, request.ram)):
+        return node
     for _attempt in range(ATTEMPTS):
         stmt = select(Node.id).where(and_(*conditions)).order_by(*order).limit(CANDIDATES)
         candidates = list(db.session.scalars(stmt))
         if not candidates:
             break
         for node_id in candidates:
-            if claim(node_id, request.cores, request.ram):
-                return node_id
+            if node := claim(node_id, request.cores, request.ram):
+                return node
     raise NoValidHost(explain(request, d))
 
 

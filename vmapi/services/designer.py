@@ -102,8 +102,10 @@ def domain_spec(
     node: Node,
     config: dict[str, Any],
     without_disk: int | None = None,
+    disks: bool = True,
 ) -> DomainSpec:
-    """The whole domain from the database; ``without_disk`` leaves one storage out."""
+    """The whole domain from the database; ``without_disk`` leaves one storage out,
+    ``disks=False`` all of them (a VM being created has none)."""
     max_vcpus = max(vm.cores, int(config["VM_MAX_VCPUS"]))
     max_memory = max(vm.ram, int(vm.ram * float(config["VM_MAX_RAM_FACTOR"])) // MIB * MIB)
     quota = vm.cputime_limit
@@ -120,5 +122,5 @@ def domain_spec(
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
         nics=nic_specs(vm.id, interface_mode(node, config)),
-        disks=disk_specs(vm.id, exclude=without_disk),
+        disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
     )

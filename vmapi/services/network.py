@@ -19,12 +19,16 @@ import ipaddress
 import secrets
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
 from vmapi.services import audit
+
+#: INSERT ... ON CONFLICT DO NOTHING, by dialect (both support it; core insert does not)
+INSERT_OR_SKIP = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 MAC_PREFIX = "52:54:00"
 MAC_ATTEMPTS = 8
@@ -93,18 +97,19 @@ def allocate_ipv6(interface_id: int) -> int:
         taken = _take_free(Ipv6Address, interface_id)
         if taken is not None:
             return taken
-        if db.engine.dialect.name == "postgresql":
+        dialect = db.engine.dialect.name
+        if dialect == "postgresql":
             with db.engine.begin() as conn:
-                made = _next_pool_address(conn)
+                made = _next_pool_address(conn, dialect)
         else:
-            made = _next_pool_address(db.session)
+            made = _next_pool_address(db.session, dialect)
         taken = _hand_out(Ipv6Address, made, interface_id)
         if taken is not None:
             return taken
         # a concurrent create took the new address as a free one first: take another
 
 
-def _next_pool_address(conn: Any) -> int:
+def _next_pool_address(conn: Any, dialect: str) -> int:
     """Count a pool up and insert its next address, free; the new row's id."""
     while True:
         # No SKIP LOCKED here: a pool is one counter row, and skipping it while another
@@ -132,15 +137,19 @@ def _next_pool_address(conn: Any) -> int:
             )
         network = ipaddress.IPv6Network(row.network)
         address = str(network.network_address + (row.next_host - 1))
-        taken = conn.execute(select(Ipv6Address.id).where(Ipv6Address.address == address))
-        if address == row.gateway or taken.first() is not None:
-            continue  # the gateway, or an address an admin added by hand
-        return conn.execute(
+        if address == row.gateway:
+            continue
+        insert = INSERT_OR_SKIP[dialect]
+        made = conn.execute(
             insert(Ipv6Address)
             .values(address=address, prefix=network.prefixlen, gateway=row.gateway,
                     interface_id=None, pool_id=row.id)
+            .on_conflict_do_nothing(index_elements=["address"])
             .returning(Ipv6Address.id)
-        ).scalar_one()  # fmt: skip
+        ).scalar()  # fmt: skip
+        if made is not None:
+            return made
+        # an address an admin added by hand: count on
 
 
 def add_interface(vm: Vm) -> Interface:

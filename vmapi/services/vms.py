@@ -142,8 +142,9 @@ class VmService(CrudService[Vm]):
         data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
         return data
 
-    def claim_node(self, data: dict[str, Any], request: PlacementRequest) -> int:
-        """Claim capacity on the requested node, or on the node the scheduler picks."""
+    def claim_node(self, data: dict[str, Any], request: PlacementRequest) -> Node:
+        """Claim capacity on the requested node, or on the node the scheduler picks; the
+        node as the claim left it."""
         defaults = scheduler_defaults()
         node_id = data.get("node_id")
         if node_id is None:
@@ -164,29 +165,29 @@ class VmService(CrudService[Vm]):
                 error_id="vm/uuid_conflict",
                 data={"node": {"id": node_id}, "uuid": request.uuid},
             )
-        if not reasons and not claim(node_id, request.cores, request.ram):
-            reasons = ["enough_cores", "enough_ram"]  # taken by a concurrent request
-        if reasons:
+        node = None if reasons else claim(node_id, request.cores, request.ram)
+        if node is None:
+            reasons = reasons or ["enough_cores", "enough_ram"]  # a concurrent request won
             raise Conflict(
                 f"Node {node_id} cannot take this VM: {', '.join(reasons)}.",
                 error_id="vm/node_unsuitable",
                 data={"node": {"id": node_id}, "reasons": reasons},
             )
-        return node_id
+        return node
 
     def create_one(self, data: dict[str, Any], undo: Undo) -> Vm:
         """Claim, record as building, define, start, record the state libvirt reports."""
         request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"])
         try:
             check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
-            node_id = self.claim_node(data, request)
+            node = self.claim_node(data, request)
             vm = Vm(
                 cores=data["cores"],
                 ram=data["ram"],
                 customer_id=data.get("customer_id"),
                 cputime_limit=data.get("cputime_limit"),
                 uuid=data["uuid"],
-                node_id=node_id,
+                node_id=node.id,
                 virt_method_id=data["virt_method_id"],
                 vm_state_id=state_id(BUILDING),
                 created_at=datetime.now(UTC),
@@ -204,9 +205,10 @@ class VmService(CrudService[Vm]):
         except BaseException:
             db.session.rollback()
             raise
-        host = Host.of(node_id)
+        host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
-        spec = domain_spec(vm, data[METHOD], host.node, current_app.config)
+        # a new VM has no storage yet: no need to read its disks
+        spec = domain_spec(vm, data[METHOD], host.node, current_app.config, disks=False)
         driver = hypervisor()
         step = "defining the domain"
         try:
