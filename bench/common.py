@@ -168,11 +168,29 @@ def populate(
 
 
 def vacuum_analyze(url: str) -> None:
+    """Statistics for the planner, and the bulk insert's dirty pages written now rather
+    than by the checkpointer in the middle of a measurement."""
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1),
                               isolation_level="AUTOCOMMIT")  # fmt: skip
     with engine.connect() as conn:
         conn.execute(sa.text("VACUUM ANALYZE"))
+        conn.execute(sa.text("CHECKPOINT"))
     engine.dispose()
+
+
+def interleaved(calls: list, repeat: int, warmup: int = 10) -> list[list[float]]:
+    """Milliseconds per call of each of ``calls``, taken in turns (a, b, c, a, b, c...)
+    so that whatever else this shared machine does falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in calls:
+            fn()
+    out: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeat):
+        for fn, times in zip(calls, out, strict=True):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1000)
+    return out
 
 
 def admin_token(url: str) -> str:
