@@ -122,50 +122,27 @@ def record(
     )
 
 
+def _queue(session: Any, obj: Any, action: str, before: Any, after: Any) -> None:
+    customer, vm = _owner(obj)
+    record(session, resource_of(obj.__table__.name), obj.id, action, before, after,
+           vm_id=vm, customer_id=customer)  # fmt: skip
+
+
 @event.listens_for(Session, "after_flush")
 def _collect(session: Any, flush_context: Any) -> None:
+    """What this flush wrote; the session still shows it as new, dirty and deleted, with
+    the attributes' history."""
     for obj in session.new:
         if not isinstance(obj, NOT_AUDITED):
-            customer, vm = _owner(obj)
-            record(
-                session,
-                resource_of(obj.__table__.name),
-                obj.id,
-                "create",
-                None,
-                _values(obj),
-                vm_id=vm,
-                customer_id=customer,
-            )
+            _queue(session, obj, "create", None, _values(obj))
     for obj in session.dirty:
-        if isinstance(obj, NOT_AUDITED) or not session.is_modified(obj):
-            continue
-        before, after = _changes(obj)
-        if before or after:
-            customer, vm = _owner(obj)
-            record(
-                session,
-                resource_of(obj.__table__.name),
-                obj.id,
-                "update",
-                before,
-                after,
-                vm_id=vm,
-                customer_id=customer,
-            )
+        if not isinstance(obj, NOT_AUDITED) and session.is_modified(obj):
+            before, after = _changes(obj)
+            if before or after:
+                _queue(session, obj, "update", before, after)
     for obj in session.deleted:
         if not isinstance(obj, NOT_AUDITED):
-            customer, vm = _owner(obj)
-            record(
-                session,
-                resource_of(obj.__table__.name),
-                obj.id,
-                "delete",
-                _values(obj),
-                None,
-                vm_id=vm,
-                customer_id=customer,
-            )
+            _queue(session, obj, "delete", _values(obj), None)
 
 
 @event.listens_for(Session, "before_commit")
