@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -44,18 +43,6 @@ def median(values: list[float]) -> float:
 
 def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
-
-
-def timed(fn, repeat: int, warmup: int = 10) -> list[float]:
-    """Milliseconds per call of ``fn`` over ``repeat`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - started) * 1000)
-    return out
 
 
 @contextlib.contextmanager
@@ -257,10 +244,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise LookupError(pid)
-
-
-def wrk_available() -> bool:
-    return shutil.which("wrk") is not None
 
 
 def wrk(url: str, seconds: int, *, threads: int = 16, lua: str | None = None) -> dict[str, float]:
