@@ -11,13 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,50 +185,9 @@ def admin_token(url: str) -> str:
     return token
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def recommended_workers() -> int:
     """gunicorn's documented starting point: (2 x cores) + 1."""
     return 2 * (os.cpu_count() or 1) + 1
-
-
-@contextlib.contextmanager
-def gunicorn(app: str, env: dict[str, str], workers: int) -> Iterator[tuple[str, int]]:
-    """Serve ``app`` with deploy/gunicorn.conf.py; yield (base URL, master pid)."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
-        prefix="bench-gunicorn-", suffix=".log", delete=False
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py",
-         "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-         "--access-logfile", "/dev/null", app],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(Path(log.name).read_text()[-3000:]) from None
-                time.sleep(0.2)
-        yield base, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-        Path(log.name).unlink()
 
 
 def worker_pids(master: int) -> list[int]:

@@ -15,8 +15,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import gunicorn, recommended_workers, rss_mb, served_fleet, worker_pids
+from bench.common import recommended_workers, rss_mb, served_fleet, worker_pids
 from bench.placement import verdict
+from tests.concurrency.conftest import gunicorn
 
 FIRST, TOTAL = 1_000, 20_000
 CLIENTS = 8

@@ -13,13 +13,13 @@ import json
 
 from bench.common import (
     SHARED_URI,
-    gunicorn,
     lua_request,
     recommended_workers,
     served_fleet,
     wrk,
 )
 from bench.placement import verdict
+from tests.concurrency.conftest import gunicorn
 
 SECONDS = 8
 ROUNDS = 2

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.common import gunicorn, lua_request, recommended_workers, served_fleet, wrk
+from bench.common import lua_request, recommended_workers, served_fleet, wrk
 from bench.placement import verdict
+from tests.concurrency.conftest import gunicorn
 
 SECONDS = 10
 THREADS = 16

@@ -15,6 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -302,6 +303,30 @@ def vm_host(api: Api, host_uri, test_method: int, address_pools):
         return node
 
     return make
+
+
+@dataclass
+class Sent:
+    """A statement the app sent to the database."""
+
+    statement: str
+    parameters: Any
+    executemany: bool
+
+
+@pytest.fixture
+def sql_log(app: Flask) -> Iterator[list[Sent]]:
+    """Every statement the app's engine sends while the test runs (clear it to start over)."""
+    sent: list[Sent] = []
+    with app.app_context():
+        engine = db.engine
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        sent.append(Sent(statement, parameters, executemany))
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    yield sent
+    sa.event.remove(engine, "before_cursor_execute", record)
 
 
 @pytest.fixture

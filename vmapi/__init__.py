@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -52,7 +53,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions[DRIVER_KEY] = ObservedDriver(driver, hypervisor_action)
 
     @app.before_request
-    def assign_request_id() -> None:
+    def begin_request() -> None:
+        """The request's id and start time, for the request log and the metrics."""
+        g.started = time.perf_counter()
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 

@@ -13,10 +13,6 @@ log = logging.getLogger("vmapi.request")
 
 
 def register_request_log(app: Flask) -> None:
-    @app.before_request
-    def start_clock() -> None:
-        g.started = time.perf_counter()
-
     @app.after_request
     def log_request(response: Response) -> Response:
         if not app.config["LOG_REQUESTS"]:

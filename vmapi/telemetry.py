@@ -180,15 +180,11 @@ def count_connections(engine: Engine) -> None:
 
 
 def register_request_metrics(app: Flask) -> None:
-    @app.before_request
-    def start_timer() -> None:
-        g.metrics_started = time.perf_counter()
-
     @app.after_request
     def observe(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        started = g.get("metrics_started")
+        started = g.get("started")  # set with the request id (create_app)
         if started is not None:
             REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - started)
         return response

@@ -4,7 +4,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import Api, make_token, node_body
@@ -151,25 +151,15 @@ def test_a_revocation_takes_effect_within_the_cache_time(app, client, runner):
     assert_error(Api(client, plain).get("vm_state"), 401, "general/authentication/failed")
 
 
-def test_a_cached_token_costs_no_query(app, client):
+def test_a_cached_token_costs_no_query(app, client, sql_log):
     plain = make_token(app, "admin")
-    statements: list[str] = []
-    with app.app_context():
-        engine = db.engine
-
-    def record(conn, cursor, statement, *args):
-        statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        assert Api(client, plain).get("vm_state").status_code == 200
-        first = list(statements)
-        statements.clear()
-        assert Api(client, plain).get("vm_state").status_code == 200
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    sql_log.clear()
+    assert Api(client, plain).get("vm_state").status_code == 200
+    first = [s.statement for s in sql_log]
+    sql_log.clear()
+    assert Api(client, plain).get("vm_state").status_code == 200
     assert any("api_token" in s for s in first)
-    assert not any("api_token" in s for s in statements)
+    assert not any("api_token" in s.statement for s in sql_log)
 
 
 def test_expiry_is_checked_on_every_request_even_when_cached(app, client, monkeypatch):

@@ -13,7 +13,6 @@ import json
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event
 
 from tests.conftest import GIB, MIB
 from vmapi.extensions import db
@@ -71,21 +70,14 @@ def large_fleet(app, host_uri):
     return {"method": method, "running": running, "vm_ids": ids}
 
 
-@pytest.fixture
-def captured(app):
-    """Every SELECT/UPDATE the app sends, with its parameters."""
-    statements: list[tuple[str, object]] = []
-    with app.app_context():
-        engine = db.engine
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        verb = statement.lstrip().split(None, 1)[0].upper()
-        if verb in ("SELECT", "UPDATE") and not executemany:
-            statements.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield statements
-    event.remove(engine, "before_cursor_execute", record)
+def reads(sql_log) -> list[tuple[str, object]]:
+    """The SELECTs and UPDATEs the app sent, with their parameters."""
+    return [
+        (s.statement, s.parameters)
+        for s in sql_log
+        if not s.executemany
+        and s.statement.lstrip().split(None, 1)[0].upper() in ("SELECT", "UPDATE")
+    ]
 
 
 def seq_scans(plan: dict) -> list[str]:
@@ -115,10 +107,11 @@ def explain_all(app, statements) -> list[str]:
     return problems
 
 
-def test_scheduler_lists_and_reads_use_indexes(app, api, large_fleet, captured):
+def test_scheduler_lists_and_reads_use_indexes(app, api, large_fleet, sql_log):
+    sql_log.clear()  # only what the app sends from here
     ids = large_fleet["vm_ids"]
     middle = ids[len(ids) // 2]
-    reads = [
+    paths = [
         "vm?limit=100",
         f"vm?limit=100&after={middle}",
         f"vm?limit=100&after={middle}&nest=node,vm_state,virt_method",
@@ -139,15 +132,16 @@ def test_scheduler_lists_and_reads_use_indexes(app, api, large_fleet, captured):
         "virt_node?limit=100",
         "virt_node?node.id=17",
     ]
-    for path in reads:
+    for path in paths:
         response = api.get(path)
         assert response.status_code == 200, (path, response.json)
     created = api.post("vm", json={"cores": 1, "ram": 256 * MIB,
                                    "virt_method": {"id": large_fleet["method"]}})  # fmt: skip
     assert created.status_code == 201, created.json
     assert api.delete(f"vm/{created.json['data']['id']}").status_code == 200
-    assert len(captured) > len(reads)
-    problems = explain_all(app, captured)
+    sent = reads(sql_log)
+    assert len(sent) > len(paths)
+    problems = explain_all(app, sent)
     assert not problems, "\n\n".join(problems)
 
 

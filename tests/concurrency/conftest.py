@@ -6,6 +6,7 @@ sees the same hypervisor. Domains carry a test installation id and are removed a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,41 @@ class Server:
             return exc.code, json.loads(exc.read() or b"{}")
 
 
+@contextlib.contextmanager
+def gunicorn(app: str, env: dict[str, str], workers: int) -> Iterator[tuple[str, int]]:
+    """Serve ``app`` with deploy/gunicorn.conf.py on a free port until the block ends;
+    yield (base URL, master pid). Also used by the benchmarks (bench/)."""
+    port = free_port()
+    # The log goes to a file: a pipe nobody reads fills up and blocks the workers.
+    log_fd, log_name = tempfile.mkstemp(prefix="vmapi-gunicorn-", suffix=".log")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py",
+         "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+         "--access-logfile", "/dev/null", app],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log_fd,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(Path(log_name).read_text()[-3000:]) from None
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        os.close(log_fd)
+        Path(log_name).unlink()
+
+
 def remove_domains(marker: str) -> None:
     conn = libvirt.open(SHARED_URI)
     try:
@@ -101,32 +138,7 @@ def server(pg_server):
     out = subprocess.run([*flask, "token", "create", "--admin"], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
     token = out.strip().splitlines()[-1]
-    port = free_port()
-    # The log goes to a file: a pipe nobody reads fills up and blocks the workers.
-    log_fd, log_name = tempfile.mkstemp(prefix="vmapi-gunicorn-", suffix=".log")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "--workers", "5",
-         "--bind", f"127.0.0.1:{port}", "--access-logfile", "/dev/null", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_fd,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(Path(log_name).read_text()[-2000:]) from None
-            time.sleep(0.2)
-    yield Server(url, db_url, token, installation, process.pid, env)
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    os.close(log_fd)
-    Path(log_name).unlink()
+    with gunicorn("wsgi:app", env, workers=5) as (url, master):
+        yield Server(url, db_url, token, installation, master, env)
     remove_domains(installation)
     drop_database(pg_server, db_url)
