@@ -11,7 +11,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients
-TEST_PACKAGES := nginx-light
+# busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time
+TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools qemu-utils
 BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 

@@ -369,6 +369,18 @@ def silent_host():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def guest_image():
+    """The test guest's bootable disk image (tests/guest/): built at most once per session
+    and reused from its cache outside the repository by later sessions."""
+    from tests.guest.build import GuestUnavailable, ensure_guest_image
+
+    try:
+        return ensure_guest_image()
+    except GuestUnavailable as exc:
+        unavailable(str(exc))
+
+
 @pytest.fixture
 def address_pools(api: Api) -> dict[str, Any]:
     """A /24 of IPv4 addresses (253 hosts) and an IPv6 /64 pool, for VMs to take from."""

@@ -1,0 +1,12 @@
+# A NoCloud seed: the ISO 9660 volume labelled cidata, if one is attached.
+if seed=$(findfs LABEL=cidata 2>/dev/null); then
+  mkdir -p /mnt/cidata
+  if mount -t iso9660 -o ro "$seed" /mnt/cidata; then
+    echo "VMAPI-CIDATA device=$seed"
+    for f in /mnt/cidata/*; do
+      [ -f "$f" ] && echo "VMAPI-CIDATA file=${f##*/} bytes=$(wc -c <"$f")"
+    done
+  else
+    echo "VMAPI-ERROR mount of $seed (cidata) failed"
+  fi
+fi
