@@ -19,7 +19,8 @@ PYTEST_ARGS ?=
 .PHONY: help run test lint format bench db-upgrade system-packages venv clean
 
 help:
-	@echo "make run         install what is missing, migrate, print an admin token, serve on $(HOST):$(PORT)"
+	@echo "make run         install what is missing, migrate, add a local test node and address"
+	@echo "                 ranges, print an admin token, serve on $(HOST):$(PORT)"
 	@echo "make test        install what is missing, start PostgreSQL and libvirtd, run the whole suite"
 	@echo "make lint        ruff check + format check"
 	@echo "make format      ruff format + autofix"
@@ -41,14 +42,11 @@ db-upgrade: venv
 	@$(FLASK) db upgrade
 	@$(FLASK) vmapi seed
 
-# The embedded default: SQLite in instance/, a local node on libvirt's test driver.
-run: venv db-upgrade
-	@$(FLASK) vmapi node list --quiet | grep -q . || $(FLASK) vmapi node add \
-	  --fqdn local.vmapi.test --libvirt-uri test:///default --virt-method QEMU \
-	  --ipv4-addr-ext 192.0.2.10/24 --ipv4-gw-ext 192.0.2.1 \
-	  --ipv6-addr-ext 2001:db8::10/64 --ipv6-gw-ext 2001:db8::1
-	@echo "admin token (shown once; keep it):"
-	@$(FLASK) vmapi token create --admin 2>/dev/null | tail -n 1
+# The embedded default: SQLite in instance/, a local node on libvirt's test driver,
+# address ranges for new VMs, a new admin token (the script is idempotent; the README's
+# walk test sets up its server with it too).
+run: venv
+	@FLASK="$(FLASK)" scripts/ensure-embedded-default.sh
 	@echo "serving on http://$(HOST):$(PORT)/api/v1/  (Ctrl-C stops)"
 	@# One process (with threads): the embedded test driver keeps its domains per process.
 	@$(BIN)/gunicorn -c deploy/gunicorn.conf.py --workers 1 --threads 4 --bind $(HOST):$(PORT) wsgi:app

@@ -17,9 +17,11 @@ vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
 token_cli = AppGroup("token", help="API tokens.")
 node_cli = AppGroup("node", help="Hypervisor hosts.")
 event_cli = AppGroup("event", help="The audit trail.")
+network_cli = AppGroup("network", help="Address ranges new VMs take their addresses from.")
 vmapi_cli.add_command(token_cli)
 vmapi_cli.add_command(node_cli)
 vmapi_cli.add_command(event_cli)
+vmapi_cli.add_command(network_cli)
 
 #: The CLI acts with admin rights (it runs on the API host with its database credentials).
 CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
@@ -175,6 +177,36 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     click.echo(f"{len(probes)} node(s), {len(down)} unreachable")
     if down:
         sys.exit(1)
+
+
+@network_cli.command("add")
+@click.argument("network")
+@click.option("--gateway", required=True, help="The network's gateway, inside it.")
+@click.option("--if-missing", is_flag=True,
+              help="Succeed without a change when exactly this network is registered.")  # fmt: skip
+def network_add(network: str, gateway: str, if_missing: bool) -> None:
+    """Register NETWORK for new VMs: an IPv4 network adds every host address but the
+    gateway (POST /ipv4), an IPv6 network becomes a pool (POST /ipv6_pool)."""
+    import ipaddress
+
+    from vmapi.api.network import ipv4, ipv6_pool
+
+    try:
+        version = ipaddress.ip_network(network, strict=False).version
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NETWORK") from exc
+    resource = ipv4 if version == 4 else ipv6_pool
+    try:
+        data = resource.load({"network": network, "gateway": gateway})
+        if if_missing and resource.service.registered(data):
+            click.echo(f"{data['network']} is registered already; nothing to do")
+            return
+        made = resource.service.create_many([data], CLI_PRINCIPAL, indexed=False).objects
+    except ApiError as exc:
+        detail = f" {exc.data}" if exc.data else ""
+        raise click.ClickException(f"{exc.error_id}: {exc.message}{detail}") from exc
+    what = f"{len(made)} IPv4 addresses" if version == 4 else "an IPv6 pool"
+    click.echo(f"added {data['network']} (gateway {gateway}): {what}")
 
 
 @event_cli.command("purge")

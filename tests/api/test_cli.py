@@ -3,7 +3,8 @@
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import GIB, Api
+from tests.api.test_envelope import assert_error
+from tests.conftest import GIB, Api, vm_body
 from vmapi.extensions import db
 
 pytestmark = pytest.mark.embedded
@@ -82,6 +83,73 @@ def test_node_add_unreachable_fails_cleanly(api, runner):
     assert result.exit_code != 0
     assert "node/unreachable" in result.output
     assert api.get("node").json["data"] == {}
+
+
+def network_add(runner, *args):
+    return runner.invoke(args=["vmapi", "network", "add", *args])
+
+
+def test_network_add_makes_the_seed_example_work(api, runner, make_node, test_method):
+    """What ``make run`` does: without ranges a VM has no address; with them it is made."""
+    node = make_node()
+    api.post("virt_node", json={"node": {"id": node["id"]}, "virt_method": {"id": test_method}})
+    assert_error(api.post("vm", json=vm_body(test_method)), 409, "vm/no_free_ipv4")
+    result = network_add(runner, "203.0.113.0/24", "--gateway", "203.0.113.1")
+    assert result.exit_code == 0, result.output
+    assert "added 203.0.113.0/24 (gateway 203.0.113.1): 253 IPv4 addresses" in result.output
+    result = network_add(runner, "2001:db8:203::/64", "--gateway", "2001:db8:203::1")
+    assert result.exit_code == 0 and "an IPv6 pool" in result.output, result.output
+    pools = api.get("ipv6_pool").json["data"].values()
+    assert [(p["network"], p["gateway"]) for p in pools] == [
+        ("2001:db8:203::/64", "2001:db8:203::1")
+    ]
+    vm = api.post("vm", json=vm_body(test_method))
+    assert vm.status_code == 201, vm.json
+    nic = api.get(f"interface/{vm.json['data']['interfaces'][0]['id']}").json["data"]
+    address = api.get(f"ipv4/{nic['ipv4'][0]['id']}").json["data"]
+    assert address["address"].startswith("203.0.113.") and address["gateway"] == "203.0.113.1"
+
+
+@pytest.mark.parametrize(
+    ("network", "gateway", "error_id"),
+    [("203.0.113.0/24", "203.0.113.1", "ipv4/overlap"),
+     ("2001:db8:203::/64", "2001:db8:203::1", "ipv6_pool/overlap")],
+)  # fmt: skip
+def test_network_add_if_missing_is_idempotent(api, runner, network, gateway, error_id):
+    assert network_add(runner, network, "--gateway", gateway).exit_code == 0
+    before = api.get("ipv4?limit=1000").json["data"], api.get("ipv6_pool").json["data"]
+    again = network_add(runner, network, "--gateway", gateway)
+    assert again.exit_code != 0 and error_id in again.output  # without the flag: refused
+    again = network_add(runner, network, "--gateway", gateway, "--if-missing")
+    assert again.exit_code == 0, again.output
+    assert f"{network} is registered already; nothing to do" in again.output
+    assert (api.get("ipv4?limit=1000").json["data"], api.get("ipv6_pool").json["data"]) == before
+
+
+def test_network_add_if_missing_refuses_a_partial_overlap(api, runner):
+    assert network_add(runner, "203.0.113.0/24", "--gateway", "203.0.113.1").exit_code == 0
+    first = min(api.get("ipv4?limit=1000").json["data"], key=int)
+    assert api.delete(f"ipv4/{first}").status_code == 200
+    result = network_add(runner, "203.0.113.0/24", "--gateway", "203.0.113.1", "--if-missing")
+    assert result.exit_code != 0 and "ipv4/overlap" in result.output  # not "registered"
+    result = network_add(runner, "2001:db8:203::/64", "--gateway", "2001:db8:203::1")
+    assert result.exit_code == 0, result.output
+    result = network_add(
+        runner, "2001:db8:203::/56", "--gateway", "2001:db8:203::1", "--if-missing"
+    )
+    assert result.exit_code != 0 and "ipv6_pool/overlap" in result.output
+
+
+@pytest.mark.parametrize(
+    ("network", "gateway", "message"),
+    [("nope", "203.0.113.1", "does not appear to be an IPv4 or IPv6 network"),
+     ("203.0.113.1/24", "203.0.113.1", "general/validation"),
+     ("203.0.113.0/24", "198.51.100.1", "general/validation")],
+)  # fmt: skip
+def test_network_add_refuses_bad_input(api, runner, network, gateway, message):
+    result = network_add(runner, network, "--gateway", gateway)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert api.get("ipv4").json["data"] == {}
 
 
 def test_shell_context_has_models(app):

@@ -1,10 +1,16 @@
 """A failure at every step of create, update and delete leaves nothing behind."""
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+import sqlalchemy as sa
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
+from vmapi.extensions import db
+from vmapi.models import Node
+from vmapi.services.domains import end_cooloff
 from vmapi.services.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
@@ -53,7 +59,12 @@ def test_create_failure_leaves_nothing(
     if kind == "error":
         assert "injected failure" in error["message"]
     assert state(api, node, faults) == EMPTY
-    assert api.post("vm", json=vm_body(test_method)).status_code == 201 or kind != "error"
+    again = api.post("vm", json=vm_body(test_method))
+    if kind == "error":  # libvirt answered (with an error): the node stays schedulable
+        assert again.status_code == 201, again.json
+    else:  # it did not answer: the node is in its cool-off and is the only one
+        error = assert_error(again, 409, "vm/no_valid_host")
+        assert error["data"]["removed_by_filter"]["libvirt_reachable"] == 1
 
 
 def test_unreachable_node_is_skipped_after_a_failure(api, vm_host, test_method, faults):
@@ -64,6 +75,77 @@ def test_unreachable_node_is_skipped_after_a_failure(api, vm_host, test_method, 
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
     assert vm["node"] == {"id": second["id"]}  # first is in its cool-off
     assert api.get(f"node/{first['id']}").json["data"]["allocated_cores"] == 0
+
+
+def shunned(api, faults, test_method, method, kind):
+    """Make the next create fail with ``kind`` at ``method`` (the node's cool-off starts)
+    and check that the node is skipped afterwards."""
+    faults.fail(method, kind)
+    assert api.post("vm", json=vm_body(test_method)).status_code in (502, 504)
+    error = assert_error(api.post("vm", json=vm_body(test_method)), 409, "vm/no_valid_host")
+    assert error["data"]["removed_by_filter"]["libvirt_reachable"] == 1
+
+
+@pytest.mark.parametrize(("method", "kind"), [("define", "timeout"), ("start", "unavailable")])
+def test_a_check_that_reaches_the_node_ends_its_cooloff(
+    api, runner, vm_host, test_method, faults, method, kind
+):
+    node = vm_host()
+    shunned(api, faults, test_method, method, kind)
+    result = runner.invoke(args=["vmapi", "node", "check"])
+    assert result.exit_code == 0 and f"ok    {node['fqdn']}" in result.output, result.output
+    vm = api.post("vm", json=vm_body(test_method))  # not 60 s later: now
+    assert vm.status_code == 201, vm.json
+    assert vm.json["data"]["node"] == {"id": node["id"]}
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (lambda api, vm: api.post(f"vm/{vm['id']}/reboot"), 200),
+        (lambda api, vm: api.update(f"vm/{vm['id']}", json={"cores": 1}), 200),
+        (lambda api, vm: api.update(f"vm/{vm['id']}", json={"vm_state": {"id": 3}}), 200),
+    ],
+    ids=["reboot", "resize", "pause"],
+)
+def test_a_successful_call_on_the_node_ends_its_cooloff(
+    api, vm_host, test_method, faults, action, expected
+):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    shunned(api, faults, test_method, "define", "timeout")
+    done = action(api, vm)  # libvirt on that node answers again
+    assert done.status_code == expected, done.json
+    again = api.post("vm", json=vm_body(test_method))
+    assert again.status_code == 201, again.json
+    assert again.json["data"]["node"] == {"id": node["id"]}
+
+
+def test_ending_a_cooloff_keeps_a_failure_noted_since(app, vm_host):
+    """Only the failure a request saw before its call succeeded is cleared: one that
+    another request noted meanwhile still counts."""
+    node = vm_host()
+    seen, since = datetime.now(UTC) - timedelta(seconds=5), datetime.now(UTC)
+    with app.app_context():
+        failed_at = sa.select(Node.libvirt_failed_at).where(Node.id == node["id"])
+        note = (
+            sa.update(Node)
+            .where(Node.id == node["id"])
+            .execution_options(synchronize_session=False)
+        )
+        db.session.execute(note.values(libvirt_failed_at=seen))
+        db.session.commit()
+        row = db.session.get(Node, node["id"])  # what a request read before its call
+        db.session.execute(note.values(libvirt_failed_at=since))  # another request's failure
+        db.session.commit()
+        end_cooloff(row)
+        db.session.commit()
+        assert db.session.scalar(failed_at) is not None
+        db.session.refresh(row)
+        end_cooloff(row)
+        db.session.commit()
+        assert db.session.scalar(failed_at) is None
+        db.session.remove()
 
 
 def test_array_create_failure_undoes_earlier_vms(api, vm_host, test_method, faults):

@@ -87,6 +87,13 @@ class Ipv4Service(AddressService):
         objs = list(db.session.scalars(select(Ipv4Address).where(Ipv4Address.id.in_(ids))))
         return Outcome(sorted(objs, key=lambda o: o.id), keyed=True)
 
+    def registered(self, item: dict[str, Any]) -> bool:
+        """Whether ``add_network(item)`` has been done already: every host address of the
+        network but the gateway is in the table (``flask vmapi network add --if-missing``)."""
+        net = ipaddress.IPv4Network(item["network"])
+        hosts = [str(h) for h in net.hosts() if str(h) != item["gateway"]]
+        return len(self.existing(hosts)) == len(hosts)
+
     def add_network(self, item: dict[str, Any]) -> list[int]:
         """Every host address of the network except the gateway."""
         net = ipaddress.IPv4Network(item["network"])
@@ -158,6 +165,11 @@ class Ipv6PoolService(CrudService):
         size = min(net.num_addresses, POOL_SIZE_CAP)
         data = {**data, "network": str(net), "prefix": net.prefixlen, "size": size, "next_host": 1}
         return super().create(data, principal)
+
+    def registered(self, item: dict[str, Any]) -> bool:
+        """Whether a pool of exactly this network exists (``network add --if-missing``)."""
+        net = str(ipaddress.IPv6Network(item["network"]))
+        return db.session.scalar(select(Ipv6Pool.id).where(Ipv6Pool.network == net)) is not None
 
     def delete(self, obj: Ipv6Pool, principal: Principal, options: dict[str, Any]) -> None:
         held = db.session.scalars(

@@ -104,6 +104,21 @@ def note_host_failure(node_id: int) -> None:
         log.exception("could not record the failure of node %s", node_id)
 
 
+def end_cooloff(node: Node) -> None:
+    """The node's libvirt answered after the failure this session saw on its row: the
+    scheduler may use it again now rather than when LIBVIRT_COOLOFF runs out. Only the
+    failure seen is cleared (compare-and-set), never one another request noted since; no
+    statement at all when the row shows none. The caller commits."""
+    failed_at = node.libvirt_failed_at
+    if failed_at is None:
+        return
+    db.session.execute(
+        update(Node)
+        .where(Node.id == node.id, Node.libvirt_failed_at == failed_at)
+        .values(libvirt_failed_at=None)
+    )
+
+
 def remove_domain(host: Host, name: str) -> bool:
     """Destroy and undefine; False when there was no such domain."""
     driver = hypervisor()
@@ -131,5 +146,7 @@ def forget(vm: Vm) -> None:
 
 
 def record_state(vm: Vm, info: DomainInfo) -> None:
+    """Store the state libvirt reported; its node answered, so any cool-off ends."""
     vm.vm_state_id = state_id(info.state)
+    end_cooloff(db.session.get(Node, vm.node_id))  # loaded by Host.of: no query
     db.session.commit()

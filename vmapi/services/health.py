@@ -5,7 +5,8 @@ asks each node for its capacity (``virNodeGetInfo``: one connection and one call
 bounded by LIBVIRT_TIMEOUT), all nodes in parallel. A node that answers gets
 ``last_seen_at`` and its error cleared; one that does not gets ``last_error`` and
 ``unreachable_since`` (kept from the first failure), and the scheduler skips it until a
-check sees it again. ``GET /node`` shows all three.
+check sees it again. ``GET /node`` shows all three. A check that reaches a node also
+ends the cool-off a failed request put it in (``libvirt_failed_at``): it answers again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from vmapi.extensions import db
 from vmapi.hypervisor import HostInfo, HypervisorError
 from vmapi.models import Node
+from vmapi.services.domains import end_cooloff
 from vmapi.services.hosts import hypervisor, node_uri, on_hosts
 
 ERROR_LENGTH = 1000
@@ -57,6 +59,7 @@ def check_nodes(workers: int, fqdns: tuple[str, ...] = ()) -> list[Probe]:
             node.last_seen_at = now
             node.last_error = None
             node.unreachable_since = None
+            end_cooloff(node)  # the row was read before the probe: only older failures
             detail = f"{info.cores} CPUs, {info.ram // 1024**2} MiB, {seconds * 1000:.0f} ms"
             probes.append(Probe(node.fqdn, True, detail, None))
     db.session.commit()

@@ -1,0 +1,1 @@
+"""Tests of what the documentation promises, run as documented (README.md's walk)."""
