@@ -38,6 +38,10 @@ class VolumeNotFound(HypervisorError):
     """The pool has no volume of that name."""
 
 
+class VolumeExists(HypervisorError):
+    """The pool already has a volume of that name (it is left as it is)."""
+
+
 class OperationInvalid(HypervisorError):
     """The domain is not in a state that allows the operation (e.g. suspend a shut-off one)."""
 
