@@ -104,6 +104,9 @@ class DomainSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     nics: tuple[NicSpec, ...] = ()
     disks: tuple[DiskSpec, ...] = ()
+    #: where the node logs the serial console: a file in a storage pool's directory, so it
+    #: can be read back through libvirt (:meth:`HypervisorDriver.tail`); None: no log
+    console_log: str | None = None
 
 
 @dataclass(frozen=True)
