@@ -22,6 +22,7 @@ from vmapi.hypervisor import (
     VolumeNotFound,
     read_chunks,
 )
+from vmapi.hypervisor.libvirt import LibvirtDriver
 from vmapi.hypervisor.observed import ObservedDriver
 
 pytestmark = [pytest.mark.hypervisor]
@@ -234,3 +235,12 @@ def test_overlay_of_a_missing_base(libvirtd, hv, pool):
     with pytest.raises(VolumeNotFound):
         hv.create_overlay(URI, pool, "root", 64 * MIB, "missing", "raw")
     assert pool_volumes(libvirtd, pool) == []
+
+
+def test_a_host_that_never_answers_fails_within_the_copy_timeout(silent_host):
+    """libvirt itself hangs (the connection never opens): the caller still gets its answer."""
+    driver = LibvirtDriver(timeout=1.0)  # also the wait for the helper to clean up
+    with pytest.raises(HypervisorTimeout):
+        driver.upload_volume(silent_host, "any", "image", 4096, [b"x" * 4096], timeout=1.0)
+    with pytest.raises(HypervisorTimeout):
+        list(driver.download_volume(silent_host, "any", "image", timeout=1.0))
