@@ -141,7 +141,11 @@ class _Uploader(threading.Thread):
                 if item is _END:
                     stream.finish()
                     stream = None
-                    self.path = vol.path()
+                    path = vol.path()
+                    with self.lock:  # the caller may have given up meanwhile: undo then
+                        if self.cancelled:
+                            raise _Expired
+                        self.path = path
                     return
                 send_all(self.uri, stream, item)  # type: ignore[arg-type]
         except BaseException as exc:
@@ -241,16 +245,22 @@ def upload(
                 )
             if helper.put(_END, deadline):
                 helper.finished.wait(max(deadline - time.monotonic(), 0))
+        with helper.lock:  # finished in time, or never: decided once, with the helper
+            if helper.path is not None:
+                return helper.path
+            helper.cancelled = True
         if helper.error is not None:
             raise _hypervisor_error(uri, helper.error, timeout)
-        if helper.path is None:
-            raise HypervisorTimeout(uri, timeout)
-        return helper.path
+        raise HypervisorTimeout(uri, timeout)
     except BaseException:
         if not helper.cancel(cleanup_wait) and helper.touched:
             log.warning("upload of %s/%s on %s: deleting the partial volume from outside",
                         pool, name, uri)  # fmt: skip
-            delete()
+            try:
+                delete()
+            except HypervisorError:  # the first error is the answer; this one is logged
+                log.warning("could not delete the partial volume %s/%s on %s", pool, name,
+                            uri, exc_info=True)  # fmt: skip
         raise
 
 
@@ -284,7 +294,8 @@ class VolumeReader(Iterator[bytes]):
                     stream = None
                     self._put(_END)
                     return
-                self._put(data)
+                if not self._put(data):
+                    return  # the reader is gone or out of time: abort below
         except BaseException as exc:
             self._put(exc)
         finally:
@@ -293,14 +304,16 @@ class VolumeReader(Iterator[bytes]):
             if conn is not None:
                 close_quietly(conn)
 
-    def _put(self, item: object) -> None:
-        # The reader may stop reading (closed, timed out): give up then, never block on it.
+    def _put(self, item: object) -> bool:
+        # The reader may stop reading (closed, timed out, dropped): give up then, never
+        # block on it nor read on for nobody.
         while not self.stop.is_set() and time.monotonic() < self.deadline + POLL:
             try:
                 self.chunks.put(item, timeout=POLL)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __next__(self) -> bytes:
         if self.done:
