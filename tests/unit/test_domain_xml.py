@@ -5,7 +5,16 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from vmapi.hypervisor import DomainSpec
-from vmapi.hypervisor.libvirt.config import METADATA_NS, CpuTune, Memory, Metadata, Vcpu
+from vmapi.hypervisor.libvirt.config import (
+    METADATA_NS,
+    BackingStore,
+    CpuTune,
+    Memory,
+    Metadata,
+    Serial,
+    Vcpu,
+    Volume,
+)
 from vmapi.hypervisor.libvirt.designer import design
 
 GIB = 1024**3
@@ -97,4 +106,62 @@ def test_small_objects():
     assert same_xml(Vcpu(4, 4).to_xml(), '<vcpu placement="static">4</vcpu>')
     assert same_xml(
         CpuTune(100000, -1).to_xml(), "<cputune><period>100000</period><quota>-1</quota></cputune>"
+    )
+
+
+def test_console_log_on_the_serial_port_and_firmware_messages_there_too():
+    root = ET.fromstring(design(spec(console_log="/srv/vmapi/console/vm-5.log")).to_xml())
+    assert same_xml(
+        ET.tostring(root.find("devices/serial"), encoding="unicode"),
+        '<serial type="pty"><log file="/srv/vmapi/console/vm-5.log" append="on"/></serial>',
+    )
+    assert same_xml(
+        ET.tostring(root.find("os"), encoding="unicode"),
+        '<os><type arch="x86_64">hvm</type><boot dev="hd"/><boot dev="network"/>'
+        '<bios useserial="yes"/></os>',
+    )
+    # the serial port stays the guest's console
+    assert [el.tag for el in root.find("devices")] == ["serial", "console", "memballoon"]
+
+
+def test_no_console_log_no_log_element_and_no_serial_firmware():
+    root = ET.fromstring(design(spec()).to_xml())
+    assert root.find("devices/serial/log") is None
+    assert root.find("os/bios") is None
+
+
+def test_serial_log_without_append():
+    assert same_xml(
+        Serial("/l", append=False).to_xml(),
+        '<serial type="pty"><log file="/l" append="off"/></serial>',
+    )
+    assert same_xml(Serial().to_xml(), '<serial type="pty"/>')
+
+
+def test_overlay_volume():
+    volume = Volume("vm-5-root", 20 * GIB, "qcow2", compat="1.1",
+                    backing=BackingStore("/pool/image-3", "raw"))  # fmt: skip
+    expected = f"""
+    <volume>
+      <name>vm-5-root</name>
+      <capacity unit="bytes">{20 * GIB}</capacity>
+      <target><format type="qcow2"/><compat>1.1</compat></target>
+      <backingStore><path>/pool/image-3</path><format type="raw"/></backingStore>
+    </volume>"""
+    assert same_xml(volume.to_xml(), expected)
+
+
+def test_sparse_volume_and_escaped_names():
+    expected = """
+    <volume>
+      <name>a&lt;b&amp;c</name>
+      <capacity unit="bytes">1048577</capacity>
+      <allocation unit="bytes">0</allocation>
+      <target><format type="raw"/></target>
+    </volume>"""
+    assert same_xml(Volume("a<b&c", 1048577, "raw", allocation=0).to_xml(), expected)
+    assert same_xml(
+        Volume("v", 1, "qcow2").to_xml(),
+        '<volume><name>v</name><capacity unit="bytes">1</capacity>'
+        '<target><format type="qcow2"/></target></volume>',
     )

@@ -5,6 +5,7 @@ imports ``libvirt``.
 """
 
 from vmapi.hypervisor.driver import (
+    CHUNK_SIZE,
     CRASHED,
     ERROR,
     PAUSED,
@@ -19,13 +20,17 @@ from vmapi.hypervisor.driver import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    LogTail,
     NicSpec,
     NotSupported,
     OperationInvalid,
+    VolumeExists,
     VolumeNotFound,
+    read_chunks,
 )
 
 __all__ = [
+    "CHUNK_SIZE",
     "CRASHED",
     "ERROR",
     "PAUSED",
@@ -40,8 +45,11 @@ __all__ = [
     "HypervisorError",
     "HypervisorTimeout",
     "HypervisorUnavailable",
+    "LogTail",
     "NicSpec",
     "NotSupported",
     "OperationInvalid",
+    "VolumeExists",
     "VolumeNotFound",
+    "read_chunks",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 #: Domain states as vmapi names them (the seeded vm_state rows).
 RUNNING, PAUSED, SHUTOFF, CRASHED, ERROR = "running", "paused", "shutoff", "crashed", "error"
+
+#: Bytes per piece of a volume stream: one libvirt stream packet carries at most 256 KiB.
+CHUNK_SIZE = 256 * 1024
 
 
 class HypervisorError(Exception):
@@ -36,6 +40,10 @@ class DomainNotFound(HypervisorError):
 
 class VolumeNotFound(HypervisorError):
     """The pool has no volume of that name."""
+
+
+class VolumeExists(HypervisorError):
+    """The pool already has a volume of that name (it is left as it is)."""
 
 
 class OperationInvalid(HypervisorError):
@@ -100,6 +108,9 @@ class DomainSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     nics: tuple[NicSpec, ...] = ()
     disks: tuple[DiskSpec, ...] = ()
+    #: where the node logs the serial console: a file in a storage pool's directory, so it
+    #: can be read back through libvirt (:meth:`HypervisorDriver.tail`); None: no log
+    console_log: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,20 @@ class DomainInfo:
     memory: int  # bytes
     vm_id: int | None = None
     installation: str | None = None
+
+
+@dataclass(frozen=True)
+class LogTail:
+    """The end of a log volume (and of its rotated predecessors, oldest first)."""
+
+    data: bytes
+    truncated: bool  # older output exists before ``data``
+
+
+def read_chunks(readable: BinaryIO, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """A readable (file, request body) as the chunk iterator the stream calls take."""
+    while chunk := readable.read(size):
+        yield chunk
 
 
 class HypervisorDriver(Protocol):
@@ -191,3 +216,43 @@ class HypervisorDriver(Protocol):
     def set_iotune_live(self, uri: str, name: str, target: str, iotune: dict[str, int]) -> None: ...
 
     def resize_disk_live(self, uri: str, name: str, target: str, size: int) -> None: ...
+
+    def upload_volume(
+        self, uri: str, pool: str, name: str, size: int, chunks: Iterable[bytes], timeout: float
+    ) -> str:
+        """Create volume ``name`` as a file of exactly ``size`` bytes and fill it with
+        ``chunks`` (consumed in the caller's thread), on a connection of its own, all within
+        ``timeout`` seconds. The bytes are kept as they come, whatever their format. On any
+        failure (the iterator's own exceptions included, re-raised as they are), a stream of
+        another length, or the timeout, the stream is aborted and the volume deleted.
+        Returns the volume's path. ``VolumeExists`` leaves the existing volume alone."""
+        ...
+
+    def download_volume(
+        self, uri: str, pool: str, name: str, timeout: float, offset: int = 0, length: int = 0
+    ) -> Iterator[bytes]:
+        """The volume's bytes from ``offset`` (``length`` of them; 0: to the end) in chunks,
+        on a connection of its own, all within ``timeout`` seconds (``HypervisorTimeout``
+        from the iteration). Close the iterator to stop early."""
+        ...
+
+    def volume_sha256(self, uri: str, pool: str, name: str, timeout: float) -> str:
+        """Hex sha256 of the volume's content, read through :meth:`download_volume`."""
+        ...
+
+    def create_overlay(
+        self, uri: str, pool: str, name: str, capacity: int, base: str, base_format: str
+    ) -> str:
+        """Create a qcow2 volume of ``capacity`` bytes backed by volume ``base`` (format
+        ``base_format``, raw or qcow2, given rather than probed) of the same pool; its path."""
+        ...
+
+    def tail(self, uri: str, pool: str, volume: str, n: int) -> LogTail:
+        """The last ``n`` bytes of a log volume, reaching back into the files the node's log
+        daemon rotated it into (``volume.0``, ``volume.1``, ...). ``VolumeNotFound`` when the
+        log does not exist (yet: a domain writes its console log from its first start)."""
+        ...
+
+    def delete_log(self, uri: str, pool: str, volume: str) -> None:
+        """Delete a log volume and its rotated files; nothing to delete is no error."""
+        ...

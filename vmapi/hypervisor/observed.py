@@ -8,12 +8,15 @@ and updates its metrics: :mod:`vmapi.telemetry`). Plain Python: no Flask, no mod
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from vmapi.hypervisor.driver import DomainSpec
+
+#: actions that answer an iterator: timed until it is exhausted, fails or is closed
+STREAM_ACTIONS = frozenset({"download_volume"})
 
 #: actions whose second argument is a domain name
 DOMAIN_ACTIONS = frozenset({
@@ -58,17 +61,56 @@ class ObservedDriver:
         if name.startswith("_") or not callable(target):
             return target
 
+        def report(uri: str, args: tuple[Any, ...], started: float, error: str | None) -> None:
+            self._listener(Action(node_of(uri), name, domain_of(name, args),
+                                  time.perf_counter() - started, error))  # fmt: skip
+
         def observed(uri: str, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             error = None
+            streaming = False
             try:
-                return target(uri, *args, **kwargs)
+                result = target(uri, *args, **kwargs)
+                if name in STREAM_ACTIONS:
+                    streaming = True
+                    return _Timed(result, lambda error: report(uri, args, started, error))
+                return result
             except Exception as exc:  # HypervisorError mostly; reported, then re-raised
                 error = type(exc).__name__
                 raise
             finally:
-                self._listener(Action(node_of(uri), name, domain_of(name, args),
-                                      time.perf_counter() - started, error))  # fmt: skip
+                if not streaming:
+                    report(uri, args, started, error)
 
         observed.__name__ = name
         return observed
+
+
+class _Timed(Iterator[Any]):
+    """``chunks``, calling ``done`` once: when they end, fail, or the reader closes them."""
+
+    def __init__(self, chunks: Iterator[Any], done: Callable[[str | None], None]) -> None:
+        self._chunks = chunks
+        self._done: Callable[[str | None], None] | None = done
+
+    def _finish(self, error: str | None) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(error)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            self._finish(None)
+            raise
+        except Exception as exc:
+            self._finish(type(exc).__name__)
+            raise
+
+    def close(self) -> None:
+        """Stop early: the stream underneath is closed too."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        self._finish(None)

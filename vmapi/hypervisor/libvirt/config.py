@@ -123,12 +123,16 @@ class CpuTune(XmlObject):
 class Os(XmlObject):
     arch: str = "x86_64"
     boot: tuple[str, ...] = ("hd", "network")
+    #: the firmware's own messages on the serial port too (``<bios useserial>``)
+    serial_firmware: bool = False
 
     def element(self) -> ET.Element:
         el = ET.Element("os")
         ET.SubElement(el, "type", arch=self.arch).text = "hvm"
         for dev in self.boot:
             ET.SubElement(el, "boot", dev=dev)
+        if self.serial_firmware:
+            ET.SubElement(el, "bios", useserial="yes")
         return el
 
 
@@ -144,6 +148,21 @@ class Device(XmlObject):
         el = ET.Element(self.tag, self.attrs)
         for child in self.children:
             el.append(child.element())
+        return el
+
+
+@dataclass
+class Serial(XmlObject):
+    """``<serial type='pty'>``, its output also logged to ``log`` by the node's log daemon
+    (virtlogd, which rotates the file); ``append`` keeps earlier runs' output."""
+
+    log: str | None = None
+    append: bool = True
+
+    def element(self) -> ET.Element:
+        el = ET.Element("serial", type="pty")
+        if self.log:
+            ET.SubElement(el, "log", file=self.log, append="on" if self.append else "off")
         return el
 
 
@@ -208,17 +227,40 @@ class StoragePool(XmlObject):
 
 
 @dataclass
+class BackingStore(XmlObject):
+    """``<backingStore>`` of a volume: the file its copy-on-write layer reads through to."""
+
+    path: str
+    format: str
+
+    def element(self) -> ET.Element:
+        el = ET.Element("backingStore")
+        ET.SubElement(el, "path").text = self.path
+        ET.SubElement(el, "format", type=self.format)
+        return el
+
+
+@dataclass
 class Volume(XmlObject):
     name: str
     capacity: int  # bytes
     format: str
+    allocation: int | None = None  # bytes allocated up front; None: libvirt's default
+    backing: BackingStore | None = None
+    compat: str | None = None  # qcow2 version: "1.1" (v3: zero clusters, lazy refcounts)
 
     def element(self) -> ET.Element:
         el = ET.Element("volume")
         ET.SubElement(el, "name").text = self.name
         ET.SubElement(el, "capacity", unit="bytes").text = str(self.capacity)
+        if self.allocation is not None:
+            ET.SubElement(el, "allocation", unit="bytes").text = str(self.allocation)
         target = ET.SubElement(el, "target")
         ET.SubElement(target, "format", type=self.format)
+        if self.compat is not None:
+            ET.SubElement(target, "compat").text = self.compat
+        if self.backing is not None:
+            el.append(self.backing.element())
         return el
 
 
@@ -236,7 +278,7 @@ class Domain(XmlObject):
     features: tuple[str, ...] = ()
     clock_offset: str | None = None
     lifecycle: dict[str, str] = field(default_factory=dict)
-    devices: list[Device] = field(default_factory=list)
+    devices: list[XmlObject] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
 

@@ -28,6 +28,7 @@ from vmapi.hypervisor.driver import (
     HypervisorUnavailable,
     NotSupported,
     OperationInvalid,
+    VolumeExists,
     VolumeNotFound,
 )
 
@@ -67,6 +68,8 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
         return DomainNotFound(uri, message)
     if code == libvirt.VIR_ERR_NO_STORAGE_VOL:
         return VolumeNotFound(uri, message)
+    if code == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+        return VolumeExists(uri, message)
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return OperationInvalid(uri, message)
     if code in _NOT_SUPPORTED:
@@ -120,6 +123,25 @@ def call_with_timeout(uri: str, timeout: float, fn: Callable[[], T]) -> T:
     return outcome["value"]  # type: ignore[return-value]
 
 
+def open_connection(uri: str, keepalive_interval: int, keepalive_count: int) -> libvirt.virConnect:
+    """A new connection with keepalive, outside any cache (blocking: bound it by the caller).
+
+    The cache's connections and the private ones of long streams (:mod:`.streams`) are
+    opened alike.
+    """
+    _event_loop.ensure_running()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
+    if conn is None:  # older bindings return None instead of raising
+        raise HypervisorUnavailable(uri, "libvirt returned no connection")
+    # Local drivers (test, qemu:///system over unix) have no keepalive.
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.setKeepAlive(keepalive_interval, keepalive_count)
+    return conn
+
+
 class ConnectionCache:
     """Per-process cache of open libvirt connections, keyed by URI."""
 
@@ -151,16 +173,8 @@ class ConnectionCache:
             except libvirt.libvirtError:
                 pass
             self.drop(uri)
-        _event_loop.ensure_running()
-        try:
-            conn = call_with_timeout(uri, timeout, lambda: libvirt.open(uri))
-        except libvirt.libvirtError as exc:
-            raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
-        if conn is None:  # older bindings return None instead of raising
-            raise HypervisorUnavailable(uri, "libvirt returned no connection")
-        # Local drivers (test, qemu:///system over unix) have no keepalive.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(self.keepalive_interval, self.keepalive_count)
+        interval, count = self.keepalive_interval, self.keepalive_count
+        conn = call_with_timeout(uri, timeout, lambda: open_connection(uri, interval, count))
         with self._lock:
             self._conns[uri] = conn
         return conn
@@ -171,7 +185,7 @@ class ConnectionCache:
         with self._lock:
             conn = self._conns.pop(uri, None)
         if conn is not None:
-            threading.Thread(target=_close_quietly, args=(conn,), daemon=True).start()
+            threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
 
     def clear(self) -> None:
         """Close every connection of this process (tests, shutdown)."""
@@ -179,10 +193,10 @@ class ConnectionCache:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
-            _close_quietly(conn)
+            close_quietly(conn)
 
 
-def _close_quietly(conn: libvirt.virConnect) -> None:
+def close_quietly(conn: libvirt.virConnect) -> None:
     try:
         conn.close()
     except libvirt.libvirtError:

@@ -16,6 +16,7 @@ from vmapi.hypervisor.libvirt.config import (
     Metadata,
     Nic,
     Os,
+    Serial,
     Vcpu,
 )
 
@@ -53,10 +54,15 @@ def design(spec: DomainSpec) -> Domain:
         domain.clock_offset = "utc"
         domain.lifecycle = {"on_poweroff": "destroy", "on_reboot": "restart", "on_crash": "destroy"}
         domain.devices = [
-            Device("serial", {"type": "pty"}),
+            # Logged through virtlogd (bounded by its rotation) and still a live pty for an
+            # interactive serial console; the log keeps earlier runs, so the output of a
+            # crash survives the next start.
+            Serial(log=spec.console_log, append=True),
             Device("console", {"type": "pty"}),
             Device("memballoon", {"model": "virtio"}),
         ]
+        # The firmware's messages (boot device, "No bootable device") belong in the log too.
+        domain.os.serial_firmware = spec.console_log is not None
     return domain
 
 

@@ -1,0 +1,61 @@
+"""Fixtures of the hypervisor tier's stream and console-log tests (real libvirtd).
+
+Everything they make is named ``vmapi-streamtest-*`` (a dir pool of each test's own, its
+volumes, tiny ``type='qemu'`` domains) and removed even when a test fails; leftovers of
+an interrupted run are removed first.
+"""
+
+import uuid
+
+import libvirt
+import pytest
+
+from tests.conftest import unavailable
+from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
+from vmapi.hypervisor.libvirt import LibvirtDriver
+
+
+@pytest.fixture(scope="module")
+def libvirtd():
+    """A connection of the test's own to the real libvirtd, to look at what vmapi did."""
+    try:
+        connection = libvirt.open(URI)
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd does not answer on {URI}: {exc}")
+    remove_leftovers(connection)
+    yield connection
+    remove_leftovers(connection)
+    connection.close()
+
+
+@pytest.fixture
+def hv():
+    """vmapi's libvirt driver (its own connection cache)."""
+    driver = LibvirtDriver(timeout=30.0)
+    yield driver
+    driver.connections.clear()
+
+
+@pytest.fixture
+def pool(libvirtd, hv):
+    """A dir pool of this test's own: its name."""
+    name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
+    hv.ensure_pool(URI, name, str(POOL_ROOT / name))
+    yield name
+    remove_pool(libvirtd.storagePoolLookupByName(name))
+
+
+@pytest.fixture
+def domains(libvirtd, pool):
+    """Names of domains a test defines; destroyed and undefined after it, whatever happens
+    (before its pool goes: it may be writing a log there)."""
+    names = []
+    yield names
+    for name in names:
+        try:
+            dom = libvirtd.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
