@@ -15,8 +15,8 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from vmapi import __version__
 from vmapi.api.resource import ADMIN_ONLY, RESOURCES, ResourceApi
+from vmapi.release import __version__
 from vmapi.schemas.base import Bool, Float, Int, Ref
 
 ERROR_STATUSES = {
