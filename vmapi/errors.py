@@ -1,8 +1,9 @@
 """The error hierarchy: what every layer raises when a request cannot be done.
 
 Every error the API answers is an :class:`ApiError` (vmapi.api.errors converts anything
-else into one): ``status_code``, a stable ``error_id`` (``area/what``, never reused) and
-a message template filled from keyword arguments. Domain code raises; it never calls ``abort()``. This module knows nothing of Flask or of
+else into one): ``status_code``, a stable ``error_id`` from :mod:`vmapi.error_ids`
+(``area/what``, never reused) and a message template filled from keyword arguments.
+Domain code raises; it never calls ``abort()``. This module knows nothing of Flask or of
 the wire formats, so every layer may import it.
 """
 
@@ -12,12 +13,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vmapi.error_ids import (
+    GENERAL_AUTHENTICATION_FAILED,
+    GENERAL_AUTHENTICATION_REQUIRED,
+    GENERAL_AUTHORIZATION_FORBIDDEN,
+    GENERAL_BODY_TOO_LARGE,
+    GENERAL_CONFLICT,
+    GENERAL_HYPERVISOR_ERROR,
+    GENERAL_HYPERVISOR_TIMEOUT,
+    GENERAL_INTERNAL,
+    GENERAL_MALFORMED_BODY,
+    GENERAL_NOT_FOUND,
+    GENERAL_UNAVAILABLE,
+    GENERAL_UNSUPPORTED_MEDIA_TYPE,
+    GENERAL_VALIDATION,
+)
+
 
 class ApiError(Exception):
     """Base of every error answered to a client."""
 
     status_code: int = 500
-    error_id: str = "general/internal"
+    error_id: str = GENERAL_INTERNAL
     template: str = "An internal error occurred."
 
     def __init__(
@@ -58,55 +75,55 @@ def at_index(index: int | None) -> Iterator[None]:
 
 class ValidationError(ApiError):
     status_code = 400
-    error_id = "general/validation"
+    error_id = GENERAL_VALIDATION
     template = "The request is invalid; see data for the fields at fault."
 
 
 class MalformedBody(ApiError):
     status_code = 400
-    error_id = "general/malformed_body"
+    error_id = GENERAL_MALFORMED_BODY
     template = "The request body could not be parsed as {kind}: {reason}"
 
 
 class AuthenticationRequired(ApiError):
     status_code = 401
-    error_id = "general/authentication/required"
+    error_id = GENERAL_AUTHENTICATION_REQUIRED
     template = "Send an API token as 'Authorization: Bearer <token>'."
 
 
 class AuthenticationFailed(ApiError):
     status_code = 401
-    error_id = "general/authentication/failed"
+    error_id = GENERAL_AUTHENTICATION_FAILED
     template = "The API token is unknown, revoked or expired."
 
 
 class Forbidden(ApiError):
     status_code = 403
-    error_id = "general/authorization/forbidden"
+    error_id = GENERAL_AUTHORIZATION_FORBIDDEN
     template = "This token may not {action}."
 
 
 class NotFound(ApiError):
     status_code = 404
-    error_id = "general/not_found"
+    error_id = GENERAL_NOT_FOUND
     template = "No {resource} with id {id}."
 
 
 class Conflict(ApiError):
     status_code = 409
-    error_id = "general/conflict"
+    error_id = GENERAL_CONFLICT
     template = "The request conflicts with the current state."
 
 
 class BodyTooLarge(ApiError):
     status_code = 413
-    error_id = "general/body_too_large"
+    error_id = GENERAL_BODY_TOO_LARGE
     template = "The request body is larger than the limit of {limit} bytes."
 
 
 class UnsupportedMediaType(ApiError):
     status_code = 415
-    error_id = "general/unsupported_media_type"
+    error_id = GENERAL_UNSUPPORTED_MEDIA_TYPE
     template = "Send the body as application/json or application/msgpack, not {content_type}."
 
 
@@ -114,7 +131,7 @@ class HypervisorFailure(ApiError):
     """A hypervisor answered with an error (502)."""
 
     status_code = 502
-    error_id = "general/hypervisor_error"
+    error_id = GENERAL_HYPERVISOR_ERROR
     template = "The hypervisor failed: {reason}"
 
 
@@ -122,11 +139,11 @@ class HypervisorTimeout(ApiError):
     """A hypervisor did not answer in time (504)."""
 
     status_code = 504
-    error_id = "general/hypervisor_timeout"
+    error_id = GENERAL_HYPERVISOR_TIMEOUT
     template = "The hypervisor did not answer within {timeout} s."
 
 
 class ServiceUnavailable(ApiError):
     status_code = 503
-    error_id = "general/unavailable"
+    error_id = GENERAL_UNAVAILABLE
     template = "The service is unavailable: {reason}"

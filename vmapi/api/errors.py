@@ -1,7 +1,7 @@
 """The error edge: every failure of a request, ours or not, becomes the error envelope here.
 
 Our own :class:`~vmapi.errors.ApiError` is written as it is; werkzeug's HTTP errors (no
-route, a method the URL does not take, a body over the limit) get ids of their own; a
+route, a method the URL does not take, a body over the limit) get the registry's ids; a
 database that went away is 503 ``general/unavailable``; anything else is logged with the
 request id and answered as 500 ``general/internal`` without a traceback.
 """
@@ -16,6 +16,14 @@ from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from werkzeug.exceptions import HTTPException
 
 from vmapi.api.version import check_version
+from vmapi.error_ids import (
+    GENERAL_BAD_REQUEST,
+    GENERAL_BODY_TOO_LARGE,
+    GENERAL_METHOD_NOT_ALLOWED,
+    GENERAL_NOT_FOUND,
+    GENERAL_UNSUPPORTED_MEDIA_TYPE,
+    http_fallback,
+)
 from vmapi.errors import ApiError, ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.representations import error_response
@@ -24,11 +32,11 @@ log = logging.getLogger(__name__)
 
 # Werkzeug's HTTP errors that reach us without our own exception.
 _HTTP_ERROR_IDS = {
-    400: ("general/bad_request", "The request is malformed."),
-    404: ("general/not_found", "There is nothing at this URL."),
-    405: ("general/method_not_allowed", "This URL does not accept the {method} method."),
-    413: ("general/body_too_large", "The request body is larger than the limit of {limit} bytes."),
-    415: ("general/unsupported_media_type", "Send the body as application/json."),
+    400: (GENERAL_BAD_REQUEST, "The request is malformed."),
+    404: (GENERAL_NOT_FOUND, "There is nothing at this URL."),
+    405: (GENERAL_METHOD_NOT_ALLOWED, "This URL does not accept the {method} method."),
+    413: (GENERAL_BODY_TOO_LARGE, "The request body is larger than the limit of {limit} bytes."),
+    415: (GENERAL_UNSUPPORTED_MEDIA_TYPE, "Send the body as application/json."),
 }
 _API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 
@@ -36,7 +44,7 @@ _API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 def from_http_exception(exc: HTTPException) -> ApiError:
     """Translate werkzeug's 404/405/413/... into our envelope's error."""
     code = exc.code or 500
-    error_id, template = _HTTP_ERROR_IDS.get(code, (f"general/http_{code}", exc.description))
+    error_id, template = _HTTP_ERROR_IDS.get(code, (http_fallback(code), exc.description))
     message = template.format(
         method=request.method, limit=current_app.config.get("MAX_CONTENT_LENGTH")
     )
