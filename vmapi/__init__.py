@@ -12,7 +12,9 @@ from flask import Flask, Response, g, request
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-__version__ = "1.0.0"
+from vmapi.release import __version__
+
+__all__ = ["__version__", "create_app"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -21,10 +23,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The application factory: configuration, extensions, blueprints, errors, CLI."""
     from vmapi import models  # noqa: F401 - registers every model with the metadata
     from vmapi.api import register_api
+    from vmapi.api.errors import register_error_handlers
     from vmapi.cli import register_cli
     from vmapi.config import load_config
     from vmapi.database import ping_idle_connections
-    from vmapi.errors import register_error_handlers
     from vmapi.extensions import db, migrate
     from vmapi.hypervisor.libvirt import LibvirtDriver
     from vmapi.hypervisor.observed import ObservedDriver

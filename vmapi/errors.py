@@ -1,29 +1,40 @@
-"""The error hierarchy and the one place that turns any failure into the error envelope.
+"""The error hierarchy: what every layer raises when a request cannot be done.
 
-Every error the API answers is an :class:`ApiError` (or is converted into one here):
-``status_code``, a stable ``error_id`` (``area/what``, never reused) and a message
-template filled from keyword arguments. Domain code raises; it never calls ``abort()``.
+Every error the API answers is an :class:`ApiError` (vmapi.api.errors converts anything
+else into one): ``status_code``, a stable ``error_id`` from :mod:`vmapi.error_ids`
+(``area/what``, never reused) and a message template filled from keyword arguments.
+Domain code raises; it never calls ``abort()``. This module knows nothing of Flask or of
+the wire formats, so every layer may import it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Flask, g
-from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
-from werkzeug.exceptions import HTTPException
-
-log = logging.getLogger(__name__)
+from vmapi.error_ids import (
+    GENERAL_AUTHENTICATION_FAILED,
+    GENERAL_AUTHENTICATION_REQUIRED,
+    GENERAL_AUTHORIZATION_FORBIDDEN,
+    GENERAL_BODY_TOO_LARGE,
+    GENERAL_CONFLICT,
+    GENERAL_HYPERVISOR_ERROR,
+    GENERAL_HYPERVISOR_TIMEOUT,
+    GENERAL_INTERNAL,
+    GENERAL_MALFORMED_BODY,
+    GENERAL_NOT_FOUND,
+    GENERAL_UNAVAILABLE,
+    GENERAL_UNSUPPORTED_MEDIA_TYPE,
+    GENERAL_VALIDATION,
+)
 
 
 class ApiError(Exception):
     """Base of every error answered to a client."""
 
     status_code: int = 500
-    error_id: str = "general/internal"
+    error_id: str = GENERAL_INTERNAL
     template: str = "An internal error occurred."
 
     def __init__(
@@ -64,55 +75,55 @@ def at_index(index: int | None) -> Iterator[None]:
 
 class ValidationError(ApiError):
     status_code = 400
-    error_id = "general/validation"
+    error_id = GENERAL_VALIDATION
     template = "The request is invalid; see data for the fields at fault."
 
 
 class MalformedBody(ApiError):
     status_code = 400
-    error_id = "general/malformed_body"
+    error_id = GENERAL_MALFORMED_BODY
     template = "The request body could not be parsed as {kind}: {reason}"
 
 
 class AuthenticationRequired(ApiError):
     status_code = 401
-    error_id = "general/authentication/required"
+    error_id = GENERAL_AUTHENTICATION_REQUIRED
     template = "Send an API token as 'Authorization: Bearer <token>'."
 
 
 class AuthenticationFailed(ApiError):
     status_code = 401
-    error_id = "general/authentication/failed"
+    error_id = GENERAL_AUTHENTICATION_FAILED
     template = "The API token is unknown, revoked or expired."
 
 
 class Forbidden(ApiError):
     status_code = 403
-    error_id = "general/authorization/forbidden"
+    error_id = GENERAL_AUTHORIZATION_FORBIDDEN
     template = "This token may not {action}."
 
 
 class NotFound(ApiError):
     status_code = 404
-    error_id = "general/not_found"
+    error_id = GENERAL_NOT_FOUND
     template = "No {resource} with id {id}."
 
 
 class Conflict(ApiError):
     status_code = 409
-    error_id = "general/conflict"
+    error_id = GENERAL_CONFLICT
     template = "The request conflicts with the current state."
 
 
 class BodyTooLarge(ApiError):
     status_code = 413
-    error_id = "general/body_too_large"
+    error_id = GENERAL_BODY_TOO_LARGE
     template = "The request body is larger than the limit of {limit} bytes."
 
 
 class UnsupportedMediaType(ApiError):
     status_code = 415
-    error_id = "general/unsupported_media_type"
+    error_id = GENERAL_UNSUPPORTED_MEDIA_TYPE
     template = "Send the body as application/json or application/msgpack, not {content_type}."
 
 
@@ -120,7 +131,7 @@ class HypervisorFailure(ApiError):
     """A hypervisor answered with an error (502)."""
 
     status_code = 502
-    error_id = "general/hypervisor_error"
+    error_id = GENERAL_HYPERVISOR_ERROR
     template = "The hypervisor failed: {reason}"
 
 
@@ -128,89 +139,11 @@ class HypervisorTimeout(ApiError):
     """A hypervisor did not answer in time (504)."""
 
     status_code = 504
-    error_id = "general/hypervisor_timeout"
+    error_id = GENERAL_HYPERVISOR_TIMEOUT
     template = "The hypervisor did not answer within {timeout} s."
 
 
 class ServiceUnavailable(ApiError):
     status_code = 503
-    error_id = "general/unavailable"
+    error_id = GENERAL_UNAVAILABLE
     template = "The service is unavailable: {reason}"
-
-
-# Werkzeug's HTTP errors that reach us without our own exception.
-_HTTP_ERROR_IDS = {
-    400: ("general/bad_request", "The request is malformed."),
-    404: ("general/not_found", "There is nothing at this URL."),
-    405: ("general/method_not_allowed", "This URL does not accept the {method} method."),
-    413: ("general/body_too_large", "The request body is larger than the limit of {limit} bytes."),
-    415: ("general/unsupported_media_type", "Send the body as application/json."),
-}
-
-
-def from_http_exception(exc: HTTPException) -> ApiError:
-    """Translate werkzeug's 404/405/413/... into our envelope's error."""
-    from flask import current_app, request
-
-    code = exc.code or 500
-    error_id, template = _HTTP_ERROR_IDS.get(code, (f"general/http_{code}", exc.description))
-    message = template.format(
-        method=request.method, limit=current_app.config.get("MAX_CONTENT_LENGTH")
-    )
-    err = ApiError(message, error_id=error_id)
-    err.status_code = code
-    if code == 405 and getattr(exc, "valid_methods", None):
-        err.data = {"allowed": sorted(exc.valid_methods)}
-    return err
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Route every failure, ours or not, into :func:`vmapi.representations.error_response`."""
-    from vmapi.representations import error_response
-
-    @app.errorhandler(ApiError)
-    def handle_api_error(exc: ApiError):
-        return error_response(exc)
-
-    @app.errorhandler(HTTPException)
-    def handle_http_exception(exc: HTTPException):
-        response = error_response(from_http_exception(exc))
-        if exc.code == 405 and getattr(exc, "valid_methods", None):
-            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
-        return response
-
-    @app.errorhandler(SQLAlchemyOperationalError)
-    def handle_database_down(exc: SQLAlchemyOperationalError):
-        # The database went away (restart, failover, network): retryable, not a bug.
-        request_id = getattr(g, "request_id", "-")
-        log.error("database error, request_id=%s: %s", request_id, str(exc).splitlines()[0])
-        _rollback_quietly()
-        return error_response(
-            ServiceUnavailable(
-                f"The database did not answer; retry. Request id {request_id}.",
-                data={"request_id": request_id},
-            )
-        )
-
-    @app.errorhandler(Exception)
-    def handle_unexpected(exc: Exception):
-        # HTTPException has its own handler above, but Flask hands it here when that
-        # handler is missing for a subclass; never turn a 404 into a 500.
-        if isinstance(exc, HTTPException):
-            return handle_http_exception(exc)
-        request_id = getattr(g, "request_id", "-")
-        log.exception("unhandled error, request_id=%s", request_id)
-        err = ApiError(
-            f"An internal error occurred; quote request id {request_id} to the operator.",
-            data={"request_id": request_id},
-        )
-        return error_response(err)
-
-
-def _rollback_quietly() -> None:
-    from vmapi.extensions import db
-
-    try:
-        db.session.rollback()
-    except Exception:  # the connection may be gone for good; the pool replaces it
-        log.debug("rollback after a database error failed", exc_info=True)

@@ -5,6 +5,19 @@ import re
 import pytest
 from openapi_spec_validator import validate
 
+from vmapi.api.openapi_errors import ERROR_STATUSES
+from vmapi.error_ids import (
+    ACTION,
+    CREATE,
+    DELETE,
+    LIST,
+    READ,
+    REGISTRY,
+    RESOURCE_FAMILIES,
+    UPDATE,
+    answered_by,
+)
+
 pytestmark = pytest.mark.embedded
 
 
@@ -72,3 +85,75 @@ def test_error_ids_are_documented(document):
     assert "general/unsupported_media_type" in responses["415"]["description"]
     filters = {p["name"] for p in document["paths"]["/api/v1/node"]["get"]["parameters"]}
     assert {"limit", "after", "nest", "fqdn", "node_state.id", "cores"} <= filters
+
+
+# The operation each documented method of a resource path is, in the registry's words.
+_OPERATIONS = {
+    "collection": {"get": LIST, "post": CREATE, "patch": UPDATE, "delete": DELETE},
+    "item": {"get": READ, "patch": UPDATE, "delete": DELETE},
+    "action": {"post": ACTION},
+}
+
+
+def _resource_operations(document):
+    """``(path, method, resource, operation, operation object)`` of every resource path."""
+    for path, ops in document["paths"].items():
+        parts = path.removeprefix("/api/v1/").split("/")
+        if parts[0] not in RESOURCE_FAMILIES or (len(parts) > 1 and parts[1] != "{ident}"):
+            continue  # the index, the document itself, the ENC
+        kind = ("collection", "item", "action")[len(parts) - 1]
+        for method, op in ops.items():
+            if not method.startswith("x-"):
+                yield path, method, parts[0], _OPERATIONS[kind][method], op
+
+
+def test_every_operation_lists_the_registry_s_error_ids(document):
+    seen = 0
+    for path, method, resource, operation, op in _resource_operations(document):
+        expected = {(error_id, status) for error_id, status, _ in answered_by(resource, operation)}
+        listed = {
+            (error_id, int(status))
+            for status, response in op["responses"].items()
+            for error_id in response.get("x-error-ids", [])
+        }
+        assert listed == expected, (path, method)
+        for status, response in op["responses"].items():
+            for error_id in response.get("x-error-ids", []):
+                assert error_id in response["description"], (path, method, status)
+        seen += 1
+    assert seen > 60
+
+
+def test_every_answered_id_is_in_the_document(document):
+    documented = {
+        error_id
+        for ops in document["paths"].values()
+        for op in ops.values()
+        if isinstance(op, dict)
+        for response in op.get("responses", {}).values()
+        for error_id in response.get("x-error-ids", [])
+    }
+    answered = {i for i, entry in REGISTRY.items() if any(entry.where.values())}
+    assert answered <= documented
+    for resource, families in RESOURCE_FAMILIES.items():
+        assert {family.of(resource) for family in families} <= documented, resource
+
+
+def test_ids_raised_but_once_undocumented_are_documented(document):
+    """vm/busy, vm/no_free_mac and general/idempotency_conflict were raised but missing."""
+    vm = document["paths"]["/api/v1/vm"]
+    assert "vm/no_free_mac" in vm["post"]["responses"]["409"]["x-error-ids"]
+    assert "general/idempotency_conflict" in vm["post"]["responses"]["409"]["x-error-ids"]
+    assert "general/idempotency_conflict" not in vm["patch"]["responses"]["409"]["x-error-ids"]
+    storage_item = document["paths"]["/api/v1/storage/{ident}"]
+    assert "vm/busy" in storage_item["delete"]["responses"]["409"]["x-error-ids"]
+    assert (
+        "vm/busy"
+        in document["paths"]["/api/v1/interface"]["patch"]["responses"]["409"]["x-error-ids"]
+    )
+    # reads answer no write's ids
+    assert "409" not in vm["get"]["responses"]
+
+
+def test_every_status_of_the_registry_has_words():
+    assert set(ERROR_STATUSES) == {entry.status for entry in REGISTRY.values()}

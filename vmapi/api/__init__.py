@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
 from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter
 
 from vmapi.api import catalog, enc, event, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
 from vmapi.api.version import check_version
-from vmapi.errors import ApiError, from_http_exception
-from vmapi.representations import error_response
 from vmapi.services.audit import record_failure
 from vmapi.telemetry import count_change
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "UPDATE", "DELETE"}
 ACTIONS = {"POST": "create", "DELETE": "delete"}  # PUT, PATCH and UPDATE: update
-
-_API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
 
 
 class IdConverter(IntegerConverter):
@@ -39,19 +33,6 @@ def register_api(app: Flask) -> None:
     def pop_version(endpoint: str | None, values: dict | None) -> None:
         if values and "api_version" in values:
             check_version(values.pop("api_version"))
-
-    @app.errorhandler(404)
-    def not_found(exc):
-        # An unknown route under a bad version says so, rather than a bare 404.
-        match = _API_PREFIX.match(request.path)
-        if match:
-            try:
-                check_version(match.group(1))
-            except ApiError as err:
-                return error_response(err)
-        if isinstance(exc, ApiError):
-            return error_response(exc)
-        return error_response(from_http_exception(exc))
 
     register_write_hooks(app)
     app.register_blueprint(meta.bp)

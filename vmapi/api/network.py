@@ -33,7 +33,6 @@ interface = ResourceApi(
     summary="VM network interfaces (one is made with each VM); admins set the VLAN.",
     collection_methods=["GET", "UPDATE", "PATCH"],
     item_methods=["GET", "UPDATE", "PATCH"],
-    error_ids={502: ["vm/hypervisor_error"], 504: ["vm/hypervisor_timeout"]},
 )
 ipv4 = ResourceApi(
     "ipv4",
@@ -41,7 +40,6 @@ ipv4 = ResourceApi(
     Ipv4Service(),
     read_roles=ALL_ROLES,
     summary="IPv4 addresses; POST {network, gateway} adds every host address at once.",
-    error_ids={409: ["ipv4/overlap"]},
 )
 ipv6_pool = ResourceApi(
     "ipv6_pool",
@@ -49,7 +47,6 @@ ipv6_pool = ResourceApi(
     Ipv6PoolService(),
     read_roles=ADMIN_ONLY,
     summary="IPv6 networks that hand out addresses on demand (also POST /ipv6 {network}).",
-    error_ids={409: ["ipv6_pool/overlap"]},
 )
 
 
@@ -75,7 +72,6 @@ ipv6 = Ipv6Api(
     Ipv6Service(),
     read_roles=ALL_ROLES,
     summary="IPv6 addresses: added one by one, or handed out from /ipv6_pool networks.",
-    error_ids={409: ["ipv6/overlap"]},
 )
 vlan = ResourceApi(
     "vlan",

@@ -15,25 +15,25 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from vmapi import __version__
+from vmapi.api.openapi_errors import (
+    ADMIN_ERRORS,
+    TOKEN_ERRORS,
+    error_responses,
+    errors_of,
+)
 from vmapi.api.resource import ADMIN_ONLY, RESOURCES, ResourceApi
+from vmapi.error_ids import (
+    ACTION,
+    CREATE,
+    DELETE,
+    GENERAL_UNAVAILABLE,
+    LIST,
+    READ,
+    UPDATE,
+    not_found,
+)
+from vmapi.release import __version__
 from vmapi.schemas.base import Bool, Float, Int, Ref
-
-ERROR_STATUSES = {
-    400: "Invalid request (general/validation, general/malformed_body, general/version/malformed).",
-    401: "No or bad token (general/authentication/required, general/authentication/failed).",
-    403: "The token's role may not do this (general/authorization/forbidden).",
-    404: "No such object or version ({resource}/not_found, general/not_found, "
-    "general/version/unsupported).",
-    405: "Method not allowed on this URL (general/method_not_allowed).",
-    409: "Conflict ({resource}/duplicate, {resource}/in_use, {resource}/protected{extra}).",
-    413: "Body larger than the configured limit (general/body_too_large).",
-    415: "Body neither JSON nor MessagePack (general/unsupported_media_type).",
-    500: "Unexpected failure; data.request_id names it in the server log (general/internal).",
-    502: "The hypervisor failed; its message is in the answer{extra}.",
-    504: "The hypervisor did not answer in time{extra}.",
-}
-EXTRA_ERRORS = {"node": {409: ["node/unreachable"]}, "virt_node": {409: ["node/unreachable"]}}
 
 
 def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
@@ -49,22 +49,6 @@ def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
     if field.allow_none:
         ref["nullable"] = True
     return ref
-
-
-def _error(code: int, resource: str) -> dict[str, Any]:
-    ids = RESOURCES[resource].error_ids if resource in RESOURCES else {}
-    extra_ids = ids.get(code, []) or EXTRA_ERRORS.get(resource, {}).get(code, [])
-    extra = "".join(f", {i}" for i in extra_ids)
-    if code in (502, 504) and extra_ids:
-        extra = f" ({', '.join(extra_ids)})"
-    text = ERROR_STATUSES[code].format(resource=resource, extra=extra)
-    for i in extra_ids:
-        if i not in text:
-            text += f" Also: {i}."
-    return {
-        "description": text,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
 
 
 def _success(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -166,11 +150,6 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
     }
     roles = "admin only" if res.read_roles == ADMIN_ONLY else "admin and customer tokens"
     tags = [name]
-    hypervisor_codes = tuple(c for c in (502, 504) if c in res.error_ids)
-
-    def errs(*codes: int, writes: bool = False) -> dict[str, Any]:
-        return {str(c): _error(c, name) for c in (*codes, *(hypervisor_codes if writes else ()))}
-
     update_params = _option_params(plugin, res.update_options)
     delete_params = _option_params(plugin, res.delete_options)
     filters = [
@@ -208,7 +187,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                         }
                     },
                 },
-                **errs(400, 401, 403, 404),
+                **errors_of(name, LIST),
             },
         },
         "post": {
@@ -217,7 +196,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "requestBody": _body(_one_or_many(create), "One object or an array."),
             "responses": {
                 "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
-                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+                **errors_of(name, CREATE),
             },
         },
         "patch": {
@@ -227,7 +206,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
             "responses": {
                 "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
-                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+                **errors_of(name, UPDATE),
             },
             **aliases,
         },
@@ -238,7 +217,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
             "responses": {
                 "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
-                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+                **errors_of(name, DELETE),
             },
         },
     }
@@ -254,7 +233,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "tags": tags,
             "summary": f"One {name}.",
             "parameters": [ident, nest],
-            "responses": {"200": _success(ref, "The object."), **errs(400, 401, 403, 404)},
+            "responses": {"200": _success(ref, "The object."), **errors_of(name, READ)},
         },
         "patch": {
             "tags": tags,
@@ -263,7 +242,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "requestBody": _body(change, "The fields to change."),
             "responses": {
                 "200": _success(ref, "The changed object."),
-                **errs(400, 401, 403, 404, 409, 413, 415, writes=True),
+                **errors_of(name, UPDATE),
             },
             **aliases,
         },
@@ -273,7 +252,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "parameters": [ident, *delete_params],
             "responses": {
                 "200": _success(ref, "The deleted object, as it was."),
-                **errs(400, 401, 403, 404, 409, writes=True),
+                **errors_of(name, DELETE),
             },
         },
     }
@@ -288,7 +267,7 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                     "parameters": [ident],
                     "responses": {
                         "200": _success(ref, f"The {name} after the {action}."),
-                        **errs(400, 401, 403, 404, 409, writes=True),
+                        **errors_of(name, ACTION),
                     },
                 }
             },
@@ -336,7 +315,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": [],
                 "responses": {
                     "200": _success({"type": "object"}, "Healthy."),
-                    "503": {"description": "Database down (general/unavailable)."},
+                    **error_responses([GENERAL_UNAVAILABLE]),
                 },
             }
         },
@@ -359,8 +338,8 @@ def openapi_document() -> dict[str, Any]:
         operations={
             "get": {
                 "summary": "The resources this server offers.",
-                "responses": {"200": _success({"type": "object"}, "Index."), **{
-                    str(c): _error(c, "general") for c in (401,)}},
+                "responses": {"200": _success({"type": "object"}, "Index."),
+                              **error_responses(TOKEN_ERRORS)},
             }
         },
     )  # fmt: skip
@@ -373,7 +352,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {
                     "description": "Prometheus text exposition format.",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
-                }, **{str(c): _error(c, "general") for c in (401, 403)}},
+                }, **error_responses(ADMIN_ERRORS)},
             }
         },
     )  # fmt: skip
@@ -388,8 +367,8 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {
                     "description": "ENC YAML (classes, parameters).",
                     "content": {"application/yaml": {"schema": {"type": "string"}}},
-                }, "404": _error(404, "node"), **{
-                    str(c): _error(c, "general") for c in (401, 403)}},
+                }, **error_responses([*ADMIN_ERRORS,
+                                      not_found("node")])},
             }
         },
     )  # fmt: skip

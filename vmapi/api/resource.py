@@ -17,6 +17,7 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
+from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
 from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
 from vmapi.representations import error_response, parse_body, success_response
 from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
@@ -55,7 +56,6 @@ class ResourceApi:
         update_options: type[Schema] | None = None,
         delete_options: type[Schema] | None = None,
         actions: dict[str, str] | None = None,
-        error_ids: dict[int, list[str]] | None = None,
         collection_methods: list[str] = COLLECTION_METHODS,
         item_methods: list[str] = ITEM_METHODS,
         idempotent: bool = False,
@@ -72,8 +72,6 @@ class ResourceApi:
         self.delete_options = delete_options
         #: item actions: ``POST /<name>/<id>/<action>`` -> service method name
         self.actions = actions or {}
-        #: error ids beyond the generic ones, by status (for the OpenAPI document)
-        self.error_ids = error_ids or {}
         #: the verbs this resource takes; others answer 405
         self.collection_methods = collection_methods
         self.item_methods = item_methods
@@ -374,13 +372,13 @@ def idempotent_create(resource: ResourceApi, who: Principal) -> Response:
         if first.fingerprint != stamp:
             raise Conflict(
                 "This Idempotency-Key was used for a different request.",
-                error_id="general/idempotency_conflict",
+                error_id=GENERAL_IDEMPOTENCY_CONFLICT,
             )
         done = idempotency.wait_for_answer(who.token_id, key, config["IDEMPOTENCY_WAIT"])
         if done is None or done.status_code is None:
             raise Conflict(
                 "The first request with this Idempotency-Key has not finished; retry later.",
-                error_id="general/idempotency_conflict",
+                error_id=GENERAL_IDEMPOTENCY_CONFLICT,
             )
         replay = Response(done.body, status=done.status_code, mimetype=done.mimetype)
         replay.headers["Idempotent-Replayed"] = "true"

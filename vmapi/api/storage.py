@@ -12,13 +12,6 @@ storage = ResourceApi(
     write_roles=ALL_ROLES,
     idempotent=True,
     summary="Block storage: volumes on the VM's node, attached as virtio disks.",
-    error_ids={
-        400: ["storage/shrink_forbidden"],
-        403: ["storage/quota_exceeded"],
-        409: ["storage/node_mismatch", "storage/no_free_target", "storage/detach_failed"],
-        502: ["vm/hypervisor_error"],
-        504: ["vm/hypervisor_timeout"],
-    },
 )
 
 RESOURCES = [storage]

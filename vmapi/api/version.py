@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from vmapi.error_ids import GENERAL_VERSION_MALFORMED, GENERAL_VERSION_UNSUPPORTED
 from vmapi.errors import ApiError
 
 SUPPORTED = {(1, 0, 0)}
@@ -12,13 +13,13 @@ _VERSION = re.compile(r"^v(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?$")
 
 class VersionMalformed(ApiError):
     status_code = 400
-    error_id = "general/version/malformed"
+    error_id = GENERAL_VERSION_MALFORMED
     template = "{version!r} is not a version; use vX, vX.Y or vX.Y.Z, e.g. v1."
 
 
 class VersionUnsupported(ApiError):
     status_code = 404
-    error_id = "general/version/unsupported"
+    error_id = GENERAL_VERSION_UNSUPPORTED
     template = "API version {version} is not served here; this server speaks v1.0.0."
 
 

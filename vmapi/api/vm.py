@@ -15,22 +15,6 @@ vm = ResourceApi(
     delete_options=VmDeleteOptions,
     actions={"reboot": "reboot"},
     idempotent=True,
-    error_ids={
-        400: ["vm/immutable_field", "vm/state_not_settable"],
-        403: ["vm/quota_exceeded"],
-        404: ["vm/node_not_found"],
-        409: [
-            "vm/no_valid_host",
-            "vm/node_unsuitable",
-            "vm/uuid_conflict",
-            "vm/state_conflict",
-            "vm/no_free_ipv4",
-            "vm/no_free_ipv6",
-            "vm/has_storage",
-        ],
-        502: ["vm/hypervisor_error"],
-        504: ["vm/hypervisor_timeout"],
-    },
 )
 
 RESOURCES = [vm]

@@ -11,8 +11,10 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
+from vmapi import error_ids
 from vmapi.addressing import network_problems
 from vmapi.auth import Principal
+from vmapi.error_ids import IPV4_OVERLAP, IPV6_OVERLAP, IPV6_POOL_OVERLAP
 from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
 from vmapi.models import Ipv4Address, Ipv6Address, Ipv6Pool
@@ -49,7 +51,7 @@ class AddressService(CrudService):
     def held(self, obj) -> Conflict:
         return Conflict(
             f"{obj.address} is held by interface {obj.interface_id}; delete its VM first.",
-            error_id=f"{self.resource}/in_use",
+            error_id=error_ids.in_use(self.resource),
             data={"interface": [obj.interface_id]},
         )
 
@@ -106,7 +108,7 @@ class Ipv4Service(AddressService):
         if clash:
             raise Conflict(
                 f"{net} overlaps {len(clash)} address(es) already in the pool, e.g. {clash[0]}.",
-                error_id="ipv4/overlap",
+                error_id=IPV4_OVERLAP,
                 data={"addresses": clash[:20], "count": len(clash)},
             )
         rows = [{"address": h, "prefix": net.prefixlen, "gateway": item["gateway"]} for h in hosts]
@@ -126,7 +128,7 @@ class Ipv6Service(AddressService):
         if inside is not None:
             raise Conflict(
                 f"{data['address']} lies in pool {inside.network}, which hands it out itself.",
-                error_id="ipv6/overlap",
+                error_id=IPV6_OVERLAP,
                 data={"ipv6_pool": {"id": inside.id}},
             )
         return super().create(data, principal)
@@ -151,7 +153,7 @@ class Ipv6PoolService(CrudService):
             if net.overlaps(ipaddress.IPv6Network(pool.network)):
                 raise Conflict(
                     f"{net} overlaps pool {pool.network}.",
-                    error_id="ipv6_pool/overlap",
+                    error_id=IPV6_POOL_OVERLAP,
                     data={"ipv6_pool": {"id": pool.id}},
                 )
         manual = select(Ipv6Address.address).where(Ipv6Address.pool_id.is_(None))
@@ -159,7 +161,7 @@ class Ipv6PoolService(CrudService):
         if inside:
             raise Conflict(
                 f"{net} contains addresses added one by one, e.g. {inside[0]}.",
-                error_id="ipv6_pool/overlap",
+                error_id=IPV6_POOL_OVERLAP,
                 data={"addresses": inside[:20]},
             )
         size = min(net.num_addresses, POOL_SIZE_CAP)
@@ -180,7 +182,7 @@ class Ipv6PoolService(CrudService):
         if held:
             raise Conflict(
                 f"Pool {obj.network} has addresses held by interfaces.",
-                error_id="ipv6_pool/in_use",
+                error_id=error_ids.in_use(self.resource),
                 data={"ipv6": list(held)},
             )
         for row in db.session.scalars(select(Ipv6Address).where(Ipv6Address.pool_id == obj.id)):

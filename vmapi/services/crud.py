@@ -17,6 +17,7 @@ from sqlalchemy import Select, UniqueConstraint, and_, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import selectinload
 
+from vmapi import error_ids
 from vmapi.auth import Principal
 from vmapi.errors import ApiError, Conflict, NotFound, ValidationError, at_index
 from vmapi.extensions import db
@@ -114,7 +115,9 @@ class CrudService(Generic[M]):
         return [by_id[i] for i in ids]
 
     def not_found(self, ident: int) -> NotFound:
-        return NotFound(error_id=f"{self.resource}/not_found", resource=self.resource, id=ident)
+        return NotFound(
+            error_id=error_ids.not_found(self.resource), resource=self.resource, id=ident
+        )
 
     def get(self, ident: int, principal: Principal, nest: Sequence[str] = ()) -> M:
         stmt = select(self.model).where(self.model.id == ident).options(*self.get_options())
@@ -150,7 +153,7 @@ class CrudService(Generic[M]):
         if getattr(obj, "seeded", False) and "name" in data and data["name"] != obj.name:
             raise Conflict(
                 f"{self.resource} {obj.name!r} is seeded; other code relies on its name.",
-                error_id=f"{self.resource}/protected",
+                error_id=error_ids.protected(self.resource),
             )
         self.check_references(data)
         with db.session.no_autoflush:
@@ -168,7 +171,7 @@ class CrudService(Generic[M]):
         if getattr(obj, "seeded", False):
             raise Conflict(
                 f"{self.resource} {obj.name!r} is seeded and cannot be deleted.",
-                error_id=f"{self.resource}/protected",
+                error_id=error_ids.protected(self.resource),
             )
         self.check_in_use(obj)
         db.session.delete(obj)
@@ -260,7 +263,7 @@ class CrudService(Generic[M]):
                     shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
                     raise Conflict(
                         f"Another {self.resource} (id {other}) already has {shown}.",
-                        error_id=f"{self.resource}/duplicate",
+                        error_id=error_ids.duplicate(self.resource),
                         data={"id": other, "fields": list(values)},
                     )
 
@@ -285,7 +288,7 @@ class CrudService(Generic[M]):
             raise Conflict(
                 f"{self.resource} {obj.id} is still referenced by {listing}; delete or change "
                 "those first.",
-                error_id=f"{self.resource}/in_use",
+                error_id=error_ids.in_use(self.resource),
                 data=found,
             )
 
@@ -296,13 +299,13 @@ class CrudService(Generic[M]):
         if code == "23505" or "UNIQUE constraint failed" in text:
             return Conflict(
                 f"Another {self.resource} with the same unique values was written concurrently.",
-                error_id=f"{self.resource}/duplicate",
+                error_id=error_ids.duplicate(self.resource),
             )
         if code == "23503" or "FOREIGN KEY constraint failed" in text:
             return Conflict(
                 f"The {self.resource} is referenced by, or references, a row that changed "
                 "concurrently.",
-                error_id=f"{self.resource}/in_use",
+                error_id=error_ids.in_use(self.resource),
             )
         return ValidationError(
             f"The {self.resource} violates a database constraint: {text.splitlines()[0]}"

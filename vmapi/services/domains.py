@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import delete, select, update
 
+from vmapi.error_ids import VM_HYPERVISOR_ERROR, VM_HYPERVISOR_TIMEOUT
 from vmapi.errors import ApiError, HypervisorFailure
 from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
 from vmapi.extensions import db
@@ -81,12 +82,12 @@ def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
         return HypervisorTimeoutError(
             f"Node {host.node.fqdn} did not answer within {exc.timeout:g} s while "
             f"{step}; the request was undone.",
-            error_id="vm/hypervisor_timeout",
+            error_id=VM_HYPERVISOR_TIMEOUT,
             data=data,
         )
     return HypervisorFailure(
         f"Node {host.node.fqdn} failed while {step}: {exc.reason}",
-        error_id="vm/hypervisor_error",
+        error_id=VM_HYPERVISOR_ERROR,
         data=data,
     )
 

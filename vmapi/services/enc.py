@@ -15,6 +15,7 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from vmapi import error_ids
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import Interface, Node, NodeState, Vm, VmState
@@ -26,7 +27,7 @@ CLASS = "vmapi::hypervisor"
 def node_classification(fqdn: str) -> dict[str, Any]:
     node = db.session.scalars(select(Node).where(Node.fqdn == fqdn)).first()
     if node is None:
-        raise NotFound(f"No node with fqdn {fqdn!r}.", error_id="node/not_found",
+        raise NotFound(f"No node with fqdn {fqdn!r}.", error_id=error_ids.not_found("node"),
                        data={"fqdn": fqdn})  # fmt: skip
     mode = interface_mode(node, current_app.config)
     states = {row.id: row.name for row in db.session.scalars(select(VmState))}

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from flask import current_app
 
+from vmapi.error_ids import NODE_UNREACHABLE
 from vmapi.errors import Conflict, ValidationError
 from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, HypervisorTimeout
 from vmapi.hypervisor.uri import validate_libvirt_uri
@@ -47,7 +48,7 @@ def read_capacity(fqdn: str, uri: str) -> HostInfo:
             what = f"cannot be reached at {uri} ({exc.reason})"
         raise Conflict(
             f"Node {fqdn} {what}; give cores and ram explicitly or fix the connection.",
-            error_id="node/unreachable",
+            error_id=NODE_UNREACHABLE,
             data={"uri": uri, "reason": exc.reason},
         ) from exc
 

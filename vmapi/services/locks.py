@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from flask import current_app
 from sqlalchemy import func, select
 
+from vmapi.error_ids import VM_BUSY
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 
@@ -46,7 +47,7 @@ def vm_locks(vm_ids: Iterable[int]) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise Conflict(
                         f"Another operation on vm-{vm_id} is still running; retry shortly.",
-                        error_id="vm/busy",
+                        error_id=VM_BUSY,
                         data={"vm": {"id": vm_id}},
                     )
                 time.sleep(0.05)

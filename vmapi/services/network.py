@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from vmapi.error_ids import VM_NO_FREE_IPV4, VM_NO_FREE_IPV6, VM_NO_FREE_MAC
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
@@ -40,7 +41,7 @@ def new_mac() -> str:
         mac = MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
         if db.session.scalars(select(Interface.id).where(Interface.mac == mac)).first() is None:
             return mac
-    raise Conflict("No free MAC address was found; retry the request.", error_id="vm/no_free_mac")
+    raise Conflict("No free MAC address was found; retry the request.", error_id=VM_NO_FREE_MAC)
 
 
 def _hand_out(model: type, which: Any, interface_id: int) -> int | None:
@@ -78,7 +79,7 @@ def allocate_ipv4(interface_id: int) -> int:
     if taken is None:
         raise Conflict(
             "No free IPv4 address is left; add addresses with POST /api/v1/ipv4.",
-            error_id="vm/no_free_ipv4",
+            error_id=VM_NO_FREE_IPV4,
         )
     return taken
 
@@ -133,7 +134,7 @@ def _next_pool_address(conn: Any, dialect: str) -> int:
         if row is None:
             raise Conflict(
                 "No free IPv6 address is left; add a pool with POST /api/v1/ipv6.",
-                error_id="vm/no_free_ipv6",
+                error_id=VM_NO_FREE_IPV6,
             )
         network = ipaddress.IPv6Network(row.network)
         address = str(network.network_address + (row.next_host - 1))

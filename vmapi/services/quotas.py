@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from vmapi.error_ids import STORAGE_QUOTA_EXCEEDED, VM_QUOTA_EXCEEDED
 from vmapi.errors import Forbidden
 from vmapi.extensions import db
 from vmapi.models import Quota, Storage, Vm
@@ -42,7 +43,7 @@ def check_vm_quota(customer_id: int | None, vms: int, cores: int, ram: int) -> N
         ("max_ram", quota.max_ram, used_ram, ram),
     ):
         if limit is not None and requested > 0 and usage + requested > limit:
-            raise _exceeded("vm/quota_exceeded", what, limit, int(usage), requested)
+            raise _exceeded(VM_QUOTA_EXCEEDED, what, limit, int(usage), requested)
 
 
 def check_storage_quota(customer_id: int | None, size: int) -> None:
@@ -56,7 +57,7 @@ def check_storage_quota(customer_id: int | None, size: int) -> None:
         .where(Vm.customer_id == customer_id)
     )
     if used + size > quota.max_storage:
-        raise _exceeded("storage/quota_exceeded", "max_storage", quota.max_storage, int(used), size)
+        raise _exceeded(STORAGE_QUOTA_EXCEEDED, "max_storage", quota.max_storage, int(used), size)
 
 
 class QuotaService(CrudService[Quota]):

@@ -18,6 +18,12 @@ from flask import current_app
 from sqlalchemy import select
 
 from vmapi.auth import Principal
+from vmapi.error_ids import (
+    STORAGE_DETACH_FAILED,
+    STORAGE_NO_FREE_TARGET,
+    STORAGE_NODE_MISMATCH,
+    STORAGE_SHRINK_FORBIDDEN,
+)
 from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
 from vmapi.hypervisor import (
@@ -142,7 +148,7 @@ class StorageService(CrudService[Storage]):
         free = [t for t in TARGETS if t not in used]
         if not free:
             raise Conflict(
-                f"vm-{vm_id} has no free disk device name left.", error_id="storage/no_free_target"
+                f"vm-{vm_id} has no free disk device name left.", error_id=STORAGE_NO_FREE_TARGET
             )
         return free[0]
 
@@ -239,7 +245,7 @@ class StorageService(CrudService[Storage]):
             if data["size"] < storage.size:
                 raise ValidationError(
                     f"Volumes only grow: {data['size']} is less than {storage.size} bytes.",
-                    error_id="storage/shrink_forbidden",
+                    error_id=STORAGE_SHRINK_FORBIDDEN,
                     data={"size": storage.size},
                 )
             self.check_size(data["size"])
@@ -251,7 +257,7 @@ class StorageService(CrudService[Storage]):
                 raise Conflict(
                     f"vm-{target.id} is on another node; volumes move only between VMs of "
                     "one node.",
-                    error_id="storage/node_mismatch",
+                    error_id=STORAGE_NODE_MISMATCH,
                 )
         self.check_references(data)
 
@@ -357,7 +363,7 @@ class StorageService(CrudService[Storage]):
             raise Conflict(
                 f"vm-{disk.vm.id} did not release {disk.spec.target} within {wait:g} s (the "
                 "guest must allow PCI hot-unplug); shut the VM off and retry. Nothing changed.",
-                error_id="storage/detach_failed",
+                error_id=STORAGE_DETACH_FAILED,
                 data={"storage": {"id": disk.storage.id}, "target": disk.spec.target},
             )
         undo.append(lambda: driver.attach_disk_live(uri, name, disk.spec))

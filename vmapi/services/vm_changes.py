@@ -14,6 +14,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
+from vmapi.error_ids import VM_NODE_UNSUITABLE, VM_STATE_CONFLICT
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import (
@@ -73,7 +74,7 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
     except OperationInvalid as exc:
         raise Conflict(
             f"vm-{vm.id} cannot do that in its present state: {exc.reason}",
-            error_id="vm/state_conflict",
+            error_id=VM_STATE_CONFLICT,
         ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
@@ -97,7 +98,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
             reasons = [n for n, d in (("enough_cores", cores), ("enough_ram", ram)) if d > 0]
             raise Conflict(
                 f"Node {vm.node_id} has no room to grow vm-{vm.id}: {', '.join(reasons)}.",
-                error_id="vm/node_unsuitable",
+                error_id=VM_NODE_UNSUITABLE,
                 data={"node": {"id": vm.node_id}, "reasons": reasons},
             )
         if cores < 0 or ram < 0:
@@ -178,7 +179,7 @@ def transition(
         elif current != PAUSED:
             raise Conflict(
                 f"vm-{vm.id} is {current}; only a running VM can be paused.",
-                error_id="vm/state_conflict",
+                error_id=VM_STATE_CONFLICT,
             )
     elif current in (RUNNING, PAUSED):  # target shutoff
         if force:

@@ -25,6 +25,16 @@ from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from vmapi.auth import Principal
+from vmapi.error_ids import (
+    VM_HAS_STORAGE,
+    VM_IMMUTABLE_FIELD,
+    VM_NO_VALID_HOST,
+    VM_NODE_NOT_FOUND,
+    VM_NODE_UNSUITABLE,
+    VM_STATE_CONFLICT,
+    VM_STATE_NOT_SETTABLE,
+    VM_UUID_CONFLICT,
+)
 from vmapi.errors import (
     Conflict,
     Forbidden,
@@ -136,7 +146,7 @@ class VmService(CrudService[Vm]):
         if data.get("node_id") is not None and db.session.get(Node, data["node_id"]) is None:
             raise NotFound(
                 f"No node with id {data['node_id']}.",
-                error_id="vm/node_not_found",
+                error_id=VM_NODE_NOT_FOUND,
                 data={"node": {"id": data["node_id"]}},
             )
         data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
@@ -155,14 +165,14 @@ class VmService(CrudService[Vm]):
             except NoValidHost as exc:
                 raise Conflict(
                     "No node can take this VM; data.removed_by_filter says why.",
-                    error_id="vm/no_valid_host",
+                    error_id=VM_NO_VALID_HOST,
                     data=exc.details,
                 ) from exc
         reasons = unsuitable_reasons(node_id, request, defaults)
         if "uuid_free" in reasons:
             raise Conflict(
                 f"Node {node_id} already holds a domain with UUID {request.uuid}.",
-                error_id="vm/uuid_conflict",
+                error_id=VM_UUID_CONFLICT,
                 data={"node": {"id": node_id}, "uuid": request.uuid},
             )
         node = None if reasons else claim(node_id, request.cores, request.ram)
@@ -170,7 +180,7 @@ class VmService(CrudService[Vm]):
             reasons = reasons or ["enough_cores", "enough_ram"]  # a concurrent request won
             raise Conflict(
                 f"Node {node_id} cannot take this VM: {', '.join(reasons)}.",
-                error_id="vm/node_unsuitable",
+                error_id=VM_NODE_UNSUITABLE,
                 data={"node": {"id": node_id}, "reasons": reasons},
             )
         return node
@@ -200,7 +210,7 @@ class VmService(CrudService[Vm]):
             db.session.rollback()
             raise Conflict(
                 f"A VM with UUID {request.uuid} was placed on the same node concurrently.",
-                error_id="vm/uuid_conflict",
+                error_id=VM_UUID_CONFLICT,
             ) from exc
         except BaseException:
             db.session.rollback()
@@ -258,7 +268,7 @@ class VmService(CrudService[Vm]):
         if fixed:
             raise ValidationError(
                 f"{', '.join(fixed)} cannot change; moving a VM is a separate operation.",
-                error_id="vm/immutable_field",
+                error_id=VM_IMMUTABLE_FIELD,
                 data={name: ["Cannot be changed."] for name in fixed},
             )
         if (
@@ -275,7 +285,7 @@ class VmService(CrudService[Vm]):
             if row.name not in SETTABLE_STATES:
                 raise ValidationError(
                     f"vm_state {row.name!r} cannot be set; use running, shutoff or paused.",
-                    error_id="vm/state_not_settable",
+                    error_id=VM_STATE_NOT_SETTABLE,
                     data={"vm_state": {"id": row.id, "name": row.name}},
                 )
             target = row.name
@@ -297,7 +307,7 @@ class VmService(CrudService[Vm]):
                     raise Conflict(
                         f"vm-{ident} still has storage {volumes}; delete it first or send "
                         "?cascade=storage.",
-                        error_id="vm/has_storage",
+                        error_id=VM_HAS_STORAGE,
                         data={"storage": volumes},
                     )
                 self.check_host(vms[-1])
@@ -360,14 +370,14 @@ class VmService(CrudService[Vm]):
             if info.state != RUNNING:
                 raise Conflict(
                     f"vm-{vm.id} is {info.state}; only a running VM can be rebooted.",
-                    error_id="vm/state_conflict",
+                    error_id=VM_STATE_CONFLICT,
                 )
             step = "rebooting"
             driver.reboot(host.uri, vm.name)
             info = driver.domain(host.uri, vm.name)
         except OperationInvalid as exc:
             raise Conflict(
-                f"vm-{vm.id} cannot reboot: {exc.reason}", error_id="vm/state_conflict"
+                f"vm-{vm.id} cannot reboot: {exc.reason}", error_id=VM_STATE_CONFLICT
             ) from exc
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc

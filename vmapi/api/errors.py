@@ -1,0 +1,112 @@
+"""The error edge: every failure of a request, ours or not, becomes the error envelope here.
+
+Our own :class:`~vmapi.errors.ApiError` is written as it is; werkzeug's HTTP errors (no
+route, a method the URL does not take, a body over the limit) get the registry's ids; a
+database that went away is 503 ``general/unavailable``; anything else is logged with the
+request id and answered as 500 ``general/internal`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Response, current_app, g, request
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+from werkzeug.exceptions import HTTPException
+
+from vmapi.api.version import check_version
+from vmapi.error_ids import (
+    GENERAL_BAD_REQUEST,
+    GENERAL_BODY_TOO_LARGE,
+    GENERAL_METHOD_NOT_ALLOWED,
+    GENERAL_NOT_FOUND,
+    GENERAL_UNSUPPORTED_MEDIA_TYPE,
+    http_fallback,
+)
+from vmapi.errors import ApiError, ServiceUnavailable
+from vmapi.extensions import db
+from vmapi.representations import error_response
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's HTTP errors that reach us without our own exception.
+_HTTP_ERROR_IDS = {
+    400: (GENERAL_BAD_REQUEST, "The request is malformed."),
+    404: (GENERAL_NOT_FOUND, "There is nothing at this URL."),
+    405: (GENERAL_METHOD_NOT_ALLOWED, "This URL does not accept the {method} method."),
+    413: (GENERAL_BODY_TOO_LARGE, "The request body is larger than the limit of {limit} bytes."),
+    415: (GENERAL_UNSUPPORTED_MEDIA_TYPE, "Send the body as application/json."),
+}
+_API_PREFIX = re.compile(r"^/api/([^/]+)(?:/|$)")
+
+
+def from_http_exception(exc: HTTPException) -> ApiError:
+    """Translate werkzeug's 404/405/413/... into our envelope's error."""
+    code = exc.code or 500
+    error_id, template = _HTTP_ERROR_IDS.get(code, (http_fallback(code), exc.description))
+    message = template.format(
+        method=request.method, limit=current_app.config.get("MAX_CONTENT_LENGTH")
+    )
+    err = ApiError(message, error_id=error_id)
+    err.status_code = code
+    if code == 405 and getattr(exc, "valid_methods", None):
+        err.data = {"allowed": sorted(exc.valid_methods)}
+    return err
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every failure into :func:`vmapi.representations.error_response`."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(exc: HTTPException) -> Response:
+        if exc.code == 404:
+            # An unknown route under a bad version says so, rather than a bare 404.
+            match = _API_PREFIX.match(request.path)
+            if match:
+                try:
+                    check_version(match.group(1))
+                except ApiError as err:
+                    return error_response(err)
+        response = error_response(from_http_exception(exc))
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
+
+    @app.errorhandler(SQLAlchemyOperationalError)
+    def handle_database_down(exc: SQLAlchemyOperationalError) -> Response:
+        # The database went away (restart, failover, network): retryable, not a bug.
+        request_id = getattr(g, "request_id", "-")
+        log.error("database error, request_id=%s: %s", request_id, str(exc).splitlines()[0])
+        _rollback_quietly()
+        return error_response(
+            ServiceUnavailable(
+                f"The database did not answer; retry. Request id {request_id}.",
+                data={"request_id": request_id},
+            )
+        )
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(exc: Exception) -> Response:
+        # HTTPException has its own handler above, but Flask hands it here when that
+        # handler is missing for a subclass; never turn a 404 into a 500.
+        if isinstance(exc, HTTPException):
+            return handle_http_exception(exc)
+        request_id = getattr(g, "request_id", "-")
+        log.exception("unhandled error, request_id=%s", request_id)
+        err = ApiError(
+            f"An internal error occurred; quote request id {request_id} to the operator.",
+            data={"request_id": request_id},
+        )
+        return error_response(err)
+
+
+def _rollback_quietly() -> None:
+    try:
+        db.session.rollback()
+    except Exception:  # the connection may be gone for good; the pool replaces it
+        log.debug("rollback after a database error failed", exc_info=True)
