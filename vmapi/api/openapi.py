@@ -293,6 +293,8 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                 }
             },
         )
+    for path, operations in res.extra_paths(_success, errs).items():
+        spec.path(path=path, operations=operations)
 
 
 @cache

@@ -101,6 +101,11 @@ class ResourceApi:
             )
         return bp
 
+    def extra_paths(self, success: Any, errors: Any) -> dict[str, dict[str, Any]]:
+        """OpenAPI operations (path -> operations) of routes a subclass adds to
+        :meth:`blueprint`; ``success`` and ``errors`` build the answers' descriptions."""
+        return {}
+
     def action_view(self, action: str):
         def view(ident: int) -> Response:
             g.resource_name = self.name
