@@ -19,8 +19,8 @@ another format is read as that format when anything guesses ("probes") it. So:
    the limit.
 
 qemu-img runs from an argument list (no shell), with ``--force-share`` (no lock taken),
-a timeout, and under ``prlimit`` (1 GiB of address space, 30 s of CPU: the limits
-OpenStack Nova puts on the same call, after CVE-2015-5162).
+a timeout, and under ``prlimit`` (1 GiB of address space and limited CPU time, as
+OpenStack Nova runs the same call since CVE-2015-5162).
 """
 
 from __future__ import annotations
@@ -32,13 +32,17 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
+from vmapi import heartbeat
+
 QCOW_MAGIC = b"QFI\xfb"
 VMDK_MAGICS = (b"KDMV", b"COWD")
 #: how much of a file qemu reads to guess its format (BLOCK_PROBE_BUF_SIZE)
 PROBE_BYTES = 2048
 QCOW2_INCOMPAT_DATA_FILE = 1 << 2
-TIMEOUT = 30.0
-LIMITS = ("--as=1073741824", "--cpu=30")
+#: seconds one qemu-img run may take: well within gunicorn's worker timeout (60 s),
+#: which the heartbeat before each run restarts
+TIMEOUT = 20.0
+LIMITS = ("--as=1073741824", "--cpu=20")
 
 
 class ImageRefused(Exception):
@@ -156,6 +160,7 @@ def qemu_img_info(path: str, fmt: str | None) -> dict:
     if fmt is not None:
         command += ["-f", fmt]
     command.append(path)
+    heartbeat.beat()  # the upload before (or the first run) was progress
     try:
         done = subprocess.run(  # noqa: S603 - an argument list of fixed words and our path
             command,
