@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SUITE = ("placement", "listing", "overhead", "hypervisor", "memory", "scaleout")
+SUITE = ("placement", "listing", "overhead", "hypervisor", "memory", "scaleout", "images")
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 

@@ -9,6 +9,7 @@ transfer outlives gunicorn's worker timeout as long as bytes flow.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,9 +25,12 @@ from vmapi.services.image_store import read_chunks
 from vmapi.services.images import ImageFile, ImageService
 
 OCTET_STREAM = "application/octet-stream"
-#: bytes read from the client at a time: small enough that even a slow client (1 KiB/s)
-#: completes a chunk, and so beats the heartbeat, well within the worker timeout
-READ_SIZE = 64 * 1024
+#: bytes read from the client at a time: from MIN_READ (small enough that even a slow
+#: client, 1 KiB/s, completes a read, and so beats the heartbeat, well within the
+#: worker timeout) doubling up to MAX_READ while reads return quickly (fewer, larger
+#: copies: a fast upload runs at about twice the speed)
+MIN_READ, MAX_READ = 64 * 1024, 1024 * 1024
+QUICK_READ = 0.25  # seconds
 
 
 class ImageApi(ResourceApi):
@@ -98,10 +102,17 @@ def body_chunks(limit: int) -> Iterator[bytes]:
     bytes against the limit itself). A body that ends early simply ends: the service
     compares what came with Content-Length."""
     request.max_content_length = limit + 1
+    size = MIN_READ
     try:
         stream = request.stream
-        while chunk := stream.read(READ_SIZE):
+        while True:
+            began = time.monotonic()
+            chunk = stream.read(size)
+            if not chunk:
+                return
             heartbeat.beat()
+            quick = time.monotonic() - began < QUICK_READ
+            size = min(size * 2, MAX_READ) if quick else MIN_READ
             yield chunk
     except RequestEntityTooLarge:
         raise BodyTooLarge(limit=limit) from None

@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -60,34 +61,55 @@ def receive(
 ) -> Received:
     """Write ``chunks`` to a new temporary file in ``directory``: at most ``limit`` bytes
     (:class:`UploadTooLarge` beyond), exactly ``expected`` when it is known
-    (:class:`UploadTruncated` when fewer came). Nothing is left behind on failure."""
+    (:class:`UploadTruncated` when fewer came). Nothing is left behind on failure.
+
+    Each chunk is hashed and written by a thread of its own while the next one arrives
+    (receiving, hashing and writing all release the GIL), one chunk in flight at most."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{TEMP_PREFIX}{image_id}-{secrets.token_hex(8)}")
-    digest = hashlib.sha256()
-    size = unsynced = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    writer = _Writer(fd)
+    size = 0
     try:
-        for chunk in chunks:
-            size += len(chunk)
-            if size > limit:
-                raise UploadTooLarge()
-            digest.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-            unsynced += len(chunk)
-            if unsynced >= SYNC_EVERY:
-                os.fdatasync(fd)
-                unsynced = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="image-upload") as pool:
+            pending: Future | None = None
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise UploadTooLarge()
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, chunk)
+            if pending is not None:
+                pending.result()
         if expected is not None and size < expected:
             raise UploadTruncated(size, expected)
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
+        os.close(fd)  # the pool has finished (leaving its block waits for it)
         remove(path)
         raise
     os.close(fd)
-    return Received(path, size, digest.hexdigest())
+    return Received(path, size, writer.digest.hexdigest())
+
+
+class _Writer:
+    """Hashes and writes the chunks of one upload, flushing to disk every SYNC_EVERY."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.unsynced = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.unsynced += len(chunk)
+        if self.unsynced >= SYNC_EVERY:
+            os.fdatasync(self.fd)
+            self.unsynced = 0
 
 
 def publish(received: Received, directory: str, image_id: int) -> str:
