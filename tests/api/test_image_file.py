@@ -76,6 +76,10 @@ def test_qcow2_upload_and_download(api, files, store):
     assert back.headers["Content-Length"] == str(len(data))
     assert back.headers["ETag"] == f'"{sha256(data)}"'
     assert back.get_data() == data
+    head = api.call("HEAD", f"image/{ident}/file")
+    assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
+    assert head.get_data() == b""
+    head.close()
 
 
 def test_raw_upload_larger_than_the_json_limit(api, files, store):

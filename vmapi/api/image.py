@@ -45,7 +45,7 @@ class ImageApi(ResourceApi):
         g.resource_name = self.name
         who = principal()
         self.parse_options(request.args, None)
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             require_role(who, self.read_roles, f"read {self.name}")
             return file_response(self.service.open_file(ident, who))
         require_role(who, self.write_roles, f"change {self.name}")
@@ -134,6 +134,7 @@ def file_response(found: ImageFile) -> Response:
     )
     response.headers["Content-Length"] = str(found.size)
     response.headers["ETag"] = f'"{found.checksum}"'
+    response.call_on_close(found.handle.close)  # also when the body is never read (HEAD)
     return response
 
 

@@ -24,7 +24,7 @@ from flask import current_app
 from sqlalchemy import Select, or_, select
 
 from vmapi.auth import Principal
-from vmapi.errors import ApiError, BodyTooLarge, Conflict, Forbidden, ValidationError
+from vmapi.errors import BodyTooLarge, Conflict, Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.models import Image
 from vmapi.models.image import ACTIVE, QUEUED
@@ -37,10 +37,9 @@ UPDATABLE = {"name", "description", "min_ram"}
 QUOTA_ERROR = "image/quota_exceeded"
 
 
-class ImageInvalid(ApiError):
-    status_code = 400
-    error_id = "image/invalid"
-    template = "The file was refused: {reason}."
+def invalid(reason: str) -> ValidationError:
+    """400 ``image/invalid``: the file is not kept; ``reason`` says why."""
+    return ValidationError(f"The file was refused: {reason}.", error_id="image/invalid")
 
 
 @dataclass(frozen=True)
@@ -141,18 +140,18 @@ class ImageService(CrudService[Image]):
                 raise storage_quota_exceeded(owner, cap + 1, QUOTA_ERROR) from None
             raise BodyTooLarge(limit=limit) from None
         except image_store.UploadTruncated as exc:
-            raise ImageInvalid(reason=str(exc)) from exc
+            raise invalid(str(exc)) from exc
         try:
             if given is not None and received.sha256 != given:
-                raise ImageInvalid(
-                    reason=f"its sha256 is {received.sha256}, not the checksum {given} given "
-                    "when the image was made"
+                raise invalid(
+                    f"its sha256 is {received.sha256}, not the checksum {given} given when "
+                    "the image was made"
                 )
             try:
                 maximum = int(current_app.config["IMAGE_MAX_VIRTUAL_SIZE"])
                 found = inspect(received.path, declared, maximum)
             except ImageRefused as exc:
-                raise ImageInvalid(reason=str(exc)) from exc
+                raise invalid(str(exc)) from exc
             return Outcome([self.activate(ident, principal, received, found.virtual_size)])
         finally:
             image_store.remove(received.path)  # gone already when it was published
