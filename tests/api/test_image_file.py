@@ -45,10 +45,15 @@ def put(api, ident, data, headers=None, **kw):
                     **kw)  # fmt: skip
 
 
-def put_chunked(api, ident, data):
-    """A body without Content-Length, as a chunked upload reaches the app."""
-    return api.call("PUT", f"image/{ident}/file", input_stream=io.BytesIO(data), headers=OCTET,
-                    environ_overrides={"wsgi.input_terminated": True})  # fmt: skip
+def put_chunked(api, ident, stream):
+    """A chunked body (no length), as it reaches the app from gunicorn."""
+    if isinstance(stream, bytes):
+        stream = io.BytesIO(stream)
+    response = api.call("PUT", f"image/{ident}/file", input_stream=stream,
+                        headers={**OCTET, "Transfer-Encoding": "chunked"},
+                        environ_overrides={"wsgi.input_terminated": True})  # fmt: skip
+    assert response.request.content_length is None
+    return response
 
 
 def assert_nothing_kept(api, store, ident):
@@ -190,6 +195,22 @@ def test_truncated_upload(api, store, files):
     response = put(api, ident, data, environ_overrides={"CONTENT_LENGTH": str(2 * MIB)})
     error = assert_error(response, 400, "image/invalid")
     assert f"ended after {MIB} of {2 * MIB} bytes" in error["message"]
+    assert_nothing_kept(api, store, ident)
+
+
+def test_chunked_body_that_breaks_off(api, store, files):
+    """A chunked body has no length to compare with: a broken connection must fail the
+    upload, not end it (the part that came would be a valid raw image)."""
+    ident = new_image(api, format="raw")
+
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() >= MIB:
+                raise OSError("connection reset by peer")
+            return super().read(min(size, MIB - self.tell()))
+
+    error = assert_error(put_chunked(api, ident, Broken(files.raw(2 * MIB))), 400, "image/invalid")
+    assert f"broke off after {MIB} bytes" in error["message"]
     assert_nothing_kept(api, store, ident)
 
 

@@ -5,7 +5,8 @@ worker timeout of only 5 s) and through the shipped nginx site.
   image, from the same worker (the transfer beats the worker's heartbeat per chunk).
 - The file reaches the store while the client is still sending, directly and through
   nginx (no buffering of the whole body anywhere on the way).
-- A body that ends before its Content-Length leaves no file and no active image.
+- A body that ends before its Content-Length, or a chunked body that breaks off, leaves
+  no file and no active image.
 - The worker's peak memory does not grow with the upload's size (1 GiB vs 64 MiB).
 """
 
@@ -157,6 +158,23 @@ def test_a_body_that_ends_early_leaves_nothing(uploads):
     assert list(uploads.store.iterdir()) == []
     status, body = uploads.call("GET", f"image/{ident}")
     assert body["data"]["state"] == "queued"
+
+
+def test_a_chunked_body_that_breaks_off_leaves_nothing(uploads):
+    ident = uploads.new_image()
+    conn = uploads.connection()
+    conn.putrequest("PUT", f"/api/v1/image/{ident}/file")
+    conn.putheader("Authorization", f"Bearer {uploads.token}")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"%x\r\n%s\r\n" % (MIB, os.urandom(MIB)))  # and never the last chunk
+    conn.sock.shutdown(socket.SHUT_WR)
+    status, body = answer(conn)
+    assert status == 400 and body["error_id"] == "image/invalid", body
+    assert "broke off after" in body["message"]
+    assert list(uploads.store.iterdir()) == []
+    assert uploads.call("GET", f"image/{ident}")[1]["data"]["state"] == "queued"
 
 
 def test_worker_memory_does_not_grow_with_the_upload(uploads):

@@ -21,7 +21,7 @@ from vmapi.api.resource import ALL_ROLES, ResourceApi, principal
 from vmapi.auth import require_role
 from vmapi.errors import BodyTooLarge, UnsupportedMediaType
 from vmapi.schemas.image import ImageSchema
-from vmapi.services.image_store import read_chunks
+from vmapi.services.image_store import UploadTruncated, read_chunks
 from vmapi.services.images import ImageFile, ImageService
 
 OCTET_STREAM = "application/octet-stream"
@@ -96,15 +96,22 @@ class ImageApi(ResourceApi):
 
 
 def body_chunks(limit: int) -> Iterator[bytes]:
-    """The request body in chunks as they arrive. werkzeug's 1 MiB cap for JSON bodies
-    becomes the image limit for this request only (plus one byte: werkzeug refuses a
-    read *at* its cap, and a body of exactly the limit is fine; the service counts the
-    bytes against the limit itself). A body that ends early simply ends: the service
-    compares what came with Content-Length."""
-    request.max_content_length = limit + 1
-    size = MIN_READ
-    try:
+    """The request body in chunks as they arrive; a body that breaks off raises
+    :class:`UploadTruncated` (one shorter than its Content-Length just ends: the service
+    compares the count). The service counts the bytes against the limit."""
+    environ = request.environ
+    if environ.get("wsgi.input_terminated"):
+        # The server ends the body itself (gunicorn: at Content-Length, or after the last
+        # chunk), so it is read directly, sparing werkzeug's wrapper two copies of every
+        # byte.
+        stream = environ["wsgi.input"]
+    else:
+        # werkzeug's cap for JSON bodies becomes the image limit for this request only
+        # (plus one byte: werkzeug refuses a read *at* its cap; exactly the limit is fine).
+        request.max_content_length = limit + 1
         stream = request.stream
+    size, received = MIN_READ, 0
+    try:
         while True:
             began = time.monotonic()
             chunk = stream.read(size)
@@ -113,11 +120,12 @@ def body_chunks(limit: int) -> Iterator[bytes]:
             heartbeat.beat()
             quick = time.monotonic() - began < QUICK_READ
             size = min(size * 2, MAX_READ) if quick else MIN_READ
+            received += len(chunk)
             yield chunk
     except RequestEntityTooLarge:
         raise BodyTooLarge(limit=limit) from None
-    except ClientDisconnected:
-        return
+    except (ClientDisconnected, OSError) as exc:  # gunicorn's NoMoreData is an OSError
+        raise UploadTruncated(received, request.content_length) from exc
 
 
 def file_response(found: ImageFile) -> Response:

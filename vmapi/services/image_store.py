@@ -39,10 +39,15 @@ class UploadTooLarge(Exception):
 
 
 class UploadTruncated(Exception):
-    """The body ended before the announced length."""
+    """The body ended before the announced length, or broke off (``expected`` None: a
+    chunked body whose connection failed)."""
 
-    def __init__(self, received: int, expected: int) -> None:
-        super().__init__(f"the upload ended after {received} of {expected} bytes")
+    def __init__(self, received: int, expected: int | None) -> None:
+        if expected is None:
+            reason = f"the upload broke off after {received} bytes"
+        else:
+            reason = f"the upload ended after {received} of {expected} bytes"
+        super().__init__(reason)
         self.received = received
         self.expected = expected
 
