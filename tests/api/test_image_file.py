@@ -62,6 +62,7 @@ def assert_nothing_kept(api, store, ident):
     assert (image["state"], image["size"], image["virtual_size"]) == ("queued", None, None)
 
 
+@pytest.mark.embedded  # also on make run's SQLite
 def test_qcow2_upload_and_download(api, files, store):
     data = files.qcow2("16M")
     ident = new_image(api, checksum=sha256(data))
