@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 FLASK := $(BIN)/flask --app wsgi
-SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients
+SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients qemu-utils
 # busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time;
 # cloud-init, openssh-client and genisoimage: the NoCloud seed's tests read it with
 # cloud-init's own parsers, make keys with ssh-keygen and read the ISO with isoinfo.
@@ -70,7 +70,7 @@ format: venv
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
-# BENCH= picks some of: placement listing overhead hypervisor memory scaleout
+# BENCH= picks some of: placement listing overhead hypervisor memory scaleout images
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

@@ -15,7 +15,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-SUITE = ("placement", "listing", "overhead", "hypervisor", "memory", "scaleout", "streams")
+SUITE = (
+    "placement",
+    "listing",
+    "overhead",
+    "hypervisor",
+    "memory",
+    "scaleout",
+    "streams",
+    "images",
+)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 

@@ -10,6 +10,11 @@ Workers are processes: each opens its own database pool and libvirt connections 
 the fork (vmapi opens nothing at import). The worker timeout must stay well above
 VMAPI_LIBVIRT_TIMEOUT so a hung host fails a request (504) before gunicorn kills a worker.
 
+Image uploads and downloads (PUT/GET /api/v1/image/<id>/file) may take far longer than
+the timeout: they beat the worker's heartbeat for every chunk they move (post_fork
+below, vmapi/heartbeat.py), so for them the timeout means "no progress for that long",
+while every other request is still cut off after it.
+
 Metrics: every worker writes its Prometheus counters to PROMETHEUS_MULTIPROC_DIR, and a
 scrape of /metrics on any worker adds up all of them. The directory is set here (before
 any worker starts; the systemd unit sets it to /run/vmapi/metrics), emptied when the
@@ -45,6 +50,13 @@ def on_starting(server):
     for name in os.listdir(_metrics_dir):
         if name.endswith(".db"):
             os.unlink(os.path.join(_metrics_dir, name))
+
+
+def post_fork(server, worker):
+    """Give vmapi this worker's heartbeat, for transfers that outlast the timeout."""
+    from vmapi import heartbeat
+
+    heartbeat.install(worker.notify)
 
 
 def child_exit(server, worker):

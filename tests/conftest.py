@@ -154,8 +154,9 @@ def app_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def app(db_url: str, backend: str, app_config: dict[str, Any]) -> Iterator[Flask]:
-    config = {"DATABASE_URL": db_url, "TESTING": True, "LIBVIRT_TIMEOUT": 5.0, **app_config}
+def app(db_url: str, backend: str, app_config: dict[str, Any], tmp_path) -> Iterator[Flask]:
+    config = {"DATABASE_URL": db_url, "TESTING": True, "LIBVIRT_TIMEOUT": 5.0,
+              "IMAGE_DIR": str(tmp_path / "images"), **app_config}  # fmt: skip
     app = create_app(config)
     yield app
     if backend == "postgresql" and app.config["DATABASE_URL"].endswith(db_url.split("/")[-1]):

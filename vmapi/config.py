@@ -16,6 +16,7 @@ from flask import Flask
 
 GIB = 1024**3
 MIB = 1024**2
+TIB = 1024**4
 
 #: key -> (default, one-line description). The README's configuration table mirrors this.
 DEFAULTS: dict[str, tuple[Any, str]] = {
@@ -51,6 +52,13 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
     "DETACH_TIMEOUT": (10.0, "seconds to wait for a running guest to release a disk"),
+    "IMAGE_DIR": (
+        None,
+        "the image store: a directory of image files (default: instance/images); shared "
+        "by every API host when there are several",
+    ),
+    "IMAGE_MAX_SIZE": (64 * GIB, "largest image file in bytes (413 above)"),
+    "IMAGE_MAX_VIRTUAL_SIZE": (TIB, "largest virtual size of an image in bytes"),
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
@@ -118,6 +126,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if overrides:
         app.config.update(overrides)
 
+    if not app.config["IMAGE_DIR"]:
+        app.config["IMAGE_DIR"] = os.path.join(app.instance_path, "images")
     if not app.config["DATABASE_URL"]:
         path = os.path.join(app.instance_path, "vmapi.sqlite3")
         app.config["DATABASE_URL"] = f"sqlite:///{path}"

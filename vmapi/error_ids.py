@@ -179,6 +179,20 @@ STORAGE_DETACH_FAILED = _register("storage/detach_failed", 409,
     "The running guest did not release the disk in time; shut the VM off and retry.",
     {"storage": {UPDATE, DELETE}})
 
+# ---------------------------------------------------------------------- images
+# PUT /image/<id>/file changes the image (an update); GET of the file reads it.
+IMAGE_INVALID = _register("image/invalid", 400,
+    "The uploaded file was refused (format, backing file, size or checksum); the message "
+    "says why, and nothing was kept.", {"image": {UPDATE}})
+IMAGE_IMMUTABLE_FIELD = _register("image/immutable_field", 400,
+    "A field of an image that cannot change once it is set.", {"image": {UPDATE}})
+IMAGE_QUOTA_EXCEEDED = _register("image/quota_exceeded", 403,
+    "A customer's own image would pass the storage quota.", {"image": {UPDATE}})
+IMAGE_IMMUTABLE = _register("image/immutable", 409,
+    "The image already has its file; a file never changes.", {"image": {UPDATE}})
+IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
+    "The image has no accepted file yet.", {"image": {READ}})
+
 # ---------------------------------------------------------------------- nodes, addresses
 NODE_UNREACHABLE = _register("node/unreachable", 409,
     "The node's libvirt could not be asked for its capacity; give cores and ram.",
@@ -226,6 +240,7 @@ RESOURCE_FAMILIES: dict[str, tuple[Family, ...]] = {
     "ipv6_pool": _CRUD,
     "vlan": _CRUD,
     "storage": (NOT_FOUND,),
+    "image": (NOT_FOUND,),  # in_use once VMs boot from images
     "quota": (NOT_FOUND, DUPLICATE),  # referenced by nothing, references nothing
     "event": (NOT_FOUND,),  # read-only
 }

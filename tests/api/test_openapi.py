@@ -92,6 +92,8 @@ _OPERATIONS = {
     "collection": {"get": LIST, "post": CREATE, "patch": UPDATE, "delete": DELETE},
     "item": {"get": READ, "patch": UPDATE, "delete": DELETE},
     "action": {"post": ACTION},
+    # a sub-resource of an item (/image/{ident}/file): reading it, or replacing it
+    "sub-resource": {"get": READ, "put": UPDATE},
 }
 
 
@@ -104,7 +106,8 @@ def _resource_operations(document):
         kind = ("collection", "item", "action")[len(parts) - 1]
         for method, op in ops.items():
             if not method.startswith("x-"):
-                yield path, method, parts[0], _OPERATIONS[kind][method], op
+                where = "sub-resource" if kind == "action" and method != "post" else kind
+                yield path, method, parts[0], _OPERATIONS[where][method], op
 
 
 def test_every_operation_lists_the_registry_s_error_ids(document):

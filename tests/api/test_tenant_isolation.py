@@ -11,7 +11,7 @@ from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
 from vmapi.api.resource import RESOURCES
 
-OWNED = ("vm", "interface", "ipv4", "ipv6", "storage")
+OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image")
 
 
 @pytest.fixture
@@ -23,9 +23,10 @@ def tenants(api, customer_api, vm_host, test_method):
     storage = seven.post(
         "storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
     ).json["data"]
+    image = seven.post("image", json={"name": "own"}).json["data"]
     eight.post("vm", json=vm_body(test_method))  # the other tenant has objects of its own
     ids = {"vm": vm["id"], "interface": iface["id"], "ipv4": iface["ipv4"][0]["id"],
-           "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"]}  # fmt: skip
+           "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"], "image": image["id"]}  # fmt: skip
     return seven, eight, ids
 
 

@@ -1,5 +1,6 @@
 """A real nginx, with the shipped proxy settings, in front of a real gunicorn."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -20,13 +21,20 @@ SITE = (ROOT / "deploy/nginx/vmapi-site.conf").read_text()
 
 @pytest.fixture
 def nginx(server, tmp_path):
+    with serve_nginx(server.url, tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_nginx(upstream_url, tmp_path, site=SITE):
+    """The shipped site (made local) in front of ``upstream_url``, until the block ends."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         unavailable("nginx is not installed")
     port = free_port()
-    upstream = server.url.removeprefix("http://")
+    upstream = upstream_url.removeprefix("http://")
     # The shipped site, made local: plain HTTP on a free port, the test's gunicorn upstream.
-    site = (SITE.replace("server 127.0.0.1:8000;", f"server {upstream};")
+    site = (site.replace("server 127.0.0.1:8000;", f"server {upstream};")
             .replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
             .replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
             .replace("include /etc/nginx/vmapi-proxy.conf;", f"include {ROOT}/deploy/nginx/vmapi-proxy.conf;"))  # fmt: skip
@@ -50,9 +58,11 @@ def nginx(server, tmp_path):
     else:
         process.kill()
         raise RuntimeError((tmp_path / "error.log").read_text())
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def call(url, token, method, path, body=None, headers=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, enc, event, meta, network, node, quota, storage, vm
+from vmapi.api import catalog, enc, event, image, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
 from vmapi.api.version import check_version
 from vmapi.services.audit import record_failure
@@ -37,7 +37,7 @@ def register_api(app: Flask) -> None:
     register_write_hooks(app)
     app.register_blueprint(meta.bp)
     app.register_blueprint(enc.bp)
-    groups = (catalog, node, vm, network, storage, quota, event)
+    groups = (catalog, node, vm, network, storage, quota, event, image)
     for resource in (r for group in groups for r in group.RESOURCES):
         app.register_blueprint(resource.blueprint())
 

@@ -272,6 +272,8 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
                 }
             },
         )
+    for path, operations in res.extra_paths(_success, errors_of).items():
+        spec.path(path=path, operations=operations)
 
 
 @cache

@@ -99,6 +99,12 @@ class ResourceApi:
             )
         return bp
 
+    def extra_paths(self, success: Any, errors: Any) -> dict[str, dict[str, Any]]:
+        """OpenAPI operations (path -> operations) of routes a subclass adds to
+        :meth:`blueprint`; ``success`` builds an answer, ``errors(resource, operation)`` the
+        error responses the registry names for it."""
+        return {}
+
     def action_view(self, action: str):
         def view(ident: int) -> Response:
             g.resource_name = self.name

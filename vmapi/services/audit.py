@@ -27,7 +27,7 @@ from flask_sqlalchemy.session import Session
 from sqlalchemy import event, insert, inspect, select
 
 from vmapi.extensions import db
-from vmapi.models import Event, IdempotencyKey, Vm
+from vmapi.models import Event, IdempotencyKey, Image, Vm
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _owner(obj: Any) -> tuple[int | None, int | None]:
     """(customer id, VM id whose customer owns it) as far as the object itself says."""
-    if isinstance(obj, Vm):
+    if isinstance(obj, Vm | Image):
         return obj.__dict__.get("customer_id"), None
     return None, obj.__dict__.get("vm_id") if hasattr(type(obj), "vm_id") else None
 
@@ -254,4 +254,6 @@ def _customer_of(resource: str, object_id: int | None) -> int | None:
             return principal.customer_id
     if resource == "vm" and object_id is not None:
         return db.session.scalar(select(Vm.customer_id).where(Vm.id == object_id))
+    if resource == "image" and object_id is not None:
+        return db.session.scalar(select(Image.customer_id).where(Image.id == object_id))
     return None

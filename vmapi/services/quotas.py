@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from vmapi.error_ids import STORAGE_QUOTA_EXCEEDED, VM_QUOTA_EXCEEDED
 from vmapi.errors import Forbidden
 from vmapi.extensions import db
-from vmapi.models import Quota, Storage, Vm
+from vmapi.models import Image, Quota, Storage, Vm
 from vmapi.services.crud import CrudService
 
 
@@ -46,18 +46,47 @@ def check_vm_quota(customer_id: int | None, vms: int, cores: int, ram: int) -> N
             raise _exceeded(VM_QUOTA_EXCEEDED, what, limit, int(usage), requested)
 
 
-def check_storage_quota(customer_id: int | None, size: int) -> None:
-    """403 ``storage/quota_exceeded`` if ``size`` more bytes would pass the limit."""
-    quota = locked_quota(customer_id)
-    if quota is None or quota.max_storage is None or size <= 0:
-        return
-    used = db.session.scalar(
+def storage_usage(customer_id: int | None) -> int:
+    """Bytes counted against ``max_storage``: the customer's volumes and the files of
+    its own images (public images count for nobody)."""
+    volumes = db.session.scalar(
         select(func.coalesce(func.sum(Storage.size), 0))
         .join(Vm, Vm.id == Storage.vm_id)
         .where(Vm.customer_id == customer_id)
     )
+    images = db.session.scalar(
+        select(func.coalesce(func.sum(Image.size), 0)).where(Image.customer_id == customer_id)
+    )
+    return int(volumes) + int(images)
+
+
+def check_storage_quota(
+    customer_id: int | None, size: int, error_id: str = STORAGE_QUOTA_EXCEEDED
+) -> None:
+    """403 ``error_id`` if ``size`` more bytes would pass the limit."""
+    quota = locked_quota(customer_id)
+    if quota is None or quota.max_storage is None or size <= 0:
+        return
+    used = storage_usage(customer_id)
     if used + size > quota.max_storage:
-        raise _exceeded(STORAGE_QUOTA_EXCEEDED, "max_storage", quota.max_storage, int(used), size)
+        raise _exceeded(error_id, "max_storage", quota.max_storage, used, size)
+
+
+def storage_room(customer_id: int | None) -> int | None:
+    """Bytes the customer may still store (None: no limit). Read without a lock: an
+    early answer for a request that will check again under the lock."""
+    if customer_id is None:
+        return None
+    limit = db.session.scalar(select(Quota.max_storage).where(Quota.customer_id == customer_id))
+    if limit is None:
+        return None
+    return max(0, limit - storage_usage(customer_id))
+
+
+def storage_quota_exceeded(customer_id: int | None, requested: int, error_id: str) -> Forbidden:
+    """The refusal of ``requested`` bytes, with the limit and usage as they are now."""
+    limit = db.session.scalar(select(Quota.max_storage).where(Quota.customer_id == customer_id))
+    return _exceeded(error_id, "max_storage", limit or 0, storage_usage(customer_id), requested)
 
 
 class QuotaService(CrudService[Quota]):

@@ -1,0 +1,160 @@
+"""Blueprint of /image: the catalog, and ``/image/<id>/file`` (the bytes, both ways).
+
+The file route is the contract's one exception to the JSON body limit: its body is
+``application/octet-stream`` of up to ``VMAPI_IMAGE_MAX_SIZE`` bytes, read here in
+small chunks and handed to the service as it arrives (never whole in memory). Each
+chunk moved, up or down, beats the worker's heartbeat (:mod:`vmapi.heartbeat`), so a
+transfer outlives gunicorn's worker timeout as long as bytes flow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+from vmapi import heartbeat
+from vmapi.api.resource import ALL_ROLES, ResourceApi, principal
+from vmapi.auth import require_role
+from vmapi.error_ids import READ, UPDATE
+from vmapi.errors import BodyTooLarge, UnsupportedMediaType
+from vmapi.schemas.image import ImageSchema
+from vmapi.services.image_store import UploadTruncated, read_chunks
+from vmapi.services.images import ImageFile, ImageService
+
+OCTET_STREAM = "application/octet-stream"
+#: bytes read from the client at a time: from MIN_READ (small enough that even a slow
+#: client, 1 KiB/s, completes a read, and so beats the heartbeat, well within the
+#: worker timeout) doubling up to MAX_READ while reads return quickly (fewer, larger
+#: copies: a fast upload runs at about twice the speed)
+MIN_READ, MAX_READ = 64 * 1024, 1024 * 1024
+QUICK_READ = 0.25  # seconds
+
+
+class ImageApi(ResourceApi):
+    """The catalog's verbs, plus GET and PUT of the file."""
+
+    def blueprint(self) -> Blueprint:
+        bp = super().blueprint()
+        bp.add_url_rule(f"/{self.name}/<id:ident>/file", "file", self.file, methods=["GET", "PUT"])
+        return bp
+
+    def file(self, ident: int) -> Response:
+        g.resource_name = self.name
+        who = principal()
+        self.parse_options(request.args, None)
+        if request.method in ("GET", "HEAD"):
+            require_role(who, self.read_roles, f"read {self.name}")
+            return file_response(self.service.open_file(ident, who))
+        require_role(who, self.write_roles, f"change {self.name}")
+        if request.mimetype != OCTET_STREAM:
+            raise UnsupportedMediaType(
+                f"Send the image file as {OCTET_STREAM}, not "
+                f"{request.mimetype or 'a body without Content-Type'}."
+            )
+        limit = int(current_app.config["IMAGE_MAX_SIZE"])
+        outcome = self.service.upload(ident, who, body_chunks(limit), request.content_length)
+        return self.answer(outcome, indexed=False)
+
+    def extra_paths(self, success: Callable, errors: Callable) -> dict[str, dict[str, Any]]:
+        binary = {"type": "string", "format": "binary"}
+        ident = {"name": "ident", "in": "path", "required": True,
+                 "schema": {"type": "integer", "minimum": 1, "format": "int64"}}  # fmt: skip
+        ref = {"$ref": "#/components/schemas/Image"}
+        return {
+            f"/api/v1/{self.name}/{{ident}}/file": {
+                "get": {
+                    "tags": [self.name],
+                    "summary": "The image's file, streamed (active images only).",
+                    "parameters": [ident],
+                    "responses": {
+                        "200": {
+                            "description": "The file; ETag is its sha256.",
+                            "content": {OCTET_STREAM: {"schema": binary}},
+                        },
+                        **errors(self.name, READ),
+                    },
+                },
+                "put": {
+                    "tags": [self.name],
+                    "summary": "Send the file of a queued image (streamed, at most "
+                    "VMAPI_IMAGE_MAX_SIZE bytes); it is inspected before it is kept.",
+                    "parameters": [ident],
+                    "requestBody": {
+                        "required": True,
+                        "content": {OCTET_STREAM: {"schema": binary}},
+                    },
+                    "responses": {
+                        "200": success(ref, "The image, now active."),
+                        **errors(self.name, UPDATE),
+                    },
+                },
+            }
+        }
+
+
+def body_chunks(limit: int) -> Iterator[bytes]:
+    """The request body in chunks as they arrive; a body that breaks off raises
+    :class:`UploadTruncated` (one shorter than its Content-Length just ends: the service
+    compares the count). The service counts the bytes against the limit."""
+    environ = request.environ
+    if environ.get("wsgi.input_terminated"):
+        # The server ends the body itself (gunicorn: at Content-Length, or after the last
+        # chunk), so it is read directly, sparing werkzeug's wrapper two copies of every
+        # byte.
+        stream = environ["wsgi.input"]
+    else:
+        # werkzeug's cap for JSON bodies becomes the image limit for this request only
+        # (plus one byte: werkzeug refuses a read *at* its cap; exactly the limit is fine).
+        request.max_content_length = limit + 1
+        stream = request.stream
+    size, received = MIN_READ, 0
+    try:
+        while True:
+            began = time.monotonic()
+            chunk = stream.read(size)
+            if not chunk:
+                return
+            heartbeat.beat()
+            quick = time.monotonic() - began < QUICK_READ
+            size = min(size * 2, MAX_READ) if quick else MIN_READ
+            received += len(chunk)
+            yield chunk
+    except RequestEntityTooLarge:
+        raise BodyTooLarge(limit=limit) from None
+    except (ClientDisconnected, OSError) as exc:  # gunicorn's NoMoreData is an OSError
+        raise UploadTruncated(received, request.content_length) from exc
+
+
+def file_response(found: ImageFile) -> Response:
+    def beating(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            for chunk in chunks:
+                heartbeat.beat()
+                yield chunk
+        finally:
+            chunks.close()  # closes the file, also when the client goes away
+
+    response = Response(
+        beating(read_chunks(found.handle)), mimetype=OCTET_STREAM, direct_passthrough=True
+    )
+    response.headers["Content-Length"] = str(found.size)
+    response.headers["ETag"] = f'"{found.checksum}"'
+    response.call_on_close(found.handle.close)  # also when the body is never read (HEAD)
+    return response
+
+
+image = ImageApi(
+    "image",
+    ImageSchema,
+    ImageService(),
+    read_roles=ALL_ROLES,
+    write_roles=ALL_ROLES,
+    summary="Images VMs boot from: the catalog here, the bytes at /image/<id>/file. "
+    "Customers see public images and their own.",
+)
+
+RESOURCES = [image]

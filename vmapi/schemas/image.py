@@ -1,0 +1,35 @@
+"""Schema of /image (the catalog; the file itself travels as application/octet-stream)."""
+
+from __future__ import annotations
+
+from marshmallow import validate
+
+from vmapi.models.image import FORMATS, STATES
+from vmapi.schemas.base import BaseSchema, Int, Str, UtcDateTime, non_negative, text_field
+
+
+class ImageSchema(BaseSchema):
+    id = Int(dump_only=True)
+    name = text_field(required=True)
+    format = Str(
+        validate=validate.OneOf(FORMATS),
+        metadata={"description": "qcow2 (the default) or raw; the file must be this."},
+    )
+    size = Int(dump_only=True, allow_none=True, metadata={"description": "The file's bytes."})
+    virtual_size = Int(
+        dump_only=True, allow_none=True, metadata={"description": "The disk's size in bytes."}
+    )
+    checksum = Str(
+        allow_none=True,
+        validate=validate.Regexp(r"^[0-9a-f]{64}$", error="Must be a sha256 in lowercase hex."),
+        metadata={"description": "sha256 of the file; when given, the upload must match it."},
+    )
+    state = Str(
+        dump_only=True,
+        validate=validate.OneOf(STATES),
+        metadata={"description": "queued (no file yet), active, or error."},
+    )
+    customer_id = Int(allow_none=True, validate=non_negative())
+    min_ram = Int(allow_none=True, validate=non_negative())
+    description = text_field(allow_none=True)
+    created_at = UtcDateTime(dump_only=True)
