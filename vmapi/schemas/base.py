@@ -159,6 +159,20 @@ class Ref(fields.Field):
         return int(raw)
 
 
+class RefList(fields.Field):
+    """A read-only list of references: ``[{"id": N}, ...]`` from a relationship.
+
+    ``resource`` names the referenced resource, as for :class:`Ref` (``nest=`` inlines
+    the whole objects)."""
+
+    def __init__(self, resource: str, **kwargs: Any) -> None:
+        self.resource = resource
+        super().__init__(dump_only=True, **kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
+        return [{"id": item.id} for item in value or ()]
+
+
 def positive(maximum: int = INT64_MAX) -> validate.Range:
     return validate.Range(min=1, max=maximum)
 

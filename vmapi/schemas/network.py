@@ -5,21 +5,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from marshmallow import ValidationError, fields, validate, validates_schema
+from marshmallow import ValidationError, validate, validates_schema
 
 from vmapi.addressing import network_problems
-from vmapi.schemas.base import BaseSchema, Int, Ref, Str, address_validator
-
-
-class RefList(fields.Field):
-    """A read-only list of references: ``[{"id": N}, ...]`` from a relationship."""
-
-    def __init__(self, resource: str, **kwargs: Any) -> None:
-        self.resource = resource
-        super().__init__(dump_only=True, **kwargs)
-
-    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
-        return [{"id": item.id} for item in value or ()]
+from vmapi.schemas.base import BaseSchema, Int, Ref, RefList, Str, address_validator
 
 
 def _network(version: int):

@@ -6,8 +6,7 @@ import uuid
 
 from marshmallow import ValidationError, validate
 
-from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, Str, non_negative, positive
-from vmapi.schemas.network import RefList
+from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, RefList, Str, non_negative, positive
 
 MIB = 1024 * 1024
 MIN_RAM = 64 * MIB
