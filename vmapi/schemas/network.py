@@ -7,21 +7,45 @@ from typing import Any
 
 from marshmallow import ValidationError, validate, validates_schema
 
-from vmapi.addressing import network_problems
-from vmapi.schemas.base import BaseSchema, Int, Ref, RefList, Str, address_validator
+from vmapi.addressing import MIN_RANGE_PREFIX, network_problems
+from vmapi.schemas.base import (
+    IPV4_PATTERN,
+    IPV6_PATTERN,
+    BaseSchema,
+    Int,
+    Ref,
+    RefList,
+    Str,
+    address_validator,
+    json_schema,
+    prefix_pattern,
+)
 
 
-def _network(version: int):
+def _network(version: int, shortest: int = 0, longest: int | None = None):
+    """A network of one IP family with its prefix and no host bits set, its prefix from
+    ``shortest`` to ``longest``."""
+    longest = (32 if version == 4 else 128) if longest is None else longest
+    address = IPV4_PATTERN if version == 4 else IPV6_PATTERN
+    example = "198.51.100.0/24" if version == 4 else "2001:db8:1::/64"
+
+    @json_schema(pattern=f"^{address}/{prefix_pattern(shortest, longest)}$")
     def check(value: str) -> None:
+        _address, slash, prefix = value.rpartition("/")
         try:
-            net = ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
+            if not (slash and prefix.isascii() and prefix.isdigit()):
+                raise ValueError(value)
+            loose = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            loose = None
+        if loose is None or loose.version != version:
             raise ValidationError(
-                f"Not a valid IPv{version} network with no host bits set, e.g. "
-                + ("198.51.100.0/24." if version == 4 else "2001:db8:1::/64.")
-            ) from exc
-        if net.version != version:
-            raise ValidationError(f"Must be an IPv{version} network.")
+                f"Not a valid IPv{version} network with its prefix, e.g. {example}."
+            )
+        if loose.network_address != ipaddress.ip_interface(value).ip:
+            raise ValidationError(f"Has host bits set: the network is {loose}.")
+        if not shortest <= loose.prefixlen <= longest:
+            raise ValidationError(f"Use a prefix from /{shortest} to /{longest}.")
 
     return check
 
@@ -42,6 +66,9 @@ class InterfaceSchema(BaseSchema):
 
 class _AddressSchema(BaseSchema):
     """An address (with prefix and gateway), or on POST a whole ``network``."""
+
+    #: the fields a POST body holds: one of these sets, all of it (for the OpenAPI document)
+    SHAPES = (("address", "prefix", "gateway"), ("network", "gateway"))
 
     @validates_schema
     def check_shape(self, data: dict[str, Any], partial: Any = None, **kwargs: Any) -> None:
@@ -71,7 +98,9 @@ class Ipv4Schema(_AddressSchema):
     address = Str(validate=address_validator(4, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=32))
     gateway = Str(validate=address_validator(4, canonical=True))
-    network = Str(load_only=True, validate=_network(4))
+    #: POST only: every host address of the network at once
+    network = Str(load_only=True, validate=_network(4, shortest=MIN_RANGE_PREFIX),
+                  metadata={"on_update": False})  # fmt: skip
     interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
 
 
@@ -86,7 +115,7 @@ class Ipv6Schema(_AddressSchema):
 
 class Ipv6PoolSchema(BaseSchema):
     id = Int(dump_only=True)
-    network = Str(required=True, validate=_network(6))
+    network = Str(required=True, validate=_network(6, longest=126))
     gateway = Str(required=True, validate=address_validator(6, canonical=True))
     prefix = Int(dump_only=True)
     next_host = Int(dump_only=True)
@@ -96,7 +125,5 @@ class Ipv6PoolSchema(BaseSchema):
     def check_gateway(self, data: dict[str, Any], **kwargs: Any) -> None:
         if "network" in data and "gateway" in data:
             net = ipaddress.ip_network(data["network"])
-            if net.prefixlen > 126:
-                raise ValidationError({"network": ["Use a /126 or larger network."]})
             if ipaddress.ip_address(data["gateway"]) not in net:
                 raise ValidationError({"gateway": [f"Must be inside {net}."]})

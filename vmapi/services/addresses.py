@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from vmapi.addressing import network_problems
+from vmapi.addressing import MAX_RANGE, network_problems
 from vmapi.auth import Principal
 from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
@@ -19,7 +19,6 @@ from vmapi.models import Ipv4Address, Ipv6Address, Ipv6Pool
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.ownership import own_interfaces
 
-MAX_RANGE = 4096
 POOL_SIZE_CAP = 2**62  # host numbers a pool may hand out (keeps next_host in a bigint)
 CHUNK = 1000
 
