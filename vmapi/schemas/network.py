@@ -29,7 +29,10 @@ def _network(version: int, shortest: int = 0, longest: int | None = None):
     address = IPV4_PATTERN if version == 4 else IPV6_PATTERN
     example = "198.51.100.0/24" if version == 4 else "2001:db8:1::/64"
 
-    @json_schema(pattern=f"^{address}/{prefix_pattern(shortest, longest)}$")
+    @json_schema(
+        pattern=f"^{address}/{prefix_pattern(shortest, longest)}$",
+        description=f"A network with no host bits set, e.g. {example}.",
+    )
     def check(value: str) -> None:
         _address, slash, prefix = value.rpartition("/")
         try:
@@ -48,6 +51,13 @@ def _network(version: int, shortest: int = 0, longest: int | None = None):
             raise ValidationError(f"Use a prefix from /{shortest} to /{longest}.")
 
     return check
+
+
+#: what the OpenAPI document says of a gateway (no JSON Schema can)
+GATEWAY = (
+    "Inside the address's network (or the POSTed network), and not the address itself; an "
+    "IPv4 address is not its network's network or broadcast address."
+)
 
 
 class VlanSchema(BaseSchema):
@@ -97,7 +107,7 @@ class Ipv4Schema(_AddressSchema):
     id = Int(dump_only=True)
     address = Str(validate=address_validator(4, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=32))
-    gateway = Str(validate=address_validator(4, canonical=True))
+    gateway = Str(validate=address_validator(4, canonical=True), metadata={"description": GATEWAY})
     #: POST only: every host address of the network at once
     network = Str(load_only=True, validate=_network(4, shortest=MIN_RANGE_PREFIX),
                   metadata={"on_update": False})  # fmt: skip
@@ -108,7 +118,7 @@ class Ipv6Schema(_AddressSchema):
     id = Int(dump_only=True)
     address = Str(validate=address_validator(6, canonical=True))
     prefix = Int(validate=validate.Range(min=0, max=128))
-    gateway = Str(validate=address_validator(6, canonical=True))
+    gateway = Str(validate=address_validator(6, canonical=True), metadata={"description": GATEWAY})
     interface = Ref("interface", attribute="interface_id", dump_only=True, allow_none=True)
     pool = Ref("ipv6_pool", attribute="pool_id", dump_only=True, allow_none=True)
 
@@ -116,7 +126,11 @@ class Ipv6Schema(_AddressSchema):
 class Ipv6PoolSchema(BaseSchema):
     id = Int(dump_only=True)
     network = Str(required=True, validate=_network(6, longest=126))
-    gateway = Str(required=True, validate=address_validator(6, canonical=True))
+    gateway = Str(
+        required=True,
+        validate=address_validator(6, canonical=True),
+        metadata={"description": "Inside the network."},
+    )
     prefix = Int(dump_only=True)
     next_host = Int(dump_only=True)
     size = Int(dump_only=True)
