@@ -3,7 +3,9 @@
 It is built from the same :class:`ResourceApi` objects that serve requests, so routes,
 fields, filters and role rules cannot drift from the document. ``UPDATE`` cannot be
 named in OpenAPI 3.0 (only the standard methods can); it is documented as ``PATCH``,
-which the server treats identically, and noted in ``x-method-aliases``.
+which the server treats identically, and noted in ``x-method-aliases``. Fields and query
+parameters are described by :mod:`vmapi.api.openapi_schemas`; the document is built once
+per app, with that app's limits.
 """
 
 from __future__ import annotations
@@ -98,14 +100,11 @@ def _paths_for(
 ) -> None:
     name = res.name
     ref = {"$ref": f"#/components/schemas/{js.component_name(name)}"}
-    new_objects = {
-        n: js.create_body(plugin, r.schema_class, {}, nested=True) for n, r in RESOURCES.items()
-    }
-    creates = [js.create_body(plugin, res.schema_class, new_objects)]
+    creates = [js.create_body(plugin, res.schema_class)]
     answers = [ref]
     also = getattr(res, "creates_also", None)  # POST /ipv6 {network} makes an ipv6_pool
     if also is not None:
-        creates.append(js.create_body(plugin, RESOURCES[also].schema_class, {}))
+        creates.append(js.create_body(plugin, RESOURCES[also].schema_class))
         answers.append({"$ref": f"#/components/schemas/{js.component_name(also)}"})
     created = {"anyOf": [*answers, *(_keyed(a) for a in answers)]}
     change = js.change_body(plugin, res.schema_class, with_id=False)

@@ -20,7 +20,7 @@ from typing import Any
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema
 
-from vmapi.api.resource import ResourceApi
+from vmapi.api.resource import RESOURCES, ResourceApi
 from vmapi.config import INTERFACE_MODES
 from vmapi.schemas.base import (
     INT64_MAX,
@@ -135,20 +135,18 @@ def _writable(
 
 
 def create_body(
-    plugin: MarshmallowPlugin,
-    schema: type[Schema],
-    others: Mapping[str, dict[str, Any]],
-    nested: bool = False,
+    plugin: MarshmallowPlugin, schema: type[Schema], nested: bool = False
 ) -> dict[str, Any]:
     """One object of a POST (``nested``: a new object inside another, which has no
-    ``id``). ``others`` maps a resource to its own nested create schema, for a field that
-    may give a whole new object instead of a reference (virt_node's node)."""
+    ``id``). A field may take the fields of a new object instead of a reference (virt_node's
+    node): both are described."""
     props, required = _writable(plugin, schema, "create")
     for name, field in schema().fields.items():
         new = getattr(field, "or_new", None)
-        if name in props and new in others:
+        if name in props and new is not None:
+            new_object = create_body(plugin, RESOURCES[new].schema_class, nested=True)
             props[name] = {
-                "oneOf": [copy.deepcopy(REF), others[new]],
+                "oneOf": [copy.deepcopy(REF), new_object],
                 "description": f"An existing {new} by id, or the fields of a new one.",
             }
     ignored = {} if nested else {"id": {"description": "Ignored, whatever it is."}}

@@ -79,9 +79,6 @@ class ResourceApi:
         self.item_methods = item_methods
         #: POST honours the Idempotency-Key header
         self.idempotent = idempotent
-        self.refs: dict[str, Ref] = {
-            key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
-        }
         #: what ``nest=`` takes: every reference, single or a list (``interfaces``)
         self.nestable: dict[str, Ref | RefList] = {
             key: f for key, f in self.schema.fields.items() if isinstance(f, Ref | RefList)
