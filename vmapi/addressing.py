@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
+#: Addresses one POST of an IPv4 network may add.
+MAX_RANGE = 4096
+#: The shortest IPv4 prefix whose hosts fit in MAX_RANGE (/20: 4094 hosts).
+MIN_RANGE_PREFIX = 32 - (MAX_RANGE + 2).bit_length() + 1
+
 
 def network_problems(address: str, prefix: int, gateway: str) -> dict[str, list[str]]:
     """What is wrong with an address, its prefix and its gateway (empty when nothing)."""

@@ -3,6 +3,7 @@
 import pytest
 
 from tests.api.test_envelope import assert_error
+from tests.conftest import GIB, vm_body
 
 pytestmark = pytest.mark.embedded
 
@@ -343,3 +344,21 @@ def test_id_on_post_is_ignored_whatever_it_is(api, ident):
     response = api.post("node_state", json={"id": ident, "name": "any"})
     assert response.status_code == 201
     assert response.json["data"]["id"] == 4
+
+
+def test_every_reference_can_be_nested(api, vm_host, test_method):
+    """API.md: any reference field may be nested, in a list and in a single GET (a field
+    with no relationship behind it answered 500)."""
+    from vmapi.api.resource import RESOURCES
+
+    vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    assert api.post("storage", json={"size": GIB, "vm": {"id": vm["id"]},
+                                     "storage_type": {"id": 1}}).status_code == 201  # fmt: skip
+    for name, res in RESOURCES.items():
+        for field in res.nestable:
+            listed = api.get(f"{name}?nest={field}")
+            assert listed.status_code == 200, (name, field, listed.json)
+            for ident, obj in listed.json["data"].items():
+                one = api.get(f"{name}/{ident}?nest={field}")
+                assert one.status_code == 200 and one.json["data"] == obj, (name, field)

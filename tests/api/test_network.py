@@ -185,6 +185,8 @@ def test_ipv4_single_address(api):
         ({"network": "192.0.2.0/24"}, "network"),
         ({"network": "192.0.2.0/24", "address": "192.0.2.9", "gateway": "192.0.2.1"}, "network"),
         ({"network": "10.0.0.0/16", "gateway": "10.0.0.1"}, "network"),  # too many at once
+        ({"network": "192.0.2.7", "gateway": "192.0.2.7"}, "network"),  # no prefix (was a /32)
+        ({"network": "192.0.2.0/255.255.255.0", "gateway": "192.0.2.1"}, "network"),  # mask
     ],
 )
 def test_ipv4_validation(api, body, field):

@@ -3,8 +3,13 @@
 import re
 
 import pytest
+import yaml
+from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
+from tests.conftest import vm_body
+from vmapi import create_app
+from vmapi.api.openapi import document_for
 from vmapi.api.openapi_errors import ERROR_STATUSES
 from vmapi.error_ids import (
     ACTION,
@@ -71,12 +76,112 @@ def test_security_and_open_endpoints(document):
     assert document["paths"]["/api/v1/openapi.json"]["get"]["security"] == []
 
 
+def _body(document, path, method="post"):
+    schema = document["paths"][path][method]["requestBody"]["content"]["application/json"]
+    return schema["schema"]["oneOf"]
+
+
 def test_schemas_follow_the_marshmallow_fields(document):
     node = document["components"]["schemas"]["Node"]
     assert node["properties"]["allocated_cores"]["readOnly"] is True
-    assert node["properties"]["node_state"]["required"] == ["id"]
-    assert "fqdn" in node["required"]
     assert node["additionalProperties"] is False
+    # an answer's reference is {"id": N}, or with nest= the whole object
+    assert node["properties"]["node_state"]["anyOf"][1] == {
+        "$ref": "#/components/schemas/NodeState"
+    }
+    create = _body(document, "/api/v1/node")[0]
+    assert create["properties"]["node_state"]["required"] == ["id"]
+    assert "fqdn" in create["required"] and "allocated_cores" not in create["properties"]
+    assert create["additionalProperties"] is False
+
+
+def test_fields_are_described_as_validated(document):
+    """What the server refuses is not promised: patterns, formats, bounds, multiples."""
+    vm = _body(document, "/api/v1/vm")[0]["properties"]
+    assert vm["ram"]["multipleOf"] == 1024 * 1024 and vm["ram"]["minimum"] == 64 * 1024 * 1024
+    assert "vm_state" not in vm  # a new VM is always started
+    change = _body(document, "/api/v1/vm", "patch")[0]["properties"]
+    assert {"uuid", "node", "virt_method"}.isdisjoint(change)  # vm/immutable_field
+    assert change["id"]["minimum"] == 1
+    node = _body(document, "/api/v1/node")[0]["properties"]
+    assert re.fullmatch(node["fqdn"]["pattern"], "node1.example.com")
+    assert not re.fullmatch(node["fqdn"]["pattern"], "node1")
+    assert re.fullmatch(node["libvirt_uri"]["pattern"], "qemu+ssh://root@hv1.example.com/system")
+    assert not re.fullmatch(node["libvirt_uri"]["pattern"], "qemu+ext:///system?command=/bin/x")
+    assert node["ipv4_gw_ext"]["format"] == "ipv4"
+    # an IPv4 POST is an address or a whole network, an IPv6 one an address or a pool
+    ipv4 = _body(document, "/api/v1/ipv4")
+    assert [sorted(shape["required"]) for shape in ipv4[0]["oneOf"]] == [
+        ["address", "gateway", "prefix"],
+        ["gateway", "network"],
+    ]
+    ipv6 = _body(document, "/api/v1/ipv6")
+    assert "address" in ipv6[0]["required"] and "network" in ipv6[1]["required"]
+    assert not re.fullmatch(ipv6[1]["properties"]["network"]["pattern"], "2001:db8::/127")
+
+
+def test_free_text_excludes_what_postgresql_cannot_store(document):
+    """Every string the document lets a client send has a pattern that refuses NUL, or an
+    enum or format that never holds one."""
+    strings = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "string" and not node.get("readOnly"):
+                strings.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path, ops in document["paths"].items():
+        if path.startswith("/api/v1/") and "{fqdn}" not in path:
+            for op in ops.values():
+                walk(op.get("parameters", []))
+                walk(op.get("requestBody", {}))
+    assert len(strings) > 50
+    for schema in strings:
+        if "enum" in schema or "format" in schema:
+            continue
+        assert not re.search(schema["pattern"], "a\x00b"), schema
+
+
+def test_query_parameters_are_described_as_validated(document):
+    vm = {p["name"]: p for p in document["paths"]["/api/v1/vm"]["get"]["parameters"]}
+    nest = vm["nest"]
+    assert (nest["style"], nest["explode"]) == ("form", False)
+    assert nest["schema"]["minItems"] == 1  # nest= (empty) is refused
+    assert set(nest["schema"]["items"]["enum"]) == {"node", "virt_method", "vm_state", "interfaces"}
+    vlan = {p["name"] for p in document["paths"]["/api/v1/vlan"]["get"]["parameters"]}
+    assert "nest" not in vlan  # nothing to nest there
+    delete = document["paths"]["/api/v1/vm/{ident}"]["delete"]["parameters"]
+    assert {p["name"]: p["schema"] for p in delete}["cascade"]["enum"] == ["storage"]
+    patch = document["paths"]["/api/v1/vm/{ident}"]["patch"]["parameters"]
+    assert {p["name"]: p["schema"] for p in patch}["force"]["type"] == "boolean"
+
+
+@pytest.mark.parametrize(
+    "app_config",
+    [{"MAX_BATCH": 7, "PAGE_MAX_LIMIT": 50, "PAGE_DEFAULT_LIMIT": 5, "STORAGE_MAX_SIZE": 2**30}],
+)
+def test_limits_come_from_the_app_config(app, document):
+    limit = document["paths"]["/api/v1/node"]["get"]["parameters"][0]["schema"]
+    assert (limit["maximum"], limit["default"]) == (50, 5)
+    assert _body(document, "/api/v1/node")[1]["maxItems"] == 7
+    assert _body(document, "/api/v1/storage")[0]["properties"]["size"]["maximum"] == 2**30
+    other = create_app({"DATABASE_URL": "sqlite://"})  # its own document, default limits
+    assert _body(document_for(other), "/api/v1/node")[1]["maxItems"] == 100
+
+
+def test_the_enc_answer_is_the_documented_object(api, document, vm_host, test_method):
+    node = vm_host()
+    assert api.post("vm", json=vm_body(test_method)).status_code == 201
+    response = api.get(f"node/{node['fqdn']}/enc")
+    content = document["paths"]["/api/v1/node/{fqdn}/enc"]["get"]["responses"]["200"]
+    OAS30Validator(content["content"]["application/yaml"]["schema"]).validate(
+        yaml.safe_load(response.get_data(as_text=True))
+    )
 
 
 def test_error_ids_are_documented(document):

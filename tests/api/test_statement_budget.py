@@ -30,6 +30,24 @@ def test_a_page_costs_the_same_whatever_its_size_and_nest(api, vm_host, test_met
     assert large == plain + 3  # one per nested reference, not per VM
 
 
+def test_a_list_nest_costs_the_same_whatever_the_page_size(api, vm_host, test_method, sql_log):
+    vm_host(cores=16, ram=64 * GIB)
+    made = [api.post("vm", json=vm_body(test_method, cores=1)) for _ in range(12)]
+    assert all(response.status_code == 201 for response in made)
+    plain = count(sql_log, lambda: api.get("vm?limit=12"))
+    small = count(sql_log, lambda: api.get("vm?limit=2&nest=interfaces"))
+    large = count(sql_log, lambda: api.get("vm?limit=12&nest=interfaces"))
+    assert small == large  # no query per VM nor per interface
+    # the interfaces are read for their ids anyway; nested, their addresses too
+    assert large == plain + 2
+    small = count(sql_log, lambda: api.get("interface?limit=2&nest=ipv4,ipv6,vm"))
+    large = count(sql_log, lambda: api.get("interface?limit=12&nest=ipv4,ipv6,vm"))
+    assert small == large
+    first = made[0].json["data"]["id"]
+    one = count(sql_log, lambda: api.get(f"vm/{first}?nest=interfaces"))
+    assert one == count(sql_log, lambda: api.get(f"vm/{first}")) + 2
+
+
 def test_create_and_read_stay_within_budget(api, vm_host, test_method, sql_log):
     vm_host(cores=16, ram=64 * GIB)
     # the first create fills per-database caches (seeded state ids) and skips the IPv6

@@ -526,3 +526,29 @@ def test_refresh_capacity_after_changing_defaults(
     app.config["CPU_ALLOCATION_RATIO"] = 8.0
     runner.invoke(args=["vmapi", "node", "refresh-capacity"])
     assert api.post("vm", json=vm_body(test_method, cores=1, ram=GIB)).status_code == 201
+
+
+def test_nest_list_references(api, customer_api, vm_host, test_method):
+    """API.md (Lists): list-valued references nest too, in lists and single GETs."""
+    vm_host()
+    a = api.post("vm", json=vm_body(test_method, customer_id=7)).json["data"]
+    api.post("vm", json=vm_body(test_method, customer_id=8))
+    iface_id = a["interfaces"][0]["id"]
+    iface = api.get(f"interface/{iface_id}").json["data"]
+    one = api.get(f"vm/{a['id']}?nest=interfaces,node").json["data"]
+    assert one["interfaces"] == [iface]
+    listed = api.get("vm?nest=interfaces").json["data"]
+    assert listed[str(a["id"])]["interfaces"] == [iface]
+    assert all(len(vm["interfaces"]) == 1 for vm in listed.values())
+    nested = api.get(f"interface/{iface_id}?nest=ipv4,ipv6").json["data"]
+    assert [x["id"] for x in nested["ipv4"]] == [x["id"] for x in iface["ipv4"]]
+    assert (
+        nested["ipv4"][0]["address"]
+        == api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]["address"]
+    )
+    assert nested["ipv6"][0]["interface"] == {"id": iface_id}
+    page = api.get("interface?nest=ipv6,vm").json["data"]
+    assert page[str(iface_id)]["ipv6"] == nested["ipv6"]
+    # a customer nests the interfaces of its own VMs, and sees no one else's
+    seven = customer_api(7).get("vm?nest=interfaces").json["data"]
+    assert list(seven) == [str(a["id"])] and seven[str(a["id"])]["interfaces"] == [iface]

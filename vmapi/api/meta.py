@@ -52,9 +52,9 @@ def from_allowed_network(address: str | None, networks: list[str]) -> bool:
 @bp.get("/api/<api_version>/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 document of the whole API. No authentication."""
-    from vmapi.api.openapi import openapi_document
+    from vmapi.api.openapi import document_for
 
-    return jsonify(openapi_document())
+    return jsonify(document_for(current_app))
 
 
 @bp.get("/api/<api_version>/")

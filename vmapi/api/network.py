@@ -53,6 +53,9 @@ ipv6_pool = ResourceApi(
 class Ipv6Api(ResourceApi):
     """/ipv6, where a POST of ``{network, gateway}`` registers an /ipv6_pool."""
 
+    #: POST also takes that resource's objects (for the OpenAPI document)
+    creates_also = "ipv6_pool"
+
     def create(self, who: Principal) -> Response:
         body = parse_body()
         items = body if isinstance(body, list) else [body]

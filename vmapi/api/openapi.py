@@ -3,18 +3,21 @@
 It is built from the same :class:`ResourceApi` objects that serve requests, so routes,
 fields, filters and role rules cannot drift from the document. ``UPDATE`` cannot be
 named in OpenAPI 3.0 (only the standard methods can); it is documented as ``PATCH``,
-which the server treats identically, and noted in ``x-method-aliases``.
+which the server treats identically, and noted in ``x-method-aliases``. Fields and query
+parameters are described by :mod:`vmapi.api.openapi_schemas`; the document is built once
+per app, with that app's limits.
 """
 
 from __future__ import annotations
 
-import copy
-from functools import cache
+from collections.abc import Mapping
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
 
+from vmapi.api import openapi_schemas as js
 from vmapi.api.openapi_errors import (
     ADMIN_ERRORS,
     TOKEN_ERRORS,
@@ -33,22 +36,6 @@ from vmapi.error_ids import (
     not_found,
 )
 from vmapi.release import __version__
-from vmapi.schemas.base import Bool, Float, Int, Ref
-
-
-def _ref_property(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
-    if not isinstance(field, Ref):
-        return {}
-    ref = {
-        "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}},
-        "required": ["id"],
-        "additionalProperties": False,
-        "description": f"Reference to a {field.resource}.",
-    }
-    if field.allow_none:
-        ref["nullable"] = True
-    return ref
 
 
 def _success(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -86,97 +73,38 @@ def _keyed(item: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": item, "description": "Objects keyed by id."}
 
 
-def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
-    return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 100}]}
-
-
 def _only(operations: dict[str, Any], methods: list[str]) -> dict[str, Any]:
     """The operations of the HTTP methods a route takes (UPDATE is documented as patch)."""
     allowed = {m.lower() for m in methods} | ({"patch"} if "UPDATE" in methods else set())
     return {verb: op for verb, op in operations.items() if verb in allowed}
 
 
-def _option_params(plugin: MarshmallowPlugin, schema: Any) -> list[dict[str, Any]]:
-    """Query parameters of a verb's option schema (e.g. ``force``)."""
-    if schema is None:
-        return []
-    return [
-        {"name": key, "in": "query", "required": False, "schema": _query_schema(f),
-         "description": (schema.__doc__ or "").strip().splitlines()[0]}
-        for key, f in schema().fields.items()
-    ]  # fmt: skip
-
-
-def _query_schema(field: Any) -> dict[str, Any]:
-    if isinstance(field, Ref):
-        return {"type": "integer", "minimum": 1, "format": "int64"}
-    if isinstance(field, Int):
-        return {"type": "integer", "format": "int64"}
-    if isinstance(field, Float):
-        return {"type": "number"}
-    if isinstance(field, Bool):
-        return {"type": "boolean"}
-    return {"type": "string"}
-
-
-def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> None:
+def _paths_for(
+    spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi, config: Mapping[str, Any]
+) -> None:
     name = res.name
-    component = "".join(part.capitalize() for part in name.split("_"))
-    spec.components.schema(component, schema=res.schema_class)
-    ref = {"$ref": f"#/components/schemas/{component}"}
-    props = plugin.converter.schema2jsonschema(res.schema_class)
-    writable = {
-        k: v for k, v in copy.deepcopy(props["properties"]).items() if not v.get("readOnly")
-    }
-    create = {
-        "type": "object",
-        "properties": {"id": {"description": "Ignored, whatever it is."}, **writable},
-        "additionalProperties": False,
-    }
-    if props.get("required"):
-        create["required"] = props["required"]
-    change = {
-        "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}, **writable},
-        "additionalProperties": False,
-    }
-    change_many = copy.deepcopy(change)
-    change_many["required"] = ["id"]
-    id_only = {
-        "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 1, "format": "int64"}},
-        "required": ["id"],
-        "additionalProperties": False,
-    }
+    ref = {"$ref": f"#/components/schemas/{js.component_name(name)}"}
+    creates = [js.create_body(plugin, res.schema_class)]
+    answers = [ref]
+    also = getattr(res, "creates_also", None)  # POST /ipv6 {network} makes an ipv6_pool
+    if also is not None:
+        creates.append(js.create_body(plugin, RESOURCES[also].schema_class))
+        answers.append({"$ref": f"#/components/schemas/{js.component_name(also)}"})
+    created = {"anyOf": [*answers, *(_keyed(a) for a in answers)]}
+    change = js.change_body(plugin, res.schema_class, with_id=False)
+    change_many = js.change_body(plugin, res.schema_class, with_id=True)
+    nest = js.nest_parameter(res)
     roles = "admin only" if res.read_roles == ADMIN_ONLY else "admin and customer tokens"
     tags = [name]
-    update_params = _option_params(plugin, res.update_options)
-    delete_params = _option_params(plugin, res.delete_options)
-    filters = [
-        {"name": key, "in": "query", "required": False, "schema": _query_schema(f),
-         "description": f"Only objects whose {key} equals this."}
-        for key, (_col, f) in sorted(res.filters.items())
-    ]  # fmt: skip
-    nest = {
-        "name": "nest",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "Comma-separated references to inline: " + (", ".join(res.refs) or "none"),
-    }
-    paging = [
-        {"name": "limit", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-        {"name": "after", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 0, "format": "int64"},
-         "description": "Keyset paging: objects with a larger id. See the Link header."},
-    ]  # fmt: skip
+    update_params = js.option_parameters(plugin, res.update_options)
+    delete_params = js.option_parameters(plugin, res.delete_options)
+    batch = config["MAX_BATCH"]
     aliases = {"x-method-aliases": {"UPDATE": "patch"}}
     collection_ops = {
         "get": {
             "tags": tags,
             "summary": f"List {name} objects ({roles} may read).",
-            "parameters": [*paging, nest, *filters],
+            "parameters": js.list_parameters(res, config),
             "responses": {
                 "200": {
                     **_success(_keyed(ref), "One page, keyed by id, ordered by id."),
@@ -192,10 +120,10 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
         },
         "post": {
             "tags": tags,
-            "summary": f"Create one {name} or an array of up to 100 (all or nothing).",
-            "requestBody": _body(_one_or_many(create), "One object or an array."),
+            "summary": f"Create one {name} or an array of up to {batch} (all or nothing).",
+            "requestBody": _body(js.one_or_many(creates, config), "One object or an array."),
             "responses": {
-                "201": _success({"oneOf": [ref, _keyed(ref)]}, "Created."),
+                "201": _success(created, "Created."),
                 **errors_of(name, CREATE),
             },
         },
@@ -203,9 +131,9 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "tags": tags,
             "summary": f"Change {name} objects: body with id (or an array). Also UPDATE.",
             "parameters": update_params,
-            "requestBody": _body(_one_or_many(change_many), "Objects with id and changes."),
+            "requestBody": _body(js.one_or_many([change_many], config), "Ids and changes."),
             "responses": {
-                "200": _success({"oneOf": [ref, _keyed(ref)]}, "The changed objects."),
+                "200": _success({"anyOf": [ref, _keyed(ref)]}, "The changed objects."),
                 **errors_of(name, UPDATE),
             },
             **aliases,
@@ -214,9 +142,9 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
             "tags": tags,
             "summary": f"Delete {name} objects named by id (or an array).",
             "parameters": delete_params,
-            "requestBody": _body(_one_or_many(id_only), '{"id": N} or an array of such.'),
+            "requestBody": _body(js.one_or_many([js.ID_ONLY], config), '{"id": N} or an array.'),
             "responses": {
-                "200": _success({"oneOf": [ref, _keyed(ref)]}, "The deleted objects."),
+                "200": _success({"anyOf": [ref, _keyed(ref)]}, "The deleted objects."),
                 **errors_of(name, DELETE),
             },
         },
@@ -226,20 +154,20 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
         "name": "ident",
         "in": "path",
         "required": True,
-        "schema": {"type": "integer", "minimum": 1, "format": "int64"},
+        "schema": js.ID,
     }
     item_ops = {
         "get": {
             "tags": tags,
             "summary": f"One {name}.",
-            "parameters": [ident, nest],
+            "parameters": [ident, *nest],
             "responses": {"200": _success(ref, "The object."), **errors_of(name, READ)},
         },
         "patch": {
             "tags": tags,
             "summary": f"Change one {name}. Also UPDATE.",
             "parameters": [ident, *update_params],
-            "requestBody": _body(change, "The fields to change."),
+            "requestBody": _body(change, "The fields to change (an id must be the URL's)."),
             "responses": {
                 "200": _success(ref, "The changed object."),
                 **errors_of(name, UPDATE),
@@ -276,9 +204,18 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
         spec.path(path=path, operations=operations)
 
 
-@cache
-def openapi_document() -> dict[str, Any]:
-    """The whole document (built once per process)."""
+EXTENSION = "vmapi.openapi"
+
+
+def document_for(app: Flask) -> dict[str, Any]:
+    """The app's document, built once per app: it tells that app's limits."""
+    if EXTENSION not in app.extensions:
+        app.extensions[EXTENSION] = openapi_document(app.config)
+    return app.extensions[EXTENSION]
+
+
+def openapi_document(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole document, with the limits of ``config`` (an app's configuration)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="vmapi",
@@ -293,7 +230,7 @@ def openapi_document() -> dict[str, Any]:
         servers=[{"url": "/"}],
         security=[{"bearer": []}],
     )
-    plugin.converter.add_attribute_function(_ref_property)
+    js.install(plugin, config)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema(
         "Error",
@@ -368,12 +305,15 @@ def openapi_document() -> dict[str, Any]:
                 "with its VMs, bridges or taps, VLANs and addresses.",
                 "responses": {"200": {
                     "description": "ENC YAML (classes, parameters).",
-                    "content": {"application/yaml": {"schema": {"type": "string"}}},
-                }, **error_responses([*ADMIN_ERRORS,
-                                      not_found("node")])},
+                    "content": {"application/yaml": {"schema": js.ENC_ANSWER}},
+                }, **error_responses([*ADMIN_ERRORS, not_found("node")])},
             }
         },
     )  # fmt: skip
     for res in RESOURCES.values():
-        _paths_for(spec, plugin, res)
+        spec.components.schema(
+            js.component_name(res.name), component=js.answer_component(plugin, res)
+        )
+    for res in RESOURCES.values():
+        _paths_for(spec, plugin, res, config)
     return spec.to_dict()

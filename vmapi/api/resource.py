@@ -20,7 +20,7 @@ from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
 from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
 from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
 from vmapi.representations import error_response, parse_body, success_response
-from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, Str
+from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, RefList, Str
 from vmapi.services import idempotency
 from vmapi.services.crud import CrudService, ListParams, Outcome
 
@@ -77,8 +77,9 @@ class ResourceApi:
         self.item_methods = item_methods
         #: POST honours the Idempotency-Key header
         self.idempotent = idempotent
-        self.refs: dict[str, Ref] = {
-            key: f for key, f in self.schema.fields.items() if isinstance(f, Ref)
+        #: what ``nest=`` takes: every reference, single or a list (``interfaces``)
+        self.nestable: dict[str, Ref | RefList] = {
+            key: f for key, f in self.schema.fields.items() if isinstance(f, Ref | RefList)
         }
         self.filters = self._filterable()
         RESOURCES[name] = self
@@ -323,16 +324,16 @@ class ResourceApi:
         if raw is None:
             return []
         names = [n.strip() for n in raw.split(",") if n.strip()]
-        bad = [n for n in names if n not in self.refs]
+        bad = [n for n in names if n not in self.nestable]
         if bad or not names:
-            choices = ", ".join(sorted(self.refs)) or "nothing on this resource"
+            choices = ", ".join(sorted(self.nestable)) or "nothing on this resource"
             raise ValidationError(
                 data={
                     "nest": [f"Cannot nest {', '.join(bad) or 'nothing'}; choose from {choices}."]
                 }
             )
         for n in names:
-            target = RESOURCES.get(self.refs[n].resource)
+            target = RESOURCES.get(self.nestable[n].resource)
             if target is not None and who.role not in target.read_roles:
                 raise Forbidden(action=f"read {target.name}")
         return list(dict.fromkeys(names))
@@ -346,15 +347,22 @@ class ResourceApi:
         data = self.schema.dump(obj)
         seen = {} if seen is None else seen
         for name in nest:
+            schema = RESOURCES[self.nestable[name].resource].schema
             related = getattr(obj, name)
             if related is None:
                 data[name] = None
-                continue
-            key = (name, related.id)
-            if key not in seen:
-                seen[key] = RESOURCES[self.refs[name].resource].schema.dump(related)
-            data[name] = seen[key]
+            elif isinstance(related, list):
+                data[name] = [self._dump_once(schema, name, item, seen) for item in related]
+            else:
+                data[name] = self._dump_once(schema, name, related, seen)
         return data
+
+    @staticmethod
+    def _dump_once(schema: Schema, name: str, related: Any, seen: dict) -> dict[str, Any]:
+        key = (name, related.id)
+        if key not in seen:
+            seen[key] = schema.dump(related)
+        return seen[key]
 
     def dump_keyed(self, objs: list[Any], nest: list[str] | tuple[str, ...] = ()) -> dict:
         seen: dict = {}

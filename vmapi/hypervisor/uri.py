@@ -23,9 +23,34 @@ SAFE_PARAMS = frozenset(
         "known_hosts_verify", "sshauth", "mode", "proxy", "tls_priority",
     }
 )  # fmt: skip
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
-_PATH = re.compile(r"^/[A-Za-z0-9_./-]*$")
+_LABEL_RE = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_USER_RE = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}"
+_PATH_RE = r"/[A-Za-z0-9_./-]*"
+_LABEL = re.compile(rf"^{_LABEL_RE}$")
+_USER = re.compile(rf"^{_USER_RE}$")
+_PATH = re.compile(rf"^{_PATH_RE}$")
+
+
+def _uri_pattern() -> str:
+    """A regular expression for URIs :func:`validate_libvirt_uri` accepts (for the OpenAPI
+    document): local ones, ``test://host``, and remote ones that name their transport; hosts
+    of up to five labels, only the harmless parameters."""
+    drivers = "|".join(sorted(DRIVERS))
+    transports = "|".join(sorted(TRANSPORTS - {""}, key=lambda t: -len(t)))
+    port = (
+        r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]"
+        r"|6553[0-5])"
+    )
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,40}[A-Za-z0-9])?"  # five stay within 253
+    host = rf"(?:{_USER_RE}@)?{label}(?:\.{label}){{0,4}}(?::{port})?"
+    param = rf"(?:{'|'.join(sorted(SAFE_PARAMS))})=[A-Za-z0-9_./-]*"
+    return (
+        rf"^(?:(?:{drivers})(?:\+(?:{transports}))?://|test://{host}|"
+        rf"(?:{drivers})\+(?:{transports})://{host})(?:{_PATH_RE})?(?:\?{param}(?:&{param})*)?$"
+    )
+
+
+URI_PATTERN = _uri_pattern()
 
 
 def _valid_host(host: str) -> bool:

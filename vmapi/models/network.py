@@ -62,6 +62,9 @@ class Ipv4Address(db.Model):
     gateway: Mapped[str] = mapped_column(String(15))
     interface_id: Mapped[int | None] = mapped_column(ForeignKey("interface.id"), index=True)
 
+    # read-only, for nest= (API.md: any reference may be nested)
+    interface: Mapped[Interface | None] = relationship(lazy="raise_on_sql", viewonly=True)
+
 
 class Ipv6Address(db.Model):
     __tablename__ = "ipv6_address"
@@ -81,6 +84,10 @@ class Ipv6Address(db.Model):
     gateway: Mapped[str] = mapped_column(String(39))
     interface_id: Mapped[int | None] = mapped_column(ForeignKey("interface.id"), index=True)
     pool_id: Mapped[int | None] = mapped_column(ForeignKey("ipv6_pool.id"), index=True)
+
+    # read-only, for nest= (API.md: any reference may be nested)
+    interface: Mapped[Interface | None] = relationship(lazy="raise_on_sql", viewonly=True)
+    pool: Mapped[Ipv6Pool | None] = relationship(lazy="raise_on_sql", viewonly=True)
 
 
 class Ipv6Pool(db.Model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -11,9 +13,13 @@ from sqlalchemy import (
     column,
     or_,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
+
+if TYPE_CHECKING:
+    from vmapi.models.catalog import CacheOption, StorageType
+    from vmapi.models.vm import Vm
 
 LIMITS = ("write_iops_limit", "read_iops_limit", "write_bps_limit", "read_bps_limit")
 
@@ -43,6 +49,11 @@ class Storage(db.Model):
     target: Mapped[str] = mapped_column(String(8))
     #: the volume's path on the node, as libvirt reported it (null until it exists)
     path: Mapped[str | None] = mapped_column(String(1024))
+
+    # read-only, for nest= (API.md: any reference may be nested)
+    vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
+    storage_type: Mapped[StorageType] = relationship(lazy="raise_on_sql", viewonly=True)
+    cache_option: Mapped[CacheOption | None] = relationship(lazy="raise_on_sql", viewonly=True)
 
     @property
     def volume(self) -> str:

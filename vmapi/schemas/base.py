@@ -17,9 +17,45 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
-_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_LABEL = re.compile(rf"^{_LABEL}$")
 #: Names of catalog rows: a word a script can use unquoted.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+#: Text PostgreSQL can store (see :class:`Str`), for the OpenAPI document: no NUL. No lone
+#: surrogate either (JSON's unpaired "\ud800"), which a pattern cannot say portably (Rust's
+#: regex, which schemathesis validates with, has no surrogates): TEXT_RULE says it in words.
+TEXT_PATTERN = r"^[^\x00]*$"
+TEXT_RULE = "Text without NUL characters or lone surrogates."
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_PATTERN = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_HEX = r"[0-9A-Fa-f]{1,4}"
+#: IPv6 in any of its spellings but the ones with an embedded IPv4 address or a zone.
+IPV6_PATTERN = (
+    "(?:"
+    + "|".join(
+        [rf"(?:{_HEX}:){{7}}{_HEX}", rf"(?:{_HEX}:){{1,7}}:", rf"(?:{_HEX}:){{1,6}}:{_HEX}"]
+        + [rf"(?:{_HEX}:){{1,{n}}}(?::{_HEX}){{1,{7 - n}}}" for n in (5, 4, 3, 2)]
+        + [rf"{_HEX}:(?::{_HEX}){{1,6}}", rf":(?:(?::{_HEX}){{1,7}}|:)"]
+    )
+    + ")"
+)
+
+
+def prefix_pattern(low: int, high: int) -> str:
+    """A prefix length from ``low`` to ``high``, as a regular expression."""
+    return "(?:" + "|".join(str(n) for n in range(high, low - 1, -1)) + ")"
+
+
+def json_schema(**keywords: Any):
+    """Attach to a validator the JSON Schema keywords it enforces, for the OpenAPI document
+    (``pattern``, ``format``, ``minimum``, ``multipleOf``...): what it lets through must be
+    exactly what they describe."""
+
+    def attach(validator):
+        validator.json_schema = keywords
+        return validator
+
+    return attach
 
 
 class BaseSchema(Schema):
@@ -159,6 +195,20 @@ class Ref(fields.Field):
         return int(raw)
 
 
+class RefList(fields.Field):
+    """A read-only list of references: ``[{"id": N}, ...]`` from a relationship.
+
+    ``resource`` names the referenced resource, as for :class:`Ref` (``nest=`` inlines
+    the whole objects)."""
+
+    def __init__(self, resource: str, **kwargs: Any) -> None:
+        self.resource = resource
+        super().__init__(dump_only=True, **kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
+        return [{"id": item.id} for item in value or ()]
+
+
 def positive(maximum: int = INT64_MAX) -> validate.Range:
     return validate.Range(min=1, max=maximum)
 
@@ -182,6 +232,7 @@ def text_field(max_length: int = 255, **kwargs: Any) -> Str:
     return Str(validate=validate.Length(min=1, max=max_length), **kwargs)
 
 
+@json_schema(pattern=rf"^{_LABEL}(?:\.{_LABEL})+\.*$", maxLength=253)
 def validate_hostname(value: str) -> None:
     labels = value.rstrip(".").split(".")
     if len(value) > 253 or len(labels) < 2 or not all(_HOSTNAME_LABEL.match(x) for x in labels):
@@ -190,7 +241,9 @@ def validate_hostname(value: str) -> None:
 
 def interface_validator(version: int):
     """An address with prefix of one IP family, e.g. ``192.0.2.10/24``."""
+    address, high = (IPV4_PATTERN, 32) if version == 4 else (IPV6_PATTERN, 128)
 
+    @json_schema(pattern=f"^{address}/{prefix_pattern(0, high)}$")
     def check(value: str) -> None:
         if "/" not in value:
             raise ValidationError(f"Must be an IPv{version} address with a prefix, e.g. x/24.")
@@ -208,6 +261,7 @@ def address_validator(version: int, canonical: bool = False):
     """A plain address of one IP family, e.g. ``192.0.2.1``; with ``canonical`` it must be
     written as Python's ipaddress writes it (pool addresses are compared as text)."""
 
+    @json_schema(format=f"ipv{version}")
     def check(value: str) -> None:
         try:
             addr = ipaddress.ip_address(value)

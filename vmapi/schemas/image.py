@@ -13,7 +13,10 @@ class ImageSchema(BaseSchema):
     name = text_field(required=True)
     format = Str(
         validate=validate.OneOf(FORMATS),
-        metadata={"description": "qcow2 (the default) or raw; the file must be this."},
+        metadata={
+            "description": "qcow2 (the default) or raw; the file must be this.",
+            "on_update": False,  # image/immutable_field
+        },
     )
     size = Int(dump_only=True, allow_none=True, metadata={"description": "The file's bytes."})
     virtual_size = Int(
@@ -22,14 +25,17 @@ class ImageSchema(BaseSchema):
     checksum = Str(
         allow_none=True,
         validate=validate.Regexp(r"^[0-9a-f]{64}$", error="Must be a sha256 in lowercase hex."),
-        metadata={"description": "sha256 of the file; when given, the upload must match it."},
+        metadata={
+            "description": "sha256 of the file; when given, the upload must match it.",
+            "on_update": False,
+        },
     )
     state = Str(
         dump_only=True,
         validate=validate.OneOf(STATES),
         metadata={"description": "queued (no file yet), active, or error."},
     )
-    customer_id = Int(allow_none=True, validate=non_negative())
+    customer_id = Int(allow_none=True, validate=non_negative(), metadata={"on_update": False})
     min_ram = Int(allow_none=True, validate=non_negative())
     description = text_field(allow_none=True)
     created_at = UtcDateTime(dump_only=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import ValidationError, validate, validates
+from marshmallow import ValidationError, validate
 
 from vmapi.config import INTERFACE_MODES
-from vmapi.hypervisor.uri import validate_libvirt_uri
+from vmapi.hypervisor.uri import URI_PATTERN, validate_libvirt_uri
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.schemas.base import (
     INT32_MAX,
@@ -19,12 +19,21 @@ from vmapi.schemas.base import (
     UtcDateTime,
     address_validator,
     interface_validator,
+    json_schema,
     name_field,
     non_negative,
     positive,
     text_field,
     validate_hostname,
 )
+
+
+@json_schema(pattern=URI_PATTERN)
+def validate_uri(value: str) -> None:
+    try:
+        validate_libvirt_uri(value)
+    except ValueError as exc:
+        raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
 
 
 class NodeSchema(BaseSchema):
@@ -37,7 +46,7 @@ class NodeSchema(BaseSchema):
     location = text_field(allow_none=True)
     bond_interfaces = text_field(allow_none=True)
     node_state = Ref("node_state", attribute="node_state_id", required=True)
-    libvirt_uri = Str(allow_none=True, validate=validate.Length(min=1, max=1024))
+    libvirt_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri])
     cores = Int(allow_none=True, validate=positive(1 << 20))
     ram = Int(allow_none=True, validate=positive())
     cpu_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
@@ -51,18 +60,12 @@ class NodeSchema(BaseSchema):
     last_error = Str(dump_only=True, allow_none=True)
     unreachable_since = UtcDateTime(dump_only=True, allow_none=True)
 
-    @validates("libvirt_uri")
-    def check_uri(self, value: str | None, data_key: str) -> None:
-        if value is None:
-            return
-        try:
-            validate_libvirt_uri(value)
-        except ValueError as exc:
-            raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
-
 
 class NodeOrRef(Ref):
-    """``{"id": N}`` for an existing node, or the full fields of a new one (dict)."""
+    """``{"id": N}`` for an existing node, or on POST the full fields of a new one (dict)."""
+
+    #: the resource whose new object a POST may give instead of a reference
+    or_new = "node"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("node", **kwargs)
@@ -75,8 +78,20 @@ class NodeOrRef(Ref):
         raise ValidationError('Must be {"id": N} or the fields of a new node.')
 
 
+#: A libvirt domain type, in any case: the names that create a virt_method if none has it.
+DOMAIN_TYPE_NAME = (
+    "^(?:"
+    + "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in name) for name in DOMAIN_TYPES)
+    + ")$"
+)
+
+
 class MethodRef(Ref):
     """``{"id": N}`` or ``{"name": "KVM"}`` (an unknown name creates the method)."""
+
+    #: the names documented are those that always work: a domain type (an existing
+    #: method's name works too, but which exist is not the document's to say)
+    by_name = {"name": {"type": "string", "pattern": DOMAIN_TYPE_NAME}}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("virt_method", **kwargs)

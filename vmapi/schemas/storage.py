@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from marshmallow import ValidationError
 
-from vmapi.schemas.base import BaseSchema, Int, Ref, non_negative
+from vmapi.schemas.base import BaseSchema, Int, Ref, json_schema, non_negative
 
 MIB = 1024 * 1024
 
 
+@json_schema(minimum=MIB, multipleOf=MIB)
 def validate_size(value: int) -> None:
     if value <= 0 or value % MIB:
         raise ValidationError("Must be a positive whole number of MiB (a multiple of 1048576).")
@@ -16,9 +17,12 @@ def validate_size(value: int) -> None:
 
 class StorageSchema(BaseSchema):
     id = Int(dump_only=True)
-    size = Int(required=True, validate=validate_size)
+    # at most STORAGE_MAX_SIZE (checked by the service, documented from the app's config)
+    size = Int(required=True, validate=validate_size, metadata={"maximum_from": "STORAGE_MAX_SIZE"})
     vm = Ref("vm", attribute="vm_id", required=True)
-    storage_type = Ref("storage_type", attribute="storage_type_id", required=True)
+    storage_type = Ref(
+        "storage_type", attribute="storage_type_id", required=True, metadata={"on_update": False}
+    )
     cache_option = Ref("cache_option", attribute="cache_option_id", allow_none=True)
     write_iops_limit = Int(allow_none=True, validate=non_negative())
     read_iops_limit = Int(allow_none=True, validate=non_negative())

@@ -6,13 +6,23 @@ import uuid
 
 from marshmallow import ValidationError, validate
 
-from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, Str, non_negative, positive
-from vmapi.schemas.network import RefList
+from vmapi.schemas.base import (
+    BaseSchema,
+    Bool,
+    Int,
+    Ref,
+    RefList,
+    Str,
+    json_schema,
+    non_negative,
+    positive,
+)
 
 MIB = 1024 * 1024
 MIN_RAM = 64 * MIB
 
 
+@json_schema(minimum=MIN_RAM, multipleOf=MIB)
 def validate_ram(value: int) -> None:
     if value < MIN_RAM:
         raise ValidationError(f"Must be at least 64 MiB ({MIN_RAM} bytes).")
@@ -35,6 +45,8 @@ def validate_uuid(value: str) -> None:
 class UuidStr(Str):
     """A UUID, stored in its canonical lowercase form."""
 
+    json_schema = {"format": "uuid"}
+
     def _deserialize(self, value, attr, data, **kwargs) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         validate_uuid(text)
@@ -52,10 +64,13 @@ class VmSchema(BaseSchema):
             min=1000, max=1000000, error="Must be between 1000 and 1000000 µs per period."
         ),
     )
-    uuid = UuidStr(allow_none=True)
-    node = Ref("node", attribute="node_id", allow_none=True)
-    virt_method = Ref("virt_method", attribute="virt_method_id", required=True)
-    vm_state = Ref("vm_state", attribute="vm_state_id")
+    # on_update / on_create False: refused there (vm/immutable_field; a new VM is started)
+    uuid = UuidStr(allow_none=True, metadata={"on_update": False})
+    node = Ref("node", attribute="node_id", allow_none=True, metadata={"on_update": False})
+    virt_method = Ref(
+        "virt_method", attribute="virt_method_id", required=True, metadata={"on_update": False}
+    )
+    vm_state = Ref("vm_state", attribute="vm_state_id", metadata={"on_create": False})
     name = Str(dump_only=True)
     interfaces = RefList("interface")
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from vmapi import error_ids
-from vmapi.addressing import network_problems
+from vmapi.addressing import MAX_RANGE, network_problems
 from vmapi.auth import Principal
 from vmapi.error_ids import IPV4_OVERLAP, IPV6_OVERLAP, IPV6_POOL_OVERLAP
 from vmapi.errors import Conflict, ValidationError, at_index
@@ -21,7 +21,6 @@ from vmapi.models import Ipv4Address, Ipv6Address, Ipv6Pool
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.ownership import own_interfaces
 
-MAX_RANGE = 4096
 POOL_SIZE_CAP = 2**62  # host numbers a pool may hand out (keeps next_host in a bigint)
 CHUNK = 1000
 

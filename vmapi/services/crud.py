@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, UniqueConstraint, and_, select
 from sqlalchemy.exc import DataError, IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import defaultload, selectinload
 
 from vmapi import error_ids
 from vmapi.auth import Principal
@@ -68,13 +68,18 @@ class CrudService(Generic[M]):
         CrudService.by_model.setdefault(model, self)
 
     def nest_options(self, names: Sequence[str]) -> list:
-        """Loader options for ``nest=``: each relationship, with its target's own options."""
+        """Loader options for ``nest=``: each relationship, with its target's own options,
+        so a nested field costs one query per page whatever its size. A list (``interfaces``)
+        is loaded by every read already (its ids are answered); only its targets' options
+        are added to however this read loads it (joined for one object, selectin for a page).
+        """
         options = []
         for name in names:
             relationship = getattr(self.model, name)
             target = CrudService.by_model.get(relationship.property.mapper.class_)
             extra = target.load_options() if target is not None else []
-            options.append(selectinload(relationship).options(*extra))
+            load = defaultload if relationship.property.uselist else selectinload
+            options.append(load(relationship).options(*extra))
         return options
 
     # ------------------------------------------------------------------ reading

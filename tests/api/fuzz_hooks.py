@@ -1,0 +1,87 @@
+"""schemathesis hooks for test_fuzz.py (loaded through ``SCHEMATHESIS_HOOKS``).
+
+A generated node may name any acceptable libvirt URI, remote hosts included, and vmapi
+would connect to it. The fuzzer must never reach outside this machine, nor touch the
+real libvirtd: every URI the server would accept is replaced, just before the request
+is sent, by the in-process test driver's. A URI the server refuses is left as it is, so
+refusals are still tested.
+
+Schema-valid requests refused for a rule no JSON Schema can state are not counted against
+the document (``filter_failure``); every other failure is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import schemathesis
+from schemathesis.openapi.checks import RejectedPositiveData
+
+from vmapi.hypervisor.uri import validate_libvirt_uri
+
+LOCAL = "test:///default"
+
+
+def _confine(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_confine(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    confined = {key: _confine(item) for key, item in value.items()}
+    uri = confined.get("libvirt_uri")
+    if isinstance(uri, str) and uri != LOCAL:
+        try:
+            validate_libvirt_uri(uri)
+        except ValueError:
+            return confined
+        confined["libvirt_uri"] = LOCAL
+    return confined
+
+
+@schemathesis.hook
+def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
+    case.body = _confine(case.body)
+
+
+#: 400s for rules a JSON Schema cannot state, which the document says in words: a
+#: reference must name a row that exists (which ids exist is not the document's to say),
+#: a gateway lies inside its network and is not the address itself, a network has no host
+#: bits set. A schema-valid request refused for one of these alone is no lie of the document.
+UNSTATABLE = [
+    re.compile(p)
+    for p in (
+        r"No [a-z0-9_]+ with id \d+\.",
+        r"No such vm_state\.",
+        r"Must be inside \S+\.",
+        r"Must not be the address itself\.",
+        r"Is the network or broadcast address of \S+\.",
+        r"Has host bits set: the network is \S+\.",
+    )
+]
+#: 400s that depend on what is stored: the seeded vm_state rows that cannot be set, and a
+#: size below the volume's current one.
+STATE_DEPENDENT = {"vm/state_not_settable", "storage/shrink_forbidden"}
+
+
+def _messages(data: Any) -> list[Any]:
+    if isinstance(data, dict):
+        return [m for key, value in data.items() if key != "index" for m in _messages(value)]
+    if isinstance(data, list):
+        return [m for value in data for m in _messages(value)]
+    return [data]
+
+
+@schemathesis.hook
+def filter_failure(ctx: Any, failure: Any, case: Any, response: Any) -> bool:
+    """Keep every failure but a schema-valid request refused only for those rules."""
+    if not isinstance(failure, RejectedPositiveData) or response.status_code != 400:
+        return True
+    body = response.json()
+    if body.get("error_id") in STATE_DEPENDENT:
+        return False
+    messages = _messages(body.get("data"))
+    unstatable = all(
+        isinstance(m, str) and any(p.fullmatch(m) for p in UNSTATABLE) for m in messages
+    )
+    return not (messages and unstatable)
