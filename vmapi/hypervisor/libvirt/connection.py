@@ -120,6 +120,23 @@ def call_with_timeout(uri: str, timeout: float, fn: Callable[[], T]) -> T:
     return outcome["value"]  # type: ignore[return-value]
 
 
+def open_connection(
+    uri: str, timeout: float, keepalive_interval: int, keepalive_count: int
+) -> libvirt.virConnect:
+    """A new connection to ``uri`` (opening bounded by ``timeout``), with keepalive."""
+    _event_loop.ensure_running()
+    try:
+        conn = call_with_timeout(uri, timeout, lambda: libvirt.open(uri))
+    except libvirt.libvirtError as exc:
+        raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
+    if conn is None:  # older bindings return None instead of raising
+        raise HypervisorUnavailable(uri, "libvirt returned no connection")
+    # Local drivers (test, qemu:///system over unix) have no keepalive.
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.setKeepAlive(keepalive_interval, keepalive_count)
+    return conn
+
+
 class ConnectionCache:
     """Per-process cache of open libvirt connections, keyed by URI."""
 
@@ -151,16 +168,7 @@ class ConnectionCache:
             except libvirt.libvirtError:
                 pass
             self.drop(uri)
-        _event_loop.ensure_running()
-        try:
-            conn = call_with_timeout(uri, timeout, lambda: libvirt.open(uri))
-        except libvirt.libvirtError as exc:
-            raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
-        if conn is None:  # older bindings return None instead of raising
-            raise HypervisorUnavailable(uri, "libvirt returned no connection")
-        # Local drivers (test, qemu:///system over unix) have no keepalive.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(self.keepalive_interval, self.keepalive_count)
+        conn = open_connection(uri, timeout, self.keepalive_interval, self.keepalive_count)
         with self._lock:
             self._conns[uri] = conn
         return conn
@@ -171,7 +179,7 @@ class ConnectionCache:
         with self._lock:
             conn = self._conns.pop(uri, None)
         if conn is not None:
-            threading.Thread(target=_close_quietly, args=(conn,), daemon=True).start()
+            close_in_background(conn)
 
     def clear(self) -> None:
         """Close every connection of this process (tests, shutdown)."""
@@ -180,6 +188,11 @@ class ConnectionCache:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             _close_quietly(conn)
+
+
+def close_in_background(conn: libvirt.virConnect) -> None:
+    """Close ``conn`` without waiting (a call may still hang on it)."""
+    threading.Thread(target=_close_quietly, args=(conn,), daemon=True).start()
 
 
 def _close_quietly(conn: libvirt.virConnect) -> None:
