@@ -372,12 +372,13 @@ class LibvirtDriver:
             return
         raise HypervisorTimeout(uri, timeout)
 
-    @staticmethod
     def _migration_error(
-        uri: str, dest_uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError
+        self, uri: str, dest_uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError
     ) -> HypervisorError:
         error = translate(uri, exc)
         if isinstance(error, HypervisorUnavailable) and conn.isAlive():
             # The source still answers: it was the target it could not reach.
             return HypervisorUnavailable(dest_uri, error.reason)
+        if isinstance(error, HypervisorTimeout):  # a job lock libvirt waited for in vain
+            return HypervisorTimeout(uri, self.timeout)
         return error
