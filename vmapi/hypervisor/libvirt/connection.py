@@ -120,13 +120,15 @@ def call_with_timeout(uri: str, timeout: float, fn: Callable[[], T]) -> T:
     return outcome["value"]  # type: ignore[return-value]
 
 
-def open_connection(
-    uri: str, timeout: float, keepalive_interval: int, keepalive_count: int
-) -> libvirt.virConnect:
-    """A new connection to ``uri`` (opening bounded by ``timeout``), with keepalive."""
+def open_connection(uri: str, keepalive_interval: int, keepalive_count: int) -> libvirt.virConnect:
+    """A new connection with keepalive, outside any cache (blocking: bound it by the caller).
+
+    The cache's connections and the private ones of long streams (:mod:`.streams`) are
+    opened alike.
+    """
     _event_loop.ensure_running()
     try:
-        conn = call_with_timeout(uri, timeout, lambda: libvirt.open(uri))
+        conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
     if conn is None:  # older bindings return None instead of raising
@@ -168,7 +170,8 @@ class ConnectionCache:
             except libvirt.libvirtError:
                 pass
             self.drop(uri)
-        conn = open_connection(uri, timeout, self.keepalive_interval, self.keepalive_count)
+        interval, count = self.keepalive_interval, self.keepalive_count
+        conn = call_with_timeout(uri, timeout, lambda: open_connection(uri, interval, count))
         with self._lock:
             self._conns[uri] = conn
         return conn
@@ -179,7 +182,7 @@ class ConnectionCache:
         with self._lock:
             conn = self._conns.pop(uri, None)
         if conn is not None:
-            close_in_background(conn)
+            threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
 
     def clear(self) -> None:
         """Close every connection of this process (tests, shutdown)."""
@@ -187,15 +190,10 @@ class ConnectionCache:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
-            _close_quietly(conn)
+            close_quietly(conn)
 
 
-def close_in_background(conn: libvirt.virConnect) -> None:
-    """Close ``conn`` without waiting (a call may still hang on it)."""
-    threading.Thread(target=_close_quietly, args=(conn,), daemon=True).start()
-
-
-def _close_quietly(conn: libvirt.virConnect) -> None:
+def close_quietly(conn: libvirt.virConnect) -> None:
     try:
         conn.close()
     except libvirt.libvirtError:

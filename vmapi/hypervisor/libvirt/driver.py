@@ -34,7 +34,6 @@ from vmapi.hypervisor.libvirt.config import METADATA_NS, Metadata, StoragePool, 
 from vmapi.hypervisor.libvirt.connection import (
     ConnectionCache,
     call_with_timeout,
-    close_in_background,
     open_connection,
     translate,
 )
@@ -305,8 +304,8 @@ class LibvirtDriver:
             raise NotSupported(uri, "libvirt copies disks only in a live migration; "
                                     "copy the volumes before moving a shut-off domain")  # fmt: skip
         # A connection of its own: the migration holds it for as long as it runs.
-        conn = open_connection(uri, self.timeout, self.connections.keepalive_interval,
-                               self.connections.keepalive_count)  # fmt: skip
+        interval, count = self.connections.keepalive_interval, self.connections.keepalive_count
+        conn = call_with_timeout(uri, self.timeout, lambda: open_connection(uri, interval, count))
         try:
             dom = self._bounded(uri, lambda: conn.lookupByName(name))
             # libvirt would move a running domain's definition offline and leave it
@@ -335,7 +334,7 @@ class LibvirtDriver:
             except libvirt.libvirtError as exc:
                 raise self._migration_error(uri, dest_uri, conn, exc) from exc
         finally:
-            close_in_background(conn)
+            migration.close_in_background(conn)
 
     def last_migration(self, uri: str, name: str) -> MigrationStats | None:
         flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED

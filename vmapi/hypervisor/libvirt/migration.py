@@ -21,6 +21,7 @@ from typing import TypeVar
 import libvirt
 
 from vmapi.hypervisor.driver import MigrationStats
+from vmapi.hypervisor.libvirt.connection import close_quietly
 
 T = TypeVar("T")
 
@@ -143,3 +144,8 @@ def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+def close_in_background(conn: libvirt.virConnect) -> None:
+    """Close ``conn`` without waiting: an aborted migration's call may still hang on it."""
+    threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
