@@ -6,8 +6,6 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import libvirt
@@ -22,7 +20,6 @@ from vmapi.hypervisor.driver import (
     DomainInfo,
     DomainSpec,
     HostInfo,
-    HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
     MigrationStats,
@@ -328,11 +325,10 @@ class LibvirtDriver:
                 f"libvirt-migrate {name}",
             )
             try:
-                job.result(timeout)
-            except FutureTimeout:
-                self._abort_migration(uri, dom, job, timeout)
+                migration.wait(uri, dom, job, timeout, lambda fn: self._bounded(uri, fn),
+                               grace=self.timeout)  # fmt: skip
             except libvirt.libvirtError as exc:
-                raise self._migration_error(uri, dest_uri, conn, exc) from exc
+                raise migration.error(uri, dest_uri, conn, exc, self.timeout) from exc
         finally:
             migration.close_in_background(conn)
 
@@ -350,34 +346,3 @@ class LibvirtDriver:
             error = translate(uri, exc)
             raise (HypervisorTimeout(uri, self.timeout) if isinstance(error, HypervisorTimeout)
                    else error) from exc  # fmt: skip
-
-    def _abort_migration(
-        self, uri: str, dom: libvirt.virDomain, job: Future[None], timeout: float
-    ) -> None:
-        """Past the deadline: abort the job and wait for libvirt to give the domain back to
-        the source. Returns only when the migration ended by itself meanwhile."""
-        try:
-            self._bounded(uri, dom.abortJob)
-        except HypervisorError as exc:  # no job any more: it ended as the deadline passed
-            log.info("aborting the migration of %s: %s", dom.name(), exc)
-        try:
-            job.result(self.timeout)
-        except FutureTimeout:
-            log.error("the migration of %s did not end after its abort", dom.name())
-        except libvirt.libvirtError as exc:
-            log.info("migration of %s aborted after %g s: %s", dom.name(), timeout, exc)
-        else:
-            log.warning("the migration of %s finished as it was being aborted", dom.name())
-            return
-        raise HypervisorTimeout(uri, timeout)
-
-    def _migration_error(
-        self, uri: str, dest_uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError
-    ) -> HypervisorError:
-        error = translate(uri, exc)
-        if isinstance(error, HypervisorUnavailable) and conn.isAlive():
-            # The source still answers: it was the target it could not reach.
-            return HypervisorUnavailable(dest_uri, error.reason)
-        if isinstance(error, HypervisorTimeout):  # a job lock libvirt waited for in vain
-            return HypervisorTimeout(uri, self.timeout)
-        return error

@@ -12,17 +12,25 @@ job is aborted through libvirt (``virDomainAbortJob``), as Nova's
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import libvirt
 
-from vmapi.hypervisor.driver import MigrationStats
-from vmapi.hypervisor.libvirt.connection import close_quietly
+from vmapi.hypervisor.driver import (
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    MigrationStats,
+)
+from vmapi.hypervisor.libvirt.connection import close_quietly, translate
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LIVE_FLAGS = (
@@ -149,3 +157,50 @@ def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
 def close_in_background(conn: libvirt.virConnect) -> None:
     """Close ``conn`` without waiting: an aborted migration's call may still hang on it."""
     threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
+
+
+def wait(
+    uri: str,
+    dom: libvirt.virDomain,
+    job: Future[None],
+    timeout: float,
+    bounded: Callable[[Callable[[], object]], object],
+    grace: float,
+) -> None:
+    """Wait ``timeout`` seconds for the migration ``job``; past them abort it through
+    libvirt (a call bounded by ``bounded``) and wait up to ``grace`` seconds for libvirt
+    to give the domain back to the source, then raise :class:`HypervisorTimeout`. Returns
+    when the job ended well (even as it was being aborted: the domain moved); a failed
+    job's libvirt error is raised as it is."""
+    try:
+        job.result(timeout)
+        return
+    except FutureTimeout:
+        pass
+    try:
+        bounded(dom.abortJob)
+    except HypervisorError as exc:  # no job any more: it ended as the deadline passed
+        log.info("aborting the migration of %s: %s", dom.name(), exc)
+    try:
+        job.result(grace)
+    except FutureTimeout:
+        log.error("the migration of %s did not end after its abort", dom.name())
+    except libvirt.libvirtError as exc:
+        log.info("migration of %s aborted after %g s: %s", dom.name(), timeout, exc)
+    else:
+        log.warning("the migration of %s finished as it was being aborted", dom.name())
+        return
+    raise HypervisorTimeout(uri, timeout)
+
+
+def error(
+    uri: str, dest_uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError, timeout: float
+) -> HypervisorError:
+    """A failed migration's libvirt error, translated; ``timeout`` is the driver's own."""
+    found = translate(uri, exc)
+    if isinstance(found, HypervisorUnavailable) and conn.isAlive():
+        # The source still answers: it was the target it could not reach.
+        return HypervisorUnavailable(dest_uri, found.reason)
+    if isinstance(found, HypervisorTimeout):  # a job lock libvirt waited for in vain
+        return HypervisorTimeout(uri, timeout)
+    return found
