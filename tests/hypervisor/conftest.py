@@ -1,17 +1,22 @@
-"""Fixtures of the hypervisor tier's stream and console-log tests (real libvirtd).
+"""Fixtures of the hypervisor tier (real libvirtd).
 
-Everything they make is named ``vmapi-streamtest-*`` (a dir pool of each test's own, its
-volumes, tiny ``type='qemu'`` domains) and removed even when a test fails; leftovers of
-an interrupted run are removed first.
+The stream and console-log tests: everything they make is named ``vmapi-streamtest-*``
+(a dir pool of each test's own, its volumes, tiny ``type='qemu'`` domains) and removed
+even when a test fails; leftovers of an interrupted run are removed first.
+Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py).
 """
 
+from __future__ import annotations
+
 import uuid
+from collections.abc import Iterator
 
 import libvirt
 import pytest
 
 from tests.conftest import unavailable
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
+from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
 
 
@@ -59,3 +64,15 @@ def domains(libvirtd, pool):
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+@pytest.fixture(scope="session")
+def host_pair() -> Iterator[TwoHosts]:
+    """Hosts ``a`` and ``b``: two libvirtd daemons of their own, started once per session
+    and always stopped at its end (domains destroyed, daemons ended, folders removed)."""
+    try:
+        check_machine()
+    except HostUnavailable as exc:
+        unavailable(str(exc))
+    with two_hosts() as pair:
+        yield pair

@@ -140,6 +140,19 @@ def read_chunks(readable: BinaryIO, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         yield chunk
 
 
+@dataclass(frozen=True)
+class MigrationStats:
+    """What libvirt reports about a finished live migration (its completed job), as read
+    on the host the domain moved to; ``None`` where the hypervisor reported nothing.
+    (libvirt counts a non-shared-disk copy on the source only, so it is not here.)"""
+
+    incoming: bool  # True: the domain came to this host; False: it left it
+    seconds: float  # the whole job, start to end
+    downtime: float | None  # seconds the guest was paused at the switch-over
+    memory_bytes: int | None = None  # guest memory sent
+    memory_iterations: int | None = None  # passes over the guest's memory
+
+
 class HypervisorDriver(Protocol):
     """The calls vmapi makes on a host. Every call is bounded by the driver's timeout."""
 
@@ -255,4 +268,38 @@ class HypervisorDriver(Protocol):
 
     def delete_log(self, uri: str, pool: str, volume: str) -> None:
         """Delete a log volume and its rotated files; nothing to delete is no error."""
+        ...
+
+    def migrate(
+        self,
+        uri: str,
+        name: str,
+        dest_uri: str,
+        *,
+        timeout: float,
+        live: bool = True,
+        migration_address: str | None = None,
+        copy_storage: bool = False,
+        disk_paths: dict[str, str] | None = None,
+        bandwidth: int | None = None,
+        unchecked_storage: bool = False,
+    ) -> None:
+        """Move the domain to the host the source reaches at ``dest_uri``, defined there
+        and no longer here. ``live``: the running (or paused, which stays paused) guest
+        moves with its memory, the stream going to ``migration_address`` (an address, or
+        a ``tcp://`` URI); otherwise a shut-off domain's definition moves.
+        ``copy_storage`` (live only) copies the disks into files that already exist on
+        the target (same size); ``disk_paths`` names, per source path, the file a disk
+        has on the target. Disks not copied must be on storage both hosts share;
+        libvirt checks that it is a shared filesystem unless ``unchecked_storage`` (for
+        storage declared shared that libvirt cannot recognise as such).
+        ``bandwidth`` caps the stream (MiB/s). Past ``timeout``
+        seconds the migration is aborted, the domain stays where it was (running) and
+        :class:`HypervisorTimeout` is raised."""
+        ...
+
+    def last_migration(self, uri: str, name: str) -> MigrationStats | None:
+        """The last migration that brought the domain to ``uri`` (read on the host it
+        moved to), or None when its last job was none (an offline migration keeps no
+        statistics; an aborted one clears them)."""
         ...

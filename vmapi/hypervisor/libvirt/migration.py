@@ -1,0 +1,206 @@
+"""Moving a domain between hosts: flags, parameters, the target's XML, and the watch.
+
+The driver's ``migrate`` (in :mod:`vmapi.hypervisor.libvirt.driver`) runs
+``virDomainMigrateToURI3`` peer-to-peer: the source's libvirtd talks to the target's
+itself, and QEMU's stream goes straight to the target's migration address. The call is
+long and has no timeout of its own, so it runs in a thread on a connection of its own
+(never the shared cached one) while the caller watches the clock; past the deadline the
+job is aborted through libvirt (``virDomainAbortJob``), as Nova's
+``virt/libvirt/migration.py`` does, and the guest goes on running on the source.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+import libvirt
+
+from vmapi.hypervisor.driver import (
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    MigrationStats,
+)
+from vmapi.hypervisor.libvirt.connection import close_quietly, translate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LIVE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+# A shut-off domain: only its definition moves (libvirt defines it on the target, checks
+# the name and UUID there, and undefines it here), in one call.
+OFFLINE_FLAGS = (
+    libvirt.VIR_MIGRATE_OFFLINE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+#: what the XML of a domain in migration is read with (no host-specific details)
+MIGRATABLE = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
+MS = 1000.0
+
+
+def flags(live: bool, copy_storage: bool, unchecked_storage: bool) -> int:
+    if not live:
+        return OFFLINE_FLAGS
+    found = LIVE_FLAGS | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if copy_storage else 0)
+    # libvirt refuses to leave a disk behind on a filesystem it does not know as shared
+    # (NFS, GlusterFS, ...); the caller may vouch for storage both hosts see anyway.
+    return found | (libvirt.VIR_MIGRATE_UNSAFE if unchecked_storage else 0)
+
+
+def stream_uri(address: str) -> str:
+    """QEMU's migration URI for an address (``tcp://`` URIs pass through as they are)."""
+    if "://" in address:
+        return address
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return f"tcp://[{address}]"
+    except ValueError:
+        pass  # a host name
+    return f"tcp://{address}"
+
+
+def listen_address(address: str) -> str:
+    """The address the target's QEMU (and its disk server) listens on: the stream's host,
+    so nothing listens on every interface of the target."""
+    host = address.split("://", 1)[-1].rsplit("@", 1)[-1]
+    if host.startswith("["):
+        return host[1 : host.index("]")]
+    return host.split(":", 1)[0] if host.count(":") == 1 else host
+
+
+def retarget_disks(xml: str, paths: dict[str, str]) -> str:
+    """The domain's XML with each disk whose file is a key of ``paths`` pointing at its
+    value instead (where the volume is on the target)."""
+    root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if source is None or source.get("file") not in paths:
+            continue
+        source.set("file", paths[source.get("file")])
+        # The chain libvirt read on the source names the source's files; the target
+        # reads its file's own.
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
+def params(
+    live: bool,
+    migration_address: str | None,
+    bandwidth: int | None,
+    dest_xml: str | None,
+    persist_xml: str | None,
+) -> dict[str, object]:
+    found: dict[str, object] = {}
+    if live and migration_address:
+        found[libvirt.VIR_MIGRATE_PARAM_URI] = stream_uri(migration_address)
+        found[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = listen_address(migration_address)
+    if live and bandwidth:
+        found[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth
+    if dest_xml is not None:
+        found[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
+    if persist_xml is not None:
+        found[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = persist_xml
+    return found
+
+
+def stats(raw: dict[str, object]) -> MigrationStats | None:
+    """The completed job's statistics, or None when the last job was not a migration."""
+    operation = raw.get(libvirt.VIR_DOMAIN_JOB_OPERATION)
+    incoming = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
+    if operation not in (incoming, libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT):
+        return None
+
+    def number(key: str) -> int | None:
+        value = raw.get(key)
+        return int(value) if isinstance(value, int) else None
+
+    downtime = number(libvirt.VIR_DOMAIN_JOB_DOWNTIME)
+    return MigrationStats(
+        incoming=operation == incoming,
+        seconds=(number(libvirt.VIR_DOMAIN_JOB_TIME_ELAPSED) or 0) / MS,
+        downtime=None if downtime is None else downtime / MS,
+        memory_bytes=number(libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED),
+        memory_iterations=number(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
+    )
+
+
+def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """Run ``fn`` in a daemon thread (a hung host never holds the process at exit)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def close_in_background(conn: libvirt.virConnect) -> None:
+    """Close ``conn`` without waiting: an aborted migration's call may still hang on it."""
+    threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
+
+
+def wait(
+    uri: str,
+    dom: libvirt.virDomain,
+    job: Future[None],
+    timeout: float,
+    bounded: Callable[[Callable[[], object]], object],
+    grace: float,
+) -> None:
+    """Wait ``timeout`` seconds for the migration ``job``; past them abort it through
+    libvirt (a call bounded by ``bounded``) and wait up to ``grace`` seconds for libvirt
+    to give the domain back to the source, then raise :class:`HypervisorTimeout`. Returns
+    when the job ended well (even as it was being aborted: the domain moved); a failed
+    job's libvirt error is raised as it is."""
+    try:
+        job.result(timeout)
+        return
+    except FutureTimeout:
+        pass
+    try:
+        bounded(dom.abortJob)
+    except HypervisorError as exc:  # no job any more: it ended as the deadline passed
+        log.info("aborting the migration of %s: %s", dom.name(), exc)
+    try:
+        job.result(grace)
+    except FutureTimeout:
+        log.error("the migration of %s did not end after its abort", dom.name())
+    except libvirt.libvirtError as exc:
+        log.info("migration of %s aborted after %g s: %s", dom.name(), timeout, exc)
+    else:
+        log.warning("the migration of %s finished as it was being aborted", dom.name())
+        return
+    raise HypervisorTimeout(uri, timeout)
+
+
+def error(
+    uri: str, dest_uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError, timeout: float
+) -> HypervisorError:
+    """A failed migration's libvirt error, translated; ``timeout`` is the driver's own."""
+    found = translate(uri, exc)
+    if isinstance(found, HypervisorUnavailable) and conn.isAlive():
+        # The source still answers: it was the target it could not reach.
+        return HypervisorUnavailable(dest_uri, found.reason)
+    if isinstance(found, HypervisorTimeout):  # a job lock libvirt waited for in vain
+        return HypervisorTimeout(uri, timeout)
+    return found
