@@ -1,6 +1,7 @@
 """Typed SQLAlchemy 2 models, one module per area; importing this registers them all."""
 
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models.console import ConsoleToken
 from vmapi.models.event import Event
 from vmapi.models.idempotency import IdempotencyKey
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
@@ -13,6 +14,7 @@ from vmapi.models.vm import Vm
 __all__ = [
     "ApiToken",
     "CacheOption",
+    "ConsoleToken",
     "Event",
     "IdempotencyKey",
     "Interface",
