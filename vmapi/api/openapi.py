@@ -16,6 +16,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from vmapi import __version__
+from vmapi.api.actions import Action
 from vmapi.api.resource import ADMIN_ONLY, RESOURCES, ResourceApi
 from vmapi.schemas.base import Bool, Float, Int, Ref
 
@@ -278,18 +279,23 @@ def _paths_for(spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi) -> No
         },
     }
     spec.path(path=f"/api/v1/{name}/{{ident}}", operations=_only(item_ops, res.item_methods))
-    for action in res.actions:
+    for action, how in res.actions.items():
+        summary = f"{action.capitalize()} one {name}."
+        answer = {"200": _success(ref, f"The {name} after the {action}.")}
+        if isinstance(how, Action):
+            component = f"{name.capitalize()}{action.capitalize()}"
+            spec.components.schema(component, schema=how.schema)
+            summary = how.summary or summary
+            answer = {str(how.status): _success({"$ref": f"#/components/schemas/{component}"},
+                                                f"The {action} of the {name}.")}  # fmt: skip
         spec.path(
             path=f"/api/v1/{name}/{{ident}}/{action}",
             operations={
                 "post": {
                     "tags": tags,
-                    "summary": f"{action.capitalize()} one {name}.",
+                    "summary": summary,
                     "parameters": [ident],
-                    "responses": {
-                        "200": _success(ref, f"The {name} after the {action}."),
-                        **errs(400, 401, 403, 404, 409, writes=True),
-                    },
+                    "responses": {**answer, **errs(400, 401, 403, 404, 409, writes=True)},
                 }
             },
         )

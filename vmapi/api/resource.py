@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
+from vmapi.api.actions import Action
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
 from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
 from vmapi.representations import error_response, parse_body, success_response
@@ -54,7 +55,7 @@ class ResourceApi:
         summary: str = "",
         update_options: type[Schema] | None = None,
         delete_options: type[Schema] | None = None,
-        actions: dict[str, str] | None = None,
+        actions: dict[str, str | Action] | None = None,
         error_ids: dict[int, list[str]] | None = None,
         collection_methods: list[str] = COLLECTION_METHODS,
         item_methods: list[str] = ITEM_METHODS,
@@ -70,7 +71,7 @@ class ResourceApi:
         #: query options a verb accepts (e.g. ``?force=true``); none when None
         self.update_options = update_options
         self.delete_options = delete_options
-        #: item actions: ``POST /<name>/<id>/<action>`` -> service method name
+        #: item actions: ``POST /<name>/<id>/<action>`` -> service method name, or an Action
         self.actions = actions or {}
         #: error ids beyond the generic ones, by status (for the OpenAPI document)
         self.error_ids = error_ids or {}
@@ -109,6 +110,8 @@ class ResourceApi:
             self.parse_options(request.args, None)
             if parse_body() not in (None, {}):
                 raise ValidationError(f"{action} takes no body.")
+            if isinstance(self.actions[action], Action):
+                return self.actions[action].respond(ident, who)
             outcome = getattr(self.service, self.actions[action])(ident, who)
             return self.answer(outcome, indexed=False)
 
