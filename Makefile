@@ -11,8 +11,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients
-# busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time
-TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools qemu-utils
+# busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time;
+# novnc, chromium: the console's web client, opened by a headless browser in the tests
+TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools qemu-utils \
+	novnc chromium
 BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 
