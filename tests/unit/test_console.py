@@ -125,3 +125,20 @@ def test_the_proxy_connects_to_concrete_addresses_only():
     assert _concrete("192.0.2.1") and _concrete("::1")
     assert not _concrete("0.0.0.0") and not _concrete("::")
     assert not _concrete(None) and not _concrete("node1.example.com")
+
+
+def test_the_openapi_document_describes_the_console_answer():
+    from vmapi.api.openapi import openapi_document
+
+    document = openapi_document()
+    post = document["paths"]["/api/v1/vm/{ident}/console"]["post"]
+    created = post["responses"]["201"]["content"]["application/json"]["schema"]
+    assert created["properties"]["data"] == {"$ref": "#/components/schemas/VmConsole"}
+    assert "200" not in post["responses"] and "409" in post["responses"]
+    answer = document["components"]["schemas"]["VmConsole"]["properties"]
+    assert set(answer) == {"url", "token", "password", "expires_at"}
+    assert "vm/no_console" in post["responses"]["409"]["description"]
+    reboot = document["paths"]["/api/v1/vm/{ident}/reboot"]["post"]["responses"]
+    assert reboot["200"]["content"]["application/json"]["schema"]["properties"]["data"] == {
+        "$ref": "#/components/schemas/Vm"
+    }
