@@ -57,7 +57,7 @@ def qemu_node_fixture(app, api, conn, address_pools):
     needed: SeaBIOS draws on the display); VM ids far from anyone else's."""
     with app.app_context():
         first = random.randrange(10**6, 10**9)
-        db.session.execute(sa.text(f"ALTER SEQUENCE vm_id_seq RESTART WITH {first}"))
+        db.session.execute(sa.select(sa.func.setval("vm_id_seq", first, False)))
         db.session.commit()
         db.session.remove()
     body = {"node": node_body(libvirt_uri=URI, interface_mode="user"),
