@@ -13,9 +13,10 @@ FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients qemu-utils
 # busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time;
 # cloud-init, openssh-client and genisoimage: the NoCloud seed's tests read it with
-# cloud-init's own parsers, make keys with ssh-keygen and read the ISO with isoinfo.
+# cloud-init's own parsers, make keys with ssh-keygen and read the ISO with isoinfo;
+# novnc, chromium: the console's web client, opened by a headless browser in the tests
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
-  qemu-utils cloud-init openssh-client genisoimage
+  qemu-utils cloud-init openssh-client genisoimage novnc chromium
 BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 

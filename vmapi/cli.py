@@ -18,10 +18,12 @@ token_cli = AppGroup("token", help="API tokens.")
 node_cli = AppGroup("node", help="Hypervisor hosts.")
 event_cli = AppGroup("event", help="The audit trail.")
 network_cli = AppGroup("network", help="Address ranges new VMs take their addresses from.")
+console_cli = AppGroup("console", help="VM console tokens.")
 vmapi_cli.add_command(token_cli)
 vmapi_cli.add_command(node_cli)
 vmapi_cli.add_command(event_cli)
 vmapi_cli.add_command(network_cli)
+vmapi_cli.add_command(console_cli)
 
 #: The CLI acts with admin rights (it runs on the API host with its database credentials).
 CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
@@ -217,6 +219,14 @@ def event_purge(days: int) -> None:
     from vmapi.services.events import purge_events
 
     click.echo(f"deleted {purge_events(days)} event(s) older than {days} day(s)")
+
+
+@console_cli.command("purge")
+def console_purge() -> None:
+    """Delete expired console tokens (they open nothing; the shipped timer runs this)."""
+    from vmapi.services.consoles import purge_console_tokens
+
+    click.echo(f"deleted {purge_console_tokens()} expired console token(s)")
 
 
 @vmapi_cli.command("reconcile")

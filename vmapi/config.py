@@ -18,6 +18,15 @@ GIB = 1024**3
 MIB = 1024**2
 TIB = 1024**4
 
+#: noVNC (served by the shipped nginx site under /console/) with what it reads from the
+#: fragment, which browsers never send to a server: connect at once through the proxy's
+#: websocket with the token, with the display password.
+CONSOLE_URL = (
+    "{base}console/vnc.html#autoconnect=true&reconnect=false&resize=scale"
+    "&path=console%2Fwebsockify%3Ftoken%3D{token}&password={password}"
+)
+CONSOLE_URL_FIELDS = {"base": "", "token": "", "password": ""}
+
 #: key -> (default, one-line description). The README's configuration table mirrors this.
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "DATABASE_URL": (None, "SQLAlchemy URL; default: SQLite file instance/vmapi.sqlite3"),
@@ -74,6 +83,16 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "METRICS_ALLOW": (
         [],
         "networks (CIDR, JSON list) that may read /metrics without the admin token",
+    ),
+    "CONSOLE_ADDRESS": (
+        "127.0.0.1",
+        "address VNC displays listen on, on nodes whose console_address is null",
+    ),
+    "CONSOLE_TTL": (300, "seconds a console token and its display password are valid"),
+    "CONSOLE_URL": (
+        CONSOLE_URL,
+        "the console URL answered by POST /vm/<id>/console; {base} (the API's own URL), "
+        "{token} and {password} are filled in",
     ),
     "LOG_HYPERVISOR": (True, "one JSON line per hypervisor action on vmapi.hypervisor"),
     "LOG_LEVEL": ("INFO", "Python log level"),
@@ -138,6 +157,18 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
             ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
             raise RuntimeError(f"METRICS_ALLOW: {exc}") from exc
+    try:
+        ipaddress.ip_address(app.config["CONSOLE_ADDRESS"])
+    except ValueError as exc:
+        raise RuntimeError(f"CONSOLE_ADDRESS: {exc}") from exc
+    if not int(app.config["CONSOLE_TTL"]) > 0:
+        raise RuntimeError("CONSOLE_TTL must be a positive number of seconds")
+    try:
+        app.config["CONSOLE_URL"].format(**CONSOLE_URL_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RuntimeError(
+            f"CONSOLE_URL may use only {{base}}, {{token}} and {{password}}: {exc!r}"
+        ) from exc
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
 

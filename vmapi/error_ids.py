@@ -155,6 +155,9 @@ VM_NO_FREE_IPV6 = _register("vm/no_free_ipv6", 409,
     "No free IPv6 address is left; add a pool with POST /ipv6.", {"vm": {CREATE}})
 VM_NO_FREE_MAC = _register("vm/no_free_mac", 409,
     "No unused MAC address was found; retry.", {"vm": {CREATE}})
+VM_NO_CONSOLE = _register("vm/no_console", 409,
+    "The VM's domain has no console display yet (it gets one when next defined and "
+    "started).", {"vm": {ACTION}})
 VM_HAS_STORAGE = _register("vm/has_storage", 409,
     "The VM still has storage; delete it or send ?cascade=storage.", {"vm": {DELETE}})
 VM_BUSY = _register("vm/busy", 409,

@@ -1,7 +1,11 @@
 """The shipped deployment files agree with the application's own settings."""
 
+import importlib
 import re
 from pathlib import Path
+from urllib.parse import unquote
+
+from websockify.token_plugins import BasePlugin
 
 from vmapi.config import DEFAULTS
 
@@ -25,14 +29,63 @@ def test_nginx_read_timeout_outlasts_gunicorns():
     assert read > worker > DEFAULTS["LIBVIRT_TIMEOUT"][0]
 
 
-def _image_location(site: str) -> str:
-    start = site.index("location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
+def site_location(site: str, head: str) -> str:
+    """The body of the nginx ``location`` block that starts with ``head``."""
+    start = site.index(head)
     return site[start : site.index("}", start)]
+
+
+def unit_exec(name: str) -> list[str]:
+    text = (DEPLOY / "systemd" / name).read_text()
+    return re.findall(r"^ExecStart=(.*)$", text, re.MULTILINE)
+
+
+def test_console_url_meets_the_sites_console_locations():
+    site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
+    url = DEFAULTS["CONSOLE_URL"][0].format(base="https://vmapi.example.com/", token="T",
+                                            password="P")  # fmt: skip
+    page, _, fragment = url.partition("#")
+    assert page == "https://vmapi.example.com/console/vnc.html"
+    assert "alias /usr/share/novnc/;" in site_location(site, "location /console/ {")
+    # noVNC opens its websocket at /<path>: the site's exact websocket location
+    path = unquote(dict(p.split("=", 1) for p in fragment.split("&"))["path"])
+    assert path == "console/websockify?token=T"
+    assert "location = /console/websockify {" in site
+
+
+def test_console_websocket_is_proxied_with_the_upgrade_and_logged_without_the_token():
+    site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
+    ws = site_location(site, "location = /console/websockify {")
+    assert "proxy_pass http://vmapi_console;" in ws
+    assert "proxy_http_version 1.1;" in ws
+    assert "proxy_set_header Upgrade $http_upgrade;" in ws
+    assert 'proxy_set_header Connection "upgrade";' in ws
+    log_format = re.search(r"log_format vmapi_console (.*?);", site, re.DOTALL).group(1)
+    assert "$uri" in log_format
+    assert not re.search(r"\$(request|request_uri|args|query_string|arg_\w+)\b", log_format)
+    assert re.search(r"access_log \S+ vmapi_console;", ws)
+
+
+def test_console_proxy_unit_runs_websockify_with_vmapis_plugin_where_nginx_sends():
+    (command,) = unit_exec("vmapi-console-proxy.service")
+    args = command.split()
+    assert args[:3] == ["/opt/vmapi/.venv/bin/python", "-m", "websockify"]
+    plugin = args[args.index("--token-plugin") + 1]
+    module, _, name = plugin.rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), BasePlugin)
+    site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
+    upstream = re.search(r"upstream vmapi_console \{\s*server (\S+);", site).group(1)
+    assert args[-1] == upstream
+
+
+def test_expired_console_tokens_are_purged_by_the_shipped_timer():
+    commands = unit_exec("vmapi-event-purge.service")
+    assert "/opt/vmapi/.venv/bin/flask --app wsgi vmapi console purge" in commands
 
 
 def test_nginx_image_location_streams_up_to_the_image_limit():
     site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
-    location = _image_location(site)
+    location = site_location(site, "location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
     number, unit = re.search(r"client_max_body_size\s+(\d+)([kmg]?);", location).groups()
     assert int(number) * UNITS.get(unit, 1) == DEFAULTS["IMAGE_MAX_SIZE"][0]
     assert "proxy_request_buffering off;" in location

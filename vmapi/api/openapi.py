@@ -18,6 +18,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 
 from vmapi.api import openapi_schemas as js
+from vmapi.api.actions import Action
 from vmapi.api.openapi_errors import (
     ADMIN_ERRORS,
     TOKEN_ERRORS,
@@ -185,18 +186,23 @@ def _paths_for(
         },
     }
     spec.path(path=f"/api/v1/{name}/{{ident}}", operations=_only(item_ops, res.item_methods))
-    for action in res.actions:
+    for action, how in res.actions.items():
+        summary = f"{action.capitalize()} one {name}."
+        answer = {"200": _success(ref, f"The {name} after the {action}.")}
+        if isinstance(how, Action):
+            component = f"{name.capitalize()}{action.capitalize()}"
+            spec.components.schema(component, schema=how.schema)
+            summary = how.summary or summary
+            answer = {str(how.status): _success({"$ref": f"#/components/schemas/{component}"},
+                                                f"The {action} of the {name}.")}  # fmt: skip
         spec.path(
             path=f"/api/v1/{name}/{{ident}}/{action}",
             operations={
                 "post": {
                     "tags": tags,
-                    "summary": f"{action.capitalize()} one {name}.",
+                    "summary": summary,
                     "parameters": [ident],
-                    "responses": {
-                        "200": _success(ref, f"The {name} after the {action}."),
-                        **errors_of(name, ACTION),
-                    },
+                    "responses": {**answer, **errors_of(name, ACTION)},
                 }
             },
         )

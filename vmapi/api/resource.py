@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
+from vmapi.api.actions import Action
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
 from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
 from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
@@ -55,7 +56,7 @@ class ResourceApi:
         summary: str = "",
         update_options: type[Schema] | None = None,
         delete_options: type[Schema] | None = None,
-        actions: dict[str, str] | None = None,
+        actions: dict[str, str | Action] | None = None,
         collection_methods: list[str] = COLLECTION_METHODS,
         item_methods: list[str] = ITEM_METHODS,
         idempotent: bool = False,
@@ -70,7 +71,7 @@ class ResourceApi:
         #: query options a verb accepts (e.g. ``?force=true``); none when None
         self.update_options = update_options
         self.delete_options = delete_options
-        #: item actions: ``POST /<name>/<id>/<action>`` -> service method name
+        #: item actions: ``POST /<name>/<id>/<action>`` -> service method name, or an Action
         self.actions = actions or {}
         #: the verbs this resource takes; others answer 405
         self.collection_methods = collection_methods
@@ -114,6 +115,8 @@ class ResourceApi:
             self.parse_options(request.args, None)
             if parse_body() not in (None, {}):
                 raise ValidationError(f"{action} takes no body.")
+            if isinstance(self.actions[action], Action):
+                return self.actions[action].respond(ident, who)
             outcome = getattr(self.service, self.actions[action])(ident, who)
             return self.answer(outcome, indexed=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import BinaryIO, Protocol
 
 #: Domain states as vmapi names them (the seeded vm_state rows).
@@ -54,6 +55,10 @@ class NotSupported(HypervisorError):
     """The hypervisor cannot do this (e.g. change a live setting its driver does not support)."""
 
 
+class NoDisplay(HypervisorError):
+    """The running domain has no VNC display (defined before vmapi gave domains one)."""
+
+
 @dataclass(frozen=True)
 class HostInfo:
     """What a host reports about itself (libvirt's ``virNodeGetInfo``)."""
@@ -91,6 +96,24 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class DisplaySpec:
+    """A VNC display on ``listen``, on a port the hypervisor picks, behind a password that
+    is valid until ``password_valid_to`` (UTC; a past time: no one can log in with it)."""
+
+    listen: str
+    password: str  # VNC uses at most 8 characters
+    password_valid_to: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DisplayInfo:
+    """Where a running domain's VNC display is now (the port changes at every start)."""
+
+    listen: str | None
+    port: int
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything a domain is made of; the persistent definition is rewritten from it."""
 
@@ -111,6 +134,7 @@ class DomainSpec:
     #: where the node logs the serial console: a file in a storage pool's directory, so it
     #: can be read back through libvirt (:meth:`HypervisorDriver.tail`); None: no log
     console_log: str | None = None
+    display: DisplaySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,16 @@ class HypervisorDriver(Protocol):
 
     def set_cputune_live(self, uri: str, name: str, period: int, quota: int) -> None:
         """Change the running domain's CPU bandwidth; quota -1 means unlimited."""
+        ...
+
+    def set_display_password(self, uri: str, name: str, password: str, valid_to: datetime) -> None:
+        """Give the running domain's VNC display a new password, valid until ``valid_to``
+        (UTC, whole seconds); ``NoDisplay`` when it has none."""
+        ...
+
+    def display(self, uri: str, name: str) -> DisplayInfo:
+        """Where the running domain's VNC display listens now (``NoDisplay`` when it has
+        none or the domain is not running)."""
         ...
 
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:

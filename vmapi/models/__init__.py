@@ -1,6 +1,7 @@
 """Typed SQLAlchemy 2 models, one module per area; importing this registers them all."""
 
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models.console import ConsoleToken
 from vmapi.models.event import Event
 from vmapi.models.idempotency import IdempotencyKey
 from vmapi.models.image import Image
@@ -14,6 +15,7 @@ from vmapi.models.vm import Vm
 __all__ = [
     "ApiToken",
     "CacheOption",
+    "ConsoleToken",
     "Event",
     "IdempotencyKey",
     "Image",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from marshmallow import ValidationError, validate
@@ -36,6 +37,16 @@ def validate_uri(value: str) -> None:
         raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
 
 
+def ip_address(value: str) -> None:
+    """A plain IPv4 or IPv6 address, written canonically (QEMU binds the display to it)."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValidationError("Not a valid IPv4 or IPv6 address.") from exc
+    if str(addr) != value:
+        raise ValidationError(f"Write it in canonical form: {addr}.")
+
+
 class NodeSchema(BaseSchema):
     id = Int(dump_only=True)
     fqdn = Str(required=True, validate=validate_hostname)
@@ -53,6 +64,8 @@ class NodeSchema(BaseSchema):
     ram_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
     reserved_ram = Int(allow_none=True, validate=non_negative())
     interface_mode = Str(allow_none=True, validate=validate.OneOf(INTERFACE_MODES))
+    #: where VM displays listen (null: CONSOLE_ADDRESS); the console proxy must reach it
+    console_address = Str(allow_none=True, validate=ip_address)
     allocated_cores = Int(dump_only=True)
     allocated_ram = Int(dump_only=True)
     #: host health, kept by ``flask vmapi node check``

@@ -27,16 +27,17 @@ from flask_sqlalchemy.session import Session
 from sqlalchemy import event, insert, inspect, select
 
 from vmapi.extensions import db
-from vmapi.models import Event, IdempotencyKey, Image, Vm
+from vmapi.models import ConsoleToken, Event, IdempotencyKey, Image, Vm
 
 log = logging.getLogger(__name__)
 
 PENDING = "vmapi.audit.pending"
-#: Models whose rows are not changes anyone asked for.
-NOT_AUDITED = (Event, IdempotencyKey)
+#: Models whose rows are not changes anyone asked for (a console request is recorded as
+#: the VM's ``console`` action by vmapi.services.consoles, without the token's hash).
+NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken)
 #: Columns never written to the trail, by model; and bookkeeping columns of a node
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
-SECRET = {"api_token": {"token_hash"}}
+SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}
 BOOKKEEPING = {"node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"}}
 #: URL names of resources whose table is named otherwise.
 RESOURCE_NAMES = {"ipv4_address": "ipv4", "ipv6_address": "ipv6", "api_token": "token"}

@@ -6,16 +6,24 @@ stays the truth: a resize changes the row, then redefines the domain from it.
 
 from __future__ import annotations
 
+import secrets
+import string
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
 from vmapi.extensions import db
-from vmapi.hypervisor import DiskSpec, DomainSpec, NicSpec
+from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 
 MIB = 1024 * 1024
+#: A display password's expiry long past: libvirt has QEMU expire it at once.
+SEALED = datetime(2000, 1, 1, tzinfo=UTC)
+#: VNC authentication uses at most 8 characters of a password.
+DISPLAY_PASSWORD_LENGTH = 8
+DISPLAY_PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 def device_name(mode: str, vm_id: int, interface_id: int) -> str | None:
@@ -96,6 +104,27 @@ def interface_mode(node: Node, config: dict[str, Any]) -> str:
     return node.interface_mode or config["INTERFACE_MODE"]
 
 
+def display_password() -> str:
+    """8 random letters and digits (about 47 bits: VNC allows no more)."""
+    return "".join(
+        secrets.choice(DISPLAY_PASSWORD_ALPHABET) for _ in range(DISPLAY_PASSWORD_LENGTH)
+    )
+
+
+def console_address(node: Node, config: dict[str, Any]) -> str:
+    return node.console_address or config["CONSOLE_ADDRESS"]
+
+
+def sealed_display(node: Node, config: dict[str, Any]) -> DisplaySpec:
+    """A VNC display nobody can log in to: a random password nobody is told, expired
+    before the domain starts. ``POST /vm/<id>/console`` sets a fresh one live."""
+    return DisplaySpec(
+        listen=console_address(node, config),
+        password=display_password(),
+        password_valid_to=SEALED,
+    )
+
+
 def domain_spec(
     vm: Vm,
     method: VirtMethod,
@@ -123,4 +152,5 @@ def domain_spec(
         cpu_quota=quota,
         nics=nic_specs(vm.id, interface_mode(node, config)),
         disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
+        display=sealed_display(node, config),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 #: Namespace of the <metadata> element vmapi stamps on every domain it makes.
 METADATA_NS = "urn:vmapi:domain:1"
@@ -211,6 +212,33 @@ class Disk(XmlObject):
         return el
 
 
+#: How libvirt writes a display password's expiry (always UTC).
+VALID_TO_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+@dataclass
+class Graphics(XmlObject):
+    """``<graphics type='vnc'>`` on a port the hypervisor picks (``autoport``), listening
+    on one address, with a password and the time it stops being accepted."""
+
+    listen: str
+    password: str
+    password_valid_to: datetime | None = None
+
+    def element(self) -> ET.Element:
+        attrs = {"type": "vnc", "autoport": "yes", "listen": self.listen, "passwd": self.password}
+        if self.password_valid_to is not None:
+            attrs["passwdValidTo"] = password_valid_to(self.password_valid_to)
+        el = ET.Element("graphics", attrs)
+        ET.SubElement(el, "listen", type="address", address=self.listen)
+        return el
+
+
+def password_valid_to(moment: datetime) -> str:
+    """``passwdValidTo``: UTC, to the second."""
+    return moment.astimezone(UTC).strftime(VALID_TO_FORMAT)
+
+
 @dataclass
 class StoragePool(XmlObject):
     """A ``dir`` storage pool."""
@@ -281,6 +309,7 @@ class Domain(XmlObject):
     devices: list[XmlObject] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
+    graphics: Graphics | None = None
 
     def element(self) -> ET.Element:
         root = ET.Element("domain", type=self.type)
@@ -309,4 +338,6 @@ class Domain(XmlObject):
             devices.append(nic.element())
         for device in self.devices:
             devices.append(device.element())
+        if self.graphics is not None:
+            devices.append(self.graphics.element())
         return root

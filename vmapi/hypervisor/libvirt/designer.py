@@ -12,6 +12,7 @@ from vmapi.hypervisor.libvirt.config import (
     Device,
     Disk,
     Domain,
+    Graphics,
     Memory,
     Metadata,
     Nic,
@@ -49,6 +50,9 @@ def design(spec: DomainSpec) -> Domain:
         nics=[Nic(mode=nic.mode, mac=nic.mac, device=nic.device) for nic in spec.nics],
         disks=[disk_xml(disk) for disk in spec.disks],
     )
+    if spec.display is not None:
+        display = spec.display
+        domain.graphics = Graphics(display.listen, display.password, display.password_valid_to)
     if spec.domain_type in PC_TYPES:
         domain.features = ("acpi", "apic")
         domain.clock_offset = "utc"

@@ -8,6 +8,7 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from typing import TypeVar
 
 import libvirt
@@ -19,6 +20,7 @@ from vmapi.hypervisor.driver import (
     RUNNING,
     SHUTOFF,
     DiskSpec,
+    DisplayInfo,
     DomainInfo,
     DomainSpec,
     HostInfo,
@@ -26,6 +28,7 @@ from vmapi.hypervisor.driver import (
     HypervisorUnavailable,
     LogTail,
     MigrationStats,
+    NoDisplay,
     NotSupported,
     OperationInvalid,
     VolumeNotFound,
@@ -37,6 +40,7 @@ from vmapi.hypervisor.libvirt.config import (
     Metadata,
     StoragePool,
     Volume,
+    password_valid_to,
 )
 from vmapi.hypervisor.libvirt.connection import (
     ConnectionCache,
@@ -90,6 +94,17 @@ def _live_targets(dom: libvirt.virDomain) -> set[str]:
     """Device names of the disks the running domain has now."""
     root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from libvirt, not from a guest
     return {t.get("dev") for t in root.findall("devices/disk/target")}
+
+
+def _live_vnc(uri: str, dom: libvirt.virDomain) -> ET.Element:
+    """The running domain's ``<graphics type='vnc'>`` (without its password)."""
+    if not dom.isActive():
+        raise OperationInvalid(uri, f"{dom.name()} is not running")
+    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from libvirt, not from a guest
+    graphics = root.find("devices/graphics[@type='vnc']")
+    if graphics is None:
+        raise NoDisplay(uri, f"{dom.name()} has no VNC display")
+    return graphics
 
 
 def _require_live_disk(uri: str, dom: libvirt.virDomain, target: str) -> None:
@@ -205,6 +220,30 @@ class LibvirtDriver:
             dom.setSchedulerParametersFlags(params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
         self._on_domain(uri, name, tune)
+
+    def set_display_password(self, uri: str, name: str, password: str, valid_to: datetime) -> None:
+        def change(dom: libvirt.virDomain) -> None:
+            # The live element as libvirt wrote it: libvirt refuses an update that would
+            # change the display's listen address or port, so only the password differs.
+            graphics = _live_vnc(uri, dom)
+            graphics.set("passwd", password)
+            graphics.set("passwdValidTo", password_valid_to(valid_to))
+            xml = ET.tostring(graphics, encoding="unicode")
+            dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        self._on_domain(uri, name, change)
+
+    def display(self, uri: str, name: str) -> DisplayInfo:
+        def look(dom: libvirt.virDomain) -> DisplayInfo:
+            graphics = _live_vnc(uri, dom)
+            port = int(graphics.get("port") or -1)
+            if port <= 0:
+                raise NoDisplay(uri, f"the display of {name} has no port")
+            listen = graphics.find("listen[@address]")
+            address = listen.get("address") if listen is not None else graphics.get("listen")
+            return DisplayInfo(listen=address, port=port)
+
+        return self._on_domain(uri, name, look)
 
     # ------------------------------------------------------------------ storage
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:

@@ -1,0 +1,24 @@
+"""The answer of ``POST /vm/<id>/console`` (nothing of it is stored in the clear)."""
+
+from __future__ import annotations
+
+from vmapi.schemas.base import BaseSchema, Str, UtcDateTime
+
+
+class ConsoleSchema(BaseSchema):
+    url = Str(
+        dump_only=True,
+        metadata={"description": "The noVNC page that connects at once (CONSOLE_URL)."},
+    )
+    token = Str(
+        dump_only=True,
+        metadata={"description": "Opens the VM's display through the console proxy."},
+    )
+    password = Str(
+        dump_only=True,
+        metadata={"description": "The display's VNC password (8 characters), until expiry."},
+    )
+    expires_at = UtcDateTime(
+        dump_only=True,
+        metadata={"description": "When the token and the password stop being accepted."},
+    )
