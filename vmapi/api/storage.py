@@ -15,7 +15,12 @@ storage = ResourceApi(
     error_ids={
         400: ["storage/shrink_forbidden"],
         403: ["storage/quota_exceeded"],
-        409: ["storage/node_mismatch", "storage/no_free_target", "storage/detach_failed"],
+        409: [
+            "storage/node_mismatch",
+            "storage/no_free_target",
+            "storage/detach_failed",
+            "storage/name_taken",
+        ],
         502: ["vm/hypervisor_error"],
         504: ["vm/hypervisor_timeout"],
     },

@@ -27,6 +27,7 @@ vm = ResourceApi(
             "vm/no_free_ipv4",
             "vm/no_free_ipv6",
             "vm/has_storage",
+            "vm/name_taken",
         ],
         502: ["vm/hypervisor_error"],
         504: ["vm/hypervisor_timeout"],

@@ -19,9 +19,11 @@ from vmapi.hypervisor.driver import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    NameTaken,
     NicSpec,
     NotSupported,
     OperationInvalid,
+    PoolNotFound,
     VolumeNotFound,
 )
 
@@ -40,8 +42,10 @@ __all__ = [
     "HypervisorError",
     "HypervisorTimeout",
     "HypervisorUnavailable",
+    "NameTaken",
     "NicSpec",
     "NotSupported",
     "OperationInvalid",
+    "PoolNotFound",
     "VolumeNotFound",
 ]

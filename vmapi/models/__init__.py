@@ -3,6 +3,7 @@
 from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod, VmState
 from vmapi.models.event import Event
 from vmapi.models.idempotency import IdempotencyKey
+from vmapi.models.installation import Installation
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.quota import Quota
@@ -15,6 +16,7 @@ __all__ = [
     "CacheOption",
     "Event",
     "IdempotencyKey",
+    "Installation",
     "Interface",
     "Ipv4Address",
     "Ipv6Address",

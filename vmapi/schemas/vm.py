@@ -57,6 +57,9 @@ class VmSchema(BaseSchema):
     virt_method = Ref("virt_method", attribute="virt_method_id", required=True)
     vm_state = Ref("vm_state", attribute="vm_state_id")
     name = Str(dump_only=True)
+    #: the name libvirt knows the domain by (with the installation's id), stored when
+    #: the VM is made
+    domain_name = Str(dump_only=True)
     interfaces = RefList("interface")
 
 
