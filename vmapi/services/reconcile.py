@@ -100,7 +100,10 @@ def _stale_on_unreachable(
         if as_utc(vm.created_at) >= stale_before:
             continue
         finding = Finding(
-            "stale_building", host.node.fqdn, vm.domain_name, "building, node unreachable"
+            "stale_building",
+            host.node.fqdn,
+            vm.domain_name or vm.name,
+            "building, node unreachable",
         )
         has_storage = db.session.scalars(select(Storage.id).where(Storage.vm_id == vm.id)).first()
         if fix and has_storage is not None:
@@ -116,7 +119,7 @@ def _stale_on_unreachable(
 def _check_vm(
     vm: Vm, domain: DomainInfo | None, stored: str, host: Host, stale_before: datetime, fix: bool
 ) -> list[Finding]:
-    fqdn, name = host.node.fqdn, vm.domain_name
+    fqdn, name = host.node.fqdn, vm.domain_name or vm.name  # (a row the API never made)
     if stored == BUILDING:
         if as_utc(vm.created_at) >= stale_before:
             return []
