@@ -77,7 +77,7 @@ def test_sqlite_has_no_drift(tmp_path):
     assert_no_drift(app)
 
 
-# Rows as a database before revision 0009 has them (names were computed from the ids).
+# Rows as a database before revision 0010 has them (names were computed from the ids).
 LEGACY_ROWS = [
     "INSERT INTO node (id, fqdn, ipv4_addr_ext, ipv6_addr_ext, ipv4_gw_ext, ipv6_gw_ext,"
     " node_state_id, cores, ram, free_cores, free_ram) VALUES (1, 'hv1.example.com',"
@@ -135,7 +135,7 @@ def migrated_from_0008(url, configured=None):
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
-def test_0009_keeps_todays_names_for_what_exists(dialect, request, tmp_path):
+def test_0010_keeps_todays_names_for_what_exists(dialect, request, tmp_path):
     if dialect == "postgresql":
         url = request.getfixturevalue("empty_pg")
     else:
@@ -151,7 +151,7 @@ def test_0009_keeps_todays_names_for_what_exists(dialect, request, tmp_path):
     assert suffixes[7] == "3-7"  # tap vm3-7, bridge br-3-7, as the host has them
     assert suffixes[7654321] == device_suffix("vmapi", "52:54:00:0d:0e:0f")  # never fitted
     assert len(f"br-{suffixes[7654321]}") <= 15
-    # the downgrade drops what 0009 added and keeps the rows
+    # the downgrade drops what 0010 added and keeps the rows
     assert "installation" not in tables and kept == 1
     assert not columns["vm"] & {"domain_name"}
     assert not columns["storage"] & {"node_id", "pool", "volume_name"}
@@ -159,7 +159,7 @@ def test_0009_keeps_todays_names_for_what_exists(dialect, request, tmp_path):
     assert again == ["vm-3", "vm-1234567"]
 
 
-def test_0009_on_a_new_database_makes_an_id_or_keeps_the_configured_one(empty_pg, tmp_path):
+def test_0010_on_a_new_database_makes_an_id_or_keeps_the_configured_one(empty_pg, tmp_path):
     migrate(empty_pg)
     app = create_app({"DATABASE_URL": empty_pg})
     with app.app_context():

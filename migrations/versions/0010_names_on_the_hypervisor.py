@@ -15,8 +15,9 @@ else a new one (``flask vmapi seed`` makes one too, when missing).
 Downgrading drops the stored names: VMs and volumes made since (with the installation
 in their names) can then no longer be found by the older code.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0008 (main's 0009, images, is another branch's: when both meet, this one
+revises 0009; nothing here depends on it)
 Create Date: 2026-11-30 05:05:28.850140
 
 """
@@ -28,7 +29,7 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0009'
+revision = '0010'
 down_revision = '0008'
 branch_labels = None
 depends_on = None
