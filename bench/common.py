@@ -120,12 +120,12 @@ def populate(
             ),
             {"vm_ram": vm_ram, "per": vms_per_node, "m": method, "s": running},
         )
-        # MACs 02:00:xx:xx:xx:xx from the VM id (locally administered, unique per VM)
+        # MACs 02:00:xx:xx:xx:xx and device suffixes from the VM id (unique per VM)
         x(
             sa.text(
-                "INSERT INTO interface (vm_id, mac) SELECT id, '02:00:'"
+                "INSERT INTO interface (vm_id, mac, device_suffix) SELECT id, '02:00:'"
                 " || regexp_replace(lpad(to_hex(id), 8, '0'), '(..)(..)(..)(..)',"
-                " '\\1:\\2:\\3:\\4') FROM vm"
+                " '\\1:\\2:\\3:\\4'), to_hex(id) FROM vm"
             )
         )
         x(

@@ -65,7 +65,7 @@ def run() -> list[str]:
                 response = client.post("/api/v1/vm", json=example, headers=headers)
                 elapsed = (time.perf_counter() - started) * 1000
                 assert response.status_code == 201, response.json
-                dom = conn.lookupByName(response.json["data"]["name"])
+                dom = conn.lookupByName(response.json["data"]["domain_name"])
                 xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
                 gone = client.delete(f"/api/v1/vm/{response.json['data']['id']}", headers=headers)
                 assert gone.status_code == 200, gone.json

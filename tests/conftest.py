@@ -168,6 +168,16 @@ def app(db_url: str, backend: str, app_config: dict[str, Any], tmp_path) -> Iter
 
 
 @pytest.fixture
+def installation(app: Flask) -> str:
+    """The app's installation id (configured, or kept in the test database by the
+    migration or the seed): domains are ``<it>-vm-<id>``, volumes ``<it>-storage-<id>``."""
+    from vmapi.services.names import installation_id
+
+    with app.app_context():
+        return installation_id()
+
+
+@pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
 

@@ -32,10 +32,18 @@ CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
 @vmapi_cli.command("seed")
 def seed_command() -> None:
     """Insert the default catalog rows that are missing (idempotent)."""
+    from vmapi.services.names import installation_id, stored_installation_id
     from vmapi.services.seed import seed_defaults
 
     added = seed_defaults()
     click.echo("seeded: " + (", ".join(added) if added else "nothing was missing"))
+    used, stored = installation_id(), stored_installation_id()
+    if used != stored:
+        click.echo(
+            f"installation id: {used} (VMAPI_INSTALLATION_ID); the database keeps {stored}, "
+            "used when the setting is removed",
+            err=True,
+        )
 
 
 @token_cli.command("create")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from typing import Any
 
 from flask import Flask
@@ -46,7 +47,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "PAGE_DEFAULT_LIMIT": (100, "list page size when ?limit is not given"),
     "PAGE_MAX_LIMIT": (1000, "largest ?limit accepted"),
     "MAX_BATCH": (100, "largest array accepted by POST/UPDATE/DELETE"),
-    "INSTALLATION_ID": ("vmapi", "identifies this installation in domain metadata"),
+    "INSTALLATION_ID": (
+        None,
+        "this installation's id ([a-z0-9-], 1-16 characters) in the names and metadata of the "
+        "domains and volumes it makes; default: generated once per database by flask vmapi seed",
+    ),
     "SCHEDULER_WEIGHER": ("spread", "spread (most free RAM first) or pack (least that fits)"),
     "LIBVIRT_COOLOFF": (60, "seconds the scheduler skips a node after its libvirt failed"),
     "CPU_PERIOD": (100000, "cputune period in microseconds; cputime_limit is the quota"),
@@ -100,6 +105,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
 }
 
 INTERFACE_MODES = ("bridge", "ethernet", "user")
+#: An installation id: it goes into libvirt names (domains, volumes) on shared hosts.
+INSTALLATION_ID_PATTERN = re.compile(r"[a-z0-9-]{1,16}")
 
 
 def _coerce(raw: str, default: Any) -> Any:
@@ -171,6 +178,14 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         ) from exc
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
+    installation = app.config["INSTALLATION_ID"]
+    if installation is not None and not (
+        isinstance(installation, str) and INSTALLATION_ID_PATTERN.fullmatch(installation)
+    ):
+        raise RuntimeError(
+            f"INSTALLATION_ID {installation!r}: use 1 to 16 of a-z, 0-9 and '-' (it becomes "
+            "part of every domain and volume name this installation makes)"
+        )
 
     app.config["DATABASE_URL"] = database_url(app.config["DATABASE_URL"])
     app.config["SQLALCHEMY_DATABASE_URI"] = app.config["DATABASE_URL"]

@@ -122,7 +122,7 @@ class ConsoleTokens(BasePlugin):
                 session.commit()
                 log.warning("refused an expired console token of %s", vm.name)
                 return None
-            uri, name = self.node_uri(node), vm.name
+            uri, name = self.node_uri(node), vm.domain_name
             fallback = node.console_address or self.settings["CONSOLE_ADDRESS"]
         try:
             display = self.driver.display(uri, name)

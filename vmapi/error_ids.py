@@ -158,6 +158,9 @@ VM_NO_FREE_MAC = _register("vm/no_free_mac", 409,
 VM_NO_CONSOLE = _register("vm/no_console", 409,
     "The VM's domain has no console display yet (it gets one when next defined and "
     "started).", {"vm": {ACTION}})
+VM_NAME_TAKEN = _register("vm/name_taken", 409,
+    "Something this database does not own has the domain's name on the node; see "
+    "`flask vmapi reconcile`.", {"vm": {CREATE}})
 VM_HAS_STORAGE = _register("vm/has_storage", 409,
     "The VM still has storage; delete it or send ?cascade=storage.", {"vm": {DELETE}})
 VM_BUSY = _register("vm/busy", 409,
@@ -174,6 +177,9 @@ STORAGE_SHRINK_FORBIDDEN = _register("storage/shrink_forbidden", 400,
     "Volumes only grow.", {"storage": {UPDATE}})
 STORAGE_QUOTA_EXCEEDED = _register("storage/quota_exceeded", 403,
     "The customer's storage quota would be passed.", {"storage": {CREATE, UPDATE}})
+STORAGE_NAME_TAKEN = _register("storage/name_taken", 409,
+    "Something this database does not own has the volume's name in the pool; see "
+    "`flask vmapi reconcile`.", {"storage": {CREATE}})
 STORAGE_NODE_MISMATCH = _register("storage/node_mismatch", 409,
     "Volumes move only between VMs of one node.", {"storage": {UPDATE}})
 STORAGE_NO_FREE_TARGET = _register("storage/no_free_target", 409,

@@ -63,7 +63,7 @@ def test_resize(api, app, vm_host, test_method, driver, failing_commit):
         assert_error(api.update(f"vm/{vm['id']}", json={"cores": 4}), 503, "general/unavailable")
     assert api.get(f"vm/{vm['id']}").json["data"]["cores"] == 2
     assert leftovers(api, driver, node)["allocated"] == (2, GIB)
-    assert driver.domain(node["libvirt_uri"], vm["name"]).vcpus == 2
+    assert driver.domain(node["libvirt_uri"], vm["domain_name"]).vcpus == 2
 
 
 def test_delete_then_retry(api, app, vm_host, test_method, driver, failing_commit):
@@ -93,7 +93,7 @@ def test_storage_attach(api, app, vm_host, test_method, driver, failing_commit, 
         assert_error(api.post("storage", json=body), 503, "general/unavailable")
     assert api.get("storage").json["data"] == {}
     conn = driver.connections.get(node["libvirt_uri"], 5)
-    assert "<disk" not in conn.lookupByName(vm["name"]).XMLDesc(2)
+    assert "<disk" not in conn.lookupByName(vm["domain_name"]).XMLDesc(2)
     pool = conn.storagePoolLookupByName("vmapi") if n > 1 else None
     if pool is not None:
         assert [v.name() for v in pool.listAllVolumes()] == []
@@ -113,4 +113,4 @@ def test_storage_detach_then_retry(api, app, vm_host, test_method, driver, faili
     assert retry.status_code == 200 and "already gone" in retry.json["message"]
     assert api.get("storage").json["data"] == {}
     conn = driver.connections.get(node["libvirt_uri"], 5)
-    assert "<disk" not in conn.lookupByName(vm["name"]).XMLDesc(2)
+    assert "<disk" not in conn.lookupByName(vm["domain_name"]).XMLDesc(2)

@@ -1,11 +1,13 @@
 """The Puppet ENC answer of a node (issue 8): classes and parameters in YAML, with the
-VMs, bridges (br-<vm_id>-<interface_id>), VLANs and addresses the host must configure."""
+VMs, bridges (br-<tag>-<MAC's last 6 hex digits>), VLANs and addresses the host must
+configure."""
 
 import pytest
 import yaml
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import Api, make_token, vm_body
+from vmapi.services.names import device_tag
 
 pytestmark = pytest.mark.embedded
 
@@ -17,7 +19,17 @@ def enc(api, fqdn):
     return yaml.safe_load(response.get_data(as_text=True))
 
 
-def test_a_node_with_vms_bridges_vlans_and_addresses(api, vm_host, test_method, backend):
+def device(prefix, installation, api, interface_id):
+    """What a NIC's host device must be called: within Linux's 15 characters."""
+    mac = api.get(f"interface/{interface_id}").json["data"]["mac"]
+    name = f"{prefix}{device_tag(installation)}-{mac[-8:].replace(':', '')}"
+    assert len(name) <= 15
+    return name
+
+
+def test_a_node_with_vms_bridges_vlans_and_addresses(
+    api, vm_host, test_method, backend, installation
+):
     node = vm_host(interface_mode="bridge")
     vm_host()  # another node: none of its VMs may show up
     first = api.post("vm", json=vm_body(test_method, node={"id": node["id"]}, customer_id=3))
@@ -33,12 +45,15 @@ def test_a_node_with_vms_bridges_vlans_and_addresses(api, vm_host, test_method, 
     assert answer["parameters"]["vmapi_node_state"] == "running"
     hv = answer["classes"]["vmapi::hypervisor"]
     assert hv["interface_mode"] == "bridge"
-    assert list(hv["vms"]) == [a["name"], b["name"]]
-    assert hv["vms"][a["name"]]["cores"] == 2 and hv["vms"][a["name"]]["state"] == "running"
-    assert hv["vms"][a["name"]]["customer_id"] == 3
-    bridge = f"br-{a['id']}-{iface_a}"
-    assert set(hv["bridges"]) == {bridge, f"br-{b['id']}-{b['interfaces'][0]['id']}"}
-    assert hv["bridges"][bridge]["vlan"] == 120 and hv["bridges"][bridge]["vm"] == a["name"]
+    assert list(hv["vms"]) == [a["domain_name"], b["domain_name"]]  # by libvirt's names
+    first_vm = hv["vms"][a["domain_name"]]
+    assert (first_vm["name"], first_vm["cores"], first_vm["state"]) == (a["name"], 2, "running")
+    assert first_vm["customer_id"] == 3
+    bridge = device("br-", installation, api, iface_a)
+    other = device("br-", installation, api, b["interfaces"][0]["id"])
+    assert set(hv["bridges"]) == {bridge, other}
+    assert hv["bridges"][bridge]["vlan"] == 120
+    assert hv["bridges"][bridge]["vm"] == a["domain_name"]
     iface = api.get(f"interface/{iface_a}").json["data"]
     v4 = api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]
     assert hv["bridges"][bridge]["ipv4"] == [f"{v4['address']}/{v4['prefix']}"]
@@ -49,12 +64,16 @@ def test_a_node_with_vms_bridges_vlans_and_addresses(api, vm_host, test_method, 
     assert hv["taps"] == {}
 
 
-def test_ethernet_mode_names_taps(api, vm_host, test_method):
+def test_ethernet_mode_names_taps(api, vm_host, test_method, installation, driver):
     node = vm_host(interface_mode="ethernet")
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
     hv = enc(api, node["fqdn"])["classes"]["vmapi::hypervisor"]
     assert hv["bridges"] == {}
-    assert list(hv["taps"]) == [f"vm{vm['id']}-{vm['interfaces'][0]['id']}"]
+    tap = device("vm", installation, api, vm["interfaces"][0]["id"])
+    assert list(hv["taps"]) == [tap]
+    # the tap the domain is defined with (what libvirt makes on the host)
+    conn = driver.connections.get(node["libvirt_uri"], 5)
+    assert f"<target dev='{tap}'/>" in conn.lookupByName(vm["domain_name"]).XMLDesc(0)
 
 
 def test_an_empty_node_and_errors(app, client, api, vm_host):

@@ -92,7 +92,7 @@ def test_every_hypervisor_action_is_a_json_line(api, vm_host, test_method, caplo
     actions = [line["action"] for line in lines]
     assert actions[:3] == ["define", "start", "domain"]
     for line in lines[:3]:
-        assert line["domain"] == vm["name"]
+        assert line["domain"] == vm["domain_name"]
         assert line["request_id"] == response.headers["X-Request-Id"]
         assert line["result"] == "ok" and line["duration_ms"] >= 0 and line["node"]
     assert "Bearer" not in caplog.text and api.token not in caplog.text

@@ -6,6 +6,7 @@ import pytest
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import vm_body
+from vmapi.services.names import device_tag
 
 pytestmark = pytest.mark.embedded
 
@@ -14,7 +15,7 @@ INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
 
 def domain_xml(driver, node, vm):
     conn = driver.connections.get(node["libvirt_uri"], 5)
-    return ET.fromstring(conn.lookupByName(vm["name"]).XMLDesc(INACTIVE))
+    return ET.fromstring(conn.lookupByName(vm["domain_name"]).XMLDesc(INACTIVE))
 
 
 def keep_ipv4(api, count):
@@ -38,7 +39,15 @@ def held(api, resource):
 # ---------------------------------------------------------------------- allocation
 
 
-def test_vm_gets_one_interface_with_one_address_of_each_family(api, vm_host, test_method, driver):
+def device_suffix(installation, iface):
+    """``<installation's tag>-<the MAC's last 6 hex digits>``: host device names fit
+    Linux's 15 characters whatever the ids, and differ between installations."""
+    return f"{device_tag(installation)}-{iface['mac'][-8:].replace(':', '')}"
+
+
+def test_vm_gets_one_interface_with_one_address_of_each_family(
+    api, vm_host, test_method, driver, installation
+):
     node = vm_host()
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
     assert len(vm["interfaces"]) == 1
@@ -59,19 +68,20 @@ def test_vm_gets_one_interface_with_one_address_of_each_family(api, vm_host, tes
     nic = domain_xml(driver, node, vm).find("devices/interface")
     assert nic.get("type") == "bridge"
     assert nic.find("mac").get("address") == iface["mac"]
-    assert nic.find("source").get("bridge") == f"br-{vm['id']}-{iface['id']}"
+    bridge = f"br-{device_suffix(installation, iface)}"
+    assert nic.find("source").get("bridge") == bridge and len(bridge) == 14
     assert nic.find("model").get("type") == "virtio"
     # and the addresses are where provisioning can read them
     meta = domain_xml(driver, node, vm).find(
         "metadata/{urn:vmapi:domain:1}instance/{urn:vmapi:domain:1}interface"
     )
-    assert meta.attrib == {"mac": iface["mac"], "mode": "bridge", "device": f"br-{vm['id']}-{iface['id']}",
+    assert meta.attrib == {"mac": iface["mac"], "mode": "bridge", "device": bridge,
                            "ipv4": "198.51.100.2/24", "ipv4_gateway": "198.51.100.1",
                            "ipv6": "2001:db8:100::2/64", "ipv6_gateway": "2001:db8:100::1"}  # fmt: skip
 
 
-@pytest.mark.parametrize(("mode", "device"), [("ethernet", "vm{vm}-{iface}"), ("user", None)])
-def test_interface_modes(api, vm_host, test_method, driver, mode, device):
+@pytest.mark.parametrize(("mode", "device"), [("ethernet", "vm{suffix}"), ("user", None)])
+def test_interface_modes(api, vm_host, test_method, driver, mode, device, installation):
     node = vm_host(interface_mode=mode)
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
     nic = domain_xml(driver, node, vm).find("devices/interface")
@@ -79,7 +89,8 @@ def test_interface_modes(api, vm_host, test_method, driver, mode, device):
     target = nic.find("target")
     assert nic.find("source") is None  # no bridge
     if device:
-        assert target.get("dev") == device.format(vm=vm["id"], iface=vm["interfaces"][0]["id"])
+        iface = api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
+        assert target.get("dev") == device.format(suffix=device_suffix(installation, iface))
     else:  # QEMU's user network; libvirt may name a device of its own, never ours
         assert target is None or not target.get("dev", "").startswith("vm")
 

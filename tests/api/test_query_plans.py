@@ -53,8 +53,8 @@ def large_fleet(app, host_uri):
         )
         x(
             sa.text(
-                "INSERT INTO interface (vm_id, mac) SELECT id, '02:00:' || regexp_replace("
-                "lpad(to_hex(id), 8, '0'), '(..)(..)(..)(..)', '\\1:\\2:\\3:\\4') FROM vm"
+                "INSERT INTO interface (vm_id, mac, device_suffix) SELECT id, '02:00:' || regexp_replace("
+                "lpad(to_hex(id), 8, '0'), '(..)(..)(..)(..)', '\\1:\\2:\\3:\\4'), to_hex(id) FROM vm"
             )
         )
         x(sa.text("INSERT INTO ipv4_address (address, prefix, gateway) SELECT '10.' || (i / 65536)"

@@ -5,8 +5,9 @@ and the hot paths stay within a budget (issue 7; a regression here costs every u
 from tests.conftest import GIB, vm_body
 
 # statements per POST /vm, one INSERT of audit events per commit included (issue 8);
-# 21 before issue 7's profile, without those
-CREATE_BUDGET = 15
+# 21 before issue 7's profile, without those; 16 since issue 12: the domain's name
+# (with the installation's id) is written on the row once the INSERT gave its id
+CREATE_BUDGET = 16
 GET_BUDGET = 1  # statements per GET /vm/<id> with a cached token (was 3, plus a ping)
 
 

@@ -7,11 +7,14 @@ volume or set I/O limits live; those run on a real libvirtd (tests/hypervisor).
 import xml.etree.ElementTree as ET
 
 import pytest
+import sqlalchemy as sa
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, MIB, vm_body
 from tests.faults import FaultyDriver
+from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound
+from vmapi.models import StorageType
 from vmapi.services.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
@@ -20,15 +23,20 @@ INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
 
 
 @pytest.fixture
-def vm(api, vm_host, test_method):
+def vm(api, vm_host, test_method, installation):
     node = vm_host()
     made = api.post("vm", json=vm_body(test_method)).json["data"]
-    return {**made, "uri": node["libvirt_uri"], "node_id": node["id"]}
+    return {**made, "uri": node["libvirt_uri"], "node_id": node["id"], "installation": installation}
+
+
+def volume(vm, storage_id):
+    """The libvirt name of a volume: it carries the installation's id."""
+    return f"{vm['installation']}-storage-{storage_id}"
 
 
 def disks(driver, vm):
     conn = driver.connections.get(vm["uri"], 5)
-    root = ET.fromstring(conn.lookupByName(vm["name"]).XMLDesc(INACTIVE))
+    root = ET.fromstring(conn.lookupByName(vm["domain_name"]).XMLDesc(INACTIVE))
     return {d.find("target").get("dev"): d for d in root.findall("devices/disk")}
 
 
@@ -50,7 +58,7 @@ def test_create_makes_a_volume_and_a_disk(api, vm, driver):
                        "write_bps_limit": 10 * MIB, "read_bps_limit": None}  # fmt: skip
     assert "Storage pool vmapi was created" in response.json["message"]
     assert "next start" in response.json["message"]  # the test driver cannot attach live
-    path, capacity = driver.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+    path, capacity = driver.volume(vm["uri"], "vmapi", volume(vm, 1))
     assert capacity == GIB
     disk = disks(driver, vm)["vdb"]
     assert disk.find("source").get("file") == path
@@ -141,7 +149,7 @@ def test_delete_removes_disk_volume_and_row(api, vm, driver):
     assert response.status_code == 200 and response.json["data"] == storage
     assert disks(driver, vm) == {}
     with pytest.raises(VolumeNotFound):
-        driver.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+        driver.volume(vm["uri"], "vmapi", volume(vm, 1))
     assert_error(api.get(f"storage/{storage['id']}"), 404, "storage/not_found")
 
 
@@ -155,7 +163,7 @@ def test_vm_with_storage_needs_cascade(api, vm, driver):
     assert api.get("storage").json["data"] == {}
     for ident in (a["id"], b["id"]):
         with pytest.raises(VolumeNotFound):
-            driver.volume(vm["uri"], "vmapi", f"vmapi-storage-{ident}")
+            driver.volume(vm["uri"], "vmapi", volume(vm, ident))
 
 
 def test_customers_only_for_their_own_vms(api, customer_api, vm_host, test_method):
@@ -197,7 +205,7 @@ def test_create_failure_leaves_no_volume_disk_or_row(api, vm, faults, method, st
     assert api.get("storage").json["data"] == {}
     assert disks(faults.real, vm) == {}
     with pytest.raises(HypervisorError, match="not found"):  # no volume (or not even a pool)
-        faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+        faults.real.volume(vm["uri"], "vmapi", volume(vm, 1))
 
 
 def test_failed_volume_delete_keeps_row_and_disk(api, vm, faults):
@@ -206,7 +214,7 @@ def test_failed_volume_delete_keeps_row_and_disk(api, vm, faults):
     assert_error(api.delete(f"storage/{storage['id']}"), 504, "vm/hypervisor_timeout")
     assert api.get(f"storage/{storage['id']}").status_code == 200
     assert set(disks(faults.real, vm)) == {"vdb"}
-    assert faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")[1] == GIB
+    assert faults.real.volume(vm["uri"], "vmapi", volume(vm, 1))[1] == GIB
 
 
 def test_failed_attach_deletes_the_fresh_volume(api, vm, faults):
@@ -216,7 +224,7 @@ def test_failed_attach_deletes_the_fresh_volume(api, vm, faults):
     assert api.get("storage").json["data"] == {}
     assert disks(faults.real, vm) == {}
     with pytest.raises(VolumeNotFound):
-        faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")
+        faults.real.volume(vm["uri"], "vmapi", volume(vm, 1))
 
 
 def test_failed_detach_leaves_everything_as_it_was(api, vm, faults):
@@ -226,4 +234,59 @@ def test_failed_detach_leaves_everything_as_it_was(api, vm, faults):
     assert error["data"]["step"] == "detaching the disk"
     assert api.get(f"storage/{storage['id']}").status_code == 200
     assert set(disks(faults.real, vm)) == {"vdb"}
-    assert faults.real.volume(vm["uri"], "vmapi", "vmapi-storage-1")[1] == GIB
+    assert faults.real.volume(vm["uri"], "vmapi", volume(vm, 1))[1] == GIB
+
+
+# ---------------------------------------------------------------------- where volumes are
+
+
+def test_a_storage_type_in_use_keeps_its_pool_and_format(api, vm):
+    a = api.post("storage", json=storage_body(vm)).json["data"]
+    b = api.post("storage", json=storage_body(vm)).json["data"]
+    for change in ({"pool": "0"}, {"format": "raw"}, {"pool": "elsewhere", "format": "raw"}):
+        error = assert_error(api.update("storage_type/1", json=change), 409, "storage_type/in_use")
+        assert error["data"] == {"storage": [a["id"], b["id"]], "fields": [*change]}
+        assert f"storage {a['id']}, {b['id']}" in error["message"]
+    assert api.get("storage_type/1").json["data"]["pool"] == "vmapi"
+    # what volumes do not depend on may change, and the same value is no change
+    same = api.update("storage_type/1", json={"pool": "vmapi", "description": "local qcow2"})
+    assert same.status_code == 200, same.json
+    for storage in (a, b):
+        assert api.delete(f"storage/{storage['id']}").status_code == 200
+    moved = api.update("storage_type/1", json={"pool": "0"})  # no volume uses it now
+    assert moved.status_code == 200 and moved.json["data"]["pool"] == "0"
+
+
+def test_a_volume_is_found_where_its_row_says(app, api, vm, driver):
+    """A storage type whose pool changed anyway (a database from before the rule) does not
+    strand the volumes made before: their rows keep their pool."""
+    storage = api.post("storage", json=storage_body(vm)).json["data"]
+    with app.app_context():
+        db.session.execute(sa.update(StorageType).where(StorageType.id == 1).values(pool="0"))
+        db.session.commit()
+    grown = api.update(f"storage/{storage['id']}", json={"read_iops_limit": 7})
+    assert grown.status_code == 200, grown.json
+    assert api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200
+    with pytest.raises(VolumeNotFound):
+        driver.volume(vm["uri"], "vmapi", volume(vm, storage["id"]))
+    assert api.get("storage").json["data"] == {} and api.get("vm").json["data"] == {}
+
+
+def test_cascade_delete_stopped_part_way_leaves_vm_domain_and_the_rest(api, vm, faults):
+    ids = [api.post("storage", json=storage_body(vm)).json["data"]["id"] for _ in range(3)]
+    faults.fail("delete_volume", skip=1)  # the second volume cannot be deleted
+    error = assert_error(api.delete(f"vm/{vm['id']}?cascade=storage"), 502, "vm/hypervisor_error")
+    assert error["data"]["deleted_storage"] == ids[:1]
+    assert error["data"]["storage"] == ids[1:]
+    assert "Retry the delete" in error["message"]
+    # the VM, its domain (defined without the deleted volume) and the rest belong together
+    assert api.get(f"vm/{vm['id']}").status_code == 200
+    assert sorted(int(i) for i in api.get("storage").json["data"]) == ids[1:]
+    assert set(disks(faults.real, vm)) == {"vdc", "vdd"}
+    with pytest.raises(VolumeNotFound):
+        faults.real.volume(vm["uri"], "vmapi", volume(vm, ids[0]))
+    for ident in ids[1:]:
+        assert faults.real.volume(vm["uri"], "vmapi", volume(vm, ident))[1] == GIB
+    assert api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200  # a retry finishes
+    assert api.get("vm").json["data"] == {} and api.get("storage").json["data"] == {}
+    assert faults.real.domains(vm["uri"]) == []

@@ -29,24 +29,25 @@ def allocation(api, node):
 
 
 def domain(driver, node, vm):
-    return driver.domain(node["libvirt_uri"], vm["name"])
+    return driver.domain(node["libvirt_uri"], vm["domain_name"])
 
 
 # ---------------------------------------------------------------------- create
 
 
-def test_seed_example_creates_a_running_vm(api, vm_host, test_method, driver):
+def test_seed_example_creates_a_running_vm(api, vm_host, test_method, driver, installation):
     node = vm_host()
     response = api.post("vm", json=vm_body(test_method))
     assert response.status_code == 201, response.json
     vm = response.json["data"]
     assert vm["name"] == f"vm-{vm['id']}"
+    assert vm["domain_name"] == f"{installation}-vm-{vm['id']}"
     assert vm["node"] == {"id": node["id"]}
     assert vm["vm_state"] == {"id": 2}  # running
     assert uuid.UUID(vm["uuid"]).version == 4
     info = domain(driver, node, vm)
     assert (info.state, info.vcpus, info.memory, info.uuid) == ("running", 2, GIB, vm["uuid"])
-    assert (info.vm_id, info.installation) == (vm["id"], "vmapi")
+    assert (info.name, info.vm_id, info.installation) == (vm["domain_name"], vm["id"], installation)
     assert allocation(api, node) == (2, GIB)
 
 
@@ -296,10 +297,10 @@ def test_cputime_limit_is_persistent_and_said_when_not_live(api, vm_host, test_m
     )  # the test driver has no CPU bandwidth control
     conn = driver.connections.get(node["libvirt_uri"], 5)
     inactive = 2  # VIR_DOMAIN_XML_INACTIVE: the persistent definition
-    xml = conn.lookupByName(vm["name"]).XMLDesc(inactive)
+    xml = conn.lookupByName(vm["domain_name"]).XMLDesc(inactive)
     assert "<quota>20000</quota>" in xml and "<period>100000</period>" in xml
     api.update(f"vm/{vm['id']}", json={"cputime_limit": None})
-    assert "<cputune>" not in conn.lookupByName(vm["name"]).XMLDesc(inactive)
+    assert "<cputune>" not in conn.lookupByName(vm["domain_name"]).XMLDesc(inactive)
 
 
 @pytest.mark.parametrize("app_config", [{"SHUTDOWN_TIMEOUT": 2.0}])
@@ -424,8 +425,8 @@ def test_delete_removes_domain_and_claim(api, vm_host, test_method, driver):
 def test_delete_when_domain_is_already_gone(api, vm_host, test_method, driver):
     node = vm_host()
     vm = api.post("vm", json=vm_body(test_method)).json["data"]
-    driver.destroy(node["libvirt_uri"], vm["name"])
-    driver.undefine(node["libvirt_uri"], vm["name"])
+    driver.destroy(node["libvirt_uri"], vm["domain_name"])
+    driver.undefine(node["libvirt_uri"], vm["domain_name"])
     response = api.delete(f"vm/{vm['id']}")
     assert response.status_code == 200
     assert "no domain" in response.json["message"]

@@ -157,14 +157,14 @@ def test_array_create_failure_undoes_earlier_vms(api, vm_host, test_method, faul
     assert state(api, node, faults) == EMPTY
 
 
-def test_failed_undo_is_left_to_reconcile(api, vm_host, test_method, faults, runner):
+def test_failed_undo_is_left_to_reconcile(api, vm_host, test_method, faults, runner, installation):
     node = vm_host()
     faults.fail("start")
     faults.fail("destroy")  # the undo cannot remove the domain it defined
     assert_error(api.post("vm", json=vm_body(test_method)), 502, "vm/hypervisor_error")
     left = state(api, node, faults)
     assert left["vms"] == [] and left["allocated"] == (0, 0)
-    assert left["domains"] == ["vm-1"]  # an orphan with our metadata...
+    assert left["domains"] == [f"{installation}-vm-1"]  # an orphan with our metadata...
     result = runner.invoke(args=["vmapi", "reconcile", "--fix"])
     assert "orphan_domain" in result.output and result.exit_code == 0, result.output
     assert state(api, node, faults) == EMPTY  # ...that reconcile removes
@@ -188,10 +188,10 @@ def test_resize_failure_restores_everything(
     assert response.status_code == status, response.json
     assert api.get(f"vm/{vm['id']}").json["data"]["cores"] == 2
     assert state(api, node, faults)["allocated"] == (2, GIB)
-    info = faults.real.domain(node["libvirt_uri"], vm["name"])
+    info = faults.real.domain(node["libvirt_uri"], vm["domain_name"])
     assert info.vcpus == 2
     conn = faults.real.connections.get(node["libvirt_uri"], 5)
-    assert "current='2'" in conn.lookupByName(vm["name"]).XMLDesc(2)  # persistent too
+    assert "current='2'" in conn.lookupByName(vm["domain_name"]).XMLDesc(2)  # persistent too
 
 
 def test_state_change_failure_undoes_earlier_elements(api, vm_host, test_method, faults):
@@ -201,7 +201,7 @@ def test_state_change_failure_undoes_earlier_elements(api, vm_host, test_method,
     body = [{"id": a["id"], "vm_state": {"id": 3}}, {"id": b["id"], "vm_state": {"id": 3}}]
     error = assert_error(api.update("vm", json=body), 502, "vm/hypervisor_error")
     assert error["data"]["index"] == 1
-    assert faults.real.domain(node["libvirt_uri"], a["name"]).state == "running"
+    assert faults.real.domain(node["libvirt_uri"], a["domain_name"]).state == "running"
     assert api.get(f"vm/{a['id']}").json["data"]["vm_state"] == {"id": 2}
 
 
@@ -226,7 +226,7 @@ def test_delete_host_check_failure_deletes_nothing_of_an_array(api, vm_host, tes
         api.delete("vm", json=[{"id": a["id"]}, {"id": b["id"]}]), 504, "vm/hypervisor_timeout"
     )
     assert error["data"]["index"] == 1
-    assert state(api, node, faults)["domains"] == sorted([a["name"], b["name"]])
+    assert state(api, node, faults)["domains"] == sorted([a["domain_name"], b["domain_name"]])
     assert len(state(api, node, faults)["vms"]) == 2
 
 

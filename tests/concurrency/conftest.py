@@ -29,6 +29,7 @@ from tests.domains import tagged_domains
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_URI = "test+unix:///default"
+RACE_MARKER = "vmapi-r-"  # the installation ids of this tier's servers begin so
 
 
 def free_port() -> int:
@@ -127,8 +128,8 @@ def server(pg_server):
         libvirt.open(SHARED_URI).close()
     except libvirt.libvirtError as exc:
         unavailable(f"libvirtd's test driver does not answer on {SHARED_URI}: {exc}")
-    remove_domains("vmapi-race-")
-    installation = f"vmapi-race-{uuid.uuid4().hex[:8]}"
+    remove_domains(RACE_MARKER)
+    installation = f"{RACE_MARKER}{uuid.uuid4().hex[:8]}"  # at most 16 characters
     db_url = create_database(pg_server)
     migrate(db_url)
     env = {**os.environ, "VMAPI_DATABASE_URL": db_url, "VMAPI_INSTALLATION_ID": installation,

@@ -83,7 +83,7 @@ def test_capacity_race(server):
             " FROM node n LEFT JOIN vm v ON v.node_id = n.id GROUP BY n.id"
         )).all()  # fmt: skip
     assert all(r.allocated_cores == r.cores == r.used for r in per_node), per_node
-    created = sorted(a["data"]["name"] for s, a in answers if s == 201)
+    created = sorted(a["data"]["domain_name"] for s, a in answers if s == 201)
     assert sorted(our_domains(server.installation)) == created
     # the audit trail matches what happened, exactly: one create per VM, one refusal per
     # 409, one address hand-out per VM (issue 8)
@@ -120,7 +120,7 @@ def test_address_exhaustion_race(server):
     assert len(held) == 13 and len({a for a, _ in held}) == 13 and len({i for _, i in held}) == 13
     assert len(v6) == 13 == len({a for (a,) in v6}) == ifaces
     assert cores == 13  # the losers' claims were rolled back with their address
-    created = sorted(a["data"]["name"] for s, a in answers if s == 201)
+    created = sorted(a["data"]["domain_name"] for s, a in answers if s == 201)
     assert sorted(our_domains(server.installation)) == created
 
 
@@ -173,7 +173,7 @@ def test_resizes_and_deletes_racing(server):
         assert (row.allocated_cores, row.allocated_ram) == (row.cores_used, row.ram_used), row
         assert row.free_cores == row.cores - row.allocated_cores, row
     _status, listing = server.call("GET", "vm")
-    assert sorted(v["name"] for v in listing["data"].values()) == sorted(
+    assert sorted(v["domain_name"] for v in listing["data"].values()) == sorted(
         our_domains(server.installation)
     )
 
@@ -200,8 +200,9 @@ def test_storage_creates_on_one_vm_racing(server):
         pool = conn.storagePoolLookupByName("vmapi")
         pool.refresh(0)
         ids = {a["data"]["id"] for _, a in answers}
-        volumes = {v.name() for v in pool.listAllVolumes() if v.name().startswith("vmapi-storage-")}
-        assert {f"vmapi-storage-{i}" for i in ids} <= volumes
+        ours = f"{server.installation}-storage-"
+        volumes = {v.name() for v in pool.listAllVolumes() if v.name().startswith(ours)}
+        assert volumes == {f"{ours}{i}" for i in ids}  # every one, and no stray one
     finally:
         conn.close()
     assert server.call("DELETE", f"vm/{vm['id']}?cascade=storage")[0] == 200

@@ -4,6 +4,8 @@ The stream and console-log tests: everything they make is named ``vmapi-streamte
 (a dir pool of each test's own, its volumes, tiny ``type='qemu'`` domains) and removed
 even when a test fails; leftovers of an interrupted run are removed first.
 Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py).
+The API on qemu:///system (``qemu_node``): domains made there carry a test installation id
+(and their names with it); leftovers of an interrupted run are removed first.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from tests.conftest import unavailable
+from tests.conftest import node_body, unavailable
+from tests.domains import tagged_domains
+from tests.hypervisor import qemu_host
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
 from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
@@ -76,3 +80,46 @@ def host_pair() -> Iterator[TwoHosts]:
         unavailable(str(exc))
     with two_hosts() as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def conn():
+    try:
+        connection = libvirt.open(qemu_host.URI)
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd does not answer on {URI}: {exc}")
+    yield connection
+    connection.close()
+
+
+def remove_test_domains(conn):
+    for dom in tagged_domains(conn, qemu_host.MARKER):
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+@pytest.fixture
+def app_config():
+    return {"INSTALLATION_ID": qemu_host.INSTALLATION, "LIBVIRT_TIMEOUT": 60.0, "SHUTDOWN_TIMEOUT": 1.0,
+            "DETACH_TIMEOUT": 2.0}  # fmt: skip
+
+
+@pytest.fixture
+def qemu_node(api, conn, address_pools):
+    remove_test_domains(conn)
+    method = "KVM" if qemu_host.kvm_works() else "QEMU"
+    # user networking needs nothing on the host; ethernet (a tap) is tested below
+    body = {
+        "node": node_body(libvirt_uri=qemu_host.URI, interface_mode="user"),
+        "virt_method": {"name": method},
+    }
+    response = api.post("virt_node", json=body)
+    assert response.status_code == 201, response.json
+    vn = response.json["data"]
+    yield {
+        "node": api.get(f"node/{vn['node']['id']}").json["data"],
+        "method": vn["virt_method"]["id"],
+        "kind": method,
+    }
+    remove_test_domains(conn)

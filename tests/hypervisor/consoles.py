@@ -21,7 +21,7 @@ from tests.domains import tagged_domains
 from vmapi.extensions import db
 
 URI = "qemu:///system"
-INSTALLATION = f"vmapi-console-{uuid.uuid4().hex[:8]}"
+INSTALLATION = f"vmapi-c-{uuid.uuid4().hex[:8]}"  # at most 16 characters
 
 
 # Fixtures are named by ``name=`` so that test modules can import them (under these

@@ -69,25 +69,25 @@ def proxy(app):
 
 def test_every_display_is_sealed_from_the_start(api, qemu_node, conn):
     vm = make_vm(api, qemu_node)
-    secure = vnc_graphics(conn, vm["name"], libvirt.VIR_DOMAIN_XML_SECURE)
-    inactive = vnc_graphics(conn, vm["name"],
+    secure = vnc_graphics(conn, vm["domain_name"], libvirt.VIR_DOMAIN_XML_SECURE)
+    inactive = vnc_graphics(conn, vm["domain_name"],
                             libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)  # fmt: skip
     for graphics in (secure, inactive):
         assert graphics.get("autoport") == "yes"
         assert graphics.get("listen") == "127.0.0.1"  # CONSOLE_ADDRESS: the node has none
         assert len(graphics.get("passwd")) == 8
         assert graphics.get("passwdValidTo") == "2000-01-01T00:00:00"
-    assert vnc_graphics(conn, vm["name"]).get("passwd") is None  # libvirt hides it
+    assert vnc_graphics(conn, vm["domain_name"]).get("passwd") is None  # libvirt hides it
     # The password nobody is told has expired before the domain started: no way in.
     with pytest.raises(VncRefused):
-        login(live_port(conn, vm["name"]), secure.get("passwd"))
+        login(live_port(conn, vm["domain_name"]), secure.get("passwd"))
 
 
 def test_a_node_console_address_is_where_displays_listen(api, qemu_node, conn):
     api.update(f"node/{qemu_node['node']}", json={"console_address": "127.0.0.2"})
     assert api.get(f"node/{qemu_node['node']}").json["data"]["console_address"] == "127.0.0.2"
     vm = make_vm(api, qemu_node)
-    graphics = vnc_graphics(conn, vm["name"])
+    graphics = vnc_graphics(conn, vm["domain_name"])
     assert graphics.get("listen") == "127.0.0.2"
     assert graphics.find("listen").get("address") == "127.0.0.2"
     response = api.update(f"node/{qemu_node['node']}", json={"console_address": "localhost"})
@@ -105,15 +105,15 @@ def test_console_sets_a_live_password_until_the_token_expires(app, api, qemu_nod
     password = answer["password"]
     assert len(password) == 8 and password.isalnum()
     # the live display has it, valid to the token's expiry; the definition stays sealed
-    live = vnc_graphics(conn, vm["name"], libvirt.VIR_DOMAIN_XML_SECURE)
+    live = vnc_graphics(conn, vm["domain_name"], libvirt.VIR_DOMAIN_XML_SECURE)
     assert live.get("passwd") == password
     assert live.get("passwdValidTo") == expires.astimezone(UTC).strftime(VALID_TO_FORMAT)
-    config = vnc_graphics(conn, vm["name"],
+    config = vnc_graphics(conn, vm["domain_name"],
                           libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)  # fmt: skip
     assert config.get("passwd") != password
-    assert login(live_port(conn, vm["name"]), password).width > 0
+    assert login(live_port(conn, vm["domain_name"]), password).width > 0
     with pytest.raises(VncRefused):
-        login(live_port(conn, vm["name"]), "wrong-pw")
+        login(live_port(conn, vm["domain_name"]), "wrong-pw")
     # only the token's hash is stored, with the VM and the expiry
     (row,) = token_rows(app)
     assert row.vm_id == vm["id"]
@@ -129,12 +129,12 @@ def test_console_sets_a_live_password_until_the_token_expires(app, api, qemu_nod
 def test_a_password_past_its_expiry_is_refused_by_the_display(app, api, qemu_node, conn, driver):
     """The expiry the console sets is QEMU's own: after it, the password opens nothing."""
     vm = make_vm(api, qemu_node)
-    port = live_port(conn, vm["name"])
+    port = live_port(conn, vm["domain_name"])
     past = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    driver.set_display_password(URI, vm["name"], "Expired1", past)
+    driver.set_display_password(URI, vm["domain_name"], "Expired1", past)
     with pytest.raises(VncRefused):
         login(port, "Expired1")
-    driver.set_display_password(URI, vm["name"], "Current1", past + timedelta(hours=1))
+    driver.set_display_password(URI, vm["domain_name"], "Current1", past + timedelta(hours=1))
     assert login(port, "Current1").height > 0
 
 
@@ -176,15 +176,15 @@ def test_a_new_console_ends_the_older_tokens(api, qemu_node, conn, proxy):
     first = open_console(api, vm["id"])
     second = open_console(api, vm["id"])
     assert proxy.lookup(first["token"]) is None
-    assert proxy.lookup(second["token"]) == ("127.0.0.1", live_port(conn, vm["name"]))
+    assert proxy.lookup(second["token"]) == ("127.0.0.1", live_port(conn, vm["domain_name"]))
     with pytest.raises(VncRefused):  # one password per display: the new one
-        login(live_port(conn, vm["name"]), first["password"])
+        login(live_port(conn, vm["domain_name"]), first["password"])
 
 
 def test_the_proxy_asks_libvirt_for_the_current_port(api, qemu_node, conn, proxy):
     vm = make_vm(api, qemu_node)
     answer = open_console(api, vm["id"])
-    old_port = live_port(conn, vm["name"])
+    old_port = live_port(conn, vm["domain_name"])
     assert proxy.lookup(answer["token"]) == ("127.0.0.1", old_port)
     # Restart the domain while its old port is taken: it comes back on another one.
     stop = api.update(f"vm/{vm['id']}?force=true", json={"vm_state": {"id": 4}})
@@ -194,7 +194,7 @@ def test_the_proxy_asks_libvirt_for_the_current_port(api, qemu_node, conn, proxy
         squatter.bind(("127.0.0.1", old_port))
         squatter.listen(1)
         assert api.update(f"vm/{vm['id']}", json={"vm_state": {"id": 2}}).status_code == 200
-        new_port = live_port(conn, vm["name"])
+        new_port = live_port(conn, vm["domain_name"])
         assert new_port != old_port
         assert proxy.lookup(answer["token"]) == ("127.0.0.1", new_port)
     # a restart seals the display again: the console's password is gone with it
@@ -262,7 +262,7 @@ def test_a_vm_without_a_display_says_so_until_it_gets_one(api, qemu_node, conn):
     """A domain defined before vmapi gave every VM a display: 409 vm/no_console until it
     is next defined and started."""
     vm = make_vm(api, qemu_node)
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     devices = root.find("devices")
     for device in devices.findall("graphics") + devices.findall("video"):
@@ -281,4 +281,6 @@ def test_a_vm_without_a_display_says_so_until_it_gets_one(api, qemu_node, conn):
     response = api.post(f"vm/{vm['id']}/console")
     assert response.status_code == 409 and response.json["error_id"] == "vm/state_conflict"
     api.update(f"vm/{vm['id']}", json={"vm_state": {"id": 2}})
-    assert login(live_port(conn, vm["name"]), open_console(api, vm["id"])["password"]).width > 0
+    assert (
+        login(live_port(conn, vm["domain_name"]), open_console(api, vm["id"])["password"]).width > 0
+    )

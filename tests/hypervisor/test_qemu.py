@@ -5,75 +5,16 @@ here carry a test installation id; leftovers of an interrupted run are removed f
 """
 
 import subprocess
-import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
 import pytest
 
-from tests.conftest import GIB, MIB, node_body, unavailable
-from tests.domains import tagged_domains
+from tests.conftest import GIB, MIB
+from tests.hypervisor.qemu_host import INSTALLATION, create
+from vmapi.services.names import device_tag
 
 pytestmark = [pytest.mark.hypervisor]
-
-URI = "qemu:///system"
-INSTALLATION = f"vmapi-test-{uuid.uuid4().hex[:8]}"
-
-
-def kvm_works() -> bool:
-    result = subprocess.run(["virsh", "-c", URI, "domcapabilities", "--virttype", "kvm"],
-                            capture_output=True, timeout=120)  # fmt: skip
-    return result.returncode == 0
-
-
-@pytest.fixture(scope="module")
-def conn():
-    try:
-        connection = libvirt.open(URI)
-    except libvirt.libvirtError as exc:
-        unavailable(f"libvirtd does not answer on {URI}: {exc}")
-    yield connection
-    connection.close()
-
-
-def remove_test_domains(conn):
-    for dom in tagged_domains(conn, "vmapi-test-"):
-        if dom.isActive():
-            dom.destroy()
-        dom.undefine()
-
-
-@pytest.fixture
-def app_config():
-    return {"INSTALLATION_ID": INSTALLATION, "LIBVIRT_TIMEOUT": 60.0, "SHUTDOWN_TIMEOUT": 1.0,
-            "DETACH_TIMEOUT": 2.0}  # fmt: skip
-
-
-@pytest.fixture
-def qemu_node(api, conn, address_pools):
-    remove_test_domains(conn)
-    method = "KVM" if kvm_works() else "QEMU"
-    # user networking needs nothing on the host; ethernet (a tap) is tested below
-    body = {
-        "node": node_body(libvirt_uri=URI, interface_mode="user"),
-        "virt_method": {"name": method},
-    }
-    response = api.post("virt_node", json=body)
-    assert response.status_code == 201, response.json
-    vn = response.json["data"]
-    yield {
-        "node": api.get(f"node/{vn['node']['id']}").json["data"],
-        "method": vn["virt_method"]["id"],
-        "kind": method,
-    }
-    remove_test_domains(conn)
-
-
-def create(api, qemu_node, **fields):
-    body = {"cores": 2, "ram": GIB, "virt_method": {"id": qemu_node["method"]}, **fields}
-    response = api.post("vm", json=body)
-    assert response.status_code == 201, response.json
-    return response.json["data"]
 
 
 def test_node_capacity_comes_from_libvirt(qemu_node, conn):
@@ -84,7 +25,7 @@ def test_node_capacity_comes_from_libvirt(qemu_node, conn):
 
 def test_seed_example_runs_with_2_vcpus_and_1_gib(api, qemu_node, conn):
     vm = create(api, qemu_node)
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     state, max_mem, memory, vcpus, _ = dom.info()
     assert state == libvirt.VIR_DOMAIN_RUNNING
     assert vcpus == 2
@@ -98,21 +39,23 @@ def test_seed_example_runs_with_2_vcpus_and_1_gib(api, qemu_node, conn):
 
 def test_cputime_limit_is_the_vcpu_quota(api, qemu_node, conn):
     vm = create(api, qemu_node, cputime_limit=50000)
-    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    params = conn.lookupByName(vm["domain_name"]).schedulerParameters()
     assert (params["vcpu_period"], params["vcpu_quota"]) == (100000, 50000)
     response = api.update(f"vm/{vm['id']}", json={"cputime_limit": 25000})
     assert "message" not in response.json  # QEMU changes it live
-    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    params = conn.lookupByName(vm["domain_name"]).schedulerParameters()
     assert params["vcpu_quota"] == 25000
     api.update(f"vm/{vm['id']}", json={"cputime_limit": None})
-    params = conn.lookupByName(vm["name"]).schedulerParameters()
+    params = conn.lookupByName(vm["domain_name"]).schedulerParameters()
     assert params["vcpu_quota"] in (-1, 17592186044415)  # unlimited, as this QEMU spells it
-    assert "<cputune>" not in conn.lookupByName(vm["name"]).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<cputune>" not in conn.lookupByName(vm["domain_name"]).XMLDesc(
+        libvirt.VIR_DOMAIN_XML_INACTIVE
+    )
 
 
 def test_lifecycle_transitions(api, qemu_node, conn):
     vm = create(api, qemu_node)
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
 
     def update(state_id, query=""):
         response = api.update(f"vm/{vm['id']}{query}", json={"vm_state": {"id": state_id}})
@@ -139,7 +82,7 @@ def test_resize_live_and_persistent(api, qemu_node, conn):
     vm = create(api, qemu_node)
     response = api.update(f"vm/{vm['id']}", json={"cores": 3, "ram": 512 * MIB})
     assert response.status_code == 200, response.json
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == 3
     assert dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == 3
     inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -152,7 +95,7 @@ def test_delete_leaves_no_domain(api, qemu_node, conn):
     vm = create(api, qemu_node)
     assert api.delete(f"vm/{vm['id']}").status_code == 200
     with pytest.raises(libvirt.libvirtError) as info:
-        conn.lookupByName(vm["name"])
+        conn.lookupByName(vm["domain_name"])
     assert info.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
     node = api.get(f"node/{qemu_node['node']['id']}").json["data"]
     assert (node["allocated_cores"], node["allocated_ram"]) == (0, 0)
@@ -175,7 +118,7 @@ def test_software_emulation_domain(api, qemu_node, conn):
         else qemu_node["method"]
     )
     vm = create(api, {**qemu_node, "method": method}, cores=1, ram=256 * MIB)
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     assert "type='qemu'" in dom.XMLDesc(0)
     assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
 
@@ -185,12 +128,12 @@ def test_nic_with_the_mac_the_api_reports(api, qemu_node, conn, mode):
     api.update(f"node/{qemu_node['node']['id']}", json={"interface_mode": mode})
     vm = create(api, qemu_node)
     iface = api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
     nics = ET.fromstring(dom.XMLDesc(0)).findall("devices/interface")
     assert [(n.get("type"), n.find("mac").get("address")) for n in nics] == [(mode, iface["mac"])]
+    tap = f"vm{device_tag(INSTALLATION)}-{iface['mac'][-8:].replace(':', '')}"
     if mode == "ethernet":
-        tap = f"vm{vm['id']}-{iface['id']}"
         assert nics[0].find("target").get("dev") == tap
         link = subprocess.run(["ip", "-o", "link", "show", tap], capture_output=True, text=True)
         assert link.returncode == 0 and iface["mac"][3:] in link.stdout  # the host side of the tap
@@ -199,9 +142,7 @@ def test_nic_with_the_mac_the_api_reports(api, qemu_node, conn, mode):
     assert f'ipv4="{v4["address"]}/{v4["prefix"]}"' in meta
     api.delete(f"vm/{vm['id']}")
     if mode == "ethernet":
-        gone = subprocess.run(
-            ["ip", "link", "show", f"vm{vm['id']}-{iface['id']}"], capture_output=True
-        )
+        gone = subprocess.run(["ip", "link", "show", tap], capture_output=True)
         assert gone.returncode != 0
 
 
@@ -249,7 +190,7 @@ def disk(xml, dev):
 
 def volume(conn, storage_id):
     return conn.storagePoolLookupByName(TEST_POOL).storageVolLookupByName(
-        f"vmapi-storage-{storage_id}"
+        f"{INSTALLATION}-storage-{storage_id}"
     )
 
 
@@ -265,7 +206,7 @@ def test_volume_attached_live_with_cache_and_iotune(api, qemu_node, conn, storag
     vol = volume(conn, storage["id"])
     assert vol.info()[1] == GIB
     assert f"<format type='{fmt}'/>" in vol.XMLDesc(0)
-    dom = conn.lookupByName(vm["name"])
+    dom = conn.lookupByName(vm["domain_name"])
     live_disk = disk(dom.XMLDesc(0), "vdb")
     assert live_disk.find("driver").get("cache") == "none"
     assert live_disk.find("driver").get("type") == fmt
@@ -301,7 +242,7 @@ def test_cascade_delete_leaves_no_domain_and_no_volume(api, qemu_node, conn, sto
     assert api.delete(f"vm/{vm['id']}").status_code == 409
     assert api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200
     with pytest.raises(libvirt.libvirtError):
-        conn.lookupByName(vm["name"])
+        conn.lookupByName(vm["domain_name"])
     for storage_id in ids:
         with pytest.raises(libvirt.libvirtError):
             volume(conn, storage_id)

@@ -67,3 +67,25 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in DEFAULTS if f"`VMAPI_{key}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("value", ["Prod", "prod_1", "", "a" * 17, "prod.example", "prød"])
+def test_a_bad_installation_id_stops_the_start(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("VMAPI_INSTALLATION_ID", value)
+    with pytest.raises(RuntimeError, match="INSTALLATION_ID"):
+        load_config(make_app(tmp_path))
+
+
+@pytest.mark.parametrize("value", ["vmapi", "prod-2", "a" * 16, "0"])
+def test_good_installation_ids(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("VMAPI_INSTALLATION_ID", value)
+    app = make_app(tmp_path)
+    load_config(app)
+    assert app.config["INSTALLATION_ID"] == value
+
+
+def test_no_installation_id_means_the_databases(tmp_path, monkeypatch):
+    monkeypatch.delenv("VMAPI_INSTALLATION_ID", raising=False)
+    app = make_app(tmp_path)
+    load_config(app)
+    assert app.config["INSTALLATION_ID"] is None

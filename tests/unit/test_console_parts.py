@@ -129,8 +129,9 @@ def test_the_proxy_connects_to_concrete_addresses_only():
 
 def test_the_openapi_document_describes_the_console_answer():
     from vmapi.api.openapi import openapi_document
+    from vmapi.config import DEFAULTS
 
-    document = openapi_document()
+    document = openapi_document({key: default for key, (default, _doc) in DEFAULTS.items()})
     post = document["paths"]["/api/v1/vm/{ident}/console"]["post"]
     created = post["responses"]["201"]["content"]["application/json"]["schema"]
     assert created["properties"]["data"] == {"$ref": "#/components/schemas/VmConsole"}

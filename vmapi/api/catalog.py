@@ -1,7 +1,7 @@
 """Blueprints of the catalog resources: one ResourceApi (and blueprint) per resource."""
 
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
-from vmapi.models import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.models import CacheOption, NodeState, VirtMethod, VmState
 from vmapi.schemas.catalog import (
     CacheOptionSchema,
     NodeStateSchema,
@@ -10,6 +10,7 @@ from vmapi.schemas.catalog import (
     VmStateSchema,
 )
 from vmapi.services.crud import CrudService
+from vmapi.services.storage_types import StorageTypeService
 
 node_state = ResourceApi(
     "node_state",
@@ -35,7 +36,7 @@ virt_method = ResourceApi(
 storage_type = ResourceApi(
     "storage_type",
     StorageTypeSchema,
-    CrudService(StorageType, "storage_type"),
+    StorageTypeService(),
     read_roles=ALL_ROLES,
     summary="Kinds of block storage: the libvirt pool and volume format.",
 )

@@ -43,7 +43,15 @@ class VolumeNotFound(HypervisorError):
     """The pool has no volume of that name."""
 
 
-class VolumeExists(HypervisorError):
+class PoolNotFound(HypervisorError):
+    """The host has no storage pool of that name."""
+
+
+class NameTaken(HypervisorError):
+    """Something else on the host already has the name (a domain, or a volume in the pool)."""
+
+
+class VolumeExists(NameTaken):
     """The pool already has a volume of that name (it is left as it is)."""
 
 
@@ -185,7 +193,8 @@ class HypervisorDriver(Protocol):
         ...
 
     def define(self, uri: str, spec: DomainSpec) -> None:
-        """Create or replace the persistent definition of ``spec.name``."""
+        """Create or replace the persistent definition of ``spec.name`` (``NameTaken`` when a
+        domain with another UUID has that name)."""
         ...
 
     def start(self, uri: str, name: str) -> None:
@@ -242,11 +251,17 @@ class HypervisorDriver(Protocol):
         ...
 
     def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
-        """Create a volume; return its path."""
+        """Create a volume; return its path (``NameTaken`` when the pool has one of that
+        name)."""
         ...
 
     def volume(self, uri: str, pool: str, name: str) -> tuple[str, int]:
         """Path and capacity (bytes) of a volume (``VolumeNotFound`` when there is none)."""
+        ...
+
+    def volumes(self, uri: str, pool: str) -> list[str]:
+        """Names of the volumes in the pool, as the pool finds them now (``PoolNotFound``
+        when the host has no such pool)."""
         ...
 
     def resize_volume(self, uri: str, pool: str, name: str, size: int) -> None: ...

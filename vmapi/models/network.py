@@ -33,6 +33,9 @@ class Interface(db.Model):
     vm_id: Mapped[int] = mapped_column(ForeignKey("vm.id"), index=True)
     mac: Mapped[str] = mapped_column(String(17), unique=True)
     vlan_id: Mapped[int | None] = mapped_column(ForeignKey("vlan.id"), index=True)
+    #: what names its host devices (tap ``vm<suffix>``, bridge ``br-<suffix>``), chosen
+    #: when it is made so that a later scheme never renames a running VM's devices
+    device_suffix: Mapped[str] = mapped_column(String(12), unique=True)
 
     vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
     vlan: Mapped[Vlan | None] = relationship(lazy="raise_on_sql")

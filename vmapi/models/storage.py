@@ -47,15 +47,17 @@ class Storage(db.Model):
     read_bps_limit: Mapped[int | None] = mapped_column(BigInteger)
     #: the guest's device name (vdb, vdc, ...), chosen without clashes per VM
     target: Mapped[str] = mapped_column(String(8))
-    #: the volume's path on the node, as libvirt reported it (null until it exists)
+    #: Where the volume is, recorded when the row is made and used from then on (never
+    #: re-read from the storage type, whose pool may be another by then): the node, the
+    #: pool, the volume's name (with the installation's id; written in the transaction
+    #: that makes the row, once the id is known) and its path as libvirt reported it
+    #: (null until the volume exists).
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)
+    pool: Mapped[str] = mapped_column(String(255))
+    volume_name: Mapped[str | None] = mapped_column(String(255), unique=True)
     path: Mapped[str | None] = mapped_column(String(1024))
 
     # read-only, for nest= (API.md: any reference may be nested)
     vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
     storage_type: Mapped[StorageType] = relationship(lazy="raise_on_sql", viewonly=True)
     cache_option: Mapped[CacheOption | None] = relationship(lazy="raise_on_sql", viewonly=True)
-
-    @property
-    def volume(self) -> str:
-        """The libvirt volume's name, tied to the storage id."""
-        return f"vmapi-storage-{self.id}"

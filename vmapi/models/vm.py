@@ -43,6 +43,9 @@ class Vm(db.Model):
     virt_method_id: Mapped[int] = mapped_column(ForeignKey("virt_method.id"), index=True)
     vm_state_id: Mapped[int] = mapped_column(ForeignKey("vm_state.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: the domain's name in libvirt, with the installation's id; written in the
+    #: transaction that makes the row (once the id is known) and never changed
+    domain_name: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql")
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
@@ -53,5 +56,5 @@ class Vm(db.Model):
 
     @property
     def name(self) -> str:
-        """The libvirt domain name, unique per installation."""
+        """What people call the VM (its domain on the host is :attr:`domain_name`)."""
         return f"vm-{self.id}"

@@ -37,6 +37,7 @@ def validate_uri(value: str) -> None:
         raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
 
 
+@json_schema(anyOf=[{"format": "ipv4"}, {"format": "ipv6"}])
 def ip_address(value: str) -> None:
     """A plain IPv4 or IPv6 address, written canonically (QEMU binds the display to it)."""
     try:

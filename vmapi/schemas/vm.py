@@ -72,6 +72,9 @@ class VmSchema(BaseSchema):
     )
     vm_state = Ref("vm_state", attribute="vm_state_id", metadata={"on_create": False})
     name = Str(dump_only=True)
+    #: the name libvirt knows the domain by (with the installation's id), stored when
+    #: the VM is made
+    domain_name = Str(dump_only=True)
     interfaces = RefList("interface")
 
 

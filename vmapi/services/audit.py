@@ -139,11 +139,30 @@ def _collect(session: Any, flush_context: Any) -> None:
     for obj in session.dirty:
         if not isinstance(obj, NOT_AUDITED) and session.is_modified(obj):
             before, after = _changes(obj)
-            if before or after:
+            if not (before or after):
+                continue
+            made = _created_here(session, obj)
+            if made is not None:  # made in this transaction: one create, with final values
+                made["after"].update(after)
+            else:
                 _queue(session, obj, "update", before, after)
     for obj in session.deleted:
         if not isinstance(obj, NOT_AUDITED):
             _queue(session, obj, "delete", _values(obj), None)
+
+
+def _created_here(session: Any, obj: Any) -> dict[str, Any] | None:
+    """The pending create event of ``obj`` if this transaction made it (e.g. a VM whose
+    domain name is written once its id is known), so nobody sees a half-made row's event."""
+    resource = resource_of(obj.__table__.name)
+    for item in session.info.get(PENDING, ()):
+        if (
+            item["action"] == "create"
+            and item["resource"] == resource
+            and item["object_id"] == obj.id
+        ):
+            return item
+    return None
 
 
 @event.listens_for(Session, "before_commit")

@@ -58,7 +58,7 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
         expires_at = now + timedelta(seconds=int(config["CONSOLE_TTL"]))
         password = display_password()
         try:
-            hypervisor().set_display_password(host.uri, vm.name, password, expires_at)
+            hypervisor().set_display_password(host.uri, vm.domain_name, password, expires_at)
         except (NoDisplay, NotSupported) as exc:
             raise Conflict(
                 f"vm-{vm.id} has no console display: {exc.reason}. Domains defined before "

@@ -17,6 +17,7 @@ from sqlalchemy.orm import joinedload
 from vmapi.extensions import db
 from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
+from vmapi.services.names import installation_id
 
 MIB = 1024 * 1024
 #: A display password's expiry long past: libvirt has QEMU expire it at once.
@@ -26,12 +27,13 @@ DISPLAY_PASSWORD_LENGTH = 8
 DISPLAY_PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
-def device_name(mode: str, vm_id: int, interface_id: int) -> str | None:
-    """The host device of a NIC: the bridge its host's configuration makes, or the tap."""
+def device_name(mode: str, suffix: str) -> str | None:
+    """The host device of a NIC: the bridge its host's configuration makes, or the tap
+    (``suffix`` is the interface's, :mod:`vmapi.services.names`)."""
     if mode == "bridge":
-        return f"br-{vm_id}-{interface_id}"
+        return f"br-{suffix}"
     if mode == "ethernet":
-        return f"vm{vm_id}-{interface_id}"
+        return f"vm{suffix}"
     return None
 
 
@@ -53,7 +55,7 @@ def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
             NicSpec(
                 mac=iface.mac,
                 mode=mode,
-                device=device_name(mode, vm_id, iface.id),
+                device=device_name(mode, iface.device_suffix),
                 ipv4=f"{v4.address}/{v4.prefix}" if v4 else None,
                 ipv4_gateway=v4.gateway if v4 else None,
                 ipv6=f"{v6.address}/{v6.prefix}" if v6 else None,
@@ -139,7 +141,7 @@ def domain_spec(
     max_memory = max(vm.ram, int(vm.ram * float(config["VM_MAX_RAM_FACTOR"])) // MIB * MIB)
     quota = vm.cputime_limit
     return DomainSpec(
-        name=vm.name,
+        name=vm.domain_name,
         uuid=vm.uuid,
         domain_type=method.domain_type,
         vcpus=vm.cores,
@@ -147,7 +149,7 @@ def domain_spec(
         memory=vm.ram,
         max_memory=max_memory,
         vm_id=vm.id,
-        installation=config["INSTALLATION_ID"],
+        installation=installation_id(),
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
         nics=nic_specs(vm.id, interface_mode(node, config)),

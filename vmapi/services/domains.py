@@ -11,10 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
-from vmapi.error_ids import VM_HYPERVISOR_ERROR, VM_HYPERVISOR_TIMEOUT
-from vmapi.errors import ApiError, HypervisorFailure
+from vmapi.error_ids import (
+    STORAGE_NAME_TAKEN,
+    VM_HYPERVISOR_ERROR,
+    VM_HYPERVISOR_TIMEOUT,
+    VM_NAME_TAKEN,
+)
+from vmapi.errors import ApiError, Conflict, HypervisorFailure
 from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
 from vmapi.extensions import db
 from vmapi.hypervisor import (
@@ -24,7 +29,7 @@ from vmapi.hypervisor import (
     HypervisorTimeout,
     HypervisorUnavailable,
 )
-from vmapi.models import Node, Storage, Vm, VmState
+from vmapi.models import Node, Vm, VmState
 from vmapi.scheduler import release
 from vmapi.services.hosts import hypervisor, node_uri
 from vmapi.services.network import release_interfaces
@@ -92,6 +97,19 @@ def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
     )
 
 
+def name_taken(exc: HypervisorError, name: str, host: Host, resource: str = "vm") -> Conflict:
+    """409 ``vm/name_taken`` (or ``storage/name_taken``): something this database does
+    not own has the name on the host; reconcile lists what is in the way."""
+    what = "a domain" if resource == "vm" else "a volume"
+    return Conflict(
+        f"Node {host.node.fqdn} already has {what} named {name} that this database does not "
+        f"own ({exc.reason}); nothing was created. Run `flask vmapi reconcile` to see what "
+        "is in the way, and remove or rename it.",
+        error_id=STORAGE_NAME_TAKEN if resource == "storage" else VM_NAME_TAKEN,
+        data={"name": name, "node": {"id": host.node.id}},
+    )
+
+
 def note_host_failure(node_id: int) -> None:
     """Remember that the node's libvirt failed, so the scheduler skips it for a while."""
     try:
@@ -133,15 +151,14 @@ def remove_domain(host: Host, name: str) -> bool:
 
 def forget(vm: Vm) -> None:
     """Release the VM's claim, addresses and interfaces and delete its row, in one
-    transaction (only once its domain is gone)."""
+    transaction (only once its domain is gone). Its storage must be gone first
+    (:func:`vmapi.services.volumes.delete_vm_volumes`): a row with volumes left is
+    refused by its foreign keys rather than leak them."""
     row = db.session.scalars(select(Vm).where(Vm.id == vm.id).with_for_update()).first()
     if row is None:
         return
     release(row.node_id, row.cores, row.ram)
     release_interfaces(row.id)
-    db.session.execute(
-        delete(Storage).where(Storage.vm_id == row.id).execution_options(synchronize_session=False)
-    )
     db.session.delete(row)
     db.session.commit()
 

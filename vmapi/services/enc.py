@@ -2,9 +2,10 @@
 
 :func:`node_classification` is the answer of a Puppet External Node Classifier for one
 node: the class ``vmapi::hypervisor`` with, as its parameters, the node's VMs, the
-device each NIC is wired to (bridges ``br-<vm_id>-<interface_id>`` in bridge mode, taps
-``vm<vm_id>-<interface_id>`` in ethernet mode), the VLANs those devices join, and the
-addresses routed to the VMs. Puppet applies it; vmapi never configures a host itself.
+device each NIC is wired to (bridges ``br-<suffix>`` in bridge mode, taps ``vm<suffix>``
+in ethernet mode; the interface's suffix, :mod:`vmapi.services.names`), the VLANs those
+devices join, and the addresses routed to the VMs. Puppet applies it; vmapi never
+configures a host itself. The names are those the domains are defined with.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def node_classification(fqdn: str) -> dict[str, Any]:
     for vm in db.session.scalars(vms_stmt):
         nics = []
         for iface in vm.interfaces:
-            device = device_name(mode, vm.id, iface.id)
+            device = device_name(mode, iface.device_suffix)
             v4 = [f"{a.address}/{a.prefix}" for a in iface.ipv4]
             v6 = [f"{a.address}/{a.prefix}" for a in iface.ipv6]
             vlan = iface.vlan.tag if iface.vlan else None
@@ -67,13 +68,14 @@ def node_classification(fqdn: str) -> dict[str, Any]:
             }
             nics.append(nic)
             if device is not None:
-                devices[device] = {"vm": vm.name, **nic}
+                devices[device] = {"vm": vm.domain_name, **nic}
             if vlan is not None:
                 vlans.add(vlan)
             ipv4 += v4
             ipv6 += v6
-        vms[vm.name] = {
+        vms[vm.domain_name] = {
             "id": vm.id,
+            "name": vm.name,
             "uuid": vm.uuid,
             "cores": vm.cores,
             "ram": vm.ram,

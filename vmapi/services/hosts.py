@@ -15,6 +15,7 @@ from vmapi.hypervisor.uri import validate_libvirt_uri
 
 DRIVER_KEY = "vmapi.hypervisor"
 K = TypeVar("K")
+A = TypeVar("A")
 T = TypeVar("T")
 
 
@@ -54,15 +55,16 @@ def read_capacity(fqdn: str, uri: str) -> HostInfo:
 
 
 def on_hosts(
-    uris: dict[K, str], call: Callable[[str], T], workers: int
+    uris: dict[K, A], call: Callable[[A], T], workers: int
 ) -> dict[K, T | HypervisorError]:
-    """``call(uri)`` for every host at once, in up to ``workers`` threads; each result, or
-    the hypervisor error it raised. Every libvirt call is bounded by LIBVIRT_TIMEOUT, so a
-    hung host costs its own thread that long and delays no other host."""
+    """``call(uri)`` for every host at once (``uris``' values may be any argument), in up
+    to ``workers`` threads; each result, or the hypervisor error it raised. Every libvirt
+    call is bounded by LIBVIRT_TIMEOUT, so a hung host costs its own thread that long and
+    delays no other host."""
     if not uris:
         return {}
 
-    def guarded(uri: str) -> T | HypervisorError:
+    def guarded(uri: A) -> T | HypervisorError:
         try:
             return call(uri)
         except HypervisorError as exc:

@@ -27,6 +27,7 @@ from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
 from vmapi.services import audit
+from vmapi.services.names import interface_device_suffix
 
 #: INSERT ... ON CONFLICT DO NOTHING, by dialect (both support it; core insert does not)
 INSERT_OR_SKIP = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
@@ -156,7 +157,8 @@ def _next_pool_address(conn: Any, dialect: str) -> int:
 def add_interface(vm: Vm) -> Interface:
     """One NIC with a new MAC, one free IPv4 and one free IPv6 address (in the caller's
     transaction: a 409 for want of addresses rolls everything back)."""
-    interface = Interface(vm_id=vm.id, mac=new_mac())
+    mac = new_mac()
+    interface = Interface(vm_id=vm.id, mac=mac, device_suffix=interface_device_suffix(mac))
     db.session.add(interface)
     db.session.flush()
     allocate_ipv4(interface.id)

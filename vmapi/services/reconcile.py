@@ -1,15 +1,22 @@
-"""Reconcile: compare every node's libvirt domains with the database, and repair safely.
+"""Reconcile: compare every node's libvirt domains and vmapi's volumes with the database,
+and repair safely.
 
-Findings, one per domain or VM:
+Findings, one per domain, VM or volume:
 - ``unreachable``: the node's libvirt did not answer (nothing there can be checked).
 - ``stale_building``: a VM still ``building`` after BUILD_TIMEOUT (its request died);
-  fix: remove its domain if any, release its claim, delete the row.
+  fix: delete its volumes and their rows, remove its domain if any, release its claim,
+  delete the row (a VM with volumes on a node that does not answer waits for it).
 - ``missing_domain``: a VM whose domain is not on its node; fix: state ``error``.
 - ``state_drift``: the stored state differs from libvirt's; fix: store libvirt's.
 - ``orphan_domain``: a domain with this installation's metadata whose VM row does not
   exist (the database never committed it, or lost it); fix: destroy and undefine.
-- ``foreign_domain``: a ``vm-*`` domain without our metadata; reported, never touched.
-Young ``building`` rows are skipped: their request may still be running.
+- ``foreign_domain``: a domain named like ours (``<installation>-vm-*``, or ``vm-*`` as
+  before names carried the installation) without our metadata; reported, never touched.
+- ``unowned_volume``: a volume in one of vmapi's pools (those its storage types and
+  storage rows name) that no storage row owns: leaked, another installation's, or
+  something in the way of a new volume's name; reported, never touched.
+Domains are matched with VMs by the name stored on the VM's row. Young ``building``
+rows are skipped: their request may still be running.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from flask import current_app
 from sqlalchemy import select
 
 from vmapi.auth import as_utc
+from vmapi.errors import ApiError
 from vmapi.extensions import db
-from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError
-from vmapi.models import Node, Vm, VmState
+from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
+from vmapi.models import Node, Storage, StorageType, Vm, VmState
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor, on_hosts
+from vmapi.services.names import installation_id
+from vmapi.services.volumes import delete_vm_volumes
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ log = logging.getLogger(__name__)
 class Finding:
     kind: str
     node: str
-    domain: str
+    domain: str  # the domain, or pool/volume
     detail: str
     fixed: bool = False
 
@@ -46,7 +56,7 @@ class Finding:
 
 def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings: list[Finding] = []
-    installation = current_app.config["INSTALLATION_ID"]
+    installation = installation_id()
     stale_before = datetime.now(UTC) - timedelta(seconds=current_app.config["BUILD_TIMEOUT"])
     states = {row.id: row.name for row in db.session.scalars(select(VmState))}
     known_ids = set(db.session.scalars(select(Vm.id)))
@@ -55,6 +65,7 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     # Every node is asked at once (each call bounded by LIBVIRT_TIMEOUT): hung hosts cost
     # one timeout in all, not one each.
     listings = on_hosts({i: h.uri for i, h in hosts.items()}, hypervisor().domains, workers)
+    answering = {}
     for node in nodes:
         host = hosts[node.id]
         listing = listings[node.id]
@@ -62,16 +73,17 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
             findings.append(Finding("unreachable", node.fqdn, "-", listing.reason))
             findings += _stale_on_unreachable(node.id, host, states, stale_before, fix)
             continue
+        answering[node.id] = host
         domains = {d.name: d for d in listing}
         vms = db.session.scalars(select(Vm).where(Vm.node_id == node.id).order_by(Vm.id)).all()
         for vm in vms:
-            domain = domains.pop(vm.name, None)
+            domain = domains.pop(vm.domain_name, None)
             findings += _check_vm(vm, domain, states[vm.vm_state_id], host, stale_before, fix)
         for domain in domains.values():
             finding = _check_domain(domain, installation, known_ids, host, fix)
             if finding:
                 findings.append(finding)
-    return findings
+    return findings + _unowned_volumes(answering, workers)
 
 
 def _stale_on_unreachable(
@@ -79,15 +91,24 @@ def _stale_on_unreachable(
 ) -> list[Finding]:
     """Stale building rows on a node that does not answer: their requests never said
     success, so their claims and addresses go; a domain one of them made carries our
-    metadata and is removed as an orphan once the node answers again."""
+    metadata and is removed as an orphan once the node answers again. One with volumes
+    waits for the node: its volumes can only be deleted there."""
     found = []
     building = [vm_state for vm_state, name in states.items() if name == BUILDING]
     stmt = select(Vm).where(Vm.node_id == node_id, Vm.vm_state_id.in_(building))
     for vm in db.session.scalars(stmt.order_by(Vm.id)).all():
         if as_utc(vm.created_at) >= stale_before:
             continue
-        finding = Finding("stale_building", host.node.fqdn, vm.name, "building, node unreachable")
-        if fix:
+        finding = Finding(
+            "stale_building",
+            host.node.fqdn,
+            vm.domain_name or vm.name,
+            "building, node unreachable",
+        )
+        has_storage = db.session.scalars(select(Storage.id).where(Storage.vm_id == vm.id)).first()
+        if fix and has_storage is not None:
+            finding.detail += "; it has volumes, left until the node answers"
+        elif fix:
             forget(vm)
             finding.fixed = True
             finding.detail += "; claim and addresses released, domain left for orphan cleanup"
@@ -98,23 +119,31 @@ def _stale_on_unreachable(
 def _check_vm(
     vm: Vm, domain: DomainInfo | None, stored: str, host: Host, stale_before: datetime, fix: bool
 ) -> list[Finding]:
-    fqdn = host.node.fqdn
+    fqdn, name = host.node.fqdn, vm.domain_name or vm.name  # (a row the API never made)
     if stored == BUILDING:
         if as_utc(vm.created_at) >= stale_before:
             return []
         finding = Finding(
-            "stale_building", fqdn, vm.name, f"building since {vm.created_at:%Y-%m-%d %H:%M:%S}"
+            "stale_building", fqdn, name, f"building since {vm.created_at:%Y-%m-%d %H:%M:%S}"
         )
         if fix:
-            if domain is not None:
-                remove_domain(host, vm.name)
+            try:
+                notes = delete_vm_volumes(vm, host)
+                if domain is not None:
+                    remove_domain(host, name)
+            except (ApiError, HypervisorError) as exc:
+                finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
+                return [finding]
             forget(vm)
             finding.fixed = True
+            finding.detail += "; volumes, domain, claim and addresses removed" + (
+                f" ({' '.join(notes)})" if notes else ""
+            )
         return [finding]
     if domain is None:
         if stored == ERROR:
-            return [Finding("missing_domain", fqdn, vm.name, "no domain; state is error")]
-        finding = Finding("missing_domain", fqdn, vm.name, f"stored {stored}, no domain on host")
+            return [Finding("missing_domain", fqdn, name, "no domain; state is error")]
+        finding = Finding("missing_domain", fqdn, name, f"stored {stored}, no domain on host")
         if fix:
             vm.vm_state_id = state_id(ERROR)
             db.session.commit()
@@ -122,7 +151,7 @@ def _check_vm(
             finding.detail += "; state set to error"
         return [finding]
     if domain.state != stored:
-        finding = Finding("state_drift", fqdn, vm.name, f"stored {stored}, libvirt {domain.state}")
+        finding = Finding("state_drift", fqdn, name, f"stored {stored}, libvirt {domain.state}")
         if fix:
             vm.vm_state_id = state_id(domain.state)
             db.session.commit()
@@ -138,16 +167,58 @@ def _check_domain(
     if domain.installation == installation and domain.vm_id is not None:
         if domain.vm_id in known_ids:
             return Finding(
-                "misplaced", fqdn, domain.name, f"vm {domain.vm_id} is recorded on another node"
-            )
+                "misplaced", fqdn, domain.name, f"vm {domain.vm_id} is recorded under another "
+                "name or on another node",
+            )  # fmt: skip
         finding = Finding("orphan_domain", fqdn, domain.name, "our metadata, no VM row")
         if fix:
             remove_domain(host, domain.name)
             finding.fixed = True
             finding.detail += "; destroyed and undefined"
         return finding
-    if domain.name.startswith("vm-"):
+    if domain.name.startswith((f"{installation}-vm-", "vm-")):
+        owner = f"installation {domain.installation}" if domain.installation else "no vmapi"
         return Finding(
-            "foreign_domain", fqdn, domain.name, "no vmapi metadata of this installation"
+            "foreign_domain", fqdn, domain.name, f"{owner} metadata, not this installation's"
         )
     return None
+
+
+def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
+    """Volumes in vmapi's pools on the nodes that answered that no storage row owns.
+
+    vmapi's pools are those its storage types name and those its rows recorded (a type's
+    pool may have been another when older volumes were made)."""
+    if not hosts:
+        return []
+    type_pools = set(db.session.scalars(select(StorageType.pool)))
+    owned: dict[int, dict[str, set[str]]] = {node_id: {} for node_id in hosts}
+    stmt = select(Storage.node_id, Storage.pool, Storage.volume_name)
+    for node_id, pool, name in db.session.execute(stmt.where(Storage.node_id.in_(hosts))):
+        owned[node_id].setdefault(pool, set()).add(name)
+    pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
+    driver = hypervisor()
+
+    def listing(node_id: int) -> dict[str, list[str] | None]:
+        found: dict[str, list[str] | None] = {}
+        for pool in pools[node_id]:
+            try:
+                found[pool] = driver.volumes(hosts[node_id].uri, pool)
+            except PoolNotFound:
+                found[pool] = None  # not on this node: nothing of ours can be in it
+        return found
+
+    answers = on_hosts({node_id: node_id for node_id in hosts}, listing, workers)
+    findings = []
+    for node_id, answer in answers.items():
+        fqdn = hosts[node_id].node.fqdn
+        if isinstance(answer, HypervisorError):
+            findings.append(Finding("unreachable", fqdn, "-", f"listing volumes: {answer.reason}"))
+            continue
+        for pool, names in answer.items():
+            for name in names or []:
+                if name not in owned[node_id].get(pool, set()):
+                    findings.append(
+                        Finding("unowned_volume", fqdn, f"{pool}/{name}", "no storage row owns it")
+                    )
+    return findings

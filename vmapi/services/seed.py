@@ -1,4 +1,5 @@
-"""The default catalog rows (API.md §2), inserted idempotently by ``flask vmapi seed``.
+"""The default catalog rows (API.md §2), inserted idempotently by ``flask vmapi seed``,
+and the installation's id (made once per database when it is not configured).
 
 The first migration inserts the same rows (its own frozen copy, as migrations must not
 depend on code that changes); this function repairs a database where some are missing.
@@ -12,6 +13,7 @@ from sqlalchemy import select
 
 from vmapi.extensions import db
 from vmapi.models import CacheOption, NodeState, StorageType, VirtMethod, VmState
+from vmapi.services.names import ensure_installation_id
 
 CACHE_DESCRIPTIONS = {
     "none": "No host page cache; direct I/O (safe, the usual choice)",
@@ -55,8 +57,12 @@ SEED: list[tuple[type, dict[str, Any]]] = [
 
 
 def seed_defaults() -> list[str]:
-    """Insert missing seeded rows (by name) and mark them seeded; return what was added."""
+    """Insert missing seeded rows (by name) and mark them seeded, and keep an installation
+    id in the database if it has none; return what was added."""
     added = []
+    installation, made = ensure_installation_id()
+    if made:
+        added.append(f"installation id {installation}")
     for model, values in SEED:
         row = db.session.scalars(select(model).where(model.name == values["name"])).first()
         if row is None:

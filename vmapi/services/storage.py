@@ -31,17 +31,19 @@ from vmapi.hypervisor import (
     RUNNING,
     DomainSpec,
     HypervisorError,
+    NameTaken,
     NotSupported,
-    VolumeNotFound,
 )
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.designer import disk_spec, domain_spec
-from vmapi.services.domains import Host, Undo, hypervisor_failure, run_undo
+from vmapi.services.domains import Host, Undo, hypervisor_failure, name_taken, run_undo
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
+from vmapi.services.names import volume_name
 from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
+from vmapi.services.volumes import delete_volume
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
 MIB = 1024 * 1024
@@ -69,7 +71,7 @@ class Disk:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.vm = db.session.get(Vm, storage.vm_id)
-        self.host = Host.of(self.vm.node_id)
+        self.host = Host.of(storage.node_id)  # where the volume is (the VM's node)
         self.type = db.session.get(StorageType, storage.storage_type_id)
         cache = (
             db.session.get(CacheOption, storage.cache_option_id)
@@ -84,7 +86,7 @@ class Disk:
         return domain_spec(self.vm, method, self.host.node, current_app.config, exclude)
 
     def running(self) -> bool:
-        return hypervisor().domain(self.host.uri, self.vm.name).state in (RUNNING, PAUSED)
+        return hypervisor().domain(self.host.uri, self.vm.domain_name).state in (RUNNING, PAUSED)
 
 
 def live(action: Callable[[], None], messages: list[str], what: str) -> bool:
@@ -154,9 +156,14 @@ class StorageService(CrudService[Storage]):
 
     def create_one(self, data: dict[str, Any], undo: Undo, messages: list[str]) -> Storage:
         try:
-            storage = Storage(**data, target=self.take_target(data["vm_id"]))
-            check_storage_quota(db.session.get(Vm, data["vm_id"]).customer_id, data["size"])
+            vm = db.session.get(Vm, data["vm_id"])
+            storage = Storage(**data, target=self.take_target(data["vm_id"]), node_id=vm.node_id,
+                              pool=self.type_for_volume(data["storage_type_id"]).pool)  # fmt: skip
+            check_storage_quota(vm.customer_id, data["size"])
             db.session.add(storage)
+            db.session.flush()
+            # stored before the volume is made: from now on the row says where it is
+            storage.volume_name = volume_name(storage.id)
             db.session.commit()
         except BaseException:
             db.session.rollback()
@@ -164,7 +171,7 @@ class StorageService(CrudService[Storage]):
         undo.append(lambda: self.forget(storage.id))
         disk = Disk(storage)
         driver = hypervisor()
-        uri, pool = disk.host.uri, disk.type.pool
+        uri, pool, name = disk.host.uri, storage.pool, storage.volume_name
         step = "preparing the storage pool"
         try:
             directory = self.pool_dir(disk.vm, pool)
@@ -172,8 +179,11 @@ class StorageService(CrudService[Storage]):
                 messages.append(f"Storage pool {pool} was created at {directory}.")
             step = "creating the volume"
             size, fmt = storage.size, disk.type.format
-            storage.path = driver.create_volume(uri, pool, storage.volume, size, fmt)
-            undo.append(lambda: self.delete_volume(disk, quiet=True))
+            try:
+                storage.path = driver.create_volume(uri, pool, name, size, fmt)
+            except NameTaken as exc:
+                raise name_taken(exc, f"{pool}/{name}", disk.host, "storage") from exc
+            undo.append(lambda: delete_volume(storage, disk.host))
             db.session.commit()
             disk = Disk(storage)
             step = "attaching the disk"
@@ -181,7 +191,7 @@ class StorageService(CrudService[Storage]):
             driver.define(uri, disk.domain())
             undo.append(lambda: driver.define(uri, old))
             if disk.running():
-                name = disk.vm.name
+                name = disk.vm.domain_name
                 what = f"Attaching storage {storage.id} to the running vm-{disk.vm.id}"
                 if live(lambda: driver.attach_disk_live(uri, name, disk.spec), messages, what):
                     undo.append(lambda: driver.detach_disk_live(uri, name, disk.spec))
@@ -198,16 +208,11 @@ class StorageService(CrudService[Storage]):
             db.session.commit()
 
     @staticmethod
-    def delete_volume(disk: Disk, quiet: bool = False) -> bool:
-        """Delete the volume; False if it was already gone."""
-        try:
-            hypervisor().delete_volume(disk.host.uri, disk.type.pool, disk.storage.volume)
-        except VolumeNotFound:
-            return False
-        except HypervisorError:
-            if not quiet:
-                raise
-        return True
+    def type_for_volume(storage_type_id: int) -> StorageType:
+        """The storage type, read under a share lock: a concurrent change of its pool or
+        format waits for this volume's row, then sees it (409 storage_type/in_use)."""
+        stmt = select(StorageType).where(StorageType.id == storage_type_id)
+        return db.session.scalars(stmt.with_for_update(read=True)).one()
 
     # ------------------------------------------------------------------ update
     @with_vm_locks(
@@ -307,7 +312,7 @@ class StorageService(CrudService[Storage]):
             if not after.running():
                 return
             step = "changing the running domain"
-            name, label = after.vm.name, f"The change to storage {storage.id}"
+            name, label = after.vm.domain_name, f"The change to storage {storage.id}"
             if moving:
                 if live(lambda: driver.attach_disk_live(uri, name, after.spec), messages, label):
                     undo.append(lambda: driver.detach_disk_live(uri, name, after.spec))
@@ -332,13 +337,13 @@ class StorageService(CrudService[Storage]):
         uri = disk.host.uri
         if disk.running():
             try:
-                driver.resize_disk_live(uri, disk.vm.name, disk.spec.target, size)
+                driver.resize_disk_live(uri, disk.vm.domain_name, disk.spec.target, size)
                 return
             except NotSupported:
                 messages.append(
                     f"Storage {disk.storage.id} grew; the guest sees it after a restart."
                 )
-        driver.resize_volume(uri, disk.type.pool, disk.storage.volume, size)
+        driver.resize_volume(uri, disk.storage.pool, disk.storage.volume_name, size)
 
     def detach(self, disk: Disk, messages: list[str], undo: Undo) -> None:
         """Detach from the running domain (if it runs); the caller redefines it.
@@ -349,7 +354,7 @@ class StorageService(CrudService[Storage]):
         if not disk.running():
             return
         driver = hypervisor()
-        uri, name = disk.host.uri, disk.vm.name
+        uri, name = disk.host.uri, disk.vm.domain_name
         wait = float(current_app.config["DETACH_TIMEOUT"])
         released: list[bool] = []
         what = f"Detaching storage {disk.storage.id} from the running vm-{disk.vm.id}"
@@ -391,7 +396,7 @@ class StorageService(CrudService[Storage]):
                         driver.define(disk.host.uri, disk.domain(without=True))
                         undo.append(lambda d=disk: driver.define(d.host.uri, d.domain()))
                         step = "deleting the volume"
-                        if not self.delete_volume(disk):
+                        if not delete_volume(disk.storage, disk.host):
                             messages.append(f"The volume of storage {storage.id} was already gone.")
                     except HypervisorError as exc:
                         raise hypervisor_failure(exc, step, disk.host) from exc

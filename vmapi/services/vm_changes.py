@@ -48,9 +48,10 @@ class UpdatePlan:
 
 def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
     """Row and claim, persistent definition, live change, state; then record the state."""
-    host = Host.of(db.session.get(Vm, plan.vm_id).node_id)  # a VM never changes node
+    row = db.session.get(Vm, plan.vm_id)
+    host = Host.of(row.node_id)  # a VM never changes node
     driver = hypervisor()
-    name = f"vm-{plan.vm_id}"
+    name = row.domain_name
     # Pushed first, so it runs last when undoing: once the inverses are done, store
     # the state libvirt reports.
     undo.append(lambda: record_state(db.session.get(Vm, plan.vm_id), driver.domain(host.uri, name)))
@@ -64,13 +65,13 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
             driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
             undo.append(lambda: driver.define(host.uri, old_spec))
             step = "applying the change to the running domain"
-            if driver.domain(host.uri, vm.name).state in (RUNNING, PAUSED):
+            if driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED):
                 apply_live(vm, host, sized, old, plan.messages, undo)
         if plan.target_state:
             step = f"changing the state to {plan.target_state}"
             transition(vm, host, plan.target_state, force, undo, plan.messages)
         step = "reading the domain's state"
-        info = driver.domain(host.uri, vm.name)
+        info = driver.domain(host.uri, vm.domain_name)
     except OperationInvalid as exc:
         raise Conflict(
             f"vm-{vm.id} cannot do that in its present state: {exc.reason}",
@@ -137,12 +138,12 @@ def apply_live(
 
     def set_live(key: str, value: Any) -> None:
         if key == "cores":
-            driver.set_vcpus_live(host.uri, vm.name, value)
+            driver.set_vcpus_live(host.uri, vm.domain_name, value)
         elif key == "ram":
-            driver.set_memory_live(host.uri, vm.name, value)
+            driver.set_memory_live(host.uri, vm.domain_name, value)
         else:
             quota = value if value is not None else -1
-            driver.set_cputune_live(host.uri, vm.name, period, quota)
+            driver.set_cputune_live(host.uri, vm.domain_name, period, quota)
 
     for key in sized:
         try:
@@ -163,7 +164,7 @@ def transition(
 ) -> None:
     """Drive the domain to ``target``; a state it is already in is a no-op."""
     driver = hypervisor()
-    uri, name = host.uri, vm.name
+    uri, name = host.uri, vm.domain_name
     current = driver.domain(uri, name).state
     if target == RUNNING:
         if current == PAUSED:
@@ -218,6 +219,7 @@ def _with(vm: Vm, values: dict[str, Any]) -> Vm:
         uuid=vm.uuid,
         node_id=vm.node_id,
         virt_method_id=vm.virt_method_id,
+        domain_name=vm.domain_name,
     )
     for key, value in values.items():
         setattr(copy, key, value)

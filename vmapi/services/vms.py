@@ -36,6 +36,7 @@ from vmapi.error_ids import (
     VM_UUID_CONFLICT,
 )
 from vmapi.errors import (
+    ApiError,
     Conflict,
     Forbidden,
     NotFound,
@@ -47,6 +48,7 @@ from vmapi.hypervisor import (
     RUNNING,
     DomainNotFound,
     HypervisorError,
+    NameTaken,
     OperationInvalid,
 )
 from vmapi.models import Node, Storage, VirtMethod, Vm, VmState
@@ -66,6 +68,7 @@ from vmapi.services.domains import (
     Undo,
     forget,
     hypervisor_failure,
+    name_taken,
     record_state,
     remove_domain,
     run_undo,
@@ -73,10 +76,11 @@ from vmapi.services.domains import (
 )
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
+from vmapi.services.names import domain_name
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
-from vmapi.services.storage import Disk, StorageService
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
+from vmapi.services.volumes import delete_vm_volumes
 from vmapi.telemetry import PLACEMENT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -204,6 +208,8 @@ class VmService(CrudService[Vm]):
             )
             db.session.add(vm)
             db.session.flush()
+            # stored before the domain is made, so whatever happens next, the row names it
+            vm.domain_name = domain_name(vm.id)
             interface = add_interface(vm)
             db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
@@ -223,11 +229,13 @@ class VmService(CrudService[Vm]):
         step = "defining the domain"
         try:
             driver.define(host.uri, spec)
-            undo.append(lambda: remove_domain(host, vm.name))
+            undo.append(lambda: remove_domain(host, vm.domain_name))
             step = "starting the domain"
-            driver.start(host.uri, vm.name)
+            driver.start(host.uri, vm.domain_name)
             step = "reading the domain's state"
-            info = driver.domain(host.uri, vm.name)
+            info = driver.domain(host.uri, vm.domain_name)
+        except NameTaken as exc:
+            raise name_taken(exc, vm.domain_name, host) from exc
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
@@ -311,21 +319,24 @@ class VmService(CrudService[Vm]):
                         data={"storage": volumes},
                     )
                 self.check_host(vms[-1])
-        messages = []
+        messages: list[str] = []
         for index, vm in enumerate(vms):
             host = Host.of(vm.node_id)
+            step = "removing the domain"
             try:
-                existed = remove_domain(host, vm.name)
-            except HypervisorError as exc:
-                error = hypervisor_failure(exc, "removing the domain", host)
+                # the volumes first, each row with its volume: a failure part-way leaves
+                # the VM, its domain and the storage left consistent (services/volumes.py)
+                if cascade:
+                    messages += delete_vm_volumes(vm, host)
+                existed = remove_domain(host, vm.domain_name)
+            except (HypervisorError, ApiError) as exc:
+                error = exc if isinstance(exc, ApiError) else hypervisor_failure(exc, step, host)
                 done = [v.id for v in vms[:index]]
                 if done:
                     error.message += f" VMs {done} of this request were already deleted."
                 if indexed:
                     error.with_index(index)
                 raise error from exc
-            if cascade:
-                self.delete_volumes(vm, host, index if indexed else None)
             forget(vm)
             if not existed:
                 messages.append(
@@ -334,25 +345,11 @@ class VmService(CrudService[Vm]):
                 )
         return Outcome(vms, messages)
 
-    @staticmethod
-    def delete_volumes(vm: Vm, host: Host, index: int | None) -> None:
-        """The volumes of a VM whose domain is gone (``?cascade=storage``)."""
-        for storage in db.session.scalars(select(Storage).where(Storage.vm_id == vm.id)):
-            try:
-                StorageService.delete_volume(Disk(storage))
-            except HypervisorError as exc:
-                error = hypervisor_failure(
-                    exc, f"deleting the volume of storage {storage.id}", host
-                )
-                if index is not None:
-                    error.with_index(index)
-                raise error from exc
-
     def check_host(self, vm: Vm) -> None:
         """Refuse early (nothing deleted) when the VM's host does not answer."""
         host = Host.of(vm.node_id)
         try:
-            hypervisor().domain(host.uri, vm.name)
+            hypervisor().domain(host.uri, vm.domain_name)
         except DomainNotFound:
             return
         except HypervisorError as exc:
@@ -366,15 +363,15 @@ class VmService(CrudService[Vm]):
         driver = hypervisor()
         step = "reading the domain's state"
         try:
-            info = driver.domain(host.uri, vm.name)
+            info = driver.domain(host.uri, vm.domain_name)
             if info.state != RUNNING:
                 raise Conflict(
                     f"vm-{vm.id} is {info.state}; only a running VM can be rebooted.",
                     error_id=VM_STATE_CONFLICT,
                 )
             step = "rebooting"
-            driver.reboot(host.uri, vm.name)
-            info = driver.domain(host.uri, vm.name)
+            driver.reboot(host.uri, vm.domain_name)
+            info = driver.domain(host.uri, vm.domain_name)
         except OperationInvalid as exc:
             raise Conflict(
                 f"vm-{vm.id} cannot reboot: {exc.reason}", error_id=VM_STATE_CONFLICT

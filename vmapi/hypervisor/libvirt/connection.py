@@ -26,8 +26,10 @@ from vmapi.hypervisor.driver import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    NameTaken,
     NotSupported,
     OperationInvalid,
+    PoolNotFound,
     VolumeExists,
     VolumeNotFound,
 )
@@ -48,6 +50,10 @@ _UNREACHABLE = {
     libvirt.VIR_ERR_AUTH_UNAVAILABLE,
     libvirt.VIR_ERR_INVALID_CONN,
 }
+# "Already exists": the codes some drivers use; others (QEMU, the test driver) answer
+# "operation failed: domain 'x' already exists with uuid ..." or "storage vol already
+# exists". "is already defined with uuid" (the UUID taken under another name) is not this.
+_EXISTS = {libvirt.VIR_ERR_DOM_EXIST, libvirt.VIR_ERR_STORAGE_VOL_EXIST}
 _NOT_SUPPORTED = {
     libvirt.VIR_ERR_NO_SUPPORT,
     libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
@@ -68,8 +74,16 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
         return DomainNotFound(uri, message)
     if code == libvirt.VIR_ERR_NO_STORAGE_VOL:
         return VolumeNotFound(uri, message)
-    if code == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
-        return VolumeExists(uri, message)
+    if code == libvirt.VIR_ERR_NO_STORAGE_POOL:
+        return PoolNotFound(uri, message)
+    if code in _EXISTS or (
+        code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in message
+    ):
+        return (
+            VolumeExists(uri, message)
+            if code == libvirt.VIR_ERR_STORAGE_VOL_EXIST
+            else NameTaken(uri, message)
+        )
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return OperationInvalid(uri, message)
     if code in _NOT_SUPPORTED:

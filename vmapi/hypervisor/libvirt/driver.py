@@ -280,6 +280,20 @@ class LibvirtDriver:
 
         return self._call(uri, look)
 
+    def volumes(self, uri: str, pool: str) -> list[str]:
+        def listing(conn: libvirt.virConnect) -> list[str]:
+            found = conn.storagePoolLookupByName(pool)
+            if not found.isActive():
+                return []
+            try:
+                found.refresh(0)  # a dir pool learns of files made outside libvirt
+            except libvirt.libvirtError as exc:
+                # busy (a volume being made or wiped): list what the pool knows
+                log.info("could not refresh pool %s on %s: %s", pool, uri, exc)
+            return sorted(vol.name() for vol in found.listAllVolumes(0))
+
+        return self._call(uri, listing)
+
     def resize_volume(self, uri: str, pool: str, name: str, size: int) -> None:
         self._call(
             uri,
