@@ -38,7 +38,7 @@ def register_api(app: Flask) -> None:
     app.register_blueprint(meta.bp)
     app.register_blueprint(enc.bp)
     groups = (catalog, node, vm, network, storage, quota, event, image)
-    for resource in (r for group in groups for r in group.RESOURCES):
+    for resource in (r for group in groups for r in group.APIS):
         app.register_blueprint(resource.blueprint())
 
 

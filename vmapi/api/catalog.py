@@ -48,4 +48,4 @@ cache_option = ResourceApi(
     summary="libvirt disk cache modes.",
 )
 
-RESOURCES = [node_state, vm_state, virt_method, storage_type, cache_option]
+APIS = [node_state, vm_state, virt_method, storage_type, cache_option]

@@ -15,4 +15,4 @@ event = ResourceApi(
     "outcome. Written in the same transaction as each change; failed changes too.",
 )
 
-RESOURCES = [event]
+APIS = [event]

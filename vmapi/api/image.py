@@ -157,4 +157,4 @@ image = ImageApi(
     "Customers see public images and their own.",
 )
 
-RESOURCES = [image]
+APIS = [image]

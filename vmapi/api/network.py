@@ -84,4 +84,4 @@ vlan = ResourceApi(
     summary="VLANs (tag 1..4094) that interfaces can be put on.",
 )
 
-RESOURCES = [interface, ipv4, ipv6, ipv6_pool, vlan]
+APIS = [interface, ipv4, ipv6, ipv6_pool, vlan]

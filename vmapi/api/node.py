@@ -21,4 +21,4 @@ virt_node = ResourceApi(
     summary="The hypervisor role of a node: which virt_method it can host.",
 )
 
-RESOURCES = [node, virt_node]
+APIS = [node, virt_node]

@@ -12,4 +12,4 @@ quota = ResourceApi(
     summary="Per-customer limits on VMs, vCPUs, RAM and storage bytes (null: unlimited).",
 )
 
-RESOURCES = [quota]
+APIS = [quota]

@@ -14,4 +14,4 @@ storage = ResourceApi(
     summary="Block storage: volumes on the VM's node, attached as virtio disks.",
 )
 
-RESOURCES = [storage]
+APIS = [storage]

@@ -32,4 +32,4 @@ vm = ResourceApi(
     idempotent=True,
 )
 
-RESOURCES = [vm]
+APIS = [vm]

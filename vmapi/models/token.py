@@ -9,8 +9,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from vmapi.extensions import db
 
-ROLES = ("admin", "customer")
-
 
 class ApiToken(db.Model):
     __tablename__ = "api_token"

@@ -29,10 +29,10 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NoDisplay, NotSupported, OperationInvalid
 from vmapi.models import ConsoleToken
 from vmapi.services import audit
-from vmapi.services.designer import display_password
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
+from vmapi.services.specs import display_password
 from vmapi.services.vms import VmService
 
 

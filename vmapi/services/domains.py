@@ -1,13 +1,11 @@
-"""A VM's domain on its host: reaching it, recording what it reports, removing it, undo.
+"""A VM's domain on its host: reaching it, recording what it reports, removing it.
 
-Shared by the VM use cases and reconcile. Every write records the inverse of what it did
-on an undo stack (:data:`Undo`); :func:`run_undo` plays it backwards after a failure.
+Shared by the VM use cases and reconcile (undo is :mod:`vmapi.services.undo`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -38,8 +36,6 @@ log = logging.getLogger(__name__)
 
 BUILDING = "building"
 
-Undo = list[Callable[[], None]]
-
 
 _STATE_IDS: dict[tuple[str, str], int] = {}
 
@@ -51,18 +47,6 @@ def state_id(name: str) -> int:
     if key not in _STATE_IDS:
         _STATE_IDS[key] = db.session.scalars(select(VmState.id).where(VmState.name == name)).one()
     return _STATE_IDS[key]
-
-
-def run_undo(undo: Undo) -> None:
-    """Run the inverses of what was done, newest first; keep going past failures."""
-    db.session.rollback()  # the failure may have left the transaction unusable
-    while undo:
-        step = undo.pop()
-        try:
-            step()
-        except Exception:  # an undo that fails must not hide the original error
-            db.session.rollback()
-            log.exception("undo step failed; reconcile will find what is left")
 
 
 @dataclass

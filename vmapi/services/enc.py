@@ -20,7 +20,7 @@ from vmapi import error_ids
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import Interface, Node, NodeState, Vm, VmState
-from vmapi.services.designer import device_name, interface_mode
+from vmapi.services.specs import device_name, interface_mode
 
 CLASS = "vmapi::hypervisor"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from vmapi.auth import Principal
@@ -20,11 +21,12 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.designer import domain_spec, interface_mode
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.ownership import own_interfaces
+from vmapi.services.specs import domain_spec, interface_mode
+from vmapi.services.undo import Undo, all_or_nothing
 
 
 class InterfaceService(CrudService[Interface]):
@@ -49,27 +51,62 @@ class InterfaceService(CrudService[Interface]):
         indexed: bool,
         options: dict[str, Any],
     ) -> Outcome[Interface]:
-        before = {ident: self.get(ident, principal).vlan_id for ident, _data in items}
-        outcome = super().update_many(items, principal, indexed, options)
+        def check(item: tuple[int, dict[str, Any]]) -> tuple[Interface, dict[str, Any]]:
+            ident, data = item
+            iface = self.get(ident, principal)
+            self.check_fields(data)
+            self.check_references(data)
+            return iface, data
+
+        def apply(plan: tuple[Interface, dict[str, Any]], undo: Undo) -> Interface:
+            iface, data = plan
+            return self.change(iface, data, principal, undo)
+
+        ifaces = all_or_nothing(items, indexed, check, apply)
         messages = []
-        done: list[Interface] = []
-        for iface in outcome.objects:
-            host = Host.of(db.session.get(Vm, iface.vm_id).node_id)
-            try:  # rewrite the persistent definition so its metadata carries the VLAN
-                self.redefine(iface, host)
-            except HypervisorError as exc:
-                self.restore(outcome.objects, before, done)
-                raise hypervisor_failure(exc, "recording the VLAN in the domain", host) from exc
-            done.append(iface)
+        for iface in ifaces:
             if iface.vlan_id is not None:
-                tag = db.session.get(Vlan, iface.vlan_id).tag
-                mode = interface_mode(host.node, current_app.config)
+                node = Host.of(db.session.get(Vm, iface.vm_id).node_id).node
+                mode = interface_mode(node, current_app.config)
                 messages.append(
-                    f"Interface {iface.id} is on VLAN {tag}: recorded for the host's "
-                    f"configuration management, as libvirt cannot tag {mode} interfaces."
+                    f"Interface {iface.id} is on VLAN {db.session.get(Vlan, iface.vlan_id).tag}: "
+                    "recorded for the host's configuration management, as libvirt cannot tag "
+                    f"{mode} interfaces."
                 )
-        outcome.messages += messages
-        return outcome
+        return Outcome(self.loaded(ifaces), messages)
+
+    def change(
+        self, iface: Interface, data: dict[str, Any], principal: Principal, undo: Undo
+    ) -> Interface:
+        """Store the change, then rewrite the persistent definition so its metadata
+        carries the VLAN; the inverse puts the row back and rewrites the definition again."""
+        old = {key: getattr(iface, key) for key in data}
+        try:
+            self.update(iface, data, principal)
+            db.session.commit()
+        except IntegrityError as exc:  # the VLAN went meanwhile
+            db.session.rollback()
+            raise self.integrity_error(exc) from exc
+        except BaseException:
+            db.session.rollback()
+            raise
+        host = Host.of(db.session.get(Vm, iface.vm_id).node_id)
+
+        def restore() -> None:
+            row = db.session.get(Interface, iface.id)
+            for key, value in old.items():
+                setattr(row, key, value)
+            db.session.commit()
+            # If this fails too the metadata lags behind; nothing depends on it.
+            with contextlib.suppress(HypervisorError):
+                self.redefine(row, host)
+
+        undo.append(restore)
+        try:
+            self.redefine(iface, host)
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, "recording the VLAN in the domain", host) from exc
+        return iface
 
     @staticmethod
     def redefine(iface: Interface, host: Host) -> None:
@@ -77,17 +114,11 @@ class InterfaceService(CrudService[Interface]):
         method = db.session.get(VirtMethod, vm.virt_method_id)
         hypervisor().define(host.uri, domain_spec(vm, method, host.node, current_app.config))
 
-    def restore(self, ifaces: list[Interface], before: dict[int, int | None], done: list) -> None:
-        """Put the VLANs back and redefine the domains already changed (best effort)."""
-        for iface in ifaces:
-            iface.vlan_id = before[iface.id]
-        db.session.commit()
-        for iface in done:
-            # If this fails too the metadata lags behind; nothing depends on it.
-            with contextlib.suppress(HypervisorError):
-                self.redefine(iface, Host.of(db.session.get(Vm, iface.vm_id).node_id))
-
-    def update(self, obj: Interface, data: dict[str, Any], principal: Principal) -> Interface:
+    @staticmethod
+    def check_fields(data: dict[str, Any]) -> None:
         if set(data) - {"vlan_id"}:
             raise ValidationError(data={k: ["Read-only."] for k in set(data) - {"vlan_id"}})
+
+    def update(self, obj: Interface, data: dict[str, Any], principal: Principal) -> Interface:
+        self.check_fields(data)
         return super().update(obj, data, principal)

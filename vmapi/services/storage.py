@@ -36,17 +36,17 @@ from vmapi.hypervisor import (
 )
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.designer import disk_spec, domain_spec
-from vmapi.services.domains import Host, Undo, hypervisor_failure, name_taken, run_undo
+from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import volume_name
 from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
+from vmapi.services.specs import disk_spec, domain_spec
+from vmapi.services.undo import Undo, all_or_nothing, run_undo
 from vmapi.services.volumes import delete_volume
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
-MIB = 1024 * 1024
 
 
 def vms_of(storage_ids: list[int]) -> list[int]:
@@ -65,7 +65,7 @@ def visible_vm(vm_id: int, principal: Principal) -> Vm:
     return vm
 
 
-class Disk:
+class AttachedVolume:
     """A storage row with what the hypervisor needs to know about it."""
 
     def __init__(self, storage: Storage) -> None:
@@ -118,22 +118,18 @@ class StorageService(CrudService[Storage]):
     def create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Storage]:
-        for index, data in enumerate(items):
-            with at_index(index if indexed else None):
-                visible_vm(data["vm_id"], principal)
-                self.check_references(data)
-                self.check_size(data["size"])
-        undo: Undo = []
-        made: list[Storage] = []
         messages: list[str] = []
-        for index, data in enumerate(items):
-            try:
-                with at_index(index if indexed else None):
-                    made.append(self.create_one(data, undo, messages))
-            except BaseException:
-                run_undo(undo)
-                raise
-        return Outcome(made, messages)
+
+        def check(data: dict[str, Any]) -> dict[str, Any]:
+            visible_vm(data["vm_id"], principal)
+            self.check_references(data)
+            self.check_size(data["size"])
+            return data
+
+        def apply(data: dict[str, Any], undo: Undo) -> Storage:
+            return self.create_one(data, undo, messages)
+
+        return Outcome(all_or_nothing(items, indexed, check, apply), messages)
 
     def pool_dir(self, vm: Vm, pool: str) -> str:
         configured = db.session.scalars(
@@ -169,7 +165,7 @@ class StorageService(CrudService[Storage]):
             db.session.rollback()
             raise
         undo.append(lambda: self.forget(storage.id))
-        disk = Disk(storage)
+        disk = AttachedVolume(storage)
         driver = hypervisor()
         uri, pool, name = disk.host.uri, storage.pool, storage.volume_name
         step = "preparing the storage pool"
@@ -185,7 +181,7 @@ class StorageService(CrudService[Storage]):
                 raise name_taken(exc, f"{pool}/{name}", disk.host, "storage") from exc
             undo.append(lambda: delete_volume(storage, disk.host))
             db.session.commit()
-            disk = Disk(storage)
+            disk = AttachedVolume(storage)
             step = "attaching the disk"
             old = disk.domain(without=True)
             driver.define(uri, disk.domain())
@@ -228,22 +224,20 @@ class StorageService(CrudService[Storage]):
         indexed: bool,
         options: dict[str, Any],
     ) -> Outcome[Storage]:
-        plans = []
-        for index, (ident, data) in enumerate(items):
-            with at_index(index if indexed else None):
-                storage = self.get(ident, principal)
-                self.check_update(storage, data, principal)
-                plans.append((storage, data))
-        undo: Undo = []
         messages: list[str] = []
-        for index, (storage, data) in enumerate(plans):
-            try:
-                with at_index(index if indexed else None):
-                    self.apply_update(storage, data, undo, messages)
-            except BaseException:
-                run_undo(undo)
-                raise
-        return Outcome([storage for storage, _ in plans], messages)
+
+        def check(item: tuple[int, dict[str, Any]]) -> tuple[Storage, dict[str, Any]]:
+            ident, data = item
+            storage = self.get(ident, principal)
+            self.check_update(storage, data, principal)
+            return storage, data
+
+        def apply(plan: tuple[Storage, dict[str, Any]], undo: Undo) -> Storage:
+            storage, data = plan
+            self.apply_update(storage, data, undo, messages)
+            return storage
+
+        return Outcome(all_or_nothing(items, indexed, check, apply), messages)
 
     def check_update(self, storage: Storage, data: dict[str, Any], principal: Principal) -> None:
         if "size" in data:
@@ -269,7 +263,7 @@ class StorageService(CrudService[Storage]):
     def apply_update(
         self, storage: Storage, data: dict[str, Any], undo: Undo, messages: list[str]
     ) -> None:
-        before = Disk(storage)
+        before = AttachedVolume(storage)
         old = {k: getattr(storage, k) for k in data}
         moving = "vm_id" in data and data["vm_id"] != storage.vm_id
         if moving:
@@ -294,7 +288,7 @@ class StorageService(CrudService[Storage]):
 
         undo.append(restore)
         driver = hypervisor()
-        after = Disk(storage)
+        after = AttachedVolume(storage)
         uri = after.host.uri
         step = "growing the volume"
         try:
@@ -329,7 +323,7 @@ class StorageService(CrudService[Storage]):
             raise hypervisor_failure(exc, step, after.host) from exc
 
     @staticmethod
-    def grow(disk: Disk, size: int, messages: list[str]) -> None:
+    def grow(disk: AttachedVolume, size: int, messages: list[str]) -> None:
         """Grow the volume: through QEMU while the disk is in use (it holds the image's
         lock, and the guest sees the new size at once), else in the pool. A volume that
         grew stays grown if a later step fails (volumes never shrink)."""
@@ -345,7 +339,7 @@ class StorageService(CrudService[Storage]):
                 )
         driver.resize_volume(uri, disk.storage.pool, disk.storage.volume_name, size)
 
-    def detach(self, disk: Disk, messages: list[str], undo: Undo) -> None:
+    def detach(self, disk: AttachedVolume, messages: list[str], undo: Undo) -> None:
         """Detach from the running domain (if it runs); the caller redefines it.
 
         A guest that does not release the disk in time (no OS, or one that refuses PCI
@@ -386,7 +380,7 @@ class StorageService(CrudService[Storage]):
         driver = hypervisor()
         for index, storage in enumerate(found):
             undo: Undo = []
-            disk = Disk(storage)
+            disk = AttachedVolume(storage)
             step = "detaching the disk"
             try:
                 with at_index(index if indexed else None):

@@ -28,10 +28,11 @@ from vmapi.hypervisor import (
 )
 from vmapi.models import VirtMethod, Vm
 from vmapi.scheduler import claim, release
-from vmapi.services.designer import domain_spec
-from vmapi.services.domains import Host, Undo, hypervisor_failure, record_state
+from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_vm_quota
+from vmapi.services.specs import domain_spec
+from vmapi.services.undo import Undo
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
 IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid as uuidlib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -61,17 +62,14 @@ from vmapi.scheduler import (
     unsuitable_reasons,
 )
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.designer import domain_spec
 from vmapi.services.domains import (
     BUILDING,
     Host,
-    Undo,
     forget,
     hypervisor_failure,
     name_taken,
     record_state,
     remove_domain,
-    run_undo,
     state_id,
 )
 from vmapi.services.hosts import hypervisor
@@ -79,13 +77,22 @@ from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import domain_name
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
+from vmapi.services.specs import domain_spec
+from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 from vmapi.services.volumes import delete_vm_volumes
 from vmapi.telemetry import PLACEMENT_SECONDS
 
 log = logging.getLogger(__name__)
 
-METHOD = "_virt_method"  # the VirtMethod row, carried from prepare_create to create_one
+
+@dataclass(frozen=True)
+class NewVm:
+    """A VM to create, checked: its fields, and its virt_method row (read once; the
+    domain is defined with it)."""
+
+    data: dict[str, Any]
+    method: VirtMethod
 
 
 def scheduler_defaults() -> Defaults:
@@ -113,22 +120,13 @@ class VmService(CrudService[Vm]):
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Vm]:
         """Create every VM or none: a failure undoes the VMs already made."""
-        prepared = []
-        for index, data in enumerate(items):
-            with at_index(index if indexed else None):
-                prepared.append(self.prepare_create(data, principal))
-        undo: Undo = []
-        made = []
-        for index, data in enumerate(prepared):
-            try:
-                with at_index(index if indexed else None):
-                    made.append(self.create_one(data, undo))
-            except BaseException:
-                run_undo(undo)
-                raise
-        return Outcome(made)
 
-    def prepare_create(self, data: dict[str, Any], principal: Principal) -> dict[str, Any]:
+        def check(data: dict[str, Any]) -> NewVm:
+            return self.prepare_create(data, principal)
+
+        return Outcome(all_or_nothing(items, indexed, check, self.create_one))
+
+    def prepare_create(self, data: dict[str, Any], principal: Principal) -> NewVm:
         """The checks that need no lock: roles, references, the generated UUID."""
         data = dict(data)
         if "vm_state_id" in data:
@@ -146,7 +144,6 @@ class VmService(CrudService[Vm]):
             raise ValidationError(
                 data={"virt_method": [f"No virt_method with id {data['virt_method_id']}."]}
             )
-        data[METHOD] = method  # read once: the create defines the domain with it
         if data.get("node_id") is not None and db.session.get(Node, data["node_id"]) is None:
             raise NotFound(
                 f"No node with id {data['node_id']}.",
@@ -154,7 +151,7 @@ class VmService(CrudService[Vm]):
                 data={"node": {"id": data["node_id"]}},
             )
         data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
-        return data
+        return NewVm(data, method)
 
     def claim_node(self, data: dict[str, Any], request: PlacementRequest) -> Node:
         """Claim capacity on the requested node, or on the node the scheduler picks; the
@@ -189,8 +186,9 @@ class VmService(CrudService[Vm]):
             )
         return node
 
-    def create_one(self, data: dict[str, Any], undo: Undo) -> Vm:
+    def create_one(self, new: NewVm, undo: Undo) -> Vm:
         """Claim, record as building, define, start, record the state libvirt reports."""
+        data = new.data
         request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"])
         try:
             check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
@@ -224,7 +222,7 @@ class VmService(CrudService[Vm]):
         host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
         # a new VM has no storage yet: no need to read its disks
-        spec = domain_spec(vm, data[METHOD], host.node, current_app.config, disks=False)
+        spec = domain_spec(vm, new.method, host.node, current_app.config, disks=False)
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -252,22 +250,23 @@ class VmService(CrudService[Vm]):
         indexed: bool,
         options: dict[str, Any],
     ) -> Outcome[Vm]:
-        plans = []
-        for index, (ident, data) in enumerate(items):
-            with at_index(index if indexed else None):
-                plans.append(self.plan_update(ident, data, principal))
-        undo: Undo = []
-        messages: list[str] = []
-        vms = []
-        for index, plan in enumerate(plans):
-            try:
-                with at_index(index if indexed else None):
-                    vms.append(apply_update(plan, options.get("force", False), undo))
-            except BaseException:
-                run_undo(undo)
-                raise
-            prefix = f"vm-{plan.vm_id}: " if indexed else ""
-            messages += [prefix + m for m in plan.messages]
+        force = options.get("force", False)
+
+        plans: list[UpdatePlan] = []
+
+        def check(item: tuple[int, dict[str, Any]]) -> UpdatePlan:
+            plans.append(self.plan_update(*item, principal))
+            return plans[-1]
+
+        def apply(plan: UpdatePlan, undo: Undo) -> Vm:
+            return apply_update(plan, force, undo)
+
+        vms = all_or_nothing(items, indexed, check, apply)
+        messages = [
+            (f"vm-{plan.vm_id}: " if indexed else "") + message
+            for plan in plans
+            for message in plan.messages
+        ]
         return Outcome(self.loaded(vms), messages)
 
     def plan_update(self, ident: int, data: dict[str, Any], principal: Principal) -> UpdatePlan:
