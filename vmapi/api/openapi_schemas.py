@@ -284,7 +284,8 @@ _NIC = {
 _NIC_NULLABLE = ("device", "vlan", "ipv4_gateway", "ipv6_gateway")
 _DEVICES = {"type": "object", "additionalProperties": _object({"vm": _TEXT, **_NIC}, _NIC_NULLABLE)}
 _VM = _object(
-    {"id": _INT, "uuid": _TEXT, "cores": _INT, "ram": _INT, "state": _TEXT, "customer_id": _INT,
+    {"id": _INT, "name": _TEXT, "uuid": _TEXT, "cores": _INT, "ram": _INT, "state": _TEXT,
+     "customer_id": _INT,
      "interfaces": {"type": "array", "items": _object(dict(_NIC), _NIC_NULLABLE)}},
     ("state", "customer_id"),
 )  # fmt: skip
