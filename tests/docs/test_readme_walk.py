@@ -184,12 +184,17 @@ def test_the_readme_walk_runs(tmp_path):
             body = json.loads(words[words.index("-d") + 1])
             assert {"cores", "ram"} <= body.keys(), f"give cores and ram: {command}"
     failures = []
+    # The walk's files (an image it makes, a copy it downloads) go to a folder of the
+    # test's own; its MessagePack example runs the checkout's virtualenv, as a reader's would.
+    workdir = tmp_path / "walk"
+    workdir.mkdir()
+    (workdir / ".venv").symlink_to(ROOT / ".venv")
     with embedded_default(tmp_path) as setup:
         api = f"{setup.server.url}/api/v1"
         prelude = prelude_for([c for c in commands if not c.startswith("curl ")],
                               setup.server.token, api)  # fmt: skip
         for command in curls:
-            problem = run(command, prelude, urlsplit(api).port)
+            problem = run(command, prelude, urlsplit(api).port, workdir)
             if problem:
                 failures.append(f"{command}\n    -> {problem}")
     assert not failures, "README walk commands that did not answer as documented:\n" + (
@@ -197,10 +202,10 @@ def test_the_readme_walk_runs(tmp_path):
     )
 
 
-def run(command: str, prelude: list[str], port: int) -> str | None:
-    """Run one command of the walk; what is wrong with its answer, or None."""
+def run(command: str, prelude: list[str], port: int, workdir: Path) -> str | None:
+    """Run one command of the walk in ``workdir``; what is wrong with its answer, or None."""
     script = "\n".join([CURL_GUARD.replace("@PORT@", str(port)), *prelude, command])
-    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run(["bash", "-c", script], cwd=workdir, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     statuses = [int(s) for s in re.findall(r"^walk-status (\d{3})$", done.stderr, re.M)]
     if len(statuses) != 1:
