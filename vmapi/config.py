@@ -73,6 +73,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "IMAGE_MAX_SIZE": (64 * GIB, "largest image file in bytes (413 above)"),
     "IMAGE_MAX_VIRTUAL_SIZE": (TIB, "largest virtual size of an image in bytes"),
+    "IMAGE_COPY_TIMEOUT": (
+        1800.0,
+        "seconds copying an image to a node (upload and checksum, through libvirt) may take",
+    ),
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
