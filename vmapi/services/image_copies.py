@@ -118,13 +118,13 @@ def held_copy(
     node_id = host.node.id
     with copy_lock(source.id, node_id, shared=True):
         copy = find_copy(source.id, node_id)
-        db.session.rollback()  # no transaction stays open across the libvirt calls
+        db.session.commit()  # (only read) no transaction stays open across libvirt calls
         if copy is not None and copy.pool == pool:
             yield Held(copy, made=False)
             return
     with copy_lock(source.id, node_id):
         copy = find_copy(source.id, node_id)
-        db.session.rollback()
+        db.session.commit()
         if copy is not None and copy.pool != pool:
             # The type's pool changed (possible only while no storage uses it): the copy in
             # the old pool serves nobody any more.

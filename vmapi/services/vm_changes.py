@@ -35,7 +35,8 @@ from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
-IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}
+IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
+             "image_id": "image", "root_size": "root_size"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
 
 
