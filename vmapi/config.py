@@ -97,6 +97,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "127.0.0.1",
         "address VNC displays listen on, on nodes whose console_address is null",
     ),
+    "CONSOLE_LOG_POOL": (
+        "vmapi-logs",
+        "the storage pool (a directory on each node) domains log their serial console into",
+    ),
+    "CONSOLE_LOG_DIR": (
+        "/var/lib/libvirt/vmapi-logs",
+        "where CONSOLE_LOG_POOL is made on a node that lacks it",
+    ),
+    "CONSOLE_LOG_MAX": (MIB, "largest ?bytes of GET /vm/<id>/console_log"),
     "CONSOLE_TTL": (300, "seconds a console token and its display password are valid"),
     "CONSOLE_URL": (
         CONSOLE_URL,
@@ -172,6 +181,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         ipaddress.ip_address(app.config["CONSOLE_ADDRESS"])
     except ValueError as exc:
         raise RuntimeError(f"CONSOLE_ADDRESS: {exc}") from exc
+    if not int(app.config["CONSOLE_LOG_MAX"]) > 0:
+        raise RuntimeError("CONSOLE_LOG_MAX must be a positive number of bytes")
     if not int(app.config["CONSOLE_TTL"]) > 0:
         raise RuntimeError("CONSOLE_TTL must be a positive number of seconds")
     try:

@@ -35,6 +35,7 @@ from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
 from vmapi.models import ImageCopy, Node, Storage, StorageType, Vm, VmState
+from vmapi.services.console_log import delete_console_log
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor, on_hosts
 from vmapi.services.names import installation_id
@@ -154,6 +155,7 @@ def _check_vm(
                 notes = delete_vm_volumes(vm, host)
                 if domain is not None:
                     remove_domain(host, name)
+                notes += delete_console_log(vm, host)
             except (ApiError, HypervisorError) as exc:
                 finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
                 return [finding]

@@ -69,6 +69,7 @@ from vmapi.services.boot import (
     make_root_disk,
     plan_boot,
 )
+from vmapi.services.console_log import delete_console_log, ensure_console_log, log_remover
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.domains import (
     BUILDING,
@@ -238,12 +239,21 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
+        try:
+            # recorded on the row with the domain's state (record_state commits it)
+            ensure_console_log(vm, host, commit=False)
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, "preparing the console log", host) from exc
+        undo.append(log_remover(vm, host))
         if root is not None:
             root_id = root.id
             undo.append(lambda: forget_root_disk(root_id))
             make_root_disk(vm, root, boot, host, undo)
         # a new VM without an image has no storage yet: no need to read its disks
-        spec = domain_spec(vm, new.method, host.node, current_app.config, disks=root is not None)
+        with db.session.no_autoflush:  # the log's path is written with the state, below
+            spec = domain_spec(
+                vm, new.method, host.node, current_app.config, disks=root is not None
+            )
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -349,6 +359,7 @@ class VmService(CrudService[Vm]):
                 # without cascade there is at most the root disk
                 messages += delete_vm_volumes(vm, host)
                 existed = remove_domain(host, vm.domain_name)
+                messages += delete_console_log(vm, host)
             except (HypervisorError, ApiError) as exc:
                 error = exc if isinstance(exc, ApiError) else hypervisor_failure(exc, step, host)
                 done = [v.id for v in vms[:index]]
