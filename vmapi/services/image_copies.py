@@ -226,20 +226,21 @@ def users(copy: ImageCopy) -> list[int]:
     return list(db.session.scalars(stmt.order_by(Storage.id)))
 
 
-def remove_if_unused(copy_id: int) -> bool:
-    """Remove a copy (volume and row) that no root disk uses; True when it went."""
+def remove_if_unused(copy_id: int, ignoring: int | None = None) -> bool:
+    """Remove a copy (volume and row) that no root disk uses (but ``ignoring``, one that
+    goes next: a failed create's); True when it went."""
     copy = db.session.get(ImageCopy, copy_id)
     if copy is None:
         return False
     with copy_lock(copy.image_id or 0, copy.node_id):
-        return _remove_if_unused(copy_id)
+        return _remove_if_unused(copy_id, ignoring)
 
 
-def _remove_if_unused(copy_id: int) -> bool:
+def _remove_if_unused(copy_id: int, ignoring: int | None = None) -> bool:
     copy = db.session.scalars(
         select(ImageCopy).where(ImageCopy.id == copy_id).execution_options(populate_existing=True)
     ).first()
-    if copy is None or (copy.image_id is not None and users(copy)):
+    if copy is None or (copy.image_id is not None and set(users(copy)) - {ignoring}):
         db.session.rollback()
         return False
     db.session.rollback()
