@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, current_app, g, has_app_context, request
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
 from vmapi.api.resource import ALL_ROLES, ResourceApi, principal
 from vmapi.auth import require_role
+from vmapi.config import DEFAULTS
 from vmapi.error_ids import READ
 from vmapi.errors import ValidationError
 from vmapi.representations import JSON, MSGPACK_TYPES, success_response
@@ -71,10 +72,13 @@ class VmApi(ResourceApi):
     def extra_paths(self, success: Callable, errors: Callable) -> dict[str, dict[str, Any]]:
         ident = {"name": "ident", "in": "path", "required": True,
                  "schema": {"type": "integer", "minimum": 1, "format": "int64"}}  # fmt: skip
+        # the document is built with an app's configuration (document_for), else defaults
+        limit = current_app.config if has_app_context() else {}
+        limit = int(limit.get("CONSOLE_LOG_MAX", DEFAULTS["CONSOLE_LOG_MAX"][0]))
         size = {"name": "bytes", "in": "query", "required": False,
                 "description": f"How many bytes from the end (default {DEFAULT_BYTES}, at "
-                "most CONSOLE_LOG_MAX).",
-                "schema": {"type": "integer", "minimum": 1}}  # fmt: skip
+                "most VMAPI_CONSOLE_LOG_MAX).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": limit}}  # fmt: skip
         answer = {
             "type": "object",
             "required": ["text", "truncated"],

@@ -84,9 +84,11 @@ class VmSchema(BaseSchema):
         validate=positive(),
         metadata={
             "on_update": False,
-            "description": "Bytes of the root disk made from image (rounded up to a whole "
-            "MiB; default and minimum: the image's virtual_size). Grow it later through "
-            "/storage.",
+            # at most STORAGE_MAX_SIZE (checked by the service, documented from the config)
+            "maximum_from": "STORAGE_MAX_SIZE",
+            "description": "Bytes of the root disk made from image, given only with image "
+            "(rounded up to a whole MiB; default and minimum: the image's virtual_size). "
+            "Grow it later through /storage.",
         },
     )
     name = Str(dump_only=True)

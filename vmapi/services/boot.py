@@ -91,14 +91,15 @@ def plan_boot(data: dict[str, Any]) -> Boot | None:
         raise not_active(image)
     minimum = round_up(image.virtual_size or 0)
     size = minimum if root_size is None else round_up(root_size)
+    limit = current_app.config["STORAGE_MAX_SIZE"]
     problems = {}
     if size < minimum:
         problems["root_size"] = [
             f"Must be at least the image's virtual_size, {image.virtual_size} bytes "
             f"({minimum} rounded up to a whole MiB)."
         ]
-    elif size > current_app.config["STORAGE_MAX_SIZE"]:
-        problems["root_size"] = [f"Must be at most {current_app.config['STORAGE_MAX_SIZE']}."]
+    elif (root_size or 0) > limit or size > limit:
+        problems["root_size"] = [f"Must be at most {limit} bytes."]
     if image.min_ram is not None and data["ram"] < image.min_ram:
         problems["ram"] = [f"Image {image.id} needs at least {image.min_ram} bytes (min_ram)."]
     if problems:
