@@ -38,7 +38,11 @@ NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken)
 #: Columns never written to the trail, by model; and bookkeeping columns of a node
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
 SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}
-BOOKKEEPING = {"node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"}}
+BOOKKEEPING = {
+    "node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"},
+    # where the node keeps a VM's console log: recorded when its domain is defined
+    "vm": {"console_log_pool", "console_log_path"},
+}
 #: URL names of resources whose table is named otherwise.
 RESOURCE_NAMES = {"ipv4_address": "ipv4", "ipv6_address": "ipv6", "api_token": "token"}
 
