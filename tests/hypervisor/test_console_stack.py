@@ -1,4 +1,5 @@
-"""The whole console path as shipped: a disk-less QEMU VM made through the API, the console
+"""The whole console path as shipped: a QEMU VM booted from the test guest's image, both
+made through the API, the console
 proxy started with the command of deploy/systemd/vmapi-console-proxy.service, nginx with
 deploy/nginx/vmapi-site.conf (noVNC from Debian's novnc package, the websocket location),
 a websocket VNC client down to the framebuffer size, and headless Chromium opening the
@@ -21,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 import websocket
 
-from tests.conftest import unavailable
+from tests.conftest import MIB, unavailable
 from tests.hypervisor.consoles import (  # noqa: F401 - the fixtures
     INSTALLATION,
     app_config_fixture,
@@ -29,6 +30,7 @@ from tests.hypervisor.consoles import (  # noqa: F401 - the fixtures
     make_vm,
     qemu_node_fixture,
 )
+from tests.image_files import OCTET
 from tests.vnc import RfbClient, VncRefused, WebSocketTransport
 from vmapi.extensions import db
 from vmapi.models import ConsoleToken
@@ -137,12 +139,38 @@ def nginx(proxy, tmp_path_factory):
 
 
 @pytest.fixture
-def console(api, qemu_node, nginx):
-    """A running disk-less VM and a console for it, its URL pointing at the test's nginx."""
-    vm = make_vm(api, qemu_node)
+def console(api, qemu_node, nginx, guest_image):
+    """A VM booted from the test guest (uploaded through the API) and a console for it, its
+    URL pointing at the test's nginx; the VM and the image are deleted through the API
+    after (their root disk, copy and log with them)."""
+    image = api.post("image", json={"name": "guest", "format": "raw"}).json["data"]
+    with open(guest_image.path, "rb") as body:
+        sent = api.call("PUT", f"image/{image['id']}/file", data=body, headers=OCTET)
+    assert sent.status_code == 200, sent.json
+    vm = make_vm(api, qemu_node, ram=256 * MIB, image={"id": image["id"]})
+    booted = wait_until(lambda: "VMAPI-TICK" in console_text(api, vm["id"]))
+    assert booted, console_text(api, vm["id"])[-2000:]
     response = api.post(f"vm/{vm['id']}/console", base_url=nginx["url"])
     assert response.status_code == 201, response.json
-    return {"vm": vm, **response.json["data"]}
+    yield {"vm": vm, **response.json["data"]}
+    assert api.delete(f"vm/{vm['id']}").status_code == 200
+    assert api.delete(f"image/{image['id']}").status_code == 200
+
+
+def console_text(api, vm_id: int) -> str:
+    answer = api.get(f"vm/{vm_id}/console_log")
+    assert answer.status_code == 200, answer.json
+    return answer.json["data"]["text"]
+
+
+def wait_until(check) -> bool:
+    """Poll ``check`` until it holds or DEADLINE passes (a boot takes ~10 s under TCG)."""
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def websocket_url(nginx, token: str) -> str:
