@@ -90,8 +90,9 @@ def test_every_hypervisor_action_is_a_json_line(api, vm_host, test_method, caplo
     vm = response.json["data"]
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vmapi.hypervisor"]
     actions = [line["action"] for line in lines]
-    assert actions[:3] == ["define", "start", "domain"]
-    for line in lines[:3]:
+    # the console log's pool first (its directory names the log file), then the domain
+    assert actions[:4] == ["pool_dir", "define", "start", "domain"]
+    for line in lines[1:4]:
         assert line["domain"] == vm["domain_name"]
         assert line["request_id"] == response.headers["X-Request-Id"]
         assert line["result"] == "ok" and line["duration_ms"] >= 0 and line["node"]
@@ -111,11 +112,12 @@ def test_a_failed_hypervisor_action_is_logged_and_counted(
         response = api.post("vm", json=vm_body(test_method))
     assert response.status_code == 502, response.json
     after = scrape(client, api.token)
-    labels = {"node": "127.0.0.1", "action": "define", "error": "HypervisorUnavailable"}
+    # the create's first call (the console log's pool) is the one that fails
+    labels = {"node": "127.0.0.1", "action": "pool_dir", "error": "HypervisorUnavailable"}
     errors = "vmapi_libvirt_errors_total"
     assert value(after, errors, **labels) - value(before, errors, **labels) == 1
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vmapi.hypervisor"]
-    assert {"node": "127.0.0.1", "action": "define", "result": "HypervisorUnavailable"}.items() <= (
+    assert {"node": "127.0.0.1", "action": "pool_dir", "result": "HypervisorUnavailable"}.items() <= (
         lines[0].items()
     )
 

@@ -116,20 +116,35 @@ def _ensure_pool(
     conn: libvirt.virConnect, pool: str, path: str
 ) -> tuple[libvirt.virStoragePool, bool]:
     """The started pool ``pool``, defined as a dir pool at ``path`` if missing; whether it
-    was created."""
+    was created. Safe when concurrent requests (other workers, other API hosts) do the
+    same: whoever loses the race to define or start it uses the one that won."""
     created = False
     try:
         found = conn.storagePoolLookupByName(pool)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise
-        found = conn.storagePoolDefineXML(StoragePool(pool, path).to_xml(), 0)
-        found.build(0)
-        found.setAutostart(1)
-        created = True
+        try:
+            found = conn.storagePoolDefineXML(StoragePool(pool, path).to_xml(), 0)
+        except libvirt.libvirtError as define_error:
+            if define_error.get_error_code() not in _POOL_EXISTS:
+                raise
+            found = conn.storagePoolLookupByName(pool)  # defined meanwhile by another
+        else:
+            found.build(0)
+            found.setAutostart(1)
+            created = True
     if not found.isActive():
-        found.create(0)
+        try:
+            found.create(0)
+        except libvirt.libvirtError:
+            if not found.isActive():  # not merely started meanwhile by another
+                raise
     return found, created
+
+
+#: What libvirt answers when a pool of that name (or on that path) is already defined.
+_POOL_EXISTS = {libvirt.VIR_ERR_STORAGE_POOL_BUILT, libvirt.VIR_ERR_OPERATION_FAILED}
 
 
 class LibvirtDriver:
