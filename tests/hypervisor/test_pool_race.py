@@ -21,7 +21,7 @@ class LateLookup:
         self.conn = conn
         self.missed = False
 
-    def storagePoolLookupByName(self, name: str) -> libvirt.virStoragePool:  # noqa: N802
+    def storagePoolLookupByName(self, name: str) -> libvirt.virStoragePool:
         if not self.missed:
             self.missed = True
             return self.conn.storagePoolLookupByName(f"{name}-not-yet")  # libvirt's own error
@@ -59,7 +59,7 @@ def test_a_pool_started_meanwhile_is_no_error(tmp_path):
             def __init__(self) -> None:
                 self.pool = pool
 
-            def isActive(self) -> bool:  # noqa: N802
+            def isActive(self) -> bool:
                 return bool(self.pool.isActive())
 
             def create(self, flags: int) -> None:
@@ -70,7 +70,7 @@ def test_a_pool_started_meanwhile_is_no_error(tmp_path):
                 return getattr(self.pool, name)
 
         class Conn:
-            def storagePoolLookupByName(self, name: str):  # noqa: N802
+            def storagePoolLookupByName(self, name: str):
                 return StartedMeanwhile()
 
         found, created = _ensure_pool(Conn(), "started", str(tmp_path))
