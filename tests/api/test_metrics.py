@@ -117,9 +117,11 @@ def test_a_failed_hypervisor_action_is_logged_and_counted(
     errors = "vmapi_libvirt_errors_total"
     assert value(after, errors, **labels) - value(before, errors, **labels) == 1
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vmapi.hypervisor"]
-    assert {"node": "127.0.0.1", "action": "pool_dir", "result": "HypervisorUnavailable"}.items() <= (
-        lines[0].items()
-    )
+    assert {
+        "node": "127.0.0.1",
+        "action": "pool_dir",
+        "result": "HypervisorUnavailable",
+    }.items() <= (lines[0].items())
 
 
 @pytest.mark.parametrize("app_config", [{"LOG_HYPERVISOR": False}])
