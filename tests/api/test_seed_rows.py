@@ -16,9 +16,11 @@ import xml.etree.ElementTree as ET
 import pytest
 import sqlalchemy as sa
 
+from tests.api.test_boot import hold, make_image
 from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
+from tests.image_files import ImageFiles
 from vmapi.extensions import db
 from vmapi.hypervisor import VolumeNotFound
 from vmapi.models import Vm
@@ -186,3 +188,20 @@ def test_reconcile_cleans_a_stale_building_vm_with_its_seed(app, runner, seeded,
     assert code == 0 and "stale_building" in output, output
     assert driver.volumes(seeded["uri"], POOL) == []
     assert driver.domains(seeded["uri"]) == []
+
+
+def test_a_test_driver_vm_from_an_image_gets_no_seed(app, api, vm_host, test_method, driver,
+                                                     tmp_path):  # fmt: skip
+    """A seed is for a guest that reads disks: libvirt's test driver runs none (nor do
+    containers), so its VMs get none, image or not (services/seeds.py NO_GUEST_DISKS)."""
+    image = make_image(api, ImageFiles(tmp_path / "files"))
+    node = vm_host()
+    hold(app, node, image)
+    made = api.post("vm", json=vm_body(test_method, image={"id": image["id"]}, hostname="h1"))
+    assert made.status_code == 201, made.json
+    vm = {**made.json["data"], "uri": node["libvirt_uri"]}
+    assert row(app, vm["id"]).seed_volume is None
+    assert sorted(disks(driver, vm)) == ["vda"]  # the root disk, no seed
+    # nor does a change of what it would carry make one
+    assert api.update(f"vm/{vm['id']}", json={"hostname": "h2"}).status_code == 200
+    assert row(app, vm["id"]).seed_volume is None and sorted(disks(driver, vm)) == ["vda"]

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from vmapi.extensions import db
 from vmapi.guest_inputs import ssh_key_fingerprints
 from vmapi.models.catalog import VirtMethod, VmState
+from vmapi.models.image import Image
 from vmapi.models.network import Interface
 from vmapi.models.node import Node
 
@@ -62,10 +63,18 @@ class Vm(db.Model):
     seed_pool: Mapped[str | None] = mapped_column(String(255))
     seed_volume: Mapped[str | None] = mapped_column(String(255), unique=True)
     seed_path: Mapped[str | None] = mapped_column(String(1024))
+    #: the image the VM boots from (its root disk is an overlay on the node's copy)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"), index=True)
+    #: where the domain logs its serial console: a file in a vmapi-owned pool of its node
+    #: (recorded when the domain is defined with it; null: defined before vmapi logged
+    #: consoles, no log until it is next defined)
+    console_log_pool: Mapped[str | None] = mapped_column(String(255))
+    console_log_path: Mapped[str | None] = mapped_column(String(1024))
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql")
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
+    image: Mapped[Image | None] = relationship(lazy="raise_on_sql", viewonly=True)
     interfaces: Mapped[list[Interface]] = relationship(
         lazy="raise_on_sql", order_by="Interface.id", viewonly=True
     )
@@ -84,3 +93,9 @@ class Vm(db.Model):
     def user_data_set(self) -> bool:
         """What answers show of ``user_data``."""
         return bool(self.user_data)
+
+    @property
+    def console_log_volume(self) -> str | None:
+        """The log's volume name in its pool (a dir pool names a file's volume by the
+        file's name)."""
+        return self.console_log_path.rsplit("/", 1)[-1] if self.console_log_path else None

@@ -12,10 +12,12 @@ Findings, one per domain, VM or volume:
   exist (the database never committed it, or lost it); fix: destroy and undefine.
 - ``foreign_domain``: a domain named like ours (``<installation>-vm-*``, or ``vm-*`` as
   before names carried the installation) without our metadata; reported, never touched.
-- ``unowned_volume``: a volume in one of vmapi's pools (those its storage types and
-  storage rows name) that neither a storage row nor a VM (its cloud-init seed) owns:
-  leaked, another installation's, a replaced seed that could not be deleted, or
+- ``unowned_volume``: a volume in one of vmapi's pools (those its storage types, storage
+  rows and image copies name) that no storage row, image copy or VM (its cloud-init seed)
+  owns: leaked, another installation's, a replaced seed that could not be deleted, or
   something in the way of a new volume's name; reported, never touched.
+- ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
+  reached when the image went); fix: delete the volume and its row.
 Domains are matched with VMs by the name stored on the VM's row. Young ``building``
 rows are skipped: their request may still be running.
 """
@@ -33,7 +35,8 @@ from vmapi.auth import as_utc
 from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
-from vmapi.models import Node, Storage, StorageType, Vm, VmState
+from vmapi.models import ImageCopy, Node, Storage, StorageType, Vm, VmState
+from vmapi.services.console_log import delete_console_log
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor, on_hosts
 from vmapi.services.names import installation_id
@@ -85,7 +88,28 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
             finding = _check_domain(domain, installation, known_ids, host, fix)
             if finding:
                 findings.append(finding)
+    findings += _stale_copies(answering, fix)
     return findings + _unowned_volumes(answering, workers)
+
+
+def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
+    """Copies of deleted images left on nodes that answer now."""
+    from vmapi.services.image_copies import remove_if_unused
+
+    stmt = select(ImageCopy).where(ImageCopy.image_id.is_(None), ImageCopy.node_id.in_(hosts))
+    findings = []
+    for copy in db.session.scalars(stmt.order_by(ImageCopy.id)).all():
+        host = hosts[copy.node_id]
+        finding = Finding("stale_image_copy", host.node.fqdn, f"{copy.pool}/{copy.volume_name}",
+                          "the copy of a deleted image")  # fmt: skip
+        if fix:
+            try:
+                finding.fixed = remove_if_unused(copy.id)
+                finding.detail += "; volume deleted"
+            except HypervisorError as exc:
+                finding.detail += f"; not deleted: {exc.reason}"
+        findings.append(finding)
+    return findings
 
 
 def _stale_on_unreachable(
@@ -134,6 +158,7 @@ def _check_vm(
                 if domain is not None:
                     remove_domain(host, name)
                 delete_seed(vm, host)
+                notes += delete_console_log(vm, host)
             except (ApiError, HypervisorError) as exc:
                 finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
                 return [finding]
@@ -202,6 +227,9 @@ def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
     seeds = select(Vm.node_id, Vm.seed_pool, Vm.seed_volume).where(Vm.seed_volume.is_not(None))
     for node_id, pool, name in db.session.execute(seeds.where(Vm.node_id.in_(hosts))):
         owned[node_id].setdefault(pool, set()).add(name)
+    copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
+    for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):
+        owned[node_id].setdefault(pool, set()).add(name)
     pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
     driver = hypervisor()
 
@@ -225,6 +253,11 @@ def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
             for name in names or []:
                 if name not in owned[node_id].get(pool, set()):
                     findings.append(
-                        Finding("unowned_volume", fqdn, f"{pool}/{name}", "no storage row owns it")
+                        Finding(
+                            "unowned_volume",
+                            fqdn,
+                            f"{pool}/{name}",
+                            "no storage row or image copy owns it",
+                        )
                     )
     return findings

@@ -1,6 +1,7 @@
 """The guest's cloud-init NoCloud seed, made from the inventory and kept in step with it.
 
-A VM booted from an image gets a seed (API.md "Guest configuration"): the three NoCloud
+A VM booted from an image gets a seed (API.md "Guest configuration"; not when its domains
+run no guest that reads disks: :data:`NO_GUEST_DISKS`): the three NoCloud
 files of :mod:`vmapi.nocloud` (its host name, SSH keys and user data; each interface by
 MAC with its addresses, gateways and the configured DNS servers) in an ISO 9660 volume
 labelled ``cidata``. The volume is uploaded through libvirt into the node's pool of the
@@ -31,17 +32,20 @@ from sqlalchemy.orm import selectinload
 
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
-from vmapi.models import Interface, StorageType, Vm
+from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
 from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
-from vmapi.services.storage import StorageService
+from vmapi.services.image_copies import pool_directory
 from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)
 
 #: The storage type whose pool holds seeds (and root disks) on every node.
 SEED_STORAGE_TYPE = "local-qcow2"
+#: Domain types whose domains run no guest that reads a disk: libvirt's test driver
+#: (nothing runs) and containers (no disks). Their VMs get no seed, image or not.
+NO_GUEST_DISKS = frozenset({"test", "lxc", "openvz"})
 #: VM fields the seed carries (besides the interfaces' addresses).
 GUEST_FIELDS = ("hostname", "ssh_keys", "user_data")
 
@@ -56,8 +60,13 @@ class SeedVolume:
 
 
 def wanted(vm: Vm) -> bool:
-    """Whether the VM has a seed: one booted from an image (or that has one already)."""
-    return vm.seed_volume is not None
+    """Whether the VM has a seed: one booted from an image (or that has one already),
+    unless its domains run no guest that reads disks (:data:`NO_GUEST_DISKS`)."""
+    if vm.seed_volume is not None:
+        return True
+    if vm.image_id is None:
+        return False
+    return db.session.get(VirtMethod, vm.virt_method_id).domain_type not in NO_GUEST_DISKS
 
 
 def seed_spec(vm: Vm) -> SeedSpec:
@@ -106,20 +115,34 @@ def seed_pool() -> str:
     ).one()
 
 
-def refresh_seed(vm: Vm, host: Host, undo: Undo, retired: list[SeedVolume] | None = None) -> bool:
-    """Make the VM's seed what the database says: upload it under its own name and record
-    it on the row (the domain is redefined by the caller). False when the recorded seed
-    is that one already. The seed it replaces is added to ``retired``, for
-    :func:`delete_retired` once the request has succeeded."""
+def new_seed(vm: Vm) -> SeedFiles | None:
+    """The seed the database describes for the VM, when it is not the one recorded."""
     files = seed_files(vm)
-    name = volume_name(vm, files)
-    if name == vm.seed_volume:
+    return None if volume_name(vm, files) == vm.seed_volume else files
+
+
+def refresh_seed(vm: Vm, host: Host, undo: Undo, retired: list[SeedVolume] | None = None) -> bool:
+    """Make the VM's seed what the database says (:func:`upload_seed`); False when the
+    recorded seed is that one already."""
+    files = new_seed(vm)
+    if files is None:
         return False
+    upload_seed(vm, host, files, undo, retired)
+    return True
+
+
+def upload_seed(
+    vm: Vm, host: Host, files: SeedFiles, undo: Undo, retired: list[SeedVolume] | None = None
+) -> None:
+    """Upload the seed under its own name and record it on the row (the domain is
+    redefined by the caller). The seed it replaces is added to ``retired``, for
+    :func:`delete_retired` once the request has succeeded."""
+    name = volume_name(vm, files)
     driver = hypervisor()
     pool = seed_pool()
     step = "preparing the storage pool for the cloud-init seed"
     try:
-        driver.ensure_pool(host.uri, pool, StorageService().pool_dir(vm, pool))
+        driver.ensure_pool(host.uri, pool, pool_directory(host.node.id, pool, vm.virt_method_id))
         step = "uploading the cloud-init seed"
         data = seed_iso(files)
         timeout = float(current_app.config["LIBVIRT_TIMEOUT"])
@@ -145,7 +168,6 @@ def refresh_seed(vm: Vm, host: Host, undo: Undo, retired: list[SeedVolume] | Non
         old = SeedVolume(vm.node_id, before[0], before[1])
         retired.append(old)
         undo.append(lambda: retired.remove(old))
-    return True
 
 
 def delete_seed_volume(seed: SeedVolume, host: Host | None = None) -> bool:

@@ -172,4 +172,5 @@ def domain_spec(
         disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
         display=sealed_display(node, config),
         seed=seed_disk(vm),
+        console_log=vm.console_log_path,
     )

@@ -29,15 +29,24 @@ from vmapi.hypervisor import (
 )
 from vmapi.models import VirtMethod, Vm
 from vmapi.scheduler import claim, release
+from vmapi.services.console_log import ensure_console_log
 from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_vm_quota
-from vmapi.services.seeds import GUEST_FIELDS, SeedVolume, rebuilt_message, refresh_seed, wanted
+from vmapi.services.seeds import (
+    GUEST_FIELDS,
+    SeedVolume,
+    new_seed,
+    rebuilt_message,
+    upload_seed,
+    wanted,
+)
 from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
-IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}
+IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
+             "image_id": "image", "root_size": "root_size"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
 
 
@@ -66,17 +75,22 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVo
     step = "redefining the domain"
     try:
         if sized or told:
-            # the definition as it was: the row's old values, its seed not replaced yet
-            old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
-            seeded = bool(told) and wanted(vm) and refresh_seed(vm, host, undo, retired)
-            if sized or seeded:
+            seed = new_seed(vm) if told and wanted(vm) else None
+            if sized or seed:
+                step = "preparing the console log"
+                ensure_console_log(vm, host)  # a VM defined before logs were kept gets one now
+                step = "redefining the domain"
+                # the definition as it was: the row's old values, its seed not replaced yet
+                old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
+                if seed is not None:
+                    upload_seed(vm, host, seed, undo, retired)
                 driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
                 undo.append(lambda: driver.define(host.uri, old_spec))
                 step = "applying the change to the running domain"
                 running = driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED)
                 if sized and running:
                     apply_live(vm, host, sized, old, plan.messages, undo)
-                if seeded:
+                if seed is not None:
                     plan.messages.append(rebuilt_message(vm, running))
         if plan.target_state:
             step = f"changing the state to {plan.target_state}"
@@ -234,6 +248,8 @@ def _with(vm: Vm, values: dict[str, Any]) -> Vm:
         seed_pool=vm.seed_pool,
         seed_volume=vm.seed_volume,
         seed_path=vm.seed_path,
+        console_log_pool=vm.console_log_pool,
+        console_log_path=vm.console_log_path,
     )
     for key, value in values.items():
         setattr(copy, key, value)

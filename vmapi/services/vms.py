@@ -61,6 +61,15 @@ from vmapi.scheduler import (
     select_and_claim,
     unsuitable_reasons,
 )
+from vmapi.services.boot import (
+    Boot,
+    add_root_disk,
+    check_image,
+    forget_root_disk,
+    make_root_disk,
+    plan_boot,
+)
+from vmapi.services.console_log import delete_console_log, ensure_console_log, log_remover
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.domains import (
     BUILDING,
@@ -77,7 +86,13 @@ from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import domain_name
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
-from vmapi.services.seeds import SeedVolume, delete_retired, delete_seed
+from vmapi.services.seeds import (
+    SeedVolume,
+    delete_retired,
+    delete_seed,
+    refresh_seed,
+    wanted,
+)
 from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
@@ -89,11 +104,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NewVm:
-    """A VM to create, checked: its fields, and its virt_method row (read once; the
-    domain is defined with it)."""
+    """A VM to create, checked: its fields, its virt_method row (read once; the domain is
+    defined with it) and, when it boots from an image, that image and its root disk."""
 
     data: dict[str, Any]
     method: VirtMethod
+    boot: Boot | None = None
 
 
 def scheduler_defaults() -> Defaults:
@@ -152,7 +168,8 @@ class VmService(CrudService[Vm]):
                 data={"node": {"id": data["node_id"]}},
             )
         data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
-        return NewVm(data, method)
+        boot = plan_boot(data)
+        return NewVm(data, method, boot)
 
     def claim_node(self, data: dict[str, Any], request: PlacementRequest) -> Node:
         """Claim capacity on the requested node, or on the node the scheduler picks; the
@@ -189,10 +206,14 @@ class VmService(CrudService[Vm]):
 
     def create_one(self, new: NewVm, undo: Undo) -> Vm:
         """Claim, record as building, define, start, record the state libvirt reports."""
-        data = new.data
-        request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"])
+        data, boot = new.data, new.boot
+        request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
+                                   image_id=data.get("image_id"))  # fmt: skip
+        root = None
         try:
             check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
+            if boot is not None:
+                check_image(boot, data.get("customer_id"))
             node = self.claim_node(data, request)
             vm = Vm(
                 cores=data["cores"],
@@ -207,6 +228,7 @@ class VmService(CrudService[Vm]):
                 virt_method_id=data["virt_method_id"],
                 vm_state_id=state_id(BUILDING),
                 created_at=datetime.now(UTC),
+                image_id=data.get("image_id"),
             )
             db.session.add(vm)
             db.session.flush()
@@ -214,6 +236,8 @@ class VmService(CrudService[Vm]):
             vm.domain_name = domain_name(vm.id)
             vm.hostname = vm.hostname or vm.name
             interface = add_interface(vm)
+            if boot is not None:
+                root = add_root_disk(vm, boot)
             db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
             db.session.rollback()
@@ -226,8 +250,24 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
-        # a new VM has no storage yet: no need to read its disks
-        spec = domain_spec(vm, new.method, host.node, current_app.config, disks=False)
+        try:
+            # recorded on the row with the domain's state (record_state commits it)
+            ensure_console_log(vm, host, commit=False)
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, "preparing the console log", host) from exc
+        undo.append(log_remover(vm, host))
+        if root is not None:
+            root_id = root.id
+            undo.append(lambda: forget_root_disk(root_id))
+            make_root_disk(vm, root, boot, host, undo)
+            # what the guest is told: a VM booted from an image gets a cloud-init seed
+            if wanted(vm):
+                refresh_seed(vm, host, undo)
+        # a new VM without an image has no storage yet: no need to read its disks
+        with db.session.no_autoflush:  # the log's path is written with the state, below
+            spec = domain_spec(
+                vm, new.method, host.node, current_app.config, disks=root is not None
+            )
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -315,7 +355,7 @@ class VmService(CrudService[Vm]):
         for index, ident in enumerate(ids):
             with at_index(index if indexed else None):
                 vms.append(self.get(ident, principal))
-                volumes = storage_of(vms[-1].id)
+                volumes = storage_of(vms[-1].id)  # data volumes: the root disk goes anyway
                 if volumes and not cascade:
                     raise Conflict(
                         f"vm-{ident} still has storage {volumes}; delete it first or send "
@@ -330,11 +370,12 @@ class VmService(CrudService[Vm]):
             step = "removing the domain"
             try:
                 # the volumes first, each row with its volume: a failure part-way leaves
-                # the VM, its domain and the storage left consistent (services/volumes.py)
-                if cascade:
-                    messages += delete_vm_volumes(vm, host)
+                # the VM, its domain and the storage left consistent (services/volumes.py);
+                # without cascade there is at most the root disk
+                messages += delete_vm_volumes(vm, host)
                 existed = remove_domain(host, vm.domain_name)
                 delete_seed(vm, host)
+                messages += delete_console_log(vm, host)
             except (HypervisorError, ApiError) as exc:
                 error = exc if isinstance(exc, ApiError) else hypervisor_failure(exc, step, host)
                 done = [v.id for v in vms[:index]]
@@ -389,6 +430,6 @@ class VmService(CrudService[Vm]):
 
 
 def storage_of(vm_id: int) -> list[int]:
-    return list(
-        db.session.scalars(select(Storage.id).where(Storage.vm_id == vm_id).order_by(Storage.id))
-    )
+    """The VM's data volumes (its root disk, if any, is not counted: it goes with the VM)."""
+    stmt = select(Storage.id).where(Storage.vm_id == vm_id, Storage.boot.is_(False))
+    return list(db.session.scalars(stmt.order_by(Storage.id)))

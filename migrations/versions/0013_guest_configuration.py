@@ -6,8 +6,8 @@ it has one). VMs that exist get their name as their host name (the default of a 
 and no keys. A node gains ``bridge``, the template of the bridges its NICs join (null:
 the configured ``BRIDGE_TEMPLATE``).
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-11-30 06:10:00.000000
 
 """
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0012'
-down_revision = '0011'
+revision = '0013'
+down_revision = '0012'
 branch_labels = None
 depends_on = None
 
