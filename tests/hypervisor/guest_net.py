@@ -54,7 +54,9 @@ def guest_network(gateways: tuple[str, ...]) -> Iterator[GuestNetwork]:
     bridge, namespace = f"vmapi-b{tag}", f"vmapi-ns-{tag}"
     outside, inside = f"vmt{tag}h", f"vmt{tag}n"
     try:
-        ip("link", "add", bridge, "type", "bridge")
+        # every port sees IPv6's neighbour discovery: no multicast snooping (nothing on
+        # this bridge would act as MLD querier)
+        ip("link", "add", bridge, "type", "bridge", "mcast_snooping", "0")
         # no address on the bridge, not even IPv6's link-local one
         subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{bridge}.disable_ipv6=1"], check=True)
         ip("link", "set", bridge, "up")

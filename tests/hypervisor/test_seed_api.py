@@ -27,6 +27,7 @@ from tests.hypervisor.boot_env import IMAGE_POOL, BootEnv, boot_env
 from tests.hypervisor.qemu_host import INSTALLATION, URI
 from vmapi.extensions import db
 from vmapi.models import Vm
+from vmapi.services import seeds
 from vmapi.services.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
@@ -68,7 +69,7 @@ def blank_image(env: BootEnv, folder: Path) -> dict:
     return env.upload(path, name="blank")
 
 
-def row(env: BootEnv, vm_id: int) -> Vm:
+def row_of(env: BootEnv, vm_id: int) -> Vm:
     with env.app.app_context():
         found = db.session.get(Vm, vm_id)
         db.session.expunge_all()
@@ -76,7 +77,7 @@ def row(env: BootEnv, vm_id: int) -> Vm:
     return found
 
 
-def seed_files(path: str) -> dict[str, bytes]:
+def iso_files(path: str) -> dict[str, bytes]:
     """The files of the ISO 9660 volume at ``path``, by their Rock Ridge names, and its
     label (``_label``)."""
     with open(path, "rb") as handle:
@@ -102,10 +103,10 @@ def seed_disk(env: BootEnv, vm: dict, flags: int = INACTIVE) -> ET.Element:
 
 def told(env: BootEnv, vm: dict) -> dict:
     """What the VM's seed says now, as found on the node."""
-    current = row(env, vm["id"])
+    current = row_of(env, vm["id"])
     disk = seed_disk(env, vm)
     assert disk.find("source").get("file") == current.seed_path
-    files = seed_files(current.seed_path)
+    files = iso_files(current.seed_path)
     return {
         "volume": current.seed_volume,
         "path": current.seed_path,
@@ -235,10 +236,34 @@ def test_a_failed_change_keeps_the_old_seed_and_leaves_no_new_one(env, shared):
         assert answer.status_code == 502 and answer.json["data"]["index"] == 1, answer.json
     finally:
         env.app.extensions[DRIVER_KEY] = real
-    assert row(env, vm["id"]).hostname == "web2"
+    assert row_of(env, vm["id"]).hostname == "web2"
     assert told(env, vm)["volume"] == seed["volume"]  # the domain points at it, it exists
     assert told(env, second)["volume"] == second_seed
     assert sorted(seeds_in_pool(env)) == sorted([seed["volume"], second_seed])  # none leaked
+
+
+def test_a_seed_name_taken_by_a_volume_not_ours_changes_nothing(env, shared):
+    vm, seed = shared["vm"], shared["seed"]
+    with env.app.app_context():  # the name the seed would get with this host name
+        row = db.session.get(Vm, vm["id"])
+        row.hostname = "taken"
+        name = seeds.volume_name(row, seeds.seed_files(row))
+        db.session.rollback()
+    pool = env.conn.storagePoolLookupByName(IMAGE_POOL)
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity").text = "1024"
+    ET.SubElement(ET.SubElement(volume, "target"), "format", type="raw")
+    made = pool.createXML(ET.tostring(volume, encoding="unicode"), 0)
+    try:
+        answer = env.api.update(f"vm/{vm['id']}", json={"hostname": "taken"})
+        assert answer.status_code == 409 and answer.json["error_id"] == "vm/name_taken", answer.json
+        assert answer.json["data"]["name"] == f"{IMAGE_POOL}/{name}"
+        assert row_of(env, vm["id"]).hostname == "web2"
+        assert told(env, vm)["volume"] == seed["volume"]
+        assert made.info()[1] == 1024  # left as it was
+    finally:
+        made.delete(0)
 
 
 def test_deleting_the_vms_removes_their_seeds(env, shared):

@@ -30,11 +30,13 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from vmapi.error_ids import VM_NAME_TAKEN
+from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
 from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
-from vmapi.services.domains import Host, hypervisor_failure, name_taken
+from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.image_copies import pool_directory
 from vmapi.services.undo import Undo
@@ -148,7 +150,13 @@ def upload_seed(
         timeout = float(current_app.config["LIBVIRT_TIMEOUT"])
         path = driver.upload_volume(host.uri, pool, name, len(data), [data], timeout)
     except NameTaken as exc:
-        raise name_taken(exc, f"{pool}/{name}", host) from exc
+        raise Conflict(
+            f"Node {host.node.fqdn} already has a volume named {pool}/{name} that this "
+            f"database does not own ({exc.reason}); nothing was changed. Run `flask vmapi "
+            "reconcile` to see what is in the way, and remove or rename it.",
+            error_id=VM_NAME_TAKEN,
+            data={"name": f"{pool}/{name}", "node": {"id": host.node.id}},
+        ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
     made = SeedVolume(host.node.id, pool, name)
