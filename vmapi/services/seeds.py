@@ -133,12 +133,9 @@ def refresh_seed(vm: Vm, host: Host, undo: Undo, retired: list[SeedVolume] | Non
     return True
 
 
-def upload_seed(
-    vm: Vm, host: Host, files: SeedFiles, undo: Undo, retired: list[SeedVolume] | None = None
-) -> None:
-    """Upload the seed under its own name and record it on the row (the domain is
-    redefined by the caller). The seed it replaces is added to ``retired``, for
-    :func:`delete_retired` once the request has succeeded."""
+def place_seed(vm: Vm, host: Host, files: SeedFiles, undo: Undo) -> tuple[SeedVolume, str]:
+    """Upload ``files`` as the VM's seed volume on ``host`` (the VM's node, or the node it
+    moves to) without recording it; the volume and its path. Its undo deletes it."""
     name = volume_name(vm, files)
     driver = hypervisor()
     pool = seed_pool()
@@ -161,8 +158,18 @@ def upload_seed(
         raise hypervisor_failure(exc, step, host) from exc
     made = SeedVolume(host.node.id, pool, name)
     undo.append(lambda: delete_seed_volume(made, host))
+    return made, path
+
+
+def upload_seed(
+    vm: Vm, host: Host, files: SeedFiles, undo: Undo, retired: list[SeedVolume] | None = None
+) -> None:
+    """Upload the seed under its own name and record it on the row (the domain is
+    redefined by the caller). The seed it replaces is added to ``retired``, for
+    :func:`delete_retired` once the request has succeeded."""
+    made, path = place_seed(vm, host, files, undo)
     before = (vm.seed_pool, vm.seed_volume, vm.seed_path)
-    vm.seed_pool, vm.seed_volume, vm.seed_path = pool, name, path
+    vm.seed_pool, vm.seed_volume, vm.seed_path = made.pool, made.name, path
     db.session.commit()
 
     def restore() -> None:
