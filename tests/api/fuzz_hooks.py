@@ -59,6 +59,15 @@ UNSTATABLE = [
         r"Has host bits set: the network is \S+\.",
         # POST /vm: root_size is given only with image (OpenAPI 3.0 cannot say so)
         r"Give it with image: a root disk is made from an image\.",
+        # what a guest is told: an SSH key is decoded and checked, user data counted in
+        # UTF-8 bytes, a dotted host name's last label is not a number
+        r"Key \d+(: .+| is the same key as key \d+\.)",
+        r"At most \d+ bytes as UTF-8, not \d+\.",
+        r"The last label must not be all digits\.",
+        # a node's bridge template: its only placeholders, and the device names Linux allows
+        r"The only placeholders are \{suffix\} and \{vlan\}\.",
+        r"Names a bridge of up to \d+ characters .*",
+        r"A bridge name is letters, digits, .*",
     )
 ]
 #: 400s that depend on what is stored: the seeded vm_state rows that cannot be set, and a
