@@ -3,16 +3,18 @@ target's XML, and the statistics read back (no libvirtd needed; the real moves a
 tests/hypervisor/test_migration.py)."""
 
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 
 import pytest
 
-from vmapi.hypervisor import MigrationStats
+from vmapi.hypervisor import DisplaySpec, MigrationStats
 from vmapi.hypervisor.libvirt.config import METADATA_NS, Metadata
 from vmapi.hypervisor.libvirt.migration import (
+    copied_targets,
     flags,
     listen_address,
     params,
-    retarget_disks,
+    retarget,
     stats,
     stream_uri,
 )
@@ -64,6 +66,14 @@ def test_params_of_a_live_and_of_a_cold_move():
     assert params(True, None, None, None, None) == {}
 
 
+def test_only_the_disks_named_are_copied():
+    assert params(True, None, None, None, None, ["vda", "vdc"]) == {"migrate_disks": ["vda", "vdc"]}
+    assert params(True, None, None, None, None, []) == {}
+    assert params(False, None, None, None, None, ["vda"]) == {}  # nothing is copied offline
+    assert copied_targets(DOMAIN, {"/a/pool/vm-7-root.qcow2": "/b/pool/root"}) == ["vda"]
+    assert copied_targets(DOMAIN, {}) == []
+
+
 DOMAIN = f"""
 <domain type="qemu">
   <name>vm-7</name>
@@ -80,13 +90,17 @@ DOMAIN = f"""
       <source file="/a/pool/vm-7-seed.iso"/><target dev="vdb" bus="virtio"/><readonly/>
     </disk>
     <disk type="file" device="cdrom"><target dev="hdc" bus="ide"/></disk>
+    <graphics type="vnc" port="5901" autoport="yes" listen="192.0.2.10" passwd="handed-out"
+              passwdValidTo="2031-01-01T00:00:00"><listen type="address" address="192.0.2.10"/>
+    </graphics>
+    <console type="pty"/>
   </devices>
 </domain>
 """
 
 
 def test_retargeted_disks_name_the_targets_files_and_nothing_else_changes():
-    out = ET.fromstring(retarget_disks(DOMAIN, {"/a/pool/vm-7-root.qcow2": "/b/pool/root"}))
+    out = ET.fromstring(retarget(DOMAIN, {"/a/pool/vm-7-root.qcow2": "/b/pool/root"}))
     disks = out.findall("devices/disk")
     assert disks[0].find("source").get("file") == "/b/pool/root"
     assert disks[0].find("backingStore") is None  # the target reads its own chain
@@ -95,6 +109,19 @@ def test_retargeted_disks_name_the_targets_files_and_nothing_else_changes():
     # vmapi's metadata survives, in its namespace (reconcile reads it on the target)
     instance = out.find(f"metadata/{{{METADATA_NS}}}instance")
     assert Metadata.parse(ET.tostring(instance, encoding="unicode")).vm_id == 7
+    assert out.find("devices/graphics").get("listen") == "192.0.2.10"  # no display given
+
+
+def test_the_target_gets_its_own_display_address_and_a_sealed_password():
+    sealed = DisplaySpec("198.51.100.20", "n3wpassw", datetime(2000, 1, 1, tzinfo=UTC))
+    out = ET.fromstring(retarget(DOMAIN, {}, sealed))
+    [graphics] = out.findall("devices/graphics")
+    assert graphics.attrib == {"type": "vnc", "autoport": "yes", "listen": "198.51.100.20",
+                               "passwd": "n3wpassw", "passwdValidTo": "2000-01-01T00:00:00"}  # fmt: skip
+    assert [el.attrib for el in graphics] == [{"type": "address", "address": "198.51.100.20"}]
+    # where it was among the devices; the disks are untouched
+    assert [el.tag for el in out.find("devices")][-2:] == ["graphics", "console"]
+    assert out.find("devices/disk/source").get("file") == "/a/pool/vm-7-root.qcow2"
 
 
 def test_statistics_of_a_finished_incoming_migration():

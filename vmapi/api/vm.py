@@ -3,10 +3,11 @@
 from flask import request
 
 from vmapi.api.actions import Action
-from vmapi.api.resource import ALL_ROLES, ResourceApi
+from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
 from vmapi.schemas.console import ConsoleSchema
-from vmapi.schemas.vm import VmDeleteOptions, VmSchema, VmUpdateOptions
+from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
 from vmapi.services.consoles import open_console
+from vmapi.services.migrations import migrate_vm
 from vmapi.services.vms import VmService
 
 #: POST /vm/<id>/console: a VNC console through the proxy, for CONSOLE_TTL seconds
@@ -19,6 +20,16 @@ console = Action(
     context=lambda: {"base_url": request.host_url},
 )
 
+#: POST /vm/<id>/migrate: move it to another node (admins only)
+migrate = Action(
+    migrate_vm,
+    VmSchema,
+    summary="Move one vm to another node (admins only): live when it runs or is paused, "
+    "cold when it is shut off; the answer is the vm on its new node.",
+    body=MigrateSchema,
+    roles=ADMIN_ONLY,
+)
+
 vm = ResourceApi(
     "vm",
     VmSchema,
@@ -28,7 +39,7 @@ vm = ResourceApi(
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
-    actions={"reboot": "reboot", "console": console},
+    actions={"reboot": "reboot", "console": console, "migrate": migrate},
     idempotent=True,
 )
 

@@ -46,8 +46,13 @@ class Vm(db.Model):
     #: the domain's name in libvirt, with the installation's id; written in the
     #: transaction that makes the row (once the id is known) and never changed
     domain_name: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: The node a move of the VM has claimed capacity on, set (with the claim) before the
+    #: domain moves and cleared when the move is recorded or undone. Left set only by a
+    #: process that died mid-move: the next move of the VM, or reconcile, settles it by
+    #: where libvirt says the domain is (services/moves.py).
+    migration_node_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), index=True)
 
-    node: Mapped[Node] = relationship(lazy="raise_on_sql")
+    node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
     interfaces: Mapped[list[Interface]] = relationship(

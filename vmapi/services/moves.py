@@ -1,0 +1,408 @@
+"""The steps of a move of a VM between nodes, each with its inverse (services/migrations.py
+puts them in order; evacuation and reconcile use some).
+
+- :func:`claim_target`: capacity on the target, claimed through the scheduler (the same
+  filters as a create; the VM's own node fails ``uuid_free``, so it is never the
+  target), committed together with the VM's marker ``migration_node_id``;
+- :func:`prepare_volumes`: each volume made on the target before the domain moves (live:
+  empty, for libvirt to copy into; cold: copied through the volume streams), listed as a
+  leftover there first so a process that dies leaves a list; volumes of a shared pool
+  stay where they are;
+- :func:`record`: one transaction says where the VM and its volumes are, releases the
+  source's claim, clears the marker, ends the VM's console tokens, and lists the
+  source's volumes as leftovers; :func:`remove_source_volumes` then deletes them;
+- :func:`settle`: a marker found set (its process died mid-move) is resolved by where
+  libvirt says the domain is: recorded there, or undone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from vmapi.error_ids import (
+    VM_BUSY,
+    VM_HYPERVISOR_ERROR,
+    VM_NO_VALID_HOST,
+    VM_NODE_NOT_FOUND,
+    VM_NODE_UNSUITABLE,
+)
+from vmapi.errors import Conflict, HypervisorFailure, NotFound, ServiceUnavailable
+from vmapi.extensions import db
+from vmapi.hypervisor import (
+    DomainNotFound,
+    HypervisorError,
+    HypervisorTimeout,
+    NameTaken,
+    VolumeNotFound,
+)
+from vmapi.models import Node, Storage, StorageType, Vm
+from vmapi.models.leftover import DOMAIN, VOLUME
+from vmapi.scheduler import (
+    NoValidHost,
+    PlacementRequest,
+    claim,
+    release,
+    select_and_claim,
+    unsuitable_reasons,
+)
+from vmapi.services import audit
+from vmapi.services.consoles import invalidate_console_tokens
+from vmapi.services.domains import Host, hypervisor_failure, state_id
+from vmapi.services.hosts import hypervisor, node_uri
+from vmapi.services.leftovers import (
+    delete_listed_volume,
+    drop_leftover,
+    find_leftover,
+    note_leftover,
+)
+from vmapi.services.undo import Undo
+from vmapi.services.vms import scheduler_defaults
+from vmapi.services.volumes import pool_dir
+from vmapi.telemetry import PLACEMENT_SECONDS
+
+LIVE, COLD, EVACUATE = "live", "cold", "evacuate"
+
+
+@dataclass
+class MovedVolume:
+    """A storage row of the moving VM and where its volume is on the target."""
+
+    storage: Storage
+    fmt: str
+    shared: bool  # its pool is the same on every node: it stays where it is
+    target_path: str | None = None
+
+
+@dataclass
+class Move:
+    """One VM on its way from ``source`` to ``target``, within ``deadline``."""
+
+    vm: Vm
+    source: Host
+    target: Host
+    kind: str  # live, cold or evacuate (made anew on the target: the source is dead)
+    volumes: list[MovedVolume]
+    deadline: float  # time.monotonic()
+    started: float = field(default_factory=time.monotonic)
+    messages: list[str] = field(default_factory=list)
+    downtime: float | None = None  # seconds, as libvirt reports a live move's
+
+    @property
+    def copied(self) -> list[MovedVolume]:
+        return [v for v in self.volumes if not v.shared]
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def moved_volumes(vm_id: int) -> list[MovedVolume]:
+    stmt = (
+        select(Storage, StorageType.format, StorageType.shared)
+        .join(StorageType, StorageType.id == Storage.storage_type_id)
+        .where(Storage.vm_id == vm_id)
+        .order_by(Storage.id)
+    )
+    return [MovedVolume(storage, fmt, shared) for storage, fmt, shared in db.session.execute(stmt)]
+
+
+def migration_uri(node: Node) -> str:
+    """How the source's libvirtd reaches ``node``: its migration_uri, else its own URI."""
+    return node.migration_uri or node_uri(node.fqdn, node.libvirt_uri)
+
+
+# ---------------------------------------------------------------------- the target's claim
+def claim_target(vm: Vm, node_id: int | None) -> Node:
+    """Claim the VM's cores and RAM on ``node_id`` (or the node the scheduler picks) and
+    mark the VM as moving there, in one commit."""
+    request = PlacementRequest(vm.cores, vm.ram, vm.virt_method_id, vm.uuid)
+    defaults = scheduler_defaults()
+    try:
+        if node_id is None:
+            try:
+                with PLACEMENT_SECONDS.time():
+                    weigher = current_app.config["SCHEDULER_WEIGHER"]
+                    node = select_and_claim(request, defaults, weigher)
+            except NoValidHost as exc:
+                raise Conflict(
+                    f"No other node can take vm-{vm.id}; data.removed_by_filter says why (its "
+                    "own node counts under uuid_free).",
+                    error_id=VM_NO_VALID_HOST,
+                    data=exc.details,
+                ) from exc
+        else:
+            node = _claim_named(vm, node_id, request, defaults)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id).values(migration_node_id=node.id)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    return node
+
+
+def _claim_named(vm: Vm, node_id: int, request: PlacementRequest, defaults: Any) -> Node:
+    if db.session.get(Node, node_id) is None:
+        raise NotFound(f"No node with id {node_id}.", error_id=VM_NODE_NOT_FOUND,
+                       data={"node": {"id": node_id}})  # fmt: skip
+    if node_id == vm.node_id:
+        raise Conflict(f"vm-{vm.id} is on node {node_id} already.", error_id=VM_NODE_UNSUITABLE,
+                       data={"node": {"id": node_id}, "reasons": ["source"]})  # fmt: skip
+    reasons = unsuitable_reasons(node_id, request, defaults)
+    node = None if reasons else claim(node_id, request.cores, request.ram)
+    if node is None:
+        reasons = reasons or ["enough_cores", "enough_ram"]  # a concurrent claim won
+        raise Conflict(
+            f"Node {node_id} cannot take vm-{vm.id}: {', '.join(reasons)}.",
+            error_id=VM_NODE_UNSUITABLE,
+            data={"node": {"id": node_id}, "reasons": reasons},
+        )
+    return node
+
+
+def release_target(vm: Vm, node_id: int) -> None:
+    """Undo :func:`claim_target`: give the capacity back and clear the marker."""
+    db.session.rollback()
+    release(node_id, vm.cores, vm.ram)
+    db.session.execute(
+        update(Vm).where(Vm.id == vm.id).values(migration_node_id=None)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    db.session.commit()
+
+
+# ---------------------------------------------------------------------- volumes
+def prepare_volumes(move: Move, undo: Undo) -> None:
+    """Every volume of the VM on the target, before the domain moves: a shared one found
+    at its path there, the others made there (live: empty, for libvirt to copy into;
+    cold: a copy of the source's bytes)."""
+    driver = hypervisor()
+    target = move.target
+    for volume in move.volumes:
+        storage = volume.storage
+        step = f"preparing storage {storage.id} on the target"
+        try:
+            if volume.shared:
+                _find_shared(move, volume)
+                continue
+            directory = pool_dir(target.node.id, move.vm.virt_method_id, storage.pool)
+            if driver.ensure_pool(target.uri, storage.pool, directory):
+                move.messages.append(
+                    f"Storage pool {storage.pool} was created at {directory} on {target.node.fqdn}."
+                )
+            _clear_known_leftover(target, storage)
+            verb = "copying" if move.kind == COLD else "making"
+            step = f"{verb} storage {storage.id} on the target"
+            volume.target_path = _make(move, volume, undo)
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, step, target) from exc
+
+
+def _find_shared(move: Move, volume: MovedVolume) -> None:
+    """A shared pool's volume must be at the same path on the target."""
+    storage, driver = volume.storage, hypervisor()
+    driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
+    try:
+        path, _size = driver.volume(move.target.uri, storage.pool, storage.volume_name)
+    except VolumeNotFound:
+        path = None
+    if path != storage.path:
+        raise HypervisorFailure(
+            f"Storage {storage.id} is in a pool declared shared, but node {move.target.node.fqdn} "
+            f"does not see {storage.path} in its pool {storage.pool} ({path or 'no such volume'}); "
+            "nothing moved.",
+            error_id=VM_HYPERVISOR_ERROR,
+            data={"step": f"finding storage {storage.id} on the target",
+                  "node": {"id": move.target.node.id}},
+        )  # fmt: skip
+    volume.target_path = path
+
+
+def _clear_known_leftover(target: Host, storage: Storage) -> None:
+    """A listed leftover of this very volume on the target (an earlier move left it) is
+    ours: delete it so the new one can take its name."""
+    if find_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool) is not None:
+        delete_listed_volume(target, storage.pool, storage.volume_name)
+
+
+def _make(move: Move, volume: MovedVolume, undo: Undo) -> str:
+    """Make the volume on the target, listed as a leftover first (committed), so a
+    process that dies leaves a list; the undo deletes it and strikes it off."""
+    storage, target, driver = volume.storage, move.target, hypervisor()
+    note_leftover(target.node.id, VOLUME, storage.volume_name,
+                  f"made for the move of vm-{move.vm.id}", move.vm.id, storage.pool)  # fmt: skip
+    db.session.commit()
+
+    def remove() -> None:
+        delete_listed_volume(target, storage.pool, storage.volume_name)
+
+    try:
+        if move.kind != COLD:  # empty: libvirt copies into it, or it is made anew
+            made = driver.create_volume(target.uri, storage.pool, storage.volume_name,
+                                        storage.size, volume.fmt)  # fmt: skip
+        else:
+            made = copy_volume(move.source, target, storage.pool, storage.volume_name,
+                               move.remaining())  # fmt: skip
+    except NameTaken as exc:  # not ours: never touched, never listed
+        db.session.rollback()
+        drop_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool)
+        db.session.commit()
+        raise HypervisorFailure(
+            f"Node {target.node.fqdn} already has a volume {storage.pool}/{storage.volume_name} "
+            f"that this database does not own there ({exc.reason}); nothing moved. Run `flask "
+            "vmapi reconcile` to see what is in the way (a pool every node sees must be "
+            "declared shared: storage_type.shared).",
+            error_id=VM_HYPERVISOR_ERROR,
+            data={"step": f"making storage {storage.id} on the target",
+                  "node": {"id": target.node.id}},
+        ) from exc  # fmt: skip
+    except BaseException:
+        undo.append(remove)  # it may exist (a timeout after libvirt made it)
+        raise
+    undo.append(remove)
+    return made
+
+
+def copy_volume(source: Host, target: Host, pool: str, name: str, timeout: float) -> str:
+    """The source's volume, byte for byte, as a new volume of the target (through the
+    API host, each side on a connection of its own); its path there."""
+    driver = hypervisor()
+    if timeout <= 0:
+        raise HypervisorTimeout(target.uri, 0)
+    length = driver.volume_length(source.uri, pool, name)
+    chunks = driver.download_volume(source.uri, pool, name, timeout)
+    try:
+        return driver.upload_volume(target.uri, pool, name, length, chunks, timeout)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+# ---------------------------------------------------------------------- the record
+def record(move: Move, state: str | None) -> None:
+    """Say where the VM and its volumes are now, in one transaction (retried once: the
+    domain has moved whatever the database does). ``state``: libvirt's on the target
+    (None: keep the stored one). 503 when the database cannot take it: the marker stays,
+    and the next move of the VM or reconcile records it."""
+    for attempt in (1, 2):
+        try:
+            _record_once(move, state)
+            return
+        except OperationalError as exc:
+            db.session.rollback()
+            if attempt == 2:
+                raise ServiceUnavailable(
+                    f"vm-{move.vm.id} moved to {move.target.node.fqdn}, but the database could "
+                    "not record it; the next move of the VM or `flask vmapi reconcile --fix` "
+                    "records it there.",
+                    data={"step": "recording the move", "node": {"id": move.target.node.id},
+                          "moved": True},
+                ) from exc  # fmt: skip
+
+
+def _record_once(move: Move, state: str | None) -> None:
+    vm, source, target = move.vm, move.source.node, move.target.node
+    values: dict[str, Any] = {"node_id": target.id, "migration_node_id": None}
+    if state is not None:
+        values["vm_state_id"] = state_id(state)
+    release(source.id, vm.cores, vm.ram)
+    db.session.execute(
+        update(Vm).where(Vm.id == vm.id).values(**values)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    moved = {}
+    for volume in move.volumes:
+        storage = db.session.get(Storage, volume.storage.id, populate_existing=True)
+        moved[str(storage.id)] = {"from": storage.path, "to": volume.target_path}
+        if not volume.shared:
+            note_leftover(source.id, VOLUME, storage.volume_name,
+                          f"left by the move of vm-{vm.id} to {target.fqdn}", vm.id,
+                          storage.pool)  # fmt: skip
+            drop_leftover(target.id, VOLUME, storage.volume_name, storage.pool)
+        storage.node_id, storage.path = target.id, volume.target_path
+    if move.kind == EVACUATE:  # the dead node keeps its domain until reconcile removes it
+        note_leftover(source.id, DOMAIN, vm.domain_name,
+                      f"left by the evacuation of vm-{vm.id} to {target.fqdn}", vm.id)  # fmt: skip
+    invalidate_console_tokens(vm.id)
+    seconds = round(time.monotonic() - move.started, 3)
+    after: dict[str, Any] = {"node_id": target.id, "kind": move.kind, "seconds": seconds}
+    if move.downtime is not None:
+        after["downtime_ms"] = round(move.downtime * 1000, 1)
+    if moved:
+        after["storage"] = moved
+    action = "evacuate" if move.kind == EVACUATE else "migrate"
+    audit.record(db.session, "vm", vm.id, action, {"node_id": source.id}, after,
+                 customer_id=vm.customer_id)  # fmt: skip
+    db.session.commit()
+    db.session.refresh(vm, ["node_id", "migration_node_id", "vm_state_id"])
+
+
+def remove_source_volumes(move: Move) -> list[str]:
+    """Delete the volumes the domain left on the source (listed as leftovers by the
+    record); one that cannot go stays listed for reconcile. Notes for the answer."""
+    notes = []
+    driver = hypervisor()
+    for volume in move.copied:
+        storage = volume.storage
+        try:
+            driver.delete_volume(move.source.uri, storage.pool, storage.volume_name)
+        except VolumeNotFound:
+            pass
+        except HypervisorError as exc:
+            notes.append(f"The old volume of storage {storage.id} on {move.source.node.fqdn} could "
+                         f"not be deleted ({exc.reason}); `flask vmapi reconcile --fix` removes "
+                         "it.")  # fmt: skip
+            continue
+        drop_leftover(move.source.node.id, VOLUME, storage.volume_name, storage.pool)
+        db.session.commit()
+    return notes
+
+
+# ---------------------------------------------------------------------- after a crash
+def settle(vm: Vm) -> str:
+    """Resolve a move whose process died (the VM's marker is set), by where libvirt says
+    the domain is: on the target only, the move is recorded there; otherwise it is
+    undone (the claim released, the volumes made on the target deleted). Call it
+    holding the VM's lock. What was done."""
+    target = Host.of(vm.migration_node_id)
+    source = Host.of(vm.node_id)
+    on_target, on_source = _there(target, vm), _there(source, vm)
+    move = Move(vm, source, target, LIVE, moved_volumes(vm.id), deadline=time.monotonic())
+    if on_target and on_source:
+        raise Conflict(
+            f"vm-{vm.id} has a domain on {source.node.fqdn} and on {target.node.fqdn}: its "
+            "move may still be running in libvirt. Retry when it has ended.",
+            error_id=VM_BUSY, data={"vm": {"id": vm.id}},
+        )  # fmt: skip
+    driver = hypervisor()
+    if on_target:
+        for volume in move.volumes:
+            volume.target_path = (volume.storage.path if volume.shared else driver.volume(
+                target.uri, volume.storage.pool, volume.storage.volume_name)[0])  # fmt: skip
+        record(move, driver.domain(target.uri, vm.domain_name).state)
+        notes = remove_source_volumes(move)
+        return " ".join([f"an interrupted move to {target.node.fqdn} was recorded", *notes])
+    for volume in move.copied:
+        storage = volume.storage
+        if find_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool) is not None:
+            delete_listed_volume(target, storage.pool, storage.volume_name)
+    release_target(vm, target.node.id)
+    db.session.refresh(vm, ["migration_node_id"])
+    return f"an interrupted move to {target.node.fqdn} was undone"
+
+
+def _there(host: Host, vm: Vm) -> bool:
+    try:
+        hypervisor().domain(host.uri, vm.domain_name)
+    except DomainNotFound:
+        return False
+    return True
