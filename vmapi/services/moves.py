@@ -320,12 +320,13 @@ def _record_once(move: Move, state: str | None) -> None:
         .execution_options(synchronize_session=False)
     )  # fmt: skip
     moved = {}
+    how = "evacuation" if move.kind == EVACUATE else "move"
     for volume in move.volumes:
         storage = db.session.get(Storage, volume.storage.id, populate_existing=True)
         moved[str(storage.id)] = {"from": storage.path, "to": volume.target_path}
         if not volume.shared:
             note_leftover(source.id, VOLUME, storage.volume_name,
-                          f"left by the move of vm-{vm.id} to {target.fqdn}", vm.id,
+                          f"left by the {how} of vm-{vm.id} to {target.fqdn}", vm.id,
                           storage.pool)  # fmt: skip
             drop_leftover(target.id, VOLUME, storage.volume_name, storage.pool)
         storage.node_id, storage.path = target.id, volume.target_path
