@@ -87,6 +87,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "gunicorn's worker timeout in seconds, passed on by deploy/gunicorn.conf.py (unset: "
         "not served by gunicorn, no bound)",
     ),
+    "IMAGE_COPY_TIMEOUT": (
+        1800.0,
+        "seconds copying an image to a node (upload and checksum, through libvirt) may take",
+    ),
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
@@ -107,6 +111,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "127.0.0.1",
         "address VNC displays listen on, on nodes whose console_address is null",
     ),
+    "CONSOLE_LOG_POOL": (
+        "vmapi-logs",
+        "the storage pool (a directory on each node) domains log their serial console into",
+    ),
+    "CONSOLE_LOG_DIR": (
+        "/var/lib/libvirt/vmapi-logs",
+        "where CONSOLE_LOG_POOL is made on a node that lacks it",
+    ),
+    "CONSOLE_LOG_MAX": (MIB, "largest ?bytes of GET /vm/<id>/console_log"),
     "CONSOLE_TTL": (300, "seconds a console token and its display password are valid"),
     "CONSOLE_URL": (
         CONSOLE_URL,
@@ -218,6 +231,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         ipaddress.ip_address(app.config["CONSOLE_ADDRESS"])
     except ValueError as exc:
         raise RuntimeError(f"CONSOLE_ADDRESS: {exc}") from exc
+    if not int(app.config["CONSOLE_LOG_MAX"]) > 0:
+        raise RuntimeError("CONSOLE_LOG_MAX must be a positive number of bytes")
     if not int(app.config["CONSOLE_TTL"]) > 0:
         raise RuntimeError("CONSOLE_TTL must be a positive number of seconds")
     try:

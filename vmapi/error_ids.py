@@ -137,10 +137,14 @@ VM_IMMUTABLE_FIELD = _register("vm/immutable_field", 400,
 VM_STATE_NOT_SETTABLE = _register("vm/state_not_settable", 400,
     "Only running, shutoff and paused can be set as vm_state.", {"vm": {UPDATE}})
 VM_QUOTA_EXCEEDED = _register("vm/quota_exceeded", 403,
-    "The customer's quota of VMs, cores or RAM would be passed; data says which.",
+    "The customer's quota of VMs, cores, RAM or storage (a root disk) would be passed; "
+    "data says which.",
     {"vm": {CREATE, UPDATE}})
 VM_NODE_NOT_FOUND = _register("vm/node_not_found", 404,
     "The node the body names does not exist.", {"vm": {CREATE, ACTION}})
+VM_IMAGE_NOT_FOUND = _register("vm/image_not_found", 404,
+    "The image the body names does not exist, or the VM's owner may not boot from it.",
+    {"vm": {CREATE}})
 VM_NO_VALID_HOST = _register("vm/no_valid_host", 409,
     "No node can take the VM; data.removed_by_filter says why.", {"vm": {CREATE, ACTION}})
 VM_NODE_UNSUITABLE = _register("vm/node_unsuitable", 409,
@@ -159,6 +163,9 @@ VM_NO_FREE_MAC = _register("vm/no_free_mac", 409,
 VM_NO_CONSOLE = _register("vm/no_console", 409,
     "The VM's domain has no console display yet (it gets one when next defined and "
     "started).", {"vm": {ACTION}})
+VM_NO_CONSOLE_LOG = _register("vm/no_console_log", 409,
+    "The VM's domain has no console log yet (it gets one when it is next defined).",
+    {"vm": {READ}})
 VM_NAME_TAKEN = _register("vm/name_taken", 409,
     "Something this database does not own has the domain's name on the node; see "
     "`flask vmapi reconcile`.", {"vm": {CREATE}})
@@ -185,6 +192,9 @@ STORAGE_NODE_MISMATCH = _register("storage/node_mismatch", 409,
     "Volumes move only between VMs of one node.", {"storage": {UPDATE}})
 STORAGE_NO_FREE_TARGET = _register("storage/no_free_target", 409,
     "The VM has no free disk device name left.", {"storage": {CREATE, UPDATE}})
+STORAGE_ROOT_DISK = _register("storage/root_disk", 409,
+    "A VM's root disk may grow, but never moves to another VM or goes on its own (it goes "
+    "with its VM).", {"storage": {UPDATE, DELETE}})
 STORAGE_DETACH_FAILED = _register("storage/detach_failed", 409,
     "The running guest did not release the disk in time; shut the VM off and retry.",
     {"storage": {UPDATE, DELETE}})
@@ -201,7 +211,7 @@ IMAGE_QUOTA_EXCEEDED = _register("image/quota_exceeded", 403,
 IMAGE_IMMUTABLE = _register("image/immutable", 409,
     "The image already has its file; a file never changes.", {"image": {UPDATE}})
 IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
-    "The image has no accepted file yet.", {"image": {READ}})
+    "The image has no accepted file yet.", {"image": {READ}, "vm": {CREATE}})
 
 # ---------------------------------------------------------------------- nodes, addresses
 NODE_UNREACHABLE = _register("node/unreachable", 409,
@@ -250,7 +260,7 @@ RESOURCE_FAMILIES: dict[str, tuple[Family, ...]] = {
     "ipv6_pool": _CRUD,
     "vlan": _CRUD,
     "storage": (NOT_FOUND,),
-    "image": (NOT_FOUND,),  # in_use once VMs boot from images
+    "image": (NOT_FOUND, IN_USE),  # in use while VMs boot from it
     "quota": (NOT_FOUND, DUPLICATE),  # referenced by nothing, references nothing
     "event": (NOT_FOUND,),  # read-only
 }

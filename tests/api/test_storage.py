@@ -55,7 +55,8 @@ def test_create_makes_a_volume_and_a_disk(api, vm, driver):
     storage = response.json["data"]
     assert storage == {"id": 1, "size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1},
                        "cache_option": {"id": 1}, "write_iops_limit": None, "read_iops_limit": 500,
-                       "write_bps_limit": 10 * MIB, "read_bps_limit": None}  # fmt: skip
+                       "write_bps_limit": 10 * MIB, "read_bps_limit": None, "image": None,
+                       "boot": False}  # fmt: skip
     assert "Storage pool vmapi was created" in response.json["message"]
     assert "next start" in response.json["message"]  # the test driver cannot attach live
     path, capacity = driver.volume(vm["uri"], "vmapi", volume(vm, 1))

@@ -1,14 +1,31 @@
-"""Blueprint of /vm (admins and customers; customers see only their own VMs)."""
+"""Blueprint of /vm (admins and customers; customers see only their own VMs), with the
+VM's serial console log at ``GET /vm/<id>/console_log``."""
 
-from flask import request
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
-from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
-from vmapi.schemas.console import ConsoleSchema
+from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi, principal
+from vmapi.auth import require_role
+from vmapi.error_ids import READ
+from vmapi.errors import ValidationError
+from vmapi.representations import JSON, MSGPACK_TYPES, success_response
+from vmapi.schemas.base import Int
+from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
 from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
+from vmapi.services.console_log import DEFAULT_BYTES, read_console_log
 from vmapi.services.consoles import open_console
 from vmapi.services.migrations import migrate_vm
 from vmapi.services.vms import VmService
+
+TEXT = "text/plain"
+#: answered with the text/plain form: whether older output exists before the text
+TRUNCATED_HEADER = "X-Console-Log-Truncated"
 
 #: POST /vm/<id>/console: a VNC console through the proxy, for CONSOLE_TTL seconds
 console = Action(
@@ -30,7 +47,70 @@ migrate = Action(
     roles=ADMIN_ONLY,
 )
 
-vm = ResourceApi(
+
+class VmApi(ResourceApi):
+    """The VM verbs, plus the console log."""
+
+    def blueprint(self) -> Blueprint:
+        bp = super().blueprint()
+        bp.add_url_rule(f"/{self.name}/<id:ident>/console_log", "console_log",
+                        self.console_log, methods=["GET"])  # fmt: skip
+        return bp
+
+    def console_log(self, ident: int) -> Response:
+        g.resource_name = self.name
+        who = principal()
+        require_role(who, self.read_roles, f"read {self.name}")
+        unknown = [key for key in request.args if key != "bytes"]
+        if unknown:
+            raise ValidationError(data={key: ["Unknown query parameter."] for key in unknown})
+        size = None
+        if "bytes" in request.args:
+            try:
+                size = Int().parse_query(request.args["bytes"])
+            except MarshmallowError as exc:
+                raise ValidationError(data={"bytes": exc.messages}) from exc
+        found = read_console_log(ident, who, size)
+        offered = [JSON, *MSGPACK_TYPES, "text/html", TEXT]
+        if request.accept_mimetypes.best_match(offered, default=JSON) == TEXT:
+            response = Response(found.text, mimetype=TEXT)
+            response.headers[TRUNCATED_HEADER] = "true" if found.truncated else "false"
+            response.headers["Vary"] = "Accept"
+            return response
+        return success_response(ConsoleLogSchema().dump(found))
+
+    def extra_paths(self, success: Callable, errors: Callable) -> dict[str, dict[str, Any]]:
+        ident = {"name": "ident", "in": "path", "required": True,
+                 "schema": {"type": "integer", "minimum": 1, "format": "int64"}}  # fmt: skip
+        size = {"name": "bytes", "in": "query", "required": False,
+                "description": f"How many bytes from the end (default {DEFAULT_BYTES}, at "
+                "most CONSOLE_LOG_MAX).",
+                "schema": {"type": "integer", "minimum": 1}}  # fmt: skip
+        answer = {
+            "type": "object",
+            "required": ["text", "truncated"],
+            "properties": {
+                "text": {"type": "string", "description": "The log's end, as UTF-8 text."},
+                "truncated": {"type": "boolean",
+                              "description": "Older output exists before text."},
+            },
+        }  # fmt: skip
+        ok = success(answer, "The end of the serial console log.")
+        ok["content"][TEXT] = {"schema": {"type": "string"}}
+        return {
+            f"/api/v1/{self.name}/{{ident}}/console_log": {
+                "get": {
+                    "tags": [self.name],
+                    "summary": "The end of the vm's serial console log, read through its "
+                    "node's libvirt (text/plain on Accept: text/plain).",
+                    "parameters": [ident, size],
+                    "responses": {"200": ok, **errors(self.name, READ)},
+                }
+            }
+        }
+
+
+vm = VmApi(
     "vm",
     VmSchema,
     VmService(),

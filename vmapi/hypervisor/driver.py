@@ -250,6 +250,11 @@ class HypervisorDriver(Protocol):
         if it does not. True when it was created."""
         ...
 
+    def pool_dir(self, uri: str, pool: str, path: str) -> str:
+        """The directory of pool ``pool`` (made and started as :meth:`ensure_pool` does, at
+        ``path`` when missing), as the host has it."""
+        ...
+
     def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
         """Create a volume; return its path (``NameTaken`` when the pool has one of that
         name)."""

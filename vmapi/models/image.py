@@ -4,13 +4,26 @@ An image is made ``queued`` (metadata only); an accepted upload makes it ``activ
 with its size, virtual size and sha256. ``file`` names its file in the store
 (``VMAPI_IMAGE_DIR``); each accepted upload gets a fresh name, so an upload that loses
 a race, or is undone, never touches the file of another.
+
+An :class:`ImageCopy` is an image's base volume on one node (made through libvirt by
+:mod:`vmapi.services.image_copies`), shared by the root disks of every VM of that image
+there.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, String, column, or_
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    String,
+    UniqueConstraint,
+    column,
+    or_,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from vmapi.extensions import db
@@ -62,3 +75,25 @@ class Image(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: the file's name in the image store (null until an upload is accepted)
     file: Mapped[str | None] = mapped_column(String(255))
+
+
+class ImageCopy(db.Model):
+    """An image's base volume on a node: where it is, recorded when the copy was checked.
+
+    One per image and node. ``image_id`` becomes null when the image is deleted while the
+    node could not be reached: the row then marks a copy to remove, which ``flask vmapi
+    reconcile --fix`` does once the node answers.
+    """
+
+    __tablename__ = "image_copy"
+    __table_args__ = (UniqueConstraint("image_id", "node_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # (looked up by image and node: the unique constraint's index serves it)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)
+    pool: Mapped[str] = mapped_column(String(255))
+    #: ``<installation>-image-<image id>`` (:func:`vmapi.services.names.image_volume_name`)
+    volume_name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     String,
     UniqueConstraint,
     column,
+    false,
     or_,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -19,6 +21,7 @@ from vmapi.extensions import db
 
 if TYPE_CHECKING:
     from vmapi.models.catalog import CacheOption, StorageType
+    from vmapi.models.image import Image
     from vmapi.models.vm import Vm
 
 LIMITS = ("write_iops_limit", "read_iops_limit", "write_bps_limit", "read_bps_limit")
@@ -30,6 +33,8 @@ class Storage(db.Model):
         # one target device per VM; the last defence against two disks racing for vdb
         UniqueConstraint("vm_id", "target"),
         CheckConstraint("size > 0", name="size_positive"),
+        # a root disk is made from an image
+        CheckConstraint(or_(~column("boot"), column("image_id").is_not(None)), name="boot_image"),
         *[
             CheckConstraint(or_(column(limit).is_(None), column(limit) >= 0), name=limit)
             for limit in LIMITS
@@ -56,8 +61,13 @@ class Storage(db.Model):
     pool: Mapped[str] = mapped_column(String(255))
     volume_name: Mapped[str | None] = mapped_column(String(255), unique=True)
     path: Mapped[str | None] = mapped_column(String(1024))
+    #: A VM's root disk (``boot``): made with the VM from ``image`` as a qcow2 overlay on
+    #: the node's copy of it, target ``vda``; it grows, but never moves or goes alone.
+    boot: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"), index=True)
 
     # read-only, for nest= (API.md: any reference may be nested)
     vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
     storage_type: Mapped[StorageType] = relationship(lazy="raise_on_sql", viewonly=True)
     cache_option: Mapped[CacheOption | None] = relationship(lazy="raise_on_sql", viewonly=True)
+    image: Mapped[Image | None] = relationship(lazy="raise_on_sql", viewonly=True)

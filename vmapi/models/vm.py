@@ -17,6 +17,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
 from vmapi.models.catalog import VirtMethod, VmState
+from vmapi.models.image import Image
 from vmapi.models.network import Interface
 from vmapi.models.node import Node
 
@@ -51,10 +52,18 @@ class Vm(db.Model):
     #: process that died mid-move: the next move of the VM, or reconcile, settles it by
     #: where libvirt says the domain is (services/moves.py).
     migration_node_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), index=True)
+    #: the image the VM boots from (its root disk is an overlay on the node's copy)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"), index=True)
+    #: where the domain logs its serial console: a file in a vmapi-owned pool of its node
+    #: (recorded when the domain is defined with it; null: defined before vmapi logged
+    #: consoles, no log until it is next defined)
+    console_log_pool: Mapped[str | None] = mapped_column(String(255))
+    console_log_path: Mapped[str | None] = mapped_column(String(1024))
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
+    image: Mapped[Image | None] = relationship(lazy="raise_on_sql", viewonly=True)
     interfaces: Mapped[list[Interface]] = relationship(
         lazy="raise_on_sql", order_by="Interface.id", viewonly=True
     )
@@ -63,3 +72,9 @@ class Vm(db.Model):
     def name(self) -> str:
         """What people call the VM (its domain on the host is :attr:`domain_name`)."""
         return f"vm-{self.id}"
+
+    @property
+    def console_log_volume(self) -> str | None:
+        """The log's volume name in its pool (a dir pool names a file's volume by the
+        file's name)."""
+        return self.console_log_path.rsplit("/", 1)[-1] if self.console_log_path else None

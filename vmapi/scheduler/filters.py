@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, exists, literal, or_, select
 
-from vmapi.models import Node, NodeState, VirtNode, Vm
+from vmapi.models import ImageCopy, Node, NodeState, VirtNode, Vm
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class PlacementRequest:
     ram: int
     virt_method_id: int
     uuid: str | None = None
+    #: the image the VM boots from: nodes that hold a copy win ties (:func:`weigh`)
+    image_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,19 @@ def pack() -> list[ColumnElement]:
 
 
 WEIGHERS: dict[str, Callable[[], list[ColumnElement]]] = {"spread": spread, "pack": pack}
+
+
+def holds_image(image_id: int) -> ColumnElement:
+    """The node holds a copy of the image (its base volume there is made already)."""
+    return exists().where(and_(ImageCopy.image_id == image_id, ImageCopy.node_id == Node.id))
+
+
+def weigh(r: PlacementRequest, weigher: str) -> list[ColumnElement]:
+    """The weigher's order; a VM from an image prefers, among nodes the weigher ranks
+    equal, those that hold the image (sparing a copy). Only a tie-break: the weigher's
+    index still orders the walk (PostgreSQL sorts each run of equal weights, an
+    incremental sort), so placement stays as flat as without an image."""
+    order = WEIGHERS[weigher]()
+    if r.image_id is None:
+        return order
+    return [order[0], holds_image(r.image_id).desc(), *order[1:]]

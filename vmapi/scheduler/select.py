@@ -9,7 +9,7 @@ from sqlalchemy import and_, case, func, select
 from vmapi.extensions import db
 from vmapi.models import Node
 from vmapi.scheduler.claims import claim
-from vmapi.scheduler.filters import FILTERS, WEIGHERS, Defaults, PlacementRequest
+from vmapi.scheduler.filters import FILTERS, Defaults, PlacementRequest, weigh
 
 CANDIDATES = 5  # nodes fetched per query; a lost claim race moves to the next
 ATTEMPTS = 3  # queries before giving up on a fleet that keeps filling up under us
@@ -28,7 +28,8 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
 
     SQL (PostgreSQL), first:
         SELECT node.id FROM node WHERE <every filter>
-        ORDER BY <weigher>, node.id LIMIT 1 FOR UPDATE OF node SKIP LOCKED
+        ORDER BY <weigher>[, holds the image DESC], node.id LIMIT 1
+        FOR UPDATE OF node SKIP LOCKED
     The weigher's order is an index, so PostgreSQL reads nodes best-first and stops at
     the first that passes the filters and that no concurrent create is claiming; the
     claim then updates a row this transaction already holds. Concurrent creates so go
@@ -37,7 +38,7 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
     locking and waiting for one of them (a small fleet under a burst).
     """
     conditions = [f(request, d) for _name, f in FILTERS]
-    order = WEIGHERS[weigher]()
+    order = weigh(request, weigher)
     unclaimed = (
         select(Node.id)
         .where(and_(*conditions))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmapi.schemas.base import BaseSchema, Str, UtcDateTime
+from vmapi.schemas.base import BaseSchema, Bool, Str, UtcDateTime
 
 
 class ConsoleSchema(BaseSchema):
@@ -22,3 +22,10 @@ class ConsoleSchema(BaseSchema):
         dump_only=True,
         metadata={"description": "When the token and the password stop being accepted."},
     )
+
+
+class ConsoleLogSchema(BaseSchema):
+    """The answer of ``GET /vm/<id>/console_log``."""
+
+    text = Str(dump_only=True, metadata={"description": "The log's end, as UTF-8 text."})
+    truncated = Bool(dump_only=True, metadata={"description": "Older output exists before it."})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from marshmallow import ValidationError
 
-from vmapi.schemas.base import BaseSchema, Int, Ref, json_schema, non_negative
+from vmapi.schemas.base import BaseSchema, Bool, Int, Ref, json_schema, non_negative
 
 MIB = 1024 * 1024
 
@@ -28,3 +28,18 @@ class StorageSchema(BaseSchema):
     read_iops_limit = Int(allow_none=True, validate=non_negative())
     write_bps_limit = Int(allow_none=True, validate=non_negative())
     read_bps_limit = Int(allow_none=True, validate=non_negative())
+    # a VM's root disk: made with the VM from its image, never by POST /storage
+    image = Ref(
+        "image",
+        attribute="image_id",
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "The image a root disk was made from (null otherwise)."},
+    )
+    boot = Bool(
+        dump_only=True,
+        metadata={
+            "description": "The VM's root disk (vda, from its image): it grows, but "
+            "never moves or goes without its VM."
+        },
+    )

@@ -71,6 +71,24 @@ class VmSchema(BaseSchema):
         "virt_method", attribute="virt_method_id", required=True, metadata={"on_update": False}
     )
     vm_state = Ref("vm_state", attribute="vm_state_id", metadata={"on_create": False})
+    #: what the VM boots from: its root disk is a copy-on-write overlay of this image
+    image = Ref(
+        "image",
+        attribute="image_id",
+        allow_none=True,
+        metadata={"on_update": False, "description": "The image the VM boots from (null: none)."},
+    )
+    root_size = Int(
+        load_only=True,
+        allow_none=True,
+        validate=positive(),
+        metadata={
+            "on_update": False,
+            "description": "Bytes of the root disk made from image (rounded up to a whole "
+            "MiB; default and minimum: the image's virtual_size). Grow it later through "
+            "/storage.",
+        },
+    )
     name = Str(dump_only=True)
     #: the name libvirt knows the domain by (with the installation's id), stored when
     #: the VM is made

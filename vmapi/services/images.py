@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 from flask import current_app
 from sqlalchemy import Select, or_, select
 
+from vmapi import error_ids
 from vmapi.auth import Principal
 from vmapi.error_ids import (
     IMAGE_IMMUTABLE,
@@ -33,10 +34,10 @@ from vmapi.error_ids import (
 )
 from vmapi.errors import BodyTooLarge, Conflict, Forbidden, ValidationError
 from vmapi.extensions import db
-from vmapi.models import Image
+from vmapi.models import Image, Vm
 from vmapi.models.image import ACTIVE, QUEUED
-from vmapi.services import image_store
-from vmapi.services.crud import CrudService, Outcome
+from vmapi.services import image_copies, image_store
+from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
 from vmapi.services.image_inspection import ImageRefused, inspect
 from vmapi.services.quotas import check_storage_quota, storage_quota_exceeded, storage_room
 
@@ -102,22 +103,46 @@ class ImageService(CrudService[Image]):
             )
         return super().update(obj, data, principal)
 
-    def delete(self, obj: Image, principal: Principal, options: dict[str, Any]) -> None:
-        self.check_may_change(obj, principal)
-        # Rows that reference the image (the root disks of VMs booted from it, once
-        # they exist) refuse the delete here: 409 image/in_use with their ids.
-        super().delete(obj, principal, options)
-
     def delete_many(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Image]:
-        outcome = super().delete_many(ids, principal, options, indexed)
-        # The rows are gone (committed); now their files. A file that cannot be removed
-        # is logged and left: no row points at it any more.
-        for image in outcome.objects:
+        """Delete images no VM boots from, then their files and every node's copy."""
+        orphaned: list[int] = []
+
+        def one(ident: int) -> Image:
+            image = self.get(ident, principal)
+            self.check_may_change(image, principal)
+            # Locked: a VM being created from the image holds it shared until its row
+            # (which references the image) is committed, so one of the two waits.
+            locked = select(Image).where(Image.id == ident).with_for_update()
+            db.session.scalars(locked).one()
+            self.check_unused(image)
+            orphaned.extend(image_copies.forget_image(image.id))
+            db.session.delete(image)
+            db.session.flush()
+            return image
+
+        images = self.in_transaction(ids, indexed, one)
+        # The rows are gone (committed); now the files and the copies. A file that cannot
+        # be removed is logged and left: no row points at it any more. A node that cannot
+        # be reached keeps its copy (said in the answer; reconcile removes it later).
+        for image in images:
             if image.file is not None:
                 image_store.remove(os.path.join(image_dir(), image.file))
-        return outcome
+        messages = image_copies.remove_orphans(orphaned) if orphaned else []
+        return Outcome(images, messages)
+
+    def check_unused(self, image: Image) -> None:
+        """409 ``image/in_use`` while VMs boot from it (their ids in ``data``)."""
+        stmt = select(Vm.id).where(Vm.image_id == image.id).order_by(Vm.id).limit(IN_USE_SAMPLE)
+        booting = list(db.session.scalars(stmt))
+        if booting:
+            raise Conflict(
+                f"Image {image.id} is in use: VMs {', '.join(map(str, booting))} boot from it; "
+                "delete them first.",
+                error_id=error_ids.in_use("image"),
+                data={"vm": booting},
+            )
 
     # ------------------------------------------------------------------ the file
     def upload(

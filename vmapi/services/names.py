@@ -5,7 +5,9 @@ from a backup), so every name vmapi makes on a host carries the installation's i
 
 - a domain is ``<installation>-vm-<vm id>`` and a volume ``<installation>-storage-<id>``;
   both are stored on their row when it is made, and used from then on (rows made
-  before names carried the id keep ``vm-<id>`` and ``vmapi-storage-<id>``);
+  before names carried the id keep ``vm-<id>`` and ``vmapi-storage-<id>``); an image's
+  base copy on a node is ``<installation>-image-<image id>``, a console log
+  ``<domain name>.log``;
 - host devices must fit Linux's 15 characters, so an interface's devices are named
   from a 4-character tag of the installation's id and the last 3 octets of its MAC
   (unique per database): ``<tag>-<6 hex digits>``, the tap ``vm<that>`` (13
@@ -81,6 +83,14 @@ def domain_name(vm_id: int) -> str:
 
 def volume_name(storage_id: int) -> str:
     return f"{installation_id()}-storage-{storage_id}"
+
+
+def image_volume_name(image_id: int) -> str:
+    return f"{installation_id()}-image-{image_id}"
+
+
+def console_log_name(domain: str) -> str:
+    return f"{domain}.log"
 
 
 def device_tag(installation: str) -> str:

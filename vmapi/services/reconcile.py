@@ -12,10 +12,12 @@ Findings, one per domain, VM or volume:
   exist (the database never committed it, or lost it); fix: destroy and undefine.
 - ``foreign_domain``: a domain named like ours (``<installation>-vm-*``, or ``vm-*`` as
   before names carried the installation) without our metadata; reported, never touched.
-- ``unowned_volume``: a volume in one of vmapi's pools (those its storage types and
-  storage rows name) that no storage row owns and no leftover lists: leaked, another
-  installation's, or something in the way of a new volume's name; reported, never
-  touched.
+- ``unowned_volume``: a volume in one of vmapi's pools (those its storage types, storage
+  rows and image copies name) that no storage row or image copy owns and no leftover
+  lists: leaked, another installation's, or something in the way of a new volume's
+  name; reported, never touched.
+- ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
+  reached when the image went); fix: delete the volume and its row.
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
   by where libvirt says the domain is (recorded there, or undone), under the VM's lock.
 - ``leftover``: a domain or volume listed as left on a node by a move or an evacuation
@@ -40,8 +42,9 @@ from vmapi.auth import as_utc
 from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
-from vmapi.models import Leftover, Node, Storage, StorageType, Vm, VmState
+from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, VmState
 from vmapi.models.leftover import DOMAIN, VOLUME
+from vmapi.services.console_log import delete_console_log
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor, on_hosts
 from vmapi.services.leftovers import leftovers_on, remove_leftover
@@ -107,6 +110,7 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
                 findings.append(finding)
     findings += [_check_move(vm, fix) for vm in moving.values()]
     findings += _leftovers(nodes, answering, fix)
+    findings += _stale_copies(answering, fix)
     return findings + _unowned_volumes(answering, listed, workers)
 
 
@@ -151,6 +155,26 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
                     finding.detail += f"; not removed: {exc.reason}"
             found.append(finding)
     return found
+
+
+def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
+    """Copies of deleted images left on nodes that answer now."""
+    from vmapi.services.image_copies import remove_if_unused
+
+    stmt = select(ImageCopy).where(ImageCopy.image_id.is_(None), ImageCopy.node_id.in_(hosts))
+    findings = []
+    for copy in db.session.scalars(stmt.order_by(ImageCopy.id)).all():
+        host = hosts[copy.node_id]
+        finding = Finding("stale_image_copy", host.node.fqdn, f"{copy.pool}/{copy.volume_name}",
+                          "the copy of a deleted image")  # fmt: skip
+        if fix:
+            try:
+                finding.fixed = remove_if_unused(copy.id)
+                finding.detail += "; volume deleted"
+            except HypervisorError as exc:
+                finding.detail += f"; not deleted: {exc.reason}"
+        findings.append(finding)
+    return findings
 
 
 def _stale_on_unreachable(
@@ -198,6 +222,7 @@ def _check_vm(
                 notes = delete_vm_volumes(vm, host)
                 if domain is not None:
                     remove_domain(host, name)
+                notes += delete_console_log(vm, host)
             except (ApiError, HypervisorError) as exc:
                 finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
                 return [finding]
@@ -266,6 +291,9 @@ def _unowned_volumes(
     stmt = select(Storage.node_id, Storage.pool, Storage.volume_name)
     for node_id, pool, name in db.session.execute(stmt.where(Storage.node_id.in_(hosts))):
         owned[node_id].setdefault(pool, set()).add(name)
+    copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
+    for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):
+        owned[node_id].setdefault(pool, set()).add(name)
     pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
     driver = hypervisor()
 
@@ -291,6 +319,11 @@ def _unowned_volumes(
                     continue
                 if name not in owned[node_id].get(pool, set()):
                     findings.append(
-                        Finding("unowned_volume", fqdn, f"{pool}/{name}", "no storage row owns it")
+                        Finding(
+                            "unowned_volume",
+                            fqdn,
+                            f"{pool}/{name}",
+                            "no storage row or image copy owns it",
+                        )
                     )
     return findings

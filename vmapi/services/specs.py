@@ -155,4 +155,5 @@ def domain_spec(
         nics=nic_specs(vm.id, interface_mode(node, config)),
         disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
         display=sealed_display(node, config),
+        console_log=vm.console_log_path,
     )

@@ -22,6 +22,7 @@ from vmapi.error_ids import (
     STORAGE_DETACH_FAILED,
     STORAGE_NO_FREE_TARGET,
     STORAGE_NODE_MISMATCH,
+    STORAGE_ROOT_DISK,
     STORAGE_SHRINK_FORBIDDEN,
 )
 from vmapi.errors import Conflict, ValidationError, at_index
@@ -63,6 +64,16 @@ def visible_vm(vm_id: int, principal: Principal) -> Vm:
     if vm is None:
         raise ValidationError(data={"vm": [f"No vm with id {vm_id}."]})
     return vm
+
+
+def root_disk(storage: Storage, what: str) -> Conflict:
+    """409 ``storage/root_disk``: a VM's root disk grows, but goes only with its VM."""
+    return Conflict(
+        f"Storage {storage.id} is the root disk of vm-{storage.vm_id}, which boots from it; "
+        f"it never {what}. Delete the VM to delete it.",
+        error_id=STORAGE_ROOT_DISK,
+        data={"storage": {"id": storage.id}, "vm": {"id": storage.vm_id}},
+    )
 
 
 class AttachedVolume:
@@ -246,6 +257,8 @@ class StorageService(CrudService[Storage]):
         if "storage_type_id" in data and data["storage_type_id"] != storage.storage_type_id:
             raise ValidationError(data={"storage_type": ["Cannot change; make a new volume."]})
         if "vm_id" in data and data["vm_id"] != storage.vm_id:
+            if storage.boot:
+                raise root_disk(storage, "moves to another VM")
             target = visible_vm(data["vm_id"], principal)
             if target.node_id != db.session.get(Vm, storage.vm_id).node_id:
                 raise Conflict(
@@ -371,6 +384,8 @@ class StorageService(CrudService[Storage]):
         for index, ident in enumerate(ids):
             with at_index(index if indexed else None):
                 found.append(self.get(ident, principal))
+                if found[-1].boot:
+                    raise root_disk(found[-1], "is deleted on its own")
         messages: list[str] = []
         driver = hypervisor()
         for index, storage in enumerate(found):

@@ -28,6 +28,7 @@ from vmapi.hypervisor import (
 )
 from vmapi.models import VirtMethod, Vm
 from vmapi.scheduler import claim, release
+from vmapi.services.console_log import ensure_console_log
 from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_vm_quota
@@ -35,7 +36,8 @@ from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
-IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method"}
+IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
+             "image_id": "image", "root_size": "root_size"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
 
 
@@ -62,6 +64,9 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
     step = "redefining the domain"
     try:
         if sized:
+            step = "preparing the console log"
+            ensure_console_log(vm, host)  # a VM defined before logs were kept gets one now
+            step = "redefining the domain"
             old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
             driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
             undo.append(lambda: driver.define(host.uri, old_spec))
@@ -221,6 +226,8 @@ def _with(vm: Vm, values: dict[str, Any]) -> Vm:
         node_id=vm.node_id,
         virt_method_id=vm.virt_method_id,
         domain_name=vm.domain_name,
+        console_log_pool=vm.console_log_pool,
+        console_log_path=vm.console_log_path,
     )
     for key, value in values.items():
         setattr(copy, key, value)

@@ -61,6 +61,15 @@ from vmapi.scheduler import (
     select_and_claim,
     unsuitable_reasons,
 )
+from vmapi.services.boot import (
+    Boot,
+    add_root_disk,
+    check_image,
+    forget_root_disk,
+    make_root_disk,
+    plan_boot,
+)
+from vmapi.services.console_log import delete_console_log, ensure_console_log, log_remover
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.domains import (
     BUILDING,
@@ -88,11 +97,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NewVm:
-    """A VM to create, checked: its fields, and its virt_method row (read once; the
-    domain is defined with it)."""
+    """A VM to create, checked: its fields, its virt_method row (read once; the domain is
+    defined with it) and, when it boots from an image, that image and its root disk."""
 
     data: dict[str, Any]
     method: VirtMethod
+    boot: Boot | None = None
 
 
 def scheduler_defaults() -> Defaults:
@@ -151,7 +161,8 @@ class VmService(CrudService[Vm]):
                 data={"node": {"id": data["node_id"]}},
             )
         data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
-        return NewVm(data, method)
+        boot = plan_boot(data)
+        return NewVm(data, method, boot)
 
     def claim_node(self, data: dict[str, Any], request: PlacementRequest) -> Node:
         """Claim capacity on the requested node, or on the node the scheduler picks; the
@@ -188,10 +199,14 @@ class VmService(CrudService[Vm]):
 
     def create_one(self, new: NewVm, undo: Undo) -> Vm:
         """Claim, record as building, define, start, record the state libvirt reports."""
-        data = new.data
-        request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"])
+        data, boot = new.data, new.boot
+        request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
+                                   image_id=data.get("image_id"))  # fmt: skip
+        root = None
         try:
             check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
+            if boot is not None:
+                check_image(boot, data.get("customer_id"))
             node = self.claim_node(data, request)
             vm = Vm(
                 cores=data["cores"],
@@ -203,12 +218,15 @@ class VmService(CrudService[Vm]):
                 virt_method_id=data["virt_method_id"],
                 vm_state_id=state_id(BUILDING),
                 created_at=datetime.now(UTC),
+                image_id=data.get("image_id"),
             )
             db.session.add(vm)
             db.session.flush()
             # stored before the domain is made, so whatever happens next, the row names it
             vm.domain_name = domain_name(vm.id)
             interface = add_interface(vm)
+            if boot is not None:
+                root = add_root_disk(vm, boot)
             db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
             db.session.rollback()
@@ -221,8 +239,21 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
-        # a new VM has no storage yet: no need to read its disks
-        spec = domain_spec(vm, new.method, host.node, current_app.config, disks=False)
+        try:
+            # recorded on the row with the domain's state (record_state commits it)
+            ensure_console_log(vm, host, commit=False)
+        except HypervisorError as exc:
+            raise hypervisor_failure(exc, "preparing the console log", host) from exc
+        undo.append(log_remover(vm, host))
+        if root is not None:
+            root_id = root.id
+            undo.append(lambda: forget_root_disk(root_id))
+            make_root_disk(vm, root, boot, host, undo)
+        # a new VM without an image has no storage yet: no need to read its disks
+        with db.session.no_autoflush:  # the log's path is written with the state, below
+            spec = domain_spec(
+                vm, new.method, host.node, current_app.config, disks=root is not None
+            )
         driver = hypervisor()
         step = "defining the domain"
         try:
@@ -309,7 +340,7 @@ class VmService(CrudService[Vm]):
         for index, ident in enumerate(ids):
             with at_index(index if indexed else None):
                 vms.append(self.get(ident, principal))
-                volumes = storage_of(vms[-1].id)
+                volumes = storage_of(vms[-1].id)  # data volumes: the root disk goes anyway
                 if volumes and not cascade:
                     raise Conflict(
                         f"vm-{ident} still has storage {volumes}; delete it first or send "
@@ -324,10 +355,11 @@ class VmService(CrudService[Vm]):
             step = "removing the domain"
             try:
                 # the volumes first, each row with its volume: a failure part-way leaves
-                # the VM, its domain and the storage left consistent (services/volumes.py)
-                if cascade:
-                    messages += delete_vm_volumes(vm, host)
+                # the VM, its domain and the storage left consistent (services/volumes.py);
+                # without cascade there is at most the root disk
+                messages += delete_vm_volumes(vm, host)
                 existed = remove_domain(host, vm.domain_name)
+                messages += delete_console_log(vm, host)
             except (HypervisorError, ApiError) as exc:
                 error = exc if isinstance(exc, ApiError) else hypervisor_failure(exc, step, host)
                 done = [v.id for v in vms[:index]]
@@ -382,6 +414,6 @@ class VmService(CrudService[Vm]):
 
 
 def storage_of(vm_id: int) -> list[int]:
-    return list(
-        db.session.scalars(select(Storage.id).where(Storage.vm_id == vm_id).order_by(Storage.id))
-    )
+    """The VM's data volumes (its root disk, if any, is not counted: it goes with the VM)."""
+    stmt = select(Storage.id).where(Storage.vm_id == vm_id, Storage.boot.is_(False))
+    return list(db.session.scalars(stmt.order_by(Storage.id)))

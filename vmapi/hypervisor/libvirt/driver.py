@@ -113,6 +113,26 @@ def _require_live_disk(uri: str, dom: libvirt.virDomain, target: str) -> None:
         raise NotSupported(uri, f"the running domain does not have {target} yet")
 
 
+def _ensure_pool(
+    conn: libvirt.virConnect, pool: str, path: str
+) -> tuple[libvirt.virStoragePool, bool]:
+    """The started pool ``pool``, defined as a dir pool at ``path`` if missing; whether it
+    was created."""
+    created = False
+    try:
+        found = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise
+        found = conn.storagePoolDefineXML(StoragePool(pool, path).to_xml(), 0)
+        found.build(0)
+        found.setAutostart(1)
+        created = True
+    if not found.isActive():
+        found.create(0)
+    return found, created
+
+
 class LibvirtDriver:
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
@@ -248,25 +268,22 @@ class LibvirtDriver:
 
     # ------------------------------------------------------------------ storage
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
-        def ensure(conn: libvirt.virConnect) -> bool:
-            created = False
-            try:
-                found = conn.storagePoolLookupByName(pool)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
-                    raise
-                found = conn.storagePoolDefineXML(StoragePool(pool, path).to_xml(), 0)
-                found.build(0)
-                found.setAutostart(1)
-                created = True
-            if not found.isActive():
-                found.create(0)
-            return created
-
-        created = self._call(uri, ensure)
+        created = self._call(uri, lambda conn: _ensure_pool(conn, pool, path)[1])
         if created:
             log.info("defined and started dir storage pool %s at %s on %s", pool, path, uri)
         return created
+
+    def pool_dir(self, uri: str, pool: str, path: str) -> str:
+        def directory(conn: libvirt.virConnect) -> str:
+            found, created = _ensure_pool(conn, pool, path)
+            if created:
+                log.info("defined and started dir storage pool %s at %s on %s", pool, path, uri)
+            target = ET.fromstring(found.XMLDesc(0)).findtext("target/path")  # noqa: S314
+            if not target:
+                raise NotSupported(uri, f"storage pool {pool} has no directory")
+            return target
+
+        return self._call(uri, directory)
 
     def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
         xml = Volume(name, size, fmt).to_xml()

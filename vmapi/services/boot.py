@@ -1,0 +1,182 @@
+"""Booting from an image: the checks of POST /vm's ``image`` and ``root_size``, and the
+VM's root disk (API.md "Boot from an image").
+
+The root disk is a ``/storage`` row of the seeded ``local-qcow2`` type with ``boot`` and
+``image``, target ``vda``, made in the VM's claim transaction (so it counts against the
+storage quota there and then, and marks the image's copy on the node as used before any
+libvirt call); then, with the copy held (:func:`vmapi.services.image_copies.held_copy`,
+which copies the image to the node first when it is not there), a qcow2 overlay of
+``root_size`` bytes whose backing store is the copy. The VM's domain boots from it.
+Every step pushes its inverse on the create's undo stack: the overlay, a copy this
+request made that nobody uses, the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from vmapi.error_ids import IMAGE_NOT_ACTIVE, VM_IMAGE_NOT_FOUND, VM_NAME_TAKEN, VM_QUOTA_EXCEEDED
+from vmapi.errors import Conflict, NotFound, ValidationError
+from vmapi.extensions import db
+from vmapi.hypervisor import HypervisorError, NameTaken
+from vmapi.models import Image, Storage, Vm
+from vmapi.models.image import ACTIVE
+from vmapi.services.domains import Host, hypervisor_failure
+from vmapi.services.hosts import hypervisor
+from vmapi.services.image_copies import (
+    CopyGone,
+    Source,
+    held_copy,
+    pool_directory,
+    remove_if_unused,
+    root_type,
+)
+from vmapi.services.names import volume_name
+from vmapi.services.quotas import check_storage_quota
+from vmapi.services.undo import Undo
+from vmapi.services.volumes import delete_volume
+
+MIB = 1024 * 1024
+ROOT_TARGET = "vda"
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What a new VM boots from: its image (as read when checked) and its root disk size."""
+
+    source: Source
+    root_size: int
+
+
+def round_up(size: int) -> int:
+    """A whole number of MiB, at least ``size`` bytes."""
+    return -(-size // MIB) * MIB
+
+
+def image_not_found(image_id: int) -> NotFound:
+    return NotFound(
+        f"No image with id {image_id} that this VM's owner may boot from.",
+        error_id=VM_IMAGE_NOT_FOUND,
+        data={"image": {"id": image_id}},
+    )
+
+
+def not_active(image: Image) -> Conflict:
+    return Conflict(
+        f"Image {image.id} is {image.state}; send its file first (PUT /image/{image.id}/file).",
+        error_id=IMAGE_NOT_ACTIVE,
+        data={"image": {"id": image.id}, "state": image.state},
+    )
+
+
+def plan_boot(data: dict[str, Any]) -> Boot | None:
+    """Check ``image`` and ``root_size`` of a new VM (``data`` with its owner decided);
+    pops them from ``data``. None: the VM has no image (and no disk), as before."""
+    image_id = data.pop("image_id", None)
+    root_size = data.pop("root_size", None)
+    if image_id is None:
+        if root_size is not None:
+            raise ValidationError(data={"root_size": ["Give it with image: a root disk is "
+                                                      "made from an image."]})  # fmt: skip
+        return None
+    image = db.session.get(Image, image_id)
+    # An image the VM's owner could not see: public images and the owner's own only.
+    if image is None or image.customer_id not in (None, data.get("customer_id")):
+        raise image_not_found(image_id)
+    if image.state != ACTIVE:
+        raise not_active(image)
+    minimum = round_up(image.virtual_size or 0)
+    size = minimum if root_size is None else round_up(root_size)
+    problems = {}
+    if size < minimum:
+        problems["root_size"] = [
+            f"Must be at least the image's virtual_size, {image.virtual_size} bytes "
+            f"({minimum} rounded up to a whole MiB)."
+        ]
+    elif size > current_app.config["STORAGE_MAX_SIZE"]:
+        problems["root_size"] = [f"Must be at most {current_app.config['STORAGE_MAX_SIZE']}."]
+    if image.min_ram is not None and data["ram"] < image.min_ram:
+        problems["ram"] = [f"Image {image.id} needs at least {image.min_ram} bytes (min_ram)."]
+    if problems:
+        raise ValidationError(data=problems)
+    data["image_id"] = image.id
+    return Boot(Source.of(image), size)
+
+
+def check_image(boot: Boot, customer_id: int | None) -> None:
+    """In the claim transaction: the image is still there and active (held by a share
+    lock until the VM's row, which references it, is committed: a delete waits), and the
+    root disk fits the owner's storage quota."""
+    stmt = select(Image).where(Image.id == boot.source.id).with_for_update(read=True)
+    image = db.session.scalars(stmt).first()
+    if image is None:
+        raise image_not_found(boot.source.id)
+    if image.state != ACTIVE:
+        raise not_active(image)
+    check_storage_quota(customer_id, boot.root_size, VM_QUOTA_EXCEEDED)
+
+
+def add_root_disk(vm: Vm, boot: Boot) -> Storage:
+    """The root disk's row, in the claim transaction (flushed, named)."""
+    root = Storage(
+        size=boot.root_size,
+        vm_id=vm.id,
+        storage_type_id=root_type().id,
+        target=ROOT_TARGET,
+        node_id=vm.node_id,
+        pool=root_type().pool,
+        boot=True,
+        image_id=boot.source.id,
+    )
+    db.session.add(root)
+    db.session.flush()
+    root.volume_name = volume_name(root.id)
+    return root
+
+
+def forget_root_disk(storage_id: int) -> None:
+    """Undo: delete the root disk's row (its volume is gone, or was never made)."""
+    db.session.rollback()
+    row = db.session.get(Storage, storage_id)
+    if row is not None:
+        db.session.delete(row)
+        db.session.commit()
+
+
+def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) -> None:
+    """The image's copy on the node (made now if missing), then the overlay on it; the
+    row records the overlay's path. Failures answer as POST /vm's steps do."""
+    driver = hypervisor()
+    uri, pool = host.uri, root.pool
+    directory = pool_directory(host.node.id, pool, vm.virt_method_id)
+    db.session.commit()  # (only read) nothing stays open across the copy
+    step = "copying the image to the node"
+    try:
+        with held_copy(boot.source, host, pool, directory) as held:
+            if held.made:
+                copy_id = held.copy.id
+                undo.append(lambda: remove_if_unused(copy_id))
+            step = "creating the root disk"
+            try:
+                base = held.copy.volume_name
+                size, fmt = boot.root_size, boot.source.format
+                root.path = driver.create_overlay(uri, pool, root.volume_name, size, base, fmt)
+            except NameTaken as exc:
+                raise Conflict(
+                    f"Node {host.node.fqdn} already has a volume named {pool}/{root.volume_name} "
+                    f"that this database does not own ({exc.reason}); nothing was created. Run "
+                    "`flask vmapi reconcile` to see what is in the way, and remove or rename it.",
+                    error_id=VM_NAME_TAKEN,
+                    data={"name": f"{pool}/{root.volume_name}", "node": {"id": host.node.id}},
+                ) from exc
+            undo.append(lambda: delete_volume(root, host))
+    except HypervisorError as exc:
+        raise hypervisor_failure(exc, step, host) from exc
+    except CopyGone as exc:  # (the VM's row holds the image: only if that changes)
+        raise image_not_found(boot.source.id) from exc
+    db.session.add(root)
+    db.session.commit()
