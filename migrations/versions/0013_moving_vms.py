@@ -33,8 +33,8 @@ def upgrade():
     sa.Column('vm_id', sa.Integer(), nullable=True),
     sa.Column('reason', sa.String(length=255), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.CheckConstraint("(kind = 'volume') = (pool IS NOT NULL)", name=op.f('ck_leftover_volume_has_pool')),
-    sa.CheckConstraint("kind IN ('domain', 'volume')", name=op.f('ck_leftover_kind')),
+    sa.CheckConstraint("(kind = 'domain') = (pool IS NULL)", name=op.f('ck_leftover_domain_has_no_pool')),
+    sa.CheckConstraint("kind IN ('domain', 'volume', 'log')", name=op.f('ck_leftover_kind')),
     sa.ForeignKeyConstraint(['node_id'], ['node.id'], name=op.f('fk_leftover_node_id_node'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_leftover'))
     )

@@ -343,6 +343,8 @@ class HypervisorDriver(Protocol):
         bandwidth: int | None = None,
         unchecked_storage: bool = False,
         display: DisplaySpec | None = None,
+        incremental: bool = False,
+        console_log: str | None = None,
     ) -> None:
         """Move the domain to the host the source reaches at ``dest_uri``, defined there
         and no longer here. ``live``: the running (or paused, which stays paused) guest
@@ -353,9 +355,13 @@ class HypervisorDriver(Protocol):
         has on the target. Disks not copied must be on storage both hosts share;
         libvirt checks that it is a shared filesystem unless ``unchecked_storage`` (for
         storage declared shared that libvirt cannot recognise as such).
-        When copying with ``disk_paths``, only the disks it names are copied (the others
-        must be on shared storage). ``display`` replaces the VNC display on the target
-        (its listen address, a fresh password), live and in the persistent definition.
+        When copying with ``disk_paths``, only the writable disks it names are copied
+        (the others must be on shared storage; read-only ones, such as a seed, are only
+        pointed at the target's file); ``incremental`` copies only their top layer, onto
+        overlays the target made on its own copy of the same base. ``display`` replaces
+        the VNC display on the target (its listen address, a fresh password) and
+        ``console_log`` the file the serial console is logged to, live and in the
+        persistent definition.
         ``bandwidth`` caps the stream (MiB/s). Past ``timeout``
         seconds the migration is aborted, the domain stays where it was (running) and
         :class:`HypervisorTimeout` is raised."""

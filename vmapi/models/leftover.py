@@ -18,14 +18,14 @@ from sqlalchemy.orm import Mapped, mapped_column
 from vmapi.extensions import db
 from vmapi.models.catalog import one_of
 
-DOMAIN, VOLUME = "domain", "volume"
+DOMAIN, VOLUME, LOG = "domain", "volume", "log"  # a log: a console log and its rotations
 
 
 class Leftover(db.Model):
     __tablename__ = "leftover"
     __table_args__ = (
-        CheckConstraint(one_of("kind", (DOMAIN, VOLUME)), name="kind"),
-        CheckConstraint("(kind = 'volume') = (pool IS NOT NULL)", name="volume_has_pool"),
+        CheckConstraint(one_of("kind", (DOMAIN, VOLUME, LOG)), name="kind"),
+        CheckConstraint("(kind = 'domain') = (pool IS NULL)", name="domain_has_no_pool"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -31,13 +31,14 @@ from vmapi.services import audit
 from vmapi.services.domains import BUILDING, Host, hypervisor_failure, remove_domain
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
-from vmapi.services.migrations import prepare_boot_and_seed
+from vmapi.services.migrations import prepare_seed
+from vmapi.services.move_volumes import prepare_console_log, prepare_volumes
 from vmapi.services.moves import (
     EVACUATE,
     Move,
+    MovedVolume,
     claim_target,
     moved_volumes,
-    prepare_volumes,
     record,
     release_target,
 )
@@ -124,7 +125,8 @@ def _evacuate(vm_id: int, node_id: int, accept_data_loss: bool, started: float) 
     undo: Undo = [lambda: release_target(vm, claimed.id)]
     try:
         prepare_volumes(move, undo)
-        prepare_boot_and_seed(move, undo)
+        prepare_console_log(move, undo)
+        prepare_seed(move, undo)
         after = rebuild(move, state, undo)
     except BaseException:
         run_undo(undo)
@@ -134,10 +136,10 @@ def _evacuate(vm_id: int, node_id: int, accept_data_loss: bool, started: float) 
     return Evacuated(vm_id, True, f"on {target.node.fqdn} ({after}){lost_note}")
 
 
-def rebuilt_from_image(volume: object) -> bool:
-    """Hook: a root disk made from the VM's image (its content comes back from the
-    image). Without images, none is."""
-    return False
+def rebuilt_from_image(volume: MovedVolume) -> bool:
+    """A root disk: made anew from the VM's image, what the image holds comes back (what
+    the guest wrote on it since is lost, as with any rebuild from an image)."""
+    return volume.storage.boot
 
 
 def rebuild(move: Move, state: str, undo: Undo) -> str:
@@ -148,7 +150,7 @@ def rebuild(move: Move, state: str, undo: Undo) -> str:
     spec = domain_spec(vm, method, target.node, current_app.config)
     paths = {v.storage.path: v.target_path for v in move.volumes}
     disks = tuple(dataclasses.replace(d, path=paths.get(d.path, d.path)) for d in spec.disks)
-    spec = dataclasses.replace(spec, disks=disks)
+    spec = dataclasses.replace(spec, disks=disks, console_log=move.console_log)
     step = "defining the domain on the target"
     try:
         driver.define(target.uri, spec)

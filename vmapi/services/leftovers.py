@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
 from vmapi.models import Leftover, Storage, Vm
-from vmapi.models.leftover import DOMAIN, VOLUME
+from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.services.domains import Host, remove_domain
 from vmapi.services.hosts import hypervisor
 from vmapi.services.names import installation_id
@@ -64,6 +64,15 @@ def delete_listed_volume(host: Host, pool: str, name: str) -> None:
     db.session.commit()
 
 
+def delete_listed_log(host: Host, pool: str, name: str) -> None:
+    """Delete a console log of ours listed as a leftover on the host (and its rotated
+    files), and strike it off."""
+    with contextlib.suppress(PoolNotFound):
+        hypervisor().delete_log(host.uri, pool, name)
+    drop_leftover(host.node.id, LOG, name, pool)
+    db.session.commit()
+
+
 def leftovers_on(node_id: int) -> list[Leftover]:
     stmt = select(Leftover).where(Leftover.node_id == node_id).order_by(Leftover.id)
     return list(db.session.scalars(stmt))
@@ -71,9 +80,15 @@ def leftovers_on(node_id: int) -> list[Leftover]:
 
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
-    back: its domain and volumes carry the same names)."""
+    back: its domain, volumes and log carry the same names)."""
     if leftover.kind == DOMAIN:
         stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
+    elif leftover.kind == LOG:
+        stmt = select(Vm.id).where(
+            Vm.node_id == leftover.node_id,
+            Vm.console_log_pool == leftover.pool,
+            Vm.console_log_path.endswith(f"/{leftover.name}"),
+        )
     else:
         stmt = select(Storage.id).where(
             Storage.node_id == leftover.node_id,
@@ -96,6 +111,10 @@ def remove_leftover(leftover: Leftover, host: Host) -> str:
             done = "volume deleted"
         except (VolumeNotFound, PoolNotFound):
             done = "volume already gone"
+    elif leftover.kind == LOG:
+        with contextlib.suppress(PoolNotFound):
+            hypervisor().delete_log(host.uri, leftover.pool, leftover.name)
+        done = "console log deleted"
     else:
         done = _remove_domain(leftover, host)
     drop_leftover(leftover.node_id, leftover.kind, leftover.name, leftover.pool)

@@ -40,6 +40,11 @@ from vmapi.services.crud import Outcome
 from vmapi.services.domains import BUILDING, Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
+from vmapi.services.move_volumes import (
+    prepare_console_log,
+    prepare_volumes,
+    remove_source_leftovers,
+)
 from vmapi.services.moves import (
     COLD,
     LIVE,
@@ -47,10 +52,8 @@ from vmapi.services.moves import (
     claim_target,
     migration_uri,
     moved_volumes,
-    prepare_volumes,
     record,
     release_target,
-    remove_source_volumes,
     settle,
 )
 from vmapi.services.specs import sealed_display
@@ -95,13 +98,14 @@ def migrate_vm(
             undo: Undo = [lambda: release_target(vm, claimed.id)]
             try:
                 prepare_volumes(move, undo)
-                prepare_boot_and_seed(move, undo)
+                prepare_console_log(move, undo)
+                prepare_seed(move, undo)
                 move_domain(move)
             except BaseException:
                 run_undo(undo)
                 raise
             record(move, confirm(move))
-            messages += [*move.messages, *remove_source_volumes(move), summary(move)]
+            messages += [*move.messages, *remove_source_leftovers(move), summary(move)]
     except ApiError as exc:
         count_migration(kind, exc.error_id, time.monotonic() - started)
         raise
@@ -155,10 +159,9 @@ def kind_of_move(vm: Vm, source: Host, live: bool) -> str:
     )
 
 
-def prepare_boot_and_seed(move: Move, undo: Undo) -> None:
-    """Hook: what a VM booted from an image needs on the target before it moves (the
-    image's base copy, the cloud-init seed). Disk-less VMs and VMs with data volumes
-    need nothing more."""
+def prepare_seed(move: Move, undo: Undo) -> None:
+    """Hook: the VM's cloud-init seed on the target before it moves (a VM booted from an
+    image has one once guest configuration exists; none has yet)."""
 
 
 def move_domain(move: Move) -> None:
@@ -184,6 +187,10 @@ def move_domain(move: Move) -> None:
             disk_paths=paths or None,
             unchecked_storage=any(v.shared for v in move.volumes),
             display=sealed_display(target.node, current_app.config),
+            # a root disk was made on the target's own copy of its image: its top layer
+            # is all that travels
+            incremental=any(v.storage.boot for v in move.copied),
+            console_log=move.console_log,
         )
     except HypervisorTimeout as exc:
         limit = current_app.config["MIGRATION_TIMEOUT"]

@@ -1,23 +1,18 @@
-"""The steps of a move of a VM between nodes, each with its inverse (services/migrations.py
-puts them in order; evacuation and reconcile use some).
+"""A move of a VM between nodes: its books (services/migrations.py puts the steps in
+order; services/move_volumes.py prepares the target; evacuation and reconcile use some).
 
 - :func:`claim_target`: capacity on the target, claimed through the scheduler (the same
   filters as a create; the VM's own node fails ``uuid_free``, so it is never the
   target), committed together with the VM's marker ``migration_node_id``;
-- :func:`prepare_volumes`: each volume made on the target before the domain moves (live:
-  empty, for libvirt to copy into; cold: copied through the volume streams), listed as a
-  leftover there first so a process that dies leaves a list; volumes of a shared pool
-  stay where they are;
-- :func:`record`: one transaction says where the VM and its volumes are, releases the
-  source's claim, clears the marker, ends the VM's console tokens, and lists the
-  source's volumes as leftovers; :func:`remove_source_volumes` then deletes them;
+- :func:`record`: one transaction says where the VM, its volumes and its console log
+  are, releases the source's claim, clears the marker, ends the VM's console tokens,
+  and lists what the source keeps as leftovers (deleted next, or by reconcile);
 - :func:`settle`: a marker found set (its process died mid-move) is resolved by where
   libvirt says the domain is: recorded there, or undone.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,22 +23,17 @@ from sqlalchemy.exc import OperationalError
 
 from vmapi.error_ids import (
     VM_BUSY,
-    VM_HYPERVISOR_ERROR,
     VM_NO_VALID_HOST,
     VM_NODE_NOT_FOUND,
     VM_NODE_UNSUITABLE,
 )
-from vmapi.errors import Conflict, HypervisorFailure, NotFound, ServiceUnavailable
+from vmapi.errors import Conflict, NotFound, ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainNotFound,
-    HypervisorError,
-    HypervisorTimeout,
-    NameTaken,
-    VolumeNotFound,
 )
 from vmapi.models import Node, Storage, StorageType, Vm
-from vmapi.models.leftover import DOMAIN, VOLUME
+from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.scheduler import (
     NoValidHost,
     PlacementRequest,
@@ -54,17 +44,17 @@ from vmapi.scheduler import (
 )
 from vmapi.services import audit
 from vmapi.services.consoles import invalidate_console_tokens
-from vmapi.services.domains import Host, hypervisor_failure, state_id
+from vmapi.services.domains import Host, state_id
 from vmapi.services.hosts import hypervisor, node_uri
 from vmapi.services.leftovers import (
+    delete_listed_log,
     delete_listed_volume,
     drop_leftover,
     find_leftover,
     note_leftover,
 )
-from vmapi.services.undo import Undo
+from vmapi.services.names import console_log_name
 from vmapi.services.vms import scheduler_defaults
-from vmapi.services.volumes import pool_dir
 from vmapi.telemetry import PLACEMENT_SECONDS
 
 LIVE, COLD, EVACUATE = "live", "cold", "evacuate"
@@ -93,6 +83,7 @@ class Move:
     started: float = field(default_factory=time.monotonic)
     messages: list[str] = field(default_factory=list)
     downtime: float | None = None  # seconds, as libvirt reports a live move's
+    console_log: str | None = None  # the file the domain logs its console to on the target
 
     @property
     def copied(self) -> list[MovedVolume]:
@@ -179,114 +170,6 @@ def release_target(vm: Vm, node_id: int) -> None:
     db.session.commit()
 
 
-# ---------------------------------------------------------------------- volumes
-def prepare_volumes(move: Move, undo: Undo) -> None:
-    """Every volume of the VM on the target, before the domain moves: a shared one found
-    at its path there, the others made there (live: empty, for libvirt to copy into;
-    cold: a copy of the source's bytes)."""
-    driver = hypervisor()
-    target = move.target
-    for volume in move.volumes:
-        storage = volume.storage
-        step = f"preparing storage {storage.id} on the target"
-        try:
-            if volume.shared:
-                _find_shared(move, volume)
-                continue
-            directory = pool_dir(target.node.id, move.vm.virt_method_id, storage.pool)
-            if driver.ensure_pool(target.uri, storage.pool, directory):
-                move.messages.append(
-                    f"Storage pool {storage.pool} was created at {directory} on {target.node.fqdn}."
-                )
-            _clear_known_leftover(target, storage)
-            verb = "copying" if move.kind == COLD else "making"
-            step = f"{verb} storage {storage.id} on the target"
-            volume.target_path = _make(move, volume, undo)
-        except HypervisorError as exc:
-            raise hypervisor_failure(exc, step, target) from exc
-
-
-def _find_shared(move: Move, volume: MovedVolume) -> None:
-    """A shared pool's volume must be at the same path on the target."""
-    storage, driver = volume.storage, hypervisor()
-    driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
-    try:
-        path, _size = driver.volume(move.target.uri, storage.pool, storage.volume_name)
-    except VolumeNotFound:
-        path = None
-    if path != storage.path:
-        raise HypervisorFailure(
-            f"Storage {storage.id} is in a pool declared shared, but node {move.target.node.fqdn} "
-            f"does not see {storage.path} in its pool {storage.pool} ({path or 'no such volume'}); "
-            "nothing moved.",
-            error_id=VM_HYPERVISOR_ERROR,
-            data={"step": f"finding storage {storage.id} on the target",
-                  "node": {"id": move.target.node.id}},
-        )  # fmt: skip
-    volume.target_path = path
-
-
-def _clear_known_leftover(target: Host, storage: Storage) -> None:
-    """A listed leftover of this very volume on the target (an earlier move left it) is
-    ours: delete it so the new one can take its name."""
-    if find_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool) is not None:
-        delete_listed_volume(target, storage.pool, storage.volume_name)
-
-
-def _make(move: Move, volume: MovedVolume, undo: Undo) -> str:
-    """Make the volume on the target, listed as a leftover first (committed), so a
-    process that dies leaves a list; the undo deletes it and strikes it off."""
-    storage, target, driver = volume.storage, move.target, hypervisor()
-    note_leftover(target.node.id, VOLUME, storage.volume_name,
-                  f"made for the move of vm-{move.vm.id}", move.vm.id, storage.pool)  # fmt: skip
-    db.session.commit()
-
-    def remove() -> None:
-        delete_listed_volume(target, storage.pool, storage.volume_name)
-
-    try:
-        if move.kind != COLD:  # empty: libvirt copies into it, or it is made anew
-            made = driver.create_volume(target.uri, storage.pool, storage.volume_name,
-                                        storage.size, volume.fmt)  # fmt: skip
-        else:
-            made = copy_volume(move.source, target, storage.pool, storage.volume_name,
-                               move.remaining())  # fmt: skip
-    except NameTaken as exc:  # not ours: never touched, never listed
-        db.session.rollback()
-        drop_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool)
-        db.session.commit()
-        raise HypervisorFailure(
-            f"Node {target.node.fqdn} already has a volume {storage.pool}/{storage.volume_name} "
-            f"that this database does not own there ({exc.reason}); nothing moved. Run `flask "
-            "vmapi reconcile` to see what is in the way (a pool every node sees must be "
-            "declared shared: storage_type.shared).",
-            error_id=VM_HYPERVISOR_ERROR,
-            data={"step": f"making storage {storage.id} on the target",
-                  "node": {"id": target.node.id}},
-        ) from exc  # fmt: skip
-    except BaseException:
-        undo.append(remove)  # it may exist (a timeout after libvirt made it)
-        raise
-    undo.append(remove)
-    return made
-
-
-def copy_volume(source: Host, target: Host, pool: str, name: str, timeout: float) -> str:
-    """The source's volume, byte for byte, as a new volume of the target (through the
-    API host, each side on a connection of its own); its path there."""
-    driver = hypervisor()
-    if timeout <= 0:
-        raise HypervisorTimeout(target.uri, 0)
-    length = driver.volume_length(source.uri, pool, name)
-    chunks = driver.download_volume(source.uri, pool, name, timeout)
-    try:
-        return driver.upload_volume(target.uri, pool, name, length, chunks, timeout)
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-
-
 # ---------------------------------------------------------------------- the record
 def record(move: Move, state: str | None) -> None:
     """Say where the VM and its volumes are now, in one transaction (retried once: the
@@ -333,6 +216,15 @@ def _record_once(move: Move, state: str | None) -> None:
     if move.kind == EVACUATE:  # the dead node keeps its domain until reconcile removes it
         note_leftover(source.id, DOMAIN, vm.domain_name,
                       f"left by the evacuation of vm-{vm.id} to {target.fqdn}", vm.id)  # fmt: skip
+    if move.console_log is not None:
+        log = console_log_name(vm.domain_name)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id).values(console_log_path=move.console_log)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        note_leftover(source.id, LOG, log, f"left by the {how} of vm-{vm.id} to {target.fqdn}",
+                      vm.id, vm.console_log_pool)  # fmt: skip
+        drop_leftover(target.id, LOG, log, vm.console_log_pool)
     invalidate_console_tokens(vm.id)
     seconds = round(time.monotonic() - move.started, 3)
     after: dict[str, Any] = {"node_id": target.id, "kind": move.kind, "seconds": seconds}
@@ -344,28 +236,7 @@ def _record_once(move: Move, state: str | None) -> None:
     audit.record(db.session, "vm", vm.id, action, {"node_id": source.id}, after,
                  customer_id=vm.customer_id)  # fmt: skip
     db.session.commit()
-    db.session.refresh(vm, ["node_id", "migration_node_id", "vm_state_id"])
-
-
-def remove_source_volumes(move: Move) -> list[str]:
-    """Delete the volumes the domain left on the source (listed as leftovers by the
-    record); one that cannot go stays listed for reconcile. Notes for the answer."""
-    notes = []
-    driver = hypervisor()
-    for volume in move.copied:
-        storage = volume.storage
-        try:
-            driver.delete_volume(move.source.uri, storage.pool, storage.volume_name)
-        except VolumeNotFound:
-            pass
-        except HypervisorError as exc:
-            notes.append(f"The old volume of storage {storage.id} on {move.source.node.fqdn} could "
-                         f"not be deleted ({exc.reason}); `flask vmapi reconcile --fix` removes "
-                         "it.")  # fmt: skip
-            continue
-        drop_leftover(move.source.node.id, VOLUME, storage.volume_name, storage.pool)
-        db.session.commit()
-    return notes
+    db.session.refresh(vm, ["node_id", "migration_node_id", "vm_state_id", "console_log_path"])
 
 
 # ---------------------------------------------------------------------- after a crash
@@ -385,17 +256,26 @@ def settle(vm: Vm) -> str:
             error_id=VM_BUSY, data={"vm": {"id": vm.id}},
         )  # fmt: skip
     driver = hypervisor()
+    log = console_log_name(vm.domain_name)
+    pool = vm.console_log_pool
     if on_target:
+        from vmapi.services.move_volumes import remove_source_leftovers
+
         for volume in move.volumes:
             volume.target_path = (volume.storage.path if volume.shared else driver.volume(
                 target.uri, volume.storage.pool, volume.storage.volume_name)[0])  # fmt: skip
+        if pool is not None:
+            directory = driver.pool_dir(target.uri, pool, current_app.config["CONSOLE_LOG_DIR"])
+            move.console_log = f"{directory.rstrip('/')}/{log}"
         record(move, driver.domain(target.uri, vm.domain_name).state)
-        notes = remove_source_volumes(move)
+        notes = remove_source_leftovers(move)
         return " ".join([f"an interrupted move to {target.node.fqdn} was recorded", *notes])
     for volume in move.copied:
         storage = volume.storage
         if find_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool) is not None:
             delete_listed_volume(target, storage.pool, storage.volume_name)
+    if pool is not None and find_leftover(target.node.id, LOG, log, pool) is not None:
+        delete_listed_log(target, pool, log)
     release_target(vm, target.node.id)
     db.session.refresh(vm, ["migration_node_id"])
     return f"an interrupted move to {target.node.fqdn} was undone"

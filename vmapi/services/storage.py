@@ -35,7 +35,7 @@ from vmapi.hypervisor import (
     NameTaken,
     NotSupported,
 )
-from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, Vm
+from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
@@ -45,7 +45,7 @@ from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.specs import disk_spec, domain_spec
 from vmapi.services.undo import Undo, all_or_nothing, run_undo
-from vmapi.services.volumes import delete_volume, pool_dir
+from vmapi.services.volumes import delete_volume
 
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
 
@@ -143,7 +143,12 @@ class StorageService(CrudService[Storage]):
         return Outcome(all_or_nothing(items, indexed, check, apply), messages)
 
     def pool_dir(self, vm: Vm, pool: str) -> str:
-        return pool_dir(vm.node_id, vm.virt_method_id, pool)
+        configured = db.session.scalars(
+            select(VirtNode.local_storage_path).where(
+                VirtNode.node_id == vm.node_id, VirtNode.virt_method_id == vm.virt_method_id
+            )
+        ).first()
+        return configured or f"{current_app.config['STORAGE_POOL_DIR']}/{pool}"
 
     def take_target(self, vm_id: int) -> str:
         """The first free device name of the VM, under its row lock."""

@@ -17,21 +17,10 @@ from vmapi.errors import ApiError
 from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, HypervisorError, VolumeNotFound
-from vmapi.models import Storage, VirtMethod, VirtNode, Vm
+from vmapi.models import Storage, VirtMethod, Vm
 from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.specs import domain_spec
-
-
-def pool_dir(node_id: int, virt_method_id: int, pool: str) -> str:
-    """Where a missing pool is made on a node: its virt_node's local_storage_path, or
-    STORAGE_POOL_DIR/<pool>."""
-    configured = db.session.scalars(
-        select(VirtNode.local_storage_path).where(
-            VirtNode.node_id == node_id, VirtNode.virt_method_id == virt_method_id
-        )
-    ).first()
-    return configured or f"{current_app.config['STORAGE_POOL_DIR']}/{pool}"
 
 
 def delete_volume(storage: Storage, host: Host | None = None) -> bool:

@@ -434,6 +434,8 @@ class LibvirtDriver:
         bandwidth: int | None = None,
         unchecked_storage: bool = False,
         display: DisplaySpec | None = None,
+        incremental: bool = False,
+        console_log: str | None = None,
     ) -> None:
         if copy_storage and not live:
             raise NotSupported(uri, "libvirt copies disks only in a live migration; "
@@ -449,20 +451,22 @@ class LibvirtDriver:
                 raise OperationInvalid(uri, "the domain is running; only a shut-off one "
                                             "moves cold")  # fmt: skip
             dest_xml = persist_xml = copied = None
-            if disk_paths or display is not None:
+            if disk_paths or display is not None or console_log is not None:
                 paths = disk_paths or {}
                 xml = self._bounded(uri, lambda: dom.XMLDesc(migration.MIGRATABLE))
                 inactive = self._bounded(uri, lambda: dom.XMLDesc(
                     migration.MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))  # fmt: skip
-                dest_xml = migration.retarget(xml, paths, display)
-                persist_xml = migration.retarget(inactive, paths, display)
+                dest_xml = migration.retarget(xml, paths, display, console_log)
+                persist_xml = migration.retarget(inactive, paths, display, console_log)
                 # only the disks named are copied: the others are on shared storage
                 copied = migration.copied_targets(xml, paths) if copy_storage else None
             params = migration.params(live, migration_address, bandwidth, dest_xml, persist_xml,
                                       copied)  # fmt: skip
             job = migration.in_thread(
                 lambda: dom.migrateToURI3(
-                    dest_uri, params, migration.flags(live, copy_storage, unchecked_storage)
+                    dest_uri,
+                    params,
+                    migration.flags(live, copy_storage, unchecked_storage, incremental),
                 ),
                 f"libvirt-migrate {name}",
             )

@@ -54,10 +54,17 @@ MIGRATABLE = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
 MS = 1000.0
 
 
-def flags(live: bool, copy_storage: bool, unchecked_storage: bool) -> int:
+def flags(
+    live: bool, copy_storage: bool, unchecked_storage: bool, incremental: bool = False
+) -> int:
     if not live:
         return OFFLINE_FLAGS
-    found = LIVE_FLAGS | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if copy_storage else 0)
+    # incremental: only each disk's top layer is copied, into an overlay the target made
+    # on its own copy of the same base (a disk without a backing file is copied whole)
+    copy = (
+        libvirt.VIR_MIGRATE_NON_SHARED_INC if incremental else libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    )
+    found = LIVE_FLAGS | (copy if copy_storage else 0)
     # libvirt refuses to leave a disk behind on a filesystem it does not know as shared
     # (NFS, GlusterFS, ...); the caller may vouch for storage both hosts see anyway.
     return found | (libvirt.VIR_MIGRATE_UNSAFE if unchecked_storage else 0)
@@ -84,12 +91,22 @@ def listen_address(address: str) -> str:
     return host.split(":", 1)[0] if host.count(":") == 1 else host
 
 
-def retarget(xml: str, paths: dict[str, str], display: DisplaySpec | None = None) -> str:
+def retarget(
+    xml: str,
+    paths: dict[str, str],
+    display: DisplaySpec | None = None,
+    console_log: str | None = None,
+) -> str:
     """The domain's XML as the target is to have it: each disk whose file is a key of
-    ``paths`` pointing at its value instead (where the volume is on the target), and the
+    ``paths`` pointing at its value instead (where the volume is on the target), the
     VNC display replaced by ``display`` (the target's listen address: the source's may
-    not exist there; a fresh sealed password: the source's may have been handed out)."""
+    not exist there; a fresh sealed password: the source's may have been handed out),
+    and the serial console logged to ``console_log`` (a file of the target's)."""
     root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
+    if console_log is not None:
+        for log_element in [*root.iterfind("devices/serial/log"),
+                            *root.iterfind("devices/console/log")]:  # fmt: skip
+            log_element.set("file", console_log)
     for disk in root.iterfind("devices/disk"):
         source = disk.find("source")
         if source is None or source.get("file") not in paths:
@@ -110,13 +127,16 @@ def retarget(xml: str, paths: dict[str, str], display: DisplaySpec | None = None
 
 
 def copied_targets(xml: str, paths: dict[str, str]) -> list[str]:
-    """Device names of the disks whose files are keys of ``paths``: the ones a
-    non-shared-disk migration copies (the others stay on storage both hosts share)."""
+    """Device names of the writable disks whose files are keys of ``paths``: the ones a
+    non-shared-disk migration copies (the others stay on storage both hosts share; a
+    read-only disk, such as a seed, is not copied: the target has its own)."""
     root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
     found = []
     for disk in root.iterfind("devices/disk"):
         source, target = disk.find("source"), disk.find("target")
-        if source is not None and target is not None and source.get("file") in paths:
+        if disk.find("readonly") is not None or source is None or target is None:
+            continue
+        if source.get("file") in paths:
             found.append(target.get("dev"))
     return found
 
