@@ -24,6 +24,7 @@ SUITE = (
     "scaleout",
     "streams",
     "images",
+    "boot",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

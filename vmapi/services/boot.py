@@ -157,9 +157,9 @@ def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) ->
     step = "copying the image to the node"
     try:
         with held_copy(boot.source, host, pool, directory) as held:
-            if held.made:
-                copy_id = held.copy.id
-                undo.append(lambda: remove_if_unused(copy_id))
+            if held.made:  # (this root disk's row goes after it: it does not count)
+                copy_id, root_id = held.copy.id, root.id
+                undo.append(lambda: remove_if_unused(copy_id, ignoring=root_id))
             step = "creating the root disk"
             try:
                 base = held.copy.volume_name

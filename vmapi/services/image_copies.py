@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from flask import current_app
+from sqlalchemy import delete as delete_rows
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -225,20 +226,21 @@ def users(copy: ImageCopy) -> list[int]:
     return list(db.session.scalars(stmt.order_by(Storage.id)))
 
 
-def remove_if_unused(copy_id: int) -> bool:
-    """Remove a copy (volume and row) that no root disk uses; True when it went."""
+def remove_if_unused(copy_id: int, ignoring: int | None = None) -> bool:
+    """Remove a copy (volume and row) that no root disk uses (but ``ignoring``, one that
+    goes next: a failed create's); True when it went."""
     copy = db.session.get(ImageCopy, copy_id)
     if copy is None:
         return False
     with copy_lock(copy.image_id or 0, copy.node_id):
-        return _remove_if_unused(copy_id)
+        return _remove_if_unused(copy_id, ignoring)
 
 
-def _remove_if_unused(copy_id: int) -> bool:
+def _remove_if_unused(copy_id: int, ignoring: int | None = None) -> bool:
     copy = db.session.scalars(
         select(ImageCopy).where(ImageCopy.id == copy_id).execution_options(populate_existing=True)
     ).first()
-    if copy is None or (copy.image_id is not None and users(copy)):
+    if copy is None or (copy.image_id is not None and set(users(copy)) - {ignoring}):
         db.session.rollback()
         return False
     db.session.rollback()
@@ -268,29 +270,31 @@ def remove_orphans(copy_ids: list[int]) -> list[str]:
     """Remove copies whose image is gone, from every node at once; a note for each node
     that kept its copy (it could not be reached: reconcile removes it later)."""
     stmt = select(ImageCopy).where(ImageCopy.id.in_(copy_ids), ImageCopy.image_id.is_(None))
-    copies = {copy.id: copy for copy in db.session.scalars(stmt)}
-    hosts = {ident: Host.of(copy.node_id) for ident, copy in copies.items()}
-    db.session.rollback()
+    # plain values: the calls run in threads of their own, without the session
+    where = {
+        copy.id: (Host.of(copy.node_id), copy.pool, copy.volume_name)
+        for copy in db.session.scalars(stmt)
+    }
+    db.session.commit()  # (only read) nothing stays open while the nodes answer
     driver = hypervisor()
 
     def delete(ident: int) -> bool:
-        copy = copies[ident]
+        host, pool, name = where[ident]
         with suppress(VolumeNotFound):
-            driver.delete_volume(hosts[ident].uri, copy.pool, copy.volume_name)
+            driver.delete_volume(host.uri, pool, name)
         return True
 
-    results = on_hosts({ident: ident for ident in copies}, delete, REMOVAL_WORKERS)
+    results = on_hosts({ident: ident for ident in where}, delete, REMOVAL_WORKERS)
     notes = []
     for ident, result in results.items():
-        copy = copies[ident]
+        host, pool, name = where[ident]
         if isinstance(result, HypervisorError):
             notes.append(
-                f"Node {hosts[ident].node.fqdn} could not be reached ({result.reason}); it "
-                f"keeps the copy {copy.pool}/{copy.volume_name} until `flask vmapi reconcile "
-                "--fix` removes it."
+                f"Node {host.node.fqdn} could not be reached ({result.reason}); it keeps the "
+                f"copy {pool}/{name} until `flask vmapi reconcile --fix` removes it."
             )
             continue
-        db.session.delete(db.session.merge(copy))
+        db.session.execute(delete_rows(ImageCopy).where(ImageCopy.id == ident))
     db.session.commit()
     return notes
 
