@@ -15,6 +15,8 @@ from typing import Any
 
 from flask import Flask
 
+from vmapi.bridges import template_problem
+
 GIB = 1024**3
 MIB = 1024**2
 TIB = 1024**4
@@ -46,6 +48,13 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "RAM_ALLOCATION_RATIO": (1.0, "RAM overcommit when a node's ratio is null"),
     "RESERVED_RAM": (GIB, "bytes of host RAM kept for the host when a node's value is null"),
     "INTERFACE_MODE": ("bridge", "VM NIC wiring when a node's interface_mode is null"),
+    "BRIDGE_TEMPLATE": (
+        "br-{suffix}",
+        "the bridge a NIC in bridge mode joins, when its node's bridge is null: {suffix} (the "
+        "interface's device suffix: a bridge per NIC) and {vlan} (its VLAN tag) are replaced; "
+        "br0 for one shared bridge",
+    ),
+    "DNS_SERVERS": ([], "DNS servers (JSON list of addresses) in every guest's cloud-init seed"),
     "MAX_BODY": (MIB, "largest request body in bytes (413 above)"),
     "PAGE_DEFAULT_LIMIT": (100, "list page size when ?limit is not given"),
     "PAGE_MAX_LIMIT": (1000, "largest ?limit accepted"),
@@ -243,6 +252,17 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         ) from exc
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
+    problem = template_problem(app.config["BRIDGE_TEMPLATE"])
+    if problem:
+        raise RuntimeError(f"BRIDGE_TEMPLATE {app.config['BRIDGE_TEMPLATE']!r}: {problem}")
+    dns = app.config["DNS_SERVERS"]
+    if not isinstance(dns, list):
+        raise RuntimeError("DNS_SERVERS must be a JSON list of IP addresses")
+    for server in dns:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError as exc:
+            raise RuntimeError(f"DNS_SERVERS: {server!r} is not an IP address") from exc
     installation = app.config["INSTALLATION_ID"]
     if installation is not None and not (
         isinstance(installation, str) and INSTALLATION_ID_PATTERN.fullmatch(installation)
@@ -258,3 +278,6 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = app.config["DATABASE_URL"]
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]
     app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    # Statements' parameters stay out of exception messages and so out of every log line:
+    # they carry what must never be logged (guests' SSH keys and user data).
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("hide_parameters", True)

@@ -167,8 +167,9 @@ VM_NO_CONSOLE_LOG = _register("vm/no_console_log", 409,
     "The VM's domain has no console log yet (it gets one when it is next defined).",
     {"vm": {READ}})
 VM_NAME_TAKEN = _register("vm/name_taken", 409,
-    "Something this database does not own has the domain's name on the node; see "
-    "`flask vmapi reconcile`.", {"vm": {CREATE}})
+    "Something this database does not own has the name of the domain (or of its cloud-init "
+    "seed volume) on the node; see `flask vmapi reconcile`.",
+    {"vm": {CREATE, UPDATE}, "interface": {UPDATE}})
 VM_HAS_STORAGE = _register("vm/has_storage", 409,
     "The VM still has storage; delete it or send ?cascade=storage.", {"vm": {DELETE}})
 VM_BUSY = _register("vm/busy", 409,
@@ -212,6 +213,11 @@ IMAGE_IMMUTABLE = _register("image/immutable", 409,
     "The image already has its file; a file never changes.", {"image": {UPDATE}})
 IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
     "The image has no accepted file yet.", {"image": {READ}, "vm": {CREATE}})
+
+# ---------------------------------------------------------------------- interfaces
+INTERFACE_ADDRESS_TAKEN = _register("interface/address_taken", 409,
+    "An address the body gives the interface is held by another one; data names them.",
+    {"interface": {UPDATE}})
 
 # ---------------------------------------------------------------------- nodes, addresses
 NODE_UNREACHABLE = _register("node/unreachable", 409,

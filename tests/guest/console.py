@@ -1,7 +1,8 @@
 """What the test guest prints on its serial console, read back by tests.
 
 The guest's ``/init`` (tests/guest/init/) prints one ``VMAPI-GUEST`` line per boot, then
-its marker, the files of a cidata seed, and a ``VMAPI-TICK n`` counter once a second.
+its marker, the files of a cidata seed, the network it configured from the seed
+(``VMAPI-NET``, ``VMAPI-TOLD``, ``VMAPI-HTTPD``) and a ``VMAPI-TICK n`` counter once a second.
 ``boots(text)`` splits a console log into what each boot printed, wherever the text came
 from (a file libvirt writes, or the API's console log), and ``wait_for`` polls a reader
 until a condition holds, within a generous deadline that only bounds a hung guest.
@@ -19,6 +20,8 @@ MARKER = re.compile(r"VMAPI-MARKER sector=(\d+) wrote=(\S+) previous=(\S+)")
 CIDATA_FILE = re.compile(r"VMAPI-CIDATA file=(\S+) bytes=(\d+)")
 TICK = re.compile(r"VMAPI-TICK (\d+)")
 ERROR = re.compile(r"VMAPI-ERROR .*")
+NET = re.compile(r"VMAPI-NET (.*)")
+TOLD = re.compile(r"VMAPI-TOLD hostname=(\S+) keys=(\d+)")
 
 
 @dataclass
@@ -35,6 +38,11 @@ class Boot:
     errors: list[str] = field(default_factory=list)
     acpid: bool = False
     powered_off: bool = False
+    #: per NIC the seed configured: name, dev, mac, addresses, gateway4, gateway6, dns
+    nics: list[dict[str, str]] = field(default_factory=list)
+    hostname: str | None = None  # as the seed's meta-data set it
+    keys: int | None = None  # SSH keys the meta-data held
+    httpd: bool = False
 
 
 def lines(text: str) -> list[str]:
@@ -61,6 +69,12 @@ def boots(text: str) -> list[Boot]:
             found[-1].ticks.append(int(match.group(1)))
         elif match := ERROR.search(line):
             found[-1].errors.append(match.group(0))
+        elif match := NET.search(line):
+            found[-1].nics.append(dict(p.split("=", 1) for p in match.group(1).split()))
+        elif match := TOLD.search(line):
+            found[-1].hostname, found[-1].keys = match.group(1), int(match.group(2))
+        elif "VMAPI-HTTPD started" in line:
+            found[-1].httpd = True
         elif "VMAPI-ACPID started" in line:
             found[-1].acpid = True
         elif "VMAPI-POWEROFF" in line:

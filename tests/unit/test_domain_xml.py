@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmapi.hypervisor import DomainSpec
+from vmapi.hypervisor import DiskSpec, DomainSpec
 from vmapi.hypervisor.libvirt.config import (
     METADATA_NS,
     BackingStore,
@@ -164,4 +164,30 @@ def test_sparse_volume_and_escaped_names():
         Volume("v", 1, "qcow2").to_xml(),
         '<volume><name>v</name><capacity unit="bytes">1</capacity>'
         '<target><format type="qcow2"/></target></volume>',
+    )
+
+
+def test_the_seed_is_a_read_only_raw_disk_after_the_others():
+    root = DiskSpec(path="/pool/root.qcow2", format="qcow2", target="vda", cache="none")
+    seed = DiskSpec(path="/pool/vm-5-seed-ab.iso", format="raw", target="vdz", readonly=True)
+    devices = ET.fromstring(design(spec(disks=(root,), seed=seed)).to_xml()).find("devices")
+    disks = devices.findall("disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdz"]  # vda boots
+    expected = """
+    <disk type="file" device="disk">
+      <driver name="qemu" type="raw"/>
+      <source file="/pool/vm-5-seed-ab.iso"/>
+      <target dev="vdz" bus="virtio"/>
+      <readonly/>
+    </disk>"""
+    assert same_xml(ET.tostring(disks[1], encoding="unicode"), expected)
+    assert disks[0].find("readonly") is None
+    # no seed: no disk for it
+    assert (
+        ET.fromstring(design(spec(disks=(root,))).to_xml())
+        .find("devices")
+        .findall("disk")[-1]
+        .find("target")
+        .get("dev")
+        == "vda"
     )

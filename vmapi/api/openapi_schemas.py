@@ -73,6 +73,9 @@ def _validated(self: Any, field: Any, ret: dict[str, Any], **kwargs: Any) -> dic
 def _reference(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
     """References as ``{"id": N}`` (or ``{"name": ...}`` where a field takes a name)."""
     if isinstance(field, RefList):
+        if not field.dump_only:
+            return {"type": "array", "items": copy.deepcopy(REF), "uniqueItems": True,
+                    "maxItems": field.max_items}  # fmt: skip
         return {"type": "array", "items": copy.deepcopy(REF), "readOnly": True}
     if not isinstance(field, Ref):
         return {}
@@ -283,8 +286,20 @@ _NIC = {
 }  # fmt: skip
 _NIC_NULLABLE = ("device", "vlan", "ipv4_gateway", "ipv6_gateway")
 _DEVICES = {"type": "object", "additionalProperties": _object({"vm": _TEXT, **_NIC}, _NIC_NULLABLE)}
+#: a bridge of one NIC, or one that NICs share (a template without {suffix}, e.g. br0)
+_BRIDGES = {
+    "type": "object",
+    "additionalProperties": {
+        "oneOf": [
+            _DEVICES["additionalProperties"],
+            _object({"shared": {"type": "boolean", "enum": [True]},
+                     "interfaces": {"type": "array", "items": _DEVICES["additionalProperties"]}}),
+        ]
+    },
+}  # fmt: skip
 _VM = _object(
-    {"id": _INT, "uuid": _TEXT, "cores": _INT, "ram": _INT, "state": _TEXT, "customer_id": _INT,
+    {"id": _INT, "name": _TEXT, "uuid": _TEXT, "cores": _INT, "ram": _INT, "state": _TEXT,
+     "customer_id": _INT,
      "interfaces": {"type": "array", "items": _object(dict(_NIC), _NIC_NULLABLE)}},
     ("state", "customer_id"),
 )  # fmt: skip
@@ -299,7 +314,7 @@ ENC_ANSWER = _object(
                     {
                         "interface_mode": {"type": "string", "enum": list(INTERFACE_MODES)},
                         "vms": {"type": "object", "additionalProperties": _VM},
-                        "bridges": _DEVICES,
+                        "bridges": _BRIDGES,
                         "taps": _DEVICES,
                         "vlans": {"type": "array", "items": _INT},
                         "addresses": _object({"ipv4": _TEXTS, "ipv6": _TEXTS}),

@@ -141,7 +141,7 @@ class ResourceApi:
         found: dict[str, tuple[str, Any]] = {}
         for key, f in self.schema.fields.items():
             column = f.attribute or key
-            if column not in columns:
+            if column not in columns or f.load_only:  # write-only values are no filter
                 continue
             if isinstance(f, Ref):
                 found[f"{key}.id"] = (column, f)

@@ -101,6 +101,7 @@ class DiskSpec:
     cache: str | None = None
     #: libvirt <iotune> names: read_iops_sec, write_iops_sec, read_bytes_sec, write_bytes_sec
     iotune: dict[str, int] = field(default_factory=dict)
+    readonly: bool = False  # the guest cannot write it (a cloud-init seed)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ class DomainSpec:
     #: can be read back through libvirt (:meth:`HypervisorDriver.tail`); None: no log
     console_log: str | None = None
     display: DisplaySpec | None = None
+    #: the guest's cloud-init seed: a read-only raw disk after the others
+    seed: DiskSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ class Node(db.Model):
     ram_allocation_ratio: Mapped[float | None] = mapped_column(Float)
     reserved_ram: Mapped[int | None] = mapped_column(BigInteger)
     interface_mode: Mapped[str | None] = mapped_column(String(16))
+    #: The bridge template of NICs in bridge mode (vmapi.bridges); null: BRIDGE_TEMPLATE.
+    bridge: Mapped[str | None] = mapped_column(String(64))
     #: The address VM displays (VNC) listen on; null: the configured CONSOLE_ADDRESS.
     console_address: Mapped[str | None] = mapped_column(String(64))
     #: How another node's libvirtd reaches this one to move a VM here (null: libvirt_uri,

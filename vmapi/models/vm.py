@@ -1,21 +1,26 @@
-"""Virtual machines: size, owner, placement, and the state libvirt last reported."""
+"""Virtual machines: size, owner, placement, the state libvirt last reported, and what
+the guest is told (its host name, SSH keys and user data, and where its seed is)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
+from vmapi.guest_inputs import ssh_key_fingerprints
 from vmapi.models.catalog import VirtMethod, VmState
 from vmapi.models.image import Image
 from vmapi.models.network import Interface
@@ -52,6 +57,17 @@ class Vm(db.Model):
     #: process that died mid-move: the next move of the VM, or reconcile, settles it by
     #: where libvirt says the domain is (services/moves.py).
     migration_node_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), index=True)
+    #: What the guest is told (API.md "Guest configuration"). ``ssh_keys`` and
+    #: ``user_data`` are write-only: answers, the audit trail and logs never show them
+    #: (services/audit.py records fingerprints and a flag instead).
+    hostname: Mapped[str | None] = mapped_column(String(253))
+    ssh_keys: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    user_data: Mapped[str | None] = mapped_column(Text)
+    #: Where the guest's cloud-init seed is (a raw ISO volume on the VM's node, attached
+    #: read-only; never a /storage object): null for a VM without one (no image).
+    seed_pool: Mapped[str | None] = mapped_column(String(255))
+    seed_volume: Mapped[str | None] = mapped_column(String(255), unique=True)
+    seed_path: Mapped[str | None] = mapped_column(String(1024))
     #: the image the VM boots from (its root disk is an overlay on the node's copy)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"), index=True)
     #: where the domain logs its serial console: a file in a vmapi-owned pool of its node
@@ -72,6 +88,16 @@ class Vm(db.Model):
     def name(self) -> str:
         """What people call the VM (its domain on the host is :attr:`domain_name`)."""
         return f"vm-{self.id}"
+
+    @property
+    def ssh_key_fingerprints(self) -> list[str]:
+        """What answers show of ``ssh_keys`` (SHA256, as ``ssh-keygen -l`` prints them)."""
+        return ssh_key_fingerprints(self.ssh_keys or [])
+
+    @property
+    def user_data_set(self) -> bool:
+        """What answers show of ``user_data``."""
+        return bool(self.user_data)
 
     @property
     def console_log_volume(self) -> str | None:

@@ -196,17 +196,37 @@ class Ref(fields.Field):
 
 
 class RefList(fields.Field):
-    """A read-only list of references: ``[{"id": N}, ...]`` from a relationship.
+    """A list of references: ``[{"id": N}, ...]`` from a relationship; read-only unless
+    ``writable`` (it then loads as the list of ids, each once, at most ``max_items``).
 
     ``resource`` names the referenced resource, as for :class:`Ref` (``nest=`` inlines
     the whole objects)."""
 
-    def __init__(self, resource: str, **kwargs: Any) -> None:
+    default_error_messages = {
+        "invalid": 'Must be a list of references [{{"id": <positive integer>}}, ...].',
+        "twice": "Names an object twice.",
+        "too_many": "At most {max_items} references.",
+    }
+
+    def __init__(
+        self, resource: str, writable: bool = False, max_items: int = 16, **kwargs: Any
+    ) -> None:
         self.resource = resource
-        super().__init__(dump_only=True, **kwargs)
+        self.max_items = max_items
+        super().__init__(dump_only=not writable, **kwargs)
 
     def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> list[dict[str, int]]:
         return [{"id": item.id} for item in value or ()]
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list[int]:
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        if len(value) > self.max_items:
+            raise self.make_error("too_many", max_items=self.max_items)
+        ids = [Ref(self.resource).deserialize(item) for item in value]
+        if len(set(ids)) != len(ids):
+            raise self.make_error("twice")
+        return ids
 
 
 def positive(maximum: int = INT64_MAX) -> validate.Range:

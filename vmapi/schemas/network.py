@@ -69,8 +69,9 @@ class InterfaceSchema(BaseSchema):
     id = Int(dump_only=True)
     vm = Ref("vm", attribute="vm_id", dump_only=True)
     mac = Str(dump_only=True)
-    ipv4 = RefList("ipv4")
-    ipv6 = RefList("ipv6")
+    #: admins move an interface to other free addresses (UPDATE); the old are released
+    ipv4 = RefList("ipv4", writable=True)
+    ipv6 = RefList("ipv6", writable=True)
     vlan = Ref("vlan", attribute="vlan_id", allow_none=True)
 
 

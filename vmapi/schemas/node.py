@@ -7,6 +7,7 @@ from typing import Any
 
 from marshmallow import ValidationError, validate
 
+from vmapi.bridges import template_problem
 from vmapi.config import INTERFACE_MODES
 from vmapi.hypervisor.uri import (
     MIGRATION_ADDRESS_PATTERN,
@@ -61,6 +62,13 @@ def ip_address(value: str) -> None:
         raise ValidationError(f"Write it in canonical form: {addr}.")
 
 
+@json_schema(pattern=r"^(?:[A-Za-z0-9_.-]|\{suffix\}|\{vlan\})+$", maxLength=64)
+def bridge_template(value: str) -> None:
+    problem = template_problem(value)
+    if problem:
+        raise ValidationError(problem)
+
+
 class NodeSchema(BaseSchema):
     id = Int(dump_only=True)
     fqdn = Str(required=True, validate=validate_hostname)
@@ -78,6 +86,14 @@ class NodeSchema(BaseSchema):
     ram_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
     reserved_ram = Int(allow_none=True, validate=non_negative())
     interface_mode = Str(allow_none=True, validate=validate.OneOf(INTERFACE_MODES))
+    #: the bridge NICs in bridge mode join: a template ({suffix}, {vlan}); null:
+    #: BRIDGE_TEMPLATE
+    bridge = Str(
+        allow_none=True,
+        validate=[validate.Length(min=1, max=64), bridge_template],
+        metadata={"description": "{suffix}: the interface's device suffix (a bridge per NIC); "
+                  "{vlan}: its VLAN tag or nothing; e.g. br0 for one shared bridge."},
+    )  # fmt: skip
     #: where VM displays listen (null: CONSOLE_ADDRESS); the console proxy must reach it
     console_address = Str(allow_none=True, validate=ip_address)
     #: how another node's libvirtd reaches this one for a move (null: libvirt_uri)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from marshmallow import ValidationError, validate
+from marshmallow import ValidationError, fields, validate, validates
 
+from vmapi.guest_inputs import (
+    MAX_HOSTNAME_LENGTH,
+    MAX_SSH_KEYS,
+    MAX_USER_DATA_BYTES,
+    validate_guest_hostname,
+    validate_ssh_keys,
+    validate_user_data,
+)
 from vmapi.schemas.base import (
     BaseSchema,
     Bool,
@@ -40,6 +48,19 @@ def validate_uuid(value: str) -> None:
         raise ValidationError(
             "Not a valid UUID, e.g. 4d7c3c2e-6a3b-4b8f-9f0e-1d2c3b4a5968."
         ) from exc
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+
+
+@json_schema(pattern=rf"^{_LABEL}(?:\.{_LABEL})*$", maxLength=MAX_HOSTNAME_LENGTH)
+def guest_hostname(value: str) -> None:
+    validate_guest_hostname(value)
+
+
+@json_schema(pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$", maxLength=MAX_USER_DATA_BYTES)
+def user_data(value: str) -> None:
+    validate_user_data(value)
 
 
 class UuidStr(Str):
@@ -94,6 +115,31 @@ class VmSchema(BaseSchema):
     #: the VM is made
     domain_name = Str(dump_only=True)
     interfaces = RefList("interface")
+    # What the guest is told through its cloud-init seed (API.md "Guest configuration").
+    # ssh_keys and user_data are write-only: answers show fingerprints and a flag.
+    hostname = Str(
+        validate=guest_hostname,
+        metadata={"description": "RFC 1123 labels, dotted allowed (the last one not all "
+                  "digits); default: the VM's name."},
+    )  # fmt: skip
+    ssh_keys = fields.List(
+        Str(metadata={"description": "One OpenSSH public key line: TYPE BASE64 [COMMENT]."}),
+        load_only=True,
+        validate=validate.Length(max=MAX_SSH_KEYS),
+    )
+    user_data = Str(
+        load_only=True,
+        allow_none=True,
+        validate=user_data,
+        metadata={"description": f"cloud-config or a script, at most {MAX_USER_DATA_BYTES} "
+                  "bytes of UTF-8; null: none."},
+    )  # fmt: skip
+    ssh_key_fingerprints = fields.List(Str(), dump_only=True)
+    user_data_set = Bool(dump_only=True)
+
+    @validates("ssh_keys")
+    def _ssh_keys(self, value: list[str], **kwargs) -> None:
+        validate_ssh_keys(value)  # errors keyed by the bad key's index
 
 
 class VmUpdateOptions(BaseSchema):

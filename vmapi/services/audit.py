@@ -7,7 +7,8 @@ so a change and its record are committed together or not at all. Changes made wi
 bulk SQL statement (an address handed to an interface) are recorded by the code that
 makes them, with :func:`record`. Bookkeeping that is not a change anyone asked for —
 a node's allocated and free capacity, idempotency keys, the events themselves — is not
-recorded. Secrets (a token's hash) never are.
+recorded. Secrets (a token's hash) never are; a guest's SSH keys and user data are
+recorded as what answers show of them (:data:`REDACTED`: fingerprints, a flag).
 
 A request that fails leaves no change (its transaction is rolled back) and gets one
 event of its own, written after the rollback, with the error id as the outcome
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -27,6 +29,7 @@ from flask_sqlalchemy.session import Session
 from sqlalchemy import event, insert, inspect, select
 
 from vmapi.extensions import db
+from vmapi.guest_inputs import ssh_key_fingerprints
 from vmapi.models import ConsoleToken, Event, IdempotencyKey, Image, Leftover, Vm
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,13 @@ NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover)
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
 SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}
 BOOKKEEPING = {"node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"}}
+#: Write-only columns, by model: recorded under another name as what answers show of them.
+REDACTED: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    "vm": {
+        "ssh_keys": ("ssh_key_fingerprints", lambda keys: ssh_key_fingerprints(keys or [])),
+        "user_data": ("user_data_set", bool),
+    }
+}
 #: URL names of resources whose table is named otherwise.
 RESOURCE_NAMES = {"ipv4_address": "ipv4", "ipv6_address": "ipv6", "api_token": "token"}
 
@@ -64,21 +74,31 @@ def _hidden(table: str) -> set[str]:
     return SECRET.get(table, set()) | BOOKKEEPING.get(table, set())
 
 
+def _recorded(table: str, key: str, value: Any) -> tuple[str, Any]:
+    """A column's name and value as the trail records them."""
+    redacted = REDACTED.get(table, {}).get(key)
+    if redacted is not None:
+        name, shown = redacted
+        return name, shown(value)
+    return key, plain(value)
+
+
 def _values(obj: Any) -> dict[str, Any]:
     """The loaded column values (never a lazy load inside a flush)."""
     state = inspect(obj)
     table = obj.__table__.name
     hidden = _hidden(table)
-    return {
-        attr.key: plain(state.dict[attr.key])
+    return dict(
+        _recorded(table, attr.key, state.dict[attr.key])
         for attr in state.mapper.column_attrs
         if attr.key in state.dict and attr.key not in hidden
-    }
+    )
 
 
 def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     state = inspect(obj)
-    hidden = _hidden(obj.__table__.name)
+    table = obj.__table__.name
+    hidden = _hidden(table)
     before, after = {}, {}
     for attr in state.mapper.column_attrs:
         if attr.key in hidden:
@@ -88,8 +108,9 @@ def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         old = history.deleted[0] if history.deleted else None
         new = history.added[0] if history.added else None
-        if old != new:
-            before[attr.key], after[attr.key] = plain(old), plain(new)
+        if old != new:  # (compared before redaction: new user data is a change too)
+            name, shown_old = _recorded(table, attr.key, old)
+            before[name], after[name] = shown_old, _recorded(table, attr.key, new)[1]
     return before, after
 
 

@@ -2,10 +2,13 @@
 
 :func:`node_classification` is the answer of a Puppet External Node Classifier for one
 node: the class ``vmapi::hypervisor`` with, as its parameters, the node's VMs, the
-device each NIC is wired to (bridges ``br-<suffix>`` in bridge mode, taps ``vm<suffix>``
-in ethernet mode; the interface's suffix, :mod:`vmapi.services.names`), the VLANs those
-devices join, and the addresses routed to the VMs. Puppet applies it; vmapi never
-configures a host itself. The names are those the domains are defined with.
+device each NIC is wired to (in bridge mode the bridge the node's template names, by
+default ``br-<suffix>``; taps ``vm<suffix>`` in ethernet mode; the interface's suffix,
+:mod:`vmapi.services.names`), the VLANs those devices join, and the addresses routed to
+the VMs. A bridge of one NIC maps to that NIC; a bridge that NICs share (a template
+without ``{suffix}``, e.g. ``br0``) is listed once, ``shared: true``, with every NIC on
+it. Puppet applies it; vmapi never configures a host itself. The names are those the
+domains are defined with.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from vmapi import error_ids
+from vmapi.bridges import shared
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import Interface, Node, NodeState, Vm, VmState
-from vmapi.services.specs import device_name, interface_mode
+from vmapi.services.specs import bridge_template, device_name, interface_mode
 
 CLASS = "vmapi::hypervisor"
 
@@ -31,6 +35,7 @@ def node_classification(fqdn: str) -> dict[str, Any]:
         raise NotFound(f"No node with fqdn {fqdn!r}.", error_id=error_ids.not_found("node"),
                        data={"fqdn": fqdn})  # fmt: skip
     mode = interface_mode(node, current_app.config)
+    template = bridge_template(node, current_app.config)
     states = {row.id: row.name for row in db.session.scalars(select(VmState))}
     node_state = db.session.get(NodeState, node.node_state_id)
     vms_stmt = (
@@ -52,10 +57,10 @@ def node_classification(fqdn: str) -> dict[str, Any]:
     for vm in db.session.scalars(vms_stmt):
         nics = []
         for iface in vm.interfaces:
-            device = device_name(mode, iface.device_suffix)
+            vlan = iface.vlan.tag if iface.vlan else None
+            device = device_name(mode, iface.device_suffix, template, vlan)
             v4 = [f"{a.address}/{a.prefix}" for a in iface.ipv4]
             v6 = [f"{a.address}/{a.prefix}" for a in iface.ipv6]
-            vlan = iface.vlan.tag if iface.vlan else None
             nic = {
                 "interface_id": iface.id,
                 "mac": iface.mac,
@@ -67,7 +72,10 @@ def node_classification(fqdn: str) -> dict[str, Any]:
                 "ipv6_gateway": iface.ipv6[0].gateway if iface.ipv6 else None,
             }
             nics.append(nic)
-            if device is not None:
+            if device is not None and mode == "bridge" and shared(template):
+                entry = devices.setdefault(device, {"shared": True, "interfaces": []})
+                entry["interfaces"].append({"vm": vm.domain_name, **nic})
+            elif device is not None:
                 devices[device] = {"vm": vm.domain_name, **nic}
             if vlan is not None:
                 vlans.add(vlan)

@@ -22,7 +22,12 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from vmapi.error_ids import VM_NO_FREE_IPV4, VM_NO_FREE_IPV6, VM_NO_FREE_MAC
+from vmapi.error_ids import (
+    INTERFACE_ADDRESS_TAKEN,
+    VM_NO_FREE_IPV4,
+    VM_NO_FREE_IPV6,
+    VM_NO_FREE_MAC,
+)
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
@@ -189,3 +194,52 @@ def release_interfaces(vm_id: int) -> None:
         .where(Interface.vm_id == vm_id)
         .execution_options(synchronize_session=False)
     )
+
+
+#: The address models by the /interface field that lists them.
+FAMILIES = {"ipv4": Ipv4Address, "ipv6": Ipv6Address}
+
+
+def held_addresses(interface_id: int) -> dict[str, list[int]]:
+    """The ids of the addresses the interface holds, by family, in id order."""
+    return {
+        family: list(db.session.scalars(
+            select(model.id).where(model.interface_id == interface_id).order_by(model.id)
+        ))
+        for family, model in FAMILIES.items()
+    }  # fmt: skip
+
+
+def move_addresses(interface_id: int, wanted: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Give the interface exactly the ``wanted`` addresses of each family named (free
+    ones, or its own), releasing the others it holds, in the caller's transaction; the
+    ids it held before, by family. 409 ``interface/address_taken`` naming the addresses
+    another interface holds (each is taken with the same conditional statement as an
+    allocation, so two requests never get one address)."""
+    before = held_addresses(interface_id)
+    taken: dict[str, list[dict[str, int]]] = {}
+    for family, ids in wanted.items():
+        model = FAMILIES[family]
+        gone = [ident for ident in before[family] if ident not in ids]
+        if gone:
+            db.session.execute(
+                update(model)
+                .where(model.id.in_(gone), model.interface_id == interface_id)
+                .values(interface_id=None)
+                .execution_options(synchronize_session=False)
+            )
+            for address_id in gone:
+                audit.record(db.session, family, address_id, "update",
+                             {"interface_id": interface_id}, {"interface_id": None})  # fmt: skip
+        for ident in ids:
+            if ident not in before[family] and _hand_out(model, ident, interface_id) is None:
+                taken.setdefault(family, []).append({"id": ident})
+    if taken:
+        raise Conflict(
+            "These addresses are held by another interface: "
+            + "; ".join(f"{family} {[ref['id'] for ref in refs]}" for family, refs in taken.items())
+            + ". Give free ones.",
+            error_id=INTERFACE_ADDRESS_TAKEN,
+            data=taken,
+        )
+    return {family: before[family] for family in wanted}

@@ -13,9 +13,10 @@ Findings, one per domain, VM or volume:
 - ``foreign_domain``: a domain named like ours (``<installation>-vm-*``, or ``vm-*`` as
   before names carried the installation) without our metadata; reported, never touched.
 - ``unowned_volume``: a volume in one of vmapi's pools (those its storage types, storage
-  rows and image copies name) that no storage row or image copy owns and no leftover
-  lists: leaked, another installation's, or something in the way of a new volume's
-  name; reported, never touched.
+  rows and image copies name) that no storage row, image copy or VM (its cloud-init seed)
+  owns and no leftover lists: leaked, another installation's, a replaced seed that could
+  not be deleted, or something in the way of a new volume's name; reported, never
+  touched.
 - ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
   reached when the image went); fix: delete the volume and its row.
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
@@ -51,6 +52,7 @@ from vmapi.services.leftovers import leftovers_on, remove_leftover
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves import settle
 from vmapi.services.names import installation_id
+from vmapi.services.seeds import delete_seed
 from vmapi.services.volumes import delete_vm_volumes
 
 log = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ def _stale_on_unreachable(
     """Stale building rows on a node that does not answer: their requests never said
     success, so their claims and addresses go; a domain one of them made carries our
     metadata and is removed as an orphan once the node answers again. One with volumes
-    waits for the node: its volumes can only be deleted there."""
+    (or a seed) waits for the node: they can only be deleted there."""
     found = []
     building = [vm_state for vm_state, name in states.items() if name == BUILDING]
     stmt = select(Vm).where(Vm.node_id == node_id, Vm.vm_state_id.in_(building))
@@ -197,7 +199,7 @@ def _stale_on_unreachable(
             "building, node unreachable",
         )
         has_storage = db.session.scalars(select(Storage.id).where(Storage.vm_id == vm.id)).first()
-        if fix and has_storage is not None:
+        if fix and (has_storage is not None or vm.seed_volume is not None):
             finding.detail += "; it has volumes, left until the node answers"
         elif fix:
             forget(vm)
@@ -222,6 +224,7 @@ def _check_vm(
                 notes = delete_vm_volumes(vm, host)
                 if domain is not None:
                     remove_domain(host, name)
+                delete_seed(vm, host)
                 notes += delete_console_log(vm, host)
             except (ApiError, HypervisorError) as exc:
                 finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
@@ -290,6 +293,9 @@ def _unowned_volumes(
     owned: dict[int, dict[str, set[str]]] = {node_id: {} for node_id in hosts}
     stmt = select(Storage.node_id, Storage.pool, Storage.volume_name)
     for node_id, pool, name in db.session.execute(stmt.where(Storage.node_id.in_(hosts))):
+        owned[node_id].setdefault(pool, set()).add(name)
+    seeds = select(Vm.node_id, Vm.seed_pool, Vm.seed_volume).where(Vm.seed_volume.is_not(None))
+    for node_id, pool, name in db.session.execute(seeds.where(Vm.node_id.in_(hosts))):
         owned[node_id].setdefault(pool, set()).add(name)
     copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
     for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
+from vmapi.bridges import bridge_name
 from vmapi.extensions import db
 from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
@@ -25,19 +26,26 @@ SEALED = datetime(2000, 1, 1, tzinfo=UTC)
 #: VNC authentication uses at most 8 characters of a password.
 DISPLAY_PASSWORD_LENGTH = 8
 DISPLAY_PASSWORD_ALPHABET = string.ascii_letters + string.digits
+#: The guest's cloud-init seed is attached as this disk, which /storage never hands out.
+SEED_TARGET = "vdz"
 
 
-def device_name(mode: str, suffix: str) -> str | None:
-    """The host device of a NIC: the bridge its host's configuration makes, or the tap
-    (``suffix`` is the interface's, :mod:`vmapi.services.names`)."""
+def device_name(mode: str, suffix: str, bridge: str, vlan: int | None = None) -> str | None:
+    """The host device of a NIC: the bridge the node's template names (made by the host's
+    configuration), or the tap (``suffix`` is the interface's, :mod:`vmapi.services.names`;
+    ``bridge`` the template, :mod:`vmapi.bridges`)."""
     if mode == "bridge":
-        return f"br-{suffix}"
+        return bridge_name(bridge, suffix, vlan)
     if mode == "ethernet":
         return f"vm{suffix}"
     return None
 
 
-def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
+def bridge_template(node: Node, config: dict[str, Any]) -> str:
+    return node.bridge or config["BRIDGE_TEMPLATE"]
+
+
+def nic_specs(vm_id: int, mode: str, bridge: str) -> tuple[NicSpec, ...]:
     stmt = (
         select(Interface)
         .where(Interface.vm_id == vm_id)
@@ -51,16 +59,17 @@ def nic_specs(vm_id: int, mode: str) -> tuple[NicSpec, ...]:
     for iface in db.session.scalars(stmt).unique():
         v4 = iface.ipv4[0] if iface.ipv4 else None
         v6 = iface.ipv6[0] if iface.ipv6 else None
+        vlan = iface.vlan.tag if iface.vlan else None
         nics.append(
             NicSpec(
                 mac=iface.mac,
                 mode=mode,
-                device=device_name(mode, iface.device_suffix),
+                device=device_name(mode, iface.device_suffix, bridge, vlan),
                 ipv4=f"{v4.address}/{v4.prefix}" if v4 else None,
                 ipv4_gateway=v4.gateway if v4 else None,
                 ipv6=f"{v6.address}/{v6.prefix}" if v6 else None,
                 ipv6_gateway=v6.gateway if v6 else None,
-                vlan=iface.vlan.tag if iface.vlan else None,
+                vlan=vlan,
             )
         )
     return tuple(nics)
@@ -100,6 +109,13 @@ def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
         for storage, fmt, cache in db.session.execute(stmt)
         if storage.id != exclude
     )
+
+
+def seed_disk(vm: Vm) -> DiskSpec | None:
+    """The VM's cloud-init seed where its row says it is (services/seeds.py), read-only."""
+    if vm.seed_path is None:
+        return None
+    return DiskSpec(path=vm.seed_path, format="raw", target=SEED_TARGET, readonly=True)
 
 
 def interface_mode(node: Node, config: dict[str, Any]) -> str:
@@ -152,8 +168,9 @@ def domain_spec(
         installation=installation_id(),
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
-        nics=nic_specs(vm.id, interface_mode(node, config)),
+        nics=nic_specs(vm.id, interface_mode(node, config), bridge_template(node, config)),
         disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
         display=sealed_display(node, config),
+        seed=seed_disk(vm),
         console_log=vm.console_log_path,
     )

@@ -43,11 +43,12 @@ from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import volume_name
 from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
-from vmapi.services.specs import disk_spec, domain_spec
+from vmapi.services.specs import SEED_TARGET, disk_spec, domain_spec
 from vmapi.services.undo import Undo, all_or_nothing, run_undo
 from vmapi.services.volumes import delete_volume
 
-TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:]]  # vda is left for a boot disk
+#: vda is left for a boot disk, vdz for the cloud-init seed (services/seeds.py)
+TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:] if f"vd{letter}" != SEED_TARGET]
 
 
 def vms_of(storage_ids: list[int]) -> list[int]:

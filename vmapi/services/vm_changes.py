@@ -1,4 +1,5 @@
-"""Changing a VM that exists: resize (claimed, persistent, live where possible) and state.
+"""Changing a VM that exists: resize (claimed, persistent, live where possible), what its
+guest is told (the cloud-init seed is rebuilt: services/seeds.py) and state.
 
 Each step pushes its inverse on the request's undo stack, so a failure anywhere in an
 UPDATE (or later in the same array) restores the row, the claim, the persistent
@@ -32,6 +33,14 @@ from vmapi.services.console_log import ensure_console_log
 from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_vm_quota
+from vmapi.services.seeds import (
+    GUEST_FIELDS,
+    SeedVolume,
+    new_seed,
+    rebuilt_message,
+    upload_seed,
+    wanted,
+)
 from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo
 
@@ -49,8 +58,9 @@ class UpdatePlan:
     messages: list[str] = field(default_factory=list)
 
 
-def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
-    """Row and claim, persistent definition, live change, state; then record the state."""
+def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVolume]) -> Vm:
+    """Row and claim, seed, persistent definition, live change, state; then record the
+    state. A seed that was replaced goes to ``retired`` (deleted once the request is done)."""
     row = db.session.get(Vm, plan.vm_id)
     host = Host.of(row.node_id)  # a VM never changes node
     driver = hypervisor()
@@ -61,18 +71,27 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo) -> Vm:
     vm, old = change_row(plan, undo)
     method = db.session.get(VirtMethod, vm.virt_method_id)
     sized = [k for k in SIZE_FIELDS if k in plan.changes and plan.changes[k] != old[k]]
+    told = [k for k in GUEST_FIELDS if k in plan.changes and plan.changes[k] != old[k]]
     step = "redefining the domain"
     try:
-        if sized:
-            step = "preparing the console log"
-            ensure_console_log(vm, host)  # a VM defined before logs were kept gets one now
-            step = "redefining the domain"
-            old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
-            driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
-            undo.append(lambda: driver.define(host.uri, old_spec))
-            step = "applying the change to the running domain"
-            if driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED):
-                apply_live(vm, host, sized, old, plan.messages, undo)
+        if sized or told:
+            seed = new_seed(vm) if told and wanted(vm) else None
+            if sized or seed:
+                step = "preparing the console log"
+                ensure_console_log(vm, host)  # a VM defined before logs were kept gets one now
+                step = "redefining the domain"
+                # the definition as it was: the row's old values, its seed not replaced yet
+                old_spec = domain_spec(_with(vm, old), method, host.node, current_app.config)
+                if seed is not None:
+                    upload_seed(vm, host, seed, undo, retired)
+                driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
+                undo.append(lambda: driver.define(host.uri, old_spec))
+                step = "applying the change to the running domain"
+                running = driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED)
+                if sized and running:
+                    apply_live(vm, host, sized, old, plan.messages, undo)
+                if seed is not None:
+                    plan.messages.append(rebuilt_message(vm, running))
         if plan.target_state:
             step = f"changing the state to {plan.target_state}"
             transition(vm, host, plan.target_state, force, undo, plan.messages)
@@ -93,7 +112,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
     """Lock the row, claim (or release) the size difference, store the new values."""
     try:
         vm = db.session.scalars(select(Vm).where(Vm.id == plan.vm_id).with_for_update()).one()
-        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id")}
+        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", *GUEST_FIELDS)}
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram
         owner = plan.changes.get("customer_id", vm.customer_id)
@@ -226,6 +245,9 @@ def _with(vm: Vm, values: dict[str, Any]) -> Vm:
         node_id=vm.node_id,
         virt_method_id=vm.virt_method_id,
         domain_name=vm.domain_name,
+        seed_pool=vm.seed_pool,
+        seed_volume=vm.seed_volume,
+        seed_path=vm.seed_path,
         console_log_pool=vm.console_log_pool,
         console_log_path=vm.console_log_path,
     )

@@ -86,6 +86,13 @@ from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import domain_name
 from vmapi.services.network import add_interface
 from vmapi.services.quotas import check_vm_quota
+from vmapi.services.seeds import (
+    SeedVolume,
+    delete_retired,
+    delete_seed,
+    refresh_seed,
+    wanted,
+)
 from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
@@ -213,6 +220,9 @@ class VmService(CrudService[Vm]):
                 ram=data["ram"],
                 customer_id=data.get("customer_id"),
                 cputime_limit=data.get("cputime_limit"),
+                hostname=data.get("hostname"),
+                ssh_keys=data.get("ssh_keys", []),
+                user_data=data.get("user_data"),
                 uuid=data["uuid"],
                 node_id=node.id,
                 virt_method_id=data["virt_method_id"],
@@ -224,6 +234,7 @@ class VmService(CrudService[Vm]):
             db.session.flush()
             # stored before the domain is made, so whatever happens next, the row names it
             vm.domain_name = domain_name(vm.id)
+            vm.hostname = vm.hostname or vm.name
             interface = add_interface(vm)
             if boot is not None:
                 root = add_root_disk(vm, boot)
@@ -249,6 +260,9 @@ class VmService(CrudService[Vm]):
             root_id = root.id
             undo.append(lambda: forget_root_disk(root_id))
             make_root_disk(vm, root, boot, host, undo)
+            # what the guest is told: a VM booted from an image gets a cloud-init seed
+            if wanted(vm):
+                refresh_seed(vm, host, undo)
         # a new VM without an image has no storage yet: no need to read its disks
         with db.session.no_autoflush:  # the log's path is written with the state, below
             spec = domain_spec(
@@ -284,20 +298,21 @@ class VmService(CrudService[Vm]):
         force = options.get("force", False)
 
         plans: list[UpdatePlan] = []
+        retired: list[SeedVolume] = []  # seeds replaced, deleted once every item is done
 
         def check(item: tuple[int, dict[str, Any]]) -> UpdatePlan:
             plans.append(self.plan_update(*item, principal))
             return plans[-1]
 
         def apply(plan: UpdatePlan, undo: Undo) -> Vm:
-            return apply_update(plan, force, undo)
+            return apply_update(plan, force, undo, retired)
 
         vms = all_or_nothing(items, indexed, check, apply)
         messages = [
             (f"vm-{plan.vm_id}: " if indexed else "") + message
             for plan in plans
             for message in plan.messages
-        ]
+        ] + delete_retired(retired)
         return Outcome(self.loaded(vms), messages)
 
     def plan_update(self, ident: int, data: dict[str, Any], principal: Principal) -> UpdatePlan:
@@ -359,6 +374,7 @@ class VmService(CrudService[Vm]):
                 # without cascade there is at most the root disk
                 messages += delete_vm_volumes(vm, host)
                 existed = remove_domain(host, vm.domain_name)
+                delete_seed(vm, host)
                 messages += delete_console_log(vm, host)
             except (HypervisorError, ApiError) as exc:
                 error = exc if isinstance(exc, ApiError) else hypervisor_failure(exc, step, host)

@@ -189,13 +189,15 @@ class Nic(XmlObject):
 
 @dataclass
 class Disk(XmlObject):
-    """``<disk type='file'>``: a volume as a virtio disk with cache mode and ``<iotune>``."""
+    """``<disk type='file'>``: a volume as a virtio disk with cache mode and ``<iotune>``,
+    or ``<readonly/>`` for the guest."""
 
     path: str
     format: str
     target: str
     cache: str | None = None
     iotune: dict[str, int] = field(default_factory=dict)
+    readonly: bool = False
 
     def element(self) -> ET.Element:
         el = ET.Element("disk", type="file", device="disk")
@@ -205,6 +207,8 @@ class Disk(XmlObject):
         ET.SubElement(el, "driver", driver)
         ET.SubElement(el, "source", file=self.path)
         ET.SubElement(el, "target", dev=self.target, bus="virtio")
+        if self.readonly:
+            ET.SubElement(el, "readonly")
         if self.iotune:
             iotune = ET.SubElement(el, "iotune")
             for key in sorted(self.iotune):

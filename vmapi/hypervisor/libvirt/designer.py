@@ -48,7 +48,8 @@ def design(spec: DomainSpec) -> Domain:
         # libvirt cannot put a VLAN tag on bridge (without Open vSwitch), ethernet or user
         # interfaces: the tag travels in the metadata for the host's configuration.
         nics=[Nic(mode=nic.mode, mac=nic.mac, device=nic.device) for nic in spec.nics],
-        disks=[disk_xml(disk) for disk in spec.disks],
+        # The seed after the other disks: SeaBIOS boots the first one (vda).
+        disks=[disk_xml(disk) for disk in (*spec.disks, *filter(None, [spec.seed]))],
     )
     if spec.display is not None:
         display = spec.display
@@ -85,4 +86,4 @@ def _nic_metadata(nic: NicSpec) -> dict[str, str]:
 
 
 def disk_xml(disk: DiskSpec) -> Disk:
-    return Disk(disk.path, disk.format, disk.target, disk.cache, dict(disk.iotune))
+    return Disk(disk.path, disk.format, disk.target, disk.cache, dict(disk.iotune), disk.readonly)

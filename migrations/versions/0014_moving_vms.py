@@ -7,8 +7,8 @@ volumes where they are), false for every existing type; ``vm.migration_node_id``
 node a move in progress has claimed (null: none); the ``leftover`` table, domains and
 volumes a node still has but should not (reconcile --fix removes them).
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-11-30 09:00:00.000000
 
 """
@@ -17,8 +17,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0013'
-down_revision = '0012'
+revision = '0014'
+down_revision = '0013'
 branch_labels = None
 depends_on = None
 
