@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from tests.conftest import MIB
 from tests.faults import FaultyDriver
+from tests.guest import console
 from tests.hypervisor.migrate_env import INSTALLATION, boots, migrate_env, ticks, wait_for_ticks
 from vmapi.extensions import db
 from vmapi.services.hosts import DRIVER_KEY
@@ -194,8 +195,11 @@ def test_a_live_move_there_and_back_never_restarts_the_guest(env, guest):
         here = ticks(text)
         assert here[0] > seen[-1] and here == list(range(here[0], here[0] + len(here)))
         seen = here
-        # nothing of the guest is left on the source: volumes, console log
-        assert [v for v in env.volumes(source) if "storage" in v] == []
+        # its seed is on the new node; nothing of the guest is left on the source:
+        # volumes (root disk, seed), console log
+        [(seed,)] = env.sql("SELECT seed_path FROM vm WHERE id = :id", id=guest["id"])
+        assert Path(seed).parent == env.host(target).pool and Path(seed).exists()
+        assert [v for v in env.volumes(source) if "storage" in v or "seed" in v] == []
         assert [v for v in env.volumes(source, "vmapi-logs") if guest["domain_name"] in v] == []
     events = env.api.get(f"event?action=migrate&object_id={guest['id']}&outcome=ok").json["data"]
     last = list(events.values())[-2:]
@@ -331,9 +335,12 @@ def test_evacuating_a_dead_host_rebuilds_its_vms_and_reconcile_cleans_it_when_ba
     )
     assert env.api.get(f"node/{env.nodes['b']['id']}").json["data"]["node_state"] == {"id": 3}
     assert env.domains("a") == {vm["domain_name"]: "running" for vm in vms}
-    for vm in vms:  # booted anew on a from the image, with its own MAC
+    for vm in vms:  # booted anew on a from the image, with its seed made there
         text = wait_for_ticks(env.console(vm["id"]), 1)
         assert boots(text) == 1
+        assert {"meta-data", "user-data", "network-config"} <= set(console.boots(text)[0].cidata), (
+            text
+        )
     # b comes back, still running the old domains: reconcile removes them and their disks
     env.sql("UPDATE node SET unreachable_since = NULL WHERE id = :id", id=env.nodes["b"]["id"])
     code, output = env.reconcile()
@@ -341,6 +348,6 @@ def test_evacuating_a_dead_host_rebuilds_its_vms_and_reconcile_cleans_it_when_ba
     code, output = env.reconcile("--fix")
     assert code == 0, output
     assert env.domains("b") == {}
-    assert [v for v in env.volumes("b") if "storage" in v] == []
+    assert [v for v in env.volumes("b") if "storage" in v or "seed" in v] == []
     assert env.reconcile() == (0, "0 finding(s), 0 fixed, 0 left\n")
     assert allocated(env) == {"a": len(vms), "b": 0}

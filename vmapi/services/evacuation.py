@@ -31,8 +31,7 @@ from vmapi.services import audit
 from vmapi.services.domains import BUILDING, Host, hypervisor_failure, remove_domain
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
-from vmapi.services.migrations import prepare_seed
-from vmapi.services.move_volumes import prepare_console_log, prepare_volumes
+from vmapi.services.move_volumes import prepare_console_log, prepare_seed, prepare_volumes
 from vmapi.services.moves import (
     EVACUATE,
     Move,
@@ -150,7 +149,8 @@ def rebuild(move: Move, state: str, undo: Undo) -> str:
     spec = domain_spec(vm, method, target.node, current_app.config)
     paths = {v.storage.path: v.target_path for v in move.volumes}
     disks = tuple(dataclasses.replace(d, path=paths.get(d.path, d.path)) for d in spec.disks)
-    spec = dataclasses.replace(spec, disks=disks, console_log=move.console_log)
+    seed = spec.seed and dataclasses.replace(spec.seed, path=move.seed_path or spec.seed.path)
+    spec = dataclasses.replace(spec, disks=disks, console_log=move.console_log, seed=seed)
     step = "defining the domain on the target"
     try:
         driver.define(target.uri, spec)

@@ -42,6 +42,7 @@ from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
 from vmapi.services.move_volumes import (
     prepare_console_log,
+    prepare_seed,
     prepare_volumes,
     remove_source_leftovers,
 )
@@ -159,11 +160,6 @@ def kind_of_move(vm: Vm, source: Host, live: bool) -> str:
     )
 
 
-def prepare_seed(move: Move, undo: Undo) -> None:
-    """Hook: the VM's cloud-init seed on the target before it moves (a VM booted from an
-    image has one once guest configuration exists; none has yet)."""
-
-
 def move_domain(move: Move) -> None:
     """Hand the domain to the target's libvirtd: live with its disks copied into the
     volumes made there (those of shared pools stay), or cold (the definition only; the
@@ -172,7 +168,10 @@ def move_domain(move: Move) -> None:
     vm, source, target = move.vm, move.source, move.target
     live = move.kind == LIVE
     remaining = move.remaining()
-    paths = {v.storage.path: v.target_path for v in move.copied if v.storage.path}
+    copied = {v.storage.path: v.target_path for v in move.copied if v.storage.path}
+    paths = dict(copied)
+    if move.seed_path is not None and vm.seed_path is not None:
+        paths[vm.seed_path] = move.seed_path  # read-only: pointed at, never copied
     try:
         if remaining <= 0:
             raise HypervisorTimeout(source.uri, 0)
@@ -183,7 +182,7 @@ def move_domain(move: Move) -> None:
             timeout=remaining,
             live=live,
             migration_address=target.node.migration_address if live else None,
-            copy_storage=live and bool(paths),
+            copy_storage=live and bool(copied),
             disk_paths=paths or None,
             unchecked_storage=any(v.shared for v in move.volumes),
             display=sealed_display(target.node, current_app.config),

@@ -8,13 +8,15 @@
   target's own copy of the image, copied there first when missing (bounded by
   IMAGE_COPY_TIMEOUT, like a create's; the move's time starts again after it).
 - the console log (:func:`prepare_console_log`): the target's log pool, and the file the
-  domain logs to there.
+  domain logs to there;
+- the cloud-init seed (:func:`prepare_seed`): made there from the database.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from flask import current_app
 
@@ -223,6 +225,45 @@ def prepare_console_log(move: Move, undo: Undo) -> None:
     undo.append(lambda: delete_listed_log(target, pool, name))
 
 
+def prepare_seed(move: Move, undo: Undo) -> None:
+    """The VM's cloud-init seed on the target, made from the database as every seed is
+    (the same content gives the same name and bytes), listed as a leftover until the move
+    is recorded. Only pointed at, never copied: the domain's seed disk is read-only."""
+    from vmapi.services.seeds import seed_files, seed_iso, seed_pool, volume_name
+
+    vm, target = move.vm, move.target
+    if vm.seed_volume is None:
+        return  # a VM without an image has no seed
+    files = seed_files(vm)
+    pool, name, data = seed_pool(), volume_name(vm, files), seed_iso(files)
+    step = "making the cloud-init seed on the target"
+    try:
+        directory = pool_directory(target.node.id, pool, vm.virt_method_id)
+        hypervisor().ensure_pool(target.uri, pool, directory)
+        if find_leftover(target.node.id, VOLUME, name, pool):
+            delete_listed_volume(target, pool, name)  # an earlier move's
+        timeout = float(current_app.config["LIBVIRT_TIMEOUT"])
+
+        def upload() -> str:
+            return hypervisor().upload_volume(target.uri, pool, name, len(data), [data], timeout)
+
+        seed = MovedVolume(Seed(vm.id, pool, name), "raw", shared=False)
+        move.seed_path = _make(move, seed, undo, upload)
+        move.seed_volume = (pool, name)
+    except HypervisorError as exc:
+        raise hypervisor_failure(exc, step, target) from exc
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A seed volume in the shape :func:`_make` reads a storage row in."""
+
+    vm_id: int
+    pool: str
+    volume_name: str
+    id: str = "seed"
+
+
 def remove_source_leftovers(move: Move) -> list[str]:
     """Delete what the domain left on the source (listed as leftovers by the record):
     its volumes and its console log. Anything that cannot go stays listed for reconcile;
@@ -238,6 +279,14 @@ def remove_source_leftovers(move: Move) -> list[str]:
             notes.append(f"The old volume of storage {storage.id} on {source.node.fqdn} could "
                          f"not be deleted ({exc.reason}); `flask vmapi reconcile --fix` removes "
                          "it.")  # fmt: skip
+    if move.seed_volume is not None and move.old_seed is not None:
+        pool, name = move.old_seed
+        try:
+            delete_listed_volume(source, pool, name)
+        except HypervisorError as exc:
+            db.session.rollback()
+            notes.append(f"The old cloud-init seed on {source.node.fqdn} could not be deleted "
+                         f"({exc.reason}); `flask vmapi reconcile --fix` removes it.")  # fmt: skip
     if move.console_log is not None and move.vm.console_log_pool is not None:
         try:
             delete_listed_log(source, move.vm.console_log_pool,

@@ -50,7 +50,7 @@ from vmapi.services.leftovers import (
     delete_listed_log,
     delete_listed_volume,
     drop_leftover,
-    find_leftover,
+    leftovers_on,
     note_leftover,
 )
 from vmapi.services.names import console_log_name
@@ -84,6 +84,9 @@ class Move:
     messages: list[str] = field(default_factory=list)
     downtime: float | None = None  # seconds, as libvirt reports a live move's
     console_log: str | None = None  # the file the domain logs its console to on the target
+    seed_path: str | None = None  # the cloud-init seed made on the target
+    seed_volume: tuple[str, str] | None = None  # (pool, name) there
+    old_seed: tuple[str, str] | None = None  # (pool, name) on the source, once recorded
 
     @property
     def copied(self) -> list[MovedVolume]:
@@ -225,6 +228,18 @@ def _record_once(move: Move, state: str | None) -> None:
         note_leftover(source.id, LOG, log, f"left by the {how} of vm-{vm.id} to {target.fqdn}",
                       vm.id, vm.console_log_pool)  # fmt: skip
         drop_leftover(target.id, LOG, log, vm.console_log_pool)
+    if move.seed_volume is not None:
+        pool, name = move.seed_volume
+        move.old_seed = (vm.seed_pool, vm.seed_volume)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id)
+            .values(seed_pool=pool, seed_volume=name, seed_path=move.seed_path)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        note_leftover(source.id, VOLUME, vm.seed_volume,
+                      f"left by the {how} of vm-{vm.id} to {target.fqdn}", vm.id,
+                      vm.seed_pool)  # fmt: skip
+        drop_leftover(target.id, VOLUME, name, pool)
     invalidate_console_tokens(vm.id)
     seconds = round(time.monotonic() - move.started, 3)
     after: dict[str, Any] = {"node_id": target.id, "kind": move.kind, "seconds": seconds}
@@ -236,7 +251,10 @@ def _record_once(move: Move, state: str | None) -> None:
     audit.record(db.session, "vm", vm.id, action, {"node_id": source.id}, after,
                  customer_id=vm.customer_id)  # fmt: skip
     db.session.commit()
-    db.session.refresh(vm, ["node_id", "migration_node_id", "vm_state_id", "console_log_path"])
+    db.session.refresh(
+        vm, ["node_id", "migration_node_id", "vm_state_id", "console_log_path", "seed_pool",
+             "seed_volume", "seed_path"]
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- after a crash
@@ -256,26 +274,30 @@ def settle(vm: Vm) -> str:
             error_id=VM_BUSY, data={"vm": {"id": vm.id}},
         )  # fmt: skip
     driver = hypervisor()
-    log = console_log_name(vm.domain_name)
-    pool = vm.console_log_pool
+    made = [left for left in leftovers_on(target.node.id) if left.vm_id == vm.id]
     if on_target:
         from vmapi.services.move_volumes import remove_source_leftovers
 
+        volumes = {v.storage.volume_name for v in move.volumes}
         for volume in move.volumes:
             volume.target_path = (volume.storage.path if volume.shared else driver.volume(
                 target.uri, volume.storage.pool, volume.storage.volume_name)[0])  # fmt: skip
-        if pool is not None:
-            directory = driver.pool_dir(target.uri, pool, current_app.config["CONSOLE_LOG_DIR"])
-            move.console_log = f"{directory.rstrip('/')}/{log}"
+        if vm.console_log_pool is not None:
+            directory = driver.pool_dir(target.uri, vm.console_log_pool,
+                                        current_app.config["CONSOLE_LOG_DIR"])  # fmt: skip
+            move.console_log = f"{directory.rstrip('/')}/{console_log_name(vm.domain_name)}"
+        for left in made:  # the seed made for the move: the volume that is no storage's
+            if left.kind == VOLUME and left.name not in volumes and vm.seed_volume is not None:
+                move.seed_volume = (left.pool, left.name)
+                move.seed_path = driver.volume(target.uri, left.pool, left.name)[0]
         record(move, driver.domain(target.uri, vm.domain_name).state)
         notes = remove_source_leftovers(move)
         return " ".join([f"an interrupted move to {target.node.fqdn} was recorded", *notes])
-    for volume in move.copied:
-        storage = volume.storage
-        if find_leftover(target.node.id, VOLUME, storage.volume_name, storage.pool) is not None:
-            delete_listed_volume(target, storage.pool, storage.volume_name)
-    if pool is not None and find_leftover(target.node.id, LOG, log, pool) is not None:
-        delete_listed_log(target, pool, log)
+    for left in made:  # what the move made on the target
+        if left.kind == VOLUME:
+            delete_listed_volume(target, left.pool, left.name)
+        elif left.kind == LOG:
+            delete_listed_log(target, left.pool, left.name)
     release_target(vm, target.node.id)
     db.session.refresh(vm, ["migration_node_id"])
     return f"an interrupted move to {target.node.fqdn} was undone"
