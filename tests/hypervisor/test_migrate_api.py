@@ -15,6 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import libvirt
 import pytest
 from sqlalchemy.exc import OperationalError
 
@@ -273,6 +274,41 @@ def test_copied_disks_keep_their_content_live_and_cold(env, guest):
     assert env.api.delete(f"vm/{plain['id']}?cascade=storage").status_code == 200
 
 
+def test_a_volume_of_a_shared_pool_stays_where_it_is(env, guest):
+    from vmapi.hypervisor.libvirt.config import StoragePool
+
+    folder = env.hosts.shared / "pool"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    for name in ("a", "b"):  # one folder both hosts see, as an NFS mount would be
+        conn = libvirt.open(env.host(name).uri)
+        pool = conn.storagePoolDefineXML(StoragePool("vmapi-shared", str(folder)).to_xml(), 0)
+        pool.create(0)
+        conn.close()
+    kind = {"name": "shared-raw", "description": "raw volumes every node sees",
+            "pool": "vmapi-shared", "format": "raw", "shared": True}  # fmt: skip
+    made = env.api.post("storage_type", json=kind)
+    assert made.status_code == 201 and made.json["data"]["shared"] is True, made.json
+    body = {"size": 8 * MIB, "vm": {"id": guest["id"]},
+            "storage_type": {"id": made.json["data"]["id"]}}  # fmt: skip
+    storage = env.api.post("storage", json=body).json["data"]
+    [(path,)] = env.sql("SELECT path FROM storage WHERE id = :id", id=storage["id"])
+    assert Path(path).parent == folder
+    with open(path, "r+b") as f:
+        f.write(os.urandom(8 * MIB))
+    checksum = sha256(path)
+    source = where(env, guest)
+    target = "b" if source == "a" else "a"
+    response = move(env, guest)
+    assert response.status_code == 200, response.json
+    assert_stayed(env, guest, target, {source: 0, target: 1})
+    [(node, after)] = env.sql("SELECT node_id, path FROM storage WHERE id = :id", id=storage["id"])
+    assert (node, after) == (env.nodes[target]["id"], path)  # the same file, the target's
+    assert sha256(path) == checksum
+    assert move(env, guest).status_code == 200  # and back
+    assert_stayed(env, guest, source, {source: 1, target: 0})
+    assert sha256(path) == checksum
+
+
 def test_a_shut_off_image_vm_moves_cold_only_where_the_image_copies_share_a_path(env):
     vm = env.create("a")
     assert (
@@ -320,13 +356,24 @@ def test_evacuating_a_dead_host_rebuilds_its_vms_and_reconcile_cleans_it_when_ba
     env.sql("UPDATE node SET unreachable_since = now() WHERE id = :id", id=env.nodes["b"]["id"])
     result = evacuate(env)
     # the guest has a data volume on b (its copied-disks test): its content would be lost
-    [(storage,)] = env.sql("SELECT id FROM storage WHERE vm_id = :id AND NOT boot", id=guest["id"])
+    [(storage,)] = env.sql("SELECT id FROM storage WHERE vm_id = :id AND storage_type_id = 2",
+                           id=guest["id"])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert f"NOT rebuilt  vm-{guest['id']}: its storage [{storage}] is on the dead node" in (
         result.output
     )
     assert f"{len(vms) - 1} rebuilt, 1 not rebuilt" in result.output
     assert where(env, guest) == "b" and guest["domain_name"] not in env.domains("a")
+    # b is not dead at all: its QEMU holds the guest's shared volume, and the one on a is
+    # refused it (QEMU's image locks); the rebuild is undone
+    result = evacuate(env, "--accept-data-loss")
+    assert result.exit_code == 1 and "starting the domain on the target" in result.output
+    assert where(env, guest) == "b" and guest["domain_name"] not in env.domains("a")
+    assert allocated(env) == {"a": len(vms) - 1, "b": 1}
+    # fenced: b's guest is powered off, as it would be on a host that really died
+    conn = libvirt.open(env.host("b").uri)
+    conn.lookupByName(guest["domain_name"]).destroy()
+    conn.close()
     result = evacuate(env, "--accept-data-loss")
     assert result.exit_code == 0, result.output
     assert (

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import current_app
+from sqlalchemy import select
 
 from vmapi.error_ids import VM_HYPERVISOR_ERROR, VM_STATE_CONFLICT
 from vmapi.errors import Conflict, HypervisorFailure
 from vmapi.extensions import db
-from vmapi.hypervisor import HypervisorError, HypervisorTimeout, NameTaken, VolumeNotFound
-from vmapi.models import Image
+from vmapi.hypervisor import HypervisorError, HypervisorTimeout, NameTaken
+from vmapi.models import Image, StorageType
 from vmapi.models.leftover import LOG, VOLUME
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
@@ -81,10 +82,10 @@ def _find_shared(move: Move, volume: MovedVolume) -> None:
     """A shared pool's volume must be at the same path on the target."""
     storage, driver = volume.storage, hypervisor()
     driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
-    try:
+    path = None
+    # (listing refreshes the pool: it learns of files another node made in it)
+    if storage.volume_name in driver.volumes(move.target.uri, storage.pool):
         path, _size = driver.volume(move.target.uri, storage.pool, storage.volume_name)
-    except VolumeNotFound:
-        path = None
     if path != storage.path:
         raise HypervisorFailure(
             f"Storage {storage.id} is in a pool declared shared, but node {move.target.node.fqdn} "
@@ -234,6 +235,11 @@ def prepare_seed(move: Move, undo: Undo) -> None:
     vm, target = move.vm, move.target
     if vm.seed_volume is None:
         return  # a VM without an image has no seed
+    if seed_pool_shared():
+        # every node sees it where it is: nothing to make (a shared volume is checked)
+        seed = Seed(vm.id, vm.seed_pool, vm.seed_volume, path=vm.seed_path)
+        _find_shared(move, MovedVolume(seed, "raw", shared=True))
+        return
     files = seed_files(vm)
     pool, name, data = seed_pool(), volume_name(vm, files), seed_iso(files)
     step = "making the cloud-init seed on the target"
@@ -256,12 +262,21 @@ def prepare_seed(move: Move, undo: Undo) -> None:
 
 @dataclass(frozen=True)
 class Seed:
-    """A seed volume in the shape :func:`_make` reads a storage row in."""
+    """A seed volume in the shape a storage row is read in here."""
 
     vm_id: int
     pool: str
     volume_name: str
     id: str = "seed"
+    path: str | None = None
+
+
+def seed_pool_shared() -> bool:
+    """Whether seeds are in a pool every node sees (their storage type is shared)."""
+    from vmapi.services.seeds import SEED_STORAGE_TYPE
+
+    stmt = select(StorageType.shared).where(StorageType.name == SEED_STORAGE_TYPE)
+    return bool(db.session.scalars(stmt).one())
 
 
 def remove_source_leftovers(move: Move) -> list[str]:

@@ -300,6 +300,15 @@ def _unowned_volumes(
     copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
     for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):
         owned[node_id].setdefault(pool, set()).add(name)
+    # a shared pool's volumes show on every node that has the pool
+    shared = (
+        select(Storage.pool, Storage.volume_name)
+        .join(StorageType, StorageType.id == Storage.storage_type_id)
+        .where(StorageType.shared.is_(True))
+    )
+    for pool, name in db.session.execute(shared):
+        for node_id in hosts:
+            owned[node_id].setdefault(pool, set()).add(name)
     pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
     driver = hypervisor()
 
