@@ -306,3 +306,77 @@ def test_the_openapi_document_describes_the_move(client):
     assert set(body) == {"node", "live"}
     for status in ("200", "403", "404", "409", "502", "504"):
         assert status in operation["responses"], status
+
+
+# ---------------------------------------------------------------------- node and type fields
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("migration_uri", "qemu+ext:///system"),
+        ("migration_uri", "qemu+ssh://hv2.example.com/system?command=/bin/sh"),
+        ("migration_address", "tcp://2001:db8::1"),
+        ("migration_address", "127.0.0.1:49152"),
+        ("migration_address", "-oProxyCommand=x"),
+        ("migration_address", "ssh://hv2.example.com"),
+    ],
+)
+def test_node_migration_fields_are_checked(api, field, value):
+    from tests.conftest import node_body
+
+    error = assert_error(api.post("node", json=node_body(**{field: value})), 400,
+                         "general/validation")  # fmt: skip
+    assert field in error["data"]
+
+
+def test_node_migration_fields_and_shared_types_are_kept(api, make_node):
+    plain = make_node()
+    assert (plain["migration_uri"], plain["migration_address"]) == (None, None)
+    node = make_node(migration_uri="qemu+tls://hv2.example.com/system",
+                     migration_address="tcp://[2001:db8::7]:49200")  # fmt: skip
+    assert node["migration_uri"] == "qemu+tls://hv2.example.com/system"
+    assert node["migration_address"] == "tcp://[2001:db8::7]:49200"
+    assert api.get("storage_type/1").json["data"]["shared"] is False  # seeded: local
+    kind = {"name": "nfs", "description": "on the NFS every node mounts", "pool": "nfs",
+            "format": "raw", "shared": True}  # fmt: skip
+    assert api.post("storage_type", json=kind).json["data"]["shared"] is True
+
+
+class Spy:
+    """The real driver; what ``migrate`` was asked, before it runs (and fails: the test
+    driver cannot migrate)."""
+
+    def __init__(self, real):
+        self.real, self.asked = real, []
+
+    def __getattr__(self, name):
+        target = getattr(self.real, name)
+        if name != "migrate":
+            return target
+
+        def migrate(uri, name, dest_uri, **kwargs):
+            self.asked.append((uri, name, dest_uri, kwargs))
+            return target(uri, name, dest_uri, **kwargs)
+
+        return migrate
+
+
+def test_the_move_goes_where_the_target_node_says(api, app, pair):
+    b = pair["b"]
+    changed = {"migration_uri": "qemu+tls://hv2.example.com/system",
+               "migration_address": "192.0.2.9", "console_address": "198.51.100.20"}  # fmt: skip
+    assert api.update(f"node/{b['id']}", json=changed).status_code == 200
+    spy = app.extensions[DRIVER_KEY] = Spy(app.extensions[DRIVER_KEY])
+    assert api.post(f"vm/{pair['vm']['id']}/migrate").status_code == 502  # the test driver
+    [(uri, name, dest, asked)] = spy.asked
+    assert (uri, name, dest) == (pair["a"]["libvirt_uri"], pair["vm"]["domain_name"],
+                                 "qemu+tls://hv2.example.com/system")  # fmt: skip
+    assert asked["live"] is True and asked["migration_address"] == "192.0.2.9"
+    assert asked["display"].listen == "198.51.100.20"  # the target's, sealed
+    assert asked["display"].password_valid_to.year == 2000
+    assert asked["copy_storage"] is True and asked["unchecked_storage"] is False
+    with app.app_context():
+        path = db.session.scalar(sa.text("SELECT path FROM storage"))
+        db.session.remove()
+    [(source_path, target_path)] = asked["disk_paths"].items()
+    assert source_path == path and target_path  # the data volume, made on b to copy into
+    assert asked["console_log"].endswith(f"{pair['vm']['domain_name']}.log")
