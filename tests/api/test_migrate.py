@@ -380,3 +380,18 @@ def test_the_move_goes_where_the_target_node_says(api, app, pair):
     [(source_path, target_path)] = asked["disk_paths"].items()
     assert source_path == path and target_path  # the data volume, made on b to copy into
     assert asked["console_log"].endswith(f"{pair['vm']['domain_name']}.log")
+
+
+def test_no_libvirt_call_while_a_row_lock_is_held(api, app, pair):
+    """A move's claim, leftovers and record commit before and after libvirt is called,
+    never around it (issue 7's rule; the spy of tests/api/test_lock_hold.py)."""
+    from tests.api.test_lock_hold import LockSpy
+
+    spy = app.extensions[DRIVER_KEY] = LockSpy(app.extensions[DRIVER_KEY],
+                                               app.config["DATABASE_URL"])  # fmt: skip
+    assert api.post(f"vm/{pair['vm']['id']}/migrate").status_code == 502  # the test driver
+    calls = {name for name, _ in spy.seen}
+    assert {"domain", "ensure_pool", "create_volume", "pool_dir", "migrate",
+            "delete_volume", "delete_log"} <= calls, calls  # fmt: skip
+    assert [(name, held) for name, held in spy.seen if held] == []
+    spy.engine.dispose()
