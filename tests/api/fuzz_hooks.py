@@ -62,7 +62,8 @@ UNSTATABLE = [
         r"Key \d+(: .+| is the same key as key \d+\.)",
         r"At most \d+ bytes as UTF-8, not \d+\.",
         r"The last label must not be all digits\.",
-        # a node's bridge template must name devices Linux allows, whatever it is given
+        # a node's bridge template: its only placeholders, and the device names Linux allows
+        r"The only placeholders are \{suffix\} and \{vlan\}\.",
         r"Names a bridge of up to \d+ characters .*",
         r"A bridge name is letters, digits, .*",
     )

@@ -62,7 +62,9 @@ def ip_address(value: str) -> None:
         raise ValidationError(f"Write it in canonical form: {addr}.")
 
 
-@json_schema(pattern=r"^(?:[A-Za-z0-9_.-]|\{suffix\}|\{vlan\})+$", maxLength=64)
+# Which brace pairs are placeholders is said in words (the description): JSON Schema tools
+# rewrite a pattern naming them into one they cannot read.
+@json_schema(pattern=r"^[A-Za-z0-9_.{}-]+$", maxLength=64)
 def bridge_template(value: str) -> None:
     problem = template_problem(value)
     if problem:

@@ -30,11 +30,13 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from vmapi.error_ids import VM_NAME_TAKEN
+from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
 from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
-from vmapi.services.domains import Host, hypervisor_failure, name_taken
+from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.image_copies import pool_directory
 from vmapi.services.undo import Undo
@@ -131,12 +133,9 @@ def refresh_seed(vm: Vm, host: Host, undo: Undo, retired: list[SeedVolume] | Non
     return True
 
 
-def upload_seed(
-    vm: Vm, host: Host, files: SeedFiles, undo: Undo, retired: list[SeedVolume] | None = None
-) -> None:
-    """Upload the seed under its own name and record it on the row (the domain is
-    redefined by the caller). The seed it replaces is added to ``retired``, for
-    :func:`delete_retired` once the request has succeeded."""
+def place_seed(vm: Vm, host: Host, files: SeedFiles, undo: Undo) -> tuple[SeedVolume, str]:
+    """Upload ``files`` as the VM's seed volume on ``host`` (the VM's node, or the node it
+    moves to) without recording it; the volume and its path. Its undo deletes it."""
     name = volume_name(vm, files)
     driver = hypervisor()
     pool = seed_pool()
@@ -148,13 +147,29 @@ def upload_seed(
         timeout = float(current_app.config["LIBVIRT_TIMEOUT"])
         path = driver.upload_volume(host.uri, pool, name, len(data), [data], timeout)
     except NameTaken as exc:
-        raise name_taken(exc, f"{pool}/{name}", host) from exc
+        raise Conflict(
+            f"Node {host.node.fqdn} already has a volume named {pool}/{name} that this "
+            f"database does not own ({exc.reason}); nothing was changed. Run `flask vmapi "
+            "reconcile` to see what is in the way, and remove or rename it.",
+            error_id=VM_NAME_TAKEN,
+            data={"name": f"{pool}/{name}", "node": {"id": host.node.id}},
+        ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
     made = SeedVolume(host.node.id, pool, name)
     undo.append(lambda: delete_seed_volume(made, host))
+    return made, path
+
+
+def upload_seed(
+    vm: Vm, host: Host, files: SeedFiles, undo: Undo, retired: list[SeedVolume] | None = None
+) -> None:
+    """Upload the seed under its own name and record it on the row (the domain is
+    redefined by the caller). The seed it replaces is added to ``retired``, for
+    :func:`delete_retired` once the request has succeeded."""
+    made, path = place_seed(vm, host, files, undo)
     before = (vm.seed_pool, vm.seed_volume, vm.seed_path)
-    vm.seed_pool, vm.seed_volume, vm.seed_path = pool, name, path
+    vm.seed_pool, vm.seed_volume, vm.seed_path = made.pool, made.name, path
     db.session.commit()
 
     def restore() -> None:
