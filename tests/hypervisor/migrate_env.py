@@ -45,6 +45,10 @@ class MigrateEnv:
     def host(self, name: str) -> PrivateHost:
         return getattr(self.hosts, name)
 
+    def pool(self, name: str) -> Path:
+        """Node ``name``'s pool folder (its virt_node's local_storage_path)."""
+        return self.host(name).pool / INSTALLATION
+
     def create(self, on: str, **fields: Any) -> dict[str, Any]:
         """A VM booted from the test image on node ``on``."""
         body = {"cores": 1, "ram": 256 * MIB, "virt_method": {"id": self.method},
@@ -132,7 +136,8 @@ def migrate_env(pg_server: str, hosts: TwoHosts, image: Path, store: Path) -> It
                 "node": node_body(libvirt_uri=host.uri, interface_mode="user", reserved_ram=0,
                                   migration_address=ADDRESS),
                 "virt_method": {"name": "QEMU"},
-                "local_storage_path": str(host.pool),  # each node its own pool folder
+                # each node its own pool folder (in the host's, beside other modules' pools)
+                "local_storage_path": str(host.pool / INSTALLATION),
             }  # fmt: skip
             made = api.post("virt_node", json=body)
             assert made.status_code == 201, made.json
@@ -140,12 +145,37 @@ def migrate_env(pg_server: str, hosts: TwoHosts, image: Path, store: Path) -> It
             method = made.json["data"]["virt_method"]["id"]
         yield MigrateEnv(app, api, hosts, nodes, method, upload(api, image))
     finally:
+        for host in hosts.hosts:
+            remove_ours(host)
         if app is not None:
             with app.app_context():
                 db.session.remove()
                 db.engine.dispose()
             app.extensions[DRIVER_KEY].connections.clear()
         drop_database(pg_server, url)
+
+
+#: the pools this vmapi (and its tests) define on the hosts
+POOLS = ("vmapi", "vmapi-logs", "vmapi-shared")
+
+
+def remove_ours(host: PrivateHost) -> None:
+    """This installation's domains and the pools it made, off the host (the session's
+    other modules share the pair; their folders go with it at the session's end)."""
+    conn = libvirt.open(host.uri)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(INSTALLATION):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+        for pool in conn.listAllStoragePools():
+            if pool.name() in POOLS:
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+    finally:
+        conn.close()
 
 
 def upload(api: Api, path: Path) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def test_a_live_move_there_and_back_never_restarts_the_guest(env, guest):
         # its seed is on the new node; nothing of the guest is left on the source:
         # volumes (root disk, seed), console log
         [(seed,)] = env.sql("SELECT seed_path FROM vm WHERE id = :id", id=guest["id"])
-        assert Path(seed).parent == env.host(target).pool and Path(seed).exists()
+        assert Path(seed).parent == env.pool(target) and Path(seed).exists()
         assert [v for v in env.volumes(source) if "storage" in v or "seed" in v] == []
         assert [v for v in env.volumes(source, "vmapi-logs") if guest["domain_name"] in v] == []
     events = env.api.get(f"event?action=migrate&object_id={guest['id']}&outcome=ok").json["data"]
@@ -249,7 +249,7 @@ def test_copied_disks_keep_their_content_live_and_cold(env, guest):
     response = move(env, guest)  # b -> a, the data volume copied by libvirt
     assert response.status_code == 200, response.json
     [(node, path)] = env.sql("SELECT node_id, path FROM storage WHERE id = :id", id=storage)
-    assert node == env.nodes["a"]["id"] and Path(path).parent == env.host("a").pool
+    assert node == env.nodes["a"]["id"] and Path(path).parent == env.pool("a")
     assert sha256(path) == checksum
     assert not Path(old).exists()  # b's copy went
     # A VM without an image (nothing boots) moves cold: its volume copied through streams.
@@ -267,7 +267,7 @@ def test_copied_disks_keep_their_content_live_and_cold(env, guest):
     assert env.domains("b")[plain["domain_name"]] == "shutoff"
     assert plain["domain_name"] not in env.domains("a")
     [(path,)] = env.sql("SELECT path FROM storage WHERE id = :id", id=storage)
-    assert Path(path).parent == env.host("b").pool and sha256(path) == checksum
+    assert Path(path).parent == env.pool("b") and sha256(path) == checksum
     # it starts on b from its volume there
     assert env.api.update(f"vm/{plain['id']}", json={"vm_state": {"id": 2}}).status_code == 200
     assert env.domains("b")[plain["domain_name"]] == "running"
