@@ -71,8 +71,8 @@ format: venv
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
-# BENCH= picks some of: placement listing overhead hypervisor memory scaleout streams images
-# boot migration
+# BENCH= picks some of: placement listing overhead hypervisor memory scaleout images boot
+# migration
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
