@@ -72,7 +72,6 @@ format: venv
 	@$(BIN)/ruff format .
 
 # BENCH= picks some of: placement listing overhead hypervisor memory scaleout images boot
-# migration
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
