@@ -25,6 +25,7 @@ SUITE = (
     "streams",
     "images",
     "boot",
+    "migration",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

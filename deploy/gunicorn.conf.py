@@ -8,7 +8,10 @@ GUNICORN_* variables or command-line flags.
 
 Workers are processes: each opens its own database pool and libvirt connections after
 the fork (vmapi opens nothing at import). The worker timeout must stay well above
-VMAPI_LIBVIRT_TIMEOUT so a hung host fails a request (504) before gunicorn kills a worker.
+VMAPI_LIBVIRT_TIMEOUT so a hung host fails a request (504) before gunicorn kills a worker,
+and above VMAPI_MIGRATION_TIMEOUT plus twice VMAPI_LIBVIRT_TIMEOUT so a move past its time
+is aborted and undone before that: the workers are told the timeout (VMAPI_WORKER_TIMEOUT)
+and refuse to start with a migration timeout that does not fit.
 
 Image uploads and downloads (PUT/GET /api/v1/image/<id>/file) may take far longer than
 the timeout: they beat the worker's heartbeat for every chunk they move (post_fork
@@ -30,6 +33,9 @@ bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", multiprocessing.cpu_count() * 2 + 1))
 worker_class = "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 60))
+# vmapi keeps a VM's move (VMAPI_MIGRATION_TIMEOUT) and its abort within this; workers
+# inherit the variable (on_starting below corrects it for a --timeout flag)
+os.environ["VMAPI_WORKER_TIMEOUT"] = str(timeout)
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
@@ -45,7 +51,9 @@ if _metrics_dir is None:
 
 
 def on_starting(server):
-    """Counters of an earlier run must not be added to this one's."""
+    """Counters of an earlier run must not be added to this one's; the workers learn the
+    timeout in force (a command-line --timeout wins over this file)."""
+    os.environ["VMAPI_WORKER_TIMEOUT"] = str(server.cfg.timeout)
     os.makedirs(_metrics_dir, exist_ok=True)
     for name in os.listdir(_metrics_dir):
         if name.endswith(".db"):

@@ -191,6 +191,68 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
         sys.exit(1)
 
 
+@node_cli.command("drain")
+@click.argument("fqdn")
+@click.option("--timeout", type=click.FloatRange(min=1),
+              help="Seconds each move may take (default: VMAPI_MIGRATION_TIMEOUT; the CLI "
+              "is not bound by gunicorn's).")  # fmt: skip
+def node_drain(fqdn: str, timeout: float | None) -> None:
+    """Empty a node: it goes to maintenance (takes no new VMs), then each of its VMs moves
+    to the node the scheduler picks, live if it runs. Prints what moved and what did not;
+    exits 1 if anything stayed. Safe to run again after an interruption."""
+    from vmapi.services.migrations import drain_one, start_drain
+
+    try:
+        node, vm_ids = start_drain(fqdn)
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from exc
+    results, shown = [], {}
+    with click.progressbar(vm_ids, label=f"draining {fqdn} ({len(vm_ids)} VMs)",
+                           item_show_func=lambda i: shown.get(i)) as bar:  # fmt: skip
+        for vm_id in bar:
+            shown[vm_id] = f"vm-{vm_id}"
+            results.append(drain_one(vm_id, node.id, CLI_PRINCIPAL, timeout))
+            shown[vm_id] = results[-1].line()
+    for result in results:
+        click.echo(result.line())
+    stayed = [r for r in results if not r.moved]
+    click.echo(f"{len(results) - len(stayed)} moved, {len(stayed)} not moved")
+    if stayed:
+        sys.exit(1)
+
+
+@node_cli.command("evacuate")
+@click.argument("fqdn")
+@click.option("--accept-data-loss", is_flag=True,
+              help="Also rebuild VMs with data volumes on the node, with empty ones.")  # fmt: skip
+def node_evacuate(fqdn: str, accept_data_loss: bool) -> None:
+    """Bring back elsewhere the VMs of a node that is down (flask vmapi node check found
+    it unreachable; power it off or fence it first): it goes offline, and each VM is made
+    anew on the node the scheduler picks, with its MACs, addresses and seed. VMs with
+    data volumes on it are refused unless --accept-data-loss. When the node answers
+    again, flask vmapi reconcile --fix removes what it still has. Exits 1 if a VM was
+    not rebuilt."""
+    from vmapi.services.evacuation import EvacuationRefused, evacuate_one, start_evacuation
+
+    try:
+        node, vm_ids = start_evacuation(fqdn)
+    except EvacuationRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+    results, shown = [], {}
+    with click.progressbar(vm_ids, label=f"evacuating {fqdn} ({len(vm_ids)} VMs)",
+                           item_show_func=lambda i: shown.get(i)) as bar:  # fmt: skip
+        for vm_id in bar:
+            shown[vm_id] = f"vm-{vm_id}"
+            results.append(evacuate_one(vm_id, node.id, accept_data_loss))
+            shown[vm_id] = results[-1].line()
+    for result in results:
+        click.echo(result.line())
+    left = [r for r in results if not r.rebuilt]
+    click.echo(f"{len(results) - len(left)} rebuilt, {len(left)} not rebuilt")
+    if left:
+        sys.exit(1)
+
+
 @network_cli.command("add")
 @click.argument("network")
 @click.option("--gateway", required=True, help="The network's gateway, inside it.")

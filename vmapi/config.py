@@ -20,6 +20,9 @@ from vmapi.bridges import template_problem
 GIB = 1024**3
 MIB = 1024**2
 TIB = 1024**4
+#: seconds a move may take unless configured (under gunicorn's default 60 s timeout and
+#: the default LIBVIRT_TIMEOUT of 10 s there is room for 40)
+DEFAULT_MIGRATION_TIMEOUT = 30.0
 
 #: noVNC (served by the shipped nginx site under /console/) with what it reads from the
 #: fragment, which browsers never send to a server: connect at once through the proxy's
@@ -82,6 +85,17 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "IMAGE_MAX_SIZE": (64 * GIB, "largest image file in bytes (413 above)"),
     "IMAGE_MAX_VIRTUAL_SIZE": (TIB, "largest virtual size of an image in bytes"),
+    "MIGRATION_TIMEOUT": (
+        None,
+        "seconds a move of a VM (POST /vm/<id>/migrate, node drain, evacuate) may take before "
+        "it is aborted and undone; must stay below WORKER_TIMEOUT minus twice LIBVIRT_TIMEOUT; "
+        f"default: {DEFAULT_MIGRATION_TIMEOUT:g}, or that room less a second when it is smaller",
+    ),
+    "WORKER_TIMEOUT": (
+        None,
+        "gunicorn's worker timeout in seconds, passed on by deploy/gunicorn.conf.py (unset: "
+        "not served by gunicorn, no bound)",
+    ),
     "IMAGE_COPY_TIMEOUT": (
         1800.0,
         "seconds copying an image to a node (upload and checksum, through libvirt) may take",
@@ -127,6 +141,42 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
 }
 
 INTERFACE_MODES = ("bridge", "ethernet", "user")
+
+
+def _seconds(app: Flask, key: str) -> float | None:
+    value = app.config[key]
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RuntimeError(f"{key} must be a number of seconds, not {value!r}") from exc
+    if not seconds > 0:
+        raise RuntimeError(f"{key} must be a positive number of seconds")
+    return seconds
+
+
+def migration_timeout(app: Flask) -> float:
+    """MIGRATION_TIMEOUT, kept below the worker timeout: a move past it is aborted, and
+    the abort (bounded by LIBVIRT_TIMEOUT) and the undo (one more) must end before
+    gunicorn kills the worker. A configured value that leaves no such room stops the
+    start; the default shrinks to fit (and a second at least)."""
+    configured = _seconds(app, "MIGRATION_TIMEOUT")
+    worker = _seconds(app, "WORKER_TIMEOUT")
+    if worker is None:
+        return configured or DEFAULT_MIGRATION_TIMEOUT
+    room = worker - 2 * float(app.config["LIBVIRT_TIMEOUT"])
+    if configured is None:
+        return max(min(DEFAULT_MIGRATION_TIMEOUT, room - 1), 1.0)
+    if configured >= room:
+        raise RuntimeError(
+            f"MIGRATION_TIMEOUT {configured:g} s must be below the worker timeout "
+            f"({worker:g} s) minus twice LIBVIRT_TIMEOUT: below {room:g} s. Lower it, or raise "
+            "GUNICORN_TIMEOUT."
+        )
+    return configured
+
+
 #: An installation id: it goes into libvirt names (domains, volumes) on shared hosts.
 INSTALLATION_ID_PATTERN = re.compile(r"[a-z0-9-]{1,16}")
 
@@ -222,6 +272,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
             "part of every domain and volume name this installation makes)"
         )
 
+    app.config["MIGRATION_TIMEOUT"] = migration_timeout(app)
+    app.config["WORKER_TIMEOUT"] = _seconds(app, "WORKER_TIMEOUT")
     app.config["DATABASE_URL"] = database_url(app.config["DATABASE_URL"])
     app.config["SQLALCHEMY_DATABASE_URI"] = app.config["DATABASE_URL"]
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY"]

@@ -141,14 +141,15 @@ VM_QUOTA_EXCEEDED = _register("vm/quota_exceeded", 403,
     "data says which.",
     {"vm": {CREATE, UPDATE}})
 VM_NODE_NOT_FOUND = _register("vm/node_not_found", 404,
-    "The node the body names does not exist.", {"vm": {CREATE}})
+    "The node the body names does not exist.", {"vm": {CREATE, ACTION}})
 VM_IMAGE_NOT_FOUND = _register("vm/image_not_found", 404,
     "The image the body names does not exist, or the VM's owner may not boot from it.",
     {"vm": {CREATE}})
 VM_NO_VALID_HOST = _register("vm/no_valid_host", 409,
-    "No node can take the VM; data.removed_by_filter says why.", {"vm": {CREATE}})
+    "No node can take the VM; data.removed_by_filter says why.", {"vm": {CREATE, ACTION}})
 VM_NODE_UNSUITABLE = _register("vm/node_unsuitable", 409,
-    "The chosen node (or the VM's own, to grow) lacks the room.", {"vm": {CREATE, UPDATE}})
+    "The chosen node cannot take the VM (data.reasons), or the VM's own lacks the room to "
+    "grow.", {"vm": {CREATE, UPDATE, ACTION}})
 VM_UUID_CONFLICT = _register("vm/uuid_conflict", 409,
     "The node already holds a domain with this UUID.", {"vm": {CREATE}})
 VM_STATE_CONFLICT = _register("vm/state_conflict", 409,

@@ -12,6 +12,8 @@ What is measured:
 - ``vmapi_changes_total{resource,action,outcome}`` — every write, ``ok`` or its error id
   (VM creates and deletes and their failures among them);
 - ``vmapi_placement_duration_seconds`` — the scheduler's select-and-claim;
+- ``vmapi_migrations_total{kind,outcome}`` and ``vmapi_migration_duration_seconds{kind}``
+  — moves of VMs (live, cold, evacuate), ok or their error id;
 - ``vmapi_libvirt_call_duration_seconds{node,action}`` and
   ``vmapi_libvirt_errors_total{node,action,error}``;
 - ``vmapi_node_vcpus{node,kind}``, ``vmapi_node_ram_bytes{node,kind}`` (kind: allocated,
@@ -93,6 +95,19 @@ LIBVIRT_ERRORS = Counter(
     ["node", "action", "error"],
     registry=None,
 )
+MIGRATIONS = Counter(
+    "vmapi_migrations_total",
+    "Moves of VMs by kind (live, cold, evacuate); outcome is ok or the error id.",
+    ["kind", "outcome"],
+    registry=None,
+)
+MIGRATION_SECONDS = Histogram(
+    "vmapi_migration_duration_seconds",
+    "Time of a move of a VM, from the claim on the target to the record, by kind.",
+    ["kind"],
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+    registry=None,
+)
 DB_OPEN = Gauge(
     "vmapi_db_connections_open",
     "Database connections open in live workers.",
@@ -112,6 +127,8 @@ OWN_METRICS = (
     PLACEMENT_SECONDS,
     LIBVIRT_SECONDS,
     LIBVIRT_ERRORS,
+    MIGRATIONS,
+    MIGRATION_SECONDS,
     DB_OPEN,
     DB_IN_USE,
 )
@@ -194,6 +211,12 @@ def count_change(resource: str, action: str, outcome: str) -> None:
     CHANGES.labels(resource, action, outcome).inc()
 
 
+def count_migration(kind: str, outcome: str, seconds: float) -> None:
+    """A move of a VM: ``kind`` live, cold or evacuate; ``outcome`` ok or its error id."""
+    MIGRATIONS.labels(kind, outcome).inc()
+    MIGRATION_SECONDS.labels(kind).observe(seconds)
+
+
 def hypervisor_action(action: Action) -> None:
     """The listener of the app's ObservedDriver: a metric and a log line per call."""
     LIBVIRT_SECONDS.labels(action.node, action.action).observe(action.seconds)
@@ -210,4 +233,6 @@ def hypervisor_action(action: Action) -> None:
         "duration_ms": round(action.seconds * 1000, 2),
         "result": action.error or "ok",
     }
+    if action.target is not None:  # a migration: where the domain went
+        line["target"] = action.target
     hypervisor_log.info(json.dumps(line, separators=(",", ":")))

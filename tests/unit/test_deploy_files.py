@@ -1,6 +1,7 @@
 """The shipped deployment files agree with the application's own settings."""
 
 import importlib
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote
@@ -100,6 +101,7 @@ def test_gunicorn_workers_get_the_transfer_heartbeat(monkeypatch, tmp_path):
 
     # so that reading the settings makes no metrics directory of its own
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.delenv("VMAPI_WORKER_TIMEOUT", raising=False)  # restored afterwards
 
     from vmapi import heartbeat
 
@@ -118,3 +120,29 @@ def test_gunicorn_workers_get_the_transfer_heartbeat(monkeypatch, tmp_path):
         assert worker.beats == 1
     finally:
         heartbeat.install(None)
+
+
+def test_workers_learn_the_timeout_a_move_must_fit_in(monkeypatch, tmp_path):
+    """The settings file tells the workers gunicorn's timeout (a --timeout flag too), and
+    vmapi's defaults leave a move its time, the abort and the undo within it."""
+    import runpy
+    from types import SimpleNamespace
+
+    from flask import Flask
+
+    from vmapi.config import DEFAULT_MIGRATION_TIMEOUT, load_config
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.delenv("GUNICORN_TIMEOUT", raising=False)
+    monkeypatch.delenv("VMAPI_WORKER_TIMEOUT", raising=False)
+    for key in ("MIGRATION_TIMEOUT", "LIBVIRT_TIMEOUT"):
+        monkeypatch.delenv(f"VMAPI_{key}", raising=False)
+    settings = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+    assert os.environ["VMAPI_WORKER_TIMEOUT"] == str(settings["timeout"]) == "60"
+    app = Flask("t", instance_path=str(tmp_path))
+    load_config(app)
+    worker, migration = app.config["WORKER_TIMEOUT"], app.config["MIGRATION_TIMEOUT"]
+    assert migration == DEFAULT_MIGRATION_TIMEOUT
+    assert migration + 2 * DEFAULTS["LIBVIRT_TIMEOUT"][0] < worker == 60.0
+    settings["on_starting"](SimpleNamespace(cfg=SimpleNamespace(timeout=300)))
+    assert os.environ["VMAPI_WORKER_TIMEOUT"] == "300"

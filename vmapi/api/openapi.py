@@ -195,17 +195,21 @@ def _paths_for(
             summary = how.summary or summary
             answer = {str(how.status): _success({"$ref": f"#/components/schemas/{component}"},
                                                 f"The {action} of the {name}.")}  # fmt: skip
-        spec.path(
-            path=f"/api/v1/{name}/{{ident}}/{action}",
-            operations={
-                "post": {
-                    "tags": tags,
-                    "summary": summary,
-                    "parameters": [ident],
-                    "responses": {**answer, **errors_of(name, ACTION)},
-                }
-            },
-        )
+        operation = {
+            "tags": tags,
+            "summary": summary,
+            "parameters": [ident],
+            "responses": {**answer, **errors_of(name, ACTION)},
+        }
+        if isinstance(how, Action) and how.body is not None:
+            body = f"{name.capitalize()}{action.capitalize()}Body"
+            spec.components.schema(body, schema=how.body)
+            operation["requestBody"] = {
+                **_body({"$ref": f"#/components/schemas/{body}"}, "Optional: every field "
+                        "has a default."),
+                "required": False,
+            }  # fmt: skip
+        spec.path(path=f"/api/v1/{name}/{{ident}}/{action}", operations={"post": operation})
     for path, operations in res.extra_paths(_success, errors_of).items():
         spec.path(path=path, operations=operations)
 

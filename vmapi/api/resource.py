@@ -108,15 +108,27 @@ class ResourceApi:
         return {}
 
     def action_view(self, action: str):
+        how = self.actions[action]
+        roles = how.roles if isinstance(how, Action) and how.roles else self.write_roles
+
         def view(ident: int) -> Response:
             g.resource_name = self.name
             who = principal()
-            require_role(who, self.write_roles, f"{action} {self.name}")
+            require_role(who, roles, f"{action} {self.name}")
             self.parse_options(request.args, None)
-            if parse_body() not in (None, {}):
+            body = parse_body()
+            if isinstance(how, Action) and how.body is not None:
+                if not isinstance(body, dict | None):
+                    raise ValidationError(f"The body of {action} must be an object.")
+                try:
+                    given = how.body().load(body or {})
+                except MarshmallowError as exc:
+                    raise ValidationError(data=exc.messages) from exc
+                return how.respond(ident, who, given)
+            if body not in (None, {}):
                 raise ValidationError(f"{action} takes no body.")
-            if isinstance(self.actions[action], Action):
-                return self.actions[action].respond(ident, who)
+            if isinstance(how, Action):
+                return how.respond(ident, who, {})
             outcome = getattr(self.service, self.actions[action])(ident, who)
             return self.answer(outcome, indexed=False)
 

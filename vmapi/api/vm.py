@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, g, has_app_context, request
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
-from vmapi.api.resource import ALL_ROLES, ResourceApi, principal
+from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi, principal
 from vmapi.auth import require_role
 from vmapi.config import DEFAULTS
 from vmapi.error_ids import READ
@@ -18,9 +18,10 @@ from vmapi.errors import ValidationError
 from vmapi.representations import JSON, MSGPACK_TYPES, success_response
 from vmapi.schemas.base import Int
 from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
-from vmapi.schemas.vm import VmDeleteOptions, VmSchema, VmUpdateOptions
+from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
 from vmapi.services.console_log import DEFAULT_BYTES, read_console_log
 from vmapi.services.consoles import open_console
+from vmapi.services.migrations import migrate_vm
 from vmapi.services.vms import VmService
 
 TEXT = "text/plain"
@@ -35,6 +36,16 @@ console = Action(
     summary="A VNC console of one running vm: URL, token and display password, until "
     "expires_at. The token and password are in this answer only.",
     context=lambda: {"base_url": request.host_url},
+)
+
+#: POST /vm/<id>/migrate: move it to another node (admins only)
+migrate = Action(
+    migrate_vm,
+    VmSchema,
+    summary="Move one vm to another node (admins only): live when it runs or is paused, "
+    "cold when it is shut off; the answer is the vm on its new node.",
+    body=MigrateSchema,
+    roles=ADMIN_ONLY,
 )
 
 
@@ -112,7 +123,7 @@ vm = VmApi(
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
-    actions={"reboot": "reboot", "console": console},
+    actions={"reboot": "reboot", "console": console, "migrate": migrate},
     idempotent=True,
 )
 

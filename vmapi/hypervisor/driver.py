@@ -267,6 +267,11 @@ class HypervisorDriver(Protocol):
         """Path and capacity (bytes) of a volume (``VolumeNotFound`` when there is none)."""
         ...
 
+    def volume_length(self, uri: str, pool: str, name: str) -> int:
+        """Bytes a download of the volume yields: its file's length (for a qcow2 volume
+        not its capacity); ``VolumeNotFound`` when there is none."""
+        ...
+
     def volumes(self, uri: str, pool: str) -> list[str]:
         """Names of the volumes in the pool, as the pool finds them now (``PoolNotFound``
         when the host has no such pool)."""
@@ -340,6 +345,9 @@ class HypervisorDriver(Protocol):
         disk_paths: dict[str, str] | None = None,
         bandwidth: int | None = None,
         unchecked_storage: bool = False,
+        display: DisplaySpec | None = None,
+        incremental: bool = False,
+        console_log: str | None = None,
     ) -> None:
         """Move the domain to the host the source reaches at ``dest_uri``, defined there
         and no longer here. ``live``: the running (or paused, which stays paused) guest
@@ -350,6 +358,13 @@ class HypervisorDriver(Protocol):
         has on the target. Disks not copied must be on storage both hosts share;
         libvirt checks that it is a shared filesystem unless ``unchecked_storage`` (for
         storage declared shared that libvirt cannot recognise as such).
+        When copying with ``disk_paths``, only the writable disks it names are copied
+        (the others must be on shared storage; read-only ones, such as a seed, are only
+        pointed at the target's file); ``incremental`` copies only their top layer, onto
+        overlays the target made on its own copy of the same base. ``display`` replaces
+        the VNC display on the target (its listen address, a fresh password) and
+        ``console_log`` the file the serial console is logged to, live and in the
+        persistent definition.
         ``bandwidth`` caps the stream (MiB/s). Past ``timeout``
         seconds the migration is aborted, the domain stays where it was (running) and
         :class:`HypervisorTimeout` is raised."""

@@ -36,10 +36,18 @@ class Action:
     domain: str | None
     seconds: float
     error: str | None  # None: it worked; else the exception's class name
+    #: a migration's destination, as ``node`` is written (None for every other action)
+    target: str | None = None
 
 
 def node_of(uri: str) -> str:
     return urlsplit(uri).hostname or uri
+
+
+def target_of(action: str, args: tuple[Any, ...]) -> str | None:
+    if action == "migrate" and len(args) > 1 and isinstance(args[1], str):
+        return node_of(args[1])
+    return None
 
 
 def domain_of(action: str, args: tuple[Any, ...]) -> str | None:
@@ -64,7 +72,8 @@ class ObservedDriver:
 
         def report(uri: str, args: tuple[Any, ...], started: float, error: str | None) -> None:
             self._listener(Action(node_of(uri), name, domain_of(name, args),
-                                  time.perf_counter() - started, error))  # fmt: skip
+                                  time.perf_counter() - started, error,
+                                  target_of(name, args)))  # fmt: skip
 
         def observed(uri: str, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()

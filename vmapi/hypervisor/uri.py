@@ -106,3 +106,48 @@ def validate_libvirt_uri(uri: str) -> None:
                 f"parameter {key!r} is not allowed (parameters that run programs, such as "
                 "command and netcat, are refused)"
             )
+
+
+#: A migration stream's address (QEMU's migration URI): a host, or ``tcp://`` a host and
+#: an optional port (an IPv6 address in brackets).
+MIGRATION_ADDRESS_PATTERN = (
+    r"^(?:tcp://)?(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]|[0-9A-Fa-f:.]{2,45})"
+    r"(?::[0-9]{1,5})?$"
+)
+
+
+def validate_migration_address(address: str) -> None:
+    """Raise ``ValueError`` unless ``address`` is where a QEMU migration stream can go:
+    an IP address or host name, or ``tcp://`` one with an optional port."""
+    if not address or len(address) > 255:
+        raise ValueError("must be an address of at most 255 characters")
+    rest = address.removeprefix("tcp://")
+    if "://" in rest:
+        raise ValueError("only tcp:// migration URIs are accepted")
+    host, port = rest, None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise ValueError("an IPv6 address in brackets may only be followed by :port")
+            port = tail[1:]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    elif rest.count(":") > 1:
+        try:
+            ipaddress.ip_address(rest)
+        except ValueError:
+            raise ValueError(f"{rest!r} is not a valid IPv6 address") from None
+        if address.startswith("tcp://"):
+            raise ValueError("write an IPv6 address in a tcp:// URI in brackets")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("port must be between 1 and 65535")
+    if port is not None and not address.startswith("tcp://"):
+        raise ValueError("give a port only in a tcp:// URI (tcp://host:port)")
+    if ":" not in host and not _valid_host(host):
+        raise ValueError(f"{host!r} is not a valid host name or address")

@@ -6,6 +6,7 @@ from vmapi.models.event import Event
 from vmapi.models.idempotency import IdempotencyKey
 from vmapi.models.image import Image, ImageCopy
 from vmapi.models.installation import Installation
+from vmapi.models.leftover import Leftover
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.quota import Quota
@@ -26,6 +27,7 @@ __all__ = [
     "Ipv4Address",
     "Ipv6Address",
     "Ipv6Pool",
+    "Leftover",
     "Node",
     "NodeState",
     "Quota",

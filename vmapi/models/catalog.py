@@ -63,6 +63,9 @@ class StorageType(SeededMixin, db.Model):
     description: Mapped[str] = mapped_column(String(255), unique=True)
     pool: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
+    #: Every node sees the pool's volumes at the same path (NFS, a cluster filesystem): a
+    #: moved VM keeps them where they are instead of having them copied.
+    shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class CacheOption(SeededMixin, db.Model):

@@ -61,6 +61,11 @@ class Node(db.Model):
     bridge: Mapped[str | None] = mapped_column(String(64))
     #: The address VM displays (VNC) listen on; null: the configured CONSOLE_ADDRESS.
     console_address: Mapped[str | None] = mapped_column(String(64))
+    #: How another node's libvirtd reaches this one to move a VM here (null: libvirt_uri,
+    #: or the template's URI), and where QEMU's migration stream connects (an address or
+    #: a tcp:// URI; null: libvirt picks the node's host name).
+    migration_uri: Mapped[str | None] = mapped_column(String(1024))
+    migration_address: Mapped[str | None] = mapped_column(String(255))
     allocated_cores: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     allocated_ram: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     #: Schedulable capacity minus allocation, kept by every claim and node write (see

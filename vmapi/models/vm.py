@@ -52,6 +52,11 @@ class Vm(db.Model):
     #: the domain's name in libvirt, with the installation's id; written in the
     #: transaction that makes the row (once the id is known) and never changed
     domain_name: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: The node a move of the VM has claimed capacity on, set (with the claim) before the
+    #: domain moves and cleared when the move is recorded or undone. Left set only by a
+    #: process that died mid-move: the next move of the VM, or reconcile, settles it by
+    #: where libvirt says the domain is (services/moves.py).
+    migration_node_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), index=True)
     #: What the guest is told (API.md "Guest configuration"). ``ssh_keys`` and
     #: ``user_data`` are write-only: answers, the audit trail and logs never show them
     #: (services/audit.py records fingerprints and a flag instead).
@@ -71,7 +76,7 @@ class Vm(db.Model):
     console_log_pool: Mapped[str | None] = mapped_column(String(255))
     console_log_path: Mapped[str | None] = mapped_column(String(1024))
 
-    node: Mapped[Node] = relationship(lazy="raise_on_sql")
+    node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
     image: Mapped[Image | None] = relationship(lazy="raise_on_sql", viewonly=True)

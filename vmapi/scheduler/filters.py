@@ -67,10 +67,12 @@ def enough_ram(r: PlacementRequest, d: Defaults) -> ColumnElement:
 
 
 def uuid_free(r: PlacementRequest, d: Defaults) -> ColumnElement:
-    """The node does not already hold a domain with the VM's UUID (libvirt forbids it)."""
+    """The node does not already hold a domain with the VM's UUID (libvirt forbids it),
+    nor is one being moved there. A moving VM's own node fails it: it goes elsewhere."""
     if r.uuid is None:
         return literal(True)
-    return ~exists().where(and_(Vm.node_id == Node.id, Vm.uuid == r.uuid))
+    here = or_(Vm.node_id == Node.id, Vm.migration_node_id == Node.id)
+    return ~exists().where(and_(Vm.uuid == r.uuid, here))
 
 
 Filter = Callable[[PlacementRequest, Defaults], ColumnElement]

@@ -34,6 +34,8 @@ class StorageTypeSchema(BaseSchema):
     description = text_field(required=True)
     pool = name_field(max_length=255)
     format = Str(required=True, validate=validate.OneOf(STORAGE_FORMATS))
+    #: every node sees the pool at the same path: a moved VM's volumes stay where they are
+    shared = Bool()
 
 
 class CacheOptionSchema(BaseSchema):

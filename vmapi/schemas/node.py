@@ -9,7 +9,12 @@ from marshmallow import ValidationError, validate
 
 from vmapi.bridges import template_problem
 from vmapi.config import INTERFACE_MODES
-from vmapi.hypervisor.uri import URI_PATTERN, validate_libvirt_uri
+from vmapi.hypervisor.uri import (
+    MIGRATION_ADDRESS_PATTERN,
+    URI_PATTERN,
+    validate_libvirt_uri,
+    validate_migration_address,
+)
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.schemas.base import (
     INT32_MAX,
@@ -36,6 +41,14 @@ def validate_uri(value: str) -> None:
         validate_libvirt_uri(value)
     except ValueError as exc:
         raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
+
+
+@json_schema(pattern=MIGRATION_ADDRESS_PATTERN)
+def migration_address(value: str) -> None:
+    try:
+        validate_migration_address(value)
+    except ValueError as exc:
+        raise ValidationError(f"Not a migration address: {exc}.") from exc
 
 
 @json_schema(anyOf=[{"format": "ipv4"}, {"format": "ipv6"}])
@@ -85,6 +98,10 @@ class NodeSchema(BaseSchema):
     )  # fmt: skip
     #: where VM displays listen (null: CONSOLE_ADDRESS); the console proxy must reach it
     console_address = Str(allow_none=True, validate=ip_address)
+    #: how another node's libvirtd reaches this one for a move (null: libvirt_uri)
+    migration_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri])
+    #: where QEMU's migration stream to this node connects (null: its host name)
+    migration_address = Str(allow_none=True, validate=migration_address)
     allocated_cores = Int(dump_only=True)
     allocated_ram = Int(dump_only=True)
     #: host health, kept by ``flask vmapi node check``

@@ -163,3 +163,18 @@ class VmDeleteOptions(BaseSchema):
     """``?cascade=storage``: delete the VM's volumes too (otherwise 409 vm/has_storage)."""
 
     cascade = Str(validate=validate.OneOf(["storage"]))
+
+
+class MigrateSchema(BaseSchema):
+    """The body of ``POST /vm/<id>/migrate`` (none at all: the defaults)."""
+
+    node = Ref(
+        "node",
+        allow_none=True,
+        load_default=None,
+        metadata={"description": "Where to; null: the node the scheduler picks."},
+    )
+    live = Bool(
+        load_default=True,
+        metadata={"description": "false: a shut-off move only (a running VM: 409)."},
+    )

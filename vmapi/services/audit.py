@@ -30,14 +30,16 @@ from sqlalchemy import event, insert, inspect, select
 
 from vmapi.extensions import db
 from vmapi.guest_inputs import ssh_key_fingerprints
-from vmapi.models import ConsoleToken, Event, IdempotencyKey, Image, Vm
+from vmapi.models import ConsoleToken, Event, IdempotencyKey, Image, Leftover, Vm
 
 log = logging.getLogger(__name__)
 
 PENDING = "vmapi.audit.pending"
 #: Models whose rows are not changes anyone asked for (a console request is recorded as
-#: the VM's ``console`` action by vmapi.services.consoles, without the token's hash).
-NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken)
+#: the VM's ``console`` action by vmapi.services.consoles, without the token's hash; a
+#: leftover is the bookkeeping of a move, recorded as the VM's ``migrate`` or
+#: ``evacuate``).
+NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover)
 #: Columns never written to the trail, by model; and bookkeeping columns of a node
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
 SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}

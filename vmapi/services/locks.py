@@ -31,14 +31,16 @@ INT32_MAX = 2**31 - 1
 
 
 @contextmanager
-def vm_locks(vm_ids: Iterable[int]) -> Iterator[None]:
-    """Hold the locks of these VMs for the block; 409 ``vm/busy`` if one stays taken."""
+def vm_locks(vm_ids: Iterable[int], wait: float | None = None) -> Iterator[None]:
+    """Hold the locks of these VMs for the block; 409 ``vm/busy`` if one stays taken
+    for ``wait`` seconds (default VM_LOCK_TIMEOUT; 0: try once)."""
     # VM ids are 32-bit serials: a larger id names no VM, and needs no lock.
     ids = sorted({i for i in vm_ids if 0 < i <= INT32_MAX})
     if db.engine.dialect.name != "postgresql" or not ids:
         yield
         return
-    wait = float(current_app.config["VM_LOCK_TIMEOUT"])
+    if wait is None:
+        wait = float(current_app.config["VM_LOCK_TIMEOUT"])
     conn = db.engine.connect()
     try:
         for vm_id in ids:

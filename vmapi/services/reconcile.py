@@ -14,10 +14,18 @@ Findings, one per domain, VM or volume:
   before names carried the installation) without our metadata; reported, never touched.
 - ``unowned_volume``: a volume in one of vmapi's pools (those its storage types, storage
   rows and image copies name) that no storage row, image copy or VM (its cloud-init seed)
-  owns: leaked, another installation's, a replaced seed that could not be deleted, or
-  something in the way of a new volume's name; reported, never touched.
+  owns and no leftover lists: leaked, another installation's, a replaced seed that could
+  not be deleted, or something in the way of a new volume's name; reported, never
+  touched.
 - ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
   reached when the image went); fix: delete the volume and its row.
+- ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
+  by where libvirt says the domain is (recorded there, or undone), under the VM's lock.
+- ``leftover``: a domain or volume listed as left on a node by a move or an evacuation
+  (services/leftovers.py); fix: removed once the node answers (unless a row owns it
+  there again). On a node that does not answer it waits.
+- ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
+  leftover nor an interrupted move; reported.
 Domains are matched with VMs by the name stored on the VM's row. Young ``building``
 rows are skipped: their request may still be running.
 """
@@ -35,10 +43,14 @@ from vmapi.auth import as_utc
 from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
-from vmapi.models import ImageCopy, Node, Storage, StorageType, Vm, VmState
+from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, VmState
+from vmapi.models.leftover import DOMAIN, VOLUME
 from vmapi.services.console_log import delete_console_log
 from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
 from vmapi.services.hosts import hypervisor, on_hosts
+from vmapi.services.leftovers import leftovers_on, remove_leftover
+from vmapi.services.locks import vm_locks
+from vmapi.services.moves import settle
 from vmapi.services.names import installation_id
 from vmapi.services.seeds import delete_seed
 from vmapi.services.volumes import delete_vm_volumes
@@ -71,6 +83,10 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     # one timeout in all, not one each.
     listings = on_hosts({i: h.uri for i, h in hosts.items()}, hypervisor().domains, workers)
     answering = {}
+    moving = {vm.id: vm for vm in db.session.scalars(
+        select(Vm).where(Vm.migration_node_id.is_not(None)).order_by(Vm.id))}  # fmt: skip
+    listed = {(left.node_id, left.kind, left.pool, left.name) for left in
+              db.session.scalars(select(Leftover))}  # fmt: skip
     for node in nodes:
         host = hosts[node.id]
         listing = listings[node.id]
@@ -83,13 +99,64 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
         vms = db.session.scalars(select(Vm).where(Vm.node_id == node.id).order_by(Vm.id)).all()
         for vm in vms:
             domain = domains.pop(vm.domain_name, None)
-            findings += _check_vm(vm, domain, states[vm.vm_state_id], host, stale_before, fix)
+            if vm.id not in moving:  # (its domain may be on the way: settled below)
+                findings += _check_vm(vm, domain, states[vm.vm_state_id], host, stale_before, fix)
         for domain in domains.values():
-            finding = _check_domain(domain, installation, known_ids, host, fix)
+            expected = (node.id, DOMAIN, None, domain.name) in listed or any(
+                vm.domain_name == domain.name and vm.migration_node_id == node.id
+                for vm in moving.values()
+            )
+            finding = None if expected else _check_domain(domain, installation, known_ids, host,
+                                                          fix)  # fmt: skip
             if finding:
                 findings.append(finding)
+    findings += [_check_move(vm, fix) for vm in moving.values()]
+    findings += _leftovers(nodes, answering, fix)
     findings += _stale_copies(answering, fix)
-    return findings + _unowned_volumes(answering, workers)
+    return findings + _unowned_volumes(answering, listed, workers)
+
+
+def _check_move(vm: Vm, fix: bool) -> Finding:
+    """A move whose process died: settled under the VM's lock (a move still running holds
+    it, and is left alone)."""
+    target = db.session.get(Node, vm.migration_node_id)
+    finding = Finding("interrupted_move", db.session.get(Node, vm.node_id).fqdn,
+                      vm.domain_name or vm.name, f"moving to {target.fqdn}")  # fmt: skip
+    if not fix:
+        return finding
+    try:
+        with vm_locks([vm.id], wait=0):
+            finding.detail += f"; {settle(vm)}"
+            finding.fixed = True
+    except (ApiError, HypervisorError) as exc:
+        db.session.rollback()
+        finding.detail += f"; not settled: {getattr(exc, 'message', exc)}"
+    return finding
+
+
+def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list[Finding]:
+    """Listed leftovers: removed where the node answers, waiting where it does not (and
+    while the VM they belong to is still moving: a running move is using them)."""
+    found = []
+    moving = set(db.session.scalars(select(Vm.id).where(Vm.migration_node_id.is_not(None))))
+    for node in nodes:
+        for left in leftovers_on(node.id):
+            where = left.name if left.kind == DOMAIN else f"{left.pool}/{left.name}"
+            finding = Finding("leftover", node.fqdn, where, f"{left.kind} {left.reason}")
+            host = answering.get(node.id)
+            if host is None:
+                finding.detail += "; the node does not answer"
+            elif left.vm_id in moving:
+                finding.detail += f"; vm-{left.vm_id} is still moving"
+            elif fix:
+                try:
+                    finding.detail += f"; {remove_leftover(left, host)}"
+                    finding.fixed = True
+                except HypervisorError as exc:
+                    db.session.rollback()
+                    finding.detail += f"; not removed: {exc.reason}"
+            found.append(finding)
+    return found
 
 
 def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
@@ -212,8 +279,11 @@ def _check_domain(
     return None
 
 
-def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
-    """Volumes in vmapi's pools on the nodes that answered that no storage row owns.
+def _unowned_volumes(
+    hosts: dict[int, Host], listed: set[tuple[int, str, str | None, str]], workers: int
+) -> list[Finding]:
+    """Volumes in vmapi's pools on the nodes that answered that no storage row owns and
+    no leftover lists (those are reported as leftovers).
 
     vmapi's pools are those its storage types name and those its rows recorded (a type's
     pool may have been another when older volumes were made)."""
@@ -230,6 +300,15 @@ def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
     copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
     for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):
         owned[node_id].setdefault(pool, set()).add(name)
+    # a shared pool's volumes show on every node that has the pool
+    shared = (
+        select(Storage.pool, Storage.volume_name)
+        .join(StorageType, StorageType.id == Storage.storage_type_id)
+        .where(StorageType.shared.is_(True))
+    )
+    for pool, name in db.session.execute(shared):
+        for node_id in hosts:
+            owned[node_id].setdefault(pool, set()).add(name)
     pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
     driver = hypervisor()
 
@@ -251,6 +330,8 @@ def _unowned_volumes(hosts: dict[int, Host], workers: int) -> list[Finding]:
             continue
         for pool, names in answer.items():
             for name in names or []:
+                if (node_id, VOLUME, pool, name) in listed:
+                    continue
                 if name not in owned[node_id].get(pool, set()):
                     findings.append(
                         Finding(

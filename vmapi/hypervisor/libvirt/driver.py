@@ -21,6 +21,7 @@ from vmapi.hypervisor.driver import (
     SHUTOFF,
     DiskSpec,
     DisplayInfo,
+    DisplaySpec,
     DomainInfo,
     DomainSpec,
     HostInfo,
@@ -312,6 +313,14 @@ class LibvirtDriver:
 
         return self._call(uri, look)
 
+    def volume_length(self, uri: str, pool: str, name: str) -> int:
+        def look(conn: libvirt.virConnect) -> int:
+            vol = conn.storagePoolLookupByName(pool).storageVolLookupByName(name)
+            # the file's own length (a qcow2's is not its capacity)
+            return vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+
+        return self._call(uri, look)
+
     def volumes(self, uri: str, pool: str) -> list[str]:
         def listing(conn: libvirt.virConnect) -> list[str]:
             found = conn.storagePoolLookupByName(pool)
@@ -439,6 +448,9 @@ class LibvirtDriver:
         disk_paths: dict[str, str] | None = None,
         bandwidth: int | None = None,
         unchecked_storage: bool = False,
+        display: DisplaySpec | None = None,
+        incremental: bool = False,
+        console_log: str | None = None,
     ) -> None:
         if copy_storage and not live:
             raise NotSupported(uri, "libvirt copies disks only in a live migration; "
@@ -453,17 +465,23 @@ class LibvirtDriver:
             if not live and self._bounded(uri, dom.isActive):
                 raise OperationInvalid(uri, "the domain is running; only a shut-off one "
                                             "moves cold")  # fmt: skip
-            dest_xml = persist_xml = None
-            if disk_paths:
+            dest_xml = persist_xml = copied = None
+            if disk_paths or display is not None or console_log is not None:
+                paths = disk_paths or {}
                 xml = self._bounded(uri, lambda: dom.XMLDesc(migration.MIGRATABLE))
                 inactive = self._bounded(uri, lambda: dom.XMLDesc(
                     migration.MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))  # fmt: skip
-                dest_xml = migration.retarget_disks(xml, disk_paths)
-                persist_xml = migration.retarget_disks(inactive, disk_paths)
-            params = migration.params(live, migration_address, bandwidth, dest_xml, persist_xml)
+                dest_xml = migration.retarget(xml, paths, display, console_log)
+                persist_xml = migration.retarget(inactive, paths, display, console_log)
+                # only the disks named are copied: the others are on shared storage
+                copied = migration.copied_targets(xml, paths) if copy_storage else None
+            params = migration.params(live, migration_address, bandwidth, dest_xml, persist_xml,
+                                      copied)  # fmt: skip
             job = migration.in_thread(
                 lambda: dom.migrateToURI3(
-                    dest_uri, params, migration.flags(live, copy_storage, unchecked_storage)
+                    dest_uri,
+                    params,
+                    migration.flags(live, copy_storage, unchecked_storage, incremental),
                 ),
                 f"libvirt-migrate {name}",
             )

@@ -23,11 +23,13 @@ from typing import TypeVar
 import libvirt
 
 from vmapi.hypervisor.driver import (
+    DisplaySpec,
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
     MigrationStats,
 )
+from vmapi.hypervisor.libvirt.config import Graphics
 from vmapi.hypervisor.libvirt.connection import close_quietly, translate
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,17 @@ MIGRATABLE = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
 MS = 1000.0
 
 
-def flags(live: bool, copy_storage: bool, unchecked_storage: bool) -> int:
+def flags(
+    live: bool, copy_storage: bool, unchecked_storage: bool, incremental: bool = False
+) -> int:
     if not live:
         return OFFLINE_FLAGS
-    found = LIVE_FLAGS | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if copy_storage else 0)
+    # incremental: only each disk's top layer is copied, into an overlay the target made
+    # on its own copy of the same base (a disk without a backing file is copied whole)
+    copy = (
+        libvirt.VIR_MIGRATE_NON_SHARED_INC if incremental else libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    )
+    found = LIVE_FLAGS | (copy if copy_storage else 0)
     # libvirt refuses to leave a disk behind on a filesystem it does not know as shared
     # (NFS, GlusterFS, ...); the caller may vouch for storage both hosts see anyway.
     return found | (libvirt.VIR_MIGRATE_UNSAFE if unchecked_storage else 0)
@@ -82,10 +91,22 @@ def listen_address(address: str) -> str:
     return host.split(":", 1)[0] if host.count(":") == 1 else host
 
 
-def retarget_disks(xml: str, paths: dict[str, str]) -> str:
-    """The domain's XML with each disk whose file is a key of ``paths`` pointing at its
-    value instead (where the volume is on the target)."""
+def retarget(
+    xml: str,
+    paths: dict[str, str],
+    display: DisplaySpec | None = None,
+    console_log: str | None = None,
+) -> str:
+    """The domain's XML as the target is to have it: each disk whose file is a key of
+    ``paths`` pointing at its value instead (where the volume is on the target), the
+    VNC display replaced by ``display`` (the target's listen address: the source's may
+    not exist there; a fresh sealed password: the source's may have been handed out),
+    and the serial console logged to ``console_log`` (a file of the target's)."""
     root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
+    if console_log is not None:
+        for log_element in [*root.iterfind("devices/serial/log"),
+                            *root.iterfind("devices/console/log")]:  # fmt: skip
+            log_element.set("file", console_log)
     for disk in root.iterfind("devices/disk"):
         source = disk.find("source")
         if source is None or source.get("file") not in paths:
@@ -95,7 +116,29 @@ def retarget_disks(xml: str, paths: dict[str, str]) -> str:
         # reads its file's own.
         for backing in disk.findall("backingStore"):
             disk.remove(backing)
+    devices = root.find("devices")
+    if display is not None and devices is not None:
+        new = Graphics(display.listen, display.password, display.password_valid_to).element()
+        for index, old in enumerate(list(devices)):
+            if old.tag == "graphics" and old.get("type") == "vnc":
+                devices.remove(old)
+                devices.insert(index, new)
     return ET.tostring(root, encoding="unicode")
+
+
+def copied_targets(xml: str, paths: dict[str, str]) -> list[str]:
+    """Device names of the writable disks whose files are keys of ``paths``: the ones a
+    non-shared-disk migration copies (the others stay on storage both hosts share; a
+    read-only disk, such as a seed, is not copied: the target has its own)."""
+    root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
+    found = []
+    for disk in root.iterfind("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if disk.find("readonly") is not None or source is None or target is None:
+            continue
+        if source.get("file") in paths:
+            found.append(target.get("dev"))
+    return found
 
 
 def params(
@@ -104,8 +147,11 @@ def params(
     bandwidth: int | None,
     dest_xml: str | None,
     persist_xml: str | None,
+    copy_disks: list[str] | None = None,
 ) -> dict[str, object]:
     found: dict[str, object] = {}
+    if live and copy_disks:
+        found[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = copy_disks
     if live and migration_address:
         found[libvirt.VIR_MIGRATE_PARAM_URI] = stream_uri(migration_address)
         found[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = listen_address(migration_address)
@@ -177,6 +223,13 @@ def wait(
         return
     except FutureTimeout:
         pass
+    except (KeyboardInterrupt, SystemExit):
+        # the caller is going away (Ctrl-C, a worker ended): the job must not go on alone
+        try:
+            bounded(dom.abortJob)
+        except HypervisorError as exc:
+            log.info("aborting the migration of %s: %s", dom.name(), exc)
+        raise
     try:
         bounded(dom.abortJob)
     except HypervisorError as exc:  # no job any more: it ended as the deadline passed

@@ -1,0 +1,133 @@
+"""The ledger of leftovers: what a node still has of this installation but should not.
+
+A move records the volumes it makes on its target before making them (so a process that
+dies mid-move leaves a list, not a mystery), and the source's volumes once the domain
+has left them; an evacuation records everything it leaves on the dead node. Whoever
+removes the thing drops its entry. ``flask vmapi reconcile --fix`` removes what is still
+listed once the node answers (:func:`remove_leftover`), and only while no row owns it
+there again: a VM may have moved back meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, select
+
+from vmapi.extensions import db
+from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
+from vmapi.models import Leftover, Storage, Vm
+from vmapi.models.leftover import DOMAIN, LOG, VOLUME
+from vmapi.services.domains import Host, remove_domain
+from vmapi.services.hosts import hypervisor
+from vmapi.services.names import installation_id
+
+
+def note_leftover(
+    node_id: int, kind: str, name: str, reason: str, vm_id: int | None, pool: str | None = None
+) -> None:
+    """List ``name`` (a domain, or a volume of ``pool``) as a leftover on the node, once;
+    the caller commits."""
+    if find_leftover(node_id, kind, name, pool) is None:
+        db.session.add(Leftover(node_id=node_id, kind=kind, pool=pool, name=name, vm_id=vm_id,
+                                reason=reason[:255], created_at=datetime.now(UTC)))  # fmt: skip
+
+
+def find_leftover(node_id: int, kind: str, name: str, pool: str | None = None) -> Leftover | None:
+    stmt = select(Leftover).where(
+        Leftover.node_id == node_id,
+        Leftover.kind == kind,
+        Leftover.name == name,
+        Leftover.pool.is_(None) if pool is None else Leftover.pool == pool,
+    )
+    return db.session.scalars(stmt).first()
+
+
+def drop_leftover(node_id: int, kind: str, name: str, pool: str | None = None) -> None:
+    """It is gone (or owned again): strike it off; the caller commits."""
+    stmt = delete(Leftover).where(
+        Leftover.node_id == node_id,
+        Leftover.kind == kind,
+        Leftover.name == name,
+        Leftover.pool.is_(None) if pool is None else Leftover.pool == pool,
+    )
+    db.session.execute(stmt.execution_options(synchronize_session=False))
+
+
+def delete_listed_volume(host: Host, pool: str, name: str) -> None:
+    """Delete a volume of ours that is listed as a leftover on the host (gone already is
+    fine), and strike it off."""
+    with contextlib.suppress(VolumeNotFound):
+        hypervisor().delete_volume(host.uri, pool, name)
+    drop_leftover(host.node.id, VOLUME, name, pool)
+    db.session.commit()
+
+
+def delete_listed_log(host: Host, pool: str, name: str) -> None:
+    """Delete a console log of ours listed as a leftover on the host (and its rotated
+    files), and strike it off."""
+    with contextlib.suppress(PoolNotFound):
+        hypervisor().delete_log(host.uri, pool, name)
+    drop_leftover(host.node.id, LOG, name, pool)
+    db.session.commit()
+
+
+def leftovers_on(node_id: int) -> list[Leftover]:
+    stmt = select(Leftover).where(Leftover.node_id == node_id).order_by(Leftover.id)
+    return list(db.session.scalars(stmt))
+
+
+def owned_there(leftover: Leftover) -> bool:
+    """Whether a row of the database owns the thing on that node again (a VM that moved
+    back: its domain, volumes and log carry the same names)."""
+    if leftover.kind == DOMAIN:
+        stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
+    elif leftover.kind == LOG:
+        stmt = select(Vm.id).where(
+            Vm.node_id == leftover.node_id,
+            Vm.console_log_pool == leftover.pool,
+            Vm.console_log_path.endswith(f"/{leftover.name}"),
+        )
+    else:
+        stmt = select(Storage.id).where(
+            Storage.node_id == leftover.node_id,
+            Storage.pool == leftover.pool,
+            Storage.volume_name == leftover.name,
+        )
+    return db.session.scalars(stmt).first() is not None
+
+
+def remove_leftover(leftover: Leftover, host: Host) -> str:
+    """Remove a listed leftover from its (answering) node and strike it off; what was
+    done. A domain is removed only if it carries this installation's metadata (anything
+    else of that name is not ours to touch). Hypervisor errors are the caller's."""
+    where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
+    if owned_there(leftover):
+        done = f"{where} is owned on this node again; kept"
+    elif leftover.kind == VOLUME:
+        try:
+            hypervisor().delete_volume(host.uri, leftover.pool, leftover.name)
+            done = "volume deleted"
+        except (VolumeNotFound, PoolNotFound):
+            done = "volume already gone"
+    elif leftover.kind == LOG:
+        with contextlib.suppress(PoolNotFound):
+            hypervisor().delete_log(host.uri, leftover.pool, leftover.name)
+        done = "console log deleted"
+    else:
+        done = _remove_domain(leftover, host)
+    drop_leftover(leftover.node_id, leftover.kind, leftover.name, leftover.pool)
+    db.session.commit()
+    return done
+
+
+def _remove_domain(leftover: Leftover, host: Host) -> str:
+    try:
+        info = hypervisor().domain(host.uri, leftover.name)
+    except DomainNotFound:
+        return "domain already gone"
+    if info.installation != installation_id() or info.vm_id != leftover.vm_id:
+        return "a domain of that name without this VM's metadata is there; left alone"
+    remove_domain(host, leftover.name)
+    return "domain destroyed and undefined"

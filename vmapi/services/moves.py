@@ -1,0 +1,311 @@
+"""A move of a VM between nodes: its books (services/migrations.py puts the steps in
+order; services/move_volumes.py prepares the target; evacuation and reconcile use some).
+
+- :func:`claim_target`: capacity on the target, claimed through the scheduler (the same
+  filters as a create; the VM's own node fails ``uuid_free``, so it is never the
+  target), committed together with the VM's marker ``migration_node_id``;
+- :func:`record`: one transaction says where the VM, its volumes and its console log
+  are, releases the source's claim, clears the marker, ends the VM's console tokens,
+  and lists what the source keeps as leftovers (deleted next, or by reconcile);
+- :func:`settle`: a marker found set (its process died mid-move) is resolved by where
+  libvirt says the domain is: recorded there, or undone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from vmapi.error_ids import (
+    VM_BUSY,
+    VM_NO_VALID_HOST,
+    VM_NODE_NOT_FOUND,
+    VM_NODE_UNSUITABLE,
+)
+from vmapi.errors import Conflict, NotFound, ServiceUnavailable
+from vmapi.extensions import db
+from vmapi.hypervisor import (
+    DomainNotFound,
+)
+from vmapi.models import Node, Storage, StorageType, Vm
+from vmapi.models.leftover import DOMAIN, LOG, VOLUME
+from vmapi.scheduler import (
+    NoValidHost,
+    PlacementRequest,
+    claim,
+    release,
+    select_and_claim,
+    unsuitable_reasons,
+)
+from vmapi.services import audit
+from vmapi.services.consoles import invalidate_console_tokens
+from vmapi.services.domains import Host, state_id
+from vmapi.services.hosts import hypervisor, node_uri
+from vmapi.services.leftovers import (
+    delete_listed_log,
+    delete_listed_volume,
+    drop_leftover,
+    leftovers_on,
+    note_leftover,
+)
+from vmapi.services.names import console_log_name
+from vmapi.services.vms import scheduler_defaults
+from vmapi.telemetry import PLACEMENT_SECONDS
+
+LIVE, COLD, EVACUATE = "live", "cold", "evacuate"
+
+
+@dataclass
+class MovedVolume:
+    """A storage row of the moving VM and where its volume is on the target."""
+
+    storage: Storage
+    fmt: str
+    shared: bool  # its pool is the same on every node: it stays where it is
+    target_path: str | None = None
+
+
+@dataclass
+class Move:
+    """One VM on its way from ``source`` to ``target``, within ``deadline``."""
+
+    vm: Vm
+    source: Host
+    target: Host
+    kind: str  # live, cold or evacuate (made anew on the target: the source is dead)
+    volumes: list[MovedVolume]
+    deadline: float  # time.monotonic()
+    started: float = field(default_factory=time.monotonic)
+    messages: list[str] = field(default_factory=list)
+    downtime: float | None = None  # seconds, as libvirt reports a live move's
+    console_log: str | None = None  # the file the domain logs its console to on the target
+    seed_path: str | None = None  # the cloud-init seed made on the target
+    seed_volume: tuple[str, str] | None = None  # (pool, name) there
+    old_seed: tuple[str, str] | None = None  # (pool, name) on the source, once recorded
+
+    @property
+    def copied(self) -> list[MovedVolume]:
+        return [v for v in self.volumes if not v.shared]
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def moved_volumes(vm_id: int) -> list[MovedVolume]:
+    stmt = (
+        select(Storage, StorageType.format, StorageType.shared)
+        .join(StorageType, StorageType.id == Storage.storage_type_id)
+        .where(Storage.vm_id == vm_id)
+        .order_by(Storage.id)
+    )
+    return [MovedVolume(storage, fmt, shared) for storage, fmt, shared in db.session.execute(stmt)]
+
+
+def migration_uri(node: Node) -> str:
+    """How the source's libvirtd reaches ``node``: its migration_uri, else its own URI."""
+    return node.migration_uri or node_uri(node.fqdn, node.libvirt_uri)
+
+
+# ---------------------------------------------------------------------- the target's claim
+def claim_target(vm: Vm, node_id: int | None) -> Node:
+    """Claim the VM's cores and RAM on ``node_id`` (or the node the scheduler picks) and
+    mark the VM as moving there, in one commit."""
+    request = PlacementRequest(vm.cores, vm.ram, vm.virt_method_id, vm.uuid)
+    defaults = scheduler_defaults()
+    try:
+        if node_id is None:
+            try:
+                with PLACEMENT_SECONDS.time():
+                    weigher = current_app.config["SCHEDULER_WEIGHER"]
+                    node = select_and_claim(request, defaults, weigher)
+            except NoValidHost as exc:
+                raise Conflict(
+                    f"No other node can take vm-{vm.id}; data.removed_by_filter says why (its "
+                    "own node counts under uuid_free).",
+                    error_id=VM_NO_VALID_HOST,
+                    data=exc.details,
+                ) from exc
+        else:
+            node = _claim_named(vm, node_id, request, defaults)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id).values(migration_node_id=node.id)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    return node
+
+
+def _claim_named(vm: Vm, node_id: int, request: PlacementRequest, defaults: Any) -> Node:
+    if db.session.get(Node, node_id) is None:
+        raise NotFound(f"No node with id {node_id}.", error_id=VM_NODE_NOT_FOUND,
+                       data={"node": {"id": node_id}})  # fmt: skip
+    if node_id == vm.node_id:
+        raise Conflict(f"vm-{vm.id} is on node {node_id} already.", error_id=VM_NODE_UNSUITABLE,
+                       data={"node": {"id": node_id}, "reasons": ["source"]})  # fmt: skip
+    reasons = unsuitable_reasons(node_id, request, defaults)
+    node = None if reasons else claim(node_id, request.cores, request.ram)
+    if node is None:
+        reasons = reasons or ["enough_cores", "enough_ram"]  # a concurrent claim won
+        raise Conflict(
+            f"Node {node_id} cannot take vm-{vm.id}: {', '.join(reasons)}.",
+            error_id=VM_NODE_UNSUITABLE,
+            data={"node": {"id": node_id}, "reasons": reasons},
+        )
+    return node
+
+
+def release_target(vm: Vm, node_id: int) -> None:
+    """Undo :func:`claim_target`: give the capacity back and clear the marker."""
+    db.session.rollback()
+    release(node_id, vm.cores, vm.ram)
+    db.session.execute(
+        update(Vm).where(Vm.id == vm.id).values(migration_node_id=None)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    db.session.commit()
+
+
+# ---------------------------------------------------------------------- the record
+def record(move: Move, state: str | None) -> None:
+    """Say where the VM and its volumes are now, in one transaction (retried once: the
+    domain has moved whatever the database does). ``state``: libvirt's on the target
+    (None: keep the stored one). 503 when the database cannot take it: the marker stays,
+    and the next move of the VM or reconcile records it."""
+    for attempt in (1, 2):
+        try:
+            _record_once(move, state)
+            return
+        except OperationalError as exc:
+            db.session.rollback()
+            if attempt == 2:
+                raise ServiceUnavailable(
+                    f"vm-{move.vm.id} moved to {move.target.node.fqdn}, but the database could "
+                    "not record it; the next move of the VM or `flask vmapi reconcile --fix` "
+                    "records it there.",
+                    data={"step": "recording the move", "node": {"id": move.target.node.id},
+                          "moved": True},
+                ) from exc  # fmt: skip
+
+
+def _record_once(move: Move, state: str | None) -> None:
+    vm, source, target = move.vm, move.source.node, move.target.node
+    values: dict[str, Any] = {"node_id": target.id, "migration_node_id": None}
+    if state is not None:
+        values["vm_state_id"] = state_id(state)
+    release(source.id, vm.cores, vm.ram)
+    db.session.execute(
+        update(Vm).where(Vm.id == vm.id).values(**values)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    moved = {}
+    how = "evacuation" if move.kind == EVACUATE else "move"
+    for volume in move.volumes:
+        storage = db.session.get(Storage, volume.storage.id, populate_existing=True)
+        moved[str(storage.id)] = {"from": storage.path, "to": volume.target_path}
+        if not volume.shared:
+            note_leftover(source.id, VOLUME, storage.volume_name,
+                          f"left by the {how} of vm-{vm.id} to {target.fqdn}", vm.id,
+                          storage.pool)  # fmt: skip
+            drop_leftover(target.id, VOLUME, storage.volume_name, storage.pool)
+        storage.node_id, storage.path = target.id, volume.target_path
+    if move.kind == EVACUATE:  # the dead node keeps its domain until reconcile removes it
+        note_leftover(source.id, DOMAIN, vm.domain_name,
+                      f"left by the evacuation of vm-{vm.id} to {target.fqdn}", vm.id)  # fmt: skip
+    if move.console_log is not None:
+        log = console_log_name(vm.domain_name)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id).values(console_log_path=move.console_log)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        note_leftover(source.id, LOG, log, f"left by the {how} of vm-{vm.id} to {target.fqdn}",
+                      vm.id, vm.console_log_pool)  # fmt: skip
+        drop_leftover(target.id, LOG, log, vm.console_log_pool)
+    if move.seed_volume is not None:
+        pool, name = move.seed_volume
+        move.old_seed = (vm.seed_pool, vm.seed_volume)
+        db.session.execute(
+            update(Vm).where(Vm.id == vm.id)
+            .values(seed_pool=pool, seed_volume=name, seed_path=move.seed_path)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        note_leftover(source.id, VOLUME, vm.seed_volume,
+                      f"left by the {how} of vm-{vm.id} to {target.fqdn}", vm.id,
+                      vm.seed_pool)  # fmt: skip
+        drop_leftover(target.id, VOLUME, name, pool)
+    invalidate_console_tokens(vm.id)
+    seconds = round(time.monotonic() - move.started, 3)
+    after: dict[str, Any] = {"node_id": target.id, "kind": move.kind, "seconds": seconds}
+    if move.downtime is not None:
+        after["downtime_ms"] = round(move.downtime * 1000, 1)
+    if moved:
+        after["storage"] = moved
+    action = "evacuate" if move.kind == EVACUATE else "migrate"
+    audit.record(db.session, "vm", vm.id, action, {"node_id": source.id}, after,
+                 customer_id=vm.customer_id)  # fmt: skip
+    db.session.commit()
+    db.session.refresh(
+        vm, ["node_id", "migration_node_id", "vm_state_id", "console_log_path", "seed_pool",
+             "seed_volume", "seed_path"]
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- after a crash
+def settle(vm: Vm) -> str:
+    """Resolve a move whose process died (the VM's marker is set), by where libvirt says
+    the domain is: on the target only, the move is recorded there; otherwise it is
+    undone (the claim released, the volumes made on the target deleted). Call it
+    holding the VM's lock. What was done."""
+    target = Host.of(vm.migration_node_id)
+    source = Host.of(vm.node_id)
+    on_target, on_source = _there(target, vm), _there(source, vm)
+    move = Move(vm, source, target, LIVE, moved_volumes(vm.id), deadline=time.monotonic())
+    if on_target and on_source:
+        raise Conflict(
+            f"vm-{vm.id} has a domain on {source.node.fqdn} and on {target.node.fqdn}: its "
+            "move may still be running in libvirt. Retry when it has ended.",
+            error_id=VM_BUSY, data={"vm": {"id": vm.id}},
+        )  # fmt: skip
+    driver = hypervisor()
+    made = [left for left in leftovers_on(target.node.id) if left.vm_id == vm.id]
+    if on_target:
+        from vmapi.services.move_volumes import remove_source_leftovers
+
+        volumes = {v.storage.volume_name for v in move.volumes}
+        for volume in move.volumes:
+            volume.target_path = (volume.storage.path if volume.shared else driver.volume(
+                target.uri, volume.storage.pool, volume.storage.volume_name)[0])  # fmt: skip
+        if vm.console_log_pool is not None:
+            directory = driver.pool_dir(target.uri, vm.console_log_pool,
+                                        current_app.config["CONSOLE_LOG_DIR"])  # fmt: skip
+            move.console_log = f"{directory.rstrip('/')}/{console_log_name(vm.domain_name)}"
+        for left in made:  # the seed made for the move: the volume that is no storage's
+            if left.kind == VOLUME and left.name not in volumes and vm.seed_volume is not None:
+                move.seed_volume = (left.pool, left.name)
+                move.seed_path = driver.volume(target.uri, left.pool, left.name)[0]
+        record(move, driver.domain(target.uri, vm.domain_name).state)
+        notes = remove_source_leftovers(move)
+        return " ".join([f"an interrupted move to {target.node.fqdn} was recorded", *notes])
+    for left in made:  # what the move made on the target
+        if left.kind == VOLUME:
+            delete_listed_volume(target, left.pool, left.name)
+        elif left.kind == LOG:
+            delete_listed_log(target, left.pool, left.name)
+    release_target(vm, target.node.id)
+    db.session.refresh(vm, ["migration_node_id"])
+    return f"an interrupted move to {target.node.fqdn} was undone"
+
+
+def _there(host: Host, vm: Vm) -> bool:
+    try:
+        hypervisor().domain(host.uri, vm.domain_name)
+    except DomainNotFound:
+        return False
+    return True
