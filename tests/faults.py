@@ -25,6 +25,8 @@ class FaultyDriver:
         self.real = real
         self.armed: dict[str, list[tuple[int, str]]] = {}
         self.calls: list[str] = []
+        #: each call's method and arguments after the URI, in order
+        self.called: list[tuple[str, tuple[Any, ...]]] = []
 
     def fail(self, method: str, kind: str = "error", skip: int = 0) -> None:
         """Make ``method`` fail once, after letting ``skip`` calls of it through."""
@@ -37,6 +39,7 @@ class FaultyDriver:
 
         def call(uri: str, *args: Any, **kwargs: Any) -> Any:
             self.calls.append(name)
+            self.called.append((name, args))
             plans = self.armed.get(name)
             if plans:
                 skip, kind = plans[0]
