@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -206,19 +207,10 @@ def node_drain(fqdn: str, timeout: float | None) -> None:
         node, vm_ids = start_drain(fqdn)
     except ApiError as exc:
         raise click.ClickException(exc.message) from exc
-    results, shown = [], {}
-    with click.progressbar(vm_ids, label=f"draining {fqdn} ({len(vm_ids)} VMs)",
-                           item_show_func=lambda i: shown.get(i)) as bar:  # fmt: skip
-        for vm_id in bar:
-            shown[vm_id] = f"vm-{vm_id}"
-            results.append(drain_one(vm_id, node.id, CLI_PRINCIPAL, timeout))
-            shown[vm_id] = results[-1].line()
-    for result in results:
-        click.echo(result.line())
-    stayed = [r for r in results if not r.moved]
-    click.echo(f"{len(results) - len(stayed)} moved, {len(stayed)} not moved")
-    if stayed:
-        sys.exit(1)
+    results = each_vm(
+        f"draining {fqdn}", vm_ids, lambda vm_id: drain_one(vm_id, node.id, CLI_PRINCIPAL, timeout)
+    )
+    report(results, [r.moved for r in results], "moved")
 
 
 @node_cli.command("evacuate")
@@ -238,17 +230,32 @@ def node_evacuate(fqdn: str, accept_data_loss: bool) -> None:
         node, vm_ids = start_evacuation(fqdn)
     except EvacuationRefused as exc:
         raise click.ClickException(str(exc)) from exc
-    results, shown = [], {}
-    with click.progressbar(vm_ids, label=f"evacuating {fqdn} ({len(vm_ids)} VMs)",
+    results = each_vm(
+        f"evacuating {fqdn}", vm_ids, lambda vm_id: evacuate_one(vm_id, node.id, accept_data_loss)
+    )
+    report(results, [r.rebuilt for r in results], "rebuilt")
+
+
+def each_vm(label: str, vm_ids: list[int], one: Callable[[int], Any]) -> list[Any]:
+    """``one(vm_id)`` for each VM in turn under a progress bar naming the VM, then its
+    result's line; the results in order (drain and evacuate)."""
+    results: list[Any] = []
+    shown: dict[int, str] = {}
+    with click.progressbar(vm_ids, label=f"{label} ({len(vm_ids)} VMs)",
                            item_show_func=lambda i: shown.get(i)) as bar:  # fmt: skip
         for vm_id in bar:
             shown[vm_id] = f"vm-{vm_id}"
-            results.append(evacuate_one(vm_id, node.id, accept_data_loss))
+            results.append(one(vm_id))
             shown[vm_id] = results[-1].line()
+    return results
+
+
+def report(results: list[Any], done: list[bool], verb: str) -> None:
+    """Each result's line and the count; exit status 1 if any VM was not ``verb``."""
     for result in results:
         click.echo(result.line())
-    left = [r for r in results if not r.rebuilt]
-    click.echo(f"{len(results) - len(left)} rebuilt, {len(left)} not rebuilt")
+    left = done.count(False)
+    click.echo(f"{len(results) - left} {verb}, {left} not {verb}")
     if left:
         sys.exit(1)
 

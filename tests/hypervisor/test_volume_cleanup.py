@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from tests.conftest import MIB
 from tests.faults import FaultyDriver
+from tests.hypervisor import boot_env
 from tests.hypervisor.qemu_host import INSTALLATION, create
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainSpec
@@ -28,17 +29,7 @@ INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 
 
 def remove_pool(conn):
-    try:
-        pool = conn.storagePoolLookupByName(POOL)
-    except libvirt.libvirtError:
-        return
-    if not pool.isActive():
-        pool.create(0)
-    pool.refresh(0)
-    for vol in pool.listAllVolumes():
-        vol.delete(0)
-    pool.destroy()
-    pool.undefine()
+    boot_env.remove_pool(conn, POOL)
 
 
 @pytest.fixture
