@@ -79,10 +79,12 @@ def populate(
     addresses: int,
     cores: int = 64,
     ram: int = 256 * GIB,
+    analyze: bool = True,
 ) -> Fleet:
     """Nodes of ``cores`` vCPUs and ``ram`` bytes on ``uri``, ``vms_per_node`` placed VMs of
     1 vCPU and 256 MiB each (with an interface), free capacity to match, and
-    ``addresses`` free IPv4 addresses plus an IPv6 pool."""
+    ``addresses`` free IPv4 addresses plus an IPv6 pool. ``analyze=False`` leaves the
+    planner's statistics as they were (a fleet registered in bulk, autovacuum off)."""
     app = create_app({"DATABASE_URL": url, "LOG_LEVEL": "WARNING"})
     vm_ram = 256 * MIB
     with app.app_context():
@@ -147,7 +149,8 @@ def populate(
         state = running
         db.session.remove()
         db.engine.dispose()
-    vacuum_analyze(url)
+    if analyze:
+        vacuum_analyze(url)
     return Fleet(url, method, ids, state)
 
 

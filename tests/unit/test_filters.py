@@ -35,7 +35,15 @@ def test_filter_names_and_order_are_the_contract():
 @pytest.mark.parametrize(
     ("name", "fragments"),
     [
-        ("state_schedulable", ["node.node_state_id IN", "node_state.schedulable IS true"]),
+        (
+            "state_schedulable",
+            [
+                "EXISTS",
+                "node_state.id = node.node_state_id",
+                "node_state.schedulable IS true",
+                "OFFSET",
+            ],
+        ),
         (
             "has_virt_method",
             ["EXISTS", "virt_node.node_id = node.id", "virt_node.virt_method_id = 7"],

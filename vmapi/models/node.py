@@ -100,10 +100,17 @@ class VirtNode(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)
-    virt_method_id: Mapped[int] = mapped_column(ForeignKey("virt_method.id"), index=True)
+    virt_method_id: Mapped[int] = mapped_column(ForeignKey("virt_method.id"))
     local_storage_gb: Mapped[int | None] = mapped_column(Integer)
     vg_name: Mapped[str | None] = mapped_column(String(255))
     local_storage_path: Mapped[str | None] = mapped_column(String(1024))
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql")
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
+
+
+# A method's nodes (``?virt_method.id=``), and the scheduler's per-node check "has this
+# method": both columns in the index condition whichever index the planner picks for it
+# (with this one or the unique (node_id, virt_method_id)), never a scan of the method's
+# every node per node visited.
+Index("ix_virt_node_method_node", VirtNode.virt_method_id, VirtNode.node_id)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, exists, literal, or_, select
+from sqlalchemy import ColumnElement, Exists, and_, literal, or_, select
 
 from vmapi.models import ImageCopy, Node, NodeState, VirtNode, Vm
 
@@ -35,16 +35,27 @@ class Defaults:
     down_since: datetime  # nodes whose libvirt failed after this are skipped
 
 
+def per_node(*conditions: ColumnElement) -> Exists:
+    """``EXISTS`` over other tables, kept a check of each node the walk visits.
+
+    The ``OFFSET 0`` stops PostgreSQL from turning the subquery into a join: on missing
+    or stale statistics (a fleet registered in bulk, a new virt_method) it drove the
+    query from the other table (every node joined, then sorted: 12-14 ms on 2,000 nodes
+    instead of 1), or, walking the nodes, paired each with every virt_node row of the
+    method (320,000 rows filtered for 200 nodes visited). As a subplan it is one index
+    lookup per node visited (``tests/api/test_placement_plans.py``).
+    """
+    return select(literal(1)).where(*conditions).offset(0).exists()
+
+
 def state_schedulable(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """The node's state lets it receive new VMs."""
-    return Node.node_state_id.in_(select(NodeState.id).where(NodeState.schedulable.is_(True)))
+    return per_node(NodeState.id == Node.node_state_id, NodeState.schedulable.is_(True))
 
 
 def has_virt_method(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """The node has a virt_node for the requested virtualization method."""
-    return exists().where(
-        and_(VirtNode.node_id == Node.id, VirtNode.virt_method_id == r.virt_method_id)
-    )
+    return per_node(VirtNode.node_id == Node.id, VirtNode.virt_method_id == r.virt_method_id)
 
 
 def libvirt_reachable(r: PlacementRequest, d: Defaults) -> ColumnElement:
@@ -72,7 +83,7 @@ def uuid_free(r: PlacementRequest, d: Defaults) -> ColumnElement:
     if r.uuid is None:
         return literal(True)
     here = or_(Vm.node_id == Node.id, Vm.migration_node_id == Node.id)
-    return ~exists().where(and_(Vm.uuid == r.uuid, here))
+    return ~per_node(Vm.uuid == r.uuid, here)
 
 
 Filter = Callable[[PlacementRequest, Defaults], ColumnElement]
@@ -103,7 +114,7 @@ WEIGHERS: dict[str, Callable[[], list[ColumnElement]]] = {"spread": spread, "pac
 
 def holds_image(image_id: int) -> ColumnElement:
     """The node holds a copy of the image (its base volume there is made already)."""
-    return exists().where(and_(ImageCopy.image_id == image_id, ImageCopy.node_id == Node.id))
+    return per_node(ImageCopy.image_id == image_id, ImageCopy.node_id == Node.id)
 
 
 def weigh(r: PlacementRequest, weigher: str) -> list[ColumnElement]:
