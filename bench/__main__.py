@@ -17,6 +17,7 @@ from pathlib import Path
 
 SUITE = (
     "placement",
+    "stale",
     "listing",
     "overhead",
     "hypervisor",
