@@ -420,3 +420,25 @@ def test_vlan_change_that_the_host_refuses_changes_nothing(app, api, vm_host, te
         "metadata/{urn:vmapi:domain:1}instance/{urn:vmapi:domain:1}interface"
     )
     assert meta.get("vlan") is None  # the first domain's definition was put back too
+
+
+def test_a_taken_mac_is_skipped_and_eight_taken_refuse(api, vm_host, test_method, monkeypatch):
+    """A new interface's INSERT skips a MAC another interface has (its unique index) and
+    tries another; after eight taken ones the create is refused and leaves nothing. The
+    random MACs are chosen here: a collision in 2^24 cannot be had on demand."""
+    from vmapi.services import network
+
+    vm_host()
+    first = api.post("vm", json=vm_body(test_method)).json["data"]
+    taken = api.get(f"interface/{first['interfaces'][0]['id']}").json["data"]["mac"]
+    offered = iter([taken, taken, "52:54:00:aa:bb:cc"])
+    monkeypatch.setattr(network, "random_mac", lambda: next(offered))
+    second = api.post("vm", json=vm_body(test_method))
+    assert second.status_code == 201, second.json
+    mac = api.get(f"interface/{second.json['data']['interfaces'][0]['id']}").json["data"]["mac"]
+    assert mac == "52:54:00:aa:bb:cc"
+
+    monkeypatch.setattr(network, "random_mac", lambda: taken)
+    assert_error(api.post("vm", json=vm_body(test_method)), 409, "vm/no_free_mac")
+    assert set(api.get("vm").json["data"]) == {str(first["id"]), str(second.json["data"]["id"])}
+    assert len(api.get("interface").json["data"]) == 2

@@ -150,6 +150,12 @@ def record(
     )
 
 
+def created(session: Any, obj: Any) -> None:
+    """Queue the create event of a row inserted by a Core statement that returned it (the
+    flush that records ORM inserts never saw it), with the values a flush would record."""
+    _queue(session, obj, "create", None, _values(obj))
+
+
 def _queue(session: Any, obj: Any, action: str, before: Any, after: Any) -> None:
     customer, vm = _owner(obj)
     record(session, resource_of(obj.__table__.name), obj.id, action, before, after,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -41,33 +42,68 @@ MAC_PREFIX = "52:54:00"
 MAC_ATTEMPTS = 8
 
 
-def new_mac() -> str:
-    """A MAC in the locally administered 52:54:00 range that no interface has yet."""
+def random_mac() -> str:
+    return MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+
+
+def insert_interface(vm: Vm) -> Interface:
+    """The VM's new interface, with a MAC in the locally administered 52:54:00 range
+    that no interface has: one INSERT that skips a MAC already taken (unique index),
+    tried again with another (was a SELECT for the MAC, then the INSERT)."""
+    insert = INSERT_OR_SKIP[db.engine.dialect.name]
     for _ in range(MAC_ATTEMPTS):
-        mac = MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
-        if db.session.scalars(select(Interface.id).where(Interface.mac == mac)).first() is None:
-            return mac
+        mac = random_mac()
+        stmt = (
+            insert(Interface)
+            .values(vm_id=vm.id, mac=mac, device_suffix=interface_device_suffix(mac))
+            .on_conflict_do_nothing(index_elements=["mac"])
+            .returning(Interface)
+        )
+        interface = db.session.scalars(stmt).first()
+        if interface is not None:
+            audit.created(db.session, interface)
+            return interface
     raise Conflict("No free MAC address was found; retry the request.", error_id=VM_NO_FREE_MAC)
 
 
-def _hand_out(model: type, which: Any, interface_id: int) -> int | None:
+@dataclass(frozen=True)
+class Held:
+    """An address just handed to an interface, as the domain's definition needs it."""
+
+    address: str
+    prefix: int
+    gateway: str | None
+
+
+@dataclass(frozen=True)
+class NewInterface:
+    """An interface made for a new VM with the addresses it holds: the domain is defined
+    from these, without reading them back."""
+
+    row: Interface
+    ipv4: Held
+    ipv6: Held
+
+
+def _hand_out(model: type, which: Any, interface_id: int) -> Held | None:
     """Give the free address ``which`` (an id, or a subquery picking one) to the interface;
-    its id, or None when it was not free any more."""
+    the address, or None when it was not free any more."""
     stmt = (
         update(model)
         .where(model.id == which, model.interface_id.is_(None))
         .values(interface_id=interface_id)
-        .returning(model.id)
+        .returning(model.id, model.address, model.prefix, model.gateway)
         .execution_options(synchronize_session=False)
     )
-    taken = db.session.execute(stmt).scalar()
-    if taken is not None:
-        audit.record(db.session, audit.resource_of(model.__tablename__), taken, "update",
-                     {"interface_id": None}, {"interface_id": interface_id})  # fmt: skip
-    return taken
+    taken = db.session.execute(stmt).first()
+    if taken is None:
+        return None
+    audit.record(db.session, audit.resource_of(model.__tablename__), taken.id, "update",
+                 {"interface_id": None}, {"interface_id": interface_id})  # fmt: skip
+    return Held(taken.address, taken.prefix, taken.gateway)
 
 
-def _take_free(model: type, interface_id: int) -> int | None:
+def _take_free(model: type, interface_id: int) -> Held | None:
     free = (
         select(model.id)
         .where(model.interface_id.is_(None))
@@ -79,7 +115,7 @@ def _take_free(model: type, interface_id: int) -> int | None:
     return _hand_out(model, free, interface_id)
 
 
-def allocate_ipv4(interface_id: int) -> int:
+def allocate_ipv4(interface_id: int) -> Held:
     """Hold the lowest free IPv4 address for the interface; 409 when there is none."""
     taken = _take_free(Ipv4Address, interface_id)
     if taken is None:
@@ -90,7 +126,7 @@ def allocate_ipv4(interface_id: int) -> int:
     return taken
 
 
-def allocate_ipv6(interface_id: int) -> int:
+def allocate_ipv6(interface_id: int) -> Held:
     """Hold a free IPv6 address (a released one first), else the next one of a pool.
 
     A pool is one counter row that every create needs. On PostgreSQL the next address is
@@ -159,16 +195,11 @@ def _next_pool_address(conn: Any, dialect: str) -> int:
         # an address an admin added by hand: count on
 
 
-def add_interface(vm: Vm) -> Interface:
+def add_interface(vm: Vm) -> NewInterface:
     """One NIC with a new MAC, one free IPv4 and one free IPv6 address (in the caller's
     transaction: a 409 for want of addresses rolls everything back)."""
-    mac = new_mac()
-    interface = Interface(vm_id=vm.id, mac=mac, device_suffix=interface_device_suffix(mac))
-    db.session.add(interface)
-    db.session.flush()
-    allocate_ipv4(interface.id)
-    allocate_ipv6(interface.id)
-    return interface
+    interface = insert_interface(vm)
+    return NewInterface(interface, allocate_ipv4(interface.id), allocate_ipv6(interface.id))
 
 
 def release_interfaces(vm_id: int) -> None:

@@ -19,6 +19,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 from vmapi.services.names import installation_id
+from vmapi.services.network import NewInterface
 
 MIB = 1024 * 1024
 #: A display password's expiry long past: libvirt has QEMU expire it at once.
@@ -45,6 +46,22 @@ def bridge_template(node: Node, config: dict[str, Any]) -> str:
     return node.bridge or config["BRIDGE_TEMPLATE"]
 
 
+def nic_spec(mac: str, suffix: str, mode: str, bridge: str, v4: Any, v6: Any,
+             vlan: int | None) -> NicSpec:  # fmt: skip
+    """One NIC; ``v4``/``v6``: an address row or a :class:`~vmapi.services.network.Held`
+    (``address``, ``prefix``, ``gateway``), or None."""
+    return NicSpec(
+        mac=mac,
+        mode=mode,
+        device=device_name(mode, suffix, bridge, vlan),
+        ipv4=f"{v4.address}/{v4.prefix}" if v4 else None,
+        ipv4_gateway=v4.gateway if v4 else None,
+        ipv6=f"{v6.address}/{v6.prefix}" if v6 else None,
+        ipv6_gateway=v6.gateway if v6 else None,
+        vlan=vlan,
+    )
+
+
 def nic_specs(vm_id: int, mode: str, bridge: str) -> tuple[NicSpec, ...]:
     stmt = (
         select(Interface)
@@ -55,24 +72,30 @@ def nic_specs(vm_id: int, mode: str, bridge: str) -> tuple[NicSpec, ...]:
         # (an undo may have changed rows whose relationships it had loaded before).
         .execution_options(populate_existing=True)
     )
-    nics = []
-    for iface in db.session.scalars(stmt).unique():
-        v4 = iface.ipv4[0] if iface.ipv4 else None
-        v6 = iface.ipv6[0] if iface.ipv6 else None
-        vlan = iface.vlan.tag if iface.vlan else None
-        nics.append(
-            NicSpec(
-                mac=iface.mac,
-                mode=mode,
-                device=device_name(mode, iface.device_suffix, bridge, vlan),
-                ipv4=f"{v4.address}/{v4.prefix}" if v4 else None,
-                ipv4_gateway=v4.gateway if v4 else None,
-                ipv6=f"{v6.address}/{v6.prefix}" if v6 else None,
-                ipv6_gateway=v6.gateway if v6 else None,
-                vlan=vlan,
-            )
+    return tuple(
+        nic_spec(
+            iface.mac,
+            iface.device_suffix,
+            mode,
+            bridge,
+            iface.ipv4[0] if iface.ipv4 else None,
+            iface.ipv6[0] if iface.ipv6 else None,
+            iface.vlan.tag if iface.vlan else None,
         )
-    return tuple(nics)
+        for iface in db.session.scalars(stmt).unique()
+    )
+
+
+def new_nic_specs(
+    made: list[NewInterface], node: Node, config: dict[str, Any]
+) -> tuple[NicSpec, ...]:
+    """The NICs of a VM being created, from what creating them returned (no VLAN yet):
+    the same definition :func:`nic_specs` reads back, without the read."""
+    mode, bridge = interface_mode(node, config), bridge_template(node, config)
+    return tuple(
+        nic_spec(new.row.mac, new.row.device_suffix, mode, bridge, new.ipv4, new.ipv6, None)
+        for new in made
+    )
 
 
 IOTUNE = {
@@ -150,9 +173,11 @@ def domain_spec(
     config: dict[str, Any],
     without_disk: int | None = None,
     disks: bool = True,
+    nics: tuple[NicSpec, ...] | None = None,
 ) -> DomainSpec:
     """The whole domain from the database; ``without_disk`` leaves one storage out,
-    ``disks=False`` all of them (a VM being created has none)."""
+    ``disks=False`` all of them (a VM being created has none); ``nics``: the NICs when
+    the caller has them (:func:`new_nic_specs`), else read."""
     max_vcpus = max(vm.cores, int(config["VM_MAX_VCPUS"]))
     max_memory = max(vm.ram, int(vm.ram * float(config["VM_MAX_RAM_FACTOR"])) // MIB * MIB)
     quota = vm.cputime_limit
@@ -168,7 +193,9 @@ def domain_spec(
         installation=installation_id(),
         cpu_period=config["CPU_PERIOD"] if quota is not None else None,
         cpu_quota=quota,
-        nics=nic_specs(vm.id, interface_mode(node, config), bridge_template(node, config)),
+        nics=nics
+        if nics is not None
+        else nic_specs(vm.id, interface_mode(node, config), bridge_template(node, config)),
         disks=disk_specs(vm.id, exclude=without_disk) if disks else (),
         display=sealed_display(node, config),
         seed=seed_disk(vm),

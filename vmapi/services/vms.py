@@ -93,7 +93,7 @@ from vmapi.services.seeds import (
     refresh_seed,
     wanted,
 )
-from vmapi.services.specs import domain_spec
+from vmapi.services.specs import domain_spec, new_nic_specs
 from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 from vmapi.services.volumes import delete_vm_volumes
@@ -235,7 +235,7 @@ class VmService(CrudService[Vm]):
             # stored before the domain is made, so whatever happens next, the row names it
             vm.domain_name = domain_name(vm.id)
             vm.hostname = vm.hostname or vm.name
-            interface = add_interface(vm)
+            made = add_interface(vm)
             if boot is not None:
                 root = add_root_disk(vm, boot)
             db.session.commit()
@@ -265,8 +265,9 @@ class VmService(CrudService[Vm]):
                 refresh_seed(vm, host, undo)
         # a new VM without an image has no storage yet: no need to read its disks
         with db.session.no_autoflush:  # the log's path is written with the state, below
+            nics = new_nic_specs([made], host.node, current_app.config)
             spec = domain_spec(
-                vm, new.method, host.node, current_app.config, disks=root is not None
+                vm, new.method, host.node, current_app.config, disks=root is not None, nics=nics
             )
         driver = hypervisor()
         step = "defining the domain"
@@ -283,7 +284,7 @@ class VmService(CrudService[Vm]):
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
         # What the answer shows, known without reading it back: the one new interface.
-        set_committed_value(vm, "interfaces", [interface])
+        set_committed_value(vm, "interfaces", [made.row])
         return vm
 
     # ------------------------------------------------------------------ update
