@@ -14,6 +14,7 @@ from tests.conftest import GIB, node_body, unavailable, vm_body
 from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavailable
 from vmapi.hypervisor.driver import DomainSpec
 from vmapi.hypervisor.libvirt import LibvirtDriver
+from vmapi.hypervisor.libvirt.config import StoragePool
 from vmapi.hypervisor.libvirt.connection import ConnectionCache
 
 
@@ -288,3 +289,53 @@ def test_a_host_that_hangs_after_connecting_times_out_and_keepalive_ends_the_cal
     hung_thread.join(30)
     assert not hung_thread.is_alive()
     driver.connections.clear()
+
+
+# ---------------------------------------------------------------- the console-log pool's directory
+
+
+def test_a_pools_directory_is_kept_per_connection_until_a_call_fails(tmp_path):
+    driver = LibvirtDriver(timeout=5)
+    pool = f"vmapi-logs-{uuid.uuid4().hex[:8]}"
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    os.makedirs(second)
+    admin = LibvirtDriver(timeout=5)  # the host's administrator, on a connection of its own
+    other = admin.connections.get(URI, 5)
+    try:
+        assert driver.pool_dir(URI, pool, first) == first
+        # the pool is moved behind vmapi's back: the kept answer is given without asking
+        found = other.storagePoolLookupByName(pool)
+        found.destroy()
+        found.undefine()
+        moved = other.storagePoolDefineXML(StoragePool(pool, second).to_xml(), 0)
+        moved.create(0)
+        assert driver.pool_dir(URI, pool, first) == first
+        # any failed call on the connection forgets it: libvirt is asked again
+        with pytest.raises(DomainNotFound):
+            driver.domain(URI, "vmapi-no-such-domain")
+        assert driver.pool_dir(URI, pool, first) == second
+        # so does a new connection (the old one was dropped)
+        moved.destroy()
+        moved.undefine()
+        assert driver.pool_dir(URI, pool, first) == second  # kept
+        driver.connections.drop(URI)
+        assert driver.pool_dir(URI, pool, first) == first  # asked: made again where asked
+        # and the pool made anew by vmapi itself
+        found = other.storagePoolLookupByName(pool)
+        found.destroy()
+        found.undefine()
+        assert driver.ensure_pool(URI, pool, second) is True
+        assert driver.pool_dir(URI, pool, first) == second
+        # and age: with no time to keep it, every call asks
+        driver.pool_dir_seconds = 0
+        found = other.storagePoolLookupByName(pool)
+        found.destroy()
+        found.undefine()
+        assert driver.pool_dir(URI, pool, first) == first
+    finally:
+        with contextlib.suppress(Exception):  # (libvirt's error: gone already)
+            found = other.storagePoolLookupByName(pool)
+            found.destroy()
+            found.undefine()
+        admin.connections.clear()
+        driver.connections.clear()

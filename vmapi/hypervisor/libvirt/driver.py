@@ -139,6 +139,17 @@ def _ensure_pool(
     return found, created
 
 
+#: How long a pool's directory is kept (LibvirtDriver.pool_dir): a bound on how long a
+#: pool moved behind vmapi's back goes unnoticed by calls that do not fail.
+POOL_DIR_SECONDS = 60.0
+_POOL_DIR = "pool_dir"
+
+
+def _forget_pool(channel: Channel, pool: str) -> None:
+    for key in [k for k in list(channel.memo) if k[:2] == (_POOL_DIR, pool)]:
+        channel.memo.pop(key, None)
+
+
 #: What libvirt answers when a pool of that name (or on that path) is already defined.
 _POOL_EXISTS = {libvirt.VIR_ERR_STORAGE_POOL_BUILT, libvirt.VIR_ERR_OPERATION_FAILED}
 
@@ -151,6 +162,7 @@ class LibvirtDriver:
     ) -> None:
         self.timeout = timeout
         self.connections = ConnectionCache(keepalive_interval, keepalive_count)
+        self.pool_dir_seconds = POOL_DIR_SECONDS
 
     def _call(self, uri: str, action: Callable[[libvirt.virConnect], T]) -> T:
         started = time.monotonic()
@@ -169,6 +181,9 @@ class LibvirtDriver:
             self.connections.drop(uri, channel)
             raise HypervisorTimeout(uri, self.timeout) from None
         except libvirt.libvirtError as exc:
+            # Whatever this connection remembered (a pool's directory) is looked up again
+            # after any failure: the host may have changed under it.
+            channel.memo.clear()
             error = translate(uri, exc)
             if isinstance(error, HypervisorTimeout):
                 error = HypervisorTimeout(uri, self.timeout)
@@ -285,12 +300,25 @@ class LibvirtDriver:
 
     # ------------------------------------------------------------------ storage
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
-        created = self._call(uri, lambda conn: _ensure_pool(conn, pool, path)[1])
+        channel = self.connections.channel(uri, self.timeout)
+        created = self._on_channel(channel, time.monotonic(),
+                                   lambda conn: _ensure_pool(conn, pool, path)[1])  # fmt: skip
         if created:
             log.info("defined and started dir storage pool %s at %s on %s", pool, path, uri)
+            _forget_pool(channel, pool)  # made anew: where it is is asked again
         return created
 
     def pool_dir(self, uri: str, pool: str, path: str) -> str:
+        # Asked for every new VM (its console log's pool): the answer is kept with the
+        # connection for POOL_DIR_SECONDS, and forgotten sooner when a call on the
+        # connection fails, when the pool is made anew here, or when the connection goes.
+        started = time.monotonic()
+        channel = self.connections.channel(uri, self.timeout)
+        key = (_POOL_DIR, pool, path)
+        kept = channel.memo.get(key)
+        if kept is not None and started - kept[1] < self.pool_dir_seconds:
+            return kept[0]
+
         def directory(conn: libvirt.virConnect) -> str:
             found, created = _ensure_pool(conn, pool, path)
             if created:
@@ -300,7 +328,9 @@ class LibvirtDriver:
                 raise NotSupported(uri, f"storage pool {pool} has no directory")
             return target
 
-        return self._call(uri, directory)
+        target = self._on_channel(channel, started, directory)
+        channel.memo[key] = (target, started)
+        return target
 
     def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
         xml = Volume(name, size, fmt).to_xml()
