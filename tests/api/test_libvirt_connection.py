@@ -14,6 +14,7 @@ from tests.conftest import GIB, node_body, unavailable, vm_body
 from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavailable
 from vmapi.hypervisor.driver import DomainSpec
 from vmapi.hypervisor.libvirt import LibvirtDriver
+from vmapi.hypervisor.libvirt import channel as channel_module
 from vmapi.hypervisor.libvirt.config import StoragePool
 from vmapi.hypervisor.libvirt.connection import ConnectionCache
 
@@ -114,6 +115,19 @@ def test_an_idle_thread_ends_and_a_later_call_starts_another():
     second = call_thread(driver)
     assert second is not first and second.is_alive()
     assert channel.threads_started == 2
+    driver.connections.clear()
+
+
+def test_idle_threads_are_bounded_for_the_whole_process(monkeypatch, host_uri):
+    monkeypatch.setattr(channel_module, "MAX_IDLE_THREADS", channel_module._idle_count.value + 1)
+    driver = LibvirtDriver(timeout=5)
+    other = host_uri()
+    first = call_thread(driver)  # rests: the one idle thread allowed
+    elsewhere = call_thread(driver, other)  # no room to rest: it ends after its call
+    elsewhere.join(5)
+    assert not elsewhere.is_alive()
+    assert call_thread(driver, other) is not elsewhere  # a new one, as in a thread per call
+    assert call_thread(driver) is first
     driver.connections.clear()
 
 

@@ -22,6 +22,7 @@ Why this shape (see DESIGN.md and docs/benchmarks.md, issue 17):
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -36,6 +37,37 @@ T = TypeVar("T")
 
 #: A thread with nothing to do for this long ends (a busy channel keeps its threads).
 IDLE_SECONDS = 60.0
+#: Idle threads kept by the whole process, all channels together: a sweep over a large
+#: fleet (reconcile, node checks) would otherwise leave one idle thread per node behind
+#: for IDLE_SECONDS. Past it a thread ends after its call, as in a thread per call.
+MAX_IDLE_THREADS = 64
+
+
+class _IdleCount:
+    """Idle threads of this process (a child of a fork has none)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value = 0
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.value >= MAX_IDLE_THREADS:
+                return False
+            self.value += 1
+            return True
+
+    def give_back(self, n: int = 1) -> None:
+        with self.lock:
+            self.value -= n
+
+    def reset(self) -> None:
+        self.lock = threading.Lock()
+        self.value = 0
+
+
+_idle_count = _IdleCount()
+os.register_at_fork(after_in_child=_idle_count.reset)
 
 
 class _Call(Generic[T]):
@@ -132,7 +164,8 @@ class Channel:
         with self._lock:
             if self._idle:
                 worker = self._idle.pop()  # the one that rested last: warm, and the
-            else:  # others may reach their idle time and end
+                _idle_count.give_back()  # others may reach their idle time and end
+            else:
                 worker = fresh = _Worker(self)
                 self.threads_started += 1
         worker.calls.put(call)
@@ -154,6 +187,7 @@ class Channel:
                 return
             self._closed = True
             idle, self._idle = self._idle, []
+            _idle_count.give_back(len(idle))
         conn, self.conn = self.conn, None
         self.memo = {}
         for worker in idle:
@@ -169,7 +203,7 @@ class Channel:
     def _rest(self, worker: _Worker) -> bool:
         """Back among the idle; False when the channel is closed (the thread ends)."""
         with self._lock:
-            if self._closed:
+            if self._closed or not _idle_count.take():
                 return False
             self._idle.append(worker)
             return True
@@ -179,6 +213,7 @@ class Channel:
         with self._lock:
             if worker in self._idle:
                 self._idle.remove(worker)
+                _idle_count.give_back()
                 return True
             return False
 
