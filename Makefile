@@ -71,7 +71,7 @@ format: venv
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
-# BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout images boot
+# BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout images boot calls
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

@@ -27,6 +27,7 @@ SUITE = (
     "images",
     "boot",
     "migration",
+    "calls",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -3,11 +3,12 @@
 Why this shape (see DESIGN.md):
 - gunicorn forks workers; a connection (or libvirt's event loop thread) inherited from
   the master is unusable, so the cache notices a new pid and starts empty.
-- libvirt has no per-call timeout. Every call runs in a helper thread and the request
-  waits at most ``timeout`` seconds; a hung host then fails one request with a timeout
-  instead of freezing a gunicorn worker. The timed-out connection is dropped from the
-  cache, and keepalive (which needs libvirt's event loop running in a thread) makes
-  libvirt itself close it so the abandoned helper thread ends too.
+- libvirt has no per-call timeout. Every call runs on a long-lived thread of its
+  connection (:mod:`.channel`) and the request waits at most ``timeout`` seconds; a hung
+  host then fails one request with a timeout instead of freezing a gunicorn worker. The
+  timed-out connection is dropped from the cache (the next call opens a new one, with
+  threads of its own), and keepalive (which needs libvirt's event loop running in a
+  thread) makes libvirt itself close it so the thread stuck in the hung call ends too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
 
 import libvirt
 
@@ -33,9 +33,11 @@ from vmapi.hypervisor.driver import (
     VolumeExists,
     VolumeNotFound,
 )
+from vmapi.hypervisor.libvirt.channel import Channel, close_quietly
+
+__all__ = ["Channel", "ConnectionCache", "close_quietly", "open_connection", "translate"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # libvirt prints every error to stderr by default; ours are raised and translated instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -116,27 +118,6 @@ class _EventLoop:
 _event_loop = _EventLoop()
 
 
-def call_with_timeout(uri: str, timeout: float, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a helper thread; raise :class:`HypervisorTimeout` after ``timeout`` s."""
-    outcome: dict[str, object] = {}
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed back to the waiting thread
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=f"libvirt-call {uri}", daemon=True).start()
-    if not done.wait(timeout):
-        raise HypervisorTimeout(uri, timeout)
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
-
-
 def open_connection(uri: str, keepalive_interval: int, keepalive_count: int) -> libvirt.virConnect:
     """A new connection with keepalive, outside any cache (blocking: bound it by the caller).
 
@@ -157,61 +138,68 @@ def open_connection(uri: str, keepalive_interval: int, keepalive_count: int) -> 
 
 
 class ConnectionCache:
-    """Per-process cache of open libvirt connections, keyed by URI."""
+    """Per-process cache of open libvirt connections, keyed by URI: a :class:`Channel`
+    each (the connection and the threads that make its calls)."""
 
     def __init__(self, keepalive_interval: int = 5, keepalive_count: int = 3) -> None:
         self.keepalive_interval = keepalive_interval
         self.keepalive_count = keepalive_count
         self._pid = os.getpid()
-        self._conns: dict[str, libvirt.virConnect] = {}
+        self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
-            # Inherited connections belong to the parent; forget them without closing.
-            self._conns = {}
+            # Inherited channels belong to the parent (their threads did not come along);
+            # forget them without closing.
+            self._channels = {}
             self._lock = threading.Lock()
             self._pid = os.getpid()
 
-    def get(self, uri: str, timeout: float) -> libvirt.virConnect:
-        """An open, live connection to ``uri``; opens one (bounded by ``timeout``) if needed."""
+    def opener(self, uri: str) -> Callable[[], libvirt.virConnect]:
+        """Opens a new connection to ``uri`` like the cache's (blocking: bound it)."""
+        interval, count = self.keepalive_interval, self.keepalive_count
+        return lambda: open_connection(uri, interval, count)
+
+    def channel(self, uri: str, timeout: float) -> Channel:
+        """The channel of a live connection to ``uri``; opens one (bounded by ``timeout``)
+        if needed."""
         self._check_fork()
-        with self._lock:
-            conn = self._conns.get(uri)
-        if conn is not None:
-            # virConnectIsAlive looks at local state only and never blocks, so it needs no
-            # helper thread (it was one per libvirt call).
+        channel = self._channels.get(uri)
+        if channel is not None:
+            # virConnectIsAlive looks at local state only and never blocks: no thread.
             try:
-                if conn.isAlive():
-                    return conn
+                if channel.conn is not None and channel.conn.isAlive():
+                    return channel
             except libvirt.libvirtError:
                 pass
-            self.drop(uri)
-        interval, count = self.keepalive_interval, self.keepalive_count
-        conn = call_with_timeout(uri, timeout, lambda: open_connection(uri, interval, count))
+            self.drop(uri, channel)
+        opened = Channel.open(uri, self.opener(uri), timeout)
         with self._lock:
-            self._conns[uri] = conn
-        return conn
+            channel = self._channels.setdefault(uri, opened)
+        if channel is not opened:  # another thread opened one meanwhile: use that
+            opened.close(wait=False)
+        return channel
 
-    def drop(self, uri: str) -> None:
-        """Forget (and close, without waiting) the connection to ``uri``."""
+    def get(self, uri: str, timeout: float) -> libvirt.virConnect:
+        """An open, live connection to ``uri`` (the cached channel's)."""
+        return self.channel(uri, timeout).conn
+
+    def drop(self, uri: str, channel: Channel | None = None) -> None:
+        """Forget (and close, without waiting) the connection to ``uri`` - only if it is
+        still ``channel``, when given (another thread may have replaced it already)."""
         self._check_fork()
         with self._lock:
-            conn = self._conns.pop(uri, None)
-        if conn is not None:
-            threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
+            current = self._channels.get(uri)
+            if current is None or (channel is not None and current is not channel):
+                return
+            del self._channels[uri]
+        current.close(wait=False)
 
     def clear(self) -> None:
         """Close every connection of this process (tests, shutdown)."""
         self._check_fork()
         with self._lock:
-            conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            close_quietly(conn)
-
-
-def close_quietly(conn: libvirt.virConnect) -> None:
-    try:
-        conn.close()
-    except libvirt.libvirtError:
-        log.debug("closing a libvirt connection failed", exc_info=True)
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()

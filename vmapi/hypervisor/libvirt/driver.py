@@ -43,12 +43,7 @@ from vmapi.hypervisor.libvirt.config import (
     Volume,
     password_valid_to,
 )
-from vmapi.hypervisor.libvirt.connection import (
-    ConnectionCache,
-    call_with_timeout,
-    open_connection,
-    translate,
-)
+from vmapi.hypervisor.libvirt.connection import Channel, ConnectionCache, translate
 from vmapi.hypervisor.libvirt.designer import design, disk_xml
 
 log = logging.getLogger(__name__)
@@ -144,6 +139,17 @@ def _ensure_pool(
     return found, created
 
 
+#: How long a pool's directory is kept (LibvirtDriver.pool_dir): a bound on how long a
+#: pool moved behind vmapi's back goes unnoticed by calls that do not fail.
+POOL_DIR_SECONDS = 60.0
+_POOL_DIR = "pool_dir"
+
+
+def _forget_pool(channel: Channel, pool: str) -> None:
+    for key in [k for k in list(channel.memo) if k[:2] == (_POOL_DIR, pool)]:
+        channel.memo.pop(key, None)
+
+
 #: What libvirt answers when a pool of that name (or on that path) is already defined.
 _POOL_EXISTS = {libvirt.VIR_ERR_STORAGE_POOL_BUILT, libvirt.VIR_ERR_OPERATION_FAILED}
 
@@ -156,22 +162,33 @@ class LibvirtDriver:
     ) -> None:
         self.timeout = timeout
         self.connections = ConnectionCache(keepalive_interval, keepalive_count)
+        self.pool_dir_seconds = POOL_DIR_SECONDS
 
     def _call(self, uri: str, action: Callable[[libvirt.virConnect], T]) -> T:
         started = time.monotonic()
-        conn = self.connections.get(uri, self.timeout)
+        return self._on_channel(self.connections.channel(uri, self.timeout), started, action)
+
+    def _on_channel(
+        self, channel: Channel, started: float, action: Callable[[libvirt.virConnect], T]
+    ) -> T:
+        """``action(conn)`` on ``channel``'s thread within what is left of the timeout,
+        translated; a channel that timed out or lost its host is dropped from the cache."""
+        uri = channel.uri
         remaining = max(self.timeout - (time.monotonic() - started), 0.1)
         try:
-            return call_with_timeout(uri, remaining, lambda: action(conn))
+            return channel.call(remaining, action)
         except HypervisorTimeout:
-            self.connections.drop(uri)
+            self.connections.drop(uri, channel)
             raise HypervisorTimeout(uri, self.timeout) from None
         except libvirt.libvirtError as exc:
+            # Whatever this connection remembered (a pool's directory) is looked up again
+            # after any failure: the host may have changed under it.
+            channel.memo.clear()
             error = translate(uri, exc)
             if isinstance(error, HypervisorTimeout):
                 error = HypervisorTimeout(uri, self.timeout)
             if isinstance(error, HypervisorUnavailable | HypervisorTimeout):
-                self.connections.drop(uri)
+                self.connections.drop(uri, channel)
             raise error from exc
 
     def _on_domain(self, uri: str, name: str, action: Callable[[libvirt.virDomain], T]) -> T:
@@ -283,12 +300,25 @@ class LibvirtDriver:
 
     # ------------------------------------------------------------------ storage
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
-        created = self._call(uri, lambda conn: _ensure_pool(conn, pool, path)[1])
+        channel = self.connections.channel(uri, self.timeout)
+        created = self._on_channel(channel, time.monotonic(),
+                                   lambda conn: _ensure_pool(conn, pool, path)[1])  # fmt: skip
         if created:
             log.info("defined and started dir storage pool %s at %s on %s", pool, path, uri)
+            _forget_pool(channel, pool)  # made anew: where it is is asked again
         return created
 
     def pool_dir(self, uri: str, pool: str, path: str) -> str:
+        # Asked for every new VM (its console log's pool): the answer is kept with the
+        # connection for POOL_DIR_SECONDS, and forgotten sooner when a call on the
+        # connection fails, when the pool is made anew here, or when the connection goes.
+        started = time.monotonic()
+        channel = self.connections.channel(uri, self.timeout)
+        key = (_POOL_DIR, pool, path)
+        kept = channel.memo.get(key)
+        if kept is not None and started - kept[1] < self.pool_dir_seconds:
+            return kept[0]
+
         def directory(conn: libvirt.virConnect) -> str:
             found, created = _ensure_pool(conn, pool, path)
             if created:
@@ -298,7 +328,9 @@ class LibvirtDriver:
                 raise NotSupported(uri, f"storage pool {pool} has no directory")
             return target
 
-        return self._call(uri, directory)
+        target = self._on_channel(channel, started, directory)
+        channel.memo[key] = (target, started)
+        return target
 
     def create_volume(self, uri: str, pool: str, name: str, size: int, fmt: str) -> str:
         xml = Volume(name, size, fmt).to_xml()
@@ -389,8 +421,7 @@ class LibvirtDriver:
     # ------------------------------------------------------------------ volume streams, logs
     def _open_private(self, uri: str) -> Callable[[], libvirt.virConnect]:
         """Opens a connection of a stream's own (see :mod:`.streams`)."""
-        cache = self.connections
-        return lambda: open_connection(uri, cache.keepalive_interval, cache.keepalive_count)
+        return self.connections.opener(uri)
 
     def upload_volume(
         self, uri: str, pool: str, name: str, size: int, chunks: Iterable[bytes], timeout: float
@@ -455,21 +486,26 @@ class LibvirtDriver:
         if copy_storage and not live:
             raise NotSupported(uri, "libvirt copies disks only in a live migration; "
                                     "copy the volumes before moving a shut-off domain")  # fmt: skip
-        # A connection of its own: the migration holds it for as long as it runs.
-        interval, count = self.connections.keepalive_interval, self.connections.keepalive_count
-        conn = call_with_timeout(uri, self.timeout, lambda: open_connection(uri, interval, count))
+        # A connection of its own (with a thread of its own for the bounded calls): the
+        # migration holds it for as long as it runs.
+        private = Channel.open(uri, self.connections.opener(uri), self.timeout)
+        conn = private.conn
+
+        def bounded(fn: Callable[[], T]) -> T:
+            return self._bounded(private, fn)
+
         try:
-            dom = self._bounded(uri, lambda: conn.lookupByName(name))
+            dom = bounded(lambda: conn.lookupByName(name))
             # libvirt would move a running domain's definition offline and leave it
             # running here, transient: a guest on one host defined on another.
-            if not live and self._bounded(uri, dom.isActive):
+            if not live and bounded(dom.isActive):
                 raise OperationInvalid(uri, "the domain is running; only a shut-off one "
                                             "moves cold")  # fmt: skip
             dest_xml = persist_xml = copied = None
             if disk_paths or display is not None or console_log is not None:
                 paths = disk_paths or {}
-                xml = self._bounded(uri, lambda: dom.XMLDesc(migration.MIGRATABLE))
-                inactive = self._bounded(uri, lambda: dom.XMLDesc(
+                xml = bounded(lambda: dom.XMLDesc(migration.MIGRATABLE))
+                inactive = bounded(lambda: dom.XMLDesc(
                     migration.MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))  # fmt: skip
                 dest_xml = migration.retarget(xml, paths, display, console_log)
                 persist_xml = migration.retarget(inactive, paths, display, console_log)
@@ -486,21 +522,21 @@ class LibvirtDriver:
                 f"libvirt-migrate {name}",
             )
             try:
-                migration.wait(uri, dom, job, timeout, lambda fn: self._bounded(uri, fn),
-                               grace=self.timeout)  # fmt: skip
+                migration.wait(uri, dom, job, timeout, bounded, grace=self.timeout)
             except libvirt.libvirtError as exc:
                 raise migration.error(uri, dest_uri, conn, exc, self.timeout) from exc
         finally:
-            migration.close_in_background(conn)
+            private.close(wait=False)  # an aborted migration's call may still hang on it
 
     def last_migration(self, uri: str, name: str) -> MigrationStats | None:
         flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
         return self._on_domain(uri, name, lambda dom: migration.stats(dom.jobStats(flags)))
 
-    def _bounded(self, uri: str, fn: Callable[[], T]) -> T:
-        """One call on a connection of the caller's, bounded and translated like _call."""
+    def _bounded(self, private: Channel, fn: Callable[[], T]) -> T:
+        """One call on a channel of the caller's own, bounded and translated like _call."""
+        uri = private.uri
         try:
-            return call_with_timeout(uri, self.timeout, fn)
+            return private.run(self.timeout, fn)
         except HypervisorTimeout:
             raise HypervisorTimeout(uri, self.timeout) from None
         except libvirt.libvirtError as exc:

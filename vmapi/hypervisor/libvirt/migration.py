@@ -30,7 +30,7 @@ from vmapi.hypervisor.driver import (
     MigrationStats,
 )
 from vmapi.hypervisor.libvirt.config import Graphics
-from vmapi.hypervisor.libvirt.connection import close_quietly, translate
+from vmapi.hypervisor.libvirt.connection import translate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,11 +198,6 @@ def in_thread(fn: Callable[[], T], name: str) -> Future[T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
-
-
-def close_in_background(conn: libvirt.virConnect) -> None:
-    """Close ``conn`` without waiting: an aborted migration's call may still hang on it."""
-    threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
 
 
 def wait(
