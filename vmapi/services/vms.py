@@ -96,6 +96,7 @@ from vmapi.services.seeds import (
 )
 from vmapi.services.specs import domain_spec
 from vmapi.services.undo import Undo, all_or_nothing, apply_all, check_all
+from vmapi.services.vm_arrays import create_array
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 from vmapi.services.volumes import delete_vm_volumes
 from vmapi.telemetry import PLACEMENT_SECONDS
@@ -148,8 +149,11 @@ class VmService(CrudService[Vm]):
     def create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Vm]:
-        """Create every VM or none: a failure undoes the VMs already made."""
+        """Create every VM or none: a failure undoes the VMs already made. An array of
+        VMs without an image calls its nodes at once (:mod:`vmapi.services.vm_arrays`)."""
         checked = check_all(items, indexed, lambda data: self.prepare_create(data, principal))
+        if indexed and len(checked) > 1 and all(new.boot is None for new in checked):
+            return Outcome(create_array(checked, self.place, finish))
         return Outcome(apply_all(checked, indexed, self.create_one))
 
     def prepare_create(self, data: dict[str, Any], principal: Principal) -> NewVm:
