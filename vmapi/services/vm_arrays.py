@@ -119,13 +119,15 @@ def create_array(
         pool = config["CONSOLE_LOG_POOL"]
         failure = FirstFailure()
         driver = hypervisor()
-        on_nodes(
-            list(by_node.values()),
-            lambda jobs: build_on_node(driver, jobs, pool, config["CONSOLE_LOG_DIR"], failure),
-            int(config["ARRAY_NODE_THREADS"]),
-        )
-        for one, job in zip(placed, jobs, strict=True):
-            remember(one, job, pool, undo)
+        try:
+            on_nodes(
+                list(by_node.values()),
+                lambda jobs: build_on_node(driver, jobs, pool, config["CONSOLE_LOG_DIR"], failure),
+                int(config["ARRAY_NODE_THREADS"]),
+            )
+        finally:  # whatever happened, what the threads made is undone with the rest
+            for one, job in zip(placed, jobs, strict=True):
+                remember(one, job, pool, undo)
         failed = [job for job in jobs if job.error is not None]
         if failed:
             job = min(failed, key=lambda job: job.index)

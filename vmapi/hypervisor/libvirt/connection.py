@@ -190,8 +190,12 @@ class ConnectionCache:
         interval, count = self.keepalive_interval, self.keepalive_count
         conn = call_with_timeout(uri, timeout, lambda: open_connection(uri, interval, count))
         with self._lock:
-            self._conns[uri] = conn
-        return conn
+            # Threads calling several nodes of one URI at once (an array's node threads)
+            # may each have opened one: the first cached is kept, the others closed.
+            cached = self._conns.setdefault(uri, conn)
+        if cached is not conn:
+            threading.Thread(target=close_quietly, args=(conn,), daemon=True).start()
+        return cached
 
     def drop(self, uri: str) -> None:
         """Forget (and close, without waiting) the connection to ``uri``."""
