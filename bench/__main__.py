@@ -26,6 +26,7 @@ SUITE = (
     "images",
     "boot",
     "migration",
+    "arrays",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
