@@ -28,6 +28,7 @@ SUITE = (
     "boot",
     "migration",
     "calls",
+    "arrays",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -6,6 +6,7 @@ every call through to the real driver except the ones armed to fail.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +24,34 @@ class FaultyDriver:
 
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.armed: dict[str, list[tuple[int, str]]] = {}
+        self.armed: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
         self.calls: list[str] = []
         #: each call's method and arguments after the URI, in order
         self.called: list[tuple[str, tuple[Any, ...]]] = []
+        #: each call's method, URI and the thread it ran in (calls may come from threads)
+        self.threads: list[tuple[str, str, int]] = []
+        #: called as ``before(method, uri, args)`` ahead of every call (e.g. a barrier)
+        self.before: Callable[[str, str, tuple[Any, ...]], None] | None = None
+        self._lock = threading.Lock()
 
-    def fail(self, method: str, kind: str = "error", skip: int = 0) -> None:
-        """Make ``method`` fail once, after letting ``skip`` calls of it through."""
-        self.armed.setdefault(method, []).append((skip, kind))
+    def fail(self, method: str, kind: str = "error", skip: int = 0, uri: str | None = None) -> None:
+        """Make ``method`` fail once, after letting ``skip`` calls of it through; with
+        ``uri``, only on that host (its calls alone are counted)."""
+        self.armed.setdefault((method, uri), []).append((skip, kind))
+
+    def _armed(self, name: str, uri: str) -> str | None:
+        """The kind of failure this call is to raise, if any."""
+        with self._lock:
+            for key in ((name, uri), (name, None)):
+                plans = self.armed.get(key)
+                if plans:
+                    skip, kind = plans[0]
+                    if skip == 0:
+                        plans.pop(0)
+                        return kind
+                    plans[0] = (skip - 1, kind)
+                    return None
+        return None
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.real, name)
@@ -38,15 +59,15 @@ class FaultyDriver:
             return target
 
         def call(uri: str, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            self.called.append((name, args))
-            plans = self.armed.get(name)
-            if plans:
-                skip, kind = plans[0]
-                if skip == 0:
-                    plans.pop(0)
-                    raise KINDS[kind](uri)
-                plans[0] = (skip - 1, kind)
+            with self._lock:
+                self.calls.append(name)
+                self.called.append((name, args))
+                self.threads.append((name, uri, threading.get_ident()))
+            if self.before is not None:
+                self.before(name, uri, args)
+            kind = self._armed(name, uri)
+            if kind is not None:
+                raise KINDS[kind](uri)
             return target(uri, *args, **kwargs)
 
         return call

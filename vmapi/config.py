@@ -59,6 +59,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "PAGE_DEFAULT_LIMIT": (100, "list page size when ?limit is not given"),
     "PAGE_MAX_LIMIT": (1000, "largest ?limit accepted"),
     "MAX_BATCH": (100, "largest array accepted by POST/UPDATE/DELETE"),
+    "ARRAY_NODE_THREADS": (
+        16,
+        "threads a POST /vm array uses at most to call its nodes' libvirt at once (one per "
+        "node; 1: one node after another)",
+    ),
     "INSTALLATION_ID": (
         None,
         "this installation's id ([a-z0-9-], 1-16 characters) in the names and metadata of the "
@@ -229,6 +234,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     if not app.config["DATABASE_URL"]:
         path = os.path.join(app.instance_path, "vmapi.sqlite3")
         app.config["DATABASE_URL"] = f"sqlite:///{path}"
+    if not int(app.config["ARRAY_NODE_THREADS"]) >= 1:
+        raise RuntimeError("ARRAY_NODE_THREADS must be 1 or more")
     if app.config["SCHEDULER_WEIGHER"] not in ("spread", "pack"):
         raise RuntimeError("SCHEDULER_WEIGHER must be spread or pack")
     for network in app.config["METRICS_ALLOW"]:

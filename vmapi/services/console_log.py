@@ -56,9 +56,14 @@ def ensure_console_log(vm: Vm, host: Host, commit: bool = True) -> None:
     pool = config["CONSOLE_LOG_POOL"]
     directory = hypervisor().pool_dir(host.uri, pool, config["CONSOLE_LOG_DIR"])
     vm.console_log_pool = pool
-    vm.console_log_path = f"{directory.rstrip('/')}/{console_log_name(vm.domain_name)}"
+    vm.console_log_path = console_log_path(directory, vm.domain_name)
     if commit:
         db.session.commit()
+
+
+def console_log_path(directory: str, domain: str) -> str:
+    """Where the domain named ``domain`` logs, in the log pool's ``directory``."""
+    return f"{directory.rstrip('/')}/{console_log_name(domain)}"
 
 
 def log_remover(vm: Vm, host: Host) -> Callable[[], None]:

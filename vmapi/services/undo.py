@@ -45,10 +45,20 @@ def all_or_nothing(
     """``check`` every item, then ``apply`` each checked item with the shared undo stack;
     the results in order. Any failure undoes what the earlier items did and re-raises,
     with ``data.index`` when ``indexed`` (an array request)."""
+    return apply_all(check_all(items, indexed, check), indexed, apply)
+
+
+def check_all(items: Iterable[T], indexed: bool, check: Callable[[T], C]) -> list[C]:
+    """``check`` every item (nothing is changed yet); an error names its element."""
     checked: list[C] = []
     for index, item in enumerate(items):
         with at_index(index if indexed else None):
             checked.append(check(item))
+    return checked
+
+
+def apply_all(checked: list[C], indexed: bool, apply: Callable[[C, Undo], R]) -> list[R]:
+    """``apply`` each checked item in order under one undo stack (see all_or_nothing)."""
     undo: Undo = []
     done: list[R] = []
     for index, item in enumerate(checked):

@@ -47,6 +47,7 @@ from vmapi.errors import (
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     RUNNING,
+    DomainInfo,
     DomainNotFound,
     HypervisorError,
     NameTaken,
@@ -84,7 +85,7 @@ from vmapi.services.domains import (
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import domain_name
-from vmapi.services.network import add_interface
+from vmapi.services.network import NewInterface, add_interface
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.seeds import (
     SeedVolume,
@@ -94,7 +95,8 @@ from vmapi.services.seeds import (
     wanted,
 )
 from vmapi.services.specs import domain_spec, new_nic_specs
-from vmapi.services.undo import Undo, all_or_nothing
+from vmapi.services.undo import Undo, all_or_nothing, apply_all, check_all
+from vmapi.services.vm_arrays import create_array
 from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
 from vmapi.services.volumes import delete_vm_volumes
 from vmapi.telemetry import PLACEMENT_SECONDS
@@ -110,6 +112,17 @@ class NewVm:
     data: dict[str, Any]
     method: VirtMethod
     boot: Boot | None = None
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A new VM after the first half of its create: its row committed as building with
+    its claim and interface (and its root disk's row), and its host."""
+
+    vm: Vm
+    host: Host
+    interface: NewInterface  # with the addresses it holds: the domain's NICs come from it
+    root: Storage | None = None
 
 
 def scheduler_defaults() -> Defaults:
@@ -136,12 +149,12 @@ class VmService(CrudService[Vm]):
     def create_many(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Vm]:
-        """Create every VM or none: a failure undoes the VMs already made."""
-
-        def check(data: dict[str, Any]) -> NewVm:
-            return self.prepare_create(data, principal)
-
-        return Outcome(all_or_nothing(items, indexed, check, self.create_one))
+        """Create every VM or none: a failure undoes the VMs already made. An array of
+        VMs without an image calls its nodes at once (:mod:`vmapi.services.vm_arrays`)."""
+        checked = check_all(items, indexed, lambda data: self.prepare_create(data, principal))
+        if indexed and len(checked) > 1 and all(new.boot is None for new in checked):
+            return Outcome(create_array(checked, self.place, finish))
+        return Outcome(apply_all(checked, indexed, self.create_one))
 
     def prepare_create(self, data: dict[str, Any], principal: Principal) -> NewVm:
         """The checks that need no lock: roles, references, the generated UUID."""
@@ -204,8 +217,10 @@ class VmService(CrudService[Vm]):
             )
         return node
 
-    def create_one(self, new: NewVm, undo: Undo) -> Vm:
-        """Claim, record as building, define, start, record the state libvirt reports."""
+    def place(self, new: NewVm, undo: Undo) -> Placed:
+        """The first half of a create, in the request's session: check the quota (and the
+        image), claim a node, insert the row as building with its interface (and root
+        disk row), commit; its undo (the claim, the row) goes on ``undo``."""
         data, boot = new.data, new.boot
         request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
                                    image_id=data.get("image_id"))  # fmt: skip
@@ -250,6 +265,12 @@ class VmService(CrudService[Vm]):
             raise
         host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
+        return Placed(vm, host, made, root)
+
+    def create_one(self, new: NewVm, undo: Undo) -> Vm:
+        """Claim, record as building, define, start, record the state libvirt reports."""
+        placed = self.place(new, undo)
+        vm, host, root, boot = placed.vm, placed.host, placed.root, new.boot
         try:
             # recorded on the row with the domain's state (record_state commits it)
             ensure_console_log(vm, host, commit=False)
@@ -265,7 +286,7 @@ class VmService(CrudService[Vm]):
                 refresh_seed(vm, host, undo)
         # a new VM without an image has no storage yet: no need to read its disks
         with db.session.no_autoflush:  # the log's path is written with the state, below
-            nics = new_nic_specs([made], host.node, current_app.config)
+            nics = new_nic_specs([placed.interface], host.node, current_app.config)
             spec = domain_spec(
                 vm, new.method, host.node, current_app.config, disks=root is not None, nics=nics
             )
@@ -282,10 +303,7 @@ class VmService(CrudService[Vm]):
             raise name_taken(exc, vm.domain_name, host) from exc
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc
-        record_state(vm, info)
-        # What the answer shows, known without reading it back: the one new interface.
-        set_committed_value(vm, "interfaces", [made.row])
-        return vm
+        return finish(placed, info)
 
     # ------------------------------------------------------------------ update
     @with_vm_locks(lambda items: [ident for ident, _data in items])
@@ -428,6 +446,14 @@ class VmService(CrudService[Vm]):
             raise hypervisor_failure(exc, step, host) from exc
         record_state(vm, info)
         return Outcome(self.loaded([vm]))
+
+
+def finish(placed: Placed, info: DomainInfo) -> Vm:
+    """The last step of a create: record the state its domain reports (commits)."""
+    record_state(placed.vm, info)
+    # What the answer shows, known without reading it back: the one new interface.
+    set_committed_value(placed.vm, "interfaces", [placed.interface.row])
+    return placed.vm
 
 
 def storage_of(vm_id: int) -> list[int]:

@@ -176,8 +176,10 @@ class ConnectionCache:
             self.drop(uri, channel)
         opened = Channel.open(uri, self.opener(uri), timeout)
         with self._lock:
+            # threads calling several nodes of one URI at once (an array's node threads)
+            # may each have opened one: the first cached is kept, the others closed
             channel = self._channels.setdefault(uri, opened)
-        if channel is not opened:  # another thread opened one meanwhile: use that
+        if channel is not opened:
             opened.close(wait=False)
         return channel
 
