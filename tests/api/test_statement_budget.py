@@ -2,6 +2,8 @@
 and the hot paths stay within a budget (issue 7; a regression here costs every user).
 """
 
+import sqlalchemy as sa
+
 from tests.conftest import GIB, vm_body
 
 # statements per POST /vm, one INSERT of audit events per commit included (issue 8);
@@ -62,3 +64,29 @@ def test_create_and_read_stay_within_budget(api, vm_host, test_method, sql_log):
     read = count(sql_log, lambda: api.get(f"vm/{vm_id}"))
     assert created <= CREATE_BUDGET, sql_log
     assert read <= GET_BUDGET, sql_log
+
+
+def test_an_array_commits_once_before_and_once_after_its_nodes(app, api, vm_host, test_method):
+    """An array's claims, rows and audit events go in one transaction, and its VMs'
+    states in one more, whatever its size (issue 17): only the IPv6 pool's counter, a
+    moment of its own per new address, commits per VM."""
+    from vmapi.extensions import db
+
+    for _ in range(3):
+        vm_host(cores=16, ram=64 * GIB)
+    with app.app_context():
+        engine = db.engine
+    commits: list[str] = []
+    record = lambda conn: commits.append("commit")  # noqa: E731
+    sa.event.listen(engine, "commit", record)
+    try:
+        counted = {}
+        for size in (2, 6):
+            commits.clear()
+            made = api.post("vm", json=[vm_body(test_method, cores=1)] * size)
+            assert made.status_code == 201, made.json
+            counted[size] = len(commits)
+    finally:
+        sa.event.remove(engine, "commit", record)
+    # one by one it was 3 per VM: its claim and row, its pool address, its state
+    assert counted == {2: 2 + 2, 6: 2 + 6}

@@ -147,8 +147,9 @@ def forget(vm: Vm) -> None:
     db.session.commit()
 
 
-def record_state(vm: Vm, info: DomainInfo) -> None:
+def record_state(vm: Vm, info: DomainInfo, commit: bool = True) -> None:
     """Store the state libvirt reported; its node answered, so any cool-off ends."""
     vm.vm_state_id = state_id(info.state)
     end_cooloff(db.session.get(Node, vm.node_id))  # loaded by Host.of: no query
-    db.session.commit()
+    if commit:
+        db.session.commit()

@@ -5,8 +5,10 @@ usually land on different nodes, and one node's libvirt calls need not wait for
 another's. So an array of VMs that boot without an image is made in three phases:
 
 1. in the request thread and its session, element by element as a single create does
-   it: quota, claim, the row as ``building`` with its interface, commit; then each
-   domain's :class:`~vmapi.hypervisor.DomainSpec` (the database is the truth);
+   it: quota, claim, the row as ``building`` with its interface; then each domain's
+   :class:`~vmapi.hypervisor.DomainSpec` (the database is the truth); one commit for
+   the whole array (its claims, rows and audit events in one transaction: a refusal at
+   any element rolls back the elements before it with it);
 2. one thread per node (at most ``ARRAY_NODE_THREADS`` at once): the console log's pool,
    then define, start and read the state of that node's domains, in array order. These
    threads are handed plain data (URIs, specs, names) and leave plain data: never the
@@ -17,7 +19,7 @@ another's. So an array of VMs that boot without an image is made in three phases
    undo stack; if an element failed, the error is that of the lowest failing element
    (the one a create one element after another would have stopped at), named by its
    ``data.index``, and the stack undoes the whole array on every node. Otherwise each
-   VM's state is recorded as a single create records it.
+   VM's state is recorded as a single create records it, in one transaction for all.
 
 An element failing in phase 1 (quota, capacity, UUID) is reported before any node was
 called, so it wins over a node that would have failed for an earlier element.
@@ -96,8 +98,8 @@ class FirstFailure:
 
 def create_array(
     checked: list[NewVm],
-    place: Callable[[NewVm, Undo], Placed],
-    finish: Callable[[Placed, DomainInfo], Vm],
+    place: Callable[[NewVm, Undo, bool], Placed],
+    finish: Callable[[Placed, DomainInfo, bool], Vm],
 ) -> list[Vm]:
     """Create every checked VM or none (the module's three phases); the VMs in order."""
     config = current_app.config
@@ -107,7 +109,7 @@ def create_array(
         jobs: list[DomainJob] = []
         for index, new in enumerate(checked):
             with at_index(index):
-                placed.append(place(new, undo))
+                placed.append(place(new, undo, False))
                 vm, host = placed[-1].vm, placed[-1].host
                 with db.session.no_autoflush:
                     nics = new_nic_specs([placed[-1].interface], host.node, config)
@@ -134,7 +136,9 @@ def create_array(
             job = min(failed, key=lambda job: job.index)
             with at_index(job.index):
                 raise_failure(job, placed[job.index].host)
-        return [finish(one, job.info) for one, job in zip(placed, jobs, strict=True)]  # type: ignore[arg-type]
+        made = [finish(one, job.info, False) for one, job in zip(placed, jobs, strict=True)]  # type: ignore[arg-type]
+        db.session.commit()
+        return made
     except BaseException:
         run_undo(undo)
         raise

@@ -217,10 +217,11 @@ class VmService(CrudService[Vm]):
             )
         return node
 
-    def place(self, new: NewVm, undo: Undo) -> Placed:
+    def place(self, new: NewVm, undo: Undo, commit: bool = True) -> Placed:
         """The first half of a create, in the request's session: check the quota (and the
         image), claim a node, insert the row as building with its interface (and root
-        disk row), commit; its undo (the claim, the row) goes on ``undo``."""
+        disk row), commit; its undo (the claim, the row) goes on ``undo``. An array
+        commits its elements together (``commit=False``): a failure rolls them all back."""
         data, boot = new.data, new.boot
         request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
                                    image_id=data.get("image_id"))  # fmt: skip
@@ -253,7 +254,8 @@ class VmService(CrudService[Vm]):
             made = add_interface(vm)
             if boot is not None:
                 root = add_root_disk(vm, boot)
-            db.session.commit()
+            if commit:
+                db.session.commit()
         except IntegrityError as exc:  # a concurrent request took the UUID on that node
             db.session.rollback()
             raise Conflict(
@@ -448,9 +450,10 @@ class VmService(CrudService[Vm]):
         return Outcome(self.loaded([vm]))
 
 
-def finish(placed: Placed, info: DomainInfo) -> Vm:
-    """The last step of a create: record the state its domain reports (commits)."""
-    record_state(placed.vm, info)
+def finish(placed: Placed, info: DomainInfo, commit: bool = True) -> Vm:
+    """The last step of a create: record the state its domain reports (commits, unless
+    an array commits its elements together)."""
+    record_state(placed.vm, info, commit)
     # What the answer shows, known without reading it back: the one new interface.
     set_committed_value(placed.vm, "interfaces", [placed.interface.row])
     return placed.vm
