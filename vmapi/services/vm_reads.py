@@ -1,0 +1,121 @@
+"""The hot reads of /vm without the ORM: ``GET /vm/<id>`` and a page of ``GET /vm``.
+
+Each is one SQLAlchemy Core SELECT of the VM columns an answer shows, with its
+interfaces' ids aggregated per VM, whose rows are written straight into the answer's
+shape (the same dicts ``VmSchema`` dumps from a loaded ``Vm``: keys, order and types).
+No ``Vm`` object is built, no identity map filled, no schema walked: under gunicorn that
+was most of a read's time (docs/benchmarks.md, issue 17).
+
+Scope (a customer sees only its own VMs), filters and keyset paging are the generic
+service's (:mod:`vmapi.services.crud`), applied to these statements. Reads with
+``nest=`` keep the ORM path. ``tests/api/test_vm_reads.py`` compares every answer here
+with the schema's dump of the same rows, so a field added to ``VmSchema`` and not here
+fails it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, String, and_, cast, func, select
+
+from vmapi.auth import Principal
+from vmapi.extensions import db
+from vmapi.guest_inputs import ssh_key_fingerprints
+from vmapi.models import Interface, Vm
+from vmapi.models.vm import vm_name
+from vmapi.services.crud import CrudService, ListParams
+
+VM = Vm.__table__
+INTERFACE = Interface.__table__
+
+#: the VM's interface ids as text ("3,7"), by the index on interface.vm_id for each VM
+#: row (a join let the planner hash all interfaces for a page); sorted when written
+INTERFACE_IDS = (
+    select(func.aggregate_strings(cast(INTERFACE.c.id, String), ","))
+    .where(INTERFACE.c.vm_id == VM.c.id)
+    .scalar_subquery()
+)
+
+#: what an answer shows of a VM, in the answer's order; the write-only values are
+#: never read (user_data as a flag only, ssh_keys for their fingerprints)
+COLUMNS = (
+    VM.c.id,
+    VM.c.cores,
+    VM.c.ram,
+    VM.c.customer_id,
+    VM.c.cputime_limit,
+    VM.c.uuid,
+    VM.c.node_id,
+    VM.c.virt_method_id,
+    VM.c.vm_state_id,
+    VM.c.image_id,
+    VM.c.domain_name,
+    INTERFACE_IDS.label("interface_ids"),
+    VM.c.hostname,
+    VM.c.ssh_keys,
+    and_(VM.c.user_data.is_not(None), VM.c.user_data != "").label("user_data_set"),
+)
+
+
+def _ref(ident: int | None) -> dict[str, int] | None:
+    return None if ident is None else {"id": ident}
+
+
+def _answer(row: Any) -> dict[str, Any]:
+    """One VM as ``VmSchema`` dumps it (the order of keys is the schema's)."""
+    (ident, cores, ram, customer_id, cputime_limit, uuid, node_id, virt_method_id,
+     vm_state_id, image_id, domain_name, interface_ids, hostname, ssh_keys,
+     user_data_set) = row  # fmt: skip
+    if interface_ids:  # ordered by id, as the relationship is
+        interfaces = [{"id": i} for i in sorted(map(int, interface_ids.split(",")))]
+    else:
+        interfaces = []
+    return {
+        "id": ident,
+        "cores": cores,
+        "ram": ram,
+        "customer_id": customer_id,
+        "cputime_limit": cputime_limit,
+        "uuid": uuid,
+        "node": _ref(node_id),
+        "virt_method": _ref(virt_method_id),
+        "vm_state": _ref(vm_state_id),
+        "image": _ref(image_id),
+        "name": vm_name(ident),
+        "domain_name": domain_name,
+        "interfaces": interfaces,
+        "hostname": hostname,
+        "ssh_key_fingerprints": ssh_key_fingerprints(ssh_keys) if ssh_keys else [],
+        "user_data_set": bool(user_data_set),
+    }
+
+
+def get_vm_answer(service: CrudService, ident: int, principal: Principal) -> dict[str, Any]:
+    """``GET /vm/<id>``'s data: one statement; 404 for a VM ``principal`` may not see."""
+    stmt = service.scope(select(*COLUMNS).where(VM.c.id == ident), principal)
+    row = db.session.connection().execute(stmt).first()
+    if row is None:
+        raise service.not_found(ident)
+    return _answer(row)
+
+
+def page_statement(service: CrudService, principal: Principal, params: ListParams) -> Select:
+    """The page's VMs, ``limit + 1`` of them (to tell whether more follow), with the same
+    filters, keyset and scope as the generic list (CrudService.list_page)."""
+    stmt = select(*COLUMNS)
+    for column, value in params.filters:
+        stmt = stmt.where(VM.c[column] == value)
+    if params.after is not None:
+        stmt = stmt.where(VM.c.id > params.after)
+    return service.scope(stmt, principal).order_by(VM.c.id).limit(params.limit + 1)
+
+
+def list_vm_answers(
+    service: CrudService, principal: Principal, params: ListParams
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """A page of ``GET /vm`` (without ``nest``) keyed by id as the answer is, and whether
+    more follow: one statement."""
+    rows = db.session.connection().execute(page_statement(service, principal, params)).all()
+    page = {str(row[0]): _answer(row) for row in rows[: params.limit]}
+    return page, len(rows) > params.limit
