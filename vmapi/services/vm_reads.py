@@ -15,9 +15,10 @@ fails it.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, String, and_, cast, func, select
+from sqlalchemy import Select, String, and_, bindparam, cast, func, literal_column, select
 
 from vmapi.auth import Principal
 from vmapi.extensions import db
@@ -32,7 +33,7 @@ INTERFACE = Interface.__table__
 #: the VM's interface ids as text ("3,7"), by the index on interface.vm_id for each VM
 #: row (a join let the planner hash all interfaces for a page); sorted when written
 INTERFACE_IDS = (
-    select(func.aggregate_strings(cast(INTERFACE.c.id, String), ","))
+    select(func.aggregate_strings(cast(INTERFACE.c.id, String), literal_column("','")))
     .where(INTERFACE.c.vm_id == VM.c.id)
     .scalar_subquery()
 )
@@ -91,24 +92,56 @@ def _answer(row: Any) -> dict[str, Any]:
     }
 
 
+# The statements are built once, with bound parameters: building one per request and
+# working out its cache key cost more than PostgreSQL took to answer it.
+ONE = select(*COLUMNS).where(VM.c.id == bindparam("ident"))
+PAGE = select(*COLUMNS).order_by(VM.c.id).limit(bindparam("limit"))
+PAGE_AFTER = PAGE.where(VM.c.id > bindparam("after"))
+
+
+@cache
+def _for_customers(service: CrudService, stmt: Select) -> Select:
+    """``stmt`` (one of the statements above) in the service's customer scope, the
+    customer a bound parameter."""
+    return service.customer_scope(stmt, bindparam("customer_id"))
+
+
+def _scoped(
+    service: CrudService, stmt: Select, principal: Principal, params: dict[str, Any]
+) -> Select:
+    """``service.scope(stmt, principal)``, from the statements built once when it can."""
+    if principal.is_admin:
+        return stmt
+    if principal.customer_id is None:  # "IS NULL", which a bound value cannot say
+        return service.scope(stmt, principal)
+    params["customer_id"] = principal.customer_id
+    return _for_customers(service, stmt)
+
+
 def get_vm_answer(service: CrudService, ident: int, principal: Principal) -> dict[str, Any]:
     """``GET /vm/<id>``'s data: one statement; 404 for a VM ``principal`` may not see."""
-    stmt = service.scope(select(*COLUMNS).where(VM.c.id == ident), principal)
-    row = db.session.connection().execute(stmt).first()
+    params: dict[str, Any] = {"ident": ident}
+    stmt = _scoped(service, ONE, principal, params)
+    row = db.session.connection().execute(stmt, params).first()
     if row is None:
         raise service.not_found(ident)
     return _answer(row)
 
 
-def page_statement(service: CrudService, principal: Principal, params: ListParams) -> Select:
+def page_statement(
+    service: CrudService, principal: Principal, params: ListParams
+) -> tuple[Select, dict[str, Any]]:
     """The page's VMs, ``limit + 1`` of them (to tell whether more follow), with the same
-    filters, keyset and scope as the generic list (CrudService.list_page)."""
-    stmt = select(*COLUMNS)
-    for column, value in params.filters:
-        stmt = stmt.where(VM.c[column] == value)
+    filters, keyset and scope as the generic list (CrudService.list_page), and the
+    statement's parameters."""
+    values: dict[str, Any] = {"limit": params.limit + 1}
+    stmt = PAGE if params.after is None else PAGE_AFTER
     if params.after is not None:
-        stmt = stmt.where(VM.c.id > params.after)
-    return service.scope(stmt, principal).order_by(VM.c.id).limit(params.limit + 1)
+        values["after"] = params.after
+    stmt = _scoped(service, stmt, principal, values)
+    for column, value in params.filters:  # filtered pages are built per request
+        stmt = stmt.where(VM.c[column] == value)
+    return stmt, values
 
 
 def list_vm_answers(
@@ -116,6 +149,7 @@ def list_vm_answers(
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """A page of ``GET /vm`` (without ``nest``) keyed by id as the answer is, and whether
     more follow: one statement."""
-    rows = db.session.connection().execute(page_statement(service, principal, params)).all()
+    stmt, values = page_statement(service, principal, params)
+    rows = db.session.connection().execute(stmt, values).all()
     page = {str(row[0]): _answer(row) for row in rows[: params.limit]}
     return page, len(rows) > params.limit
