@@ -18,7 +18,19 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, String, and_, bindparam, cast, func, literal_column, select
+from sqlalchemy import (
+    ARRAY,
+    Integer,
+    Select,
+    String,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal_column,
+    select,
+)
 
 from vmapi.auth import Principal
 from vmapi.extensions import db
@@ -30,17 +42,12 @@ from vmapi.services.crud import CrudService, ListParams
 VM = Vm.__table__
 INTERFACE = Interface.__table__
 
-#: the VM's interface ids as text ("3,7"), by the index on interface.vm_id for each VM
-#: row (a join let the planner hash all interfaces for a page); sorted when written
-INTERFACE_IDS = (
-    select(func.aggregate_strings(cast(INTERFACE.c.id, String), literal_column("','")))
-    .where(INTERFACE.c.vm_id == VM.c.id)
-    .scalar_subquery()
-)
+#: interface ids as text ("3,7"), sorted when written (SQLite has no arrays)
+IDS_TEXT = func.aggregate_strings(cast(INTERFACE.c.id, String), literal_column("','"))
 
-#: what an answer shows of a VM, in the answer's order; the write-only values are
-#: never read (user_data as a flag only, ssh_keys for their fingerprints)
-COLUMNS = (
+#: what an answer shows of a VM, in the answer's order, around its interface ids; the
+#: write-only values are never read (user_data as a flag only, ssh_keys for fingerprints)
+HEAD = (
     VM.c.id,
     VM.c.cores,
     VM.c.ram,
@@ -52,11 +59,35 @@ COLUMNS = (
     VM.c.vm_state_id,
     VM.c.image_id,
     VM.c.domain_name,
-    INTERFACE_IDS.label("interface_ids"),
+)
+TAIL = (
     VM.c.hostname,
     VM.c.ssh_keys,
     and_(VM.c.user_data.is_not(None), VM.c.user_data != "").label("user_data_set"),
 )
+#: one VM's interface ids, looked up by the index on interface.vm_id for each VM row
+INTERFACE_IDS = select(IDS_TEXT).where(INTERFACE.c.vm_id == VM.c.id).scalar_subquery()
+COLUMNS = (*HEAD, INTERFACE_IDS.label("interface_ids"), *TAIL)
+
+
+def join_interfaces(page: Select) -> Select:
+    """``page`` (a select of HEAD and TAIL) with its VMs' interface ids, for PostgreSQL:
+    the interfaces of all the page's VMs are read in one index scan (``vm_id = ANY`` of
+    the page's ids). With a subquery per VM, as COLUMNS has, the planner scanned a small
+    interface table once per VM (2 ms for 100 VMs of 200); a plain join let it hash a
+    large one whole."""
+    vms = page.cte("page")
+    page_ids = select(func.array_agg(vms.c.id)).scalar_subquery()  # an array, not a set
+    ids = (
+        select(INTERFACE.c.vm_id, IDS_TEXT.label("ids"))
+        .where(INTERFACE.c.vm_id == any_(cast(page_ids, ARRAY(Integer))))
+        .group_by(INTERFACE.c.vm_id)
+        .subquery("ids")
+    )
+    columns = [vms.c[c.name] for c in HEAD] + [ids.c.ids] + [vms.c[c.name] for c in TAIL]
+    return (
+        select(*columns).select_from(vms.outerjoin(ids, ids.c.vm_id == vms.c.id)).order_by(vms.c.id)
+    )
 
 
 def _ref(ident: int | None) -> dict[str, int] | None:
@@ -95,8 +126,16 @@ def _answer(row: Any) -> dict[str, Any]:
 # The statements are built once, with bound parameters: building one per request and
 # working out its cache key cost more than PostgreSQL took to answer it.
 ONE = select(*COLUMNS).where(VM.c.id == bindparam("ident"))
-PAGE = select(*COLUMNS).order_by(VM.c.id).limit(bindparam("limit"))
-PAGE_AFTER = PAGE.where(VM.c.id > bindparam("after"))
+
+
+def _pages(*columns: Any) -> dict[bool, Select]:
+    """A page of VMs in id order, without and with a keyset position (by ``after``)."""
+    page = select(*columns).order_by(VM.c.id).limit(bindparam("limit"))
+    return {False: page, True: page.where(VM.c.id > bindparam("after"))}
+
+
+#: by whether the interfaces are joined afterwards (PostgreSQL) or looked up per VM
+PAGES = {True: _pages(*HEAD, *TAIL), False: _pages(*COLUMNS)}
 
 
 @cache
@@ -106,22 +145,29 @@ def _for_customers(service: CrudService, stmt: Select) -> Select:
     return service.customer_scope(stmt, bindparam("customer_id"))
 
 
+@cache
+def _joined(stmt: Select) -> Select:
+    """:func:`join_interfaces` of one of the statements above, built once."""
+    return join_interfaces(stmt)
+
+
 def _scoped(
     service: CrudService, stmt: Select, principal: Principal, params: dict[str, Any]
-) -> Select:
-    """``service.scope(stmt, principal)``, from the statements built once when it can."""
+) -> tuple[Select, bool]:
+    """``service.scope(stmt, principal)``, from the statements built once when it can,
+    and whether it was."""
     if principal.is_admin:
-        return stmt
+        return stmt, True
     if principal.customer_id is None:  # "IS NULL", which a bound value cannot say
-        return service.scope(stmt, principal)
+        return service.scope(stmt, principal), False
     params["customer_id"] = principal.customer_id
-    return _for_customers(service, stmt)
+    return _for_customers(service, stmt), True
 
 
 def get_vm_answer(service: CrudService, ident: int, principal: Principal) -> dict[str, Any]:
     """``GET /vm/<id>``'s data: one statement; 404 for a VM ``principal`` may not see."""
     params: dict[str, Any] = {"ident": ident}
-    stmt = _scoped(service, ONE, principal, params)
+    stmt, _built = _scoped(service, ONE, principal, params)
     row = db.session.connection().execute(stmt, params).first()
     if row is None:
         raise service.not_found(ident)
@@ -129,18 +175,20 @@ def get_vm_answer(service: CrudService, ident: int, principal: Principal) -> dic
 
 
 def page_statement(
-    service: CrudService, principal: Principal, params: ListParams
+    service: CrudService, principal: Principal, params: ListParams, joined: bool
 ) -> tuple[Select, dict[str, Any]]:
     """The page's VMs, ``limit + 1`` of them (to tell whether more follow), with the same
     filters, keyset and scope as the generic list (CrudService.list_page), and the
-    statement's parameters."""
+    statement's parameters. ``joined``: their interfaces by :func:`join_interfaces`."""
     values: dict[str, Any] = {"limit": params.limit + 1}
-    stmt = PAGE if params.after is None else PAGE_AFTER
     if params.after is not None:
         values["after"] = params.after
-    stmt = _scoped(service, stmt, principal, values)
+    stmt, built = _scoped(service, PAGES[joined][params.after is not None], principal, values)
     for column, value in params.filters:  # filtered pages are built per request
         stmt = stmt.where(VM.c[column] == value)
+        built = False
+    if joined:
+        stmt = _joined(stmt) if built else join_interfaces(stmt)
     return stmt, values
 
 
@@ -149,7 +197,9 @@ def list_vm_answers(
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """A page of ``GET /vm`` (without ``nest``) keyed by id as the answer is, and whether
     more follow: one statement."""
-    stmt, values = page_statement(service, principal, params)
-    rows = db.session.connection().execute(stmt, values).all()
+    connection = db.session.connection()
+    joined = connection.dialect.name == "postgresql"
+    stmt, values = page_statement(service, principal, params, joined)
+    rows = connection.execute(stmt, values).all()
     page = {str(row[0]): _answer(row) for row in rows[: params.limit]}
     return page, len(rows) > params.limit
