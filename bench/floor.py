@@ -2,7 +2,8 @@
 gunicorn as vmapi in the same run (issue 7, item 3).
 
 ``POST /vm``: one INSERT, one libvirt define + start on the same driver, a commit, JSON
-out. ``GET /vm/<id>``: one SELECT by primary key, JSON out. No auth, no schemas, no
+out. ``GET /vm/<id>``: one SELECT by primary key, JSON out. ``GET /vm?limit=N``: one
+SELECT of the first N rows in id order, JSON out keyed by id. No auth, no schemas, no
 scheduler, no addresses: what a create or a read cannot do without. Connections are
 opened once per worker after the fork, as vmapi does.
 
@@ -92,12 +93,27 @@ def read(environ, start_response, vm_id: int):
     return answer(start_response, "200 OK", {"data": dict(zip(keys, row, strict=True))})
 
 
+def page(environ, start_response):
+    query = dict(part.split("=", 1) for part in environ.get("QUERY_STRING", "").split("&") if part)
+    limit = int(query.get("limit", 100))
+    conn = database()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, cores, ram, uuid, node_id FROM vm ORDER BY id LIMIT %s", (limit,))
+        rows = cur.fetchall()
+    conn.rollback()  # end the read transaction
+    keys = ("id", "cores", "ram", "uuid", "node_id")
+    data = {str(row[0]): dict(zip(keys, row, strict=True)) for row in rows}
+    return answer(start_response, "200 OK", {"data": data})
+
+
 def app(environ, start_response):
     method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
     if path == "/health":
         return answer(start_response, "200 OK", {"status": "ok"})
     if method == "POST" and path == "/vm":
         return create(environ, start_response)
+    if method == "GET" and path == "/vm":
+        return page(environ, start_response)
     if method == "GET" and path.startswith("/vm/"):
         return read(environ, start_response, int(path.removeprefix("/vm/")))
     return answer(start_response, "404 Not Found", {"error": "not found"})

@@ -1,7 +1,8 @@
 """Item 3, overhead over the floor: throughput from 16 wrk threads against vmapi and
 against the floor app (bench/floor.py) under the same gunicorn, same workers, same
 database and the same libvirt driver (libvirtd's test driver), in the same run.
-Targets: POST /vm ≥ 50% of the floor's creates/s; GET /vm/<id> ≥ 60% of its reads/s.
+Targets: POST /vm ≥ 50% of the floor's creates/s; GET /vm/<id> ≥ 60% of its reads/s;
+GET /vm?limit=100 (a page of 100 VMs) ≥ 40% of the floor's pages/s.
 
 Each pair is measured in alternating rounds (floor, vmapi, floor, vmapi) so that noise
 from this shared machine falls on both; the figure is the mean of the rounds.
@@ -45,6 +46,11 @@ def run() -> list[str]:
                 (f"/vm/{read_id}", lua_request("GET", None)),
                 (f"/api/v1/vm/{read_id}", lua_request("GET", token)),
                 0.6,
+            ),
+            "GET /vm?limit=100": (
+                ("/vm?limit=100", lua_request("GET", None)),
+                ("/api/v1/vm?limit=100", lua_request("GET", token)),
+                0.4,
             ),
         }
         rates: dict[str, dict[str, list[float]]] = {}

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
+from flask.sessions import SessionInterface
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -17,6 +18,19 @@ from vmapi.release import __version__
 __all__ = ["__version__", "create_app"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class NoCookieSessions(SessionInterface):
+    """vmapi authenticates every request by its bearer token and keeps no cookie session:
+    Flask would otherwise build a signing serializer and look for a session cookie on
+    every request (a tenth of a read's Python time). ``flask.session`` is then Flask's
+    null session: empty, and refusing writes loudly."""
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        return None
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -39,6 +53,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
 
     app = Flask(__name__, instance_relative_config=True)
+    app.session_interface = NoCookieSessions()
     load_config(app, config)
     logging.basicConfig(level=app.config["LOG_LEVEL"])
 

@@ -11,7 +11,7 @@ from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi, principal
-from vmapi.auth import require_role
+from vmapi.auth import Principal, require_role
 from vmapi.config import DEFAULTS
 from vmapi.error_ids import READ
 from vmapi.errors import ValidationError
@@ -21,7 +21,9 @@ from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
 from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
 from vmapi.services.console_log import DEFAULT_BYTES, read_console_log
 from vmapi.services.consoles import open_console
+from vmapi.services.crud import ListParams
 from vmapi.services.migrations import migrate_vm
+from vmapi.services.vm_reads import get_vm_answer, list_vm_answers
 from vmapi.services.vms import VmService
 
 TEXT = "text/plain"
@@ -57,6 +59,16 @@ class VmApi(ResourceApi):
         bp.add_url_rule(f"/{self.name}/<id:ident>/console_log", "console_log",
                         self.console_log, methods=["GET"])  # fmt: skip
         return bp
+
+    def read_one(self, ident: int, who: Principal, nest: list[str]) -> dict[str, Any]:
+        if nest:
+            return super().read_one(ident, who, nest)
+        return get_vm_answer(self.service, ident, who)  # one Core SELECT, no ORM, no schema
+
+    def read_page(self, who: Principal, params: ListParams) -> tuple[dict[str, Any], bool]:
+        if params.nest:
+            return super().read_page(who, params)
+        return list_vm_answers(self.service, who, params)
 
     def console_log(self, ident: int) -> Response:
         g.resource_name = self.name

@@ -27,6 +27,11 @@ from vmapi.models.network import Interface
 from vmapi.models.node import Node
 
 
+def vm_name(ident: int) -> str:
+    """What people call the VM with this id (also written by services/vm_reads.py)."""
+    return f"vm-{ident}"
+
+
 class Vm(db.Model):
     __tablename__ = "vm"
     __table_args__ = (
@@ -87,7 +92,7 @@ class Vm(db.Model):
     @property
     def name(self) -> str:
         """What people call the VM (its domain on the host is :attr:`domain_name`)."""
-        return f"vm-{self.id}"
+        return vm_name(self.id)
 
     @property
     def ssh_key_fingerprints(self) -> list[str]:
