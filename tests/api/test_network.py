@@ -442,3 +442,27 @@ def test_a_taken_mac_is_skipped_and_eight_taken_refuse(api, vm_host, test_method
     assert_error(api.post("vm", json=vm_body(test_method)), 409, "vm/no_free_mac")
     assert set(api.get("vm").json["data"]) == {str(first["id"]), str(second.json["data"]["id"])}
     assert len(api.get("interface").json["data"]) == 2
+
+
+def test_an_array_makes_its_ipv6_addresses_at_once_and_refuses_past_its_pools(
+    api, vm_host, test_method, backend
+):
+    """An array counts the pools up once for all its VMs (issue 17); past the pools'
+    end the element without an address is refused as one by one, the array leaves no
+    VM, and the addresses it made stay free for the next create."""
+    vm_host()
+    big = next(iter(api.get("ipv6_pool").json["data"]))
+    api.delete(f"ipv6_pool/{big}")
+    api.post("ipv6", json={"network": "2001:db8:7::/125", "gateway": "2001:db8:7::1"})
+    pool = next(iter(api.get("ipv6_pool").json["data"].values()))
+    error = assert_error(
+        api.post("vm", json=[vm_body(test_method, cores=1)] * 7), 409, "vm/no_free_ipv6"
+    )
+    assert error["data"]["index"] == 6
+    assert api.get("vm").json["data"] == {}
+    # counted up once, in a transaction of its own (SQLite: all one transaction, undone)
+    counted = api.get(f"ipv6_pool/{pool['id']}").json["data"]["next_host"]
+    assert counted == (8 if backend == "postgresql" else 1)
+    made = api.post("vm", json=[vm_body(test_method, cores=1)] * 6)
+    assert made.status_code == 201, made.json
+    assert sorted(held(api, "ipv6")) == [f"2001:db8:7::{n}" for n in range(2, 8)]

@@ -75,8 +75,8 @@ def test_create_and_read_stay_within_budget(api, vm_host, test_method, sql_log):
 
 def test_an_array_commits_once_before_and_once_after_its_nodes(app, api, vm_host, test_method):
     """An array's claims, rows and audit events go in one transaction, and its VMs'
-    states in one more, whatever its size (issue 17): only the IPv6 pool's counter, a
-    moment of its own per new address, commits per VM."""
+    states in one more, whatever its size (issue 17); its IPv6 addresses are made free in
+    one more before (the pool's counter, a moment of its own)."""
     from vmapi.extensions import db
 
     for _ in range(3):
@@ -96,4 +96,4 @@ def test_an_array_commits_once_before_and_once_after_its_nodes(app, api, vm_host
     finally:
         sa.event.remove(engine, "commit", record)
     # one by one it was 3 per VM: its claim and row, its pool address, its state
-    assert counted == {2: 2 + 2, 6: 2 + 6}
+    assert counted == {2: 3, 6: 3}

@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from vmapi.error_ids import (
@@ -150,6 +150,48 @@ def allocate_ipv6(interface_id: int) -> Held:
         if taken is not None:
             return taken
         # a concurrent create took the new address as a free one first: take another
+
+
+def make_free_ipv6(count: int) -> None:
+    """Make sure ``count`` free IPv6 addresses exist, counting the pools up once for all
+    of them (PostgreSQL, a transaction of its own, like :func:`allocate_ipv6`'s): an
+    array's VMs then take them as they take released addresses, instead of counting a
+    pool up in a transaction per VM. Only a shortcut: what it cannot make (pools run
+    out) each VM's :func:`allocate_ipv6` still tries, and refuses at that element; what
+    the array does not use stays free for the next create."""
+    if count < 2 or db.engine.dialect.name != "postgresql":
+        return
+    with db.engine.begin() as conn:
+        free = select(Ipv6Address.id).where(Ipv6Address.interface_id.is_(None)).limit(count)
+        have = conn.execute(select(func.count()).select_from(free.subquery())).scalar_one()
+        wanted = count - have
+        while wanted > 0:
+            pool = conn.execute(
+                select(Ipv6Pool)
+                .where(Ipv6Pool.next_host < Ipv6Pool.size)
+                .order_by(Ipv6Pool.id)
+                .limit(1)
+                .with_for_update()
+            ).first()
+            if pool is None:
+                return
+            first, end = pool.next_host, min(pool.next_host + wanted, pool.size)
+            conn.execute(update(Ipv6Pool).where(Ipv6Pool.id == pool.id).values(next_host=end))
+            network = ipaddress.IPv6Network(pool.network)
+            rows = [
+                {"address": address, "prefix": network.prefixlen, "gateway": pool.gateway,
+                 "interface_id": None, "pool_id": pool.id}
+                for host in range(first, end)
+                if (address := str(network.network_address + host)) != pool.gateway
+            ]  # fmt: skip
+            if rows:
+                made = conn.execute(
+                    INSERT_OR_SKIP["postgresql"](Ipv6Address)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["address"])
+                    .returning(Ipv6Address.id)
+                ).all()
+                wanted -= len(made)
 
 
 def _next_pool_address(conn: Any, dialect: str) -> int:

@@ -5,8 +5,10 @@ usually land on different nodes, and one node's libvirt calls need not wait for
 another's. So an array of VMs that boot without an image is made in three phases:
 
 1. in the request thread and its session, element by element as a single create does
-   it: quota, claim, the row as ``building`` with its interface; then each domain's
-   :class:`~vmapi.hypervisor.DomainSpec` (the database is the truth); one commit for
+   it: quota, claim, the row as ``building`` with its interface (its IPv6 address made
+   free beforehand for the whole array, :func:`~vmapi.services.network.make_free_ipv6`);
+   then each domain's :class:`~vmapi.hypervisor.DomainSpec` (the database is the
+   truth); one commit for
    the whole array (its claims, rows and audit events in one transaction: a refusal at
    any element rolls back the elements before it with it);
 2. one thread per node (at most ``ARRAY_NODE_THREADS`` at once): the console log's pool,
@@ -52,6 +54,7 @@ from vmapi.hypervisor import (
 from vmapi.services.console_log import console_log_path, log_remover
 from vmapi.services.domains import Host, hypervisor_failure, name_taken, remove_domain
 from vmapi.services.hosts import hypervisor
+from vmapi.services.network import make_free_ipv6
 from vmapi.services.specs import domain_spec, new_nic_specs
 from vmapi.services.undo import Undo, run_undo
 
@@ -104,6 +107,7 @@ def create_array(
     """Create every checked VM or none (the module's three phases); the VMs in order."""
     config = current_app.config
     undo: Undo = []
+    make_free_ipv6(len(checked))  # one pool transaction for the array, not one per VM
     try:
         placed: list[Placed] = []
         jobs: list[DomainJob] = []
