@@ -84,6 +84,15 @@ URI = "test:///default"
 MIB = 1024 * 1024
 
 
+@pytest.fixture(autouse=True)
+def room_for_idle_threads(monkeypatch):
+    """Idle call threads are bounded per process (MAX_IDLE_THREADS): whatever threads
+    other tests' connections still keep idle, these tests' threads may idle too (the test
+    of the bound sets its own)."""
+    monkeypatch.setattr(channel_module, "MAX_IDLE_THREADS",
+                        channel_module._idle_count.value + channel_module.MAX_IDLE_THREADS)  # fmt: skip
+
+
 def call_thread(driver: LibvirtDriver, uri: str = URI) -> threading.Thread:
     """The thread that made one real libvirt call for ``driver``."""
     return driver._call(uri, lambda conn: (conn.getLibVersion(), threading.current_thread())[1])
