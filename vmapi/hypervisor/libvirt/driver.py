@@ -127,7 +127,14 @@ def _ensure_pool(
                 raise
             found = conn.storagePoolLookupByName(pool)  # defined meanwhile by another
         else:
-            found.build(0)
+            # Drivers that let a racing request define the same pool again (the test
+            # driver) may have it built and started by the other one meanwhile: building
+            # an active pool is refused, and then there is nothing left to do.
+            try:
+                found.build(0)
+            except libvirt.libvirtError:
+                if not found.isActive():
+                    raise
             found.setAutostart(1)
             created = True
     if not found.isActive():
