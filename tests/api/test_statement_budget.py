@@ -15,9 +15,8 @@ from tests.conftest import GIB, vm_body
 CREATE_BUDGET = 16
 GET_BUDGET = 1  # statements per GET /vm/<id> with a cached token (was 3, plus a ping)
 # statements per page of GET /vm without nest: the VMs with their interface ids (was 2
-# before issue 17's Core reads: the VMs, then their interfaces), after the setting that
-# has an admin's page of every VM walk the primary key (vmapi/services/vm_reads.py)
-PAGE_BUDGET = 2
+# before issue 17's Core reads: the VMs, then their interfaces)
+PAGE_BUDGET = 1
 # a page with nest= keeps the ORM: the VMs, their interfaces, then one per nested reference
 NESTED_PAGE_BASE = 2
 

@@ -164,16 +164,10 @@ def _scoped(
     return _for_customers(service, stmt), True
 
 
-def _read(stmt: Select, params: dict[str, Any], walk: bool = False) -> list[Any]:
+def _read(stmt: Select, params: dict[str, Any]) -> list[Any]:
     """The rows of one read, on a pooled connection of its own (returned, rolled back, at
-    once): the ORM session's set-up and tear-down cost about as much as the statement.
-    ``walk``: planned with sorting off (``SET LOCAL``, gone with the rollback), so that
-    a page of every VM walks the primary key's index whatever the statistics say: on a
-    table never analyzed PostgreSQL took 4,000 VMs for 132 and read and sorted them all
-    for the first page (1.43 x from 150 to 3,000 VMs; tests/api/test_placement_plans.py)."""
+    once): the ORM session's set-up and tear-down cost about as much as the statement."""
     with db.engine.connect() as connection:
-        if walk:
-            connection.exec_driver_sql("SET LOCAL enable_sort = off")
         return connection.execute(stmt, params).all()
 
 
@@ -212,9 +206,6 @@ def list_vm_answers(
     more follow: one statement."""
     joined = db.engine.dialect.name == "postgresql"
     stmt, values = page_statement(service, principal, params, joined)
-    # every VM in id order: the primary key walked (a filtered or a customer's page keeps
-    # the planner's choice: walking every VM for a few would cost more than sorting them)
-    walk = joined and not params.filters and principal.is_admin
-    rows = _read(stmt, values, walk)
+    rows = _read(stmt, values)
     page = {str(row[0]): _answer(row) for row in rows[: params.limit]}
     return page, len(rows) > params.limit
