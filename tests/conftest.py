@@ -153,10 +153,19 @@ def app_config() -> dict[str, Any]:
     return {}
 
 
+def test_driver_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The folder test:// node files may lie in (TEST_DRIVER_DIR): pytest's base temporary
+    folder, under which every tmp_path and mktemp folder of the session lies."""
+    return str(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
-def app(db_url: str, backend: str, app_config: dict[str, Any], tmp_path) -> Iterator[Flask]:
+def app(
+    db_url: str, backend: str, app_config: dict[str, Any], tmp_path, tmp_path_factory
+) -> Iterator[Flask]:
     config = {"DATABASE_URL": db_url, "TESTING": True, "LIBVIRT_TIMEOUT": 5.0,
-              "IMAGE_DIR": str(tmp_path / "images"), **app_config}  # fmt: skip
+              "IMAGE_DIR": str(tmp_path / "images"),
+              "TEST_DRIVER_DIR": test_driver_dir(tmp_path_factory), **app_config}  # fmt: skip
     app = create_app(config)
     yield app
     close_connections(app)
