@@ -14,7 +14,7 @@ from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, Hyperv
 from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 
 DRIVER_KEY = "vmapi.hypervisor"
-POLICY_KEY = "vmapi.uri_policy"
+POLICY_KEY = "vmapi.hypervisor.uri_policy"
 K = TypeVar("K")
 A = TypeVar("A")
 T = TypeVar("T")
