@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from bench.common import (
     INSTALLATION,
     SHARED_URI,
+    TEST_DRIVER_DIR,
     admin_token,
     database,
     host_file,
@@ -87,7 +88,8 @@ def measure(
     """Seconds per case and round: one by one, array with 1 node thread, array."""
     env = {**(extra or {}), "VMAPI_DATABASE_URL": url, "VMAPI_INSTALLATION_ID": INSTALLATION,
            "VMAPI_LOG_LEVEL": "WARNING", "VMAPI_LOG_REQUESTS": "false",
-           "VMAPI_LOG_HYPERVISOR": "false", "VMAPI_LIBVIRT_TIMEOUT": "120"}  # fmt: skip
+           "VMAPI_LOG_HYPERVISOR": "false", "VMAPI_LIBVIRT_TIMEOUT": "120",
+           "VMAPI_TEST_DRIVER_DIR": TEST_DRIVER_DIR}  # fmt: skip
     times: dict[str, list[float]] = {"one by one": [], "array, 1 node thread": [], "array": []}
     with (
         gunicorn("wsgi:app", env, 1) as (concurrent, _),

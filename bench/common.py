@@ -53,6 +53,11 @@ def database() -> Iterator[str]:
         drop_database(SERVER, url)
 
 
+#: Where the benchmarks' test-driver node files are made (tempfile's folder): the apps
+#: they start may open test:// files there (VMAPI_TEST_DRIVER_DIR).
+TEST_DRIVER_DIR = tempfile.gettempdir()
+
+
 def host_file(directory: Path, cores: int = 64, ram_kib: int = 268435456) -> Path:
     """A libvirt test-driver node description (a host of ``cores`` and ``ram_kib``)."""
     path = directory / f"host-{cores}-{ram_kib}.xml"

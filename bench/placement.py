@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench.common import (
     GIB,
+    TEST_DRIVER_DIR,
     admin_token,
     database,
     host_file,
@@ -33,7 +34,7 @@ REQUESTS = 200
 
 def creator(url: str, method: int):
     app = create_app({"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "LOG_REQUESTS": False,
-                      "LOG_HYPERVISOR": False})  # fmt: skip
+                      "LOG_HYPERVISOR": False, "TEST_DRIVER_DIR": TEST_DRIVER_DIR})  # fmt: skip
     client = app.test_client()
     headers = {"Authorization": f"Bearer {admin_token(url)}"}
     body = {"cores": 1, "ram": GIB // 4, "virt_method": {"id": method}}

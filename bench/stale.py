@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from bench.common import (
     GIB,
+    TEST_DRIVER_DIR,
     admin_token,
     database,
     host_file,
@@ -66,7 +67,8 @@ def run() -> list[str]:
             fleet = populate(url, nodes, 0, uri, addresses=vms + 2 * REQUESTS + 100,
                              analyze=False)  # fmt: skip
             app = create_app({"DATABASE_URL": url, "LOG_LEVEL": "WARNING",
-                              "LOG_REQUESTS": False, "LOG_HYPERVISOR": False})  # fmt: skip
+                              "LOG_REQUESTS": False, "LOG_HYPERVISOR": False,
+                              "TEST_DRIVER_DIR": TEST_DRIVER_DIR})  # fmt: skip
             client = app.test_client()
             headers = {"Authorization": f"Bearer {admin_token(url)}"}
             body = {"cores": 1, "ram": GIB // 4, "virt_method": {"id": fleet.method}}

@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 
 from vmapi import create_app
 from vmapi.extensions import db
+from vmapi.hypervisor.uri import UriPolicy
 
 CI = os.environ.get("CI", "").lower() == "true"
 PG_URL = os.environ.get("VMAPI_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -153,10 +154,25 @@ def app_config() -> dict[str, Any]:
     return {}
 
 
+def node_files_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The folder test:// node files may lie in (TEST_DRIVER_DIR): pytest's base temporary
+    folder, under which every tmp_path and mktemp folder of the session lies."""
+    return str(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
-def app(db_url: str, backend: str, app_config: dict[str, Any], tmp_path) -> Iterator[Flask]:
+def uri_policy(tmp_path_factory: pytest.TempPathFactory) -> UriPolicy:
+    """The URI policy of the ``app`` fixture, for drivers made outside an app."""
+    return UriPolicy(test_driver_dir=node_files_dir(tmp_path_factory))
+
+
+@pytest.fixture
+def app(
+    db_url: str, backend: str, app_config: dict[str, Any], tmp_path, tmp_path_factory
+) -> Iterator[Flask]:
     config = {"DATABASE_URL": db_url, "TESTING": True, "LIBVIRT_TIMEOUT": 5.0,
-              "IMAGE_DIR": str(tmp_path / "images"), **app_config}  # fmt: skip
+              "IMAGE_DIR": str(tmp_path / "images"),
+              "TEST_DRIVER_DIR": node_files_dir(tmp_path_factory), **app_config}  # fmt: skip
     app = create_app(config)
     yield app
     close_connections(app)

@@ -44,8 +44,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from vmapi.extensions import db, migrate
     from vmapi.hypervisor.libvirt import LibvirtDriver
     from vmapi.hypervisor.observed import ObservedDriver
+    from vmapi.hypervisor.uri import UriPolicy
     from vmapi.requestlog import register_request_log
-    from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.services.hosts import DRIVER_KEY, POLICY_KEY
     from vmapi.telemetry import (
         count_connections,
         hypervisor_action,
@@ -62,10 +63,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ping_idle_connections(db.engine, app.config["DB_PING_AFTER"])
         count_connections(db.engine)
     migrate.init_app(app, db, directory=_migrations_dir())
+    # Which libvirt URIs may be opened at all: the schema, the services and the
+    # connection cache below them all ask this one policy (vmapi.hypervisor.uri).
+    app.extensions[POLICY_KEY] = policy = UriPolicy.from_config(app.config)
     driver = LibvirtDriver(
         timeout=app.config["LIBVIRT_TIMEOUT"],
         keepalive_interval=app.config["LIBVIRT_KEEPALIVE_INTERVAL"],
         keepalive_count=app.config["LIBVIRT_KEEPALIVE_COUNT"],
+        policy=policy,
     )
     app.extensions[DRIVER_KEY] = ObservedDriver(driver, hypervisor_action)
 

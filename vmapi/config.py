@@ -41,6 +41,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "qemu+ssh://root@{fqdn}/system",
         "libvirt URI for nodes whose libvirt_uri is null; {fqdn} is replaced",
     ),
+    "TEST_DRIVER_DIR": (
+        None,
+        "the folder whose node XML files test:// URIs may name (tests); unset: the test "
+        "driver only as test:///default",
+    ),
+    "LIBVIRT_CREDENTIAL_DIRS": (
+        ["/etc/vmapi/ssh", "/etc/pki/vmapi", "/etc/pki/libvirt"],
+        "folders (JSON list) under which a libvirt URI's keyfile, known_hosts and pkipath may lie",
+    ),
     "LIBVIRT_TIMEOUT": (10.0, "seconds any single libvirt call may take before 504"),
     "LIBVIRT_KEEPALIVE_INTERVAL": (5, "seconds between libvirt keepalive probes"),
     "LIBVIRT_KEEPALIVE_COUNT": (3, "unanswered keepalive probes before a connection is dead"),
@@ -270,6 +279,14 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
             ipaddress.ip_address(server)
         except ValueError as exc:
             raise RuntimeError(f"DNS_SERVERS: {server!r} is not an IP address") from exc
+    credential_dirs = app.config["LIBVIRT_CREDENTIAL_DIRS"]
+    if not isinstance(credential_dirs, list | tuple) or not all(
+        isinstance(d, str) and os.path.isabs(d) for d in credential_dirs
+    ):
+        raise RuntimeError("LIBVIRT_CREDENTIAL_DIRS must be a JSON list of absolute paths")
+    test_dir = app.config["TEST_DRIVER_DIR"]
+    if test_dir and not os.path.isabs(str(test_dir)):
+        raise RuntimeError("TEST_DRIVER_DIR must be an absolute path")
     installation = app.config["INSTALLATION_ID"]
     if installation is not None and not (
         isinstance(installation, str) and INSTALLATION_ID_PATTERN.fullmatch(installation)

@@ -37,7 +37,7 @@ from websockify.token_plugins import BasePlugin
 from vmapi.config import load_config
 from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.libvirt import LibvirtDriver
-from vmapi.hypervisor.uri import validate_libvirt_uri
+from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 from vmapi.models import ConsoleToken, Node, Vm
 
 log = logging.getLogger("vmapi.console_proxy")
@@ -87,10 +87,12 @@ class ConsoleTokens(BasePlugin):
         # NullPool: websockify forks a process per connection; no connection may be
         # inherited across a fork, and each process makes one lookup.
         self.engine = create_engine(self.settings["DATABASE_URL"], poolclass=NullPool)
+        self.policy = UriPolicy.from_config(self.settings)
         self.driver = LibvirtDriver(
             timeout=self.settings["LIBVIRT_TIMEOUT"],
             keepalive_interval=self.settings["LIBVIRT_KEEPALIVE_INTERVAL"],
             keepalive_count=self.settings["LIBVIRT_KEEPALIVE_COUNT"],
+            policy=self.policy,
         )
         redact_tokens_in_logs()
 
@@ -136,7 +138,7 @@ class ConsoleTokens(BasePlugin):
     def node_uri(self, node: Node) -> str:
         """As the API reaches the node: its own URI or the configured template."""
         uri = node.libvirt_uri or self.settings["LIBVIRT_URI_TEMPLATE"].format(fqdn=node.fqdn)
-        validate_libvirt_uri(uri)
+        validate_libvirt_uri(uri, self.policy)  # a row stored before the rules: refused
         return uri
 
 

@@ -223,6 +223,10 @@ INTERFACE_ADDRESS_TAKEN = _register("interface/address_taken", 409,
 NODE_UNREACHABLE = _register("node/unreachable", 409,
     "The node's libvirt could not be asked for its capacity; give cores and ram.",
     {"node": {CREATE, UPDATE}})
+NODE_UNSAFE_URI = _register("node/unsafe_uri", 409,
+    "The node's stored libvirt_uri or migration_uri is not one vmapi may open (stored before "
+    "the rules, or the configuration changed): nothing was connected; UPDATE the node's URI.",
+    {**_VM_CHANGES, "vm": WRITES, "node": {UPDATE}})
 IPV4_OVERLAP = _register("ipv4/overlap", 409,
     "The network overlaps addresses already registered.", {"ipv4": {CREATE}})
 IPV6_OVERLAP = _register("ipv6/overlap", 409,

@@ -127,9 +127,9 @@ def test_an_idle_thread_ends_and_a_later_call_starts_another():
     driver.connections.clear()
 
 
-def test_idle_threads_are_bounded_for_the_whole_process(monkeypatch, host_uri):
+def test_idle_threads_are_bounded_for_the_whole_process(monkeypatch, host_uri, uri_policy):
     monkeypatch.setattr(channel_module, "MAX_IDLE_THREADS", channel_module._idle_count.value + 1)
-    driver = LibvirtDriver(timeout=5)
+    driver = LibvirtDriver(timeout=5, policy=uri_policy)
     other = host_uri()
     first = call_thread(driver)  # rests: the one idle thread allowed
     elsewhere = call_thread(driver, other)  # no room to rest: it ends after its call

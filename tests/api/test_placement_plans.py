@@ -25,7 +25,15 @@ import pytest
 import sqlalchemy as sa
 
 from bench.common import host_file, populate
-from tests.conftest import GIB, MIB, create_database, drop_database, make_token, migrate
+from tests.conftest import (
+    GIB,
+    MIB,
+    create_database,
+    drop_database,
+    make_token,
+    migrate,
+    node_files_dir,
+)
 from vmapi import create_app
 from vmapi.extensions import db
 
@@ -74,7 +82,8 @@ def stale_fleet(request, pg_server, tmp_path_factory) -> Iterator[dict]:
                                    " last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL")  # fmt: skip
         if request.param == "never analyzed":
             assert analyzed == [], "the fleet's tables were analyzed: the test means nothing"
-        yield {"url": url, "method": fleet.method, "stats": request.param}
+        yield {"url": url, "method": fleet.method, "stats": request.param,
+               "test_driver_dir": node_files_dir(tmp_path_factory)}  # fmt: skip
     finally:
         drop_database(pg_server, url)
 
@@ -82,7 +91,8 @@ def stale_fleet(request, pg_server, tmp_path_factory) -> Iterator[dict]:
 def create_and_capture(fleet: dict, weigher: str, tmp_path) -> tuple[dict, list[tuple]]:
     """POST /vm on the fleet with ``weigher``; the answer and every statement sent."""
     app = create_app({"DATABASE_URL": fleet["url"], "TESTING": True, "LIBVIRT_TIMEOUT": 5.0,
-                      "SCHEDULER_WEIGHER": weigher, "IMAGE_DIR": str(tmp_path / "images")})  # fmt: skip
+                      "SCHEDULER_WEIGHER": weigher, "IMAGE_DIR": str(tmp_path / "images"),
+                      "TEST_DRIVER_DIR": fleet["test_driver_dir"]})  # fmt: skip
     token = make_token(app, "admin")
     with app.app_context():
         engine = db.engine

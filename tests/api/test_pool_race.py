@@ -8,9 +8,9 @@ import threading
 from vmapi.hypervisor.libvirt.driver import LibvirtDriver
 
 
-def test_racing_calls_make_one_pool_and_all_get_its_directory(host_uri):
+def test_racing_calls_make_one_pool_and_all_get_its_directory(host_uri, uri_policy):
     uri = host_uri()
-    driver = LibvirtDriver(timeout=10)
+    driver = LibvirtDriver(timeout=10, policy=uri_policy)
     answers: list[object] = []
     for round_ in range(40):  # a race: many tries, each a fresh pool
         start = threading.Barrier(8)

@@ -14,8 +14,16 @@ RUNNING, PAUSED, SHUTOFF, CRASHED, ERROR = "running", "paused", "shutoff", "cras
 CHUNK_SIZE = 256 * 1024
 
 
+#: Why a host could not be reached: the only words about a failed connection an answer
+#: carries (libvirt's own text can quote a file it read, so it goes to the log only).
+REASON_CLASSES = ("unreachable", "auth_failed", "timeout", "refused")
+
+
 class HypervisorError(Exception):
     """The hypervisor answered with an error. ``reason`` is its own message."""
+
+    #: one of REASON_CLASSES when the host could not be reached
+    reason_class: str | None = None
 
     def __init__(self, uri: str, reason: str) -> None:
         self.uri = uri
@@ -24,11 +32,26 @@ class HypervisorError(Exception):
 
 
 class HypervisorUnavailable(HypervisorError):
-    """The hypervisor could not be reached (connection refused, DNS, auth, dead link)."""
+    """The hypervisor could not be reached (connection refused, DNS, auth, dead link).
+
+    ``reason_class`` says why in one of :data:`REASON_CLASSES`; the libvirt layer gives
+    it as the ``reason`` too, never libvirt's text."""
+
+    def __init__(self, uri: str, reason: str, reason_class: str = "unreachable") -> None:
+        if reason_class not in REASON_CLASSES:
+            raise ValueError(f"not a reason class: {reason_class!r}")
+        self.reason_class = reason_class
+        super().__init__(uri, reason)
+
+
+class UriRefused(HypervisorError):
+    """The URI is not one vmapi may open (vmapi.hypervisor.uri): nothing was connected."""
 
 
 class HypervisorTimeout(HypervisorError):
     """The hypervisor did not answer within the configured time."""
+
+    reason_class = "timeout"
 
     def __init__(self, uri: str, timeout: float) -> None:
         self.timeout = timeout

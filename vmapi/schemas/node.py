@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from flask import current_app, has_app_context
 from marshmallow import ValidationError, validate
 
 from vmapi.bridges import template_problem
@@ -12,6 +13,7 @@ from vmapi.config import INTERFACE_MODES
 from vmapi.hypervisor.uri import (
     MIGRATION_ADDRESS_PATTERN,
     URI_PATTERN,
+    UriPolicy,
     validate_libvirt_uri,
     validate_migration_address,
 )
@@ -33,12 +35,22 @@ from vmapi.schemas.base import (
     text_field,
     validate_hostname,
 )
+from vmapi.services.hosts import POLICY_KEY
+
+#: What the pattern cannot say, in words (docs/API.md, "libvirt URIs").
+URI_DIRECTORIES = (
+    "The test driver's node files (test:///<path>, other than test:///default) must lie "
+    "under the configured TEST_DRIVER_DIR, and keyfile, known_hosts and pkipath under "
+    "LIBVIRT_CREDENTIAL_DIRS."
+)
 
 
 @json_schema(pattern=URI_PATTERN)
 def validate_uri(value: str) -> None:
+    # the app's policy (its configured directories); outside an app, the strictest
+    policy = current_app.extensions[POLICY_KEY] if has_app_context() else UriPolicy()
     try:
-        validate_libvirt_uri(value)
+        validate_libvirt_uri(value, policy)
     except ValueError as exc:
         raise ValidationError(f"Not an acceptable libvirt URI: {exc}.") from exc
 
@@ -81,7 +93,8 @@ class NodeSchema(BaseSchema):
     location = text_field(allow_none=True)
     bond_interfaces = text_field(allow_none=True)
     node_state = Ref("node_state", attribute="node_state_id", required=True)
-    libvirt_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri])
+    libvirt_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri],
+                      metadata={"description": URI_DIRECTORIES})  # fmt: skip
     cores = Int(allow_none=True, validate=positive(1 << 20))
     ram = Int(allow_none=True, validate=positive())
     cpu_allocation_ratio = Float(allow_none=True, validate=validate.Range(min=0.01, max=1000))
@@ -99,7 +112,8 @@ class NodeSchema(BaseSchema):
     #: where VM displays listen (null: CONSOLE_ADDRESS); the console proxy must reach it
     console_address = Str(allow_none=True, validate=ip_address)
     #: how another node's libvirtd reaches this one for a move (null: libvirt_uri)
-    migration_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri])
+    migration_uri = Str(allow_none=True, validate=[validate.Length(min=1, max=1024), validate_uri],
+                        metadata={"description": URI_DIRECTORIES})  # fmt: skip
     #: where QEMU's migration stream to this node connects (null: its host name)
     migration_address = Str(allow_none=True, validate=migration_address)
     allocated_cores = Int(dump_only=True)

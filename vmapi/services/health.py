@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 
+from vmapi.errors import ApiError
 from vmapi.extensions import db
-from vmapi.hypervisor import HostInfo, HypervisorError
+from vmapi.hypervisor import HostInfo, HypervisorError, HypervisorUnavailable
 from vmapi.models import Node
 from vmapi.services.domains import end_cooloff
 from vmapi.services.hosts import hypervisor, node_uri, on_hosts
@@ -45,15 +46,29 @@ def check_nodes(workers: int, fqdns: tuple[str, ...] = ()) -> list[Probe]:
         started = time.monotonic()
         return driver.host_info(uri), time.monotonic() - started
 
-    results = on_hosts({n.id: node_uri(n.fqdn, n.libvirt_uri) for n in nodes}, probe, workers)
+    uris, refused = {}, {}
+    for n in nodes:
+        try:
+            uris[n.id] = node_uri(n.fqdn, n.libvirt_uri)
+        except ApiError as exc:  # a URI stored before the rules: never connected to
+            refused[n.id] = f"{exc.error_id}: {exc.message}"
+    results = on_hosts(uris, probe, workers)
     now = datetime.now(UTC)
     probes = []
     for node in nodes:
-        result = results[node.id]
-        if isinstance(result, HypervisorError):
-            node.last_error = result.reason[:ERROR_LENGTH]
+        result = results.get(node.id)
+        if node.id in refused or isinstance(result, HypervisorError):
+            # what admins read: the reason class of a failed connection, never libvirt's
+            # text (it can quote a file libvirt read)
+            if node.id in refused:
+                reason = refused[node.id]
+            elif isinstance(result, HypervisorUnavailable):
+                reason = result.reason_class or "unreachable"
+            else:
+                reason = result.reason
+            node.last_error = reason[:ERROR_LENGTH]
             node.unreachable_since = node.unreachable_since or now
-            probes.append(Probe(node.fqdn, False, result.reason, node.unreachable_since))
+            probes.append(Probe(node.fqdn, False, reason, node.unreachable_since))
         else:
             info, seconds = result
             node.last_seen_at = now

@@ -8,12 +8,13 @@ from typing import TypeVar
 
 from flask import current_app
 
-from vmapi.error_ids import NODE_UNREACHABLE
+from vmapi.error_ids import NODE_UNREACHABLE, NODE_UNSAFE_URI
 from vmapi.errors import Conflict, ValidationError
 from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, HypervisorTimeout
-from vmapi.hypervisor.uri import validate_libvirt_uri
+from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 
 DRIVER_KEY = "vmapi.hypervisor"
+POLICY_KEY = "vmapi.hypervisor.uri_policy"
 K = TypeVar("K")
 A = TypeVar("A")
 T = TypeVar("T")
@@ -24,13 +25,34 @@ def hypervisor() -> HypervisorDriver:
     return current_app.extensions[DRIVER_KEY]
 
 
+def uri_policy() -> UriPolicy:
+    """Which libvirt URIs the app may open (built from the configuration at start)."""
+    return current_app.extensions[POLICY_KEY]
+
+
+def checked_uri(fqdn: str, uri: str, field: str = "libvirt_uri") -> str:
+    """``uri``, a node's stored ``field``, if it may be opened; else 409
+    ``node/unsafe_uri`` (a row stored before the rules): nothing is connected."""
+    try:
+        validate_libvirt_uri(uri, uri_policy())
+    except ValueError as exc:
+        raise Conflict(
+            f"Node {fqdn}'s {field} is not a libvirt URI vmapi may open: {exc}. Nothing was "
+            "connected; update the node's URI.",
+            error_id=NODE_UNSAFE_URI,
+            data={field: [f"Not an acceptable libvirt URI: {exc}."]},
+        ) from None
+    return uri
+
+
 def node_uri(fqdn: str, libvirt_uri: str | None) -> str:
-    """The URI of a node: its own, or the configured template filled with its fqdn."""
+    """The URI of a node: its own, or the configured template filled with its fqdn;
+    either checked against the URI policy before anything connects to it."""
     if libvirt_uri:
-        return libvirt_uri
+        return checked_uri(fqdn, libvirt_uri)
     uri = current_app.config["LIBVIRT_URI_TEMPLATE"].format(fqdn=fqdn)
     try:
-        validate_libvirt_uri(uri)
+        validate_libvirt_uri(uri, uri_policy())
     except ValueError as exc:
         raise ValidationError(
             data={"libvirt_uri": [f"The URI {uri!r} built from LIBVIRT_URI_TEMPLATE {exc}."]}
@@ -43,14 +65,17 @@ def read_capacity(fqdn: str, uri: str) -> HostInfo:
     try:
         return hypervisor().host_info(uri)
     except HypervisorError as exc:
+        # a failed connection answers its reason class, never libvirt's text (which may
+        # quote a file it read); other errors of the call are the host's own answer
+        reason = exc.reason_class or exc.reason
         if isinstance(exc, HypervisorTimeout):
             what = f"did not answer at {uri} within {exc.timeout:g} s"
         else:
-            what = f"cannot be reached at {uri} ({exc.reason})"
+            what = f"cannot be reached at {uri} ({reason})"
         raise Conflict(
             f"Node {fqdn} {what}; give cores and ram explicitly or fix the connection.",
             error_id=NODE_UNREACHABLE,
-            data={"uri": uri, "reason": exc.reason},
+            data={"uri": uri, "reason": reason},
         ) from exc
 
 

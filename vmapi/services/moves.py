@@ -45,7 +45,7 @@ from vmapi.scheduler import (
 from vmapi.services import audit
 from vmapi.services.consoles import invalidate_console_tokens
 from vmapi.services.domains import Host, state_id
-from vmapi.services.hosts import hypervisor, node_uri
+from vmapi.services.hosts import checked_uri, hypervisor, node_uri
 from vmapi.services.leftovers import (
     delete_listed_log,
     delete_listed_volume,
@@ -108,7 +108,9 @@ def moved_volumes(vm_id: int) -> list[MovedVolume]:
 
 def migration_uri(node: Node) -> str:
     """How the source's libvirtd reaches ``node``: its migration_uri, else its own URI."""
-    return node.migration_uri or node_uri(node.fqdn, node.libvirt_uri)
+    if node.migration_uri:
+        return checked_uri(node.fqdn, node.migration_uri, "migration_uri")
+    return node_uri(node.fqdn, node.libvirt_uri)
 
 
 # ---------------------------------------------------------------------- the target's claim

@@ -28,7 +28,10 @@ class NodeService(CrudService[Node]):
         super().__init__(Node, "node")
 
     def complete(self, obj: Node, data: dict[str, Any], principal: Principal) -> None:
-        uri = node_uri(obj.fqdn, obj.libvirt_uri)
+        # the URI is checked when it is set or built anew, or used; an update of other
+        # fields of a node whose stored URI no longer passes still works (to fix it)
+        if obj.cores is None or obj.ram is None or {"fqdn", "libvirt_uri"} & data.keys():
+            uri = node_uri(obj.fqdn, obj.libvirt_uri)
         if obj.cores is None or obj.ram is None:
             info = read_capacity(obj.fqdn, uri)
             if obj.cores is None:

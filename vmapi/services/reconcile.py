@@ -78,7 +78,12 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     states = {row.id: row.name for row in db.session.scalars(select(VmState))}
     known_ids = set(db.session.scalars(select(Vm.id)))
     nodes = db.session.scalars(select(Node).order_by(Node.id)).all()
-    hosts = {node.id: Host.of(node.id) for node in nodes}
+    hosts, unsafe = {}, {}
+    for node in nodes:
+        try:
+            hosts[node.id] = Host.of(node.id)
+        except ApiError as exc:  # a URI stored before the rules: never connected to
+            unsafe[node.id] = f"{exc.error_id}: {exc.message}"
     # Every node is asked at once (each call bounded by LIBVIRT_TIMEOUT): hung hosts cost
     # one timeout in all, not one each.
     listings = on_hosts({i: h.uri for i, h in hosts.items()}, hypervisor().domains, workers)
@@ -88,6 +93,9 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     listed = {(left.node_id, left.kind, left.pool, left.name) for left in
               db.session.scalars(select(Leftover))}  # fmt: skip
     for node in nodes:
+        if node.id in unsafe:
+            findings.append(Finding("unsafe_uri", node.fqdn, "-", unsafe[node.id]))
+            continue
         host = hosts[node.id]
         listing = listings[node.id]
         if isinstance(listing, HypervisorError):

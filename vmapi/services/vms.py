@@ -231,6 +231,9 @@ class VmService(CrudService[Vm]):
             if boot is not None:
                 check_image(boot, data.get("customer_id"))
             node = self.claim_node(data, request)
+            # the claimed row, still in the session (no query); a node whose stored URI
+            # may not be opened fails here, before anything is written (409)
+            host = Host.of(node.id)
             vm = Vm(
                 cores=data["cores"],
                 ram=data["ram"],
@@ -265,7 +268,6 @@ class VmService(CrudService[Vm]):
         except BaseException:
             db.session.rollback()
             raise
-        host = Host.of(node.id)  # the claimed row, still in the session: no query
         undo.append(lambda: forget(vm))
         return Placed(vm, host, made, root)
 

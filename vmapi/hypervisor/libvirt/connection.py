@@ -14,6 +14,7 @@ Why this shape (see DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -30,12 +31,21 @@ from vmapi.hypervisor.driver import (
     NotSupported,
     OperationInvalid,
     PoolNotFound,
+    UriRefused,
     VolumeExists,
     VolumeNotFound,
 )
 from vmapi.hypervisor.libvirt.channel import Channel, close_quietly
+from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 
-__all__ = ["Channel", "ConnectionCache", "close_quietly", "open_connection", "translate"]
+__all__ = [
+    "Channel",
+    "ConnectionCache",
+    "close_quietly",
+    "connection_failure",
+    "open_connection",
+    "translate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,41 @@ _NOT_SUPPORTED = {
 }
 
 
+_AUTH = {
+    libvirt.VIR_ERR_AUTH_FAILED,
+    libvirt.VIR_ERR_AUTH_CANCELLED,
+    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+}
+_REFUSED_ERRNOS = {errno.ECONNREFUSED}
+_TIMEOUT_ERRNOS = {errno.ETIMEDOUT}
+
+
+def reason_class(exc: libvirt.libvirtError) -> str:
+    """Why a connection failed, by libvirt's error code (and errno for system errors)."""
+    code = exc.get_error_code()
+    if code in _AUTH:
+        return "auth_failed"
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return "timeout"
+    if code == libvirt.VIR_ERR_SYSTEM_ERROR:
+        number = exc.get_int1()
+        if number in _REFUSED_ERRNOS:
+            return "refused"
+        if number in _TIMEOUT_ERRNOS:
+            return "timeout"
+    return "unreachable"
+
+
+def connection_failure(uri: str, exc: libvirt.libvirtError) -> HypervisorUnavailable:
+    """A failed connection as its reason class only: libvirt's text can quote a file it
+    read (the test driver's XML errors, a remote ``name=``), so it goes to the log."""
+    found = reason_class(exc)
+    log.warning(
+        "libvirt connection to %s failed (%s): %s", uri, found, exc.get_error_message() or exc
+    )
+    return HypervisorUnavailable(uri, found, found)
+
+
 def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
     """Map a libvirt error onto the hypervisor package's exceptions by its error code."""
     code = exc.get_error_code()
@@ -71,7 +116,7 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return HypervisorTimeout(uri, 0)
     if code in _UNREACHABLE:
-        return HypervisorUnavailable(uri, message)
+        return connection_failure(uri, exc)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainNotFound(uri, message)
     if code == libvirt.VIR_ERR_NO_STORAGE_VOL:
@@ -118,19 +163,32 @@ class _EventLoop:
 _event_loop = _EventLoop()
 
 
-def open_connection(uri: str, keepalive_interval: int, keepalive_count: int) -> libvirt.virConnect:
+def refuse_unsafe(uri: str, policy: UriPolicy) -> None:
+    """Raise :class:`UriRefused` unless ``policy`` lets vmapi (or a libvirtd it asks, as
+    in a peer-to-peer migration) open ``uri``."""
+    try:
+        validate_libvirt_uri(uri, policy)
+    except ValueError as exc:
+        raise UriRefused(uri, f"not an acceptable libvirt URI: {exc}") from None
+
+
+def open_connection(
+    uri: str, keepalive_interval: int, keepalive_count: int, policy: UriPolicy | None = None
+) -> libvirt.virConnect:
     """A new connection with keepalive, outside any cache (blocking: bound it by the caller).
 
     The cache's connections and the private ones of long streams (:mod:`.streams`) are
-    opened alike.
+    opened alike. A URI ``policy`` (default: the strictest) refuses is never opened
+    (:class:`UriRefused`); a failure to open answers its reason class only.
     """
+    refuse_unsafe(uri, policy or UriPolicy())
     _event_loop.ensure_running()
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        raise HypervisorUnavailable(uri, exc.get_error_message() or str(exc)) from exc
+        raise connection_failure(uri, exc) from None
     if conn is None:  # older bindings return None instead of raising
-        raise HypervisorUnavailable(uri, "libvirt returned no connection")
+        raise HypervisorUnavailable(uri, "unreachable")
     # Local drivers (test, qemu:///system over unix) have no keepalive.
     with contextlib.suppress(libvirt.libvirtError):
         conn.setKeepAlive(keepalive_interval, keepalive_count)
@@ -141,9 +199,13 @@ class ConnectionCache:
     """Per-process cache of open libvirt connections, keyed by URI: a :class:`Channel`
     each (the connection and the threads that make its calls)."""
 
-    def __init__(self, keepalive_interval: int = 5, keepalive_count: int = 3) -> None:
+    def __init__(
+        self, keepalive_interval: int = 5, keepalive_count: int = 3, policy: UriPolicy | None = None
+    ) -> None:
         self.keepalive_interval = keepalive_interval
         self.keepalive_count = keepalive_count
+        #: which URIs may be opened at all (built from the configuration by create_app)
+        self.policy = policy or UriPolicy()
         self._pid = os.getpid()
         self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
@@ -158,8 +220,12 @@ class ConnectionCache:
 
     def opener(self, uri: str) -> Callable[[], libvirt.virConnect]:
         """Opens a new connection to ``uri`` like the cache's (blocking: bound it)."""
-        interval, count = self.keepalive_interval, self.keepalive_count
-        return lambda: open_connection(uri, interval, count)
+        interval, count, policy = self.keepalive_interval, self.keepalive_count, self.policy
+        return lambda: open_connection(uri, interval, count, policy)
+
+    def check(self, uri: str) -> None:
+        """Raise :class:`UriRefused` unless this cache's policy allows ``uri``."""
+        refuse_unsafe(uri, self.policy)
 
     def channel(self, uri: str, timeout: float) -> Channel:
         """The channel of a live connection to ``uri``; opens one (bounded by ``timeout``)

@@ -45,6 +45,7 @@ from vmapi.hypervisor.libvirt.config import (
 )
 from vmapi.hypervisor.libvirt.connection import Channel, ConnectionCache, translate
 from vmapi.hypervisor.libvirt.designer import design, disk_xml
+from vmapi.hypervisor.uri import UriPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,10 +166,14 @@ class LibvirtDriver:
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
     def __init__(
-        self, timeout: float = 10.0, keepalive_interval: int = 5, keepalive_count: int = 3
+        self,
+        timeout: float = 10.0,
+        keepalive_interval: int = 5,
+        keepalive_count: int = 3,
+        policy: UriPolicy | None = None,
     ) -> None:
         self.timeout = timeout
-        self.connections = ConnectionCache(keepalive_interval, keepalive_count)
+        self.connections = ConnectionCache(keepalive_interval, keepalive_count, policy)
         self.pool_dir_seconds = POOL_DIR_SECONDS
 
     def _call(self, uri: str, action: Callable[[libvirt.virConnect], T]) -> T:
@@ -493,6 +498,7 @@ class LibvirtDriver:
         if copy_storage and not live:
             raise NotSupported(uri, "libvirt copies disks only in a live migration; "
                                     "copy the volumes before moving a shut-off domain")  # fmt: skip
+        self.connections.check(dest_uri)  # the source's libvirtd opens it: the same rules
         # A connection of its own (with a thread of its own for the bounded calls): the
         # migration holds it for as long as it runs.
         private = Channel.open(uri, self.connections.opener(uri), self.timeout)

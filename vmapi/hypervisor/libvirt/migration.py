@@ -248,7 +248,7 @@ def error(
     found = translate(uri, exc)
     if isinstance(found, HypervisorUnavailable) and conn.isAlive():
         # The source still answers: it was the target it could not reach.
-        return HypervisorUnavailable(dest_uri, found.reason)
+        return HypervisorUnavailable(dest_uri, found.reason, found.reason_class or "unreachable")
     if isinstance(found, HypervisorTimeout):  # a job lock libvirt waited for in vain
         return HypervisorTimeout(uri, timeout)
     return found
