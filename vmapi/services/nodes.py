@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from vmapi.auth import Principal
+from vmapi.displays import display_problem
 from vmapi.errors import ValidationError
 from vmapi.extensions import db
 from vmapi.models import Node, VirtMethod, VirtNode
@@ -29,6 +30,13 @@ class NodeService(CrudService[Node]):
 
     def complete(self, obj: Node, data: dict[str, Any], principal: Principal) -> None:
         uri = node_uri(obj.fqdn, obj.libvirt_uri)
+        if obj.id is None or {"fqdn", "libvirt_uri", "console_address"} & data.keys():
+            address = obj.console_address or current_app.config["CONSOLE_ADDRESS"]
+            problem = display_problem(uri, address)
+            if problem:
+                default = "" if obj.console_address else " (CONSOLE_ADDRESS, as it is null)"
+                raise ValidationError(data={"console_address": [
+                    f"{address}{default}: {problem}."]})  # fmt: skip
         if obj.cores is None or obj.ram is None:
             info = read_capacity(obj.fqdn, uri)
             if obj.cores is None:
