@@ -12,6 +12,7 @@ import json
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask
 
@@ -149,6 +150,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "the console URL answered by POST /vm/<id>/console; {base} (the API's own URL), "
         "{token} and {password} are filled in",
     ),
+    "PUBLIC_URL": (
+        None,
+        "the API's public base URL (https://vmapi.example.com/) that console URLs are built "
+        "on; unset: the URL the request was sent to (its Host header)",
+    ),
     "LOG_HYPERVISOR": (True, "one JSON line per hypervisor action on vmapi.hypervisor"),
     "LOG_LEVEL": ("INFO", "Python log level"),
     "LOG_REQUESTS": (True, "one JSON line per request on the vmapi.request logger"),
@@ -212,6 +218,18 @@ def _coerce(raw: str, default: Any) -> Any:
     return raw
 
 
+def public_url(url: str | None) -> str | None:
+    """PUBLIC_URL as ``{base}`` takes it: an http(s) URL with a host, ending in ``/``."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise RuntimeError(
+            f"PUBLIC_URL must be an http(s) URL such as https://vmapi.example.com/, not {url!r}"
+        )
+    return url if url.endswith("/") else url + "/"
+
+
 def database_url(url: str) -> str:
     """A bare ``postgresql://`` (or ``postgres://``) URL means psycopg2, the pinned driver.
 
@@ -266,6 +284,7 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
         raise RuntimeError(
             f"CONSOLE_URL may use only {{base}}, {{token}} and {{password}}: {exc!r}"
         ) from exc
+    app.config["PUBLIC_URL"] = public_url(app.config["PUBLIC_URL"])
     if app.config["INTERFACE_MODE"] not in INTERFACE_MODES:
         raise RuntimeError(f"INTERFACE_MODE must be one of {', '.join(INTERFACE_MODES)}")
     problem = template_problem(app.config["BRIDGE_TEMPLATE"])

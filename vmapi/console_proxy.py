@@ -35,6 +35,7 @@ from sqlalchemy.pool import NullPool
 from websockify.token_plugins import BasePlugin
 
 from vmapi.config import load_config
+from vmapi.displays import display_problem
 from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.libvirt import LibvirtDriver
 from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
@@ -126,12 +127,20 @@ class ConsoleTokens(BasePlugin):
                 return None
             uri, name = self.node_uri(node), vm.domain_name
             fallback = node.console_address or self.settings["CONSOLE_ADDRESS"]
+        problem = display_problem(uri, fallback)
+        if problem:  # a remote node's "this host" would lead to the proxy's own host
+            log.warning("refused the console of %s on %s: %s", name, node.fqdn, problem)
+            return None
         try:
             display = self.driver.display(uri, name)
         except HypervisorError as exc:
             log.warning("no display for the console of %s on %s: %s", name, node.fqdn, exc.reason)
             return None
         host = display.listen if _concrete(display.listen) else fallback
+        problem = display_problem(uri, host)
+        if problem:
+            log.warning("refused the console of %s on %s: %s", name, node.fqdn, problem)
+            return None
         log.info("console of %s: display at %s port %s on %s", name, host, display.port, node.fqdn)
         return host, display.port
 

@@ -55,16 +55,20 @@ MODULES = (
 # below), so only a root disk larger than the image (an overlay) receives it.
 MARKER_SECTOR = 131072
 SECTOR_BYTES = 512
+#: On the guest's kernel command line: the kernel hands it to /init as a variable, and
+#: /init and the helpers under rootfs/ refuse to run without it (never on a host).
+GUEST_MARKER = "vmapi_test_guest=1"
 GRUB_CFG = """\
 serial --unit=0 --speed=115200
 terminal_input serial console
 terminal_output serial console
 set timeout=0
 menuentry "vmapi test guest" {
-    linux /boot/vmlinuz console=ttyS0
+    linux /boot/vmlinuz console=ttyS0 vmapi_test_guest=1
     initrd /boot/initrd.gz
 }
 """
+assert GUEST_MARKER in GRUB_CFG
 
 
 class GuestUnavailable(Exception):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from vmapi.config import DEFAULTS, database_url, load_config
+from vmapi.config import DEFAULTS, database_url, load_config, public_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +89,18 @@ def test_no_installation_id_means_the_databases(tmp_path, monkeypatch):
     app = make_app(tmp_path)
     load_config(app)
     assert app.config["INSTALLATION_ID"] is None
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [(None, None), ("", None), ("https://vmapi.example.com", "https://vmapi.example.com/"),
+     ("http://10.0.0.5:8000/api-site/", "http://10.0.0.5:8000/api-site/")],
+)  # fmt: skip
+def test_public_url_is_kept_as_a_base(given, kept):
+    assert public_url(given) == kept
+
+
+@pytest.mark.parametrize("bad", ["vmapi.example.com", "ftp://x/", "https:///x", "https://x/?a=1"])
+def test_a_public_url_that_is_no_base_stops_the_start(bad):
+    with pytest.raises(RuntimeError, match="PUBLIC_URL"):
+        public_url(bad)

@@ -55,12 +55,43 @@ def from_http_exception(exc: HTTPException) -> ApiError:
     return err
 
 
+#: what a customer's hypervisor error keeps of ``data`` (the node, its URI and libvirt's
+#: text stay in the server's log and in admins' answers)
+CUSTOMER_HYPERVISOR_DATA = ("step", "index", "request_id")
+
+
+def for_the_caller(exc: ApiError) -> ApiError:
+    """``exc`` as the caller may see it. A hypervisor's failure or silence (502, 504)
+    tells an admin the node, its URI and libvirt's text; anyone else gets the error id, a
+    generic message and the request id to quote, and the server's log keeps the rest."""
+    if exc.status_code not in (502, 504):
+        return exc
+    who = g.get("principal")
+    if who is not None and who.is_admin:
+        return exc
+    request_id = getattr(g, "request_id", "-")
+    log.warning("hypervisor error answered to a customer, request_id=%s: %s %s data=%s",
+                request_id, exc.error_id, exc.message, exc.data)  # fmt: skip
+    data = exc.data if isinstance(exc.data, dict) else {}
+    kept = {k: data[k] for k in CUSTOMER_HYPERVISOR_DATA if k in data}
+    what = "did not answer in time" if exc.status_code == 504 else "failed"
+    step = f" while {data['step']}" if isinstance(data.get("step"), str) else ""
+    shown = ApiError(
+        f"The hypervisor {what}{step}. Retry later, or quote request "
+        f"id {request_id} to the operator.",
+        error_id=exc.error_id,
+        data={**kept, "request_id": request_id},
+    )
+    shown.status_code = exc.status_code
+    return shown
+
+
 def register_error_handlers(app: Flask) -> None:
     """Route every failure into :func:`vmapi.representations.error_response`."""
 
     @app.errorhandler(ApiError)
     def handle_api_error(exc: ApiError) -> Response:
-        return error_response(exc)
+        return error_response(for_the_caller(exc))
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(exc: HTTPException) -> Response:

@@ -37,8 +37,15 @@ console = Action(
     status=201,
     summary="A VNC console of one running vm: URL, token and display password, until "
     "expires_at. The token and password are in this answer only.",
-    context=lambda: {"base_url": request.host_url},
+    context=lambda: {"base_url": public_base_url()},
 )
+
+
+def public_base_url() -> str:
+    """The API's URL as its users reach it: PUBLIC_URL when configured (the request's
+    Host header then plays no part), else the URL this request was sent to."""
+    return current_app.config["PUBLIC_URL"] or request.host_url
+
 
 #: POST /vm/<id>/migrate: move it to another node (admins only)
 migrate = Action(

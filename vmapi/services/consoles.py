@@ -23,6 +23,7 @@ from flask import current_app
 from sqlalchemy import delete
 
 from vmapi.auth import Principal
+from vmapi.displays import display_problem
 from vmapi.error_ids import VM_NO_CONSOLE, VM_STATE_CONFLICT
 from vmapi.errors import Conflict
 from vmapi.extensions import db
@@ -32,7 +33,7 @@ from vmapi.services import audit
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
-from vmapi.services.specs import display_password
+from vmapi.services.specs import console_address, display_password
 from vmapi.services.vms import VmService
 
 
@@ -53,6 +54,13 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
     with vm_locks([ident]):
         vm = VmService().get(ident, principal)  # a customer's own VMs only (else 404)
         host = Host.of(vm.node_id)
+        problem = display_problem(host.uri, console_address(host.node, config))
+        if problem:  # a URL that cannot work is no console (and no libvirt call is made)
+            raise Conflict(
+                f"vm-{vm.id} has no console the proxy can reach: {problem}.",
+                error_id=VM_NO_CONSOLE,
+                data={"reason": "the node's console_address is not reachable by the proxy"},
+            )
         # passwdValidTo has whole seconds: the token expires at the same second.
         now = datetime.now(UTC).replace(microsecond=0)
         expires_at = now + timedelta(seconds=int(config["CONSOLE_TTL"]))

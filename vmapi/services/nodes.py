@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from vmapi.auth import Principal
+from vmapi.displays import display_problem
 from vmapi.errors import ValidationError
 from vmapi.extensions import db
 from vmapi.models import Node, VirtMethod, VirtNode
@@ -30,8 +31,16 @@ class NodeService(CrudService[Node]):
     def complete(self, obj: Node, data: dict[str, Any], principal: Principal) -> None:
         # the URI is checked when it is set or built anew, or used; an update of other
         # fields of a node whose stored URI no longer passes still works (to fix it)
-        if obj.cores is None or obj.ram is None or {"fqdn", "libvirt_uri"} & data.keys():
+        display = obj.id is None or {"fqdn", "libvirt_uri", "console_address"} & data.keys()
+        if obj.cores is None or obj.ram is None or display:
             uri = node_uri(obj.fqdn, obj.libvirt_uri)
+        if display:
+            address = obj.console_address or current_app.config["CONSOLE_ADDRESS"]
+            problem = display_problem(uri, address)
+            if problem:
+                default = "" if obj.console_address else " (CONSOLE_ADDRESS, as it is null)"
+                raise ValidationError(data={"console_address": [
+                    f"{address}{default}: {problem}."]})  # fmt: skip
         if obj.cores is None or obj.ram is None:
             info = read_capacity(obj.fqdn, uri)
             if obj.cores is None:

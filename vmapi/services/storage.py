@@ -284,9 +284,13 @@ class StorageService(CrudService[Storage]):
             data = {**data, "target": self.take_target(data["vm_id"])}
             old["target"] = storage.target
         try:
-            if data.get("size", storage.size) > storage.size:
-                owner = db.session.get(Vm, storage.vm_id).customer_id
-                check_storage_quota(owner, data["size"] - storage.size)
+            owner = db.session.get(Vm, storage.vm_id).customer_id
+            size = data.get("size", storage.size)
+            new_owner = db.session.get(Vm, data["vm_id"]).customer_id if moving else owner
+            if new_owner != owner:  # moved to another customer's VM: all of it is theirs now
+                check_storage_quota(new_owner, size)
+            elif size > storage.size:
+                check_storage_quota(owner, size - storage.size)
             for key, value in data.items():
                 setattr(storage, key, value)
             db.session.commit()

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
-from vmapi.error_ids import VM_NODE_UNSUITABLE, VM_STATE_CONFLICT
+from vmapi.error_ids import VM_NODE_UNSUITABLE, VM_QUOTA_EXCEEDED, VM_STATE_CONFLICT
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import (
@@ -27,12 +27,12 @@ from vmapi.hypervisor import (
     HypervisorUnavailable,
     OperationInvalid,
 )
-from vmapi.models import VirtMethod, Vm
+from vmapi.models import ConsoleToken, Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
 from vmapi.services.console_log import ensure_console_log
 from vmapi.services.domains import Host, hypervisor_failure, record_state
 from vmapi.services.hosts import hypervisor
-from vmapi.services.quotas import check_vm_quota
+from vmapi.services.quotas import check_storage_quota, check_vm_quota
 from vmapi.services.seeds import (
     GUEST_FIELDS,
     SeedVolume,
@@ -116,8 +116,12 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram
         owner = plan.changes.get("customer_id", vm.customer_id)
-        if owner != vm.customer_id:  # the new customer takes the whole VM
+        if owner != vm.customer_id:  # the new customer takes the whole VM, disks too
             check_vm_quota(owner, 1, vm.cores + cores, vm.ram + ram)
+            check_storage_quota(owner, disk_bytes(vm.id), VM_QUOTA_EXCEEDED)
+            # the previous owner's consoles end with its ownership (sessions already open
+            # stay until the browser leaves; their display password expires on its own)
+            end_console_tokens(vm.id)
         else:
             check_vm_quota(owner, 0, max(cores, 0), max(ram, 0))
         if (cores > 0 or ram > 0) and not claim(vm.node_id, max(cores, 0), max(ram, 0)):
@@ -147,6 +151,20 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
 
     undo.append(restore)
     return vm, old
+
+
+def disk_bytes(vm_id: int) -> int:
+    """Bytes of the VM's volumes (its root disk and data storage): what ``max_storage``
+    counts for its owner."""
+    stmt = select(func.coalesce(func.sum(Storage.size), 0)).where(Storage.vm_id == vm_id)
+    return int(db.session.scalar(stmt))
+
+
+def end_console_tokens(vm_id: int) -> None:
+    """services.consoles.invalidate_console_tokens, which this module cannot import
+    (consoles imports vms, which imports this module)."""
+    stmt = delete(ConsoleToken).where(ConsoleToken.vm_id == vm_id)
+    db.session.execute(stmt.execution_options(synchronize_session=False))
 
 
 def apply_live(

@@ -1,3 +1,5 @@
+# The guard: only PID 1 of the test guest's initramfs runs this (see 00-base.sh).
+[ "$$" = 1 ] && [ "${vmapi_test_guest-}" = 1 ] && case $(/bin/busybox stat -f -c %T /) in ramfs | tmpfs) ;; *) false ;; esac || { echo "vmapi test guest: refused: only PID 1 of the test guest's initramfs (kernel command line vmapi_test_guest=1) runs this; nothing was changed" >&2; exit 64; }
 # The guest configures itself from the seed, as cloud-init would (this guest has none):
 # each NIC of the network-config found by its MAC, given its addresses, the default
 # gateways and the DNS servers; the host name of the meta-data. Then busybox httpd answers
