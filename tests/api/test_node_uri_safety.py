@@ -98,7 +98,7 @@ def test_the_reproductions_answer_400_naming_the_part(api, fake_ssh, opened, uri
 
 def test_a_plain_socket_reaches_ssh_as_a_plain_argument(api, fake_ssh):
     uri = "qemu+ssh://root@hv9.example.com/system?socket=/run/libvirt/libvirt-sock&no_tty=1"
-    response = api.post("node", json=node_body(libvirt_uri=uri))
+    response = api.post("node", json=node_body(libvirt_uri=uri, console_address="192.0.2.20"))
     error = assert_error(response, 409, "node/unreachable")
     assert error["data"]["reason"] == "unreachable"
     assert "SECRET-FROM-STDERR" not in response.get_data(as_text=True)
