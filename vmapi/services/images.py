@@ -11,6 +11,8 @@ checked (sha256 against a given checksum, :func:`~vmapi.services.image_inspectio
 and only then, under the image row's lock, renamed into place and recorded ``active``
 with the quota checked again. Any failure removes the file and leaves the image
 ``queued``, so the client can send the file again; the refusal is in the audit trail.
+A transfer holds a slot (:mod:`vmapi.services.transfers`) while it runs: one upload per
+image, a cap per customer.
 """
 
 from __future__ import annotations
