@@ -226,9 +226,15 @@ def test_crawling_uploads_take_no_worker_and_are_counted(behind_nginx, tmp_path)
                                           f"image/{done}/file")  # fmt: skip
         assert status == 200 and body == b""
         assert headers["X-Accel-Redirect"].startswith("/_vmapi_image_store/image-")
-        # no slot stayed taken by any of them
-        status, _, body = site.call(proxy, site.customer, "GET", f"image/{done}/file")
+        # no slot stayed taken by any of them; no ranges, as vmapi's own answer
+        status, headers, body = site.call(proxy, site.customer, "GET", f"image/{done}/file",
+                                          headers={"Range": "bytes=0-9"})  # fmt: skip
         assert status == 200 and body == payload
+        # a token vmapi does not know is refused before nginx keeps any byte
+        status, _, body = site.call(proxy, "not-a-token", "PUT", f"image/{done}/file",
+                                    body={"x": 1},
+                                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert status == 401 and json.loads(body)["error_id"] == "general/authentication/failed"
 
 
 def test_an_upload_below_the_minimum_rate_is_cut_directly(direct):
