@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -87,6 +88,8 @@ def serve_nginx(upstream_url, tmp_path, site=SITE, store=None):
     finally:
         process.terminate()
         process.wait(timeout=10)
+        for socket_dir in re.findall(r"listen unix:(\S+)/spool\.sock;", site):
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def call(url, token, method, path, body=None, headers=None):
