@@ -9,6 +9,7 @@ from urllib.parse import unquote
 from websockify.token_plugins import BasePlugin
 
 from vmapi.config import DEFAULTS
+from vmapi.services.transfers import RETRY_AFTER
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
@@ -97,8 +98,6 @@ def test_nginx_image_location_streams_up_to_the_image_limit():
 
 
 def test_nginx_carries_transfers_within_vmapis_limits():
-    from vmapi.services.transfers import RETRY_AFTER
-
     site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
     files = site_location(site, "location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
     cap = DEFAULTS["TRANSFERS_PER_CUSTOMER"][0]
