@@ -16,7 +16,10 @@ and refuse to start with a migration timeout that does not fit.
 Image uploads and downloads (PUT/GET /api/v1/image/<id>/file) may take far longer than
 the timeout: they beat the worker's heartbeat for every chunk they move (post_fork
 below, vmapi/heartbeat.py), so for them the timeout means "no progress for that long",
-while every other request is still cut off after it.
+while every other request is still cut off after it. Behind the shipped nginx site no
+worker waits on a client: nginx spools an upload whole before handing it on and sends
+downloads itself (X-Accel-Redirect); without it, a transfer below
+VMAPI_TRANSFER_MIN_RATE is cut.
 
 Metrics: every worker writes its Prometheus counters to PROMETHEUS_MULTIPROC_DIR, and a
 scrape of /metrics on any worker adds up all of them. The directory is set here (before

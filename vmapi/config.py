@@ -115,6 +115,23 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         1800.0,
         "seconds copying an image to a node (upload and checksum, through libvirt) may take",
     ),
+    "TRANSFERS_PER_CUSTOMER": (
+        4,
+        "image uploads and downloads a customer may have in flight at once (429 beyond; "
+        "admins exempt; 0: no cap); deploy/nginx/vmapi-site.conf repeats it per token",
+    ),
+    "TRANSFER_MIN_RATE": (
+        32768,
+        "bytes/s an image transfer served by Python must average once past "
+        "TRANSFER_MIN_RATE_GRACE (slower: cut, 400 image/invalid for an upload; 0: no minimum)",
+    ),
+    "TRANSFER_MIN_RATE_GRACE": (30.0, "seconds a transfer runs before its rate is checked"),
+    "ACCEL_REDIRECT": (
+        None,
+        "behind nginx: the internal location that serves the image store (e.g. "
+        "/_vmapi_image_store/); downloads are then answered with X-Accel-Redirect and sent "
+        "by nginx (unset: streamed by Python)",
+    ),
     "IDEMPOTENCY_TTL": (86400, "seconds an Idempotency-Key and its answer are kept"),
     "VM_LOCK_TIMEOUT": (30.0, "seconds a request waits for another operation on the same VM"),
     "IDEMPOTENCY_WAIT": (55.0, "seconds a retry waits for the first request with its key"),
@@ -306,6 +323,9 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     test_dir = app.config["TEST_DRIVER_DIR"]
     if test_dir and not os.path.isabs(str(test_dir)):
         raise RuntimeError("TEST_DRIVER_DIR must be an absolute path")
+    accel = app.config["ACCEL_REDIRECT"]
+    if accel and not (accel.startswith("/") and accel.endswith("/")):
+        raise RuntimeError(f"ACCEL_REDIRECT {accel!r}: a location that begins and ends with /")
     installation = app.config["INSTALLATION_ID"]
     if installation is not None and not (
         isinstance(installation, str) and INSTALLATION_ID_PATTERN.fullmatch(installation)

@@ -112,6 +112,9 @@ GENERAL_IDEMPOTENCY_CONFLICT = _register("general/idempotency_conflict", 409,
 GENERAL_CONFLICT = _register("general/conflict", 409,
     "A conflict without a more precise id (the exception's default; none is answered today).",
     {ANY_RESOURCE: NOWHERE})
+GENERAL_TOO_MANY_REQUESTS = _register("general/too_many_requests", 429,
+    "The customer (through nginx: the token) has VMAPI_TRANSFERS_PER_CUSTOMER image transfers "
+    "in flight; retry after Retry-After seconds.", {"image": {READ, UPDATE}})
 GENERAL_BODY_TOO_LARGE = _register("general/body_too_large", 413,
     "The body is larger than the configured limit.", {ANY_RESOURCE: WRITES})
 GENERAL_UNSUPPORTED_MEDIA_TYPE = _register("general/unsupported_media_type", 415,
@@ -203,14 +206,18 @@ STORAGE_DETACH_FAILED = _register("storage/detach_failed", 409,
 # ---------------------------------------------------------------------- images
 # PUT /image/<id>/file changes the image (an update); GET of the file reads it.
 IMAGE_INVALID = _register("image/invalid", 400,
-    "The uploaded file was refused (format, backing file, size or checksum); the message "
-    "says why, and nothing was kept.", {"image": {UPDATE}})
+    "The uploaded file was refused (format, backing file, size or checksum, or it broke off or "
+    "arrived below VMAPI_TRANSFER_MIN_RATE); the message says why, and nothing was kept.",
+    {"image": {UPDATE}})
 IMAGE_IMMUTABLE_FIELD = _register("image/immutable_field", 400,
     "A field of an image that cannot change once it is set.", {"image": {UPDATE}})
 IMAGE_QUOTA_EXCEEDED = _register("image/quota_exceeded", 403,
     "A customer's own image would pass the storage quota.", {"image": {UPDATE}})
 IMAGE_IMMUTABLE = _register("image/immutable", 409,
     "The image already has its file; a file never changes.", {"image": {UPDATE}})
+IMAGE_BUSY = _register("image/busy", 409,
+    "Another upload of the image's file is in progress; at most one at a time.",
+    {"image": {UPDATE}})
 IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
     "The image has no accepted file yet.", {"image": {READ}, "vm": {CREATE}})
 

@@ -24,6 +24,7 @@ from vmapi.error_ids import (
     GENERAL_INTERNAL,
     GENERAL_MALFORMED_BODY,
     GENERAL_NOT_FOUND,
+    GENERAL_TOO_MANY_REQUESTS,
     GENERAL_UNAVAILABLE,
     GENERAL_UNSUPPORTED_MEDIA_TYPE,
     GENERAL_VALIDATION,
@@ -36,6 +37,8 @@ class ApiError(Exception):
     status_code: int = 500
     error_id: str = GENERAL_INTERNAL
     template: str = "An internal error occurred."
+    #: seconds answered in a Retry-After header (None: no header)
+    retry_after: int | None = None
 
     def __init__(
         self,
@@ -119,6 +122,16 @@ class BodyTooLarge(ApiError):
     status_code = 413
     error_id = GENERAL_BODY_TOO_LARGE
     template = "The request body is larger than the limit of {limit} bytes."
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+    error_id = GENERAL_TOO_MANY_REQUESTS
+    template = "Too many requests in flight; retry after {retry_after} s."
+
+    def __init__(self, message: str | None = None, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, retry_after=retry_after, **kwargs)
+        self.retry_after = retry_after
 
 
 class UnsupportedMediaType(ApiError):

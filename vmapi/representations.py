@@ -141,4 +141,7 @@ def error_response(exc: ApiError) -> Response:
     }
     if exc.data is not None:
         envelope["data"] = exc.data
-    return _render(envelope, exc.status_code, None)
+    response = _render(envelope, exc.status_code, None)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

@@ -2,8 +2,11 @@
 
 import contextlib
 import json
+import os
+import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +20,8 @@ from tests.conftest import unavailable
 pytestmark = [pytest.mark.concurrency]
 
 SITE = (ROOT / "deploy/nginx/vmapi-site.conf").read_text()
+#: run as root, nginx's workers would be nobody; they must reach the test's files
+WORKER_USER = "user root;\n" if os.geteuid() == 0 else ""
 
 
 @pytest.fixture
@@ -25,9 +30,26 @@ def nginx(server, tmp_path):
         yield url
 
 
+def local_paths(site: str, tmp_path: Path, store: Path | None = None) -> str:
+    """The site's own files in ``tmp_path``: the spool's socket (in a short directory of
+    its own: a socket's path has at most 107 bytes) and temporary files, and the image
+    store it serves downloads from (``store``)."""
+    sockets = Path(tempfile.mkdtemp(prefix="vmapi-nginx-"))
+    sockets.chmod(0o755)  # nginx's workers connect to the socket in it
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    site = (site.replace("/run/nginx-vmapi-spool.sock", f"{sockets}/spool.sock")
+            .replace("client_body_temp_path /var/lib/nginx/vmapi-spool;",
+                     f"client_body_temp_path {spool};"))  # fmt: skip
+    if store is not None:
+        site = site.replace("alias /var/lib/vmapi/images/;", f"alias {store}/;")
+    return site
+
+
 @contextlib.contextmanager
-def serve_nginx(upstream_url, tmp_path, site=SITE):
-    """The shipped site (made local) in front of ``upstream_url``, until the block ends."""
+def serve_nginx(upstream_url, tmp_path, site=SITE, store=None):
+    """The shipped site (made local) in front of ``upstream_url``, until the block ends;
+    downloads vmapi hands to nginx come from ``store``."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         unavailable("nginx is not installed")
@@ -38,10 +60,13 @@ def serve_nginx(upstream_url, tmp_path, site=SITE):
             .replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
             .replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
             .replace("include /etc/nginx/vmapi-proxy.conf;", f"include {ROOT}/deploy/nginx/vmapi-proxy.conf;"))  # fmt: skip
+    site = local_paths(site, tmp_path, store)
     site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+        # nginx's workers read the test's image store and write its spool under the
+        # test's private temporary directory (as root: the user the test runs as)
+        f"{WORKER_USER}daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
         "events {}\nhttp {\n"
         f"access_log off;\nclient_body_temp_path {tmp_path};\nproxy_temp_path {tmp_path};\n"
         f"{site}\n}}\n"
@@ -63,6 +88,8 @@ def serve_nginx(upstream_url, tmp_path, site=SITE):
     finally:
         process.terminate()
         process.wait(timeout=10)
+        for socket_dir in re.findall(r"listen unix:(\S+)/spool\.sock;", site):
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def call(url, token, method, path, body=None, headers=None):

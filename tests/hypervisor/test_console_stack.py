@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 import websocket
 
+from tests.concurrency.test_nginx import local_paths
 from tests.conftest import MIB, unavailable
 from tests.hypervisor.consoles import (  # noqa: F401 - the fixtures
     INSTALLATION,
@@ -117,6 +118,7 @@ def nginx(proxy, tmp_path_factory):
             .replace("/var/log/nginx/access.log", str(tmp / "console.log"))
             .replace("include /etc/nginx/vmapi-proxy.conf;",
                      f"include {DEPLOY}/nginx/vmapi-proxy.conf;"))  # fmt: skip
+    site = local_paths(site, tmp)
     site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
     conf = tmp / "nginx.conf"
     conf.write_text(

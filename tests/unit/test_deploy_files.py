@@ -9,6 +9,7 @@ from urllib.parse import unquote
 from websockify.token_plugins import BasePlugin
 
 from vmapi.config import DEFAULTS
+from vmapi.services.transfers import RETRY_AFTER
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
@@ -94,6 +95,28 @@ def test_nginx_image_location_streams_up_to_the_image_limit():
     # its own 413 page states the image limit, in vmapi's envelope
     page = site[site.index("location @image_too_large") :]
     assert f"limit of {DEFAULTS['IMAGE_MAX_SIZE'][0]} bytes" in page.split("}", 1)[0]
+
+
+def test_nginx_carries_transfers_within_vmapis_limits():
+    site = (DEPLOY / "nginx" / "vmapi-site.conf").read_text()
+    files = site_location(site, "location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
+    cap = DEFAULTS["TRANSFERS_PER_CUSTOMER"][0]
+    assert f"limit_conn vmapi_transfers {cap};" in files
+    assert "limit_conn_status 429;" in files
+    page = site[site.index("location @too_many_transfers") :].split("}", 1)[0]
+    assert f"add_header Retry-After {RETRY_AFTER} always;" in page
+    assert f"has {cap} image transfers in flight" in page and '"general/too_many_requests"' in page
+    # the spool keeps an upload whole before vmapi sees it, one per image
+    spool = site[site.index("listen unix:/run/nginx-vmapi-spool.sock;") :]
+    assert "server unix:/run/nginx-vmapi-spool.sock;" in site
+    uploads = site_location(spool, "location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
+    assert "proxy_request_buffering on;" in uploads
+    assert "limit_conn vmapi_uploads 1;" in uploads and "limit_conn_status 409;" in uploads
+    number, unit = re.search(r"client_max_body_size\s+(\d+)([kmg]?);", spool).groups()
+    assert int(number) * UNITS.get(unit, 1) == DEFAULTS["IMAGE_MAX_SIZE"][0]
+    # downloads: from the store, at the internal location vmapi is told about
+    store = site_location(site, "location /_vmapi_image_store/ {")
+    assert "internal;" in store and "alias /var/lib/vmapi/images/;" in store
 
 
 def test_gunicorn_workers_get_the_transfer_heartbeat(monkeypatch, tmp_path):

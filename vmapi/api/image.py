@@ -4,11 +4,19 @@ The file route is the contract's one exception to the JSON body limit: its body 
 ``application/octet-stream`` of up to ``VMAPI_IMAGE_MAX_SIZE`` bytes, read here in
 small chunks and handed to the service as it arrives (never whole in memory). Each
 chunk moved, up or down, beats the worker's heartbeat (:mod:`vmapi.heartbeat`), so a
-transfer outlives gunicorn's worker timeout as long as bytes flow.
+transfer outlives gunicorn's worker timeout as long as bytes flow -- and averages at
+least ``VMAPI_TRANSFER_MIN_RATE`` once past its grace period, or it is cut (a client
+that crawls must not keep a worker).
+
+Behind the shipped nginx site, an upload reaches the worker only once nginx holds all
+of it, and a download is authorised here and sent by nginx from the image store: with
+``VMAPI_ACCEL_REDIRECT`` set the answer is an ``X-Accel-Redirect`` to that internal
+location with the headers a streamed download has, and no body.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +30,10 @@ from vmapi.auth import require_role
 from vmapi.error_ids import READ, UPDATE
 from vmapi.errors import BodyTooLarge, UnsupportedMediaType
 from vmapi.schemas.image import ImageSchema
-from vmapi.services.image_store import UploadTruncated, read_chunks
+from vmapi.services.image_store import Pace, TransferTooSlow, UploadTruncated, read_chunks
 from vmapi.services.images import ImageFile, ImageService
+
+log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
 #: bytes read from the client at a time: from MIN_READ (small enough that even a slow
@@ -48,7 +58,9 @@ class ImageApi(ResourceApi):
         self.parse_options(request.args, None)
         if request.method in ("GET", "HEAD"):
             require_role(who, self.read_roles, f"read {self.name}")
-            return file_response(self.service.open_file(ident, who))
+            accel = current_app.config["ACCEL_REDIRECT"]
+            found = self.service.open_file(ident, who, streamed=not accel)
+            return accel_response(found, accel) if accel else file_response(found)
         require_role(who, self.write_roles, f"change {self.name}")
         if request.mimetype != OCTET_STREAM:
             raise UnsupportedMediaType(
@@ -96,6 +108,16 @@ class ImageApi(ResourceApi):
         }
 
 
+def pace() -> Pace:
+    """The minimum rate of a transfer starting now (configuration)."""
+    config = current_app.config
+    return Pace(int(config["TRANSFER_MIN_RATE"]), float(config["TRANSFER_MIN_RATE_GRACE"]))
+
+
+def too_slow(exc: TransferTooSlow, what: str, request_id: str) -> None:
+    log.warning("image %s cut, request_id=%s: %s", what, request_id, exc)
+
+
 def body_chunks(limit: int) -> Iterator[bytes]:
     """The request body in chunks as they arrive; a body that breaks off raises
     :class:`UploadTruncated` (one shorter than its Content-Length just ends: the service
@@ -112,6 +134,7 @@ def body_chunks(limit: int) -> Iterator[bytes]:
         request.max_content_length = limit + 1
         stream = request.stream
     size, received = MIN_READ, 0
+    rate = pace()
     try:
         while True:
             began = time.monotonic()
@@ -122,6 +145,11 @@ def body_chunks(limit: int) -> Iterator[bytes]:
             quick = time.monotonic() - began < QUICK_READ
             size = min(size * 2, MAX_READ) if quick else MIN_READ
             received += len(chunk)
+            try:
+                rate.moved_bytes(len(chunk))
+            except TransferTooSlow as exc:
+                too_slow(exc, "upload", getattr(g, "request_id", "-"))
+                raise
             yield chunk
     except RequestEntityTooLarge:
         raise BodyTooLarge(limit=limit) from None
@@ -130,20 +158,56 @@ def body_chunks(limit: int) -> Iterator[bytes]:
 
 
 def file_response(found: ImageFile) -> Response:
-    def beating(chunks: Iterator[bytes]) -> Iterator[bytes]:
-        try:
-            for chunk in chunks:
-                heartbeat.beat()
-                yield chunk
-        finally:
-            chunks.close()  # closes the file, also when the client goes away
-
-    response = Response(
-        beating(read_chunks(found.handle)), mimetype=OCTET_STREAM, direct_passthrough=True
-    )
+    """The file streamed by this worker, at the minimum rate or cut."""
+    response = Response(Outgoing(found), mimetype=OCTET_STREAM, direct_passthrough=True)
     response.headers["Content-Length"] = str(found.size)
     response.headers["ETag"] = f'"{found.checksum}"'
-    response.call_on_close(found.handle.close)  # also when the body is never read (HEAD)
+    # werkzeug closes the response itself only when it wraps the body (HEAD); a body
+    # passed through is closed by the server (Outgoing.close)
+    response.call_on_close(found.close)
+    return response
+
+
+class Outgoing:
+    """The body of a download: the file in chunks, each beating the heartbeat and counted
+    against the minimum rate once the client took it. The server closes it however the
+    download ends (sent, cut, failed, the client gone, even before the first chunk),
+    which closes the file and frees the transfer's slot."""
+
+    def __init__(self, found: ImageFile) -> None:
+        self.found = found
+        self.chunks = read_chunks(found.handle)
+        self.rate = pace()
+        self.last = 0
+        self.request_id = getattr(g, "request_id", "-")  # the body outlives the request context
+
+    def __iter__(self) -> Outgoing:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.last:
+            try:
+                self.rate.moved_bytes(self.last)
+            except TransferTooSlow as exc:
+                too_slow(exc, "download", self.request_id)
+                raise
+        chunk = next(self.chunks)
+        heartbeat.beat()
+        self.last = len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.found.close()
+
+
+def accel_response(found: ImageFile, location: str) -> Response:
+    """No body: nginx sends the file from ``location`` (its internal alias of the image
+    store) with this Content-Type and ETag (and the file's own length)."""
+    found.close()
+    response = Response(b"", mimetype=OCTET_STREAM)
+    response.headers["ETag"] = f'"{found.checksum}"'
+    response.headers["X-Accel-Redirect"] = f"{location}{found.name}"
     return response
 
 

@@ -28,6 +28,7 @@ ERROR_STATUSES = {
     409: "Conflict with the current state",
     413: "Body larger than the configured limit",
     415: "Body neither JSON nor MessagePack",
+    429: "Too many in flight; retry after the Retry-After header's seconds",
     500: "Unexpected failure; data.request_id names it in the server log",
     502: "The hypervisor failed; its message is in the answer",
     503: "The database did not answer; retry",

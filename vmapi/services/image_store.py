@@ -52,6 +52,39 @@ class UploadTruncated(Exception):
         self.expected = expected
 
 
+class TransferTooSlow(UploadTruncated):
+    """The transfer averaged below the minimum rate once past its grace period; it is
+    cut (and, an upload, cleaned up as one that broke off)."""
+
+    def __init__(self, moved: int, seconds: float, minimum: int) -> None:
+        Exception.__init__(
+            self,
+            f"the transfer averaged {moved / seconds:.0f} bytes/s over {seconds:.1f} s, below "
+            f"the minimum of {minimum} bytes/s (VMAPI_TRANSFER_MIN_RATE)",
+        )
+        self.received = moved
+        self.expected = None
+
+
+class Pace:
+    """The average rate of one transfer, checked against a minimum after a grace period
+    (a client that crawls must not hold a worker; 0: no minimum)."""
+
+    def __init__(self, minimum: int, grace: float) -> None:
+        self.minimum = minimum
+        self.grace = grace
+        self.began = time.monotonic()
+        self.moved = 0
+
+    def moved_bytes(self, count: int) -> None:
+        """Count ``count`` more bytes moved; :class:`TransferTooSlow` when the average is
+        below the minimum."""
+        self.moved += count
+        seconds = time.monotonic() - self.began
+        if self.minimum > 0 and seconds >= self.grace and self.moved < self.minimum * seconds:
+            raise TransferTooSlow(self.moved, seconds, self.minimum)
+
+
 @dataclass(frozen=True)
 class Received:
     """A complete upload in a temporary file."""

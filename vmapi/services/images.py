@@ -11,6 +11,8 @@ checked (sha256 against a given checksum, :func:`~vmapi.services.image_inspectio
 and only then, under the image row's lock, renamed into place and recorded ``active``
 with the quota checked again. Any failure removes the file and leaves the image
 ``queued``, so the client can send the file again; the refusal is in the audit trail.
+A transfer holds a slot (:mod:`vmapi.services.transfers`) while it runs: one upload per
+image, a cap per customer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from vmapi.errors import BodyTooLarge, Conflict, Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.models import Image, Vm
 from vmapi.models.image import ACTIVE, QUEUED
-from vmapi.services import image_copies, image_store
+from vmapi.services import image_copies, image_store, transfers
 from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
 from vmapi.services.image_inspection import ImageRefused, inspect
 from vmapi.services.quotas import check_storage_quota, storage_quota_exceeded, storage_room
@@ -52,11 +54,19 @@ def invalid(reason: str) -> ValidationError:
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An active image's file, open for reading."""
+    """An active image's file, open for reading, and the download's transfer slot."""
 
     handle: BinaryIO
     size: int
     checksum: str
+    name: str  # in the store
+    slot: transfers.Slot | None = None
+
+    def close(self) -> None:
+        """Close the file and free the slot (again: nothing)."""
+        self.handle.close()
+        if self.slot is not None:
+            self.slot.release()
 
 
 def image_dir() -> str:
@@ -160,33 +170,35 @@ class ImageService(CrudService[Image]):
         room = storage_room(owner)
         if room is not None and length is not None and length > room:
             raise storage_quota_exceeded(owner, length, QUOTA_ERROR)
-        # No transaction (nor pooled connection) stays open while the bytes arrive.
-        db.session.rollback()
-        directory = image_dir()
-        image_store.sweep_stale(directory)
-        cap = limit if room is None else min(limit, room)
-        try:
-            received = image_store.receive(chunks, directory, ident, cap, length)
-        except image_store.UploadTooLarge:
-            if room is not None and room < limit:
-                raise storage_quota_exceeded(owner, cap + 1, QUOTA_ERROR) from None
-            raise BodyTooLarge(limit=limit) from None
-        except image_store.UploadTruncated as exc:
-            raise invalid(str(exc)) from exc
-        try:
-            if given is not None and received.sha256 != given:
-                raise invalid(
-                    f"its sha256 is {received.sha256}, not the checksum {given} given when "
-                    "the image was made"
-                )
+        # One upload of an image at a time, within the customer's transfers in flight.
+        with transfers.take(principal, ident, upload=True):
+            # No transaction (nor pooled connection) stays open while the bytes arrive.
+            db.session.rollback()
+            directory = image_dir()
+            image_store.sweep_stale(directory)
+            cap = limit if room is None else min(limit, room)
             try:
-                maximum = int(current_app.config["IMAGE_MAX_VIRTUAL_SIZE"])
-                found = inspect(received.path, declared, maximum)
-            except ImageRefused as exc:
+                received = image_store.receive(chunks, directory, ident, cap, length)
+            except image_store.UploadTooLarge:
+                if room is not None and room < limit:
+                    raise storage_quota_exceeded(owner, cap + 1, QUOTA_ERROR) from None
+                raise BodyTooLarge(limit=limit) from None
+            except image_store.UploadTruncated as exc:
                 raise invalid(str(exc)) from exc
-            return Outcome([self.activate(ident, principal, received, found.virtual_size)])
-        finally:
-            image_store.remove(received.path)  # gone already when it was published
+            try:
+                if given is not None and received.sha256 != given:
+                    raise invalid(
+                        f"its sha256 is {received.sha256}, not the checksum {given} given when "
+                        "the image was made"
+                    )
+                try:
+                    maximum = int(current_app.config["IMAGE_MAX_VIRTUAL_SIZE"])
+                    found = inspect(received.path, declared, maximum)
+                except ImageRefused as exc:
+                    raise invalid(str(exc)) from exc
+                return Outcome([self.activate(ident, principal, received, found.virtual_size)])
+            finally:
+                image_store.remove(received.path)  # gone already when it was published
 
     def activate(
         self, ident: int, principal: Principal, received: image_store.Received, virtual_size: int
@@ -221,8 +233,9 @@ class ImageService(CrudService[Image]):
             raise
         return image
 
-    def open_file(self, ident: int, principal: Principal) -> ImageFile:
-        """The file of an active image the principal can see, open for streaming back."""
+    def open_file(self, ident: int, principal: Principal, streamed: bool = True) -> ImageFile:
+        """The file of an active image the principal can see, open for streaming back;
+        ``streamed`` (by this process): holding a transfer slot until it is released."""
         image = self.get(ident, principal)
         if image.state != ACTIVE or image.file is None:
             raise Conflict(
@@ -230,8 +243,15 @@ class ImageService(CrudService[Image]):
                 error_id=IMAGE_NOT_ACTIVE,
                 data={"state": image.state},
             )
-        handle = open(os.path.join(image_dir(), image.file), "rb")  # noqa: SIM115 - streamed
-        found = ImageFile(handle, os.fstat(handle.fileno()).st_size, image.checksum or "")
+        name, checksum = image.file, image.checksum or ""
+        slot = transfers.take(principal, ident, upload=False) if streamed else None
+        try:
+            handle = open(os.path.join(image_dir(), name), "rb")  # noqa: SIM115 - streamed
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        found = ImageFile(handle, os.fstat(handle.fileno()).st_size, checksum, name, slot)
         db.session.rollback()  # nothing stays open while the file goes out
         return found
 
