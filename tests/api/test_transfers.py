@@ -162,11 +162,16 @@ def test_an_upload_below_the_minimum_rate_is_cut(api, files, store, caplog):
 
 
 @pytest.mark.embedded
-def test_a_download_below_the_minimum_rate_is_cut(app, api, files, caplog):
-    ident = new_image(api, format="raw")
-    assert put(api, ident, files.raw(3 * MIB)).status_code == 200
+@pytest.mark.parametrize("app_config", [{"IMAGE_MAX_SIZE": 4 * MIB,
+                                         "TRANSFERS_PER_CUSTOMER": 1}])  # fmt: skip
+def test_a_download_below_the_minimum_rate_is_cut(app, customer_api, files, caplog):
+    """A customer's download (admins take no slot): cut, it frees the customer's one
+    slot."""
+    seven = customer_api(7)
+    ident = new_image(seven, format="raw")
+    assert put(seven, ident, files.raw(3 * MIB)).status_code == 200
     app.config.update(TRANSFER_MIN_RATE=10**12, TRANSFER_MIN_RATE_GRACE=0.0)
-    response = api.get(f"image/{ident}/file", buffered=False)
+    response = seven.get(f"image/{ident}/file", buffered=False)
     assert response.status_code == 200
     chunks = iter(response.response)
     assert len(next(chunks)) == MIB  # the first chunk goes out, then the rate is checked
@@ -175,7 +180,7 @@ def test_a_download_below_the_minimum_rate_is_cut(app, api, files, caplog):
     response.close()
     assert "image download cut" in caplog.text
     app.config.update(TRANSFER_MIN_RATE=0)  # its slot was freed: the cap is not reached
-    assert api.get(f"image/{ident}/file").status_code == 200
+    assert seven.get(f"image/{ident}/file").status_code == 200
 
 
 @pytest.mark.embedded
