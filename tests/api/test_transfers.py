@@ -8,6 +8,7 @@ and downloads handed to nginx with X-Accel-Redirect.
 worker's request holds it (on PostgreSQL, an advisory lock on a connection of its own).
 """
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -162,11 +163,16 @@ def test_an_upload_below_the_minimum_rate_is_cut(api, files, store, caplog):
 
 
 @pytest.mark.embedded
-def test_a_download_below_the_minimum_rate_is_cut(app, api, files, caplog):
-    ident = new_image(api, format="raw")
-    assert put(api, ident, files.raw(3 * MIB)).status_code == 200
+@pytest.mark.parametrize("app_config", [{"IMAGE_MAX_SIZE": 4 * MIB,
+                                         "TRANSFERS_PER_CUSTOMER": 1}])  # fmt: skip
+def test_a_download_below_the_minimum_rate_is_cut(app, customer_api, files, caplog):
+    """A customer's download (admins take no slot): cut, it frees the customer's one
+    slot."""
+    seven = customer_api(7)
+    ident = new_image(seven, format="raw")
+    assert put(seven, ident, files.raw(3 * MIB)).status_code == 200
     app.config.update(TRANSFER_MIN_RATE=10**12, TRANSFER_MIN_RATE_GRACE=0.0)
-    response = api.get(f"image/{ident}/file", buffered=False)
+    response = seven.get(f"image/{ident}/file", buffered=False)
     assert response.status_code == 200
     chunks = iter(response.response)
     assert len(next(chunks)) == MIB  # the first chunk goes out, then the rate is checked
@@ -175,7 +181,8 @@ def test_a_download_below_the_minimum_rate_is_cut(app, api, files, caplog):
     response.close()
     assert "image download cut" in caplog.text
     app.config.update(TRANSFER_MIN_RATE=0)  # its slot was freed: the cap is not reached
-    assert api.get(f"image/{ident}/file").status_code == 200
+    with seven.get(f"image/{ident}/file") as again:  # closed: its own slot freed
+        assert again.status_code == 200
 
 
 @pytest.mark.embedded
@@ -194,3 +201,36 @@ def test_behind_nginx_a_download_is_an_accel_redirect(customer_api, files, store
         assert response.headers["ETag"] == f'"{sha256(data)}"'
         assert response.headers["Content-Type"] == "application/octet-stream"
         assert response.get_data() == b""
+
+
+@pytest.mark.embedded
+def test_nginx_asks_whether_an_upload_may_begin(api, customer_api, files, store):
+    """The site's auth_request: the upload's PUT without its body, with
+    X-Vmapi-Upload-Check (and the length the client announced): 204 and nothing kept
+    nor taken, or the upload's own refusal, its envelope also in X-Vmapi-Refusal."""
+    seven, eight = customer_api(7), customer_api(8)
+    ident, public = new_image(seven, format="raw"), new_image(api, format="raw")
+
+    def check(client, image, length=None, **headers):
+        asked = {"X-Vmapi-Upload-Check": "1", **headers}
+        if length is not None:
+            asked["X-Vmapi-Upload-Length"] = str(length)
+        return put(client, image, b"", headers=asked)
+
+    allowed = check(seven, ident, 1024)
+    assert allowed.status_code == 204 and allowed.get_data() == b""
+    assert_nothing_kept(seven, store, ident)
+    refusals = [(eight, ident, None, 404, "image/not_found"),
+                (seven, public, None, 403, "general/authorization/forbidden"),
+                (seven, ident, 4 * MIB + 1, 413, "general/body_too_large")]  # fmt: skip
+    for client, image, length, code, error_id in refusals:
+        refused = check(client, image, length)
+        assert_error(refused, code, error_id)
+        assert json.loads(refused.headers["X-Vmapi-Refusal"]) == refused.json
+    assert_error(check(seven, ident, **{"Content-Type": "text/plain"}), 415,
+                 "general/unsupported_media_type")  # fmt: skip
+    # the check took no slot: the customer's CAP transfers and the image's upload are free
+    assert put(seven, ident, files.raw(MIB)).status_code == 200
+    assert_error(check(seven, ident), 409, "image/immutable")
+    with seven.get(f"image/{ident}/file") as download:
+        assert download.status_code == 200 and "X-Vmapi-Refusal" not in download.headers

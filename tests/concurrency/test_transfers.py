@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,10 +56,11 @@ class Site:
     admin: str
     customer: str
 
-    def call(self, base, token, method, path, body=None, headers=None):
-        data = json.dumps(body).encode() if body is not None else None
+    def call(self, base, token, method, path, body=None, headers=None, raw=None):
+        data = json.dumps(body).encode() if body is not None else raw
         request = urllib.request.Request(f"{base}/api/v1/{path}", data=data, method=method)
-        request.add_header("Authorization", f"Bearer {token}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
         request.add_header("Content-Type", "application/json")
         for key, value in (headers or {}).items():
             request.add_header(key, value)
@@ -113,9 +115,11 @@ class Crawler(threading.Thread):
     released, then the rest (``hold`` False: nothing more, only the answer is read);
     ``answer`` is (status, envelope)."""
 
-    def __init__(self, base: str, token: str, ident: int, data: bytes, hold=True) -> None:
+    def __init__(self, base: str, token: str, ident: int, data: bytes, hold=True,
+                 authorization: str | None = None) -> None:  # fmt: skip
         super().__init__(daemon=True)
         self.base, self.token, self.image, self.data = base, token, ident, data
+        self.authorization = authorization or f"Bearer {token}"
         self.hold = hold
         self.release = threading.Event()
         self.answer: tuple[int, dict] | None = None
@@ -127,7 +131,7 @@ class Crawler(threading.Thread):
             with socket.create_connection((host, int(port)), timeout=HELD + 30) as sock:
                 sock.sendall(
                     f"PUT /api/v1/image/{self.image}/file HTTP/1.1\r\nHost: vmapi\r\n"
-                    f"Authorization: Bearer {self.token}\r\n"
+                    f"Authorization: {self.authorization}\r\n"
                     "Content-Type: application/octet-stream\r\n"
                     f"Content-Length: {len(self.data)}\r\nConnection: close\r\n\r\n".encode()
                 )
@@ -141,10 +145,21 @@ class Crawler(threading.Thread):
 
 
 def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The answer, as soon as it is all there (its Content-Length), not at the close: a
+    refused upload's connection lingers a while."""
+    raw = b""
+    while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < length(raw):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    return raw
+
+
+def length(raw: bytes) -> int:
+    head = raw.partition(b"\r\n\r\n")[0].decode("latin-1")
+    found = re.search(r"^content-length:\s*(\d+)", head, re.IGNORECASE | re.MULTILINE)
+    return int(found.group(1)) if found else 1 << 62
 
 
 def parse(raw: bytes) -> tuple[int, dict]:
@@ -235,6 +250,104 @@ def test_crawling_uploads_take_no_worker_and_are_counted(behind_nginx, tmp_path)
                                     body={"x": 1},
                                     headers={"Content-Type": "application/octet-stream"})  # fmt: skip
         assert status == 401 and json.loads(body)["error_id"] == "general/authentication/failed"
+
+
+def test_only_who_may_upload_to_an_image_holds_its_upload_slot(behind_nginx, tmp_path):
+    """Another customer's crawling upload to an image is refused before nginx keeps a
+    byte or takes the image's slot, and the owner's upload goes on; so are one to a
+    public image (403), to an active one (409) and one over the owner's quota."""
+    site = behind_nginx
+    other = token(site.env, "--customer", "8")
+    with serve_nginx(site.gunicorn, tmp_path, store=site.store) as proxy:
+        ident = site.new_image(proxy, site.customer)
+        data = os.urandom(SIZE)
+        intruder = Crawler(proxy, other, ident, data, hold=False)
+        intruder.start()
+        wait_for("the intruder answered, or its upload spooled",
+                 lambda: intruder.answer or spooled(tmp_path / "spool"))  # fmt: skip
+        assert intruder.answer is not None, "the intruder's upload was spooled"
+        intruder.join(HELD)
+        assert intruder.error is None, intruder.error
+        status, envelope = intruder.answer
+        assert status == 404 and envelope["error_id"] == "image/not_found", envelope
+        assert spooled(tmp_path / "spool") == 0
+        # the owner's upload, while the intruder would still be crawling
+        owner = Crawler(proxy, site.customer, ident, data)
+        owner.start()
+        wait_for("the owner's upload in nginx's spool", lambda: spooled(tmp_path / "spool"))
+        owner.release.set()
+        owner.join(HELD + 60)
+        assert owner.error is None, owner.error
+        status, envelope = owner.answer
+        assert status == 200 and envelope["data"]["checksum"] == sha(data), envelope
+
+        public = site.new_image(proxy, site.admin)
+        refusals = [(site.customer, public, 403, "general/authorization/forbidden"),
+                    (site.customer, ident, 409, "image/immutable"),
+                    ("not-a-token", ident, 401, "general/authentication/failed")]  # fmt: skip
+        for caller, image, code, error_id in refusals:
+            refused = Crawler(proxy, caller, image, data, hold=False)
+            refused.run()
+            assert refused.error is None, refused.error
+            status, envelope = refused.answer
+            assert (status, envelope["error_id"]) == (code, error_id), envelope
+        # an image spelled otherwise than nginx counts it (here: escaped)
+        status, _, body = site.call(proxy, site.customer, "PUT", f"image/%{ord(str(ident)[0]):x}"
+                                    f"{str(ident)[1:]}/file", raw=data,
+                                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert status == 400 and json.loads(body)["error_id"] == "general/bad_request", body
+        # the announced length checked against the owner's quota, before any byte
+        status, _, body = site.call(proxy, site.admin, "POST", "quota",
+                                    {"customer_id": 7, "max_storage": SIZE + 1})  # fmt: skip
+        assert status == 201, body
+        fresh = site.new_image(proxy, site.customer)
+        refused = Crawler(proxy, site.customer, fresh, data + data, hold=False)
+        refused.run()
+        status, envelope = refused.answer
+        assert status == 403 and envelope["error_id"] == "image/quota_exceeded", envelope
+        assert spooled(tmp_path / "spool") == 0
+
+
+def test_one_token_however_spelled_has_one_cap(behind_nginx, tmp_path):
+    """vmapi reads "Bearer <token>" in any case and with any spaces around the token;
+    nginx counts all those spellings as the one token."""
+    site = behind_nginx
+    spellings = [f"Bearer {site.customer}", f"bearer {site.customer}",
+                 f"BEARER  {site.customer}", f"bEaReR {site.customer}  ",
+                 f"Bearer \t{site.customer}"]  # fmt: skip
+    assert len(spellings) >= CAP + 1
+    with serve_nginx(site.gunicorn, tmp_path, store=site.store) as proxy:
+        done = site.new_image(proxy, site.customer)
+        payload = os.urandom(SIZE)
+        status, _, body = site.call(proxy, site.customer, "PUT", f"image/{done}/file",
+                                    headers={"Content-Type": "application/octet-stream"},
+                                    raw=payload)  # fmt: skip
+        assert status == 200, body
+        crawlers = [Crawler(proxy, site.customer, site.new_image(proxy, site.customer),
+                            os.urandom(SIZE), authorization=spelling)
+                    for spelling in spellings[:CAP]]  # fmt: skip
+        for crawler in crawlers:
+            crawler.start()
+        try:
+            wait_for(f"{CAP} uploads in nginx's spool", lambda: spooled(tmp_path / "spool") == CAP)
+            for spelling in spellings:
+                status, _, body = site.call(proxy, None, "GET", f"image/{done}/file",
+                                                  headers={"Authorization": spelling})  # fmt: skip
+                assert status == 429, (spelling, status)
+                assert json.loads(body)["error_id"] == "general/too_many_requests"
+        finally:
+            for crawler in crawlers:
+                crawler.release.set()
+            for crawler in crawlers:
+                crawler.join(HELD + 60)
+        for crawler in crawlers:
+            assert crawler.error is None, crawler.error
+            assert crawler.answer[0] == 200, crawler.answer
+        # every spelling is the one token vmapi knows
+        for spelling in spellings:
+            status, _, body = site.call(proxy, None, "GET", f"image/{done}/file",
+                                        headers={"Authorization": spelling})  # fmt: skip
+            assert status == 200 and body == payload, spelling
 
 
 def test_an_upload_below_the_minimum_rate_is_cut_directly(direct):

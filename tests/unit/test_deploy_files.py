@@ -32,9 +32,24 @@ def test_nginx_read_timeout_outlasts_gunicorns():
 
 
 def site_location(site: str, head: str) -> str:
-    """The body of the nginx ``location`` block that starts with ``head``."""
+    """The nginx block that starts with ``head`` (``location ... {``), to its own closing
+    brace (nested blocks, quoted strings and comments skipped)."""
     start = site.index(head)
-    return site[start : site.index("}", start)]
+    depth, at = 0, start
+    while at < len(site):
+        char = site[at]
+        if char == "#":
+            at = site.index("\n", at)
+        elif char in "'\"":
+            at = site.index(char, at + 1)
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return site[start : at + 1]
+        at += 1
+    raise AssertionError(f"unclosed block: {head}")
 
 
 def unit_exec(name: str) -> list[str]:
@@ -112,6 +127,14 @@ def test_nginx_carries_transfers_within_vmapis_limits():
     uploads = site_location(spool, "location ~ ^/api/[^/]+/image/[0-9]+/file$ {")
     assert "proxy_request_buffering on;" in uploads
     assert "limit_conn vmapi_uploads 1;" in uploads and "limit_conn_status 409;" in uploads
+    # vmapi allows an upload before it reaches the spool (whose limit_conn, in the
+    # preaccess phase, would otherwise run before any auth_request there)
+    assert "auth_request /_vmapi_upload_check;" in files
+    assert "auth_request" not in uploads
+    check = site_location(site, "location = /_vmapi_upload_check {")
+    assert "internal;" in check and "proxy_pass_request_body off;" in check
+    # per token, keyed on the token as vmapi reads it, not on the header's spelling
+    assert "limit_conn_zone $vmapi_token zone=vmapi_transfers" in site
     number, unit = re.search(r"client_max_body_size\s+(\d+)([kmg]?);", spool).groups()
     assert int(number) * UNITS.get(unit, 1) == DEFAULTS["IMAGE_MAX_SIZE"][0]
     # downloads: from the store, at the internal location vmapi is told about

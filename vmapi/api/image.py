@@ -16,6 +16,7 @@ location with the headers a streamed download has, and no body.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,11 @@ OCTET_STREAM = "application/octet-stream"
 #: copies: a fast upload runs at about twice the speed)
 MIN_READ, MAX_READ = 64 * 1024, 1024 * 1024
 QUICK_READ = 0.25  # seconds
+#: nginx asks with a PUT carrying this header (and no body) whether the caller may upload
+#: to the image now, before it spools a byte (deploy/nginx/vmapi-site.conf): 204 yes, or
+#: the refusal the upload would get, its envelope also in UPLOAD_REFUSAL
+UPLOAD_CHECK, UPLOAD_LENGTH = "X-Vmapi-Upload-Check", "X-Vmapi-Upload-Length"
+UPLOAD_REFUSAL = "X-Vmapi-Refusal"
 
 
 class ImageApi(ResourceApi):
@@ -50,6 +56,7 @@ class ImageApi(ResourceApi):
     def blueprint(self) -> Blueprint:
         bp = super().blueprint()
         bp.add_url_rule(f"/{self.name}/<id:ident>/file", "file", self.file, methods=["GET", "PUT"])
+        bp.after_request(refusal_header)
         return bp
 
     def file(self, ident: int) -> Response:
@@ -67,6 +74,10 @@ class ImageApi(ResourceApi):
                 f"Send the image file as {OCTET_STREAM}, not "
                 f"{request.mimetype or 'a body without Content-Type'}."
             )
+        if request.headers.get(UPLOAD_CHECK):
+            self.service.check_upload(ident, who, announced_length())
+            g.resource_name = None  # nothing changed: not counted as a change
+            return Response(status=204)
         limit = int(current_app.config["IMAGE_MAX_SIZE"])
         outcome = self.service.upload(ident, who, body_chunks(limit), request.content_length)
         return self.answer(outcome, indexed=False)
@@ -106,6 +117,22 @@ class ImageApi(ResourceApi):
                 },
             }
         }
+
+
+def announced_length() -> int | None:
+    """The length nginx was told for the upload it asks about (none: chunked)."""
+    value = request.headers.get(UPLOAD_LENGTH, "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def refusal_header(response: Response) -> Response:
+    """An upload check's refusal, also as a header: nginx answers the client with it
+    (nginx sees only the headers of the answer to its ``auth_request``)."""
+    if request.headers.get(UPLOAD_CHECK) and response.status_code >= 400 and response.is_json:
+        envelope = response.get_json(silent=True)
+        if isinstance(envelope, dict):
+            response.headers[UPLOAD_REFUSAL] = json.dumps(envelope, separators=(",", ":"))
+    return response
 
 
 def pace() -> Pace:

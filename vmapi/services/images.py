@@ -159,17 +159,8 @@ class ImageService(CrudService[Image]):
         self, ident: int, principal: Principal, chunks: Iterable[bytes], length: int | None
     ) -> Outcome[Image]:
         """Receive, check and keep the file of a queued image (see the module's text)."""
-        image = self.get(ident, principal)
-        self.check_may_change(image, principal)
-        if image.state == ACTIVE:
-            raise self.immutable(ident)
-        limit = int(current_app.config["IMAGE_MAX_SIZE"])
-        if length is not None and length > limit:
-            raise BodyTooLarge(limit=limit)
+        image, limit, room = self.check_upload(ident, principal, length)
         owner, declared, given = image.customer_id, image.format, image.checksum
-        room = storage_room(owner)
-        if room is not None and length is not None and length > room:
-            raise storage_quota_exceeded(owner, length, QUOTA_ERROR)
         # One upload of an image at a time, within the customer's transfers in flight.
         with transfers.take(principal, ident, upload=True):
             # No transaction (nor pooled connection) stays open while the bytes arrive.
@@ -199,6 +190,26 @@ class ImageService(CrudService[Image]):
                 return Outcome([self.activate(ident, principal, received, found.virtual_size)])
             finally:
                 image_store.remove(received.path)  # gone already when it was published
+
+    def check_upload(
+        self, ident: int, principal: Principal, length: int | None
+    ) -> tuple[Image, int, int | None]:
+        """What an upload checks before it reads a byte: the image is one the principal
+        may change (404 when not visible, 403 when public), still queued (409
+        ``image/immutable``), the announced length within the size limit (413) and the
+        owner's storage quota. The image, the size limit and the owner's room (None: no
+        quota). nginx asks this before it spools an upload (``X-Vmapi-Upload-Check``)."""
+        image = self.get(ident, principal)
+        self.check_may_change(image, principal)
+        if image.state == ACTIVE:
+            raise self.immutable(ident)
+        limit = int(current_app.config["IMAGE_MAX_SIZE"])
+        if length is not None and length > limit:
+            raise BodyTooLarge(limit=limit)
+        room = storage_room(image.customer_id)
+        if room is not None and length is not None and length > room:
+            raise storage_quota_exceeded(image.customer_id, length, QUOTA_ERROR)
+        return image, limit, room
 
     def activate(
         self, ident: int, principal: Principal, received: image_store.Received, virtual_size: int
