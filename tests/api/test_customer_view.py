@@ -14,7 +14,7 @@ from tests.conftest import GIB, vm_body
 from tests.faults import KINDS, FaultyDriver
 from vmapi.extensions import db
 from vmapi.hypervisor import OperationInvalid
-from vmapi.models import Vm
+from vmapi.models import Node, Vm
 from vmapi.services.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
@@ -197,3 +197,25 @@ def test_a_customers_error_under_an_idempotency_key_names_no_node(
     error = assert_error(response, 502, "vm/hypervisor_error")
     for secret in (node["fqdn"], "injected"):
         assert secret not in repr(error)
+
+
+def test_a_template_that_fails_at_run_time_is_no_customers_400(
+    app, api, customer_api, vm_host, test_method
+):
+    """A node built from LIBVIRT_URI_TEMPLATE, and a template that (for this node, or
+    changed since the start) fails the rules: 409 node/unsafe_uri, the URI for admins."""
+    node = vm_host()
+    with app.app_context():
+        db.session.execute(sa.update(Node).where(Node.id == node["id"]).values(libvirt_uri=None))
+        db.session.commit()
+        db.session.remove()
+    app.config["LIBVIRT_URI_TEMPLATE"] = "qemu+ext:///system?command=/bin/{fqdn}"
+    mine = assert_error(customer_api(7).post("vm", json=vm_body(test_method)), 409,
+                        "node/unsafe_uri")  # fmt: skip
+    for secret in ("qemu+ext", "/bin/", node["fqdn"]):
+        assert secret not in repr(mine)
+    admins = assert_error(api.post("vm", json=vm_body(test_method)), 409, "node/unsafe_uri")
+    assert (
+        node["fqdn"] in admins["data"]["node_detail"]
+        and "qemu+ext" in admins["data"]["node_detail"]
+    )
