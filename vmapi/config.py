@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from vmapi.bridges import template_problem
+from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 
 GIB = 1024**3
 MIB = 1024**2
@@ -258,6 +259,23 @@ def database_url(url: str) -> str:
     return url
 
 
+#: the fqdn a node might have, to check LIBVIRT_URI_TEMPLATE with at start
+SAMPLE_FQDN = "node.example.com"
+
+
+def uri_template_problem(template: Any, policy: UriPolicy, fqdn: str = SAMPLE_FQDN) -> str | None:
+    """Why ``template`` filled with ``fqdn`` is no libvirt URI vmapi may open (None: it is)."""
+    try:
+        uri = str(template).format(fqdn=fqdn)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        return f"only {{fqdn}} may be filled in: {exc!r}"
+    try:
+        validate_libvirt_uri(uri, policy)
+    except ValueError as exc:
+        return f"filled with {fqdn!r} it {exc}"
+    return None
+
+
 def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     """Fill ``app.config`` from defaults, the instance file, the environment, then overrides."""
     for key, (default, _doc) in DEFAULTS.items():
@@ -323,6 +341,13 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     test_dir = app.config["TEST_DRIVER_DIR"]
     if test_dir and not os.path.isabs(str(test_dir)):
         raise RuntimeError("TEST_DRIVER_DIR must be an absolute path")
+    problem = uri_template_problem(
+        app.config["LIBVIRT_URI_TEMPLATE"], UriPolicy.from_config(app.config)
+    )
+    if problem:
+        raise RuntimeError(
+            f"LIBVIRT_URI_TEMPLATE {app.config['LIBVIRT_URI_TEMPLATE']!r}: {problem}"
+        )
     accel = app.config["ACCEL_REDIRECT"]
     if accel and not (accel.startswith("/") and accel.endswith("/")):
         raise RuntimeError(f"ACCEL_REDIRECT {accel!r}: a location that begins and ends with /")

@@ -4,6 +4,7 @@ proxy to its own host. Refused at node create and update, by POST /vm/<id>/conso
 the proxy. No test here connects to a remote host: the refusals come first."""
 
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +21,12 @@ pytestmark = pytest.mark.embedded
 REMOTE = "qemu+tls://hv9.example.com/system"
 
 
-@pytest.mark.parametrize("address", [None, "127.0.0.1", "127.0.1.1", "::1", "0.0.0.0", "::"])
+@pytest.mark.parametrize(
+    "address",
+    [None, "127.0.0.1", "127.0.1.1", "::1", "0.0.0.0", "::", "0.1.2.3",
+     # IPv4-mapped, in the canonical form the schema asks for (Python's own spelling)
+     str(ip_address("::ffff:127.0.0.1")), str(ip_address("::ffff:0.0.0.0"))],
+)  # fmt: skip
 def test_a_remote_node_with_a_this_host_display_address_is_refused(api, address):
     body = node_body(libvirt_uri=REMOTE, console_address=address, cores=4, ram=GIB)
     error = assert_error(api.post("node", json=body), 400, "general/validation")

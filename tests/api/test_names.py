@@ -80,6 +80,8 @@ def test_a_domain_name_taken_on_the_host_is_409(
     driver.define(node["libvirt_uri"], foreign_domain(name))
     error = assert_error(api.post("vm", json=vm_body(test_method)), 409, "vm/name_taken")
     assert name in error["message"] and "flask vmapi reconcile" in error["message"]
+    detail = error["data"].pop("node_detail")  # an admin's answer: the node and libvirt's text
+    assert detail.startswith(f"node {node['fqdn']}: ") and FOREIGN_UUID in detail
     assert error["data"] == {"name": name, "node": {"id": node["id"]}}
     # nothing of ours is left, and the foreign domain is untouched
     assert api.get("vm").json["data"] == {}

@@ -58,8 +58,9 @@ def test_uri_from_template(app, api, tmp_path, host_uri):
 def test_template_that_builds_a_dangerous_uri_is_refused(app, api):
     app.config["LIBVIRT_URI_TEMPLATE"] = "qemu+ext:///system?command=/bin/{fqdn}"
     body = node_body(libvirt_uri=None)
-    error = assert_error(api.post("node", json=body), 400, "general/validation")
-    assert "libvirt_uri" in error["data"]
+    error = assert_error(api.post("node", json=body), 409, "node/unsafe_uri")
+    assert "LIBVIRT_URI_TEMPLATE" in error["message"] and "qemu+ext" not in error["message"]
+    assert "qemu+ext:///system?command=/bin/{fqdn}" in error["data"]["node_detail"]  # admins
 
 
 @pytest.mark.parametrize(

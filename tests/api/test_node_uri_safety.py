@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import stat
 
 import pytest
@@ -103,10 +104,61 @@ def test_a_plain_socket_reaches_ssh_as_a_plain_argument(api, fake_ssh):
     assert error["data"]["reason"] == "unreachable"
     assert "SECRET-FROM-STDERR" not in response.get_data(as_text=True)
     (argv,) = fake_ssh()
-    assert "hv9.example.com" in argv
-    remote = argv[-1]
-    assert "/run/libvirt/libvirt-sock" in remote
-    assert ";id" not in remote and "'/x'" not in remote
+    assert argv[argv.index("--") + 1] == "hv9.example.com"
+    # the remote command, as the node's shell would split it: the socket is one word of
+    # its own, the argument of ``-U``, and nothing runs after it
+    assert socket_argument(argv[-1]) == "/run/libvirt/libvirt-sock", argv
+
+
+#: what may follow the socket's word in the remote script: the end of a command, a block
+_AFTER_SOCKET = {";", "&&", "||", "fi", "done", "esac", "}"}
+
+
+def socket_argument(remote: str) -> str | None:
+    """The word after ``-U`` in the command ssh runs on the node (``sh -c '<script>'``, split
+    as the login shell does, then the script as ``sh`` does: ``;``, ``|``, ``>`` are tokens
+    of their own); None when the command is anything else or when anything but the end of
+    the script or of a block follows the socket."""
+    outer = _shell_words(remote)
+    if outer[:2] != ["sh", "-c"] or len(outer) != 3:
+        return None
+    words = _shell_words(outer[2])
+    if "-U" not in words or words.index("-U") + 1 >= len(words):
+        return None
+    at = words.index("-U") + 1
+    return words[at] if set(words[at + 1 :]) <= _AFTER_SOCKET else None
+
+
+def _shell_words(text: str) -> list[str]:
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+#: what libvirt's remote driver sends for ?socket=/run/libvirt/libvirt-sock (netcat mode)
+LIBVIRT_NC = (
+    """sh -c 'if '"'"'nc'"'"' -q 2>&1 | grep "requires an argument" >/dev/null 2>&1; then """
+    """ARG=-q0;else ARG=;fi;'"'"'nc'"'"' $ARG -U /run/libvirt/libvirt-sock'"""
+)
+
+
+@pytest.mark.parametrize(
+    ("remote", "socket"),
+    [
+        ("sh -c 'nc -U /run/libvirt/libvirt-sock'", "/run/libvirt/libvirt-sock"),
+        (LIBVIRT_NC, "/run/libvirt/libvirt-sock"),
+        ("sh -c 'if x; then nc -U /run/s; fi'", "/run/s"),
+        ("sh -c 'nc -U /run/libvirt/libvirt-sock;id'", None),
+        ("sh -c 'nc -U /run/libvirt/libvirt-sock && id'", None),
+        ("sh -c 'nc -U /x'\"'\";id>/tmp/pwned;\"'\"''", None),
+        ("sh -c 'nc -U /run/a b'", None),
+        # the reproduction's socket, as the remote driver would quote it: the outer shell
+        # ends the quote and runs id
+        ("sh -c 'nc -U /x';id>/tmp/pwned;''", None),
+    ],
+)
+def test_socket_argument_finds_only_a_plain_last_word(remote, socket):
+    assert socket_argument(remote) == socket
 
 
 def test_a_refused_port_answers_the_refused_class(api):

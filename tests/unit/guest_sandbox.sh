@@ -5,10 +5,13 @@
 # --net --pid --ipc --fork sh guest_sandbox.sh WORK MODE MARKER. So it runs as the user
 # nobody on the host, root only inside a user namespace of its own: no capability on the
 # host (no devices, modules, kernel log level, reboot of the host), its own host name,
-# network (no interfaces but a loopback that is down) and mounts. The script under test
-# then runs chrooted into a fresh tmpfs holding a copy of the guest's files, a sandbox
-# /etc/resolv.conf and nothing of the host's but /dev/null: even a script without its
-# guard can only change the sandbox, which dies with this process.
+# network (no interfaces but a loopback that is down) and mounts. The sandbox then moves
+# its own root into a fresh tmpfs holding a copy of the guest's files and a sandbox
+# /etc/resolv.conf (pivot_root), and detaches the host's root (umount -l): nothing of the
+# host's file system is left in reach but /dev/null and the output files it holds open
+# (the script under test gets stdout and stderr only). Not a chroot, which root of a user namespace (it has CAP_SYS_CHROOT) can leave.
+# Even a script without its guard can only change the sandbox, which dies with this
+# process (PID 1 of its PID namespace: every process in it goes with it).
 #
 # WORK: a folder holding subject (the script), target (its path in the guest), rootfs/
 # (the guest's files), root/ (an empty mount point) and io/ (for its output). MODE: child (run as a child of
@@ -30,7 +33,6 @@ r=$work/root
 mount -t tmpfs -o size=64m,mode=755 tmpfs "$r"
 mkdir -p "$r/bin" "$r/dev" "$r/etc" "$r/mnt/cidata" "$r/tmp" "$r/proc" "$r/sys" "$r/www"
 cp /bin/busybox "$r/bin/busybox"
-chroot "$r" /bin/busybox --install -s /bin
 cp -R "$work/rootfs/." "$r/"
 printf 'MARKER_SECTOR=131072\n' >"$r/etc/vmapi-guest/env"
 : >"$r/etc/vmapi-guest/modules"
@@ -48,12 +50,27 @@ chmod 755 "$r$target"
 mount -t proc proc "$r/proc"
 busybox hostname sandbox-host
 
+# Into the tmpfs for good: the host's root is detached, not just out of sight.
+exec 3>"$work/io/out" 4>"$work/io/err" 5<"$work/io/err"
+mkdir "$r/.old-root"
+cd "$r"
+pivot_root . .old-root
+cd /
+PATH=/bin
+export PATH
+/bin/busybox --install -s /bin
+umount -l /.old-root
+rmdir /.old-root
+r=
+left=$(awk '$5 != "/" && $5 != "/dev/null" && $5 != "/proc"' /proc/self/mountinfo)
+[ ! -e /.old-root ] && [ -z "$left" ] || { echo "sandbox: host mounts left: $left" >&2; exit 99; }
+
 state() {
   echo "hostname=$(cat /proc/sys/kernel/hostname)"
   echo "resolv=$(base64 -w0 <"$r/etc/resolv.conf")"
   echo "listeners=$(cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == "0A"' | wc -l)"
   echo "mounts=$(wc -l </proc/self/mountinfo)"
-  echo "files=$(cd "$r" && find . -xdev | sort | md5sum | cut -c1-32)"
+  echo "files=$(cd / && find . -xdev | sort | md5sum | cut -c1-32)"
 }
 state | sed 's/^/before_/'
 
@@ -61,15 +78,15 @@ env="PATH=/bin"
 [ "$marker" = yes ] && env="$env vmapi_test_guest=1"
 set +e
 case $mode in
-  child) set -- chroot "$r" /bin/busybox env -i $env "$target" ;;
-  pid1) set -- unshare --pid --fork --kill-child chroot "$r" /bin/busybox env -i $env "$target" ;;
+  child) set -- /bin/busybox env -i $env "$target" ;;
+  pid1) set -- /bin/busybox unshare --pid --fork /bin/busybox env -i $env "$target" ;;
   *) echo "sandbox: unknown mode $mode" >&2; exit 99 ;;
 esac
 if [ -z "$wait_for" ]; then
-  "$@" >"$work/io/out" 2>"$work/io/err"
+  "$@" >&3 2>&4 3>&- 4>&- 5<&-
   rc=$?
 else
-  "$@" >"$work/io/out" 2>"$work/io/err" &
+  "$@" >&3 2>&4 3>&- 4>&- 5<&- &
   pid=$!
   i=0
   until grep -q "$wait_for" "$r/dev/ttyS0" || ! kill -0 "$pid" 2>/dev/null || [ "$i" -ge 600 ]; do
@@ -77,11 +94,13 @@ else
     i=$((i + 1))
   done
   state | sed 's/^/during_/'
-  kill -KILL "$pid" 2>/dev/null  # unshare ignores TERM; its child then gets KILL
+  kill -KILL "$pid" 2>/dev/null
   wait "$pid"
   rc=$?
+  kill -KILL -1 2>/dev/null  # all the rest (PID 1 of this namespace: only the sandbox's)
+  wait
 fi
 echo "rc=$rc"
 state | sed 's/^/after_/'
-echo "stderr=$(base64 -w0 <"$work/io/err")"
+echo "stderr=$(base64 -w0 <&5)"
 echo "console=$(base64 -w0 <"$r/dev/ttyS0")"

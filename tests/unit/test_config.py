@@ -104,3 +104,31 @@ def test_public_url_is_kept_as_a_base(given, kept):
 def test_a_public_url_that_is_no_base_stops_the_start(bad):
     with pytest.raises(RuntimeError, match="PUBLIC_URL"):
         public_url(bad)
+
+
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [
+        ("qemu+ssh://root@{host}/system", "KeyError"),  # fails to format
+        ("qemu+ssh://root@{}/system", "IndexError"),
+        ("qemu+ssh://root@{fqdn/system", "ValueError"),
+        ("qemu+ext:///system?command=/bin/{fqdn}", "node.example.com"),  # fails the rules
+        ("qemu+ssh://root@{fqdn}/system?socket=/x';id;'", "'socket'"),
+        ("test:///etc/{fqdn}", "TEST_DRIVER_DIR"),
+    ],
+)
+def test_a_bad_libvirt_uri_template_stops_the_start(tmp_path, monkeypatch, template, named):
+    monkeypatch.setenv("VMAPI_LIBVIRT_URI_TEMPLATE", template)
+    with pytest.raises(RuntimeError, match="LIBVIRT_URI_TEMPLATE") as raised:
+        load_config(make_app(tmp_path))
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "template", ["qemu+ssh://root@{fqdn}/system", "qemu+tls://{fqdn}/system", "test:///default"]
+)
+def test_a_good_libvirt_uri_template_is_taken(tmp_path, monkeypatch, template):
+    monkeypatch.setenv("VMAPI_LIBVIRT_URI_TEMPLATE", template)
+    app = make_app(tmp_path)
+    load_config(app)
+    assert app.config["LIBVIRT_URI_TEMPLATE"] == template

@@ -7,8 +7,9 @@ carries ``vmapi_test_guest=1`` (tests/guest/build.py), goes on.
 
 The scripts are never run on this machine itself, not even guarded: every run is inside
 ``guest_sandbox.sh``, as the user nobody in namespaces of its own (user, mount, UTS,
-network, PID), chrooted into a tmpfs with copies of the guest's files, so that even a
-script without its guard can change nothing but the sandbox. Guard-less copies are run
+network, PID), its root moved (pivot_root) into a tmpfs with copies of the guest's files
+and the host's root detached, so that even a script without its guard can change nothing
+but the sandbox. Guard-less copies are run
 there too, to show what the guard prevents: without it the test would fail.
 """
 
@@ -40,6 +41,12 @@ def guard_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if REFUSED in line]
 
 
+def first_command(text: str) -> str:
+    """The first line a shell runs: not blank, not a comment (nor the #! line)."""
+    return next((line for line in text.splitlines() if line.strip()
+                 and not line.lstrip().startswith("#")), "")  # fmt: skip
+
+
 def without_guard(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if REFUSED not in line)
 
@@ -55,7 +62,7 @@ def rootfs_programs() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def sandbox_ready() -> None:
-    for tool in ("setpriv", "unshare", "chroot", "base64"):
+    for tool in ("setpriv", "unshare", "pivot_root", "base64"):
         if shutil.which(tool) is None:
             unavailable(f"the guest-script sandbox needs {tool}")
     if not Path("/bin/busybox").exists():
@@ -117,11 +124,16 @@ def assert_refused(report: dict[str, str]) -> None:
     assert_unchanged(report)
 
 
-def test_every_script_that_runs_in_the_guest_has_the_guard():
+def test_every_script_that_runs_in_the_guest_has_the_guard_first():
     parts = init_parts()
     assert parts and all(len(guard_lines(p.read_text())) == 1 for p in parts), parts
     assert rootfs_programs() == [GUEST / "rootfs" / POWER_BUTTON]
     assert all(len(guard_lines(p.read_text())) == 1 for p in rootfs_programs())
+    # the guard is the first thing each one runs: nothing comes before it
+    for script in [*parts, *rootfs_programs()]:
+        assert REFUSED in first_command(script.read_text()), script
+    assert REFUSED in first_command(init_script(GUEST))
+    assert REFUSED not in first_command(f"#!/bin/sh\n# a note\n\nhostname x\n{REFUSED}\n")
     for awk in (GUEST / "rootfs").rglob("*.awk"):  # they only print what they parse
         text = awk.read_text()
         assert not re.search(r'system\(|getline|\|\s*"|>>?\s*"', text), awk
@@ -175,3 +187,22 @@ def test_the_guard_lets_the_guest_run(sandbox_ready, workdir):
     report = in_sandbox(workdir, init_script(GUEST), "/init", "pid1", True, wait_for="VMAPI-HTTPD")
     assert "VMAPI-HTTPD started" in report["console"], report
     assert report["during_hostname"] == "the-guest-was-here"
+
+
+def test_the_sandbox_holds_nothing_of_the_host(sandbox_ready, workdir):
+    """Its root is a tmpfs, the host's root detached (pivot_root, then umount -l), not
+    just out of sight: a chroot would leave it in reach (PID 1's root, /proc/1/root, and
+    a chroot of its own, which root of the user namespace may make, lead back to it)."""
+    probe = (
+        "#!/bin/busybox sh\n"
+        f"for path in /usr/sbin /proc/1/root/usr /proc/1/cwd/usr /.old-root {workdir}; do\n"
+        '  [ -e "$path" ] && echo "host: $path"\n'
+        "done\n"
+        "echo mounts=$(wc -l </proc/self/mountinfo)\n"
+        "echo probed\n"
+    )
+    report = in_sandbox(workdir, probe, "/probe", "child", True)
+    out = (workdir / "io" / "out").read_text()
+    assert report["rc"] == "0" and "probed" in out, (report, out)
+    assert "host:" not in out, out
+    assert "mounts=3" in out  # the tmpfs, /dev/null and /proc

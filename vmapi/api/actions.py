@@ -17,6 +17,7 @@ from typing import Any
 from flask import Response
 from marshmallow import Schema
 
+from vmapi.api.errors import messages_for_the_caller
 from vmapi.auth import Principal
 from vmapi.representations import success_response
 from vmapi.services.crud import Outcome
@@ -42,5 +43,6 @@ class Action:
         result = self.run(ident, principal, **given, **self.context())
         if isinstance(result, Outcome):  # the changed object, with notes for the caller
             data = self.schema().dump(result.objects[0])
-            return success_response(data, status=self.status, messages=result.messages)
+            messages = messages_for_the_caller(result.messages)
+            return success_response(data, status=self.status, messages=messages)
         return success_response(self.schema().dump(result), status=self.status)

@@ -26,6 +26,7 @@ from vmapi.error_ids import (
 )
 from vmapi.errors import ApiError, ServiceUnavailable
 from vmapi.extensions import db
+from vmapi.node_detail import NODE_DETAIL, NodeNote, for_admins
 from vmapi.representations import error_response
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,18 @@ def from_http_exception(exc: HTTPException) -> ApiError:
 
 #: what a customer's hypervisor error keeps of ``data`` (the node, its URI and libvirt's
 #: text stay in the server's log and in admins' answers)
-CUSTOMER_HYPERVISOR_DATA = ("step", "index", "request_id")
+CUSTOMER_HYPERVISOR_DATA = ("step", "index", "request_id", "deleted_storage", "storage")
 
 
 def for_the_caller(exc: ApiError) -> ApiError:
     """``exc`` as the caller may see it. A hypervisor's failure or silence (502, 504)
     tells an admin the node, its URI and libvirt's text; anyone else gets the error id, a
-    generic message and the request id to quote, and the server's log keeps the rest."""
+    generic message and the request id to quote, and the server's log keeps the rest.
+    Any other error keeps its ``data.node_detail`` for admins only."""
+    if _is_admin():
+        return exc
     if exc.status_code not in (502, 504):
-        return exc
-    who = g.get("principal")
-    if who is not None and who.is_admin:
-        return exc
+        return _without_node_detail(exc)
     request_id = getattr(g, "request_id", "-")
     log.warning("hypervisor error answered to a customer, request_id=%s: %s %s data=%s",
                 request_id, exc.error_id, exc.message, exc.data)  # fmt: skip
@@ -84,6 +85,37 @@ def for_the_caller(exc: ApiError) -> ApiError:
     )
     shown.status_code = exc.status_code
     return shown
+
+
+def _is_admin() -> bool:
+    who = g.get("principal")
+    return who is not None and who.is_admin
+
+
+def _without_node_detail(exc: ApiError) -> ApiError:
+    """``exc`` without ``data.node_detail`` (the node's name, paths, libvirt's text),
+    which goes to the server's log."""
+    if not isinstance(exc.data, dict) or NODE_DETAIL not in exc.data:
+        return exc
+    log.warning("node detail kept from a customer, request_id=%s: %s %s",
+                getattr(g, "request_id", "-"), exc.error_id, exc.data[NODE_DETAIL])  # fmt: skip
+    shown = ApiError(exc.message, error_id=exc.error_id,
+                     data={k: v for k, v in exc.data.items() if k != NODE_DETAIL})  # fmt: skip
+    shown.status_code, shown.retry_after = exc.status_code, exc.retry_after
+    return shown
+
+
+def messages_for_the_caller(messages: list[str]) -> list[str]:
+    """The notes of a successful answer as the caller may read them: admins read each
+    :class:`~vmapi.node_detail.NodeNote`'s detail too; for anyone else it goes to the
+    server's log."""
+    if _is_admin():
+        return [for_admins(message) for message in messages]
+    for message in messages:
+        if isinstance(message, NodeNote):
+            log.warning("node detail kept from a customer, request_id=%s: %s",
+                        getattr(g, "request_id", "-"), message.detail)  # fmt: skip
+    return [str(message) for message in messages]
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -17,6 +17,7 @@ from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
+from vmapi.api.errors import for_the_caller, messages_for_the_caller
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
 from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
 from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
@@ -195,7 +196,8 @@ class ResourceApi:
         request that made many, such as an IPv4 network)."""
         objs = outcome.objects
         data = self.dump_keyed(objs) if indexed or outcome.keyed else self.dump(objs[0])
-        return success_response(data, status=status, messages=outcome.messages)
+        messages = messages_for_the_caller(outcome.messages)
+        return success_response(data, status=status, messages=messages)
 
     def list_objects(self, who: Principal) -> Response:
         params = self.parse_list(request.args, who)
@@ -427,8 +429,8 @@ def idempotent_create(resource: ResourceApi, who: Principal) -> Response:
         return replay
     try:
         response = resource.create(who)
-    except ApiError as exc:
-        response = error_response(exc)
+    except ApiError as exc:  # (answered here, not by the error handler: the same view)
+        response = error_response(for_the_caller(exc))
     except BaseException:
         idempotency.release(who.token_id, key)
         raise

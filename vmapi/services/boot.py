@@ -19,13 +19,13 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
-from vmapi.error_ids import IMAGE_NOT_ACTIVE, VM_IMAGE_NOT_FOUND, VM_NAME_TAKEN, VM_QUOTA_EXCEEDED
+from vmapi.error_ids import IMAGE_NOT_ACTIVE, VM_IMAGE_NOT_FOUND, VM_QUOTA_EXCEEDED
 from vmapi.errors import Conflict, NotFound, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken
 from vmapi.models import Image, Storage, Vm
 from vmapi.models.image import ACTIVE
-from vmapi.services.domains import Host, hypervisor_failure
+from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
 from vmapi.services.image_copies import (
     CopyGone,
@@ -167,13 +167,7 @@ def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) ->
                 size, fmt = boot.root_size, boot.source.format
                 root.path = driver.create_overlay(uri, pool, root.volume_name, size, base, fmt)
             except NameTaken as exc:
-                raise Conflict(
-                    f"Node {host.node.fqdn} already has a volume named {pool}/{root.volume_name} "
-                    f"that this database does not own ({exc.reason}); nothing was created. Run "
-                    "`flask vmapi reconcile` to see what is in the way, and remove or rename it.",
-                    error_id=VM_NAME_TAKEN,
-                    data={"name": f"{pool}/{root.volume_name}", "node": {"id": host.node.id}},
-                ) from exc
+                raise name_taken(exc, f"{pool}/{root.volume_name}", host, "a volume") from exc
             undo.append(lambda: delete_volume(root, host))
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc

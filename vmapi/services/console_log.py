@@ -25,6 +25,7 @@ from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound
 from vmapi.models import Vm
+from vmapi.node_detail import NodeNote
 from vmapi.services.domains import Host, hypervisor_failure
 from vmapi.services.hosts import hypervisor
 from vmapi.services.names import console_log_name
@@ -120,7 +121,9 @@ def delete_console_log(vm: Vm, host: Host) -> list[str]:
         log.warning("could not delete the console log of vm-%s on %s: %s", vm.id,
                     host.node.fqdn, exc.reason)  # fmt: skip
         return [
-            f"The console log of vm-{vm.id} ({vm.console_log_path}) could not be deleted on "
-            f"{host.node.fqdn}: {exc.reason}."
+            NodeNote(
+                f"The console log of vm-{vm.id} could not be deleted on its node.",
+                f"{vm.console_log_path} on {host.node.fqdn}: {exc.reason}",
+            )
         ]
     return []

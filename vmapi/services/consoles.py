@@ -29,8 +29,9 @@ from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NoDisplay, NotSupported, OperationInvalid
 from vmapi.models import ConsoleToken
+from vmapi.node_detail import NODE_DETAIL
 from vmapi.services import audit
-from vmapi.services.domains import Host, hypervisor_failure
+from vmapi.services.domains import Host, hypervisor_failure, node_detail
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
 from vmapi.services.specs import console_address, display_password
@@ -57,9 +58,13 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
         problem = display_problem(host.uri, console_address(host.node, config))
         if problem:  # a URL that cannot work is no console (and no libvirt call is made)
             raise Conflict(
-                f"vm-{vm.id} has no console the proxy can reach: {problem}.",
+                f"vm-{vm.id} has no console the proxy can reach: the node's console_address "
+                "is not reachable by the proxy.",
                 error_id=VM_NO_CONSOLE,
-                data={"reason": "the node's console_address is not reachable by the proxy"},
+                data={
+                    "reason": "the node's console_address is not reachable by the proxy",
+                    NODE_DETAIL: problem,
+                },
             )
         # passwdValidTo has whole seconds: the token expires at the same second.
         now = datetime.now(UTC).replace(microsecond=0)
@@ -68,11 +73,16 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
         try:
             hypervisor().set_display_password(host.uri, vm.domain_name, password, expires_at)
         except (NoDisplay, NotSupported) as exc:
+            reason = (
+                "the domain has no display"
+                if isinstance(exc, NoDisplay)
+                else "display passwords are not supported by the node's hypervisor"
+            )
             raise Conflict(
-                f"vm-{vm.id} has no console display: {exc.reason}. Domains defined before "
+                f"vm-{vm.id} has no console display: {reason}. Domains defined before "
                 "vmapi gave every VM one get it when they are next defined and started.",
                 error_id=VM_NO_CONSOLE,
-                data={"reason": exc.reason},
+                data={"reason": reason, **node_detail(exc, host)},
             ) from exc
         except OperationInvalid as exc:
             raise Conflict(

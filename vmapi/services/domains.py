@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 
 from vmapi.error_ids import (
-    STORAGE_NAME_TAKEN,
     VM_HYPERVISOR_ERROR,
     VM_HYPERVISOR_TIMEOUT,
     VM_NAME_TAKEN,
@@ -28,6 +27,7 @@ from vmapi.hypervisor import (
     HypervisorUnavailable,
 )
 from vmapi.models import Node, Vm, VmState
+from vmapi.node_detail import NODE_DETAIL
 from vmapi.scheduler import release
 from vmapi.services.hosts import hypervisor, node_uri
 from vmapi.services.network import release_interfaces
@@ -81,17 +81,29 @@ def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
     )
 
 
-def name_taken(exc: HypervisorError, name: str, host: Host, resource: str = "vm") -> Conflict:
+def name_taken(
+    exc: HypervisorError,
+    name: str,
+    host: Host,
+    what: str = "a domain",
+    error_id: str = VM_NAME_TAKEN,
+    done: str = "nothing was created",
+) -> Conflict:
     """409 ``vm/name_taken`` (or ``storage/name_taken``): something this database does
-    not own has the name on the host; reconcile lists what is in the way."""
-    what = "a domain" if resource == "vm" else "a volume"
+    not own has the name on the host; reconcile lists what is in the way. The node's
+    name and libvirt's text are in ``data.node_detail`` (admins only)."""
     return Conflict(
-        f"Node {host.node.fqdn} already has {what} named {name} that this database does not "
-        f"own ({exc.reason}); nothing was created. Run `flask vmapi reconcile` to see what "
-        "is in the way, and remove or rename it.",
-        error_id=STORAGE_NAME_TAKEN if resource == "storage" else VM_NAME_TAKEN,
-        data={"name": name, "node": {"id": host.node.id}},
+        f"The node already has {what} named {name} that this database does not own; "
+        f"{done}. Run `flask vmapi reconcile` to see what is in the way, and remove or "
+        "rename it.",
+        error_id=error_id,
+        data={"name": name, "node": {"id": host.node.id}, **node_detail(exc, host)},
     )
+
+
+def node_detail(exc: HypervisorError, host: Host) -> dict[str, str]:
+    """``data.node_detail`` of an error: the node's name and libvirt's text (admins only)."""
+    return {NODE_DETAIL: f"node {host.node.fqdn}: {exc.reason}"}
 
 
 def note_host_failure(node_id: int) -> None:

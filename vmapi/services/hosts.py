@@ -8,10 +8,12 @@ from typing import TypeVar
 
 from flask import current_app
 
+from vmapi.config import uri_template_problem
 from vmapi.error_ids import NODE_UNREACHABLE, NODE_UNSAFE_URI
-from vmapi.errors import Conflict, ValidationError
+from vmapi.errors import Conflict
 from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, HypervisorTimeout
 from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
+from vmapi.node_detail import NODE_DETAIL
 
 DRIVER_KEY = "vmapi.hypervisor"
 POLICY_KEY = "vmapi.hypervisor.uri_policy"
@@ -50,14 +52,16 @@ def node_uri(fqdn: str, libvirt_uri: str | None) -> str:
     either checked against the URI policy before anything connects to it."""
     if libvirt_uri:
         return checked_uri(fqdn, libvirt_uri)
-    uri = current_app.config["LIBVIRT_URI_TEMPLATE"].format(fqdn=fqdn)
-    try:
-        validate_libvirt_uri(uri, uri_policy())
-    except ValueError as exc:
-        raise ValidationError(
-            data={"libvirt_uri": [f"The URI {uri!r} built from LIBVIRT_URI_TEMPLATE {exc}."]}
-        ) from exc
-    return uri
+    template = current_app.config["LIBVIRT_URI_TEMPLATE"]
+    problem = uri_template_problem(template, uri_policy(), fqdn)
+    if problem:  # (checked at start with a sample fqdn; this node's fqdn may still fail)
+        raise Conflict(
+            "The node's libvirt URI, built from LIBVIRT_URI_TEMPLATE, is not one vmapi may "
+            "open; nothing was connected. Fix the template or set the node's libvirt_uri.",
+            error_id=NODE_UNSAFE_URI,
+            data={NODE_DETAIL: f"node {fqdn}: LIBVIRT_URI_TEMPLATE {template!r}: {problem}"},
+        )
+    return template.format(fqdn=fqdn)
 
 
 def read_capacity(fqdn: str, uri: str) -> HostInfo:

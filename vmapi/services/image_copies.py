@@ -39,6 +39,7 @@ from vmapi import heartbeat
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorTimeout, VolumeExists, VolumeNotFound
 from vmapi.models import Image, ImageCopy, Node, NodeState, Storage, StorageType, VirtNode
+from vmapi.node_detail import NodeNote
 from vmapi.services.domains import Host
 from vmapi.services.hosts import hypervisor, on_hosts
 from vmapi.services.image_locks import copy_lock
@@ -290,8 +291,11 @@ def remove_orphans(copy_ids: list[int]) -> list[str]:
         host, pool, name = where[ident]
         if isinstance(result, HypervisorError):
             notes.append(
-                f"Node {host.node.fqdn} could not be reached ({result.reason}); it keeps the "
-                f"copy {pool}/{name} until `flask vmapi reconcile --fix` removes it."
+                NodeNote(
+                    "A node could not be reached; it keeps a copy of the image until "
+                    "`flask vmapi reconcile --fix` removes it.",
+                    f"node {host.node.fqdn}, copy {pool}/{name}: {result.reason}",
+                )
             )
             continue
         db.session.execute(delete_rows(ImageCopy).where(ImageCopy.id == ident))

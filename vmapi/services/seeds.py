@@ -30,13 +30,12 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from vmapi.error_ids import VM_NAME_TAKEN
-from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
 from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
-from vmapi.services.domains import Host, hypervisor_failure
+from vmapi.node_detail import NodeNote
+from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
 from vmapi.services.image_copies import pool_directory
 from vmapi.services.undo import Undo
@@ -147,12 +146,8 @@ def place_seed(vm: Vm, host: Host, files: SeedFiles, undo: Undo) -> tuple[SeedVo
         timeout = float(current_app.config["LIBVIRT_TIMEOUT"])
         path = driver.upload_volume(host.uri, pool, name, len(data), [data], timeout)
     except NameTaken as exc:
-        raise Conflict(
-            f"Node {host.node.fqdn} already has a volume named {pool}/{name} that this "
-            f"database does not own ({exc.reason}); nothing was changed. Run `flask vmapi "
-            "reconcile` to see what is in the way, and remove or rename it.",
-            error_id=VM_NAME_TAKEN,
-            data={"name": f"{pool}/{name}", "node": {"id": host.node.id}},
+        raise name_taken(
+            exc, f"{pool}/{name}", host, "a volume", done="nothing was changed"
         ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
@@ -218,8 +213,11 @@ def delete_retired(retired: list[SeedVolume]) -> list[str]:
         except HypervisorError as exc:
             log.warning("could not delete the replaced seed %s/%s: %s", seed.pool, seed.name, exc)
             notes.append(
-                f"The replaced cloud-init seed {seed.pool}/{seed.name} on {host.node.fqdn} "
-                f"could not be deleted ({exc.reason}); `flask vmapi reconcile` reports it."
+                NodeNote(
+                    "A replaced cloud-init seed could not be deleted on the node; "
+                    "`flask vmapi reconcile` reports it.",
+                    f"{seed.pool}/{seed.name} on {host.node.fqdn}: {exc.reason}",
+                )
             )
     retired.clear()
     return notes

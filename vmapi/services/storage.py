@@ -20,6 +20,7 @@ from sqlalchemy import select
 from vmapi.auth import Principal
 from vmapi.error_ids import (
     STORAGE_DETACH_FAILED,
+    STORAGE_NAME_TAKEN,
     STORAGE_NO_FREE_TARGET,
     STORAGE_NODE_MISMATCH,
     STORAGE_ROOT_DISK,
@@ -36,6 +37,7 @@ from vmapi.hypervisor import (
     NotSupported,
 )
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
+from vmapi.node_detail import NodeNote
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.domains import Host, hypervisor_failure, name_taken
 from vmapi.services.hosts import hypervisor
@@ -108,7 +110,7 @@ def live(action: Callable[[], None], messages: list[str], what: str) -> bool:
     try:
         action()
     except NotSupported as exc:
-        messages.append(f"{what} takes effect at the next start ({exc.reason}).")
+        messages.append(NodeNote(f"{what} takes effect at the next start.", exc.reason))
         return False
     return True
 
@@ -184,13 +186,15 @@ class StorageService(CrudService[Storage]):
         try:
             directory = self.pool_dir(disk.vm, pool)
             if driver.ensure_pool(uri, pool, directory):
-                messages.append(f"Storage pool {pool} was created at {directory}.")
+                made = f"storage pool {pool} at {directory}"
+                messages.append(NodeNote("A storage pool was created.", made))
             step = "creating the volume"
             size, fmt = storage.size, disk.type.format
             try:
                 storage.path = driver.create_volume(uri, pool, name, size, fmt)
             except NameTaken as exc:
-                raise name_taken(exc, f"{pool}/{name}", disk.host, "storage") from exc
+                taken = f"{pool}/{name}"
+                raise name_taken(exc, taken, disk.host, "a volume", STORAGE_NAME_TAKEN) from exc
             undo.append(lambda: delete_volume(storage, disk.host))
             db.session.commit()
             disk = AttachedVolume(storage)

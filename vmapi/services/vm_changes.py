@@ -30,7 +30,7 @@ from vmapi.hypervisor import (
 from vmapi.models import ConsoleToken, Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
 from vmapi.services.console_log import ensure_console_log
-from vmapi.services.domains import Host, hypervisor_failure, record_state
+from vmapi.services.domains import Host, hypervisor_failure, node_detail, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_storage_quota, check_vm_quota
 from vmapi.services.seeds import (
@@ -99,8 +99,9 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVo
         info = driver.domain(host.uri, vm.domain_name)
     except OperationInvalid as exc:
         raise Conflict(
-            f"vm-{vm.id} cannot do that in its present state: {exc.reason}",
+            f"vm-{vm.id} cannot do that in its present state.",
             error_id=VM_STATE_CONFLICT,
+            data=node_detail(exc, host),
         ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc

@@ -54,6 +54,7 @@ from vmapi.hypervisor import (
     OperationInvalid,
 )
 from vmapi.models import Node, Storage, VirtMethod, Vm, VmState
+from vmapi.node_detail import NodeNote, prefixed
 from vmapi.scheduler import (
     Defaults,
     NoValidHost,
@@ -78,6 +79,7 @@ from vmapi.services.domains import (
     forget,
     hypervisor_failure,
     name_taken,
+    node_detail,
     record_state,
     remove_domain,
     state_id,
@@ -332,7 +334,7 @@ class VmService(CrudService[Vm]):
 
         vms = all_or_nothing(items, indexed, check, apply)
         messages = [
-            (f"vm-{plan.vm_id}: " if indexed else "") + message
+            prefixed(f"vm-{plan.vm_id}: " if indexed else "", message)
             for plan in plans
             for message in plan.messages
         ] + delete_retired(retired)
@@ -410,8 +412,11 @@ class VmService(CrudService[Vm]):
             forget(vm)
             if not existed:
                 messages.append(
-                    f"vm-{vm.id} had no domain on {host.node.fqdn} any more; "
-                    "it was removed from the inventory."
+                    NodeNote(
+                        f"vm-{vm.id} had no domain on its node any more; "
+                        "it was removed from the inventory.",
+                        f"node {host.node.fqdn}",
+                    )
                 )
         return Outcome(vms, messages)
 
@@ -444,7 +449,9 @@ class VmService(CrudService[Vm]):
             info = driver.domain(host.uri, vm.domain_name)
         except OperationInvalid as exc:
             raise Conflict(
-                f"vm-{vm.id} cannot reboot: {exc.reason}", error_id=VM_STATE_CONFLICT
+                f"vm-{vm.id} cannot reboot in its present state.",
+                error_id=VM_STATE_CONFLICT,
+                data=node_detail(exc, host),
             ) from exc
         except HypervisorError as exc:
             raise hypervisor_failure(exc, step, host) from exc
