@@ -191,9 +191,16 @@ class PrivateHost:
                    "log_outputs": "3:file:/var/log/libvirt/libvirtd.log"})
         )  # fmt: skip
         # Two daemons number their domains from 1 and would share cgroup names.
+        # Their "shared" pool is a folder on one local filesystem, which libvirt cannot
+        # tell from a host's own disk (it skips restoring a migrated disk's owner only on
+        # NFS, GFS2, Ceph and the like): with dynamic ownership one daemon gave a disk
+        # back to root while the other's QEMU (libvirt-qemu) still had to reopen it, at
+        # the `cont` after a paused guest's move ("Permission denied", a flake of the
+        # suite). So QEMU runs as root here and neither daemon changes a file's owner.
         (etc / "qemu.conf").write_text(
             _conf({"cgroup_controllers": [], "migration_port_min": self.ports[0],
-                   "migration_port_max": self.ports[1]})
+                   "migration_port_max": self.ports[1], "user": "root", "group": "root",
+                   "dynamic_ownership": 0, "remember_owner": 0})
         )  # fmt: skip
         for mount_point in BINDS.values():
             Path(mount_point).mkdir(parents=True, exist_ok=True)
