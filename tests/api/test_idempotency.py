@@ -48,9 +48,10 @@ def test_same_key_other_body_is_a_conflict(api, vm_host, test_method):
 def test_an_error_answer_is_replayed_too(api, vm_host, test_method):
     vm_host(cores=1)
     first = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "big"})
-    assert first.status_code == 409
+    assert first.status_code == 409 and "Idempotent-Replayed" not in first.headers
     again = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "big"})
     assert again.get_data() == first.get_data() and again.status_code == 409
+    assert again.headers["Idempotent-Replayed"] == "true"
 
 
 def test_keys_are_per_token(app, api, customer_api, vm_host, test_method):

@@ -91,7 +91,9 @@ class BootEnv:
     def pool_volumes(self, pool: str = IMAGE_POOL) -> list[str]:
         try:
             found = self.conn.storagePoolLookupByName(pool)
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise  # (a timeout or a lost connection is no clean host)
             return []
         found.refresh(0)
         return sorted(found.listVolumes())
@@ -106,7 +108,9 @@ class BootEnv:
 def remove_pool(conn: libvirt.virConnect, name: str) -> None:
     try:
         pool = conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise
         return
     if not pool.isActive():
         pool.create(0)

@@ -88,7 +88,9 @@ class MigrateEnv:
         try:
             try:
                 found = conn.storagePoolLookupByName(pool)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    raise  # (a timeout or a lost connection is no clean host)
                 return []
             found.refresh(0)
             return sorted(found.listVolumes())
