@@ -31,6 +31,7 @@ from vmapi.hypervisor import HypervisorError, NoDisplay, NotSupported, Operation
 from vmapi.models import ConsoleToken
 from vmapi.node_detail import NODE_DETAIL
 from vmapi.services import audit
+from vmapi.services.console_tokens import invalidate_console_tokens
 from vmapi.services.domains import Host, hypervisor_failure, node_detail
 from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
@@ -110,14 +111,6 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
         db.session.commit()
     url = config["CONSOLE_URL"].format(base=base_url, token=token, password=password)
     return Console(url=url, token=token, password=password, expires_at=expires_at)
-
-
-def invalidate_console_tokens(vm_id: int) -> int:
-    """Forget every console token of a VM, in the caller's transaction: its display moved
-    (a migration) or was replaced. A deleted VM's tokens go with its row (ON DELETE
-    CASCADE). How many there were."""
-    stmt = delete(ConsoleToken).where(ConsoleToken.vm_id == vm_id)
-    return db.session.execute(stmt.execution_options(synchronize_session=False)).rowcount
 
 
 def purge_expired(now: datetime | None = None) -> int:

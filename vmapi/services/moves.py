@@ -43,7 +43,7 @@ from vmapi.scheduler import (
     unsuitable_reasons,
 )
 from vmapi.services import audit
-from vmapi.services.consoles import invalidate_console_tokens
+from vmapi.services.console_tokens import invalidate_console_tokens
 from vmapi.services.domains import Host, state_id
 from vmapi.services.hosts import checked_uri, hypervisor, node_uri
 from vmapi.services.leftovers import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from vmapi.error_ids import VM_NODE_UNSUITABLE, VM_QUOTA_EXCEEDED, VM_STATE_CONFLICT
 from vmapi.errors import Conflict
@@ -27,9 +27,10 @@ from vmapi.hypervisor import (
     HypervisorUnavailable,
     OperationInvalid,
 )
-from vmapi.models import ConsoleToken, Storage, VirtMethod, Vm
+from vmapi.models import Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
 from vmapi.services.console_log import ensure_console_log
+from vmapi.services.console_tokens import invalidate_console_tokens
 from vmapi.services.domains import Host, hypervisor_failure, node_detail, record_state
 from vmapi.services.hosts import hypervisor
 from vmapi.services.quotas import check_storage_quota, check_vm_quota
@@ -122,7 +123,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
             check_storage_quota(owner, disk_bytes(vm.id), VM_QUOTA_EXCEEDED)
             # the previous owner's consoles end with its ownership (sessions already open
             # stay until the browser leaves; their display password expires on its own)
-            end_console_tokens(vm.id)
+            invalidate_console_tokens(vm.id)
         else:
             check_vm_quota(owner, 0, max(cores, 0), max(ram, 0))
         if (cores > 0 or ram > 0) and not claim(vm.node_id, max(cores, 0), max(ram, 0)):
@@ -159,13 +160,6 @@ def disk_bytes(vm_id: int) -> int:
     counts for its owner."""
     stmt = select(func.coalesce(func.sum(Storage.size), 0)).where(Storage.vm_id == vm_id)
     return int(db.session.scalar(stmt))
-
-
-def end_console_tokens(vm_id: int) -> None:
-    """services.consoles.invalidate_console_tokens, which this module cannot import
-    (consoles imports vms, which imports this module)."""
-    stmt = delete(ConsoleToken).where(ConsoleToken.vm_id == vm_id)
-    db.session.execute(stmt.execution_options(synchronize_session=False))
 
 
 def apply_live(
