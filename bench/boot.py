@@ -24,7 +24,7 @@ from bench.placement import verdict
 from tests.conftest import node_body
 from vmapi import create_app
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 URI = "qemu:///system"
 ROUNDS = 10

@@ -69,7 +69,7 @@ def run() -> list[str]:
 def measure(url: str, hosts: Any, shared: Path, image: Path, store: Path, console: Any):
     from vmapi import create_app
     from vmapi.extensions import db
-    from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.services.nodes.hosts import DRIVER_KEY
 
     app = create_app({"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "LIBVIRT_TIMEOUT": 60.0,
                       "INSTALLATION_ID": INSTALLATION, "IMAGE_DIR": str(store),

@@ -125,7 +125,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def reset_postgres(app: Flask) -> None:
     """Empty every table and put the seeded rows back with their original ids."""
-    from vmapi.services.seed import seed_defaults
+    from vmapi.services.catalog_defaults import seed_defaults
 
     with app.app_context():
         db.session.remove()
@@ -187,7 +187,7 @@ def app(
 def close_connections(app: Flask) -> None:
     """Close the app's libvirt connections: their call threads end now instead of idling
     on for a minute, counted against the process's bound on idle threads."""
-    from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.services.nodes.hosts import DRIVER_KEY
 
     driver = app.extensions.get(DRIVER_KEY)
     while driver is not None and not hasattr(driver, "connections"):
@@ -372,7 +372,7 @@ def sql_log(app: Flask) -> Iterator[list[Sent]]:
 @pytest.fixture
 def driver(app: Flask):
     """The app's hypervisor driver (to look at domains the way libvirt sees them)."""
-    from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.services.nodes.hosts import DRIVER_KEY
 
     return app.extensions[DRIVER_KEY]
 

@@ -46,7 +46,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from vmapi.hypervisor.observed import ObservedDriver
     from vmapi.hypervisor.uri import UriPolicy
     from vmapi.requestlog import register_request_log
-    from vmapi.services.hosts import DRIVER_KEY, POLICY_KEY
+    from vmapi.services.nodes.hosts import DRIVER_KEY, POLICY_KEY
     from vmapi.telemetry import (
         count_connections,
         hypervisor_action,

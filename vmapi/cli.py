@@ -35,8 +35,8 @@ CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
 @vmapi_cli.command("seed")
 def seed_command() -> None:
     """Insert the default catalog rows that are missing (idempotent)."""
+    from vmapi.services.catalog_defaults import seed_defaults
     from vmapi.services.names import installation_id, stored_installation_id
-    from vmapi.services.seed import seed_defaults
 
     added = seed_defaults()
     click.echo("seeded: " + (", ".join(added) if added else "nothing was missing"))
@@ -162,7 +162,7 @@ def node_list(quiet: bool) -> None:
 def node_refresh_capacity() -> None:
     """Recompute every node's free capacity (run after changing the default ratios)."""
     from vmapi.scheduler import refresh_all
-    from vmapi.services.nodes import capacity_defaults
+    from vmapi.services.nodes.registry import capacity_defaults
 
     click.echo(f"refreshed {refresh_all(capacity_defaults())} node(s)")
 
@@ -177,7 +177,7 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     check reaches it again. Safe for cron or a systemd timer. Exits 1 when a node is
     unreachable.
     """
-    from vmapi.services.health import check_nodes
+    from vmapi.services.nodes.health import check_nodes
 
     probes = check_nodes(workers, fqdns)
     for probe in probes:
@@ -201,7 +201,7 @@ def node_drain(fqdn: str, timeout: float | None) -> None:
     """Empty a node: it goes to maintenance (takes no new VMs), then each of its VMs moves
     to the node the scheduler picks, live if it runs. Prints what moved and what did not;
     exits 1 if anything stayed. Safe to run again after an interruption."""
-    from vmapi.services.migrations import drain_one, start_drain
+    from vmapi.services.moves.migrate import drain_one, start_drain
 
     try:
         node, vm_ids = start_drain(fqdn)
@@ -224,7 +224,7 @@ def node_evacuate(fqdn: str, accept_data_loss: bool) -> None:
     data volumes on it are refused unless --accept-data-loss. When the node answers
     again, flask vmapi reconcile --fix removes what it still has. Exits 1 if a VM was
     not rebuilt."""
-    from vmapi.services.evacuation import EvacuationRefused, evacuate_one, start_evacuation
+    from vmapi.services.moves.evacuation import EvacuationRefused, evacuate_one, start_evacuation
 
     try:
         node, vm_ids = start_evacuation(fqdn)
@@ -303,7 +303,7 @@ def event_purge(days: int) -> None:
 @console_cli.command("purge")
 def console_purge() -> None:
     """Delete expired console tokens (they open nothing; the shipped timer runs this)."""
-    from vmapi.services.consoles import purge_console_tokens
+    from vmapi.services.consoles.sessions import purge_console_tokens
 
     click.echo(f"deleted {purge_console_tokens()} expired console token(s)")
 
@@ -341,7 +341,7 @@ def image_push(image: int, fqdn: str | None) -> None:
     could not take it."""
     from vmapi.models import Image
     from vmapi.models.image import ACTIVE
-    from vmapi.services.image_copies import push, push_nodes
+    from vmapi.services.images.copies import push, push_nodes
 
     row = db.session.get(Image, image)
     if row is None or row.state != ACTIVE:

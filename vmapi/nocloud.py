@@ -2,7 +2,7 @@
 
 Pure: plain dataclasses in, bytes out; no Flask, no models, no libvirt. It sits beside
 ``vmapi/addressing.py`` rather than in ``services/`` because it decides nothing about
-state: the use case (``services/seeds.py``) reads the inventory, builds a ``SeedSpec``,
+state: the use case (``services/vms/cloud_init.py``) reads the inventory, builds a ``SeedSpec``,
 calls ``seed_iso`` and uploads the bytes through the hypervisor driver; tests call it too.
 
 The files (API.md "Guest configuration (cloud-init NoCloud)"), all written by PyYAML:

@@ -19,8 +19,8 @@ from tests.faults import FaultyDriver
 from tests.image_files import OCTET, ImageFiles
 from vmapi.extensions import db
 from vmapi.models import ImageCopy
-from vmapi.services.hosts import DRIVER_KEY
 from vmapi.services.names import image_volume_name
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

@@ -14,7 +14,7 @@ from tests.conftest import GIB, node_body, vm_body
 from vmapi.console_proxy import ConsoleTokens
 from vmapi.extensions import db
 from vmapi.models import ConsoleToken, Node
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

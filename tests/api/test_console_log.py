@@ -16,7 +16,7 @@ from tests.conftest import vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.models import Vm
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

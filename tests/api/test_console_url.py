@@ -5,7 +5,7 @@ passes every call to it but that one, which it takes as done."""
 import pytest
 
 from tests.conftest import vm_body
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

@@ -15,7 +15,7 @@ from tests.faults import KINDS, FaultyDriver
 from vmapi.extensions import db
 from vmapi.hypervisor import OperationInvalid
 from vmapi.models import Node, Vm
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

@@ -16,7 +16,7 @@ from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.models import Node, Storage, Vm
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 POOL = "vmapi"
 
@@ -80,7 +80,7 @@ def test_drain_of_an_empty_node_and_of_an_unknown_one(api, runner, vm_host):
 
 def test_a_vm_that_left_the_node_meanwhile_is_not_moved_again(app, api, fleet):
     from vmapi.cli import CLI_PRINCIPAL
-    from vmapi.services.migrations import drain_one
+    from vmapi.services.moves.migrate import drain_one
 
     vm = fleet["vms"][0]
     sql(app, "UPDATE vm SET node_id = :b WHERE id = :id", b=fleet["b"]["id"], id=vm["id"])
@@ -190,9 +190,9 @@ def test_a_rebuild_that_fails_leaves_nothing_on_the_other_node(
 def interrupted(app, driver, fleet, landed):
     """Play a move of the VM with the volume from a to b whose process died: b claimed,
     the VM marked, b's volume made and listed; ``landed``: libvirt had finished it."""
-    from vmapi.services.leftovers import note_leftover
-    from vmapi.services.moves import claim_target
-    from vmapi.services.specs import domain_spec
+    from vmapi.services.moves.books import claim_target
+    from vmapi.services.moves.leftovers import note_leftover
+    from vmapi.services.vms.specs import domain_spec
 
     vm, a, b, storage = fleet["vms"][1], fleet["a"], fleet["b"], fleet["storage"]
     with app.test_request_context():

@@ -40,7 +40,7 @@ EXCLUDED_CHECKS = [
 def _admin_token(db_url: str) -> str:
     from vmapi import create_app
     from vmapi.extensions import db
-    from vmapi.services.seed import seed_defaults
+    from vmapi.services.catalog_defaults import seed_defaults
     from vmapi.services.tokens import create_token
 
     app = create_app({"DATABASE_URL": db_url})

@@ -21,8 +21,8 @@ from vmapi.extensions import db
 from vmapi.guest_inputs import MAX_USER_DATA_BYTES
 from vmapi.models import Ipv4Address, Ipv6Address, Vm
 from vmapi.nocloud import build_seed
-from vmapi.services.hosts import DRIVER_KEY
-from vmapi.services.seeds import seed_spec
+from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.vms.cloud_init import seed_spec
 
 pytestmark = pytest.mark.embedded
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from tests.api.test_envelope import assert_error
 from tests.image_files import MIB, OCTET, ImageFiles, sha256
-from vmapi.services.image_store import STALE_AFTER
+from vmapi.services.images.store import STALE_AFTER
 
 LIMIT = 4 * MIB
 

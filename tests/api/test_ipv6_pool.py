@@ -11,7 +11,7 @@ from tests.api.test_network import held
 from tests.conftest import vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 
 def test_the_pool_row_is_free_while_the_create_goes_on(app, api, vm_host, test_method):

@@ -11,7 +11,7 @@ or row lock, and keeps until it ends).
 import sqlalchemy as sa
 
 from tests.conftest import GIB, vm_body
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 HOLDING = sa.text(
     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"

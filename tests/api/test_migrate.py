@@ -18,7 +18,7 @@ from tests.api.test_metrics import scrape, value
 from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 POOL = "vmapi"  # the seeded storage types' pool
 
@@ -180,7 +180,7 @@ def test_the_target_claim_lost_to_a_race_leaves_nothing(
     api, app, driver, pair, installation, monkeypatch
 ):
     """Between the filters and the claim, another request takes b's room."""
-    from vmapi.services import moves
+    from vmapi.services.moves import books as moves
 
     real = moves.claim
 

@@ -403,7 +403,7 @@ def test_customers_read_only_their_own_interfaces_and_addresses(
 
 def test_vlan_change_that_the_host_refuses_changes_nothing(app, api, vm_host, test_method, driver):
     from tests.faults import FaultyDriver
-    from vmapi.services.hosts import DRIVER_KEY
+    from vmapi.services.nodes.hosts import DRIVER_KEY
 
     node = vm_host()
     vlan = api.post("vlan", json={"tag": 100}).json["data"]
@@ -426,7 +426,7 @@ def test_a_taken_mac_is_skipped_and_eight_taken_refuse(api, vm_host, test_method
     """A new interface's INSERT skips a MAC another interface has (its unique index) and
     tries another; after eight taken ones the create is refused and leaves nothing. The
     random MACs are chosen here: a collision in 2^24 cannot be had on demand."""
-    from vmapi.services import network
+    from vmapi.services.network import allocation as network
 
     vm_host()
     first = api.post("vm", json=vm_body(test_method)).json["data"]

@@ -24,7 +24,7 @@ from tests.image_files import ImageFiles
 from vmapi.extensions import db
 from vmapi.hypervisor import VolumeNotFound
 from vmapi.models import Vm
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 
@@ -193,7 +193,7 @@ def test_reconcile_cleans_a_stale_building_vm_with_its_seed(app, runner, seeded,
 def test_a_test_driver_vm_from_an_image_gets_no_seed(app, api, vm_host, test_method, driver,
                                                      tmp_path):  # fmt: skip
     """A seed is for a guest that reads disks: libvirt's test driver runs none (nor do
-    containers), so its VMs get none, image or not (services/seeds.py NO_GUEST_DISKS)."""
+    containers), so its VMs get none, image or not (services/vms/cloud_init.py NO_GUEST_DISKS)."""
     image = make_image(api, ImageFiles(tmp_path / "files"))
     node = vm_host()
     hold(app, node, image)

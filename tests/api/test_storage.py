@@ -15,7 +15,7 @@ from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound
 from vmapi.models import StorageType
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

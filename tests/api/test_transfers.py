@@ -19,9 +19,9 @@ from tests.api.test_envelope import assert_error
 from tests.api.test_image_file import assert_nothing_kept, new_image, put, stored
 from tests.image_files import MIB, ImageFiles, sha256
 from vmapi.auth import Principal
-from vmapi.services import transfers
-from vmapi.services.image_store import TransferTooSlow
-from vmapi.services.transfers import RETRY_AFTER
+from vmapi.services.images import transfers
+from vmapi.services.images.store import TransferTooSlow
+from vmapi.services.images.transfers import RETRY_AFTER
 
 CAP = 2
 SEVEN = Principal(0, "other request", "customer", 7)
@@ -120,7 +120,7 @@ def test_a_killed_holder_frees_its_slot(app, customer_api, files, pg_database):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, sqlalchemy as sa
             from vmapi.config import database_url
-            from vmapi.services.transfers import upload_key
+            from vmapi.services.images.transfers import upload_key
             conn = sa.create_engine(database_url({pg_database!r})).connect()
             assert conn.execute(sa.select(sa.func.pg_try_advisory_lock(upload_key({ident})))).scalar()
             conn.commit()

@@ -1,5 +1,5 @@
 """POST /vm with an array: each node's libvirt calls in a thread of their own, all or
-nothing across every node (vmapi/services/vm_arrays.py)."""
+nothing across every node (vmapi/services/vms/arrays.py)."""
 
 import logging
 import threading
@@ -9,7 +9,7 @@ import pytest
 from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

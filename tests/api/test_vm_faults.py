@@ -10,8 +10,8 @@ from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.models import Node
-from vmapi.services.domains import end_cooloff
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.domains import end_cooloff
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 

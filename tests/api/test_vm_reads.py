@@ -1,4 +1,4 @@
-"""The ORM-free reads of /vm (services/vm_reads.py, issue 17) answer exactly what the
+"""The ORM-free reads of /vm (services/vms/reads.py, issue 17) answer exactly what the
 schema's dump of the same rows answers: same keys in the same order, same types, same
 envelope bytes, same scope, paging and filters. A field added to ``VmSchema`` and not
 to the fast path fails here."""
@@ -21,7 +21,7 @@ from vmapi.api.resource import RESOURCES
 from vmapi.auth import authenticate
 from vmapi.extensions import db
 from vmapi.models import Interface, Ipv4Address, Ipv6Address, Vm
-from vmapi.services.vm_reads import get_vm_answer, list_vm_answers
+from vmapi.services.vms.reads import get_vm_answer, list_vm_answers
 
 pytestmark = pytest.mark.embedded
 

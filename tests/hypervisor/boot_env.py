@@ -38,7 +38,7 @@ from tests.hypervisor.qemu_host import INSTALLATION, MARKER, URI
 from tests.image_files import OCTET
 from vmapi import create_app
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 #: pools of this session (the seeded local-qcow2 type is pointed at IMAGE_POOL)
 IMAGE_POOL = f"{INSTALLATION}-images"

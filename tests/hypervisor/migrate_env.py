@@ -26,7 +26,7 @@ from tests.hypervisor.two_hosts import PrivateHost, TwoHosts
 from tests.image_files import OCTET
 from vmapi import create_app
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 #: at most 16 characters: it goes into every name this vmapi makes
 INSTALLATION = f"vmapi-m-{uuid.uuid4().hex[:8]}"

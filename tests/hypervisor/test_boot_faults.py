@@ -24,7 +24,7 @@ from tests.faults import FaultyDriver
 from tests.hypervisor.boot_env import IMAGE_POOL, boot_env
 from tests.hypervisor.qemu_host import INSTALLATION, URI
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 

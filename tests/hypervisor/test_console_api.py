@@ -30,7 +30,7 @@ from vmapi.console_proxy import ConsoleTokens
 from vmapi.extensions import db
 from vmapi.hypervisor.libvirt.config import VALID_TO_FORMAT
 from vmapi.models import ConsoleToken
-from vmapi.services.console_tokens import invalidate_console_tokens
+from vmapi.services.consoles.tokens import invalidate_console_tokens
 
 pytestmark = [pytest.mark.hypervisor]
 

@@ -24,7 +24,7 @@ from tests.faults import FaultyDriver
 from tests.guest import console
 from tests.hypervisor.migrate_env import INSTALLATION, boots, migrate_env, ticks, wait_for_ticks
 from vmapi.extensions import db
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -140,7 +140,7 @@ def test_a_move_past_its_time_is_aborted_and_the_guest_runs_on(env, guest):
 
 def failing_record(monkeypatch, times: int) -> None:
     """The database fails when the move is recorded, ``times`` times."""
-    from vmapi.services import moves
+    from vmapi.services.moves import books as moves
 
     real, calls = moves._record_once, {"n": 0}
 

@@ -27,8 +27,8 @@ from tests.hypervisor.boot_env import IMAGE_POOL, BootEnv, boot_env
 from tests.hypervisor.qemu_host import INSTALLATION, URI
 from vmapi.extensions import db
 from vmapi.models import Vm
-from vmapi.services import seeds
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.vms import cloud_init as seeds
 
 pytestmark = [pytest.mark.hypervisor]
 

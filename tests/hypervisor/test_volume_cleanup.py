@@ -20,7 +20,7 @@ from tests.hypervisor.qemu_host import INSTALLATION, create
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainSpec
 from vmapi.models import StorageType
-from vmapi.services.hosts import DRIVER_KEY
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 

@@ -15,7 +15,7 @@ from vmapi.hypervisor import DisplaySpec, DomainSpec
 from vmapi.hypervisor.libvirt.config import Graphics, password_valid_to
 from vmapi.hypervisor.libvirt.designer import design
 from vmapi.models import Node
-from vmapi.services.specs import SEALED, display_password, sealed_display
+from vmapi.services.vms.specs import SEALED, display_password, sealed_display
 
 GIB = 1024**3
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from websockify.token_plugins import BasePlugin
 
 from vmapi.config import DEFAULTS
-from vmapi.services.transfers import RETRY_AFTER
+from vmapi.services.images.transfers import RETRY_AFTER
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}

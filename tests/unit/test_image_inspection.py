@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from vmapi.services.image_inspection import (
+from vmapi.services.images.inspection import (
     ImageRefused,
     check_info,
     check_qcow2_header,

@@ -10,7 +10,7 @@ from vmapi.schemas.catalog import (
     VmStateSchema,
 )
 from vmapi.services.crud import CrudService
-from vmapi.services.storage_types import StorageTypeService
+from vmapi.services.storage.types import StorageTypeService
 
 node_state = ResourceApi(
     "node_state",

@@ -31,8 +31,8 @@ from vmapi.auth import require_role
 from vmapi.error_ids import READ, UPDATE
 from vmapi.errors import BodyTooLarge, UnsupportedMediaType
 from vmapi.schemas.image import ImageSchema
-from vmapi.services.image_store import Pace, TransferTooSlow, UploadTruncated, read_chunks
-from vmapi.services.images import ImageFile, ImageService
+from vmapi.services.images.catalog import ImageFile, ImageService
+from vmapi.services.images.store import Pace, TransferTooSlow, UploadTruncated, read_chunks
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from vmapi.schemas.network import (
     Ipv6Schema,
     VlanSchema,
 )
-from vmapi.services.addresses import Ipv4Service, Ipv6PoolService, Ipv6Service
 from vmapi.services.crud import CrudService
-from vmapi.services.interfaces import InterfaceService
+from vmapi.services.network.interfaces import InterfaceService
+from vmapi.services.network.pools import Ipv4Service, Ipv6PoolService, Ipv6Service
 
 interface = ResourceApi(
     "interface",

@@ -2,7 +2,7 @@
 
 from vmapi.api.resource import ADMIN_ONLY, ResourceApi
 from vmapi.schemas.node import NodeSchema, VirtNodeSchema
-from vmapi.services.nodes import NodeService, VirtNodeService
+from vmapi.services.nodes.registry import NodeService, VirtNodeService
 
 _nodes = NodeService()
 

@@ -2,7 +2,7 @@
 
 from vmapi.api.resource import ALL_ROLES, ResourceApi
 from vmapi.schemas.storage import StorageSchema
-from vmapi.services.storage import StorageService
+from vmapi.services.storage.service import StorageService
 
 storage = ResourceApi(
     "storage",

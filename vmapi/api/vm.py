@@ -19,12 +19,12 @@ from vmapi.representations import JSON, MSGPACK_TYPES, success_response
 from vmapi.schemas.base import Int
 from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
 from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
-from vmapi.services.console_log import DEFAULT_BYTES, read_console_log
-from vmapi.services.consoles import open_console
+from vmapi.services.consoles.log import DEFAULT_BYTES, read_console_log
+from vmapi.services.consoles.sessions import open_console
 from vmapi.services.crud import ListParams
-from vmapi.services.migrations import migrate_vm
-from vmapi.services.vm_reads import get_vm_answer, list_vm_answers
-from vmapi.services.vms import VmService
+from vmapi.services.moves.migrate import migrate_vm
+from vmapi.services.vms.reads import get_vm_answer, list_vm_answers
+from vmapi.services.vms.service import VmService
 
 TEXT = "text/plain"
 #: answered with the text/plain form: whether older output exists before the text

@@ -6,7 +6,7 @@ with its size, virtual size and sha256. ``file`` names its file in the store
 a race, or is undone, never touches the file of another.
 
 An :class:`ImageCopy` is an image's base volume on one node (made through libvirt by
-:mod:`vmapi.services.image_copies`), shared by the root disks of every VM of that image
+:mod:`vmapi.services.images.copies`), shared by the root disks of every VM of that image
 there.
 """
 

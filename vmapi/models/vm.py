@@ -28,7 +28,7 @@ from vmapi.models.node import Node
 
 
 def vm_name(ident: int) -> str:
-    """What people call the VM with this id (also written by services/vm_reads.py)."""
+    """What people call the VM with this id (also written by services/vms/reads.py)."""
     return f"vm-{ident}"
 
 
@@ -60,7 +60,7 @@ class Vm(db.Model):
     #: The node a move of the VM has claimed capacity on, set (with the claim) before the
     #: domain moves and cleared when the move is recorded or undone. Left set only by a
     #: process that died mid-move: the next move of the VM, or reconcile, settles it by
-    #: where libvirt says the domain is (services/moves.py).
+    #: where libvirt says the domain is (services/moves/books.py).
     migration_node_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), index=True)
     #: What the guest is told (API.md "Guest configuration"). ``ssh_keys`` and
     #: ``user_data`` are write-only: answers, the audit trail and logs never show them

@@ -35,7 +35,7 @@ from vmapi.schemas.base import (
     text_field,
     validate_hostname,
 )
-from vmapi.services.hosts import POLICY_KEY
+from vmapi.services.nodes.hosts import POLICY_KEY
 
 #: What the pattern cannot say, in words (docs/API.md, "libvirt URIs").
 URI_DIRECTORIES = (

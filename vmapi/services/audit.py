@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 PENDING = "vmapi.audit.pending"
 #: Models whose rows are not changes anyone asked for (a console request is recorded as
-#: the VM's ``console`` action by vmapi.services.consoles, without the token's hash; a
+#: the VM's ``console`` action by vmapi.services.consoles.sessions, without the token's hash; a
 #: leftover is the bookkeeping of a move, recorded as the VM's ``migrate`` or
 #: ``evacuate``).
 NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover)

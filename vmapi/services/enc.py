@@ -24,7 +24,7 @@ from vmapi.bridges import shared
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import Interface, Node, NodeState, Vm, VmState
-from vmapi.services.specs import bridge_template, device_name, interface_mode
+from vmapi.services.vms.specs import bridge_template, device_name, interface_mode
 
 CLASS = "vmapi::hypervisor"
 

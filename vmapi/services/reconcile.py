@@ -22,7 +22,7 @@ Findings, one per domain, VM or volume:
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
   by where libvirt says the domain is (recorded there, or undone), under the VM's lock.
 - ``leftover``: a domain or volume listed as left on a node by a move or an evacuation
-  (services/leftovers.py); fix: removed once the node answers (unless a row owns it
+  (services/moves/leftovers.py); fix: removed once the node answers (unless a row owns it
   there again). On a node that does not answer it waits.
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
@@ -45,15 +45,15 @@ from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
 from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, VmState
 from vmapi.models.leftover import DOMAIN, VOLUME
-from vmapi.services.console_log import delete_console_log
-from vmapi.services.domains import BUILDING, Host, forget, remove_domain, state_id
-from vmapi.services.hosts import hypervisor, on_hosts
-from vmapi.services.leftovers import leftovers_on, remove_leftover
+from vmapi.services.consoles.log import delete_console_log
 from vmapi.services.locks import vm_locks
-from vmapi.services.moves import settle
+from vmapi.services.moves.books import settle
+from vmapi.services.moves.leftovers import leftovers_on, remove_leftover
 from vmapi.services.names import installation_id
-from vmapi.services.seeds import delete_seed
-from vmapi.services.volumes import delete_vm_volumes
+from vmapi.services.nodes.domains import BUILDING, Host, forget, remove_domain, state_id
+from vmapi.services.nodes.hosts import hypervisor, on_hosts
+from vmapi.services.storage.volumes import delete_vm_volumes
+from vmapi.services.vms.cloud_init import delete_seed
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
 
 def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
     """Copies of deleted images left on nodes that answer now."""
-    from vmapi.services.image_copies import remove_if_unused
+    from vmapi.services.images.copies import remove_if_unused
 
     stmt = select(ImageCopy).where(ImageCopy.image_id.is_(None), ImageCopy.node_id.in_(hosts))
     findings = []

@@ -7,7 +7,7 @@ MAC with its addresses, gateways and the configured DNS servers) in an ISO 9660 
 labelled ``cidata``. The volume is uploaded through libvirt into the node's pool of the
 seeded ``local-qcow2`` storage type, recorded on the VM's row (``seed_pool``,
 ``seed_volume``, ``seed_path``; never a /storage object) and attached read-only as the
-virtio disk ``vdz`` (:data:`vmapi.services.specs.SEED_TARGET`, which /storage never
+virtio disk ``vdz`` (:data:`vmapi.services.vms.specs.SEED_TARGET`, which /storage never
 hands out), after the other disks.
 
 Kept in step, never changed in place: whenever what the seed carries changes, a new
@@ -35,9 +35,9 @@ from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
 from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
 from vmapi.node_detail import NodeNote
-from vmapi.services.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.hosts import hypervisor
-from vmapi.services.image_copies import pool_directory
+from vmapi.services.images.copies import pool_directory
+from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)

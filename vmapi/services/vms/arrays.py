@@ -6,7 +6,7 @@ another's. So an array of VMs that boot without an image is made in three phases
 
 1. in the request thread and its session, element by element as a single create does
    it: quota, claim, the row as ``building`` with its interface (its IPv6 address made
-   free beforehand for the whole array, :func:`~vmapi.services.network.make_free_ipv6`);
+   free beforehand for the whole array, :func:`~vmapi.services.network.allocation.make_free_ipv6`);
    then each domain's :class:`~vmapi.hypervisor.DomainSpec` (the database is the
    truth); one commit for
    the whole array (its claims, rows and audit events in one transaction: a refusal at
@@ -27,7 +27,7 @@ An element failing in phase 1 (quota, capacity, UUID) is reported before any nod
 called, so it wins over a node that would have failed for an earlier element.
 
 An array with an element that boots from an image takes the sequential path
-(:meth:`vmapi.services.vms.VmService.create_one` per element): its root disk and seed
+(:meth:`vmapi.services.vms.service.VmService.create_one` per element): its root disk and seed
 interleave database writes with volume calls on the node.
 """
 
@@ -51,16 +51,16 @@ from vmapi.hypervisor import (
     HypervisorError,
     NameTaken,
 )
-from vmapi.services.console_log import console_log_path, log_remover
-from vmapi.services.domains import Host, hypervisor_failure, name_taken, remove_domain
-from vmapi.services.hosts import hypervisor
-from vmapi.services.network import make_free_ipv6
-from vmapi.services.specs import domain_spec, new_nic_specs
+from vmapi.services.consoles.log import console_log_path, log_remover
+from vmapi.services.network.allocation import make_free_ipv6
+from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken, remove_domain
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, run_undo
+from vmapi.services.vms.specs import domain_spec, new_nic_specs
 
 if TYPE_CHECKING:
     from vmapi.models import Vm
-    from vmapi.services.vms import NewVm, Placed
+    from vmapi.services.vms.service import NewVm, Placed
 
 PREPARING_LOG = "preparing the console log"
 

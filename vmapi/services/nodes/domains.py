@@ -29,8 +29,8 @@ from vmapi.hypervisor import (
 from vmapi.models import Node, Vm, VmState
 from vmapi.node_detail import NODE_DETAIL
 from vmapi.scheduler import release
-from vmapi.services.hosts import hypervisor, node_uri
-from vmapi.services.network import release_interfaces
+from vmapi.services.network.allocation import release_interfaces
+from vmapi.services.nodes.hosts import hypervisor, node_uri
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def remove_domain(host: Host, name: str) -> bool:
 def forget(vm: Vm) -> None:
     """Release the VM's claim, addresses and interfaces and delete its row, in one
     transaction (only once its domain is gone). Its storage must be gone first
-    (:func:`vmapi.services.volumes.delete_vm_volumes`): a row with volumes left is
+    (:func:`vmapi.services.storage.volumes.delete_vm_volumes`): a row with volumes left is
     refused by its foreign keys rather than leak them."""
     row = db.session.scalars(select(Vm).where(Vm.id == vm.id).with_for_update()).first()
     if row is None:

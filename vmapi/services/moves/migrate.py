@@ -1,7 +1,7 @@
 """Moving VMs: ``POST /vm/<id>/migrate`` and ``flask vmapi node drain`` (evacuating a
-dead node is :mod:`vmapi.services.evacuation`).
+dead node is :mod:`vmapi.services.moves.evacuation`).
 
-A move, under the VM's lock and within MIGRATION_TIMEOUT (services/moves.py has the
+A move, under the VM's lock and within MIGRATION_TIMEOUT (services/moves/books.py has the
 steps): claim the target through the scheduler and commit; make the VM's volumes there
 (unless their pool is shared); move the domain, live (running or paused: it stays
 paused) with its disks copied by libvirt, or cold (shut off: the volumes were copied
@@ -37,16 +37,8 @@ from vmapi.hypervisor import (
 from vmapi.models import Node, NodeState, Vm, VmState
 from vmapi.services import audit
 from vmapi.services.crud import Outcome
-from vmapi.services.domains import BUILDING, Host, hypervisor_failure
-from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
-from vmapi.services.move_volumes import (
-    prepare_console_log,
-    prepare_seed,
-    prepare_volumes,
-    remove_source_leftovers,
-)
-from vmapi.services.moves import (
+from vmapi.services.moves.books import (
     COLD,
     LIVE,
     Move,
@@ -57,9 +49,17 @@ from vmapi.services.moves import (
     release_target,
     settle,
 )
-from vmapi.services.specs import sealed_display
+from vmapi.services.moves.volumes import (
+    prepare_console_log,
+    prepare_seed,
+    prepare_volumes,
+    remove_source_leftovers,
+)
+from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, run_undo
-from vmapi.services.vms import VmService
+from vmapi.services.vms.service import VmService
+from vmapi.services.vms.specs import sealed_display
 from vmapi.telemetry import count_migration
 
 MOVING = "moving the domain"

@@ -19,9 +19,9 @@ from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
 from vmapi.models import Leftover, Storage, Vm
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
-from vmapi.services.domains import Host, remove_domain
-from vmapi.services.hosts import hypervisor
 from vmapi.services.names import installation_id
+from vmapi.services.nodes.domains import Host, remove_domain
+from vmapi.services.nodes.hosts import hypervisor
 
 
 def note_leftover(

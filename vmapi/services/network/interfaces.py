@@ -8,7 +8,7 @@ configuration management (the Puppet ENC), and the answer says so.
 Other addresses (``{ipv4: [{id}], ipv6: [{id}]}``, free ones only) replace those the
 interface holds, which are released; the domain is redefined (its metadata and, with a
 bridge template using ``{vlan}``, its bridge) and the guest's cloud-init seed rebuilt
-(services/seeds.py), all or nothing: every step pushes its inverse.
+(services/vms/cloud_init.py), all or nothing: every step pushes its inverse.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.domains import Host, hypervisor_failure
-from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
-from vmapi.services.network import FAMILIES, move_addresses
+from vmapi.services.network.allocation import FAMILIES, move_addresses
+from vmapi.services.nodes.domains import Host, hypervisor_failure
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.ownership import own_interfaces
-from vmapi.services.seeds import (
+from vmapi.services.undo import Undo, all_or_nothing
+from vmapi.services.vms.cloud_init import (
     SeedVolume,
     delete_retired,
     rebuilt_message,
     refresh_seed,
     wanted,
 )
-from vmapi.services.specs import domain_spec, interface_mode
-from vmapi.services.undo import Undo, all_or_nothing
+from vmapi.services.vms.specs import domain_spec, interface_mode
 
 #: What an UPDATE may change.
 WRITABLE = {"vlan_id", *FAMILIES}

@@ -39,17 +39,17 @@ from vmapi.hypervisor import (
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, VirtNode, Vm
 from vmapi.node_detail import NodeNote
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import volume_name
+from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
-from vmapi.services.specs import SEED_TARGET, disk_spec, domain_spec
+from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo, all_or_nothing, run_undo
-from vmapi.services.volumes import delete_volume
+from vmapi.services.vms.specs import SEED_TARGET, disk_spec, domain_spec
 
-#: vda is left for a boot disk, vdz for the cloud-init seed (services/seeds.py)
+#: vda is left for a boot disk, vdz for the cloud-init seed (services/vms/cloud_init.py)
 TARGETS = [f"vd{letter}" for letter in string.ascii_lowercase[1:] if f"vd{letter}" != SEED_TARGET]
 
 

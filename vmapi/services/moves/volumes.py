@@ -27,24 +27,24 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorTimeout, NameTaken
 from vmapi.models import Image, StorageType
 from vmapi.models.leftover import LOG, VOLUME
-from vmapi.services.domains import Host, hypervisor_failure
-from vmapi.services.hosts import hypervisor
-from vmapi.services.image_copies import (
+from vmapi.services.images.copies import (
     Source,
     find_copy,
     held_copy,
     pool_directory,
     remove_if_unused,
 )
-from vmapi.services.leftovers import (
+from vmapi.services.moves.books import COLD, Move, MovedVolume
+from vmapi.services.moves.leftovers import (
     delete_listed_log,
     delete_listed_volume,
     drop_leftover,
     find_leftover,
     note_leftover,
 )
-from vmapi.services.moves import COLD, Move, MovedVolume
 from vmapi.services.names import console_log_name
+from vmapi.services.nodes.domains import Host, hypervisor_failure
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo
 
 
@@ -230,7 +230,7 @@ def prepare_seed(move: Move, undo: Undo) -> None:
     """The VM's cloud-init seed on the target, made from the database as every seed is
     (the same content gives the same name and bytes), listed as a leftover until the move
     is recorded. Only pointed at, never copied: the domain's seed disk is read-only."""
-    from vmapi.services.seeds import seed_files, seed_iso, seed_pool, volume_name
+    from vmapi.services.vms.cloud_init import seed_files, seed_iso, seed_pool, volume_name
 
     vm, target = move.vm, move.target
     if vm.seed_volume is None:
@@ -273,7 +273,7 @@ class Seed:
 
 def seed_pool_shared() -> bool:
     """Whether seeds are in a pool every node sees (their storage type is shared)."""
-    from vmapi.services.seeds import SEED_STORAGE_TYPE
+    from vmapi.services.vms.cloud_init import SEED_STORAGE_TYPE
 
     stmt = select(StorageType.shared).where(StorageType.name == SEED_STORAGE_TYPE)
     return bool(db.session.scalars(stmt).one())

@@ -4,7 +4,7 @@ VM's root disk (API.md "Boot from an image").
 The root disk is a ``/storage`` row of the seeded ``local-qcow2`` type with ``boot`` and
 ``image``, target ``vda``, made in the VM's claim transaction (so it counts against the
 storage quota there and then, and marks the image's copy on the node as used before any
-libvirt call); then, with the copy held (:func:`vmapi.services.image_copies.held_copy`,
+libvirt call); then, with the copy held (:func:`vmapi.services.images.copies.held_copy`,
 which copies the image to the node first when it is not there), a qcow2 overlay of
 ``root_size`` bytes whose backing store is the copy. The VM's domain boots from it.
 Every step pushes its inverse on the create's undo stack: the overlay, a copy this
@@ -25,9 +25,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken
 from vmapi.models import Image, Storage, Vm
 from vmapi.models.image import ACTIVE
-from vmapi.services.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.hosts import hypervisor
-from vmapi.services.image_copies import (
+from vmapi.services.images.copies import (
     CopyGone,
     Source,
     held_copy,
@@ -36,9 +34,11 @@ from vmapi.services.image_copies import (
     root_type,
 )
 from vmapi.services.names import volume_name
+from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.quotas import check_storage_quota
+from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
-from vmapi.services.volumes import delete_volume
 
 MIB = 1024 * 1024
 ROOT_TARGET = "vda"

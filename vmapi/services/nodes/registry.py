@@ -15,7 +15,7 @@ from vmapi.models import Node, VirtMethod, VirtNode
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.scheduler import CapacityDefaults, set_free
 from vmapi.services.crud import CrudService
-from vmapi.services.hosts import node_uri, read_capacity
+from vmapi.services.nodes.hosts import node_uri, read_capacity
 
 
 class NodeService(CrudService[Node]):

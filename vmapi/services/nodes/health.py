@@ -21,8 +21,8 @@ from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import HostInfo, HypervisorError, HypervisorUnavailable
 from vmapi.models import Node
-from vmapi.services.domains import end_cooloff
-from vmapi.services.hosts import hypervisor, node_uri, on_hosts
+from vmapi.services.nodes.domains import end_cooloff
+from vmapi.services.nodes.hosts import hypervisor, node_uri, on_hosts
 
 ERROR_LENGTH = 1000
 

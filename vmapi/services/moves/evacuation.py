@@ -28,11 +28,8 @@ from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Node, NodeState, VirtMethod, Vm, VmState
 from vmapi.services import audit
-from vmapi.services.domains import BUILDING, Host, hypervisor_failure, remove_domain
-from vmapi.services.hosts import hypervisor
 from vmapi.services.locks import vm_locks
-from vmapi.services.move_volumes import prepare_console_log, prepare_seed, prepare_volumes
-from vmapi.services.moves import (
+from vmapi.services.moves.books import (
     EVACUATE,
     Move,
     MovedVolume,
@@ -41,8 +38,11 @@ from vmapi.services.moves import (
     record,
     release_target,
 )
-from vmapi.services.specs import domain_spec
+from vmapi.services.moves.volumes import prepare_console_log, prepare_seed, prepare_volumes
+from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure, remove_domain
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, run_undo
+from vmapi.services.vms.specs import domain_spec
 from vmapi.telemetry import count_migration
 
 OFFLINE = "offline"

@@ -7,11 +7,11 @@ answers 403: they can see it, so a 404 would lie).
 An upload (``PUT /image/<id>/file``) is checked before anything is written (the image
 is queued, the announced length within the size limit and the owner's storage quota),
 then streamed to a temporary file of the store with no database transaction open, then
-checked (sha256 against a given checksum, :func:`~vmapi.services.image_inspection.inspect`),
+checked (sha256 against a given checksum, :func:`~vmapi.services.images.inspection.inspect`),
 and only then, under the image row's lock, renamed into place and recorded ``active``
 with the quota checked again. Any failure removes the file and leaves the image
 ``queued``, so the client can send the file again; the refusal is in the audit trail.
-A transfer holds a slot (:mod:`vmapi.services.transfers`) while it runs: one upload per
+A transfer holds a slot (:mod:`vmapi.services.images.transfers`) while it runs: one upload per
 image, a cap per customer.
 """
 
@@ -38,9 +38,9 @@ from vmapi.errors import BodyTooLarge, Conflict, Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.models import Image, Vm
 from vmapi.models.image import ACTIVE, QUEUED
-from vmapi.services import image_copies, image_store, transfers
 from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
-from vmapi.services.image_inspection import ImageRefused, inspect
+from vmapi.services.images import copies, store, transfers
+from vmapi.services.images.inspection import ImageRefused, inspect
 from vmapi.services.quotas import check_storage_quota, storage_quota_exceeded, storage_room
 
 UPDATABLE = {"name", "description", "min_ram"}
@@ -127,7 +127,7 @@ class ImageService(CrudService[Image]):
             locked = select(Image).where(Image.id == ident).with_for_update()
             db.session.scalars(locked).one()
             self.check_unused(image)
-            orphaned.extend(image_copies.forget_image(image.id))
+            orphaned.extend(copies.forget_image(image.id))
             db.session.delete(image)
             db.session.flush()
             return image
@@ -138,8 +138,8 @@ class ImageService(CrudService[Image]):
         # be reached keeps its copy (said in the answer; reconcile removes it later).
         for image in images:
             if image.file is not None:
-                image_store.remove(os.path.join(image_dir(), image.file))
-        messages = image_copies.remove_orphans(orphaned) if orphaned else []
+                store.remove(os.path.join(image_dir(), image.file))
+        messages = copies.remove_orphans(orphaned) if orphaned else []
         return Outcome(images, messages)
 
     def check_unused(self, image: Image) -> None:
@@ -166,15 +166,15 @@ class ImageService(CrudService[Image]):
             # No transaction (nor pooled connection) stays open while the bytes arrive.
             db.session.rollback()
             directory = image_dir()
-            image_store.sweep_stale(directory)
+            store.sweep_stale(directory)
             cap = limit if room is None else min(limit, room)
             try:
-                received = image_store.receive(chunks, directory, ident, cap, length)
-            except image_store.UploadTooLarge:
+                received = store.receive(chunks, directory, ident, cap, length)
+            except store.UploadTooLarge:
                 if room is not None and room < limit:
                     raise storage_quota_exceeded(owner, cap + 1, QUOTA_ERROR) from None
                 raise BodyTooLarge(limit=limit) from None
-            except image_store.UploadTruncated as exc:
+            except store.UploadTruncated as exc:
                 raise invalid(str(exc)) from exc
             try:
                 if given is not None and received.sha256 != given:
@@ -189,7 +189,7 @@ class ImageService(CrudService[Image]):
                     raise invalid(str(exc)) from exc
                 return Outcome([self.activate(ident, principal, received, found.virtual_size)])
             finally:
-                image_store.remove(received.path)  # gone already when it was published
+                store.remove(received.path)  # gone already when it was published
 
     def check_upload(
         self, ident: int, principal: Principal, length: int | None
@@ -212,7 +212,7 @@ class ImageService(CrudService[Image]):
         return image, limit, room
 
     def activate(
-        self, ident: int, principal: Principal, received: image_store.Received, virtual_size: int
+        self, ident: int, principal: Principal, received: store.Received, virtual_size: int
     ) -> Image:
         """Record a checked upload, under the row's lock: still queued, still within the
         quota; the file is renamed into place before the commit and removed again if
@@ -227,7 +227,7 @@ class ImageService(CrudService[Image]):
             if image.state == ACTIVE:
                 raise self.immutable(ident)  # another upload was accepted first
             check_storage_quota(image.customer_id, received.size, QUOTA_ERROR)
-            published.append(image_store.publish(received, image_dir(), ident))
+            published.append(store.publish(received, image_dir(), ident))
             image.file = published[0]
             image.state = ACTIVE
             image.size = received.size
@@ -240,7 +240,7 @@ class ImageService(CrudService[Image]):
             (image,) = self.in_transaction([None], False, one)
         except BaseException:
             for name in published:
-                image_store.remove(os.path.join(image_dir(), name))
+                store.remove(os.path.join(image_dir(), name))
             raise
         return image
 

@@ -1,5 +1,5 @@
 """Changing a VM that exists: resize (claimed, persistent, live where possible), what its
-guest is told (the cloud-init seed is rebuilt: services/seeds.py) and state.
+guest is told (the cloud-init seed is rebuilt: services/vms/cloud_init.py) and state.
 
 Each step pushes its inverse on the request's undo stack, so a failure anywhere in an
 UPDATE (or later in the same array) restores the row, the claim, the persistent
@@ -29,12 +29,13 @@ from vmapi.hypervisor import (
 )
 from vmapi.models import Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
-from vmapi.services.console_log import ensure_console_log
-from vmapi.services.console_tokens import invalidate_console_tokens
-from vmapi.services.domains import Host, hypervisor_failure, node_detail, record_state
-from vmapi.services.hosts import hypervisor
+from vmapi.services.consoles.log import ensure_console_log
+from vmapi.services.consoles.tokens import invalidate_console_tokens
+from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail, record_state
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.quotas import check_storage_quota, check_vm_quota
-from vmapi.services.seeds import (
+from vmapi.services.undo import Undo
+from vmapi.services.vms.cloud_init import (
     GUEST_FIELDS,
     SeedVolume,
     new_seed,
@@ -42,8 +43,7 @@ from vmapi.services.seeds import (
     upload_seed,
     wanted,
 )
-from vmapi.services.specs import domain_spec
-from vmapi.services.undo import Undo
+from vmapi.services.vms.specs import domain_spec
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
 IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",

@@ -26,9 +26,9 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound
 from vmapi.models import Vm
 from vmapi.node_detail import NodeNote
-from vmapi.services.domains import Host, hypervisor_failure
-from vmapi.services.hosts import hypervisor
 from vmapi.services.names import console_log_name
+from vmapi.services.nodes.domains import Host, hypervisor_failure
+from vmapi.services.nodes.hosts import hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def log_remover(vm: Vm, host: Host) -> Callable[[], None]:
 def read_console_log(ident: int, principal: Principal, size: int | None) -> ConsoleLog:
     """The last ``size`` bytes (default 65536) of VM ``ident``'s console log (a
     customer's own VMs only)."""
-    from vmapi.services.vms import VmService
+    from vmapi.services.vms.service import VmService
 
     limit = int(current_app.config["CONSOLE_LOG_MAX"])
     wanted = DEFAULT_BYTES if size is None else size

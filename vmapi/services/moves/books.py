@@ -1,5 +1,5 @@
-"""A move of a VM between nodes: its books (services/migrations.py puts the steps in
-order; services/move_volumes.py prepares the target; evacuation and reconcile use some).
+"""A move of a VM between nodes: its books (services/moves/migrate.py puts the steps in
+order; services/moves/volumes.py prepares the target; evacuation and reconcile use some).
 
 - :func:`claim_target`: capacity on the target, claimed through the scheduler (the same
   filters as a create; the VM's own node fails ``uuid_free``, so it is never the
@@ -43,10 +43,8 @@ from vmapi.scheduler import (
     unsuitable_reasons,
 )
 from vmapi.services import audit
-from vmapi.services.console_tokens import invalidate_console_tokens
-from vmapi.services.domains import Host, state_id
-from vmapi.services.hosts import checked_uri, hypervisor, node_uri
-from vmapi.services.leftovers import (
+from vmapi.services.consoles.tokens import invalidate_console_tokens
+from vmapi.services.moves.leftovers import (
     delete_listed_log,
     delete_listed_volume,
     drop_leftover,
@@ -54,7 +52,9 @@ from vmapi.services.leftovers import (
     note_leftover,
 )
 from vmapi.services.names import console_log_name
-from vmapi.services.vms import scheduler_defaults
+from vmapi.services.nodes.domains import Host, state_id
+from vmapi.services.nodes.hosts import checked_uri, hypervisor, node_uri
+from vmapi.services.vms.service import scheduler_defaults
 from vmapi.telemetry import PLACEMENT_SECONDS
 
 LIVE, COLD, EVACUATE = "live", "cold", "evacuate"
@@ -278,7 +278,7 @@ def settle(vm: Vm) -> str:
     driver = hypervisor()
     made = [left for left in leftovers_on(target.node.id) if left.vm_id == vm.id]
     if on_target:
-        from vmapi.services.move_volumes import remove_source_leftovers
+        from vmapi.services.moves.volumes import remove_source_leftovers
 
         volumes = {v.storage.volume_name for v in move.volumes}
         for volume in move.volumes:

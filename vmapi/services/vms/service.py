@@ -1,7 +1,7 @@
 """VM use cases: create, change, delete and reboot, synchronously and all-or-nothing.
 
-(Changes to existing VMs are in :mod:`vmapi.services.vm_changes`; the domain on its
-host, failure translation and undo in :mod:`vmapi.services.domains`.)
+(Changes to existing VMs are in :mod:`vmapi.services.vms.changes`; the domain on its
+host, failure translation and undo in :mod:`vmapi.services.nodes.domains`.)
 
 The order of every write (DESIGN.md): claim capacity and commit, talk to libvirt with
 no row lock held, then record what libvirt reports — or undo the claim. Each step
@@ -63,17 +63,12 @@ from vmapi.scheduler import (
     select_and_claim,
     unsuitable_reasons,
 )
-from vmapi.services.boot import (
-    Boot,
-    add_root_disk,
-    check_image,
-    forget_root_disk,
-    make_root_disk,
-    plan_boot,
-)
-from vmapi.services.console_log import delete_console_log, ensure_console_log, log_remover
+from vmapi.services.consoles.log import delete_console_log, ensure_console_log, log_remover
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.domains import (
+from vmapi.services.locks import with_vm_locks
+from vmapi.services.names import domain_name
+from vmapi.services.network.allocation import NewInterface, add_interface
+from vmapi.services.nodes.domains import (
     BUILDING,
     Host,
     forget,
@@ -84,23 +79,28 @@ from vmapi.services.domains import (
     remove_domain,
     state_id,
 )
-from vmapi.services.hosts import hypervisor
-from vmapi.services.locks import with_vm_locks
-from vmapi.services.names import domain_name
-from vmapi.services.network import NewInterface, add_interface
+from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.quotas import check_vm_quota
-from vmapi.services.seeds import (
+from vmapi.services.storage.volumes import delete_vm_volumes
+from vmapi.services.undo import Undo, all_or_nothing, apply_all, check_all
+from vmapi.services.vms.arrays import create_array
+from vmapi.services.vms.boot import (
+    Boot,
+    add_root_disk,
+    check_image,
+    forget_root_disk,
+    make_root_disk,
+    plan_boot,
+)
+from vmapi.services.vms.changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
+from vmapi.services.vms.cloud_init import (
     SeedVolume,
     delete_retired,
     delete_seed,
     refresh_seed,
     wanted,
 )
-from vmapi.services.specs import domain_spec, new_nic_specs
-from vmapi.services.undo import Undo, all_or_nothing, apply_all, check_all
-from vmapi.services.vm_arrays import create_array
-from vmapi.services.vm_changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan, apply_update
-from vmapi.services.volumes import delete_vm_volumes
+from vmapi.services.vms.specs import domain_spec, new_nic_specs
 from vmapi.telemetry import PLACEMENT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class VmService(CrudService[Vm]):
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Vm]:
         """Create every VM or none: a failure undoes the VMs already made. An array of
-        VMs without an image calls its nodes at once (:mod:`vmapi.services.vm_arrays`)."""
+        VMs without an image calls its nodes at once (:mod:`vmapi.services.vms.arrays`)."""
         checked = check_all(items, indexed, lambda data: self.prepare_create(data, principal))
         if indexed and len(checked) > 1 and all(new.boot is None for new in checked):
             return Outcome(create_array(checked, self.place, finish))
@@ -395,7 +395,7 @@ class VmService(CrudService[Vm]):
             step = "removing the domain"
             try:
                 # the volumes first, each row with its volume: a failure part-way leaves
-                # the VM, its domain and the storage left consistent (services/volumes.py);
+                # the VM, its domain and the storage left consistent (services/storage/volumes.py);
                 # without cascade there is at most the root disk
                 messages += delete_vm_volumes(vm, host)
                 existed = remove_domain(host, vm.domain_name)

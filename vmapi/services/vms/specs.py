@@ -19,7 +19,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 from vmapi.services.names import installation_id
-from vmapi.services.network import NewInterface
+from vmapi.services.network.allocation import NewInterface
 
 MIB = 1024 * 1024
 #: A display password's expiry long past: libvirt has QEMU expire it at once.
@@ -48,7 +48,7 @@ def bridge_template(node: Node, config: dict[str, Any]) -> str:
 
 def nic_spec(mac: str, suffix: str, mode: str, bridge: str, v4: Any, v6: Any,
              vlan: int | None) -> NicSpec:  # fmt: skip
-    """One NIC; ``v4``/``v6``: an address row or a :class:`~vmapi.services.network.Held`
+    """One NIC; ``v4``/``v6``: an address row or a :class:`~vmapi.services.network.allocation.Held`
     (``address``, ``prefix``, ``gateway``), or None."""
     return NicSpec(
         mac=mac,
@@ -135,7 +135,7 @@ def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
 
 
 def seed_disk(vm: Vm) -> DiskSpec | None:
-    """The VM's cloud-init seed where its row says it is (services/seeds.py), read-only."""
+    """The VM's cloud-init seed where its row says it is (services/vms/cloud_init.py), read-only."""
     if vm.seed_path is None:
         return None
     return DiskSpec(path=vm.seed_path, format="raw", target=SEED_TARGET, readonly=True)

@@ -31,12 +31,12 @@ from vmapi.hypervisor import HypervisorError, NoDisplay, NotSupported, Operation
 from vmapi.models import ConsoleToken
 from vmapi.node_detail import NODE_DETAIL
 from vmapi.services import audit
-from vmapi.services.console_tokens import invalidate_console_tokens
-from vmapi.services.domains import Host, hypervisor_failure, node_detail
-from vmapi.services.hosts import hypervisor
+from vmapi.services.consoles.tokens import invalidate_console_tokens
 from vmapi.services.locks import vm_locks
-from vmapi.services.specs import console_address, display_password
-from vmapi.services.vms import VmService
+from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail
+from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.vms.service import VmService
+from vmapi.services.vms.specs import console_address, display_password
 
 
 @dataclass(frozen=True)

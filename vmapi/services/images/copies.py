@@ -9,7 +9,7 @@ root disk as a qcow2 overlay on that copy. The whole copy is bounded by
 ``IMAGE_COPY_TIMEOUT``; each chunk moved beats the worker's heartbeat, so a long copy
 that keeps moving outlives gunicorn's worker timeout.
 
-Who may touch a copy is serialized per (image, node) (:mod:`vmapi.services.image_locks`):
+Who may touch a copy is serialized per (image, node) (:mod:`vmapi.services.images.locks`):
 making or removing a copy takes the lock exclusively; making an overlay on one takes it
 shared, so a copy is never removed under an overlay being made on it. Two requests
 racing to copy one image to one node make one copy: the second waits, then finds the
@@ -40,11 +40,11 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorTimeout, VolumeExists, VolumeNotFound
 from vmapi.models import Image, ImageCopy, Node, NodeState, Storage, StorageType, VirtNode
 from vmapi.node_detail import NodeNote
-from vmapi.services.domains import Host
-from vmapi.services.hosts import hypervisor, on_hosts
-from vmapi.services.image_locks import copy_lock
-from vmapi.services.image_store import read_chunks
+from vmapi.services.images.locks import copy_lock
+from vmapi.services.images.store import read_chunks
 from vmapi.services.names import image_volume_name
+from vmapi.services.nodes.domains import Host
+from vmapi.services.nodes.hosts import hypervisor, on_hosts
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, HypervisorError, VolumeNotFound
 from vmapi.models import Storage, VirtMethod, Vm
-from vmapi.services.domains import Host, hypervisor_failure, record_state
-from vmapi.services.hosts import hypervisor
-from vmapi.services.specs import domain_spec
+from vmapi.services.nodes.domains import Host, hypervisor_failure, record_state
+from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.vms.specs import domain_spec
 
 
 def delete_volume(storage: Storage, host: Host | None = None) -> bool:

@@ -1,0 +1,1 @@
+"""Consoles: interactive sessions and their tokens, the serial console log."""

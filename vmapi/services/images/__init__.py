@@ -1,0 +1,1 @@
+"""Images: the catalog, the store of files, inspection, copies on nodes, their locks, transfers."""

@@ -1,0 +1,1 @@
+"""Moves of VMs between nodes: migrate, drain, evacuate, the volumes a move needs, leftovers."""

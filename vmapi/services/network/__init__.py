@@ -1,0 +1,1 @@
+"""Networking: address pools, allocation of interfaces and addresses, /interface."""
