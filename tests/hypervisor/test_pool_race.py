@@ -9,7 +9,7 @@ connection is wrapped so that its first lookup answers libvirt's own "no storage
 
 import libvirt
 
-from vmapi.hypervisor.libvirt.driver import _ensure_pool
+from vmapi.hypervisor.libvirt.storage import _ensure_pool
 
 URI = "test:///default"
 

@@ -1,6 +1,6 @@
 """Moving a domain between hosts: flags, parameters, the target's XML, and the watch.
 
-The driver's ``migrate`` (in :mod:`vmapi.hypervisor.libvirt.driver`) runs
+The driver's ``migrate`` (:class:`MigrationCalls`, at the end) runs
 ``virDomainMigrateToURI3`` peer-to-peer: the source's libvirtd talks to the target's
 itself, and QEMU's stream goes straight to the target's migration address. The call is
 long and has no timeout of its own, so it runs in a thread on a connection of its own
@@ -28,7 +28,11 @@ from vmapi.hypervisor.driver import (
     HypervisorTimeout,
     HypervisorUnavailable,
     MigrationStats,
+    NotSupported,
+    OperationInvalid,
 )
+from vmapi.hypervisor.libvirt.calls import LibvirtCalls
+from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.config import Graphics
 from vmapi.hypervisor.libvirt.connection import translate
 
@@ -252,3 +256,76 @@ def error(
     if isinstance(found, HypervisorTimeout):  # a job lock libvirt waited for in vain
         return HypervisorTimeout(uri, timeout)
     return found
+
+
+class MigrationCalls(LibvirtCalls):
+    """Migrate a domain to another host, and read what its last migration did."""
+
+    def migrate(
+        self,
+        uri: str,
+        name: str,
+        dest_uri: str,
+        *,
+        timeout: float,
+        live: bool = True,
+        migration_address: str | None = None,
+        copy_storage: bool = False,
+        disk_paths: dict[str, str] | None = None,
+        bandwidth: int | None = None,
+        unchecked_storage: bool = False,
+        display: DisplaySpec | None = None,
+        incremental: bool = False,
+        console_log: str | None = None,
+    ) -> None:
+        if copy_storage and not live:
+            raise NotSupported(uri, "libvirt copies disks only in a live migration; "
+                                    "copy the volumes before moving a shut-off domain")  # fmt: skip
+        self.connections.check(dest_uri)  # the source's libvirtd opens it: the same rules
+        # A connection of its own (with a thread of its own for the bounded calls): the
+        # migration holds it for as long as it runs.
+        private = Channel.open(uri, self.connections.opener(uri), self.timeout)
+        conn = private.conn
+
+        def bounded(fn: Callable[[], T]) -> T:
+            return self._bounded(private, fn)
+
+        try:
+            dom = bounded(lambda: conn.lookupByName(name))
+            # libvirt would move a running domain's definition offline and leave it
+            # running here, transient: a guest on one host defined on another.
+            if not live and bounded(dom.isActive):
+                raise OperationInvalid(uri, "the domain is running; only a shut-off one "
+                                            "moves cold")  # fmt: skip
+            dest_xml = persist_xml = copied = None
+            if disk_paths or display is not None or console_log is not None:
+                paths = disk_paths or {}
+                xml = bounded(lambda: dom.XMLDesc(MIGRATABLE))
+                inactive = bounded(lambda: dom.XMLDesc(
+                    MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))  # fmt: skip
+                dest_xml = retarget(xml, paths, display, console_log)
+                persist_xml = retarget(inactive, paths, display, console_log)
+                # only the disks named are copied: the others are on shared storage
+                copied = copied_targets(xml, paths) if copy_storage else None
+            parameters = params(live, migration_address, bandwidth, dest_xml, persist_xml,
+                                copied)  # fmt: skip
+            job = in_thread(
+                lambda: dom.migrateToURI3(
+                    dest_uri,
+                    parameters,
+                    flags(live, copy_storage, unchecked_storage, incremental),
+                ),
+                f"libvirt-migrate {name}",
+            )
+            try:
+                wait(uri, dom, job, timeout, bounded, grace=self.timeout)
+            except libvirt.libvirtError as exc:
+                raise error(uri, dest_uri, conn, exc, self.timeout) from exc
+        finally:
+            private.close(wait=False)  # an aborted migration's call may still hang on it
+
+    def last_migration(self, uri: str, name: str) -> MigrationStats | None:
+        completed = (
+            libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+        )
+        return self._on_domain(uri, name, lambda dom: stats(dom.jobStats(completed)))
