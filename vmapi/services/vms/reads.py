@@ -4,7 +4,7 @@ Each is one SQLAlchemy Core SELECT of the VM columns an answer shows, with its
 interfaces' ids aggregated per VM, whose rows are written straight into the answer's
 shape (the same dicts ``VmSchema`` dumps from a loaded ``Vm``: keys, order and types).
 No ``Vm`` object is built, no identity map filled, no schema walked: under gunicorn that
-was most of a read's time (docs/benchmarks.md, issue 17).
+was most of a read's time (docs/benchmarks-history.md, issue 17).
 
 Scope (a customer sees only its own VMs), filters and keyset paging are the generic
 service's (:mod:`vmapi.services.crud`), applied to these statements. A page without
