@@ -28,7 +28,7 @@ help:
 	@echo "make test        install what is missing, start PostgreSQL and libvirtd, run the whole suite"
 	@echo "make lint        ruff check + format check"
 	@echo "make format      ruff format + autofix"
-	@echo "make bench       benchmarks (figures go to docs/benchmarks.md; BENCH=\"placement ...\" for some)"
+	@echo "make bench       benchmarks (runs go to docs/benchmarks-history.md; BENCH=\"placement ...\" for some)"
 	@echo "make db-upgrade  apply migrations and seed the default rows"
 	@echo "make clean       remove the virtualenv and caches"
 

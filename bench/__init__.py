@@ -1,1 +1,1 @@
-"""Benchmarks (``make bench``); figures are printed and recorded in docs/benchmarks.md."""
+"""Benchmarks (``make bench``); figures are printed and recorded in docs/benchmarks-history.md."""

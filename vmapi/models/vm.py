@@ -11,6 +11,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -37,6 +38,9 @@ class Vm(db.Model):
     __table_args__ = (
         # libvirt refuses two domains with one UUID on one host; this is the last defence.
         UniqueConstraint("node_id", "uuid"),
+        # a customer's VMs in id order: its keyset pages walk this index and stop, with
+        # or without statistics (also serves lookups by customer_id alone)
+        Index("ix_vm_customer_page", "customer_id", "id"),
         CheckConstraint("cores > 0", name="cores_positive"),
         CheckConstraint("ram > 0", name="ram_positive"),
         CheckConstraint(
@@ -47,7 +51,7 @@ class Vm(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     cores: Mapped[int] = mapped_column(Integer)
     ram: Mapped[int] = mapped_column(BigInteger)
-    customer_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    customer_id: Mapped[int | None] = mapped_column(BigInteger)
     cputime_limit: Mapped[int | None] = mapped_column(Integer)
     uuid: Mapped[str] = mapped_column(String(36), index=True)
     node_id: Mapped[int] = mapped_column(ForeignKey("node.id"), index=True)

@@ -1,6 +1,6 @@
 """One libvirt connection and the long-lived threads that make its calls, each bounded.
 
-Why this shape (see DESIGN.md and docs/benchmarks.md, issue 17):
+Why this shape (see DESIGN.md and docs/benchmarks-history.md, issue 17):
 - libvirt has no per-call timeout and a blocking C call cannot be interrupted, so a call
   runs on another thread while the caller waits at most ``timeout`` seconds. vmapi first
   started a new thread for every call; here a connection keeps its threads and hands

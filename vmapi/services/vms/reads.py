@@ -4,18 +4,21 @@ Each is one SQLAlchemy Core SELECT of the VM columns an answer shows, with its
 interfaces' ids aggregated per VM, whose rows are written straight into the answer's
 shape (the same dicts ``VmSchema`` dumps from a loaded ``Vm``: keys, order and types).
 No ``Vm`` object is built, no identity map filled, no schema walked: under gunicorn that
-was most of a read's time (docs/benchmarks.md, issue 17).
+was most of a read's time (docs/benchmarks-history.md, issue 17).
 
 Scope (a customer sees only its own VMs), filters and keyset paging are the generic
-service's (:mod:`vmapi.services.crud`), applied to these statements. Reads with
-``nest=`` keep the ORM path. ``tests/api/test_vm_reads.py`` compares every answer here
-with the schema's dump of the same rows, so a field added to ``VmSchema`` and not here
-fails it.
+service's (:mod:`vmapi.services.crud`), applied to these statements. A page without
+filters is planned with sorting off (:func:`page_statement`), so that PostgreSQL walks
+the primary key (or, for a customer, ``ix_vm_customer_page``) even on tables it has no
+statistics for. Reads with ``nest=`` keep the ORM path. ``tests/api/test_vm_reads.py``
+compares every answer here with the schema's dump of the same rows, so a field added to
+``VmSchema`` and not here fails it.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -30,6 +33,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    text,
 )
 
 from vmapi.auth import Principal
@@ -75,7 +79,10 @@ def join_interfaces(page: Select) -> Select:
     the interfaces of all the page's VMs are read in one index scan (``vm_id = ANY`` of
     the page's ids). With a subquery per VM, as COLUMNS has, the planner scanned a small
     interface table once per VM (2 ms for 100 VMs of 200); a plain join let it hash a
-    large one whole."""
+    large one whole. The rows come in no particular order (the caller sorts the page's
+    few): an ORDER BY here would be a Sort, which a page planned with sorting off
+    (:data:`SORTING_OFF`) would price at PostgreSQL's "disabled" cost, and that cost alone
+    sets off JIT compilation (0.6 s)."""
     vms = page.cte("page")
     page_ids = select(func.array_agg(vms.c.id)).scalar_subquery()  # an array, not a set
     ids = (
@@ -85,9 +92,7 @@ def join_interfaces(page: Select) -> Select:
         .subquery("ids")
     )
     columns = [vms.c[c.name] for c in HEAD] + [ids.c.ids] + [vms.c[c.name] for c in TAIL]
-    return (
-        select(*columns).select_from(vms.outerjoin(ids, ids.c.vm_id == vms.c.id)).order_by(vms.c.id)
-    )
+    return select(*columns).select_from(vms.outerjoin(ids, ids.c.vm_id == vms.c.id))
 
 
 def _ref(ident: int | None) -> dict[str, int] | None:
@@ -164,10 +169,18 @@ def _scoped(
     return _for_customers(service, stmt), True
 
 
-def _read(stmt: Select, params: dict[str, Any]) -> list[Any]:
+#: planner setting for a page's read, for its transaction only (the connection is rolled
+#: back when returned to the pool); the scheduler sets the same (vmapi/scheduler/select.py)
+SORTING_OFF = text("SET LOCAL enable_sort = off")
+
+
+def _read(stmt: Select, params: dict[str, Any], sorting: bool = True) -> list[Any]:
     """The rows of one read, on a pooled connection of its own (returned, rolled back, at
-    once): the ORM session's set-up and tear-down cost about as much as the statement."""
+    once): the ORM session's set-up and tear-down cost about as much as the statement.
+    ``sorting=False``: planned with sorting off (:data:`SORTING_OFF` first)."""
     with db.engine.connect() as connection:
+        if not sorting:
+            connection.execute(SORTING_OFF)
         return connection.execute(stmt, params).all()
 
 
@@ -186,7 +199,14 @@ def page_statement(
 ) -> tuple[Select, dict[str, Any]]:
     """The page's VMs, ``limit + 1`` of them (to tell whether more follow), with the same
     filters, keyset and scope as the generic list (CrudService.list_page), and the
-    statement's parameters. ``joined``: their interfaces by :func:`join_interfaces`."""
+    statement's parameters. ``joined``: their interfaces by :func:`join_interfaces`, the
+    rows then in no particular order.
+
+    A page without filters is read with sorting off (:func:`sorting_off`): on a VM table
+    PostgreSQL has no statistics for (never analyzed: 4,000 rows taken for 132) it read
+    the whole table and sorted it, for the first page and for every ``after=`` page,
+    instead of walking the primary key (``ix_vm_customer_page`` in a customer's scope)
+    and stopping at ``limit + 1``. tests/api/test_list_plans.py EXPLAINs it."""
     values: dict[str, Any] = {"limit": params.limit + 1}
     if params.after is not None:
         values["after"] = params.after
@@ -199,13 +219,25 @@ def page_statement(
     return stmt, values
 
 
+def sorting_off(params: ListParams) -> bool:
+    """Whether a page is planned with sorting off: when it has no filters. A filter on
+    an indexed column (``node.id``, ``vm_state.id``, ...) is served best by its index and
+    a sort of the few rows it selects; with sorting off PostgreSQL would walk the whole
+    primary key instead, filtering. The keyset condition and a customer's scope are
+    served by the primary key and ``ix_vm_customer_page`` in id order, without a sort."""
+    return not params.filters
+
+
 def list_vm_answers(
     service: CrudService, principal: Principal, params: ListParams
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """A page of ``GET /vm`` (without ``nest``) keyed by id as the answer is, and whether
-    more follow: one statement."""
+    more follow: one statement (on PostgreSQL, after :data:`SORTING_OFF` for a page
+    without filters)."""
     joined = db.engine.dialect.name == "postgresql"
     stmt, values = page_statement(service, principal, params, joined)
-    rows = _read(stmt, values)
+    rows = _read(stmt, values, sorting=not (joined and sorting_off(params)))
+    if joined:
+        rows.sort(key=itemgetter(0))
     page = {str(row[0]): _answer(row) for row in rows[: params.limit]}
     return page, len(rows) > params.limit
