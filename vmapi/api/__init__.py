@@ -1,12 +1,13 @@
-"""The HTTP API: version handling, the resource blueprints and the meta endpoints."""
+"""The HTTP API: version handling, the routes (vmapi/api/routes.py) and what runs after
+every write."""
 
 from __future__ import annotations
 
 from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, enc, event, image, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
+from vmapi.api.routes import register_routes
 from vmapi.api.version import check_version
 from vmapi.services.audit import record_failure
 from vmapi.telemetry import count_change
@@ -35,11 +36,7 @@ def register_api(app: Flask) -> None:
             check_version(values.pop("api_version"))
 
     register_write_hooks(app)
-    app.register_blueprint(meta.bp)
-    app.register_blueprint(enc.bp)
-    groups = (catalog, node, vm, network, storage, quota, event, image)
-    for resource in (r for group in groups for r in group.APIS):
-        app.register_blueprint(resource.blueprint())
+    register_routes(app)
 
 
 def register_write_hooks(app: Flask) -> None:
@@ -55,9 +52,7 @@ def register_write_hooks(app: Flask) -> None:
             or g.get("resource_name") is None
         ):
             return response
-        endpoint = request.endpoint or ""
-        action = endpoint.split(".action_", 1)[1] if ".action_" in endpoint else None
-        action = action or ACTIONS.get(request.method, "update")
+        action = g.get("action") or ACTIONS.get(request.method, "update")  # run_action's
         outcome = g.get("error_id") or "general/unknown" if response.status_code >= 400 else "ok"
         count_change(g.resource_name, action, outcome)
         if response.status_code >= 400:
