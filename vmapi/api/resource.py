@@ -75,8 +75,10 @@ class ResourceApi:
         self.update_options = update_options
         self.delete_options = delete_options
         #: item actions: ``POST /<name>/<id>/<action>`` -> service method name, or an Action
+        #: (:meth:`run_action` runs it; its handler has a row in vmapi/api/routes.py)
         self.actions = actions or {}
-        #: the verbs this resource takes; others answer 405
+        #: the verbs this resource takes, as the OpenAPI document tells them; the routes of
+        #: vmapi/api/routes.py serve the same (tests/api/test_routes.py), others answer 405
         self.collection_methods = collection_methods
         self.item_methods = item_methods
         #: POST honours the Idempotency-Key header

@@ -41,7 +41,7 @@ Handler = Callable[..., Response]
 
 #: Outside the versioned API.
 ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
-    # method and path                   handler                         who may call it
+    # method and path                     handler                         who may call it
     ("GET /health",                       health,                         NO_TOKEN),
     # (from a peer in METRICS_ALLOW, also without a token)
     ("GET /metrics",                      metrics,                        ADMIN_ONLY),
@@ -49,7 +49,7 @@ ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
 
 #: Under /api/<api_version>; ``<id:ident>`` is a positive id (vmapi/api/__init__.py).
 API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
-    # method and path                   handler                         who may call it
+    # method and path                     handler                         who may call it
     ("GET /openapi.json",                 openapi,                        NO_TOKEN),
     ("GET /",                             index,                          ALL_ROLES),
     # node_state
