@@ -134,3 +134,25 @@ def test_a_refused_action_is_recorded_under_its_name(app, api, customer_api):
     assert [(e["action"], e["outcome"]) for e in events] == [
         ("migrate", "general/authorization/forbidden")
     ]
+
+
+@pytest.mark.parametrize("ident", ["0", "0" * 19, str(2**63), "9" * 19, "1" * 20])
+@pytest.mark.parametrize(
+    ("path", "methods"),
+    [
+        ("vm_state/{}", ["GET", "PATCH", "UPDATE", "DELETE"]),
+        ("vm/{}/migrate", ["POST"]),
+        ("image/{}/file", ["GET", "PUT"]),
+    ],
+)
+def test_an_id_out_of_range_is_no_route_whatever_the_method(api, path, methods, ident):
+    """404, not a 405 naming the URL's other methods: each method has its own rule, and
+    the id is refused before any rule is tried."""
+    for method in methods:
+        assert_error(api.call(method, path.format(ident), json={}), 404, "general/not_found")
+
+
+def test_the_largest_id_reaches_its_handler(api):
+    largest = str(2**63 - 1)
+    assert_error(api.delete(f"vm_state/{largest}"), 404, "vm_state/not_found")
+    assert_error(api.delete(f"vm_state/{'0' * 13}999999"), 404, "vm_state/not_found")

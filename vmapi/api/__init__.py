@@ -16,14 +16,34 @@ WRITE_METHODS = {"POST", "PUT", "PATCH", "UPDATE", "DELETE"}
 ACTIONS = {"POST": "create", "DELETE": "delete"}  # PUT, PATCH and UPDATE: update
 
 
+#: the largest id: PostgreSQL's bigint
+MAX_ID = 2**63 - 1
+
+
+def numbers_up_to(limit: int) -> str:
+    """A regex of the numbers 1..``limit`` written in at most as many ASCII digits as
+    ``limit`` (leading zeros allowed, as :class:`IntegerConverter` takes them)."""
+    top = str(limit)
+    width = len(top)
+    below = [f"{top[:i]}[0-{int(d) - 1}][0-9]{{{width - 1 - i}}}" for i, d in enumerate(top)
+             if d != "0"]  # fmt: skip
+    # not only zeros; then fewer digits than limit (always smaller), or as many and not more
+    return f"(?!0+(?![0-9]))(?:[0-9]{{1,{width - 1}}}|{'|'.join([*below, top])})"
+
+
 class IdConverter(IntegerConverter):
     """Positive ids that fit in PostgreSQL's bigint, in ASCII digits (``\\d`` would take
-    any Unicode digit); anything else is no route (404)."""
+    any Unicode digit); anything else is no route (404).
 
-    regex = r"[0-9]{1,19}"
+    The regex alone decides (``to_python`` never refuses): a URL has one rule per method
+    (vmapi/api/routes.py), and werkzeug answers a value its converter refuses after the
+    path matched with 405 if another rule of the URL was tried first -- DELETE /vm/0
+    would be a 405 naming GET, not the 404 it is."""
+
+    regex = numbers_up_to(MAX_ID)
 
     def __init__(self, map, *args, **kwargs) -> None:
-        super().__init__(map, min=1, max=2**63 - 1)
+        super().__init__(map, min=1, max=MAX_ID)
 
 
 def register_api(app: Flask) -> None:
