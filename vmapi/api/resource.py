@@ -1,4 +1,4 @@
-"""The collection/item machinery every resource blueprint is made of (API.md §1).
+"""The generic per-verb views every uniform resource is served by (API.md §1).
 
 A :class:`ResourceApi` couples a resource name, its marshmallow schema, its service and
 its role rules, and has one view per verb: GET/POST/DELETE/UPDATE/PATCH on the
