@@ -1,12 +1,13 @@
-"""The HTTP API: version handling, the resource blueprints and the meta endpoints."""
+"""The HTTP API: version handling, the routes (vmapi/api/routes.py) and what runs after
+every write."""
 
 from __future__ import annotations
 
 from flask import Flask, Response, g, request
 from werkzeug.routing import IntegerConverter
 
-from vmapi.api import catalog, enc, event, image, meta, network, node, quota, storage, vm
 from vmapi.api.resource import RESOURCES
+from vmapi.api.routes import register_routes
 from vmapi.api.version import check_version
 from vmapi.services.audit import record_failure
 from vmapi.telemetry import count_change
@@ -15,14 +16,34 @@ WRITE_METHODS = {"POST", "PUT", "PATCH", "UPDATE", "DELETE"}
 ACTIONS = {"POST": "create", "DELETE": "delete"}  # PUT, PATCH and UPDATE: update
 
 
+#: the largest id: PostgreSQL's bigint
+MAX_ID = 2**63 - 1
+
+
+def numbers_up_to(limit: int) -> str:
+    """A regex of the numbers 1..``limit`` written in at most as many ASCII digits as
+    ``limit`` (leading zeros allowed, as :class:`IntegerConverter` takes them)."""
+    top = str(limit)
+    width = len(top)
+    below = [f"{top[:i]}[0-{int(d) - 1}][0-9]{{{width - 1 - i}}}" for i, d in enumerate(top)
+             if d != "0"]  # fmt: skip
+    # not only zeros; then fewer digits than limit (always smaller), or as many and not more
+    return f"(?!0+(?![0-9]))(?:[0-9]{{1,{width - 1}}}|{'|'.join([*below, top])})"
+
+
 class IdConverter(IntegerConverter):
     """Positive ids that fit in PostgreSQL's bigint, in ASCII digits (``\\d`` would take
-    any Unicode digit); anything else is no route (404)."""
+    any Unicode digit); anything else is no route (404).
 
-    regex = r"[0-9]{1,19}"
+    The regex alone decides (``to_python`` never refuses): a URL has one rule per method
+    (vmapi/api/routes.py), and werkzeug answers a value its converter refuses after the
+    path matched with 405 if another rule of the URL was tried first -- DELETE /vm/0
+    would be a 405 naming GET, not the 404 it is."""
+
+    regex = numbers_up_to(MAX_ID)
 
     def __init__(self, map, *args, **kwargs) -> None:
-        super().__init__(map, min=1, max=2**63 - 1)
+        super().__init__(map, min=1, max=MAX_ID)
 
 
 def register_api(app: Flask) -> None:
@@ -35,11 +56,7 @@ def register_api(app: Flask) -> None:
             check_version(values.pop("api_version"))
 
     register_write_hooks(app)
-    app.register_blueprint(meta.bp)
-    app.register_blueprint(enc.bp)
-    groups = (catalog, node, vm, network, storage, quota, event, image)
-    for resource in (r for group in groups for r in group.APIS):
-        app.register_blueprint(resource.blueprint())
+    register_routes(app)
 
 
 def register_write_hooks(app: Flask) -> None:
@@ -55,9 +72,7 @@ def register_write_hooks(app: Flask) -> None:
             or g.get("resource_name") is None
         ):
             return response
-        endpoint = request.endpoint or ""
-        action = endpoint.split(".action_", 1)[1] if ".action_" in endpoint else None
-        action = action or ACTIONS.get(request.method, "update")
+        action = g.get("action") or ACTIONS.get(request.method, "update")  # run_action's
         outcome = g.get("error_id") or "general/unknown" if response.status_code >= 400 else "ok"
         count_change(g.resource_name, action, outcome)
         if response.status_code >= 400:

@@ -47,5 +47,3 @@ cache_option = ResourceApi(
     read_roles=ALL_ROLES,
     summary="libvirt disk cache modes.",
 )
-
-APIS = [node_state, vm_state, virt_method, storage_type, cache_option]

@@ -7,16 +7,13 @@ in deploy/puppet/ prints it as it is. Errors are the usual envelope. Admin only.
 from __future__ import annotations
 
 import yaml
-from flask import Blueprint, Response, g
+from flask import Response, g
 
 from vmapi.api.resource import ADMIN_ONLY, principal
 from vmapi.auth import require_role
 from vmapi.services.enc import node_classification
 
-bp = Blueprint("enc", __name__, url_prefix="/api/<api_version>")
 
-
-@bp.get("/node/<fqdn>/enc")
 def node_enc(fqdn: str) -> Response:
     g.resource_name = "node"
     require_role(principal(), ADMIN_ONLY, "read a node's classification")

@@ -59,5 +59,3 @@ event = EventApi(
     "outcome. Written in the same transaction as each change; failed changes too. A "
     "customer sees the fields its answers show, without the node side.",
 )
-
-APIS = [event]

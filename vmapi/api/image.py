@@ -1,4 +1,5 @@
-"""Blueprint of /image: the catalog, and ``/image/<id>/file`` (the bytes, both ways).
+"""/image: the catalog (the generic views), and ``/image/<id>/file``, the bytes both
+ways (:func:`download_image_file`, :func:`upload_image_file`).
 
 The file route is the contract's one exception to the JSON body limit: its body is
 ``application/octet-stream`` of up to ``VMAPI_IMAGE_MAX_SIZE`` bytes, read here in
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Response, current_app, g, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from vmapi import heartbeat
@@ -50,37 +51,41 @@ UPLOAD_CHECK, UPLOAD_LENGTH = "X-Vmapi-Upload-Check", "X-Vmapi-Upload-Length"
 UPLOAD_REFUSAL = "X-Vmapi-Refusal"
 
 
+def download_image_file(ident: int) -> Response:
+    """``GET /image/<id>/file`` (and HEAD): the file of an active image, streamed by this
+    worker or, with ACCEL_REDIRECT, sent by nginx."""
+    g.resource_name = image.name
+    who = principal()
+    image.parse_options(request.args, None)
+    require_role(who, image.read_roles, f"read {image.name}")
+    accel = current_app.config["ACCEL_REDIRECT"]
+    found = image.service.open_file(ident, who, streamed=not accel)
+    return accel_response(found, accel) if accel else file_response(found)
+
+
+def upload_image_file(ident: int) -> Response:
+    """``PUT /image/<id>/file``: the file of a queued image, streamed in and inspected
+    before it is kept; or, asked by nginx with UPLOAD_CHECK, whether it may be sent."""
+    g.resource_name = image.name
+    who = principal()
+    image.parse_options(request.args, None)
+    require_role(who, image.write_roles, f"change {image.name}")
+    if request.mimetype != OCTET_STREAM:
+        raise UnsupportedMediaType(
+            f"Send the image file as {OCTET_STREAM}, not "
+            f"{request.mimetype or 'a body without Content-Type'}."
+        )
+    if request.headers.get(UPLOAD_CHECK):
+        image.service.check_upload(ident, who, announced_length())
+        g.resource_name = None  # nothing changed: not counted as a change
+        return Response(status=204)
+    limit = int(current_app.config["IMAGE_MAX_SIZE"])
+    outcome = image.service.upload(ident, who, body_chunks(limit), request.content_length)
+    return image.answer(outcome, indexed=False)
+
+
 class ImageApi(ResourceApi):
-    """The catalog's verbs, plus GET and PUT of the file."""
-
-    def blueprint(self) -> Blueprint:
-        bp = super().blueprint()
-        bp.add_url_rule(f"/{self.name}/<id:ident>/file", "file", self.file, methods=["GET", "PUT"])
-        bp.after_request(refusal_header)
-        return bp
-
-    def file(self, ident: int) -> Response:
-        g.resource_name = self.name
-        who = principal()
-        self.parse_options(request.args, None)
-        if request.method in ("GET", "HEAD"):
-            require_role(who, self.read_roles, f"read {self.name}")
-            accel = current_app.config["ACCEL_REDIRECT"]
-            found = self.service.open_file(ident, who, streamed=not accel)
-            return accel_response(found, accel) if accel else file_response(found)
-        require_role(who, self.write_roles, f"change {self.name}")
-        if request.mimetype != OCTET_STREAM:
-            raise UnsupportedMediaType(
-                f"Send the image file as {OCTET_STREAM}, not "
-                f"{request.mimetype or 'a body without Content-Type'}."
-            )
-        if request.headers.get(UPLOAD_CHECK):
-            self.service.check_upload(ident, who, announced_length())
-            g.resource_name = None  # nothing changed: not counted as a change
-            return Response(status=204)
-        limit = int(current_app.config["IMAGE_MAX_SIZE"])
-        outcome = self.service.upload(ident, who, body_chunks(limit), request.content_length)
-        return self.answer(outcome, indexed=False)
+    """The catalog, plus the OpenAPI entry of the file."""
 
     def extra_paths(self, success: Callable, errors: Callable) -> dict[str, dict[str, Any]]:
         binary = {"type": "string", "format": "binary"}
@@ -126,8 +131,9 @@ def announced_length() -> int | None:
 
 
 def refusal_header(response: Response) -> Response:
-    """An upload check's refusal, also as a header: nginx answers the client with it
-    (nginx sees only the headers of the answer to its ``auth_request``)."""
+    """(After every /image request.) An upload check's refusal, also as a header: nginx
+    answers the client with it (nginx sees only the headers of the answer to its
+    ``auth_request``)."""
     if request.headers.get(UPLOAD_CHECK) and response.status_code >= 400 and response.is_json:
         envelope = response.get_json(silent=True)
         if isinstance(envelope, dict):
@@ -247,5 +253,3 @@ image = ImageApi(
     summary="Images VMs boot from: the catalog here, the bytes at /image/<id>/file. "
     "Customers see public images and their own.",
 )
-
-APIS = [image]

@@ -1,10 +1,11 @@
-"""Endpoints about the API itself: /health, the OpenAPI document, the index."""
+"""Handlers about the API itself: /health, /metrics, the OpenAPI document, the index
+(routed in vmapi/api/routes.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -14,10 +15,7 @@ from vmapi.errors import ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.representations import success_response
 
-bp = Blueprint("meta", __name__)
 
-
-@bp.get("/health")
 def health() -> Response:
     """200 when the database answers, 503 otherwise. No authentication."""
     try:
@@ -28,7 +26,6 @@ def health() -> Response:
     return success_response({"database": "ok"})
 
 
-@bp.get("/metrics")
 def metrics() -> Response:
     """Prometheus metrics of every worker: for the admin token, or without a token from
     an address in METRICS_ALLOW (as gunicorn sees the peer)."""
@@ -49,7 +46,6 @@ def from_allowed_network(address: str | None, networks: list[str]) -> bool:
     return any(peer in ipaddress.ip_network(net, strict=False) for net in networks)
 
 
-@bp.get("/api/<api_version>/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 document of the whole API. No authentication."""
     from vmapi.api.openapi import document_for
@@ -57,7 +53,6 @@ def openapi() -> Response:
     return jsonify(document_for(current_app))
 
 
-@bp.get("/api/<api_version>/")
 def index() -> Response:
     """The resources this server offers (a starting point for browsing)."""
     principal()

@@ -83,5 +83,3 @@ vlan = ResourceApi(
     read_roles=ADMIN_ONLY,
     summary="VLANs (tag 1..4094) that interfaces can be put on.",
 )
-
-APIS = [interface, ipv4, ipv6, ipv6_pool, vlan]

@@ -20,5 +20,3 @@ virt_node = ResourceApi(
     read_roles=ADMIN_ONLY,
     summary="The hypervisor role of a node: which virt_method it can host.",
 )
-
-APIS = [node, virt_node]

@@ -11,5 +11,3 @@ quota = ResourceApi(
     read_roles=ALL_ROLES,
     summary="Per-customer limits on VMs, vCPUs, RAM and storage bytes (null: unlimited).",
 )
-
-APIS = [quota]

@@ -1,29 +1,29 @@
-"""The collection/item machinery every resource blueprint is made of (API.md §1).
+"""The generic per-verb views every uniform resource is served by (API.md §1).
 
 A :class:`ResourceApi` couples a resource name, its marshmallow schema, its service and
-its role rules, and makes the blueprint: GET/POST/DELETE/UPDATE/PATCH on the collection,
-GET/DELETE/UPDATE/PATCH on items. Views here only parse, call the service and dump.
+its role rules, and has one view per verb: GET/POST/DELETE/UPDATE/PATCH on the
+collection, GET/DELETE/UPDATE/PATCH on items, and its item actions. Which URL and method
+reach which view is written in vmapi/api/routes.py. Views here only parse, call the
+service and dump.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Response, current_app, g, request
 from marshmallow import Schema
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
-from vmapi.api.errors import for_the_caller, messages_for_the_caller
+from vmapi.api.errors import messages_for_the_caller
+from vmapi.api.idempotent import idempotent_create
 from vmapi.auth import ADMIN, CUSTOMER, Principal, authenticate, require_role
-from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
-from vmapi.errors import ApiError, Conflict, Forbidden, ValidationError, at_index
-from vmapi.representations import error_response, parse_body, success_response
+from vmapi.errors import Forbidden, ValidationError, at_index
+from vmapi.representations import parse_body, success_response
 from vmapi.schemas.base import Bool, Float, IdSchema, Int, Ref, RefList, Str
-from vmapi.services import idempotency
 from vmapi.services.crud import CrudService, ListParams, Outcome
 
 ALL_ROLES = frozenset({ADMIN, CUSTOMER})
@@ -73,8 +73,10 @@ class ResourceApi:
         self.update_options = update_options
         self.delete_options = delete_options
         #: item actions: ``POST /<name>/<id>/<action>`` -> service method name, or an Action
+        #: (:meth:`run_action` runs it; its handler has a row in vmapi/api/routes.py)
         self.actions = actions or {}
-        #: the verbs this resource takes; others answer 405
+        #: the verbs this resource takes, as the OpenAPI document tells them; the routes of
+        #: vmapi/api/routes.py serve the same (tests/api/test_routes.py), others answer 405
         self.collection_methods = collection_methods
         self.item_methods = item_methods
         #: POST honours the Idempotency-Key header
@@ -87,54 +89,35 @@ class ResourceApi:
         RESOURCES[name] = self
 
     # ------------------------------------------------------------------ wiring
-    def blueprint(self) -> Blueprint:
-        bp = Blueprint(self.name, __name__, url_prefix="/api/<api_version>")
-        bp.add_url_rule(
-            f"/{self.name}", "collection", self.collection, methods=self.collection_methods
-        )
-        bp.add_url_rule(f"/{self.name}/<id:ident>", "item", self.item, methods=self.item_methods)
-        for action in self.actions:
-            bp.add_url_rule(
-                f"/{self.name}/<id:ident>/{action}",
-                f"action_{action}",
-                self.action_view(action),
-                methods=["POST"],
-            )
-        return bp
-
     def extra_paths(self, success: Any, errors: Any) -> dict[str, dict[str, Any]]:
-        """OpenAPI operations (path -> operations) of routes a subclass adds to
-        :meth:`blueprint`; ``success`` builds an answer, ``errors(resource, operation)`` the
-        error responses the registry names for it."""
+        """OpenAPI operations (path -> operations) of the resource's routes beyond the
+        collection, its items and its actions (vmapi/api/routes.py); ``success`` builds an
+        answer, ``errors(resource, operation)`` the error responses the registry names."""
         return {}
 
-    def action_view(self, action: str):
+    def run_action(self, action: str, ident: int) -> Response:
+        """``POST /<name>/<id>/<action>``: the action's use case, as :attr:`actions` says."""
         how = self.actions[action]
         roles = how.roles if isinstance(how, Action) and how.roles else self.write_roles
-
-        def view(ident: int) -> Response:
-            g.resource_name = self.name
-            who = principal()
-            require_role(who, roles, f"{action} {self.name}")
-            self.parse_options(request.args, None)
-            body = parse_body()
-            if isinstance(how, Action) and how.body is not None:
-                if not isinstance(body, dict | None):
-                    raise ValidationError(f"The body of {action} must be an object.")
-                try:
-                    given = how.body().load(body or {})
-                except MarshmallowError as exc:
-                    raise ValidationError(data=exc.messages) from exc
-                return how.respond(ident, who, given)
-            if body not in (None, {}):
-                raise ValidationError(f"{action} takes no body.")
-            if isinstance(how, Action):
-                return how.respond(ident, who, {})
-            outcome = getattr(self.service, self.actions[action])(ident, who)
-            return self.answer(outcome, indexed=False)
-
-        view.__name__ = f"{self.name}_{action}"
-        return view
+        g.resource_name, g.action = self.name, action
+        who = principal()
+        require_role(who, roles, f"{action} {self.name}")
+        self.parse_options(request.args, None)
+        body = parse_body()
+        if isinstance(how, Action) and how.body is not None:
+            if not isinstance(body, dict | None):
+                raise ValidationError(f"The body of {action} must be an object.")
+            try:
+                given = how.body().load(body or {})
+            except MarshmallowError as exc:
+                raise ValidationError(data=exc.messages) from exc
+            return how.respond(ident, who, given)
+        if body not in (None, {}):
+            raise ValidationError(f"{action} takes no body.")
+        if isinstance(how, Action):
+            return how.respond(ident, who, {})
+        outcome = getattr(self.service, self.actions[action])(ident, who)
+        return self.answer(outcome, indexed=False)
 
     def _filterable(self) -> dict[str, tuple[str, Any]]:
         """Query keys -> (model column, field that parses the value)."""
@@ -151,36 +134,37 @@ class ResourceApi:
         return found
 
     # ------------------------------------------------------------------ views
-    def collection(self) -> Response:
-        g.resource_name = self.name
-        who = principal()
-        method = request.method
-        if method == "GET":
-            require_role(who, self.read_roles, f"read {self.name}")
-            return self.list_objects(who)
-        require_role(who, self.write_roles, f"change {self.name}")
-        if method == "POST":
-            if self.idempotent and "Idempotency-Key" in request.headers:
-                return idempotent_create(self, who)
-            return self.create(who)
-        if method == "DELETE":
-            return self.delete_collection(who)
-        return self.update_collection(who)
+    # One view per verb; vmapi/api/routes.py maps each (method, path) to one of them, and
+    # the endpoint is ``<name>.<view without _view>`` (``node.create``: POST /node).
+    def list_view(self) -> Response:
+        """``GET /<name>``: one page of objects, keyed by id; filters in the query."""
+        who = self._caller(self.read_roles, "read")
+        return self.list_objects(who)
 
-    def item(self, ident: int) -> Response:
-        g.resource_name = self.name
-        who = principal()
-        if request.method == "GET":
-            require_role(who, self.read_roles, f"read {self.name}")
-            nest = self.parse_nest(request.args, who, allowed={"nest"})
-            return success_response(self.read_one(ident, who, nest))
-        require_role(who, self.write_roles, f"change {self.name}")
-        if request.method == "DELETE":
-            options = self.parse_options(request.args, self.delete_options)
-            if parse_body() is not None:
-                raise ValidationError("DELETE on an item takes no body; its id is in the URL.")
-            outcome = self.service.delete_many([ident], who, options, indexed=False)
-            return self.answer(outcome, indexed=False)
+    def create_view(self) -> Response:
+        """``POST /<name>``: one object or an array (all or nothing)."""
+        who = self._caller(self.write_roles, "change")
+        if self.idempotent and "Idempotency-Key" in request.headers:
+            return idempotent_create(self, who)
+        return self.create(who)
+
+    def update_many_view(self) -> Response:
+        """``PATCH /<name>`` (or UPDATE): objects named by id in the body, changed."""
+        return self.update_collection(self._caller(self.write_roles, "change"))
+
+    def delete_many_view(self) -> Response:
+        """``DELETE /<name>``: objects named by id in the body, deleted."""
+        return self.delete_collection(self._caller(self.write_roles, "change"))
+
+    def read_view(self, ident: int) -> Response:
+        """``GET /<name>/<id>``: one object, references nested on request."""
+        who = self._caller(self.read_roles, "read")
+        nest = self.parse_nest(request.args, who, allowed={"nest"})
+        return success_response(self.read_one(ident, who, nest))
+
+    def update_view(self, ident: int) -> Response:
+        """``PATCH /<name>/<id>`` (or UPDATE): the body's fields changed."""
+        who = self._caller(self.write_roles, "change")
         options = self.parse_options(request.args, self.update_options)
         body = parse_body()
         if not isinstance(body, dict):
@@ -190,6 +174,22 @@ class ResourceApi:
         data = self.load(body, partial=True)
         outcome = self.service.update_many([(ident, data)], who, False, options)
         return self.answer(outcome, indexed=False)
+
+    def delete_view(self, ident: int) -> Response:
+        """``DELETE /<name>/<id>``: the object deleted; the answer is it as it was."""
+        who = self._caller(self.write_roles, "change")
+        options = self.parse_options(request.args, self.delete_options)
+        if parse_body() is not None:
+            raise ValidationError("DELETE on an item takes no body; its id is in the URL.")
+        outcome = self.service.delete_many([ident], who, options, indexed=False)
+        return self.answer(outcome, indexed=False)
+
+    def _caller(self, roles: frozenset[str], doing: str) -> Principal:
+        """The caller, who must hold one of ``roles`` to be ``doing`` this resource."""
+        g.resource_name = self.name
+        who = principal()
+        require_role(who, roles, f"{doing} {self.name}")
+        return who
 
     def answer(self, outcome: Outcome, indexed: bool, status: int = 200) -> Response:
         """The objects of a write: one object, or keyed by id for an array request (or a
@@ -397,46 +397,3 @@ class ResourceApi:
     def dump_keyed(self, objs: list[Any], nest: list[str] | tuple[str, ...] = ()) -> dict:
         seen: dict = {}
         return {str(obj.id): self.dump(obj, nest, seen) for obj in objs}
-
-
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def idempotent_create(resource: ResourceApi, who: Principal) -> Response:
-    """POST with an Idempotency-Key: run once, answer repeats with the first answer."""
-    key = request.headers["Idempotency-Key"]
-    if not IDEMPOTENCY_KEY.match(key):
-        raise ValidationError(
-            data={"Idempotency-Key": ["Use 1 to 255 printable ASCII characters, no spaces."]}
-        )
-    config = current_app.config
-    stamp = idempotency.fingerprint(request.method, request.path, parse_body())
-    first = idempotency.claim(who.token_id, key, stamp, config["IDEMPOTENCY_TTL"])
-    if first is not None:
-        if first.fingerprint != stamp:
-            raise Conflict(
-                "This Idempotency-Key was used for a different request.",
-                error_id=GENERAL_IDEMPOTENCY_CONFLICT,
-            )
-        done = idempotency.wait_for_answer(who.token_id, key, config["IDEMPOTENCY_WAIT"])
-        if done is None or done.status_code is None:
-            raise Conflict(
-                "The first request with this Idempotency-Key has not finished; retry later.",
-                error_id=GENERAL_IDEMPOTENCY_CONFLICT,
-            )
-        replay = Response(done.body, status=done.status_code, mimetype=done.mimetype)
-        replay.headers["Idempotent-Replayed"] = "true"
-        return replay
-    try:
-        response = resource.create(who)
-    except ApiError as exc:  # (answered here, not by the error handler: the same view)
-        response = error_response(for_the_caller(exc))
-    except BaseException:
-        idempotency.release(who.token_id, key)
-        raise
-    if response.status_code >= 500:
-        idempotency.release(who.token_id, key)
-    else:
-        body = response.get_data()
-        idempotency.store_answer(who.token_id, key, response.status_code, response.mimetype, body)
-    return response

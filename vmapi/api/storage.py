@@ -13,5 +13,3 @@ storage = ResourceApi(
     idempotent=True,
     summary="Block storage: volumes on the VM's node, attached as virtio disks.",
 )
-
-APIS = [storage]

@@ -1,12 +1,14 @@
-"""Blueprint of /vm (admins and customers; customers see only their own VMs), with the
-VM's serial console log at ``GET /vm/<id>/console_log``."""
+"""/vm (admins and customers; customers see only their own VMs): the handlers of its
+own operations -- create a VM, reboot, migrate, open a console, read the console log --
+and the ResourceApi whose generic views serve the rest (vmapi/api/routes.py says which
+URL reaches which)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, has_app_context, request
+from flask import Response, current_app, g, has_app_context, request
 from marshmallow import ValidationError as MarshmallowError
 
 from vmapi.api.actions import Action
@@ -19,10 +21,10 @@ from vmapi.representations import JSON, MSGPACK_TYPES, success_response
 from vmapi.schemas.base import Int
 from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
 from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
+from vmapi.services.consoles import sessions
 from vmapi.services.consoles.log import DEFAULT_BYTES, read_console_log
-from vmapi.services.consoles.sessions import open_console
 from vmapi.services.crud import ListParams
-from vmapi.services.moves.migrate import migrate_vm
+from vmapi.services.moves import migrate
 from vmapi.services.vms.reads import get_vm_answer, list_vm_answers
 from vmapi.services.vms.service import VmService
 
@@ -31,8 +33,8 @@ TEXT = "text/plain"
 TRUNCATED_HEADER = "X-Console-Log-Truncated"
 
 #: POST /vm/<id>/console: a VNC console through the proxy, for CONSOLE_TTL seconds
-console = Action(
-    open_console,
+CONSOLE = Action(
+    sessions.open_console,
     ConsoleSchema,
     status=201,
     summary="A VNC console of one running vm: URL, token and display password, until "
@@ -48,8 +50,8 @@ def public_base_url() -> str:
 
 
 #: POST /vm/<id>/migrate: move it to another node (admins only)
-migrate = Action(
-    migrate_vm,
+MIGRATE = Action(
+    migrate.migrate_vm,
     VmSchema,
     summary="Move one vm to another node (admins only): live when it runs or is paused, "
     "cold when it is shut off; the answer is the vm on its new node.",
@@ -58,14 +60,55 @@ migrate = Action(
 )
 
 
-class VmApi(ResourceApi):
-    """The VM verbs, plus the console log."""
+def create_vm() -> Response:
+    """``POST /vm``: one VM or an array (all or nothing), each placed on a node by the
+    scheduler and defined there; a repeated Idempotency-Key answers the first answer."""
+    return vm.create_view()
 
-    def blueprint(self) -> Blueprint:
-        bp = super().blueprint()
-        bp.add_url_rule(f"/{self.name}/<id:ident>/console_log", "console_log",
-                        self.console_log, methods=["GET"])  # fmt: skip
-        return bp
+
+def reboot_vm(ident: int) -> Response:
+    """``POST /vm/<id>/reboot``: the VM restarted on its node; answers the VM."""
+    return vm.run_action("reboot", ident)
+
+
+def open_console(ident: int) -> Response:
+    """``POST /vm/<id>/console``: a VNC console through the proxy (:data:`CONSOLE`)."""
+    return vm.run_action("console", ident)
+
+
+def migrate_vm(ident: int) -> Response:
+    """``POST /vm/<id>/migrate``: the VM moved to another node, admins only
+    (:data:`MIGRATE`)."""
+    return vm.run_action("migrate", ident)
+
+
+def console_log(ident: int) -> Response:
+    """``GET /vm/<id>/console_log``: the end of the serial console log, as JSON or (on
+    Accept: text/plain) as the text itself."""
+    g.resource_name = vm.name
+    who = principal()
+    require_role(who, vm.read_roles, f"read {vm.name}")
+    unknown = [key for key in request.args if key != "bytes"]
+    if unknown:
+        raise ValidationError(data={key: ["Unknown query parameter."] for key in unknown})
+    size = None
+    if "bytes" in request.args:
+        try:
+            size = Int().parse_query(request.args["bytes"])
+        except MarshmallowError as exc:
+            raise ValidationError(data={"bytes": exc.messages}) from exc
+    found = read_console_log(ident, who, size)
+    offered = [JSON, *MSGPACK_TYPES, "text/html", TEXT]
+    if request.accept_mimetypes.best_match(offered, default=JSON) == TEXT:
+        response = Response(found.text, mimetype=TEXT)
+        response.headers[TRUNCATED_HEADER] = "true" if found.truncated else "false"
+        response.headers["Vary"] = "Accept"
+        return response
+    return success_response(ConsoleLogSchema().dump(found))
+
+
+class VmApi(ResourceApi):
+    """The VM's reads answered without the ORM, and the console log's OpenAPI entry."""
 
     def read_one(self, ident: int, who: Principal, nest: list[str]) -> dict[str, Any]:
         if nest:
@@ -76,28 +119,6 @@ class VmApi(ResourceApi):
         if params.nest:
             return super().read_page(who, params)
         return list_vm_answers(self.service, who, params)
-
-    def console_log(self, ident: int) -> Response:
-        g.resource_name = self.name
-        who = principal()
-        require_role(who, self.read_roles, f"read {self.name}")
-        unknown = [key for key in request.args if key != "bytes"]
-        if unknown:
-            raise ValidationError(data={key: ["Unknown query parameter."] for key in unknown})
-        size = None
-        if "bytes" in request.args:
-            try:
-                size = Int().parse_query(request.args["bytes"])
-            except MarshmallowError as exc:
-                raise ValidationError(data={"bytes": exc.messages}) from exc
-        found = read_console_log(ident, who, size)
-        offered = [JSON, *MSGPACK_TYPES, "text/html", TEXT]
-        if request.accept_mimetypes.best_match(offered, default=JSON) == TEXT:
-            response = Response(found.text, mimetype=TEXT)
-            response.headers[TRUNCATED_HEADER] = "true" if found.truncated else "false"
-            response.headers["Vary"] = "Accept"
-            return response
-        return success_response(ConsoleLogSchema().dump(found))
 
     def extra_paths(self, success: Callable, errors: Callable) -> dict[str, dict[str, Any]]:
         ident = {"name": "ident", "in": "path", "required": True,
@@ -142,8 +163,6 @@ vm = VmApi(
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
-    actions={"reboot": "reboot", "console": console, "migrate": migrate},
+    actions={"reboot": "reboot", "console": CONSOLE, "migrate": MIGRATE},
     idempotent=True,
 )
-
-APIS = [vm]
