@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +48,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any):
     if CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
+
+
+#: every test under these folders carries its tier's marker (``make test-fast`` leaves them out)
+TIERS = {"hypervisor": pytest.mark.hypervisor, "concurrency": pytest.mark.concurrency,
+         "docs": pytest.mark.docs}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        if tests in Path(item.path).parents:
+            folder = Path(item.path).relative_to(tests).parts[0]
+            if folder in TIERS:
+                item.add_marker(TIERS[folder])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
