@@ -150,8 +150,8 @@ NODE_FIELDS = ("interface_mode", "bridge")
 @pytest.fixture(scope="module")
 def env(boot_vmapi: BootEnv) -> Iterator[BootEnv]:
     """The shared vmapi for one module, left as the module found it: its VMs (with their
-    storage) and images deleted, the node's networking put back; then nothing of the
-    installation may be left on the host."""
+    storage), volumes and images deleted, the node's networking put back; then nothing of
+    the installation may be left on the host."""
     node = boot_vmapi.api.get(f"node/{boot_vmapi.node['id']}").json["data"]
     before = {name: node[name] for name in NODE_FIELDS}
     yield boot_vmapi
@@ -162,6 +162,9 @@ def leave_as_found(env: BootEnv, node_fields: dict) -> None:
     api = env.api
     for vm in api.get("vm").json["data"]:
         gone = api.delete(f"vm/{vm}?cascade=storage")
+        assert gone.status_code == 200, gone.json
+    for storage in api.get("storage").json["data"]:
+        gone = api.delete(f"storage/{storage}")
         assert gone.status_code == 200, gone.json
     for image in api.get("image").json["data"]:
         gone = api.delete(f"image/{image}")
