@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, Api, make_token, vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 from vmapi.models import Event
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select, text
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import Api, make_token, node_body
+from tests.errors import assert_error
 from vmapi.auth import hash_token
 from vmapi.extensions import db
 from vmapi.models import ApiToken

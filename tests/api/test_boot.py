@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, MIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from tests.image_files import OCTET, ImageFiles
 from vmapi.extensions import db

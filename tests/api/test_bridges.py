@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import node_body, vm_body
+from tests.errors import assert_error
 from vmapi import create_app
 from vmapi.services.names import device_tag
 

@@ -3,8 +3,8 @@
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, Api, vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 
 pytestmark = pytest.mark.embedded

@@ -9,8 +9,8 @@ from ipaddress import ip_address
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body, vm_body
+from tests.errors import assert_error
 from vmapi.console_proxy import ConsoleTokens
 from vmapi.extensions import db
 from vmapi.models import ConsoleToken, Node

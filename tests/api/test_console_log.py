@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.models import Vm

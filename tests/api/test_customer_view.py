@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.api.test_names import foreign_domain
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from tests.faults import KINDS, FaultyDriver
 from vmapi.extensions import db
 from vmapi.hypervisor import OperationInvalid

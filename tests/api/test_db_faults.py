@@ -7,8 +7,8 @@ The real database cannot be made to fail the second commit of a request on deman
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 
 

@@ -5,8 +5,8 @@ configure."""
 import pytest
 import yaml
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import Api, make_token, vm_body
+from tests.errors import assert_error
 from vmapi.services.names import device_tag
 
 pytestmark = pytest.mark.embedded

@@ -5,17 +5,9 @@ import json
 import msgpack
 import pytest
 
+from tests.errors import assert_error
+
 pytestmark = pytest.mark.embedded
-
-
-def assert_error(response, status, error_id):
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.json
-    assert body["status"] == "error"
-    assert body["status_code"] == status
-    assert body["error_id"] == error_id
-    assert isinstance(body["message"], str) and body["message"]
-    return body
 
 
 def test_success_envelope(api):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import unavailable, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.guest_inputs import MAX_USER_DATA_BYTES

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.api.test_envelope import assert_error
+from tests.errors import assert_error
 
 pytestmark = pytest.mark.embedded
 

@@ -5,7 +5,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.api.test_envelope import assert_error
+from tests.errors import assert_error
 
 pytestmark = pytest.mark.embedded
 

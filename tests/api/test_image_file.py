@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
+from tests.errors import assert_error
 from tests.image_files import MIB, OCTET, ImageFiles, sha256
 from vmapi.services.images.store import STALE_AFTER
 

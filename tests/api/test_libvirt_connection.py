@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body, unavailable, vm_body
+from tests.errors import assert_error
 from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavailable
 from vmapi.hypervisor.driver import DomainSpec
 from vmapi.hypervisor.libvirt import LibvirtDriver

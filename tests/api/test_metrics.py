@@ -10,8 +10,8 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, Api, make_token, node_body, vm_body
+from tests.errors import assert_error
 
 
 def scrape(client, token=None) -> dict[tuple[str, tuple], float]:

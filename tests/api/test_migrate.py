@@ -13,9 +13,9 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.api.test_metrics import scrape, value
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY

@@ -4,8 +4,8 @@ their rows when made, and a name taken by something this database does not own i
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from vmapi import create_app
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, DomainSpec, VolumeNotFound

@@ -4,8 +4,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import vm_body
+from tests.errors import assert_error
 from vmapi.services.names import device_tag
 
 pytestmark = pytest.mark.embedded

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body
+from tests.errors import assert_error
 
 pytestmark = pytest.mark.embedded
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body, vm_body
+from tests.errors import assert_error
 
 TIMEOUT = 1.0
 HUNG = 4  # in series these would take HUNG x TIMEOUT at least

@@ -16,8 +16,8 @@ import stat
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, node_body, vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorUnavailable, UriRefused
 from vmapi.hypervisor.libvirt import LibvirtDriver

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 
 pytestmark = pytest.mark.embedded
 

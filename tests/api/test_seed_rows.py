@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.api.test_boot import hold, make_image
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from tests.image_files import ImageFiles
 from vmapi.extensions import db

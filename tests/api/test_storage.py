@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, MIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound

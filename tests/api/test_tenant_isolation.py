@@ -7,8 +7,8 @@ reaches admin-only resources (403), and lists never show them.
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from vmapi.api.resource import RESOURCES
 
 OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image")

@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.api.test_image_file import assert_nothing_kept, new_image, put, stored
+from tests.errors import assert_error
 from tests.image_files import MIB, ImageFiles, sha256
 from vmapi.auth import Principal
 from vmapi.services.images import transfers

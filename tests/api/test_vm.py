@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, MIB, vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound
 from vmapi.models import Node

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.services.nodes.hosts import DRIVER_KEY
 

@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import GIB, vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.models import Node

@@ -3,8 +3,8 @@
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import vm_body
+from tests.errors import assert_error
 from vmapi.extensions import db
 from vmapi.services.locks import LOCK_SPACE
 

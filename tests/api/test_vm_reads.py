@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 from flask import request
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import unavailable, vm_body
+from tests.errors import assert_error
 from vmapi.api.resource import RESOURCES
 from vmapi.auth import authenticate
 from vmapi.extensions import db

@@ -2,6 +2,9 @@
 
 All nodes point at libvirtd's test driver (``test+unix:///default``), so every worker
 sees the same hypervisor. Domains carry a test installation id and are removed after.
+One server per module (``served``: a database, gunicorn with its workers); each test gets
+it back as new (``server``): its domains removed, the database emptied and seeded again,
+a new admin token.
 """
 
 from __future__ import annotations
@@ -24,8 +27,17 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.conftest import create_database, drop_database, migrate, unavailable
+from tests.conftest import (
+    create_database,
+    drop_database,
+    make_token,
+    migrate,
+    reset_postgres,
+    unavailable,
+)
 from tests.domains import tagged_domains
+from vmapi import create_app
+from vmapi.extensions import db
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_URI = "test+unix:///default"
@@ -122,8 +134,9 @@ def our_domains(installation: str) -> list[str]:
         conn.close()
 
 
-@pytest.fixture
-def server(pg_server):
+@pytest.fixture(scope="module")
+def served(pg_server) -> Iterator[Server]:
+    """The module's gunicorn (5 workers) over a database of its own."""
     try:
         libvirt.open(SHARED_URI).close()
     except libvirt.libvirtError as exc:
@@ -136,10 +149,23 @@ def server(pg_server):
            "VMAPI_LIBVIRT_TIMEOUT": "20"}  # fmt: skip
     flask = [sys.executable, "-m", "flask", "--app", "wsgi", "vmapi"]
     subprocess.run([*flask, "seed"], cwd=ROOT, env=env, check=True, capture_output=True)
-    out = subprocess.run([*flask, "token", "create", "--admin"], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
-    token = out.strip().splitlines()[-1]
-    with gunicorn("wsgi:app", env, workers=5) as (url, master):
-        yield Server(url, db_url, token, installation, master, env)
-    remove_domains(installation)
-    drop_database(pg_server, db_url)
+    try:
+        with gunicorn("wsgi:app", env, workers=5) as (url, master):
+            yield Server(url, db_url, "", installation, master, env)
+    finally:
+        remove_domains(installation)
+        drop_database(pg_server, db_url)
+
+
+@pytest.fixture
+def server(served: Server) -> Server:
+    """The module's server as new: no domain of its installation, the database as the
+    seed leaves it (ids from 1 again), and an admin token."""
+    remove_domains(served.installation)
+    app = create_app({"DATABASE_URL": served.db_url, "TESTING": True,
+                      "INSTALLATION_ID": served.installation})  # fmt: skip
+    reset_postgres(app)
+    token = make_token(app, "admin")
+    with app.app_context():
+        db.engine.dispose()
+    return Server(served.url, served.db_url, token, served.installation, served.pid, served.env)

@@ -24,9 +24,10 @@ SITE = (ROOT / "deploy/nginx/vmapi-site.conf").read_text()
 WORKER_USER = "user root;\n" if os.geteuid() == 0 else ""
 
 
-@pytest.fixture
-def nginx(server, tmp_path):
-    with serve_nginx(server.url, tmp_path) as url:
+@pytest.fixture(scope="module")
+def nginx(served, tmp_path_factory):
+    """The module's nginx in front of the module's gunicorn (``served``)."""
+    with serve_nginx(served.url, tmp_path_factory.mktemp("nginx")) as url:
         yield url
 
 

@@ -3,7 +3,11 @@
 The stream and console-log tests: everything they make is named ``vmapi-streamtest-*``
 (a dir pool of each test's own, its volumes, tiny ``type='qemu'`` domains) and removed
 even when a test fails; leftovers of an interrupted run are removed first.
-Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py).
+Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py), started once a
+session (``host_pair``).
+Boot from an image (test_boot, test_boot_faults, test_seed_api, test_guest_network): one
+vmapi of its own on qemu:///system for the session (tests/hypervisor/boot_env.py), handed
+to each module as ``env`` and taken back as it was found.
 The API on qemu:///system (``qemu_node``): domains made there carry a test installation id
 (and their names with it); leftovers of an interrupted run are removed first.
 """
@@ -19,6 +23,7 @@ import pytest
 from tests.conftest import node_body, unavailable
 from tests.domains import tagged_domains
 from tests.hypervisor import qemu_host
+from tests.hypervisor.boot_env import BootEnv, boot_env
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
 from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
@@ -123,3 +128,49 @@ def qemu_node(api, conn, address_pools):
         "kind": method,
     }
     remove_test_domains(conn)
+
+
+@pytest.fixture(scope="session")
+def boot_vmapi(pg_server, tmp_path_factory) -> Iterator[BootEnv]:
+    """The session's vmapi on qemu:///system for the boot-from-image modules: its database,
+    app, address ranges and node are made once (use ``env``, which cleans up after a
+    module)."""
+    try:
+        libvirt.open(qemu_host.URI).close()
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd does not answer on {qemu_host.URI}: {exc}")
+    with boot_env(pg_server, tmp_path_factory.mktemp("images")) as made:
+        yield made
+
+
+#: what a module may change on the shared node and must give back
+NODE_FIELDS = ("interface_mode", "bridge")
+
+
+@pytest.fixture(scope="module")
+def env(boot_vmapi: BootEnv) -> Iterator[BootEnv]:
+    """The shared vmapi for one module, left as the module found it: its VMs (with their
+    storage), volumes and images deleted, the node's networking put back; then nothing of
+    the installation may be left on the host."""
+    node = boot_vmapi.api.get(f"node/{boot_vmapi.node['id']}").json["data"]
+    before = {name: node[name] for name in NODE_FIELDS}
+    yield boot_vmapi
+    leave_as_found(boot_vmapi, before)
+
+
+def leave_as_found(env: BootEnv, node_fields: dict) -> None:
+    api = env.api
+    for vm in api.get("vm").json["data"]:
+        gone = api.delete(f"vm/{vm}?cascade=storage")
+        assert gone.status_code == 200, gone.json
+    for storage in api.get("storage").json["data"]:
+        gone = api.delete(f"storage/{storage}")
+        assert gone.status_code == 200, gone.json
+    for image in api.get("image").json["data"]:
+        gone = api.delete(f"image/{image}")
+        assert gone.status_code == 200, gone.json
+    node = api.get(f"node/{env.node['id']}").json["data"]
+    if {name: node[name] for name in NODE_FIELDS} != node_fields:
+        put = api.update(f"node/{env.node['id']}", json=node_fields)
+        assert put.status_code == 200, put.json
+    assert env.ours() == [], "the module left these on the host"

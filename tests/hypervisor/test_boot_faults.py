@@ -15,28 +15,17 @@ import os
 import threading
 from datetime import UTC, datetime, timedelta
 
-import libvirt
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import MIB, unavailable
+from tests.conftest import MIB
 from tests.faults import FaultyDriver
-from tests.hypervisor.boot_env import IMAGE_POOL, boot_env
-from tests.hypervisor.qemu_host import INSTALLATION, URI
+from tests.hypervisor.boot_env import IMAGE_POOL
+from tests.hypervisor.qemu_host import INSTALLATION
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
-
-
-@pytest.fixture(scope="module")
-def env(pg_server, tmp_path_factory):
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as exc:
-        unavailable(f"libvirtd does not answer on {URI}: {exc}")
-    with boot_env(pg_server, tmp_path_factory.mktemp("images")) as made:
-        yield made
 
 
 @pytest.fixture

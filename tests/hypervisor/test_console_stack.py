@@ -4,7 +4,8 @@ proxy started with the command of deploy/systemd/vmapi-console-proxy.service, ng
 deploy/nginx/vmapi-site.conf (noVNC from Debian's novnc package, the websocket location),
 a websocket VNC client down to the framebuffer size, and headless Chromium opening the
 answered URL until noVNC says it is connected (its screenshot is kept in the test's
-temporary directory)."""
+temporary directory). The tests share the session's vmapi on the real libvirtd (``env``,
+tests/hypervisor/boot_env.py) and one booted guest; each opens a console of its own."""
 
 import base64
 import json
@@ -23,15 +24,8 @@ import sqlalchemy as sa
 import websocket
 
 from tests.concurrency.test_nginx import local_paths
-from tests.conftest import MIB, unavailable
-from tests.hypervisor.consoles import (  # noqa: F401 - the fixtures
-    INSTALLATION,
-    app_config_fixture,
-    conn_fixture,
-    make_vm,
-    qemu_node_fixture,
-)
-from tests.image_files import OCTET
+from tests.conftest import unavailable
+from tests.hypervisor.qemu_host import INSTALLATION
 from tests.vnc import RfbClient, VncRefused, WebSocketTransport
 from vmapi.extensions import db
 from vmapi.models import ConsoleToken
@@ -83,14 +77,15 @@ def unit_command(port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def proxy(pg_database, tmp_path_factory):
-    """The console proxy as its unit runs it, on the test session's database."""
+def proxy(env, tmp_path_factory):
+    """The console proxy as its unit runs it, on the database of the vmapi of ``env``."""
     log = tmp_path_factory.mktemp("console-proxy") / "websockify.log"
     port = free_port()
-    env = {"PATH": "/usr/bin:/bin", "VMAPI_DATABASE_URL": pg_database,
-           "VMAPI_INSTALLATION_ID": INSTALLATION, "VMAPI_LIBVIRT_TIMEOUT": "60"}  # fmt: skip
+    database = env.app.config["DATABASE_URL"]
+    variables = {"PATH": "/usr/bin:/bin", "VMAPI_DATABASE_URL": database,
+                 "VMAPI_INSTALLATION_ID": INSTALLATION, "VMAPI_LIBVIRT_TIMEOUT": "60"}  # fmt: skip
     with log.open("w") as out:
-        process = subprocess.Popen(unit_command(port), cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen(unit_command(port), cwd=ROOT, env=variables, stdout=out,
                                    stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for("websockify", lambda: socket.create_connection(("127.0.0.1", port), 1).close()
@@ -140,23 +135,23 @@ def nginx(proxy, tmp_path_factory):
         stop(process)
 
 
+@pytest.fixture(scope="module")
+def guest(env, guest_image):
+    """A VM booted from the test guest (uploaded through the API); it goes with the
+    module (``env``: the VM and the image, their root disk, copy and log with them)."""
+    image = env.upload(guest_image.path)
+    vm = env.create(image["id"])
+    booted = wait_until(lambda: "VMAPI-TICK" in console_text(env.api, vm["id"]))
+    assert booted, console_text(env.api, vm["id"])[-2000:]
+    return vm
+
+
 @pytest.fixture
-def console(api, qemu_node, nginx, guest_image):
-    """A VM booted from the test guest (uploaded through the API) and a console for it, its
-    URL pointing at the test's nginx; the VM and the image are deleted through the API
-    after (their root disk, copy and log with them)."""
-    image = api.post("image", json={"name": "guest", "format": "raw"}).json["data"]
-    with open(guest_image.path, "rb") as body:
-        sent = api.call("PUT", f"image/{image['id']}/file", data=body, headers=OCTET)
-    assert sent.status_code == 200, sent.json
-    vm = make_vm(api, qemu_node, ram=256 * MIB, image={"id": image["id"]})
-    booted = wait_until(lambda: "VMAPI-TICK" in console_text(api, vm["id"]))
-    assert booted, console_text(api, vm["id"])[-2000:]
-    response = api.post(f"vm/{vm['id']}/console", base_url=nginx["url"])
+def console(env, guest, nginx):
+    """A new console of the guest, its URL pointing at the test's nginx."""
+    response = env.api.post(f"vm/{guest['id']}/console", base_url=nginx["url"])
     assert response.status_code == 201, response.json
-    yield {"vm": vm, **response.json["data"]}
-    assert api.delete(f"vm/{vm['id']}").status_code == 200
-    assert api.delete(f"image/{image['id']}").status_code == 200
+    return {"vm": guest, **response.json["data"]}
 
 
 def console_text(api, vm_id: int) -> str:
@@ -204,10 +199,10 @@ def test_a_websocket_client_logs_in_to_the_vms_display(console, nginx, proxy):
         client.close()
 
 
-def test_expired_and_unknown_tokens_are_refused(app, console, nginx, proxy):
+def test_expired_and_unknown_tokens_are_refused(env, console, nginx, proxy):
     with pytest.raises(websocket.WebSocketBadStatusException):
         connect(nginx, "x" * 43)
-    with app.app_context():
+    with env.app.app_context():
         db.session.execute(sa.update(ConsoleToken).values(
             expires_at=datetime.now(UTC) - timedelta(seconds=1)))  # fmt: skip
         db.session.commit()

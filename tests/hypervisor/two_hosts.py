@@ -65,6 +65,7 @@ libvirtd -d --pid-file "$1/libvirtd.pid"
 STOP_WAIT = 15.0  # seconds a process gets to end after SIGTERM before SIGKILL
 CLEAR_WAIT = 60.0  # seconds a daemon gets to destroy its domains before they are killed
 PORTS_PER_HOST = 40
+DISPLAY_OFFSET = 43400  # migration port - display port
 
 
 class HostUnavailable(Exception):
@@ -149,6 +150,13 @@ class PrivateHost:
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @property
+    def display_ports(self) -> tuple[int, int]:
+        """Its guests' VNC ports: as many as migration ports, 43400 below them (6000 and
+        up), away from the machine's libvirtd, which hands out 5900 and up without
+        knowing of this one's (QEMU's "-vnc ... Address already in use" otherwise)."""
+        return (self.ports[0] - DISPLAY_OFFSET, self.ports[1] - DISPLAY_OFFSET)
+
+    @property
     def uri(self) -> str:
         return f"qemu+unix:///system?socket={self.folder}/run/libvirt-sock"
 
@@ -193,13 +201,18 @@ class PrivateHost:
         # Two daemons number their domains from 1 and would share cgroup names.
         # Their "shared" pool is a folder on one local filesystem, which libvirt cannot
         # tell from a host's own disk (it skips restoring a migrated disk's owner only on
-        # NFS, GFS2, Ceph and the like): with dynamic ownership one daemon gave a disk
-        # back to root while the other's QEMU (libvirt-qemu) still had to reopen it, at
-        # the `cont` after a paused guest's move ("Permission denied", a flake of the
-        # suite). So QEMU runs as root here and neither daemon changes a file's owner.
+        # NFS, GFS2, Ceph and the like). With dynamic ownership the source daemon gives
+        # the disk back to root (0644) when a live move ends, and the target's QEMU (as
+        # libvirt-qemu) opens the disk again when it activates it: at the end of the
+        # move for a running guest (before the source lets go), but only at `cont` for
+        # one that arrived paused: "Could not open ...: Permission denied" on every
+        # paused move (reproduced with the owner seen after each step: issue 22). So
+        # QEMU runs as root here and neither daemon changes a file's owner.
         (etc / "qemu.conf").write_text(
             _conf({"cgroup_controllers": [], "migration_port_min": self.ports[0],
                    "migration_port_max": self.ports[1], "user": "root", "group": "root",
+                   "remote_display_port_min": self.display_ports[0],
+                   "remote_display_port_max": self.display_ports[1],
                    "dynamic_ownership": 0, "remember_owner": 0})
         )  # fmt: skip
         for mount_point in BINDS.values():
