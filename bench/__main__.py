@@ -29,6 +29,7 @@ SUITE = (
     "migration",
     "calls",
     "arrays",
+    "health",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
