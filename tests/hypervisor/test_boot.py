@@ -144,9 +144,9 @@ def test_a_reboot_through_the_api_boots_the_guest_anew(env, shared):
     line with a boot id it never had), not only a 200 and 'running', which it was before."""
     vm = shared["vm"]
     read = env.console(vm["id"])
-    before = console.boots(read())
-    booted = wait_for_guest(read)
+    booted = wait_for_guest(read)  # up, ticking: every boot so far is on the console
     assert booted.boot_id and booted.errors == [], booted
+    before = console.boots(read())
     answer = env.api.post(f"vm/{vm['id']}/reboot")
     assert answer.status_code == 200, answer.json
     assert answer.json["data"]["vm_state"] == {"id": 2}
