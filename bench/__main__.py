@@ -30,6 +30,7 @@ SUITE = (
     "migration",
     "calls",
     "arrays",
+    "health",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 

@@ -12,6 +12,7 @@ the document (``filter_failure``); every other failure is.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -42,6 +43,25 @@ def _confine(value: Any) -> Any:
 @schemathesis.hook
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     case.body = _confine(case.body)
+
+
+#: where each answer's operation, status and error id are written, one ``METHOD PATH
+#: STATUS ERROR_ID`` line per call (test_fuzz.py reads them: every operation must have had
+#: a 2xx answer)
+ANSWERS_ENV = "VMAPI_FUZZ_ANSWERS"
+
+
+@schemathesis.hook
+def after_call(ctx: Any, case: Any, response: Any) -> None:
+    path = os.environ.get(ANSWERS_ENV)
+    if not path:
+        return
+    try:
+        error_id = response.json().get("error_id") or "-"
+    except Exception:  # not a JSON object (a document, a file)
+        error_id = "-"
+    with open(path, "a") as out:
+        out.write(f"{case.operation.label} {response.status_code} {error_id}\n")
 
 
 #: 400s for rules a JSON Schema cannot state, which the document says in words: a

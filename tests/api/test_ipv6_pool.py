@@ -9,6 +9,7 @@ from sqlalchemy import event
 
 from tests.api.test_network import held
 from tests.conftest import vm_body
+from tests.errors import assert_error
 from tests.faults import FaultyDriver
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
@@ -47,7 +48,7 @@ def test_an_address_made_for_a_failed_create_is_reused(app, api, vm_host, test_m
     faults = FaultyDriver(app.extensions[DRIVER_KEY])
     app.extensions[DRIVER_KEY] = faults
     faults.fail("define")
-    assert api.post("vm", json=vm_body(test_method)).status_code >= 500
+    assert_error(api.post("vm", json=vm_body(test_method)), 502, "vm/hypervisor_error")
     free = [a for a in api.get("ipv6").json["data"].values() if a["interface"] is None]
     assert len(free) == 1  # made, not lost, and free again
     vm = api.post("vm", json=vm_body(test_method)).json["data"]

@@ -4,7 +4,6 @@ import contextlib
 import os
 import socket
 import threading
-import time
 import uuid
 
 import pytest
@@ -15,6 +14,7 @@ from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavai
 from vmapi.hypervisor.driver import DomainSpec
 from vmapi.hypervisor.libvirt import LibvirtDriver
 from vmapi.hypervisor.libvirt import channel as channel_module
+from vmapi.hypervisor.libvirt import connection as connection_module
 from vmapi.hypervisor.libvirt.config import StoragePool
 from vmapi.hypervisor.libvirt.connection import ConnectionCache
 
@@ -44,12 +44,21 @@ def test_cache_forgets_the_parents_connections_after_fork():
     cache.clear()
 
 
-def test_refused_connection_is_unavailable_at_once():
+def test_refused_connection_is_unavailable_at_once(monkeypatch):
+    """At once: one attempt (no retrying until the timeout), answered as unavailable (a
+    wait for the timeout would answer HypervisorTimeout). Not timed: see make bench."""
+    opened = []
+    real_open = connection_module.libvirt.open
+
+    def counted(uri):  # the real library, its calls counted
+        opened.append(uri)
+        return real_open(uri)
+
+    monkeypatch.setattr(connection_module.libvirt, "open", counted)
     driver = LibvirtDriver(timeout=5)
-    started = time.monotonic()
     with pytest.raises(HypervisorUnavailable):
         driver.host_info("qemu+tcp://127.0.0.1:1/system")
-    assert time.monotonic() - started < 5
+    assert opened == ["qemu+tcp://127.0.0.1:1/system"]
 
 
 def test_hung_host_times_out(silent_host):
@@ -67,9 +76,9 @@ def test_hung_host_fails_its_request_and_others_keep_working(
                                            cpu_allocation_ratio=1.0, reserved_ram=0)).json["data"]  # fmt: skip
     api.post("virt_node", json={"node": {"id": hung["id"]}, "virt_method": {"id": test_method}})
     healthy = vm_host()
-    started = time.monotonic()
+    # bounded by the configured timeout: the answer is the timeout's (not a wait forever)
     error = assert_error(api.post("vm", json=vm_body(test_method)), 504, "vm/hypervisor_timeout")
-    assert time.monotonic() - started < 5
+    assert "did not answer within 1 s" in error["message"]
     assert error["data"]["node"] == {"id": hung["id"]}  # the most free RAM: picked first
     assert api.get(f"node/{hung['id']}").json["data"]["allocated_cores"] == 0
     vm = api.post("vm", json=vm_body(test_method))  # the hung node is cooling off
@@ -300,10 +309,9 @@ def test_a_host_that_hangs_after_connecting_times_out_and_keepalive_ends_the_cal
     hung_thread = call_thread(driver, uri)
     hung_channel = driver.connections.channel(uri, 5)
     proxy.freeze()  # the host stops answering on the open connection
-    started = time.monotonic()
-    with pytest.raises(HypervisorTimeout):
+    with pytest.raises(HypervisorTimeout) as info:  # the timeout ended it
         driver.host_info(uri)
-    assert time.monotonic() - started < 5
+    assert info.value.timeout == 1
     assert hung_channel.closed
     # the next call opens a new connection (new ones still pass) on a thread of its own
     assert driver.host_info(uri).cores > 0

@@ -9,8 +9,8 @@ import re
 import pytest
 from flask.cli import routes_command
 
-from tests.api.test_envelope import assert_error
 from tests.conftest import make_token
+from tests.errors import assert_error
 from vmapi.api.openapi import document_for
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES
 from vmapi.api.routes import API_PREFIX, API_ROUTES, NO_TOKEN, ROUTES

@@ -362,7 +362,11 @@ def test_label_states_cannot_be_set(api, vm_host, test_method):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("uuid", "0b0e6a52-1c9e-4c8e-9a51-6a3f0d1c2b7e"), ("node", {"id": 1}), ("virt_method", {"id": 1})],
+    [
+        ("uuid", "0b0e6a52-1c9e-4c8e-9a51-6a3f0d1c2b7e"),
+        ("node", {"id": 1}),
+        ("virt_method", {"id": 1}),
+    ],
 )
 def test_immutable_fields(api, vm_host, test_method, field, value):
     vm_host()

@@ -1,8 +1,9 @@
 """What the test guest prints on its serial console, read back by tests.
 
-The guest's ``/init`` (tests/guest/init/) prints one ``VMAPI-GUEST`` line per boot, then
-its marker, the files of a cidata seed, the network it configured from the seed
-(``VMAPI-NET``, ``VMAPI-TOLD``, ``VMAPI-HTTPD``) and a ``VMAPI-TICK n`` counter once a second.
+The guest's ``/init`` (tests/guest/init/) prints one ``VMAPI-GUEST`` line per boot, with
+the kernel's boot id (new at every boot), then its marker, the files of a cidata seed, the
+network it configured from the seed (``VMAPI-NET``, ``VMAPI-TOLD``, ``VMAPI-HTTPD``) and a
+``VMAPI-TICK n`` counter once a second.
 ``boots(text)`` splits a console log into what each boot printed, wherever the text came
 from (a file libvirt writes, or the API's console log), and ``wait_for`` polls a reader
 until a condition holds, within a generous deadline that only bounds a hung guest.
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-GUEST = re.compile(r"VMAPI-GUEST root=(\S+) sectors=(\d+)")
+GUEST = re.compile(r"VMAPI-GUEST root=(\S+) sectors=(\d+)(?: boot_id=(\S+))?")
 MARKER = re.compile(r"VMAPI-MARKER sector=(\d+) wrote=(\S+) previous=(\S+)")
 CIDATA_FILE = re.compile(r"VMAPI-CIDATA file=(\S+) bytes=(\d+)")
 TICK = re.compile(r"VMAPI-TICK (\d+)")
@@ -30,6 +31,8 @@ class Boot:
 
     root: str
     sectors: int
+    #: the kernel's boot id (/proc/sys/kernel/random/boot_id): new at every boot
+    boot_id: str | None = None
     marker: str | None = None
     marker_sector: int | None = None
     previous_marker: str | None = None
@@ -56,7 +59,8 @@ def boots(text: str) -> list[Boot]:
     found: list[Boot] = []
     for line in lines(text):
         if match := GUEST.search(line):
-            found.append(Boot(root=match.group(1), sectors=int(match.group(2))))
+            boot_id = None if match.group(3) in (None, "none") else match.group(3)
+            found.append(Boot(root=match.group(1), sectors=int(match.group(2)), boot_id=boot_id))
         elif not found:
             continue
         elif match := MARKER.search(line):

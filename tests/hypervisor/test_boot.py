@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import GIB
+from tests.guest import console
 from tests.guest.disks import read_sector
 from tests.hypervisor.boot_env import (
     GIB_SECTORS,
@@ -143,6 +145,31 @@ def test_the_console_log_through_the_api(env, first):
     assert tail["truncated"] is True
     assert 0 < len(tail["text"].encode()) <= 64 + 2  # (a cut character becomes U+FFFD)
     assert read().endswith(tail["text"][-20:])  # the end of the same log
+
+
+def test_a_reboot_through_the_api_boots_the_guest_anew(env, first):
+    """POST /vm/<id>/reboot is seen from inside: the guest boots again (a new VMAPI-GUEST
+    line with a boot id it never had), not only a 200 and 'running', which it was before."""
+    vm = first["vm"]
+    read = env.console(vm["id"])
+    booted = wait_for_guest(read)  # up, ticking: every boot so far is on the console
+    assert booted.boot_id and booted.errors == [], booted
+    before = console.boots(read())
+    answer = env.api.post(f"vm/{vm['id']}/reboot")
+    assert answer.status_code == 200, answer.json
+    assert answer.json["data"]["vm_state"] == {"id": 2}
+    text = console.wait_for(
+        read, lambda t: len(console.boots(t)) > len(before) and console.boots(t)[-1].ticks,
+        "a new boot after POST /reboot", timeout=120,
+    )  # fmt: skip
+    after = console.boots(text)
+    assert len(after) == len(before) + 1, [b.boot_id for b in after]
+    new = after[-1]
+    assert new.boot_id and new.boot_id not in {b.boot_id for b in before}
+    assert uuid.UUID(new.boot_id) != uuid.UUID(booted.boot_id)
+    # the same disk: the new boot read back the marker the first one wrote
+    assert new.previous_marker == booted.marker and new.marker != booted.marker
+    assert new.errors == []
 
 
 def test_a_second_vm_of_the_image_shares_the_copy(env, image, second):

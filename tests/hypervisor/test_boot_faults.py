@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -74,6 +75,15 @@ def assert_nothing_left(env) -> None:
     assert env.ours() == []
 
 
+def assert_failed(answer, step: str) -> dict:
+    """The one answer of a create whose libvirt side failed: 502 vm/hypervisor_error,
+    naming the step."""
+    assert answer.status_code == 502, answer.json
+    assert answer.json["error_id"] == "vm/hypervisor_error", answer.json
+    assert answer.json["data"]["step"] == step, answer.json
+    return answer.json
+
+
 @pytest.mark.parametrize(
     ("method", "step"),
     [
@@ -89,9 +99,7 @@ def test_a_failure_at_any_step_leaves_nothing(env, faults, image, method, step):
     faults.fail(method)
     failed = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
                                       "virt_method": {"id": env.method}})  # fmt: skip
-    assert failed.status_code == 502, failed.json
-    assert failed.json["error_id"] == "vm/hypervisor_error"
-    assert failed.json["data"]["step"] == step
+    assert_failed(failed, step)
     assert_nothing_left(env)  # the copy this request made went too
 
 
@@ -108,7 +116,7 @@ def test_a_copy_that_does_not_match_the_checksum_is_refused(env, faults, image):
         stored.write(bytes([first[0] ^ 0xFF]))
     failed = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
                                       "virt_method": {"id": env.method}})  # fmt: skip
-    assert failed.status_code == 502, failed.json
+    assert_failed(failed, "copying the image to the node")
     assert "sha256" in failed.json["message"] and image["checksum"] in failed.json["message"]
     assert_nothing_left(env)
 
@@ -119,7 +127,7 @@ def test_a_copy_made_before_stays_when_a_later_step_fails(env, faults, image):
     faults.fail("define")
     failed = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
                                       "virt_method": {"id": env.method}})  # fmt: skip
-    assert failed.status_code == 502
+    assert_failed(failed, "defining the domain")
     assert rows(env) == {**NOTHING, "image_copy": 1}
     assert env.ours() == [f"{INSTALLATION}-image-{image['id']}"]
 
@@ -135,11 +143,19 @@ def test_push_copies_ahead_and_only_once(env, faults, image):
     assert again.exit_code == 0, again.output
     assert "has the image already" in again.output
     assert image_copies(faults) == 1
-    env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
-                             "virt_method": {"id": env.method}})  # fmt: skip
-    assert image_copies(faults) == 1  # the VM used the copy
+    made = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
+                                    "virt_method": {"id": env.method}})  # fmt: skip
+    assert made.status_code == 201, made.json
+    assert image_copies(faults) == 1  # the VM used the copy: its root disk is backed by it
+    [root] = env.api.get(f"storage?vm.id={made.json['data']['id']}").json["data"].values()
+    pool = env.conn.storagePoolLookupByName(IMAGE_POOL)
+    pool.refresh(0)
+    overlay = pool.storageVolLookupByName(f"{INSTALLATION}-storage-{root['id']}")
+    base = pool.storageVolLookupByName(f"{INSTALLATION}-image-{image['id']}")
+    assert ET.fromstring(overlay.XMLDesc(0)).findtext("backingStore/path") == base.path()
     missing = runner.invoke(args=["vmapi", "image", "push", "999999"])
-    assert missing.exit_code != 0
+    assert missing.exit_code == 1, missing.output
+    assert "image 999999 does not exist or has no accepted file" in missing.output
 
 
 def test_racing_requests_make_one_copy(env, faults, image):
@@ -170,7 +186,7 @@ def test_an_array_copies_once_and_its_failure_undoes_the_copy(env, faults, image
            "virt_method": {"id": env.method}}  # fmt: skip
     faults.fail("start", skip=1)  # the second VM fails to start
     failed = env.api.post("vm", json=[one, one])
-    assert failed.status_code == 502 and failed.json["data"]["index"] == 1
+    assert assert_failed(failed, "starting the domain")["data"]["index"] == 1
     assert image_copies(faults) == 1
     assert_nothing_left(env)  # the first VM and the copy it made were undone
     made = env.api.post("vm", json=[one, one])
@@ -196,8 +212,10 @@ def test_an_unreachable_node_keeps_its_copy_until_reconcile(env, faults, image):
 
 
 def test_reconcile_cleans_a_stale_building_vm_with_its_root_disk(env, faults, image):
-    vm = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
-                                  "virt_method": {"id": env.method}}).json["data"]  # fmt: skip
+    made = env.api.post("vm", json={"cores": 1, "ram": 128 * MIB, "image": {"id": image["id"]},
+                                    "virt_method": {"id": env.method}})  # fmt: skip
+    assert made.status_code == 201, made.json
+    vm = made.json["data"]
     long_ago = datetime.now(UTC) - timedelta(hours=2)
     with env.app.app_context():  # its request died half-way, long ago
         db.session.execute(sa.text("UPDATE vm SET vm_state_id = 1, created_at = :t WHERE id = :i"),

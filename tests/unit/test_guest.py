@@ -66,7 +66,7 @@ def test_init_is_its_parts_in_name_order(tmp_path):
 LOG = (
     "SeaBIOS (version 1.16.2-debian-1.16.2-1)\r\n"
     "[    1.234] virtio_blk virtio1: [vda] 2097152 512-byte logical blocks\r\n"
-    "VMAPI-GUEST root=vda sectors=2097152\r\n"
+    "VMAPI-GUEST root=vda sectors=2097152 boot_id=6f1c2d3e-0000-4000-8000-00000000000a\r\n"
     "VMAPI-MARKER sector=131072 wrote=vmapi-marker-aa previous=none\r\n"
     "VMAPI-CIDATA device=/dev/vdb\r\n"
     "VMAPI-CIDATA file=meta-data bytes=23\r\n"
@@ -79,7 +79,7 @@ LOG = (
     "VMAPI-TICK 1\r\nVMAPI-TICK 2\r\n"
     "acpid: PWRF/00000080\r\nVMAPI-POWEROFF\r\n"
     "SeaBIOS (version 1.16.2-debian-1.16.2-1)\r\n"
-    "VMAPI-GUEST root=vda sectors=2097152\r\n"
+    "VMAPI-GUEST root=vda sectors=2097152 boot_id=6f1c2d3e-0000-4000-8000-00000000000b\r\n"
     "VMAPI-MARKER sector=131072 wrote=vmapi-marker-bb previous=vmapi-marker-aa\r\n"
     "VMAPI-ERROR insmod evdev failed\r\n"
     "VMAPI-TICK 1\r\nVMAPI-TI"  # a line still being written
@@ -102,6 +102,11 @@ def test_console_log_splits_into_boots():
     assert second.errors == ["VMAPI-ERROR insmod evdev failed"]
     assert not second.acpid and not second.powered_off and second.cidata == {}
     assert console.boots("SeaBIOS\r\n") == []
+    # each boot's own boot id; an older guest's line without one still starts a boot
+    assert (first.boot_id, second.boot_id) == ("6f1c2d3e-0000-4000-8000-00000000000a",
+                                               "6f1c2d3e-0000-4000-8000-00000000000b")  # fmt: skip
+    [old] = console.boots("VMAPI-GUEST root=vda sectors=8\r\n")
+    assert (old.sectors, old.boot_id) == (8, None)
 
 
 def test_wait_for_gives_up_with_the_console_tail():
