@@ -24,6 +24,10 @@ PYTEST_ARGS ?=
 # again, `ORDER=` keeps the files' order). The 30 slowest steps are listed at the end.
 ORDER ?= --random-order-bucket=module
 DURATIONS ?= --durations=30
+# Two pytest-xdist workers: the hypervisor tier on one (its guests need a core of their
+# own), every other test on whichever is free (groups in tests/conftest.py). `WORKERS=`
+# runs in one process.
+WORKERS ?= -n 2 --dist loadgroup
 # The inner loop: no real hypervisor (tests/hypervisor), no concurrency tier (gunicorn and
 # nginx, tests/concurrency), no served README walk (tests/docs); markers set by tests/conftest.py
 FAST_TIERS := not hypervisor and not concurrency and not docs
@@ -71,12 +75,12 @@ test: venv
 	@[ "$$(id -u)" -ne 0 ] || { mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled; }
 	@scripts/ensure-packages.sh $(TEST_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
-	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest $(ORDER) $(DURATIONS) $(PYTEST_ARGS)
+	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest $(WORKERS) $(ORDER) $(DURATIONS) $(PYTEST_ARGS)
 
 # No QEMU guest: PostgreSQL and libvirt's in-process test driver.
 test-fast: venv
 	@PG_URL=$$(scripts/ensure-postgres.sh) && \
-	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest -m "$(FAST_TIERS)" $(ORDER) $(PYTEST_ARGS)
+	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest -m "$(FAST_TIERS)" $(WORKERS) $(ORDER) $(PYTEST_ARGS)
 
 lint: venv
 	@$(BIN)/ruff check .

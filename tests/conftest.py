@@ -55,6 +55,16 @@ TIERS = {"hypervisor": pytest.mark.hypervisor, "concurrency": pytest.mark.concur
          "docs": pytest.mark.docs}  # fmt: skip
 
 
+#: ``make test`` runs two pytest-xdist workers (``--dist loadgroup``): every hypervisor test
+#: goes to one worker, in one group (they share the session's vmapi on qemu:///system and
+#: the two-host pair, and their guests need the other core), the modules of the
+#: concurrency and docs tiers each as a whole (their gunicorn or nginx is made once per
+#: module), and the API and unit tests to whichever worker is free.
+HYPERVISOR_GROUP = "hypervisor"
+
+
+# first: pytest-xdist reads the group marks in its own hook of the same name
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
@@ -62,6 +72,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             folder = Path(item.path).relative_to(tests).parts[0]
             if folder in TIERS:
                 item.add_marker(TIERS[folder])
+            if folder == "hypervisor":
+                item.add_marker(pytest.mark.xdist_group(HYPERVISOR_GROUP))
+            elif folder in TIERS:
+                item.add_marker(pytest.mark.xdist_group(Path(item.path).stem))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
