@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -13,7 +14,24 @@ from flask.sessions import SessionInterface
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from vmapi import models  # noqa: F401 - registers every model with the metadata
+from vmapi.api import register_api
+from vmapi.api.errors import register_error_handlers
+from vmapi.cli import register_cli
+from vmapi.config import load_config
+from vmapi.database import ping_idle_connections
+from vmapi.extensions import db, migrate
+from vmapi.hypervisor.libvirt import LibvirtDriver
+from vmapi.hypervisor.observed import ObservedDriver
+from vmapi.hypervisor.uri import UriPolicy
 from vmapi.release import __version__
+from vmapi.requestlog import register_request_log
+from vmapi.services.nodes.hosts import DRIVER_KEY, POLICY_KEY
+from vmapi.telemetry import (
+    count_connections,
+    hypervisor_action,
+    register_request_metrics,
+)
 
 __all__ = ["__version__", "create_app"]
 
@@ -35,24 +53,6 @@ class NoCookieSessions(SessionInterface):
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The application factory: configuration, extensions, blueprints, errors, CLI."""
-    from vmapi import models  # noqa: F401 - registers every model with the metadata
-    from vmapi.api import register_api
-    from vmapi.api.errors import register_error_handlers
-    from vmapi.cli import register_cli
-    from vmapi.config import load_config
-    from vmapi.database import ping_idle_connections
-    from vmapi.extensions import db, migrate
-    from vmapi.hypervisor.libvirt import LibvirtDriver
-    from vmapi.hypervisor.observed import ObservedDriver
-    from vmapi.hypervisor.uri import UriPolicy
-    from vmapi.requestlog import register_request_log
-    from vmapi.services.nodes.hosts import DRIVER_KEY, POLICY_KEY
-    from vmapi.telemetry import (
-        count_connections,
-        hypervisor_action,
-        register_request_metrics,
-    )
-
     app = Flask(__name__, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
     load_config(app, config)
@@ -95,8 +95,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _migrations_dir() -> str:
-    import os
-
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 
 
