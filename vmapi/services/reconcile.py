@@ -50,8 +50,8 @@ from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import settle
 from vmapi.services.moves.leftovers import leftovers_on, remove_leftover
 from vmapi.services.names import installation_id
-from vmapi.services.nodes.domains import BUILDING, Host, forget, remove_domain, state_id
-from vmapi.services.nodes.hosts import hypervisor, on_hosts
+from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
+from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
 

@@ -27,8 +27,8 @@ from vmapi.hypervisor import HypervisorError, VolumeNotFound
 from vmapi.models import Vm
 from vmapi.node_detail import NodeNote
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 
 log = logging.getLogger(__name__)
 

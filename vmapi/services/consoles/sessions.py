@@ -33,8 +33,8 @@ from vmapi.node_detail import NODE_DETAIL
 from vmapi.services import audit
 from vmapi.services.consoles.tokens import invalidate_console_tokens
 from vmapi.services.locks import vm_locks
-from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, node_detail
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.vms.service import VmService
 from vmapi.services.vms.specs import console_address, display_password
 

@@ -52,8 +52,8 @@ from vmapi.services.moves.leftovers import (
     note_leftover,
 )
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, state_id
-from vmapi.services.nodes.hosts import checked_uri, hypervisor, node_uri
+from vmapi.services.nodes.domains import state_id
+from vmapi.services.nodes.hosts import Host, checked_uri, hypervisor, node_uri
 from vmapi.services.vms.service import scheduler_defaults
 from vmapi.telemetry import PLACEMENT_SECONDS
 

@@ -39,8 +39,8 @@ from vmapi.services.moves.books import (
     release_target,
 )
 from vmapi.services.moves.volumes import prepare_console_log, prepare_seed, prepare_volumes
-from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import BUILDING, hypervisor_failure, remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.specs import domain_spec
 from vmapi.telemetry import count_migration

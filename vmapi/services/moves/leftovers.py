@@ -20,8 +20,8 @@ from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
 from vmapi.models import Leftover, Storage, Vm
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.services.names import installation_id
-from vmapi.services.nodes.domains import Host, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
 
 
 def note_leftover(

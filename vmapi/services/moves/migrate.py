@@ -22,8 +22,7 @@ from sqlalchemy import select, update
 
 from vmapi.auth import Principal
 from vmapi.error_ids import VM_HYPERVISOR_TIMEOUT, VM_STATE_CONFLICT, not_found
-from vmapi.errors import ApiError, Conflict, NotFound
-from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.errors import ApiError, Conflict, HypervisorTimedOut, NotFound
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     PAUSED,
@@ -55,8 +54,8 @@ from vmapi.services.moves.volumes import (
     prepare_volumes,
     remove_source_leftovers,
 )
-from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import BUILDING, hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.service import VmService
 from vmapi.services.vms.specs import sealed_display
@@ -193,7 +192,7 @@ def move_domain(move: Move) -> None:
         )
     except HypervisorTimeout as exc:
         limit = current_app.config["MIGRATION_TIMEOUT"]
-        raise HypervisorTimeoutError(
+        raise HypervisorTimedOut(
             f"vm-{vm.id} did not move to {target.node.fqdn} in time (the move may take "
             f"{limit:g} s): libvirt's migration job was aborted, the VM keeps running on "
             f"{source.node.fqdn} and nothing is left on {target.node.fqdn}.",

@@ -43,8 +43,8 @@ from vmapi.services.moves.leftovers import (
     note_leftover,
 )
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
 
 

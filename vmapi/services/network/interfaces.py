@@ -28,8 +28,8 @@ from vmapi.models import Interface, VirtMethod, Vlan, Vm
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.network.allocation import FAMILIES, move_addresses
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.ownership import own_interfaces
 from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vms.cloud_init import (

@@ -41,8 +41,8 @@ from vmapi.node_detail import NodeNote
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.locks import with_vm_locks
 from vmapi.services.names import volume_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.ownership import own_vms
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume

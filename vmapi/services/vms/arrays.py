@@ -53,8 +53,8 @@ from vmapi.hypervisor import (
 )
 from vmapi.services.consoles.log import console_log_path, log_remover
 from vmapi.services.network.allocation import make_free_ipv6
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.specs import domain_spec, new_nic_specs
 

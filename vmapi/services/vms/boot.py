@@ -34,8 +34,8 @@ from vmapi.services.images.copies import (
     root_type,
 )
 from vmapi.services.names import volume_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo

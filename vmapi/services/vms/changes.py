@@ -31,8 +31,8 @@ from vmapi.models import Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
 from vmapi.services.consoles.log import ensure_console_log
 from vmapi.services.consoles.tokens import invalidate_console_tokens
-from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail, record_state
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, node_detail, record_state
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota, check_vm_quota
 from vmapi.services.undo import Undo
 from vmapi.services.vms.cloud_init import (

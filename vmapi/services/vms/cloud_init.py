@@ -36,8 +36,8 @@ from vmapi.models import Interface, StorageType, VirtMethod, Vm
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
 from vmapi.node_detail import NodeNote
 from vmapi.services.images.copies import pool_directory
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,6 @@ from vmapi.services.names import domain_name
 from vmapi.services.network.allocation import NewInterface, add_interface
 from vmapi.services.nodes.domains import (
     BUILDING,
-    Host,
     forget,
     hypervisor_failure,
     name_taken,
@@ -79,7 +78,7 @@ from vmapi.services.nodes.domains import (
     remove_domain,
     state_id,
 )
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.undo import Undo, all_or_nothing, apply_all, check_all
