@@ -38,16 +38,13 @@ from vmapi.services import audit
 from vmapi.services.crud import Outcome
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import (
-    COLD,
-    LIVE,
-    Move,
     claim_target,
     migration_uri,
-    moved_volumes,
     record,
     release_target,
     settle,
 )
+from vmapi.services.moves.move import COLD, LIVE, Move, moved_volumes
 from vmapi.services.moves.volumes import (
     prepare_console_log,
     prepare_seed,
@@ -57,7 +54,7 @@ from vmapi.services.moves.volumes import (
 from vmapi.services.nodes.domains import BUILDING, hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
-from vmapi.services.vms.service import VmService
+from vmapi.services.vms.rows import VmRows
 from vmapi.services.vms.specs import sealed_display
 from vmapi.telemetry import count_migration
 
@@ -81,13 +78,13 @@ def migrate_vm(
     kind = LIVE if live else COLD
     try:
         with vm_locks([ident]):
-            vm = VmService().get(ident, principal)
+            vm = VmRows().get(ident, principal)
             messages = []
             if vm.migration_node_id is not None:
                 was = vm.node_id
                 messages.append(settle_interrupted(vm))
                 if vm.node_id != was and node in (None, vm.node_id):
-                    return Outcome(VmService().loaded([vm]), messages)  # it has moved
+                    return Outcome(VmRows().loaded([vm]), messages)  # it has moved
             if from_node is not None and vm.node_id != from_node:
                 raise NotThere(f"vm-{vm.id} is no longer on node {from_node}.")
             source = Host.of(vm.node_id)
@@ -95,7 +92,9 @@ def migrate_vm(
             claimed = claim_target(vm, node)
             move = Move(vm, source, Host.of(claimed.id), kind, moved_volumes(vm.id),
                         deadline=started + seconds, started=started)  # fmt: skip
-            undo: Undo = [lambda: release_target(vm, claimed.id)]
+            undo = Undo()
+            undo.push(f"releasing the claim of vm-{vm.id} on node {claimed.fqdn}",
+                      lambda: release_target(vm, claimed.id))  # fmt: skip
             try:
                 prepare_volumes(move, undo)
                 prepare_console_log(move, undo)
@@ -110,7 +109,7 @@ def migrate_vm(
         count_migration(kind, exc.error_id, time.monotonic() - started)
         raise
     count_migration(kind, "ok", time.monotonic() - started)
-    return Outcome(VmService().loaded([vm]), messages)
+    return Outcome(VmRows().loaded([vm]), messages)
 
 
 class NotThere(Exception):
