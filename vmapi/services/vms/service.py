@@ -27,7 +27,7 @@ from vmapi.services.vms.rows import VmRows
 
 
 class VmService(VmRows):
-    def create_many(
+    def create_all(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[Vm]:
         """Create every VM or none (:func:`vmapi.services.vms.create.create_vms`)."""
