@@ -14,24 +14,7 @@ from flask.sessions import SessionInterface
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from vmapi import models  # noqa: F401 - registers every model with the metadata
-from vmapi.api import register_api
-from vmapi.api.errors import register_error_handlers
-from vmapi.cli import register_cli
-from vmapi.config import load_config
-from vmapi.database import ping_idle_connections
-from vmapi.extensions import db, migrate
-from vmapi.hypervisor.libvirt import LibvirtDriver
-from vmapi.hypervisor.observed import ObservedDriver
-from vmapi.hypervisor.uri import UriPolicy
 from vmapi.release import __version__
-from vmapi.requestlog import register_request_log
-from vmapi.services.nodes.hosts import DRIVER_KEY, POLICY_KEY
-from vmapi.telemetry import (
-    count_connections,
-    hypervisor_action,
-    register_request_metrics,
-)
 
 __all__ = ["__version__", "create_app"]
 
@@ -52,7 +35,30 @@ class NoCookieSessions(SessionInterface):
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """The application factory: configuration, extensions, blueprints, errors, CLI."""
+    """The application factory: configuration, extensions, blueprints, errors, CLI.
+
+    Its imports stay here, though no cycle forbids them at the top: this package's
+    ``__init__`` runs on every ``import vmapi.<anything>`` (gunicorn's post_fork hook, the
+    fuzz hooks, tools), which must not load the whole application. (With them at the
+    top, tests/api/test_fuzz.py's seeded run took another path and failed.)"""
+    from vmapi import models  # noqa: F401 - registers every model with the metadata
+    from vmapi.api import register_api
+    from vmapi.api.errors import register_error_handlers
+    from vmapi.cli import register_cli
+    from vmapi.config import load_config
+    from vmapi.database import ping_idle_connections
+    from vmapi.extensions import db, migrate
+    from vmapi.hypervisor.libvirt import LibvirtDriver
+    from vmapi.hypervisor.observed import ObservedDriver
+    from vmapi.hypervisor.uri import UriPolicy
+    from vmapi.requestlog import register_request_log
+    from vmapi.services.nodes.hosts import DRIVER_KEY, POLICY_KEY
+    from vmapi.telemetry import (
+        count_connections,
+        hypervisor_action,
+        register_request_metrics,
+    )
+
     app = Flask(__name__, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
     load_config(app, config)
