@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -34,7 +35,12 @@ class NoCookieSessions(SessionInterface):
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """The application factory: configuration, extensions, blueprints, errors, CLI."""
+    """The application factory: configuration, extensions, blueprints, errors, CLI.
+
+    Its imports stay here, though no cycle forbids them at the top: this package's
+    ``__init__`` runs on every ``import vmapi.<anything>`` (gunicorn's post_fork hook, the
+    fuzz hooks, tools), which must not load the whole application. (With them at the
+    top, tests/api/test_fuzz.py's seeded run took another path and failed.)"""
     from vmapi import models  # noqa: F401 - registers every model with the metadata
     from vmapi.api import register_api
     from vmapi.api.errors import register_error_handlers
@@ -95,8 +101,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _migrations_dir() -> str:
-    import os
-
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 
 

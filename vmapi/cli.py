@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -9,10 +10,28 @@ from typing import Any
 import click
 from flask import Flask
 from flask.cli import AppGroup
+from sqlalchemy import select
 
+from vmapi import models
+from vmapi.api.network import ipv4, ipv6_pool
+from vmapi.api.node import node, virt_node
 from vmapi.auth import ADMIN, CUSTOMER, Principal
 from vmapi.errors import ApiError
 from vmapi.extensions import db
+from vmapi.models import Image, Node, NodeState
+from vmapi.models.image import ACTIVE
+from vmapi.scheduler import refresh_all
+from vmapi.services.catalog_defaults import seed_defaults
+from vmapi.services.consoles.sessions import purge_console_tokens
+from vmapi.services.events import purge_events
+from vmapi.services.images.copies import push, push_nodes
+from vmapi.services.moves.evacuation import EvacuationRefused, evacuate_one, start_evacuation
+from vmapi.services.moves.migrate import drain_one, start_drain
+from vmapi.services.names import installation_id, stored_installation_id
+from vmapi.services.nodes.health import check_nodes
+from vmapi.services.nodes.registry import capacity_defaults
+from vmapi.services.reconcile import reconcile
+from vmapi.services.tokens import TokenError, create_token, list_tokens, revoke_token
 
 vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
 token_cli = AppGroup("token", help="API tokens.")
@@ -35,9 +54,6 @@ CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
 @vmapi_cli.command("seed")
 def seed_command() -> None:
     """Insert the default catalog rows that are missing (idempotent)."""
-    from vmapi.services.catalog_defaults import seed_defaults
-    from vmapi.services.names import installation_id, stored_installation_id
-
     added = seed_defaults()
     click.echo("seeded: " + (", ".join(added) if added else "nothing was missing"))
     used, stored = installation_id(), stored_installation_id()
@@ -58,8 +74,6 @@ def token_create(
     is_admin: bool, customer_id: int | None, name: str | None, expires_days: int | None
 ) -> None:
     """Create a token; the plain token is printed once, alone on the last line."""
-    from vmapi.services.tokens import TokenError, create_token
-
     if is_admin == (customer_id is not None):
         raise click.UsageError("give exactly one of --admin or --customer ID")
     try:
@@ -77,8 +91,6 @@ def token_create(
 @token_cli.command("list")
 def token_list() -> None:
     """List tokens (never their values)."""
-    from vmapi.services.tokens import list_tokens
-
     click.echo(f"{'id':>5}  {'name':32} {'role':8} {'customer':>8}  {'expires':25} revoked")
     for t in list_tokens():
         customer = "-" if t.customer_id is None else str(t.customer_id)
@@ -91,8 +103,6 @@ def token_list() -> None:
 @click.argument("token")
 def token_revoke(token: str) -> None:
     """Revoke a token by id or name."""
-    from vmapi.services.tokens import TokenError, revoke_token
-
     try:
         row = revoke_token(token)
     except TokenError as exc:
@@ -115,10 +125,6 @@ def token_revoke(token: str) -> None:
 @click.option("--interface-mode", type=click.Choice(["bridge", "ethernet", "user"]))
 def node_add(state_name: str, methods: tuple[str, ...], **fields: Any) -> None:
     """Register a node (capacity read from its libvirt) and its virt methods."""
-    from sqlalchemy import select
-
-    from vmapi.api.node import node, virt_node
-    from vmapi.models import NodeState
 
     state = db.session.scalars(select(NodeState).where(NodeState.name == state_name)).first()
     if state is None:
@@ -144,9 +150,6 @@ def node_add(state_name: str, methods: tuple[str, ...], **fields: Any) -> None:
 @click.option("--quiet", is_flag=True, help="Only the fqdns.")
 def node_list(quiet: bool) -> None:
     """List nodes with their capacity and allocation."""
-    from sqlalchemy import select
-
-    from vmapi.models import Node
 
     for n in db.session.scalars(select(Node).order_by(Node.id)):
         if quiet:
@@ -161,9 +164,6 @@ def node_list(quiet: bool) -> None:
 @node_cli.command("refresh-capacity")
 def node_refresh_capacity() -> None:
     """Recompute every node's free capacity (run after changing the default ratios)."""
-    from vmapi.scheduler import refresh_all
-    from vmapi.services.nodes.registry import capacity_defaults
-
     click.echo(f"refreshed {refresh_all(capacity_defaults())} node(s)")
 
 
@@ -177,8 +177,6 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     check reaches it again. Safe for cron or a systemd timer. Exits 1 when a node is
     unreachable.
     """
-    from vmapi.services.nodes.health import check_nodes
-
     probes = check_nodes(workers, fqdns)
     for probe in probes:
         if probe.ok:
@@ -201,8 +199,6 @@ def node_drain(fqdn: str, timeout: float | None) -> None:
     """Empty a node: it goes to maintenance (takes no new VMs), then each of its VMs moves
     to the node the scheduler picks, live if it runs. Prints what moved and what did not;
     exits 1 if anything stayed. Safe to run again after an interruption."""
-    from vmapi.services.moves.migrate import drain_one, start_drain
-
     try:
         node, vm_ids = start_drain(fqdn)
     except ApiError as exc:
@@ -224,8 +220,6 @@ def node_evacuate(fqdn: str, accept_data_loss: bool) -> None:
     data volumes on it are refused unless --accept-data-loss. When the node answers
     again, flask vmapi reconcile --fix removes what it still has. Exits 1 if a VM was
     not rebuilt."""
-    from vmapi.services.moves.evacuation import EvacuationRefused, evacuate_one, start_evacuation
-
     try:
         node, vm_ids = start_evacuation(fqdn)
     except EvacuationRefused as exc:
@@ -268,9 +262,6 @@ def report(results: list[Any], done: list[bool], verb: str) -> None:
 def network_add(network: str, gateway: str, if_missing: bool) -> None:
     """Register NETWORK for new VMs: an IPv4 network adds every host address but the
     gateway (POST /ipv4), an IPv6 network becomes a pool (POST /ipv6_pool)."""
-    import ipaddress
-
-    from vmapi.api.network import ipv4, ipv6_pool
 
     try:
         version = ipaddress.ip_network(network, strict=False).version
@@ -295,16 +286,12 @@ def network_add(network: str, gateway: str, if_missing: bool) -> None:
               help="Delete events older than this many days.")  # fmt: skip
 def event_purge(days: int) -> None:
     """Apply the audit trail's retention (the shipped timer keeps 400 days)."""
-    from vmapi.services.events import purge_events
-
     click.echo(f"deleted {purge_events(days)} event(s) older than {days} day(s)")
 
 
 @console_cli.command("purge")
 def console_purge() -> None:
     """Delete expired console tokens (they open nothing; the shipped timer runs this)."""
-    from vmapi.services.consoles.sessions import purge_console_tokens
-
     click.echo(f"deleted {purge_console_tokens()} expired console token(s)")
 
 
@@ -339,10 +326,6 @@ def image_push(image: int, fqdn: str | None) -> None:
     """Copy IMAGE (an id) to the nodes ahead of time, so the first VM of it there does
     not wait for the copy. Nodes that have it already are skipped. Exits 1 when a node
     could not take it."""
-    from vmapi.models import Image
-    from vmapi.models.image import ACTIVE
-    from vmapi.services.images.copies import push, push_nodes
-
     row = db.session.get(Image, image)
     if row is None or row.state != ACTIVE:
         raise click.ClickException(f"image {image} does not exist or has no accepted file")
@@ -372,8 +355,6 @@ def reconcile_command(fix: bool) -> None:
 
     Exits 1 when something was found and not fixed (or a node did not answer).
     """
-    from vmapi.services.reconcile import reconcile
-
     findings = reconcile(fix)
     for finding in findings:
         click.echo(finding.line())
@@ -391,8 +372,6 @@ def register_cli(app: Flask) -> None:
 
     @app.shell_context_processor
     def shell_context() -> dict[str, Any]:
-        from vmapi import models
-
         context: dict[str, Any] = {"db": db, "session": db.session, "app": app}
         context.update({name: getattr(models, name) for name in models.__all__})
         return context

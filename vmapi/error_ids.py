@@ -17,9 +17,11 @@ This module imports nothing of the app: every layer may use it.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 # What a request on a resource can do (a GET of the collection lists, of an item reads;
 # an action is POST /<resource>/<id>/<action>); the OpenAPI document has one per operation.
@@ -392,9 +394,6 @@ def replace_table(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(description="The error-id table of docs/API.md.")
     parser.add_argument("--write", metavar="FILE", help="Replace the table in FILE.")
     args = parser.parse_args(argv)

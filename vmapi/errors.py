@@ -148,8 +148,9 @@ class HypervisorFailure(ApiError):
     template = "The hypervisor failed: {reason}"
 
 
-class HypervisorTimeout(ApiError):
-    """A hypervisor did not answer in time (504)."""
+class HypervisorTimedOut(ApiError):
+    """The answer when a hypervisor did not answer in time (504); the driver's exception
+    for it is :class:`vmapi.hypervisor.HypervisorTimeout`."""
 
     status_code = 504
     error_id = GENERAL_HYPERVISOR_TIMEOUT

@@ -190,8 +190,8 @@ def test_a_rebuild_that_fails_leaves_nothing_on_the_other_node(
 def interrupted(app, driver, fleet, landed):
     """Play a move of the VM with the volume from a to b whose process died: b claimed,
     the VM marked, b's volume made and listed; ``landed``: libvirt had finished it."""
+    from vmapi.services.leftovers import note_leftover
     from vmapi.services.moves.books import claim_target
-    from vmapi.services.moves.leftovers import note_leftover
     from vmapi.services.vms.specs import domain_spec
 
     vm, a, b, storage = fleet["vms"][1], fleet["a"], fleet["b"], fleet["storage"]

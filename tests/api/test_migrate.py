@@ -180,9 +180,9 @@ def test_the_target_claim_lost_to_a_race_leaves_nothing(
     api, app, driver, pair, installation, monkeypatch
 ):
     """Between the filters and the claim, another request takes b's room."""
-    from vmapi.services.moves import books as moves
+    from vmapi.services.nodes import placement
 
-    real = moves.claim
+    real = placement.claim
 
     def raced(node_id, cores, ram):
         engine = sa.create_engine(app.config["DATABASE_URL"], poolclass=sa.pool.NullPool)
@@ -191,7 +191,7 @@ def test_the_target_claim_lost_to_a_race_leaves_nothing(
         engine.dispose()
         return real(node_id, cores, ram)
 
-    monkeypatch.setattr(moves, "claim", raced)
+    monkeypatch.setattr(placement, "claim", raced)
     error = assert_error(
         api.post(f"vm/{pair['vm']['id']}/migrate", json={"node": {"id": pair["b"]["id"]}}), 409,
         "vm/node_unsuitable",

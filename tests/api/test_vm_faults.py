@@ -169,9 +169,10 @@ def test_failed_undo_is_left_to_reconcile(api, vm_host, test_method, faults, run
     assert_error(api.post("vm", json=vm_body(test_method)), 502, "vm/hypervisor_error")
     left = state(api, node, faults)
     assert left["vms"] == [] and left["allocated"] == (0, 0)
-    assert left["domains"] == [f"{installation}-vm-1"]  # an orphan with our metadata...
+    assert left["domains"] == [f"{installation}-vm-1"]  # listed as left by the undo step...
     result = runner.invoke(args=["vmapi", "reconcile", "--fix"])
-    assert "orphan_domain" in result.output and result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output
+    assert "leftover" in result.output and "undo step failed: removing domain" in result.output
     assert state(api, node, faults) == EMPTY  # ...that reconcile removes
 
 

@@ -209,7 +209,7 @@ def test_families_follow_the_models():
         if error_ids.IN_USE in families:
             assert linked, name
         generic = "POST" in res.collection_methods and not _overrides(
-            res.service, "create_many", "update_many", "delete_many"
+            res.service, "create_all", "update_all", "delete_all"
         )
         if generic:
             assert (error_ids.DUPLICATE in families) == unique, name

@@ -9,11 +9,13 @@ from flask import Response, current_app, g, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from vmapi.api.openapi import document_for
 from vmapi.api.resource import ADMIN_ONLY, RESOURCES, principal
 from vmapi.auth import require_role
 from vmapi.errors import ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.representations import success_response
+from vmapi.telemetry import scrape
 
 
 def health() -> Response:
@@ -31,7 +33,6 @@ def metrics() -> Response:
     an address in METRICS_ALLOW (as gunicorn sees the peer)."""
     if not from_allowed_network(request.remote_addr, current_app.config["METRICS_ALLOW"]):
         require_role(principal(), ADMIN_ONLY, "read metrics")
-    from vmapi.telemetry import scrape
 
     return scrape()
 
@@ -48,8 +49,6 @@ def from_allowed_network(address: str | None, networks: list[str]) -> bool:
 
 def openapi() -> Response:
     """The OpenAPI 3 document of the whole API. No authentication."""
-    from vmapi.api.openapi import document_for
-
     return jsonify(document_for(current_app))
 
 

@@ -21,6 +21,7 @@ from vmapi import error_ids
 from vmapi.auth import Principal
 from vmapi.errors import ApiError, Conflict, NotFound, ValidationError, at_index
 from vmapi.extensions import db
+from vmapi.services.locks import vm_locks
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -183,13 +184,50 @@ class CrudService(Generic[M]):
         db.session.flush()
 
     # ------------------------------------------------------------------ batches
+    # A batch runs holding the locks of the VMs it changes on their nodes
+    # (:mod:`vmapi.services.locks`): ``*_locks`` name them (none by default), ``*_all``
+    # does the work; a service overrides those, never the entry points.
     def create_many(
+        self, items: list[dict[str, Any]], principal: Principal, indexed: bool
+    ) -> Outcome[M]:
+        with vm_locks(self.create_locks(items)):
+            return self.create_all(items, principal, indexed)
+
+    def update_many(
+        self,
+        items: list[tuple[int, dict[str, Any]]],
+        principal: Principal,
+        indexed: bool,
+        options: dict[str, Any],
+    ) -> Outcome[M]:
+        with vm_locks(self.update_locks(items)):
+            return self.update_all(items, principal, indexed, options)
+
+    def delete_many(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> Outcome[M]:
+        with vm_locks(self.delete_locks(ids)):
+            return self.delete_all(ids, principal, options, indexed)
+
+    def create_locks(self, items: list[dict[str, Any]]) -> Iterable[int]:
+        """The VMs whose locks a create of ``items`` holds."""
+        return ()
+
+    def update_locks(self, items: list[tuple[int, dict[str, Any]]]) -> Iterable[int]:
+        """The VMs whose locks an update of ``items`` holds."""
+        return ()
+
+    def delete_locks(self, ids: list[int]) -> Iterable[int]:
+        """The VMs whose locks a delete of ``ids`` holds."""
+        return ()
+
+    def create_all(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome[M]:
         made = self.in_transaction(items, indexed, lambda data: self.create(data, principal))
         return Outcome(self.loaded(made))
 
-    def update_many(
+    def update_all(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,
@@ -202,7 +240,7 @@ class CrudService(Generic[M]):
 
         return Outcome(self.loaded(self.in_transaction(items, indexed, one)))
 
-    def delete_many(
+    def delete_all(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[M]:
         def one(ident: int) -> M:

@@ -12,11 +12,9 @@ no-op.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
 
 from flask import current_app
 from sqlalchemy import func, select
@@ -25,7 +23,6 @@ from vmapi.error_ids import VM_BUSY
 from vmapi.errors import Conflict
 from vmapi.extensions import db
 
-F = TypeVar("F", bound=Callable[..., Any])
 LOCK_SPACE = 0x766D  # "vm": the first key of pg_advisory_lock(int, int)
 INT32_MAX = 2**31 - 1
 
@@ -60,18 +57,3 @@ def vm_locks(vm_ids: Iterable[int], wait: float | None = None) -> Iterator[None]
         conn.execute(select(func.pg_advisory_unlock_all()))
         conn.commit()
         conn.close()
-
-
-def with_vm_locks(vms_of: Callable[..., Iterable[int]]) -> Callable[[F], F]:
-    """Run a service method while holding the locks of the VMs ``vms_of`` names; it is
-    called with the method's first argument (the items, ids or id of the request)."""
-
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        def locked(self: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
-            with vm_locks(list(vms_of(first))):
-                return method(self, first, *args, **kwargs)
-
-        return locked  # type: ignore[return-value]
-
-    return decorate

@@ -21,9 +21,10 @@ Findings, one per domain, VM or volume:
   reached when the image went); fix: delete the volume and its row.
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
   by where libvirt says the domain is (recorded there, or undone), under the VM's lock.
-- ``leftover``: a domain or volume listed as left on a node by a move or an evacuation
-  (services/moves/leftovers.py); fix: removed once the node answers (unless a row owns it
-  there again). On a node that does not answer it waits.
+- ``leftover``: a domain or volume listed as left on a node by a move or an evacuation,
+  or by an undo step that failed (its detail names the step) (services/leftovers.py);
+  fix: removed once the node answers (unless a row owns it there again). On a node that
+  does not answer it waits.
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
 Domains are matched with VMs by the name stored on the VM's row. Young ``building``
@@ -46,12 +47,13 @@ from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
 from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, VmState
 from vmapi.models.leftover import DOMAIN, VOLUME
 from vmapi.services.consoles.log import delete_console_log
+from vmapi.services.images.copies import remove_if_unused
+from vmapi.services.leftovers import leftovers_on, remove_leftover
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import settle
-from vmapi.services.moves.leftovers import leftovers_on, remove_leftover
 from vmapi.services.names import installation_id
-from vmapi.services.nodes.domains import BUILDING, Host, forget, remove_domain, state_id
-from vmapi.services.nodes.hosts import hypervisor, on_hosts
+from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
+from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
 
@@ -169,8 +171,6 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
 
 def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
     """Copies of deleted images left on nodes that answer now."""
-    from vmapi.services.images.copies import remove_if_unused
-
     stmt = select(ImageCopy).where(ImageCopy.image_id.is_(None), ImageCopy.node_id.in_(hosts))
     findings = []
     for copy in db.session.scalars(stmt.order_by(ImageCopy.id)).all():

@@ -1,39 +1,74 @@
 """All or nothing: the one way a write of several steps (or an array of writes) is undone.
 
-Every step that changed something pushes its inverse on an undo stack (:data:`Undo`);
-:func:`run_undo` plays the stack backwards after a failure. :func:`all_or_nothing` is the
-loop every batch use case shares: check every item first (nothing changed yet), then apply
-them in order under one stack, so a failure at any element undoes the elements before it,
-and the error names the failing element (``data.index``) of an array request.
+Every step that changed something pushes its inverse on an undo stack (:class:`Undo`),
+under a name that says what it undoes; :func:`run_undo` plays the stack backwards after a
+failure. An inverse that fails is logged by its name, and when it was to remove
+something from a node (``leftover``) that thing is listed in the ledger of leftovers
+with the step's name (:func:`vmapi.services.leftovers.note_failed_undo`):
+``flask vmapi reconcile`` shows it, and ``--fix`` removes it once the node answers.
+:func:`all_or_nothing` is the loop every batch use case shares: check every item first
+(nothing changed yet), then apply them in order under one stack, so a failure at any
+element undoes the elements before it, and the error names the failing element
+(``data.index``) of an array request.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from vmapi.errors import at_index
 from vmapi.extensions import db
+from vmapi.services.leftovers import Left, note_failed_undo
 
 log = logging.getLogger(__name__)
 
-Undo = list[Callable[[], None]]
 T = TypeVar("T")
 C = TypeVar("C")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class UndoStep:
+    """The inverse of one step: what it does (``name``, for the log and reconcile), how,
+    and what it removes from a node, if anything (listed as a leftover if it fails)."""
+
+    name: str
+    run: Callable[[], None]
+    leftover: Left | None = None
+
+
+class Undo:
+    """A stack of named inverses, run newest first by :func:`run_undo`."""
+
+    def __init__(self) -> None:
+        self.steps: list[UndoStep] = []
+
+    def push(self, name: str, run: Callable[[], None], leftover: Left | None = None) -> None:
+        """Put the inverse of what was just done on the stack; ``name`` says what it
+        undoes ("removing domain X on node Y"); ``leftover``: what stays on a node if it
+        fails."""
+        self.steps.append(UndoStep(name, run, leftover))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
 def run_undo(undo: Undo) -> None:
-    """Run the inverses of what was done, newest first; keep going past failures."""
+    """Run the inverses of what was done, newest first; keep going past failures, each
+    logged by its step's name (and listed as a leftover when it leaves one)."""
     db.session.rollback()  # the failure may have left the transaction unusable
-    while undo:
-        step = undo.pop()
+    while undo.steps:
+        step = undo.steps.pop()
         try:
-            step()
-        except Exception:  # an undo that fails must not hide the original error
+            step.run()
+        except Exception as exc:  # an undo that fails must not hide the original error
             db.session.rollback()
-            log.exception("undo step failed; reconcile will find what is left")
+            log.exception("undo step failed: %s; reconcile will find what is left", step.name)
+            if step.leftover is not None:
+                note_failed_undo(step.leftover, step.name, exc)
 
 
 def all_or_nothing(
@@ -59,7 +94,7 @@ def check_all(items: Iterable[T], indexed: bool, check: Callable[[T], C]) -> lis
 
 def apply_all(checked: list[C], indexed: bool, apply: Callable[[C, Undo], R]) -> list[R]:
     """``apply`` each checked item in order under one undo stack (see all_or_nothing)."""
-    undo: Undo = []
+    undo = Undo()
     done: list[R] = []
     for index, item in enumerate(checked):
         try:

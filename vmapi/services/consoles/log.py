@@ -14,7 +14,6 @@ defined (409 ``vm/no_console_log``). DELETE /vm removes the log.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import current_app
@@ -25,10 +24,14 @@ from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, VolumeNotFound
 from vmapi.models import Vm
+from vmapi.models.leftover import LOG
 from vmapi.node_detail import NodeNote
+from vmapi.services.leftovers import Left
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.undo import Undo
+from vmapi.services.vms.rows import VmRows
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +70,27 @@ def console_log_path(directory: str, domain: str) -> str:
     return f"{directory.rstrip('/')}/{console_log_name(domain)}"
 
 
-def log_remover(vm: Vm, host: Host) -> Callable[[], None]:
-    """An undo step that removes the log the VM's domain may have started (the values are
-    taken now: the row's may be rolled back before it runs)."""
+def push_log_remover(undo: Undo, vm: Vm, host: Host) -> None:
+    """Push the undo step that removes the log the VM's domain may have started (the
+    values are taken now: the row's may be rolled back before it runs)."""
     pool, volume = vm.console_log_pool, vm.console_log_volume
 
     def remove() -> None:
         if pool is not None and volume is not None:
             hypervisor().delete_log(host.uri, pool, volume)
 
-    return remove
+    left = None if pool is None or volume is None else Left(host.node.id, LOG, volume, vm.id, pool)
+    undo.push(f"removing the console log of vm-{vm.id} from node {host.node.fqdn}", remove, left)
 
 
 def read_console_log(ident: int, principal: Principal, size: int | None) -> ConsoleLog:
     """The last ``size`` bytes (default 65536) of VM ``ident``'s console log (a
     customer's own VMs only)."""
-    from vmapi.services.vms.service import VmService
-
     limit = int(current_app.config["CONSOLE_LOG_MAX"])
     wanted = DEFAULT_BYTES if size is None else size
     if not 1 <= wanted <= limit:
         raise ValidationError(data={"bytes": [f"Must be from 1 to {limit}."]})
-    vm = VmService().get(ident, principal)
+    vm = VmRows().get(ident, principal)
     if vm.console_log_path is None or vm.console_log_pool is None:
         raise Conflict(
             f"vm-{vm.id} has no console log: its domain was defined before vmapi logged "

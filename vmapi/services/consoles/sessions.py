@@ -33,9 +33,9 @@ from vmapi.node_detail import NODE_DETAIL
 from vmapi.services import audit
 from vmapi.services.consoles.tokens import invalidate_console_tokens
 from vmapi.services.locks import vm_locks
-from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail
-from vmapi.services.nodes.hosts import hypervisor
-from vmapi.services.vms.service import VmService
+from vmapi.services.nodes.domains import hypervisor_failure, node_detail
+from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.vms.rows import VmRows
 from vmapi.services.vms.specs import console_address, display_password
 
 
@@ -54,7 +54,7 @@ def open_console(ident: int, principal: Principal, base_url: str) -> Console:
     (the shipped nginx site serves the console pages beside the API)."""
     config = current_app.config
     with vm_locks([ident]):
-        vm = VmService().get(ident, principal)  # a customer's own VMs only (else 404)
+        vm = VmRows().get(ident, principal)  # a customer's own VMs only (else 404)
         host = Host.of(vm.node_id)
         problem = display_problem(host.uri, console_address(host.node, config))
         if problem:  # a URL that cannot work is no console (and no libvirt call is made)

@@ -113,7 +113,7 @@ class ImageService(CrudService[Image]):
             )
         return super().update(obj, data, principal)
 
-    def delete_many(
+    def delete_all(
         self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
     ) -> Outcome[Image]:
         """Delete images no VM boots from, then their files and every node's copy."""

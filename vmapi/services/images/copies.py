@@ -43,8 +43,7 @@ from vmapi.node_detail import NodeNote
 from vmapi.services.images.locks import copy_lock
 from vmapi.services.images.store import read_chunks
 from vmapi.services.names import image_volume_name
-from vmapi.services.nodes.domains import Host
-from vmapi.services.nodes.hosts import hypervisor, on_hosts
+from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from vmapi import heartbeat
 from vmapi.error_ids import VM_HYPERVISOR_TIMEOUT
-from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.errors import HypervisorTimedOut
 from vmapi.extensions import db
 
 #: How often a request waiting for another's copy looks again.
@@ -82,7 +82,7 @@ def copy_lock(image_id: int, node_id: int, shared: bool = False) -> Iterator[Non
 def _waited(deadline: float, wait: float, image_id: int, node_id: int) -> None:
     heartbeat.beat()  # waiting on a copy that is moving bytes is progress too
     if time.monotonic() >= deadline:
-        raise HypervisorTimeoutError(
+        raise HypervisorTimedOut(
             f"Another request's copy of image {image_id} to node {node_id} did not finish "
             f"within {wait:g} s; retry later.",
             error_id=VM_HYPERVISOR_TIMEOUT,

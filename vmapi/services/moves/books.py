@@ -1,5 +1,6 @@
-"""A move of a VM between nodes: its books (services/moves/migrate.py puts the steps in
-order; services/moves/volumes.py prepares the target; evacuation and reconcile use some).
+"""A move of a VM between nodes: its books (the move itself is services/moves/move.py;
+services/moves/migrate.py puts the steps in order; services/moves/volumes.py prepares the
+target; evacuation and reconcile use some).
 
 - :func:`claim_target`: capacity on the target, claimed through the scheduler (the same
   filters as a create; the VM's own node fails ``uuid_free``, so it is never the
@@ -14,11 +15,10 @@ order; services/moves/volumes.py prepares the target; evacuation and reconcile u
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from vmapi.error_ids import (
@@ -32,78 +32,30 @@ from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainNotFound,
 )
-from vmapi.models import Node, Storage, StorageType, Vm
+from vmapi.models import Node, Storage, Vm
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.scheduler import (
     NoValidHost,
     PlacementRequest,
-    claim,
     release,
     select_and_claim,
-    unsuitable_reasons,
 )
 from vmapi.services import audit
 from vmapi.services.consoles.tokens import invalidate_console_tokens
-from vmapi.services.moves.leftovers import (
+from vmapi.services.leftovers import (
     delete_listed_log,
     delete_listed_volume,
     drop_leftover,
     leftovers_on,
     note_leftover,
 )
+from vmapi.services.moves.move import EVACUATE, LIVE, Move, moved_volumes
+from vmapi.services.moves.volumes import remove_source_leftovers
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, state_id
-from vmapi.services.nodes.hosts import checked_uri, hypervisor, node_uri
-from vmapi.services.vms.service import scheduler_defaults
+from vmapi.services.nodes.domains import state_id
+from vmapi.services.nodes.hosts import Host, checked_uri, hypervisor, node_uri
+from vmapi.services.nodes.placement import claim_named, scheduler_defaults
 from vmapi.telemetry import PLACEMENT_SECONDS
-
-LIVE, COLD, EVACUATE = "live", "cold", "evacuate"
-
-
-@dataclass
-class MovedVolume:
-    """A storage row of the moving VM and where its volume is on the target."""
-
-    storage: Storage
-    fmt: str
-    shared: bool  # its pool is the same on every node: it stays where it is
-    target_path: str | None = None
-
-
-@dataclass
-class Move:
-    """One VM on its way from ``source`` to ``target``, within ``deadline``."""
-
-    vm: Vm
-    source: Host
-    target: Host
-    kind: str  # live, cold or evacuate (made anew on the target: the source is dead)
-    volumes: list[MovedVolume]
-    deadline: float  # time.monotonic()
-    started: float = field(default_factory=time.monotonic)
-    messages: list[str] = field(default_factory=list)
-    downtime: float | None = None  # seconds, as libvirt reports a live move's
-    console_log: str | None = None  # the file the domain logs its console to on the target
-    seed_path: str | None = None  # the cloud-init seed made on the target
-    seed_volume: tuple[str, str] | None = None  # (pool, name) there
-    old_seed: tuple[str, str] | None = None  # (pool, name) on the source, once recorded
-
-    @property
-    def copied(self) -> list[MovedVolume]:
-        return [v for v in self.volumes if not v.shared]
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-def moved_volumes(vm_id: int) -> list[MovedVolume]:
-    stmt = (
-        select(Storage, StorageType.format, StorageType.shared)
-        .join(StorageType, StorageType.id == Storage.storage_type_id)
-        .where(Storage.vm_id == vm_id)
-        .order_by(Storage.id)
-    )
-    return [MovedVolume(storage, fmt, shared) for storage, fmt, shared in db.session.execute(stmt)]
 
 
 def migration_uri(node: Node) -> str:
@@ -152,16 +104,7 @@ def _claim_named(vm: Vm, node_id: int, request: PlacementRequest, defaults: Any)
     if node_id == vm.node_id:
         raise Conflict(f"vm-{vm.id} is on node {node_id} already.", error_id=VM_NODE_UNSUITABLE,
                        data={"node": {"id": node_id}, "reasons": ["source"]})  # fmt: skip
-    reasons = unsuitable_reasons(node_id, request, defaults)
-    node = None if reasons else claim(node_id, request.cores, request.ram)
-    if node is None:
-        reasons = reasons or ["enough_cores", "enough_ram"]  # a concurrent claim won
-        raise Conflict(
-            f"Node {node_id} cannot take vm-{vm.id}: {', '.join(reasons)}.",
-            error_id=VM_NODE_UNSUITABLE,
-            data={"node": {"id": node_id}, "reasons": reasons},
-        )
-    return node
+    return claim_named(node_id, request, defaults, f"vm-{vm.id}")
 
 
 def release_target(vm: Vm, node_id: int) -> None:
@@ -278,8 +221,6 @@ def settle(vm: Vm) -> str:
     driver = hypervisor()
     made = [left for left in leftovers_on(target.node.id) if left.vm_id == vm.id]
     if on_target:
-        from vmapi.services.moves.volumes import remove_source_leftovers
-
         volumes = {v.storage.volume_name for v in move.volumes}
         for volume in move.volumes:
             volume.target_path = (volume.storage.path if volume.shared else driver.volume(

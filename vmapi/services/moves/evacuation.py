@@ -27,20 +27,15 @@ from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Node, NodeState, VirtMethod, Vm, VmState
+from vmapi.models.leftover import DOMAIN
 from vmapi.services import audit
+from vmapi.services.leftovers import Left
 from vmapi.services.locks import vm_locks
-from vmapi.services.moves.books import (
-    EVACUATE,
-    Move,
-    MovedVolume,
-    claim_target,
-    moved_volumes,
-    record,
-    release_target,
-)
+from vmapi.services.moves.books import claim_target, record, release_target
+from vmapi.services.moves.move import EVACUATE, Move, MovedVolume, moved_volumes
 from vmapi.services.moves.volumes import prepare_console_log, prepare_seed, prepare_volumes
-from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import BUILDING, hypervisor_failure, remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.specs import domain_spec
 from vmapi.telemetry import count_migration
@@ -121,7 +116,9 @@ def _evacuate(vm_id: int, node_id: int, accept_data_loss: bool, started: float) 
     target = Host.of(claimed.id)
     move = Move(vm, source, target, EVACUATE, volumes, started=started,
                 deadline=started + float(current_app.config["MIGRATION_TIMEOUT"]))  # fmt: skip
-    undo: Undo = [lambda: release_target(vm, claimed.id)]
+    undo = Undo()
+    undo.push(f"releasing the claim of vm-{vm.id} on node {claimed.fqdn}",
+              lambda: release_target(vm, claimed.id))  # fmt: skip
     try:
         prepare_volumes(move, undo)
         prepare_console_log(move, undo)
@@ -154,7 +151,10 @@ def rebuild(move: Move, state: str, undo: Undo) -> str:
     step = "defining the domain on the target"
     try:
         driver.define(target.uri, spec)
-        undo.append(lambda: remove_domain(target, vm.domain_name))
+        name = vm.domain_name
+        undo.push(f"removing domain {name} from node {target.node.fqdn}",
+                  lambda: remove_domain(target, name),
+                  Left(target.node.id, DOMAIN, name, vm.id))  # fmt: skip
         if state in (RUNNING, PAUSED):
             step = "starting the domain on the target"
             driver.start(target.uri, vm.domain_name)

@@ -22,8 +22,7 @@ from sqlalchemy import select, update
 
 from vmapi.auth import Principal
 from vmapi.error_ids import VM_HYPERVISOR_TIMEOUT, VM_STATE_CONFLICT, not_found
-from vmapi.errors import ApiError, Conflict, NotFound
-from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.errors import ApiError, Conflict, HypervisorTimedOut, NotFound
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     PAUSED,
@@ -39,26 +38,23 @@ from vmapi.services import audit
 from vmapi.services.crud import Outcome
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import (
-    COLD,
-    LIVE,
-    Move,
     claim_target,
     migration_uri,
-    moved_volumes,
     record,
     release_target,
     settle,
 )
+from vmapi.services.moves.move import COLD, LIVE, Move, moved_volumes
 from vmapi.services.moves.volumes import (
     prepare_console_log,
     prepare_seed,
     prepare_volumes,
     remove_source_leftovers,
 )
-from vmapi.services.nodes.domains import BUILDING, Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import BUILDING, hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
-from vmapi.services.vms.service import VmService
+from vmapi.services.vms.rows import VmRows
 from vmapi.services.vms.specs import sealed_display
 from vmapi.telemetry import count_migration
 
@@ -82,13 +78,13 @@ def migrate_vm(
     kind = LIVE if live else COLD
     try:
         with vm_locks([ident]):
-            vm = VmService().get(ident, principal)
+            vm = VmRows().get(ident, principal)
             messages = []
             if vm.migration_node_id is not None:
                 was = vm.node_id
                 messages.append(settle_interrupted(vm))
                 if vm.node_id != was and node in (None, vm.node_id):
-                    return Outcome(VmService().loaded([vm]), messages)  # it has moved
+                    return Outcome(VmRows().loaded([vm]), messages)  # it has moved
             if from_node is not None and vm.node_id != from_node:
                 raise NotThere(f"vm-{vm.id} is no longer on node {from_node}.")
             source = Host.of(vm.node_id)
@@ -96,7 +92,9 @@ def migrate_vm(
             claimed = claim_target(vm, node)
             move = Move(vm, source, Host.of(claimed.id), kind, moved_volumes(vm.id),
                         deadline=started + seconds, started=started)  # fmt: skip
-            undo: Undo = [lambda: release_target(vm, claimed.id)]
+            undo = Undo()
+            undo.push(f"releasing the claim of vm-{vm.id} on node {claimed.fqdn}",
+                      lambda: release_target(vm, claimed.id))  # fmt: skip
             try:
                 prepare_volumes(move, undo)
                 prepare_console_log(move, undo)
@@ -111,7 +109,7 @@ def migrate_vm(
         count_migration(kind, exc.error_id, time.monotonic() - started)
         raise
     count_migration(kind, "ok", time.monotonic() - started)
-    return Outcome(VmService().loaded([vm]), messages)
+    return Outcome(VmRows().loaded([vm]), messages)
 
 
 class NotThere(Exception):
@@ -193,7 +191,7 @@ def move_domain(move: Move) -> None:
         )
     except HypervisorTimeout as exc:
         limit = current_app.config["MIGRATION_TIMEOUT"]
-        raise HypervisorTimeoutError(
+        raise HypervisorTimedOut(
             f"vm-{vm.id} did not move to {target.node.fqdn} in time (the move may take "
             f"{limit:g} s): libvirt's migration job was aborted, the VM keeps running on "
             f"{source.node.fqdn} and nothing is left on {target.node.fqdn}.",

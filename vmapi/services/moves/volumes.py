@@ -34,18 +34,26 @@ from vmapi.services.images.copies import (
     pool_directory,
     remove_if_unused,
 )
-from vmapi.services.moves.books import COLD, Move, MovedVolume
-from vmapi.services.moves.leftovers import (
+from vmapi.services.leftovers import (
+    Left,
     delete_listed_log,
     delete_listed_volume,
     drop_leftover,
     find_leftover,
     note_leftover,
 )
+from vmapi.services.moves.move import COLD, Move, MovedVolume
 from vmapi.services.names import console_log_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
+from vmapi.services.vms.cloud_init import (
+    SEED_STORAGE_TYPE,
+    seed_files,
+    seed_iso,
+    seed_pool,
+    volume_name,
+)
 
 
 def prepare_volumes(move: Move, undo: Undo) -> None:
@@ -123,7 +131,8 @@ def _make_root(move: Move, volume: MovedVolume, directory: str, undo: Undo) -> N
     with held_copy(source, target, storage.pool, directory) as held:
         if held.made:
             copy_id = held.copy.id
-            undo.append(lambda: remove_if_unused(copy_id))
+            undo.push(f"removing the copy of image {image.id} from node {target.node.fqdn} "
+                      "unless used", lambda: remove_if_unused(copy_id))  # fmt: skip
             move.deadline += held.seconds  # the copy has its own bound
         base = held.copy
         if move.kind == COLD:
@@ -167,6 +176,9 @@ def _make(move: Move, volume: MovedVolume, undo: Undo, make: Callable[[], str]) 
     def remove() -> None:
         delete_listed_volume(target, storage.pool, storage.volume_name)
 
+    what = f"deleting volume {storage.pool}/{storage.volume_name} made on node {target.node.fqdn}"
+    left = Left(target.node.id, VOLUME, storage.volume_name, move.vm.id, storage.pool)
+
     try:
         made = make()
     except NameTaken as exc:
@@ -183,9 +195,9 @@ def _make(move: Move, volume: MovedVolume, undo: Undo, make: Callable[[], str]) 
                   "node": {"id": target.node.id}},
         ) from exc  # fmt: skip
     except BaseException:
-        undo.append(remove)  # it may exist (a timeout after libvirt made it)
+        undo.push(what, remove, left)  # it may exist (a timeout after libvirt made it)
         raise
-    undo.append(remove)
+    undo.push(what, remove, left)
     return made
 
 
@@ -223,15 +235,15 @@ def prepare_console_log(move: Move, undo: Undo) -> None:
                   vm.console_log_pool)  # fmt: skip
     db.session.commit()
     pool = vm.console_log_pool
-    undo.append(lambda: delete_listed_log(target, pool, name))
+    undo.push(f"deleting the console log {pool}/{name} made on node {target.node.fqdn}",
+              lambda: delete_listed_log(target, pool, name),
+              Left(target.node.id, LOG, name, vm.id, pool))  # fmt: skip
 
 
 def prepare_seed(move: Move, undo: Undo) -> None:
     """The VM's cloud-init seed on the target, made from the database as every seed is
     (the same content gives the same name and bytes), listed as a leftover until the move
     is recorded. Only pointed at, never copied: the domain's seed disk is read-only."""
-    from vmapi.services.vms.cloud_init import seed_files, seed_iso, seed_pool, volume_name
-
     vm, target = move.vm, move.target
     if vm.seed_volume is None:
         return  # a VM without an image has no seed
@@ -273,8 +285,6 @@ class Seed:
 
 def seed_pool_shared() -> bool:
     """Whether seeds are in a pool every node sees (their storage type is shared)."""
-    from vmapi.services.vms.cloud_init import SEED_STORAGE_TYPE
-
     stmt = select(StorageType.shared).where(StorageType.name == SEED_STORAGE_TYPE)
     return bool(db.session.scalars(stmt).one())
 

@@ -13,6 +13,7 @@ bridge template using ``{vlan}``, its bridge) and the guest's cloud-init seed re
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from flask import current_app
@@ -26,10 +27,9 @@ from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.locks import with_vm_locks
 from vmapi.services.network.allocation import FAMILIES, move_addresses
-from vmapi.services.nodes.domains import Host, hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.ownership import own_interfaces
 from vmapi.services.undo import Undo, all_or_nothing
 from vmapi.services.vms.cloud_init import (
@@ -55,12 +55,12 @@ class InterfaceService(CrudService[Interface]):
     def load_options(self) -> list:
         return [selectinload(Interface.ipv4), selectinload(Interface.ipv6)]
 
-    @with_vm_locks(
-        lambda items: db.session.scalars(
+    def update_locks(self, items: list[tuple[int, dict[str, Any]]]) -> Iterable[int]:
+        return db.session.scalars(
             select(Interface.vm_id).where(Interface.id.in_([i for i, _d in items]))
         )
-    )
-    def update_many(
+
+    def update_all(
         self,
         items: list[tuple[int, dict[str, Any]]],
         principal: Principal,
@@ -132,13 +132,14 @@ class InterfaceService(CrudService[Interface]):
             move_addresses(iface.id, held)  # (one another request took since: logged)
             db.session.commit()
 
-        undo.append(restore)
+        undo.push(f"restoring interface {iface.id} and its addresses", restore)
         step = f"recording the {'new addresses' if addresses else 'VLAN'} in the domain"
         driver = hypervisor()
         try:
             seeded = bool(addresses) and wanted(vm) and refresh_seed(vm, host, undo, retired)
             driver.define(host.uri, domain_spec(vm, method, host.node, config))
-            undo.append(lambda: driver.define(host.uri, old_spec))
+            undo.push(f"redefining {vm.domain_name} with its interfaces as they were",
+                      lambda: driver.define(host.uri, old_spec))  # fmt: skip
             if seeded:
                 step = "reading the domain's state"
                 running = driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED)

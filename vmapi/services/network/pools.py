@@ -67,11 +67,11 @@ class Ipv4Service(AddressService):
     def __init__(self) -> None:
         super().__init__(Ipv4Address, "ipv4")
 
-    def create_many(
+    def create_all(
         self, items: list[dict[str, Any]], principal: Principal, indexed: bool
     ) -> Outcome:
         if not any("network" in item for item in items):
-            return super().create_many(items, principal, indexed)
+            return super().create_all(items, principal, indexed)
         ids: list[int] = []
         try:
             for index, item in enumerate(items):

@@ -6,7 +6,6 @@ Shared by the VM use cases and reconcile (undo is :mod:`vmapi.services.undo`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select, update
@@ -16,8 +15,7 @@ from vmapi.error_ids import (
     VM_HYPERVISOR_TIMEOUT,
     VM_NAME_TAKEN,
 )
-from vmapi.errors import ApiError, Conflict, HypervisorFailure
-from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.errors import ApiError, Conflict, HypervisorFailure, HypervisorTimedOut
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainInfo,
@@ -30,7 +28,7 @@ from vmapi.models import Node, Vm, VmState
 from vmapi.node_detail import NODE_DETAIL
 from vmapi.scheduler import release
 from vmapi.services.network.allocation import release_interfaces
-from vmapi.services.nodes.hosts import hypervisor, node_uri
+from vmapi.services.nodes.hosts import Host, hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +47,13 @@ def state_id(name: str) -> int:
     return _STATE_IDS[key]
 
 
-@dataclass
-class Host:
-    """A VM's node and how to reach it."""
-
-    node: Node
-    uri: str
-
-    @classmethod
-    def of(cls, node_id: int) -> Host:
-        node = db.session.get(Node, node_id)
-        return cls(node, node_uri(node.fqdn, node.libvirt_uri))
-
-
 def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
     """A hypervisor failure as the API answers it; marks the node down when unreachable."""
     data = {"step": step, "node": {"id": host.node.id}}
     if isinstance(exc, HypervisorUnavailable | HypervisorTimeout):
         note_host_failure(host.node.id)
     if isinstance(exc, HypervisorTimeout):
-        return HypervisorTimeoutError(
+        return HypervisorTimedOut(
             f"Node {host.node.fqdn} did not answer within {exc.timeout:g} s while "
             f"{step}; the request was undone.",
             error_id=VM_HYPERVISOR_TIMEOUT,

@@ -1,9 +1,11 @@
-"""How services reach a node's hypervisor: its URI, the driver, and reading its capacity."""
+"""How services reach a node's hypervisor: its URI, the driver, a node as a :class:`Host`
+(its row and URI), and reading its capacity."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from flask import current_app
@@ -11,8 +13,10 @@ from flask import current_app
 from vmapi.config import uri_template_problem
 from vmapi.error_ids import NODE_UNREACHABLE, NODE_UNSAFE_URI
 from vmapi.errors import Conflict
+from vmapi.extensions import db
 from vmapi.hypervisor import HostInfo, HypervisorDriver, HypervisorError, HypervisorTimeout
 from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
+from vmapi.models import Node
 from vmapi.node_detail import NODE_DETAIL
 
 DRIVER_KEY = "vmapi.hypervisor"
@@ -62,6 +66,19 @@ def node_uri(fqdn: str, libvirt_uri: str | None) -> str:
             data={NODE_DETAIL: f"node {fqdn}: LIBVIRT_URI_TEMPLATE {template!r}: {problem}"},
         )
     return template.format(fqdn=fqdn)
+
+
+@dataclass
+class Host:
+    """A VM's node and how to reach it."""
+
+    node: Node
+    uri: str
+
+    @classmethod
+    def of(cls, node_id: int) -> Host:
+        node = db.session.get(Node, node_id)
+        return cls(node, node_uri(node.fqdn, node.libvirt_uri))
 
 
 def read_capacity(fqdn: str, uri: str) -> HostInfo:

@@ -13,13 +13,12 @@ from __future__ import annotations
 from flask import current_app
 from sqlalchemy import select
 
-from vmapi.errors import ApiError
-from vmapi.errors import HypervisorTimeout as HypervisorTimeoutError
+from vmapi.errors import ApiError, HypervisorTimedOut
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, HypervisorError, VolumeNotFound
 from vmapi.models import Storage, VirtMethod, Vm
-from vmapi.services.nodes.domains import Host, hypervisor_failure, record_state
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, record_state
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.vms.specs import domain_spec
 
 
@@ -98,7 +97,7 @@ def _part_way(
             kept += " and its domain (powered off; its definition may still name deleted volumes)"
     reason = (
         f"did not answer in time while {step}"
-        if isinstance(error, HypervisorTimeoutError)
+        if isinstance(error, HypervisorTimedOut)
         else f"failed while {step}: {exc.reason}"
     )
     error.message = (

@@ -27,7 +27,7 @@ An element failing in phase 1 (quota, capacity, UUID) is reported before any nod
 called, so it wins over a node that would have failed for an earlier element.
 
 An array with an element that boots from an image takes the sequential path
-(:meth:`vmapi.services.vms.service.VmService.create_one` per element): its root disk and seed
+(:func:`vmapi.services.vms.create.create_one` per element): its root disk and seed
 interleave database writes with volume calls on the node.
 """
 
@@ -38,7 +38,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from flask import current_app
 
@@ -51,16 +50,15 @@ from vmapi.hypervisor import (
     HypervisorError,
     NameTaken,
 )
-from vmapi.services.consoles.log import console_log_path, log_remover
+from vmapi.models import Vm
+from vmapi.models.leftover import DOMAIN
+from vmapi.services.consoles.log import console_log_path, push_log_remover
+from vmapi.services.leftovers import Left
 from vmapi.services.network.allocation import make_free_ipv6
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
-from vmapi.services.vms.specs import domain_spec, new_nic_specs
-
-if TYPE_CHECKING:
-    from vmapi.models import Vm
-    from vmapi.services.vms.service import NewVm, Placed
+from vmapi.services.vms.placed import NewVm, Placed, finish, place, placed_spec
 
 PREPARING_LOG = "preparing the console log"
 
@@ -99,14 +97,10 @@ class FirstFailure:
             return self._index is not None and self._index < index
 
 
-def create_array(
-    checked: list[NewVm],
-    place: Callable[[NewVm, Undo, bool], Placed],
-    finish: Callable[[Placed, DomainInfo, bool], Vm],
-) -> list[Vm]:
+def create_array(checked: list[NewVm]) -> list[Vm]:
     """Create every checked VM or none (the module's three phases); the VMs in order."""
     config = current_app.config
-    undo: Undo = []
+    undo = Undo()
     make_free_ipv6(len(checked))  # one pool transaction for the array, not one per VM
     try:
         placed: list[Placed] = []
@@ -114,11 +108,7 @@ def create_array(
         for index, new in enumerate(checked):
             with at_index(index):
                 placed.append(place(new, undo, False))
-                vm, host = placed[-1].vm, placed[-1].host
-                with db.session.no_autoflush:
-                    nics = new_nic_specs([placed[-1].interface], host.node, config)
-                    spec = domain_spec(vm, new.method, host.node, config, disks=False, nics=nics)
-                jobs.append(DomainJob(index, host.uri, spec))
+                jobs.append(DomainJob(index, placed[-1].host.uri, placed_spec(new, placed[-1])))
         db.session.commit()  # no transaction stays open while the nodes answer
         by_node: dict[int, list[DomainJob]] = {}
         for one, job in zip(placed, jobs, strict=True):
@@ -191,10 +181,12 @@ def remember(placed: Placed, job: DomainJob, pool: str, undo: Undo) -> None:
     if job.log_path is not None:
         placed.vm.console_log_pool = pool
         placed.vm.console_log_path = job.log_path
-        undo.append(log_remover(placed.vm, placed.host))
+        push_log_remover(undo, placed.vm, placed.host)
     if job.defined:
         host, name = placed.host, job.spec.name
-        undo.append(lambda: remove_domain(host, name))
+        undo.push(f"removing domain {name} from node {host.node.fqdn}",
+                  lambda: remove_domain(host, name),
+                  Left(host.node.id, DOMAIN, name, placed.vm.id))  # fmt: skip
 
 
 def raise_failure(job: DomainJob, host: Host) -> None:

@@ -25,6 +25,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken
 from vmapi.models import Image, Storage, Vm
 from vmapi.models.image import ACTIVE
+from vmapi.models.leftover import VOLUME
 from vmapi.services.images.copies import (
     CopyGone,
     Source,
@@ -33,9 +34,10 @@ from vmapi.services.images.copies import (
     remove_if_unused,
     root_type,
 )
+from vmapi.services.leftovers import Left
 from vmapi.services.names import volume_name
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
@@ -160,7 +162,9 @@ def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) ->
         with held_copy(boot.source, host, pool, directory) as held:
             if held.made:  # (this root disk's row goes after it: it does not count)
                 copy_id, root_id = held.copy.id, root.id
-                undo.append(lambda: remove_if_unused(copy_id, ignoring=root_id))
+                undo.push(f"removing the copy of image {boot.source.id} from node "
+                          f"{host.node.fqdn} unless used",
+                          lambda: remove_if_unused(copy_id, ignoring=root_id))  # fmt: skip
             step = "creating the root disk"
             try:
                 base = held.copy.volume_name
@@ -168,7 +172,9 @@ def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) ->
                 root.path = driver.create_overlay(uri, pool, root.volume_name, size, base, fmt)
             except NameTaken as exc:
                 raise name_taken(exc, f"{pool}/{root.volume_name}", host, "a volume") from exc
-            undo.append(lambda: delete_volume(root, host))
+            undo.push(f"deleting root disk {pool}/{root.volume_name} on node {host.node.fqdn}",
+                      lambda: delete_volume(root, host),
+                      Left(host.node.id, VOLUME, root.volume_name, vm.id, pool))  # fmt: skip
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
     except CopyGone as exc:  # (the VM's row holds the image: only if that changes)

@@ -31,8 +31,8 @@ from vmapi.models import Storage, VirtMethod, Vm
 from vmapi.scheduler import claim, release
 from vmapi.services.consoles.log import ensure_console_log
 from vmapi.services.consoles.tokens import invalidate_console_tokens
-from vmapi.services.nodes.domains import Host, hypervisor_failure, node_detail, record_state
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import hypervisor_failure, node_detail, record_state
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota, check_vm_quota
 from vmapi.services.undo import Undo
 from vmapi.services.vms.cloud_init import (
@@ -68,7 +68,10 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVo
     name = row.domain_name
     # Pushed first, so it runs last when undoing: once the inverses are done, store
     # the state libvirt reports.
-    undo.append(lambda: record_state(db.session.get(Vm, plan.vm_id), driver.domain(host.uri, name)))
+    undo.push(
+        f"recording the state of {name}",
+        lambda: record_state(db.session.get(Vm, plan.vm_id), driver.domain(host.uri, name)),
+    )
     vm, old = change_row(plan, undo)
     method = db.session.get(VirtMethod, vm.virt_method_id)
     sized = [k for k in SIZE_FIELDS if k in plan.changes and plan.changes[k] != old[k]]
@@ -86,7 +89,8 @@ def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVo
                 if seed is not None:
                     upload_seed(vm, host, seed, undo, retired)
                 driver.define(host.uri, domain_spec(vm, method, host.node, current_app.config))
-                undo.append(lambda: driver.define(host.uri, old_spec))
+                undo.push(f"redefining {name} as it was before the change",
+                          lambda: driver.define(host.uri, old_spec))  # fmt: skip
                 step = "applying the change to the running domain"
                 running = driver.domain(host.uri, vm.domain_name).state in (RUNNING, PAUSED)
                 if sized and running:
@@ -151,7 +155,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
             setattr(row, key, value)
         db.session.commit()
 
-    undo.append(restore)
+    undo.push(f"restoring the row and claim of vm-{vm.id}", restore)
     return vm, old
 
 
@@ -194,7 +198,8 @@ def apply_live(
                 f"the running domain could not change it ({exc.reason})."
             )
         else:
-            undo.append(lambda key=key: set_live(key, old[key]))
+            undo.push(f"setting the {key} of the running {vm.domain_name} back",
+                      lambda key=key: set_live(key, old[key]))  # fmt: skip
 
 
 def transition(
@@ -207,14 +212,14 @@ def transition(
     if target == RUNNING:
         if current == PAUSED:
             driver.resume(uri, name)
-            undo.append(lambda: driver.suspend(uri, name))
+            undo.push(f"pausing {name} again", lambda: driver.suspend(uri, name))
         elif current != RUNNING:
             driver.start(uri, name)
-            undo.append(lambda: driver.destroy(uri, name))
+            undo.push(f"powering {name} off again", lambda: driver.destroy(uri, name))
     elif target == PAUSED:
         if current == RUNNING:
             driver.suspend(uri, name)
-            undo.append(lambda: driver.resume(uri, name))
+            undo.push(f"resuming {name}", lambda: driver.resume(uri, name))
         elif current != PAUSED:
             raise Conflict(
                 f"vm-{vm.id} is {current}; only a running VM can be paused.",
@@ -234,7 +239,7 @@ def transition(
                     "shutting down, or send ?force=true to power it off."
                 )
                 return
-        undo.append(lambda: driver.start(uri, name))
+        undo.push(f"starting {name} again", lambda: driver.start(uri, name))
 
 
 def wait_for(host: Host, name: str, state: str) -> bool:

@@ -33,11 +33,13 @@ from sqlalchemy.orm import selectinload
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
 from vmapi.models import Interface, StorageType, VirtMethod, Vm
+from vmapi.models.leftover import VOLUME
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
 from vmapi.node_detail import NodeNote
 from vmapi.services.images.copies import pool_directory
-from vmapi.services.nodes.domains import Host, hypervisor_failure, name_taken
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.leftovers import Left
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)
@@ -152,7 +154,9 @@ def place_seed(vm: Vm, host: Host, files: SeedFiles, undo: Undo) -> tuple[SeedVo
     except HypervisorError as exc:
         raise hypervisor_failure(exc, step, host) from exc
     made = SeedVolume(host.node.id, pool, name)
-    undo.append(lambda: delete_seed_volume(made, host))
+    undo.push(f"deleting cloud-init seed {pool}/{name} on node {host.node.fqdn}",
+              lambda: delete_seed_volume(made, host),
+              Left(host.node.id, VOLUME, name, vm.id, pool))  # fmt: skip
     return made, path
 
 
@@ -173,11 +177,11 @@ def upload_seed(
             row.seed_pool, row.seed_volume, row.seed_path = before
             db.session.commit()
 
-    undo.append(restore)
+    undo.push(f"restoring the seed recorded for vm-{vm.id}", restore)
     if before[1] is not None and retired is not None:
         old = SeedVolume(vm.node_id, before[0], before[1])
         retired.append(old)
-        undo.append(lambda: retired.remove(old))
+        undo.push(f"keeping seed {old.pool}/{old.name}", lambda: retired.remove(old))
 
 
 def delete_seed_volume(seed: SeedVolume, host: Host | None = None) -> bool:

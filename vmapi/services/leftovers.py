@@ -5,12 +5,16 @@ dies mid-move leaves a list, not a mystery), and the source's volumes once the d
 has left them; an evacuation records everything it leaves on the dead node. Whoever
 removes the thing drops its entry. ``flask vmapi reconcile --fix`` removes what is still
 listed once the node answers (:func:`remove_leftover`), and only while no row owns it
-there again: a VM may have moved back meanwhile.
+there again: a VM may have moved back meanwhile. An undo step that was to remove
+something from a node and failed lists it too, under the step's name
+(:func:`note_failed_undo`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, select
@@ -20,8 +24,22 @@ from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
 from vmapi.models import Leftover, Storage, Vm
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.services.names import installation_id
-from vmapi.services.nodes.domains import Host, remove_domain
-from vmapi.services.nodes.hosts import hypervisor
+from vmapi.services.nodes.domains import remove_domain
+from vmapi.services.nodes.hosts import Host, hypervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Left:
+    """Something on a node that a leftover entry names: a domain, or a volume or console
+    log of ``pool``."""
+
+    node_id: int
+    kind: str
+    name: str
+    vm_id: int | None
+    pool: str | None = None
 
 
 def note_leftover(
@@ -32,6 +50,24 @@ def note_leftover(
     if find_leftover(node_id, kind, name, pool) is None:
         db.session.add(Leftover(node_id=node_id, kind=kind, pool=pool, name=name, vm_id=vm_id,
                                 reason=reason[:255], created_at=datetime.now(UTC)))  # fmt: skip
+
+
+def note_failed_undo(left: Left, step: str, error: Exception) -> None:
+    """An undo step that was to remove ``left`` failed: list it as a leftover (an entry
+    there already, as a move makes one before making the thing, gets the step's name),
+    so reconcile shows which step failed and ``--fix`` removes it. Commits; a database
+    that fails here too is logged, never raised (the request's own error goes on)."""
+    reason = f"undo step failed: {step} ({getattr(error, 'reason', None) or error})"
+    try:
+        found = find_leftover(left.node_id, left.kind, left.name, left.pool)
+        if found is None:
+            note_leftover(left.node_id, left.kind, left.name, reason, left.vm_id, left.pool)
+        else:
+            found.reason = reason[:255]
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        log.exception("could not list what the failed undo step %s left", step)
 
 
 def find_leftover(node_id: int, kind: str, name: str, pool: str | None = None) -> Leftover | None:
@@ -80,7 +116,7 @@ def leftovers_on(node_id: int) -> list[Leftover]:
 
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
-    back: its domain, volumes and log carry the same names)."""
+    back: its domain, volumes, seed and log carry the same names)."""
     if leftover.kind == DOMAIN:
         stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
     elif leftover.kind == LOG:
@@ -95,6 +131,12 @@ def owned_there(leftover: Leftover) -> bool:
             Storage.pool == leftover.pool,
             Storage.volume_name == leftover.name,
         )
+        seed = select(Vm.id).where(
+            Vm.node_id == leftover.node_id,
+            Vm.seed_pool == leftover.pool,
+            Vm.seed_volume == leftover.name,
+        )
+        stmt = stmt.union_all(seed)
     return db.session.scalars(stmt).first() is not None
 
 
