@@ -1,5 +1,5 @@
 """WSGI entry point for gunicorn: ``gunicorn wsgi:app``."""
 
-from vmapi import create_app
+from vmapi.app import create_app
 
 app = create_app()

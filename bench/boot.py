@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import INSTALLATION, MIB, admin_token, database, median, p95, populate
 from bench.placement import verdict
 from tests.conftest import node_body
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tests.conftest import create_database, drop_database, make_token, migrate
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import TEST_DRIVER_DIR, admin_token, database, host_file
 from tests.conftest import Api, node_body
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
 

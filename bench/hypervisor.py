@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import GIB, INSTALLATION, admin_token, database, median, p95, populate
 from bench.placement import verdict
 from tests.conftest import node_body
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 URI = "qemu:///system"

@@ -12,7 +12,7 @@ import contextlib
 
 from bench.common import admin_token, database, interleaved, median, p95, populate
 from bench.placement import verdict
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 SIZES = ((5, 20), (10_000, 20))  # (nodes, VMs per node): 100 and 200,000 VMs

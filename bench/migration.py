@@ -67,7 +67,7 @@ def run() -> list[str]:
 
 
 def measure(url: str, hosts: Any, shared: Path, image: Path, store: Path, console: Any):
-    from vmapi import create_app
+    from vmapi.app import create_app
     from vmapi.extensions import db
     from vmapi.services.nodes.hosts import DRIVER_KEY
 

@@ -24,7 +24,7 @@ from bench.common import (
     p95,
     populate,
 )
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 FLEETS = (10, 1_000, 10_000)

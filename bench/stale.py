@@ -32,7 +32,7 @@ from bench.common import (
     populate,
 )
 from bench.placement import verdict
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 FLEETS = ((10, 150), (2_000, 3_000))  # (nodes, VMs made by POST /vm)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.hypervisor.uri import UriPolicy
 

@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import node_body, vm_body
 from tests.errors import assert_error
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.services.names import device_tag
 
 pytestmark = pytest.mark.embedded

@@ -86,7 +86,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
 def _admin_token(db_url: str) -> str:
-    from vmapi import create_app
+    from vmapi.app import create_app
     from vmapi.extensions import db
     from vmapi.services.catalog_defaults import seed_defaults
     from vmapi.services.tokens import create_token

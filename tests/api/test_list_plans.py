@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from bench.common import host_file, populate
 from tests.api.test_placement_plans import autocommit, read, walk
 from tests.conftest import create_database, drop_database, make_token, migrate
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 NODES, VMS_PER_NODE, LIMIT = 2_000, 2, 100

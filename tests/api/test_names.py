@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from tests.conftest import GIB, vm_body
 from tests.errors import assert_error
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, DomainSpec, VolumeNotFound
 from vmapi.models import Installation, Storage, Vm

@@ -8,9 +8,9 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 from tests.conftest import vm_body
-from vmapi import create_app
 from vmapi.api.openapi import document_for
 from vmapi.api.openapi_errors import ERROR_STATUSES
+from vmapi.app import create_app
 from vmapi.error_ids import (
     ACTION,
     CREATE,

@@ -34,7 +34,7 @@ from tests.conftest import (
     migrate,
     node_files_dir,
 )
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 NODES, VMS_PER_NODE, SKIPPED = 2_000, 2, 200

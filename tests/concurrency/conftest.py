@@ -36,7 +36,7 @@ from tests.conftest import (
     unavailable,
 )
 from tests.domains import tagged_domains
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 
 ROOT = Path(__file__).resolve().parents[2]

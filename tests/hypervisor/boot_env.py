@@ -36,7 +36,7 @@ from tests.domains import tagged_domains
 from tests.guest import console
 from tests.hypervisor.qemu_host import INSTALLATION, MARKER, URI
 from tests.image_files import OCTET
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
 

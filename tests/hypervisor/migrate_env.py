@@ -24,7 +24,7 @@ from tests.conftest import MIB, Api, create_database, drop_database, make_token,
 from tests.guest import console
 from tests.hypervisor.two_hosts import PrivateHost, TwoHosts
 from tests.image_files import OCTET
-from vmapi import create_app
+from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
