@@ -19,10 +19,9 @@ from vmapi.error_ids import (
     RESOURCE_FAMILIES,
     answered_by,
     holds,
-    markdown_table,
-    replace_table,
     status_of,
 )
+from vmapi.error_table import markdown_table, replace_table
 from vmapi.errors import ApiError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,7 +228,7 @@ def test_answered_by_orders_by_status_and_holds_every_family():
 
 def test_docs_api_md_holds_the_generated_table():
     text = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
-    assert replace_table(text) == text, "run: python -m vmapi.error_ids --write docs/API.md"
+    assert replace_table(text) == text, "run: python -m vmapi.error_table --write docs/API.md"
     for family in FAMILIES:
         assert f"`<resource>/{family.what}`" in markdown_table()
 
