@@ -27,7 +27,7 @@ DURATIONS ?= --durations=30
 # Two pytest-xdist workers: the hypervisor tier on one (its guests need a core of their
 # own), every other test on whichever is free (groups in tests/conftest.py). `WORKERS=`
 # runs in one process.
-WORKERS ?= -n 2 --dist loadgroup
+WORKERS ?= -n 2
 # The inner loop: no real hypervisor (tests/hypervisor), no concurrency tier (gunicorn and
 # nginx, tests/concurrency), no served README walk (tests/docs); markers set by tests/conftest.py
 FAST_TIERS := not hypervisor and not concurrency and not docs

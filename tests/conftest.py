@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from xdist.scheduler import LoadScopeScheduling
 
 from vmapi.app import create_app
 from vmapi.extensions import db
@@ -55,16 +56,28 @@ TIERS = {"hypervisor": pytest.mark.hypervisor, "concurrency": pytest.mark.concur
          "docs": pytest.mark.docs}  # fmt: skip
 
 
-#: ``make test`` runs two pytest-xdist workers (``--dist loadgroup``): every hypervisor test
-#: goes to one worker, in one group (they share the session's vmapi on qemu:///system and
-#: the two-host pair, and their guests need the other core), the modules of the
-#: concurrency and docs tiers each as a whole (their gunicorn or nginx is made once per
-#: module), and the API and unit tests to whichever worker is free.
-HYPERVISOR_GROUP = "hypervisor"
+#: ``make test`` runs two pytest-xdist workers. Every hypervisor test goes to one worker, as
+#: one unit of work: they share the session's vmapi on qemu:///system and the two-host
+#: pair, and their guests need the other core. Each module of the concurrency and docs
+#: tiers goes whole to one worker (its gunicorn or nginx is made once per module); every
+#: other test is a unit of its own, taken by whichever worker is free. (xdist's own
+#: ``--dist loadgroup`` cannot do this under pytest 9: it renames items by ``_nodeid``,
+#: which pytest 9 no longer reads.)
+class TierScheduling(LoadScopeScheduling):
+    """xdist's scheduling by scope, with the scopes above (units of the largest first)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        if nodeid.startswith("tests/hypervisor/"):
+            return "tests/hypervisor"
+        if nodeid.startswith(("tests/concurrency/", "tests/docs/")):
+            return nodeid.split("::", 1)[0]
+        return nodeid
 
 
-# first: pytest-xdist reads the group marks in its own hook of the same name
-@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> TierScheduling:
+    return TierScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
@@ -72,10 +85,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             folder = Path(item.path).relative_to(tests).parts[0]
             if folder in TIERS:
                 item.add_marker(TIERS[folder])
-            if folder == "hypervisor":
-                item.add_marker(pytest.mark.xdist_group(HYPERVISOR_GROUP))
-            elif folder in TIERS:
-                item.add_marker(pytest.mark.xdist_group(Path(item.path).stem))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

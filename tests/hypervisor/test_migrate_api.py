@@ -6,10 +6,10 @@ A guest counts on its serial console; its console log, read through the API on w
 node it is, shows that a move never restarted it. libvirt on each host says where each
 domain is, and that nothing is left on the other. Faults are injected by wrapping the
 real driver (tests/faults.py) or the step that records a move; everything else is real.
-The tests share their guests and run in order: each starts where the one before left the
-guest (on a or b, with a data volume, drained), so they keep the file's order under
-``make test``'s random order (the module itself runs at a random point; one guest boot
-serves all of them).
+One guest boot serves the module: before each test, ``home`` puts the world back where
+every test starts (both nodes up, the guest running on a with only its root disk, no
+other VM), whatever ran before, so the tests pass in any order and alone; a test that
+needs the guest elsewhere, or with more disks, makes that itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import MIB
@@ -27,9 +28,13 @@ from tests.faults import FaultyDriver
 from tests.guest import console
 from tests.hypervisor.migrate_env import INSTALLATION, boots, migrate_env, ticks, wait_for_ticks
 from vmapi.extensions import db
+from vmapi.hypervisor.libvirt.config import StoragePool
+from vmapi.models import ImageCopy
+from vmapi.services.images.copies import remove_if_unused
+from vmapi.services.moves import books as moves
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
-pytestmark = [pytest.mark.hypervisor, pytest.mark.random_order(disabled=True)]
+pytestmark = [pytest.mark.hypervisor]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,56 @@ def guest(env):
     vm = env.create("a")
     wait_for_ticks(env.console(vm["id"]), 2)
     return vm
+
+
+@pytest.fixture(scope="module")
+def shared_type(env) -> int:
+    """A pool both hosts see in one folder, as an NFS mount would be (``vmapi-shared``),
+    and a storage type on it: its id."""
+    folder = env.hosts.shared / "pool"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    for name in ("a", "b"):
+        conn = libvirt.open(env.host(name).uri)
+        pool = conn.storagePoolDefineXML(StoragePool("vmapi-shared", str(folder)).to_xml(), 0)
+        pool.create(0)
+        conn.close()
+    kind = {"name": "shared-raw", "description": "raw volumes every node sees",
+            "pool": "vmapi-shared", "format": "raw", "shared": True}  # fmt: skip
+    made = env.api.post("storage_type", json=kind)
+    assert made.status_code == 201 and made.json["data"]["shared"] is True, made.json
+    return made.json["data"]["id"]
+
+
+@pytest.fixture(autouse=True)
+def home(env, guest):
+    """Where every test starts: nodes a and b up and schedulable, no VM but the guest, the
+    guest running on a with its root disk only."""
+    env.sql("UPDATE node SET unreachable_since = NULL")
+    for name in "ab":
+        up = env.api.update(f"node/{env.nodes[name]['id']}", json={"node_state": {"id": 1}})
+        assert up.status_code == 200, up.json
+    for vm in env.api.get("vm").json["data"].values():
+        if vm["id"] != guest["id"]:
+            assert env.api.delete(f"vm/{vm['id']}?cascade=storage").status_code == 200
+    if env.api.get(f"vm/{guest['id']}").json["data"]["vm_state"] != {"id": 2}:
+        running = env.api.update(f"vm/{guest['id']}", json={"vm_state": {"id": 2}})
+        assert running.status_code == 200, running.json
+    if where(env, guest) != "a":
+        back = move(env, guest, node={"id": env.nodes["a"]["id"]})
+        assert back.status_code == 200, back.json
+    for storage in env.api.get(f"storage?vm.id={guest['id']}").json["data"].values():
+        if not storage["boot"]:
+            assert env.api.delete(f"storage/{storage['id']}").status_code == 200
+    assert_stayed(env, guest, "a", {"a": 1, "b": 0})
+
+
+def no_copy_on(env, name: str) -> None:
+    """The node keeps no copy of the image (a move there has to make one)."""
+    with env.app.app_context():
+        node = env.nodes[name]["id"]
+        for copy in db.session.scalars(select(ImageCopy).where(ImageCopy.node_id == node)).all():
+            assert remove_if_unused(copy.id)
+        db.session.remove()
 
 
 @pytest.fixture
@@ -82,6 +137,7 @@ def assert_stayed(env, vm, on: str, cores: dict[str, int], state: str = "running
 
 # ---------------------------------------------------------------------- failures first
 def test_a_failed_image_copy_leaves_nothing_on_the_target(env, guest, faults):
+    no_copy_on(env, "b")
     faults.fail("upload_volume")  # the copy of the image to b
     response = move(env, guest, node={"id": env.nodes["b"]["id"]})
     assert response.status_code == 502, response.json
@@ -125,6 +181,7 @@ def test_a_move_past_its_time_is_aborted_and_the_guest_runs_on(env, guest):
     real = env.app.extensions[DRIVER_KEY]
     env.app.extensions[DRIVER_KEY] = Throttled(real)
     env.app.config["MIGRATION_TIMEOUT"] = 3.0
+    booted = boots(env.console(guest["id"])())
     try:
         response = move(env, guest, node={"id": env.nodes["b"]["id"]})
     finally:
@@ -137,14 +194,12 @@ def test_a_move_past_its_time_is_aborted_and_the_guest_runs_on(env, guest):
     assert_stayed(env, guest, "a", {"a": 1, "b": 0})
     assert [v for v in env.volumes("b") if "storage" in v] == []  # no overlay left on b
     text = env.console(guest["id"])()
-    assert boots(text) == 1
+    assert boots(text) == booted  # not restarted
     wait_for_ticks(env.console(guest["id"]), 1, after=ticks(text)[-1])
 
 
 def failing_record(monkeypatch, times: int) -> None:
     """The database fails when the move is recorded, ``times`` times."""
-    from vmapi.services.moves import books as moves
-
     real, calls = moves._record_once, {"n": 0}
 
     def record_once(move, state):
@@ -249,12 +304,12 @@ def data_volume(env, vm, size=32 * MIB) -> tuple[int, str]:
 def test_copied_disks_keep_their_content_live_and_cold(env, guest):
     storage, checksum = data_volume(env, guest)
     [(old,)] = env.sql("SELECT path FROM storage WHERE id = :id", id=storage)
-    response = move(env, guest)  # b -> a, the data volume copied by libvirt
+    response = move(env, guest)  # a -> b, the data volume copied by libvirt
     assert response.status_code == 200, response.json
     [(node, path)] = env.sql("SELECT node_id, path FROM storage WHERE id = :id", id=storage)
-    assert node == env.nodes["a"]["id"] and Path(path).parent == env.pool("a")
+    assert node == env.nodes["b"]["id"] and Path(path).parent == env.pool("b")
     assert sha256(path) == checksum
-    assert not Path(old).exists()  # b's copy went
+    assert not Path(old).exists()  # a's copy went
     # A VM without an image (nothing boots) moves cold: its volume copied through streams.
     body = {"cores": 1, "ram": 128 * MIB, "virt_method": {"id": env.method},
             "node": {"id": env.nodes["a"]["id"]}}  # fmt: skip
@@ -277,34 +332,27 @@ def test_copied_disks_keep_their_content_live_and_cold(env, guest):
     assert env.api.delete(f"vm/{plain['id']}?cascade=storage").status_code == 200
 
 
-def test_a_volume_of_a_shared_pool_stays_where_it_is(env, guest):
-    from vmapi.hypervisor.libvirt.config import StoragePool
-
-    folder = env.hosts.shared / "pool"
-    folder.mkdir(mode=0o755, exist_ok=True)
-    for name in ("a", "b"):  # one folder both hosts see, as an NFS mount would be
-        conn = libvirt.open(env.host(name).uri)
-        pool = conn.storagePoolDefineXML(StoragePool("vmapi-shared", str(folder)).to_xml(), 0)
-        pool.create(0)
-        conn.close()
-    kind = {"name": "shared-raw", "description": "raw volumes every node sees",
-            "pool": "vmapi-shared", "format": "raw", "shared": True}  # fmt: skip
-    made = env.api.post("storage_type", json=kind)
-    assert made.status_code == 201 and made.json["data"]["shared"] is True, made.json
-    body = {"size": 8 * MIB, "vm": {"id": guest["id"]},
-            "storage_type": {"id": made.json["data"]["id"]}}  # fmt: skip
-    storage = env.api.post("storage", json=body).json["data"]
-    [(path,)] = env.sql("SELECT path FROM storage WHERE id = :id", id=storage["id"])
-    assert Path(path).parent == folder
+def shared_volume(env, vm, shared_type: int) -> tuple[int, str]:
+    """A volume of the VM in the shared pool, filled with random bytes: id and path."""
+    body = {"size": 8 * MIB, "vm": {"id": vm["id"]}, "storage_type": {"id": shared_type}}
+    made = env.api.post("storage", json=body)
+    assert made.status_code == 201, made.json
+    [(path,)] = env.sql("SELECT path FROM storage WHERE id = :id", id=made.json["data"]["id"])
+    assert Path(path).parent == env.hosts.shared / "pool"
     with open(path, "r+b") as f:
         f.write(os.urandom(8 * MIB))
+    return made.json["data"]["id"], path
+
+
+def test_a_volume_of_a_shared_pool_stays_where_it_is(env, guest, shared_type):
+    storage, path = shared_volume(env, guest, shared_type)
     checksum = sha256(path)
     source = where(env, guest)
     target = "b" if source == "a" else "a"
     response = move(env, guest)
     assert response.status_code == 200, response.json
     assert_stayed(env, guest, target, {source: 0, target: 1})
-    [(node, after)] = env.sql("SELECT node_id, path FROM storage WHERE id = :id", id=storage["id"])
+    [(node, after)] = env.sql("SELECT node_id, path FROM storage WHERE id = :id", id=storage)
     assert (node, after) == (env.nodes[target]["id"], path)  # the same file, the target's
     assert sha256(path) == checksum
     assert move(env, guest).status_code == 200  # and back
@@ -352,13 +400,21 @@ def evacuate(env, *flags: str):
     return env.app.test_cli_runner().invoke(args=args)
 
 
-def test_evacuating_a_dead_host_rebuilds_its_vms_and_reconcile_cleans_it_when_back(env, guest):
+def test_evacuating_a_dead_host_rebuilds_its_vms_and_reconcile_cleans_it_when_back(
+    env, guest, shared_type
+):
+    # on b: the guest with a data volume there (lost with b) and one in the shared pool
+    # (which b's QEMU keeps open), and a second VM of the image
+    assert move(env, guest).status_code == 200
+    data_volume(env, guest)
+    shared_volume(env, guest, shared_type)
+    env.create("b")
     vms = [vm for vm in env.api.get("vm").json["data"].values()]
     assert {where(env, vm) for vm in vms} == {"b"}
     env.api.update(f"node/{env.nodes['a']['id']}", json={"node_state": {"id": 1}})
     env.sql("UPDATE node SET unreachable_since = now() WHERE id = :id", id=env.nodes["b"]["id"])
     result = evacuate(env)
-    # the guest has a data volume on b (its copied-disks test): its content would be lost
+    # the guest's data volume on b: its content would be lost
     [(storage,)] = env.sql("SELECT id FROM storage WHERE vm_id = :id AND storage_type_id = 2",
                            id=guest["id"])  # fmt: skip
     assert result.exit_code == 1, result.output
