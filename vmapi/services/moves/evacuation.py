@@ -33,7 +33,7 @@ from vmapi.services.leftovers import Left
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import claim_target, record, release_target
 from vmapi.services.moves.move import EVACUATE, Move, MovedVolume, moved_volumes
-from vmapi.services.moves.volumes import prepare_console_log, prepare_seed, prepare_volumes
+from vmapi.services.moves.volumes import prepare_target
 from vmapi.services.nodes.domains import BUILDING, hypervisor_failure, remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
@@ -120,9 +120,7 @@ def _evacuate(vm_id: int, node_id: int, accept_data_loss: bool, started: float) 
     undo.push(f"releasing the claim of vm-{vm.id} on node {claimed.fqdn}",
               lambda: release_target(vm, claimed.id))  # fmt: skip
     try:
-        prepare_volumes(move, undo)
-        prepare_console_log(move, undo)
-        prepare_seed(move, undo)
+        prepare_target(move, undo)
         after = rebuild(move, state, undo)
     except BaseException:
         run_undo(undo)

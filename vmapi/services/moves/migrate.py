@@ -46,9 +46,7 @@ from vmapi.services.moves.books import (
 )
 from vmapi.services.moves.move import COLD, LIVE, Move, moved_volumes
 from vmapi.services.moves.volumes import (
-    prepare_console_log,
-    prepare_seed,
-    prepare_volumes,
+    prepare_target,
     remove_source_leftovers,
 )
 from vmapi.services.nodes.domains import BUILDING, hypervisor_failure
@@ -96,9 +94,7 @@ def migrate_vm(
             undo.push(f"releasing the claim of vm-{vm.id} on node {claimed.fqdn}",
                       lambda: release_target(vm, claimed.id))  # fmt: skip
             try:
-                prepare_volumes(move, undo)
-                prepare_console_log(move, undo)
-                prepare_seed(move, undo)
+                prepare_target(move, undo)
                 move_domain(move)
             except BaseException:
                 run_undo(undo)

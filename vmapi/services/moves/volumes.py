@@ -10,6 +10,8 @@
 - the console log (:func:`prepare_console_log`): the target's log pool, and the file the
   domain logs to there;
 - the cloud-init seed (:func:`prepare_seed`): made there from the database.
+
+:func:`prepare_target` does all three, in that order, for a migration and an evacuation.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ from vmapi.services.vms.cloud_init import (
     seed_pool,
     volume_name,
 )
+
+
+def prepare_target(move: Move, undo: Undo) -> None:
+    """Everything the VM needs on the target before its domain moves there: its volumes,
+    its console log, its seed; each step's inverse on ``undo``."""
+    prepare_volumes(move, undo)
+    prepare_console_log(move, undo)
+    prepare_seed(move, undo)
 
 
 def prepare_volumes(move: Move, undo: Undo) -> None:
