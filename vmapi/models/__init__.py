@@ -10,6 +10,7 @@ from vmapi.models.leftover import Leftover
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
 from vmapi.models.node import Node, VirtNode
 from vmapi.models.quota import Quota
+from vmapi.models.security import InterfaceSecurityGroup, SecurityGroup, SecurityGroupRule
 from vmapi.models.storage import Storage
 from vmapi.models.token import ApiToken
 from vmapi.models.vm import Vm
@@ -24,6 +25,7 @@ __all__ = [
     "ImageCopy",
     "Installation",
     "Interface",
+    "InterfaceSecurityGroup",
     "Ipv4Address",
     "Ipv6Address",
     "Ipv6Pool",
@@ -31,6 +33,8 @@ __all__ = [
     "Node",
     "NodeState",
     "Quota",
+    "SecurityGroup",
+    "SecurityGroupRule",
     "Storage",
     "StorageType",
     "VirtMethod",

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from vmapi.extensions import db
@@ -36,6 +45,9 @@ class Interface(db.Model):
     #: what names its host devices (tap ``vm<suffix>``, bridge ``br-<suffix>``), chosen
     #: when it is made so that a later scheme never renames a running VM's devices
     device_suffix: Mapped[str] = mapped_column(String(12), unique=True)
+    #: the node's network filter holds the guest to this interface's MAC and addresses
+    #: (API.md "Network protection"); admins may turn it off for an appliance that routes
+    spoof_guard: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
 
     vm: Mapped[Vm] = relationship(lazy="raise_on_sql", viewonly=True)
     vlan: Mapped[Vlan | None] = relationship(lazy="raise_on_sql")

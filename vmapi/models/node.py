@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -80,6 +81,15 @@ class Node(db.Model):
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(String(1000))
     unreachable_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Whether the node's libvirt has the network filter driver (nwfilter), as a check or a
+    #: call last found it (null: not yet known). A node without it takes no new VMs whose
+    #: NICs it would have to guard (``bridge`` and ``ethernet`` modes).
+    network_filters: Mapped[bool | None] = mapped_column(Boolean)
+    #: Its filters differ from the database since a change could not reach it: the next
+    #: check that reaches it (or ``reconcile --fix``) brings them in line.
+    filters_pending: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
 
     node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
 

@@ -7,7 +7,14 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from vmapi.extensions import db
 
-LIMITS = ("max_vms", "max_cores", "max_ram", "max_storage")
+LIMITS = (
+    "max_vms",
+    "max_cores",
+    "max_ram",
+    "max_storage",
+    "max_security_groups",
+    "max_security_rules",
+)
 
 
 class Quota(db.Model):
@@ -23,3 +30,5 @@ class Quota(db.Model):
     max_cores: Mapped[int | None] = mapped_column(BigInteger)
     max_ram: Mapped[int | None] = mapped_column(BigInteger)
     max_storage: Mapped[int | None] = mapped_column(BigInteger)
+    max_security_groups: Mapped[int | None] = mapped_column(BigInteger)
+    max_security_rules: Mapped[int | None] = mapped_column(BigInteger)
