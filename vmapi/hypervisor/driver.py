@@ -100,6 +100,10 @@ class HostInfo:
     mhz: int
 
 
+class NoNetworkFilters(HypervisorError):
+    """The host's libvirt has no network filter driver (nwfilter): it cannot guard NICs."""
+
+
 @dataclass(frozen=True)
 class NicSpec:
     """One network interface: how it is wired and what the guest should configure."""
@@ -112,6 +116,65 @@ class NicSpec:
     ipv6: str | None = None
     ipv6_gateway: str | None = None
     vlan: int | None = None
+    #: the network filter guarding this NIC (a :class:`PortFilter`'s name), with the
+    #: addresses its rules hold the guest to; None: no filter (``user`` mode)
+    filter: str | None = None
+    filter_ipv4: tuple[str, ...] = ()  # addresses without prefix
+    filter_ipv6: tuple[str, ...] = ()  # the global ones and the link-local one
+
+
+#: Directions and families of a :class:`FilterRule` (a security group's rule, seen from
+#: the guest: ``in`` reaches it, ``out`` leaves it).
+IN, OUT = "in", "out"
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One allow rule of a security group: traffic of ``protocol`` (tcp, udp, icmp,
+    icmpv6, any) and ``family`` (ipv4, ipv6) in ``direction``, to ports ``port_min`` ..
+    ``port_max`` (tcp/udp), from (in) or to (out) ``remote`` (a CIDR; None: any)."""
+
+    direction: str
+    family: str
+    protocol: str
+    port_min: int | None = None
+    port_max: int | None = None
+    remote: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupFilter:
+    """A security group as one filter of the node: its allow rules (stateful: the answers
+    of allowed traffic come back)."""
+
+    name: str
+    rules: tuple[FilterRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuardFilters:
+    """The anti-spoofing filters every guarded NIC references (the same on every node of
+    an installation), their names starting with ``prefix``."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
+class PortFilter:
+    """What one NIC's filter is made of: the guard (``guard``: holds the guest to its MAC
+    and addresses; ``ipv4``: it has IPv4 addresses, else it may send no IPv4 and no ARP),
+    the groups' filters by name, and the policy around them: with groups, what reaches
+    the guest is dropped unless a group allows it; with ``egress_limited`` (a group has
+    egress rules) what it sends too."""
+
+    name: str
+    guard: GuardFilters | None
+    ipv4: bool = True
+    groups: tuple[str, ...] = ()
+    egress_limited: bool = False
+
+
+NetworkFilter = GuardFilters | GroupFilter | PortFilter
 
 
 @dataclass(frozen=True)
@@ -391,6 +454,34 @@ class HypervisorDriver(Protocol):
         ``bandwidth`` caps the stream (MiB/s). Past ``timeout``
         seconds the migration is aborted, the domain stays where it was (running) and
         :class:`HypervisorTimeout` is raised."""
+        ...
+
+    # ------------------------------------------------------------------ network filters
+    def network_filters(self, uri: str) -> bool:
+        """Whether the host's libvirt has the network filter driver (nwfilter)."""
+        ...
+
+    def define_filter(self, uri: str, spec: NetworkFilter) -> None:
+        """Create or replace the filter(s) of ``spec`` on the host; libvirt re-applies a
+        replaced filter to every running guest using it (``NoNetworkFilters`` when the
+        host cannot filter)."""
+        ...
+
+    def undefine_filter(self, uri: str, name: str) -> None:
+        """Remove a filter; one that is not there is no error."""
+        ...
+
+    def filter_names(self, uri: str, prefix: str) -> set[str]:
+        """The names of the host's filters that start with ``prefix``."""
+        ...
+
+    def stale_filters(self, uri: str, specs: Iterable[NetworkFilter]) -> list[str]:
+        """The names of the filters of ``specs`` that the host lacks or holds otherwise."""
+        ...
+
+    def update_nic_filter_live(self, uri: str, name: str, nic: NicSpec) -> bool:
+        """Give the running domain's NIC (found by its MAC) ``nic``'s filter and addresses,
+        live; False when the domain is not running (nothing to change)."""
         ...
 
     def last_migration(self, uri: str, name: str) -> MigrationStats | None:

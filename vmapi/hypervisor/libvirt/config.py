@@ -167,14 +167,25 @@ class Serial(XmlObject):
         return el
 
 
+def filterref(name: str, params: list[tuple[str, str]]) -> ET.Element:
+    """``<filterref>`` to a network filter, its variables as repeated ``<parameter>``s."""
+    el = ET.Element("filterref", filter=name)
+    for key, value in params:
+        ET.SubElement(el, "parameter", name=key, value=value)
+    return el
+
+
 @dataclass
 class Nic(XmlObject):
-    """``<interface>``: a virtio NIC on a bridge, a tap device, or QEMU's user network."""
+    """``<interface>``: a virtio NIC on a bridge, a tap device, or QEMU's user network,
+    guarded by a network filter when ``filter`` names one."""
 
     mode: str
     mac: str
     device: str | None = None
     model: str = "virtio"
+    filter: str | None = None
+    filter_params: list[tuple[str, str]] = field(default_factory=list)
 
     def element(self) -> ET.Element:
         el = ET.Element("interface", type=self.mode)
@@ -184,6 +195,8 @@ class Nic(XmlObject):
         elif self.mode == "ethernet" and self.device:
             ET.SubElement(el, "target", dev=self.device)
         ET.SubElement(el, "model", type=self.model)
+        if self.filter:
+            el.append(filterref(self.filter, self.filter_params))
         return el
 
 

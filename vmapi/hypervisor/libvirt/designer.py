@@ -20,6 +20,7 @@ from vmapi.hypervisor.libvirt.config import (
     Serial,
     Vcpu,
 )
+from vmapi.hypervisor.libvirt.nwfilter import filter_params
 
 #: Domain types that emulate a PC with firmware (ACPI power button, clock, balloon).
 PC_TYPES = frozenset({"kvm", "qemu"})
@@ -47,7 +48,7 @@ def design(spec: DomainSpec) -> Domain:
         cputune=cputune,
         # libvirt cannot put a VLAN tag on bridge (without Open vSwitch), ethernet or user
         # interfaces: the tag travels in the metadata for the host's configuration.
-        nics=[Nic(mode=nic.mode, mac=nic.mac, device=nic.device) for nic in spec.nics],
+        nics=[nic_xml(nic) for nic in spec.nics],
         # The seed after the other disks: SeaBIOS boots the first one (vda).
         disks=[disk_xml(disk) for disk in (*spec.disks, *filter(None, [spec.seed]))],
     )
@@ -69,6 +70,16 @@ def design(spec: DomainSpec) -> Domain:
         # The firmware's messages (boot device, "No bootable device") belong in the log too.
         domain.os.serial_firmware = spec.console_log is not None
     return domain
+
+
+def nic_xml(nic: NicSpec) -> Nic:
+    return Nic(
+        mode=nic.mode,
+        mac=nic.mac,
+        device=nic.device,
+        filter=nic.filter,
+        filter_params=filter_params(nic) if nic.filter else [],
+    )
 
 
 def _nic_metadata(nic: NicSpec) -> dict[str, str]:

@@ -18,12 +18,13 @@ from vmapi.hypervisor.driver import HostInfo
 from vmapi.hypervisor.libvirt.domains import DomainCalls
 from vmapi.hypervisor.libvirt.live import LiveCalls
 from vmapi.hypervisor.libvirt.migration import MigrationCalls
+from vmapi.hypervisor.libvirt.nwfilter import FilterCalls
 from vmapi.hypervisor.libvirt.storage import StorageCalls
 
 MIB = 1024 * 1024
 
 
-class LibvirtDriver(DomainCalls, LiveCalls, StorageCalls, MigrationCalls):
+class LibvirtDriver(DomainCalls, LiveCalls, StorageCalls, MigrationCalls, FilterCalls):
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
     # ------------------------------------------------------------------ host

@@ -46,6 +46,7 @@ from vmapi.services.leftovers import (
 )
 from vmapi.services.moves.move import COLD, Move, MovedVolume
 from vmapi.services.names import console_log_name
+from vmapi.services.network.protection import ensure_for_vm, prune
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
@@ -61,6 +62,7 @@ from vmapi.services.vms.cloud_init import (
 def prepare_target(move: Move, undo: Undo) -> None:
     """Everything the VM needs on the target before its domain moves there: its volumes,
     its console log, its seed; each step's inverse on ``undo``."""
+    ensure_for_vm(move.target, move.vm.id, undo)  # a domain refers to them: first
     prepare_volumes(move, undo)
     prepare_console_log(move, undo)
     prepare_seed(move, undo)
@@ -330,4 +332,11 @@ def remove_source_leftovers(move: Move) -> list[str]:
             db.session.rollback()
             notes.append(f"The old console log on {source.node.fqdn} could not be deleted "
                          f"({exc.reason}); `flask vmapi reconcile --fix` removes it.")  # fmt: skip
+    try:  # the filters of the VM's NICs, and its groups' where no other VM there uses them
+        prune(source)
+    except HypervisorError as exc:
+        db.session.rollback()
+        notes.append(f"The network filters vm-{move.vm.id} left on {source.node.fqdn} could "
+                     f"not be removed ({exc.reason}); `flask vmapi reconcile --fix` removes "
+                     "them.")  # fmt: skip
     return notes

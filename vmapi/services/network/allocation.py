@@ -31,7 +31,14 @@ from vmapi.error_ids import (
 )
 from vmapi.errors import Conflict
 from vmapi.extensions import db
-from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
+from vmapi.models import (
+    Interface,
+    InterfaceSecurityGroup,
+    Ipv4Address,
+    Ipv6Address,
+    Ipv6Pool,
+    Vm,
+)
 from vmapi.services import audit
 from vmapi.services.names import interface_device_suffix
 
@@ -262,6 +269,11 @@ def release_interfaces(vm_id: int) -> None:
         for address_id, interface_id in held:
             audit.record(db.session, audit.resource_of(model.__tablename__), address_id, "update",
                          {"interface_id": interface_id}, {"interface_id": None})  # fmt: skip
+    db.session.execute(
+        delete(InterfaceSecurityGroup)
+        .where(InterfaceSecurityGroup.interface_id.in_(ids))
+        .execution_options(synchronize_session=False)
+    )
     db.session.execute(
         delete(Interface)
         .where(Interface.vm_id == vm_id)

@@ -49,12 +49,23 @@ from vmapi.hypervisor import (
     HypervisorDriver,
     HypervisorError,
     NameTaken,
+    NoNetworkFilters,
 )
 from vmapi.models import Vm
 from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import console_log_path, push_log_remover
 from vmapi.services.leftovers import Left
 from vmapi.services.network.allocation import make_free_ipv6
+from vmapi.services.network.protection import (
+    STEP as FILTER_STEP,
+)
+from vmapi.services.network.protection import (
+    NodeFilters,
+    define_stale,
+    filters_on,
+    no_filter_driver,
+    prune,
+)
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo, run_undo
@@ -77,6 +88,8 @@ class DomainJob:
     info: DomainInfo | None = None
     step: str = PREPARING_LOG
     error: Exception | None = None
+    #: the network filters its node must hold first (the first job of a node defines them)
+    filters: NodeFilters | None = None
 
 
 class FirstFailure:
@@ -113,6 +126,9 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
         by_node: dict[int, list[DomainJob]] = {}
         for one, job in zip(placed, jobs, strict=True):
             by_node.setdefault(one.host.node.id, []).append(job)
+        for node_jobs in by_node.values():  # each node's, read here (the session)
+            host = placed[node_jobs[0].index].host
+            node_jobs[0].filters = filters_on(host, [placed[j.index].vm.id for j in node_jobs])
         pool = config["CONSOLE_LOG_POOL"]
         failure = FirstFailure()
         driver = hypervisor()
@@ -123,6 +139,11 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
                 int(config["ARRAY_NODE_THREADS"]),
             )
         finally:  # whatever happened, what the threads made is undone with the rest
+            for node_jobs in by_node.values():
+                if node_jobs[0].filters is not None:
+                    host = placed[node_jobs[0].index].host
+                    undo.push(f"removing the network filters no VM uses on node {host.node.fqdn}",
+                              lambda host=host: prune(host))  # fmt: skip
             for one, job in zip(placed, jobs, strict=True):
                 remember(one, job, pool, undo)
         failed = [job for job in jobs if job.error is not None]
@@ -159,6 +180,10 @@ def build_on_node(
         if failure.before(job.index):
             return
         try:
+            if job.filters is not None:
+                job.step = FILTER_STEP
+                define_stale(job.uri, job.filters, driver)
+                job.step = PREPARING_LOG
             if directory is None:
                 directory = driver.pool_dir(job.uri, pool, pool_dir)
             job.log_path = console_log_path(directory, job.spec.name)
@@ -195,6 +220,8 @@ def raise_failure(job: DomainJob, host: Host) -> None:
     assert exc is not None
     if not isinstance(exc, HypervisorError):
         raise exc
+    if isinstance(exc, NoNetworkFilters):
+        no_filter_driver(host)
     if isinstance(exc, NameTaken) and job.step != PREPARING_LOG:
         raise name_taken(exc, job.spec.name, host) from exc
     raise hypervisor_failure(exc, job.step, host) from exc

@@ -25,6 +25,7 @@ from vmapi.models import Node, VirtMethod, Vm
 from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import ensure_console_log, push_log_remover
 from vmapi.services.leftovers import Left
+from vmapi.services.network.protection import ensure_for_vm
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, apply_all, check_all
@@ -89,6 +90,7 @@ def create_one(new: NewVm, undo: Undo) -> Vm:
         # what the guest is told: a VM booted from an image gets a cloud-init seed
         if wanted(vm):
             refresh_seed(vm, host, undo)
+    ensure_for_vm(host, vm.id, undo)
     spec = placed_spec(new, placed)
     driver = hypervisor()
     step = "defining the domain"

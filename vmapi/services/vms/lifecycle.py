@@ -21,6 +21,7 @@ from vmapi.hypervisor import RUNNING, DomainNotFound, HypervisorError, Operation
 from vmapi.models import Storage, Vm, VmState
 from vmapi.node_detail import NodeNote
 from vmapi.services.consoles.log import delete_console_log
+from vmapi.services.network.protection import prune_after
 from vmapi.services.nodes.domains import (
     forget,
     hypervisor_failure,
@@ -100,6 +101,7 @@ def delete_vms(vms: list[Vm], indexed: bool) -> list[str]:
                 error.with_index(index)
             raise error from exc
         forget(vm)
+        messages += prune_after(host)
         if not existed:
             messages.append(
                 NodeNote(

@@ -20,6 +20,7 @@ from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 from vmapi.services.names import installation_id
 from vmapi.services.network.allocation import NewInterface
+from vmapi.services.network.protection import guarded_mode, nic_filter
 
 MIB = 1024 * 1024
 #: A display password's expiry long past: libvirt has QEMU expire it at once.
@@ -47,10 +48,12 @@ def bridge_template(node: Node, config: dict[str, Any]) -> str:
 
 
 def nic_spec(mac: str, suffix: str, mode: str, bridge: str, v4: Any, v6: Any,
-             vlan: int | None) -> NicSpec:  # fmt: skip
+             vlan: int | None, guard: dict[str, Any] | None = None) -> NicSpec:  # fmt: skip
     """One NIC; ``v4``/``v6``: an address row or a :class:`~vmapi.services.network.allocation.Held`
-    (``address``, ``prefix``, ``gateway``), or None."""
+    (``address``, ``prefix``, ``gateway``), or None; ``guard``: its network filter
+    (:func:`vmapi.services.network.protection.nic_filter`) in a guarded mode."""
     return NicSpec(
+        **(guard or {}),
         mac=mac,
         mode=mode,
         device=device_name(mode, suffix, bridge, vlan),
@@ -81,6 +84,14 @@ def nic_specs(vm_id: int, mode: str, bridge: str) -> tuple[NicSpec, ...]:
             iface.ipv4[0] if iface.ipv4 else None,
             iface.ipv6[0] if iface.ipv6 else None,
             iface.vlan.tag if iface.vlan else None,
+            nic_filter(
+                iface.id,
+                iface.mac,
+                [a.address for a in iface.ipv4],
+                [a.address for a in iface.ipv6],
+            )
+            if guarded_mode(mode)
+            else None,
         )
         for iface in db.session.scalars(stmt).unique()
     )
@@ -93,7 +104,23 @@ def new_nic_specs(
     the same definition :func:`nic_specs` reads back, without the read."""
     mode, bridge = interface_mode(node, config), bridge_template(node, config)
     return tuple(
-        nic_spec(new.row.mac, new.row.device_suffix, mode, bridge, new.ipv4, new.ipv6, None)
+        nic_spec(
+            new.row.mac,
+            new.row.device_suffix,
+            mode,
+            bridge,
+            new.ipv4,
+            new.ipv6,
+            None,
+            nic_filter(
+                new.row.id,
+                new.row.mac,
+                [new.ipv4.address] if new.ipv4 else [],
+                [new.ipv6.address] if new.ipv6 else [],
+            )
+            if guarded_mode(mode)
+            else None,
+        )
         for new in made
     )
 
