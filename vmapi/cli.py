@@ -174,8 +174,10 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     """Probe every node's libvirt in parallel and record the result on the node.
 
     A node that does not answer is marked unreachable (the scheduler skips it) until a
-    check reaches it again. Safe for cron or a systemd timer. Exits 1 when a node is
-    unreachable.
+    check reaches it again. A node that guards NICs (bridge or ethernet mode) has its
+    network filters checked: whether its libvirt has the filter driver, filters a change
+    could not bring it are defined now, others compared with the database. Safe for cron
+    or a systemd timer. Exits 1 when a node is unreachable or its filters are not right.
     """
     probes = check_nodes(workers, fqdns)
     for probe in probes:
@@ -184,9 +186,13 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
         else:
             since = f"{probe.down_since:%Y-%m-%d %H:%M:%S}" if probe.down_since else "?"
             click.echo(f"DOWN  {probe.fqdn} (since {since} UTC): {probe.detail}")
+        if probe.filters is not None:
+            click.echo(f"{'      ' if probe.filters_ok else 'FILTER'}{probe.fqdn}: {probe.filters}")
     down = [p for p in probes if not p.ok]
-    click.echo(f"{len(probes)} node(s), {len(down)} unreachable")
-    if down:
+    unguarded = [p for p in probes if not p.filters_ok]
+    problems = f", {len(unguarded)} with network filter problems" if unguarded else ""
+    click.echo(f"{len(probes)} node(s), {len(down)} unreachable{problems}")
+    if down or unguarded:
         sys.exit(1)
 
 

@@ -27,7 +27,7 @@ def sql(condition, dialect=POSTGRES) -> str:
 def test_filter_names_and_order_are_the_contract():
     # vm/no_valid_host reports removals under these names, in this order
     assert [name for name, _f in FILTERS] == [
-        "state_schedulable", "has_virt_method", "libvirt_reachable",
+        "state_schedulable", "has_virt_method", "libvirt_reachable", "can_guard",
         "enough_cores", "enough_ram", "uuid_free",
     ]  # fmt: skip
 
@@ -56,6 +56,7 @@ def test_filter_names_and_order_are_the_contract():
                 "node.libvirt_failed_at <",
             ],
         ),
+        ("can_guard", ["node.network_filters IS NOT false", "coalesce(node.interface_mode"]),
         ("enough_cores", ["node.free_cores >= 2"]),
         ("enough_ram", ["node.free_ram >= 1024"]),
         (

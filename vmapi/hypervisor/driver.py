@@ -151,12 +151,23 @@ class GroupFilter:
     rules: tuple[FilterRule, ...] = ()
 
 
+#: The guard's parts: the guest's MAC; its IPv4 addresses (or none); its IPv6 addresses;
+#: ARP for its IPv4 addresses (or none); layer 2 protocols.
+GUARD_PARTS = ("mac", "ipv4", "noipv4", "ipv6", "arp", "noarp", "l2")
+
+
 @dataclass(frozen=True)
 class GuardFilters:
     """The anti-spoofing filters every guarded NIC references (the same on every node of
     an installation), their names starting with ``prefix``."""
 
     prefix: str
+
+    def name(self, part: str) -> str:
+        return f"{self.prefix}-guard-{part}"
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.name(part) for part in GUARD_PARTS)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Exists, and_, literal, or_, select
+from sqlalchemy import ColumnElement, Exists, and_, func, literal, or_, select
 
 from vmapi.models import ImageCopy, Node, NodeState, VirtNode, Vm
 
@@ -33,6 +33,12 @@ class Defaults:
     """What the filters need beyond the request: when libvirt failures stop counting."""
 
     down_since: datetime  # nodes whose libvirt failed after this are skipped
+    #: how a node's NICs are wired when its ``interface_mode`` is null (INTERFACE_MODE)
+    interface_mode: str = "bridge"
+
+
+#: Interface modes whose NICs a node must guard with network filters.
+GUARDED_MODES = ("bridge", "ethernet")
 
 
 def per_node(*conditions: ColumnElement) -> Exists:
@@ -67,6 +73,13 @@ def libvirt_reachable(r: PlacementRequest, d: Defaults) -> ColumnElement:
     )
 
 
+def can_guard(r: PlacementRequest, d: Defaults) -> ColumnElement:
+    """A node whose NICs must be guarded (bridge or ethernet mode) has a network filter
+    driver, or is not known to lack one (a create there fails closed when it does)."""
+    mode = func.coalesce(Node.interface_mode, d.interface_mode)
+    return or_(Node.network_filters.is_not(False), mode.not_in(GUARDED_MODES))
+
+
 def enough_cores(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """Free vCPUs (capacity times ratio, minus allocated) fit the request."""
     return Node.free_cores >= r.cores
@@ -93,6 +106,7 @@ FILTERS: list[tuple[str, Filter]] = [
     ("state_schedulable", state_schedulable),
     ("has_virt_method", has_virt_method),
     ("libvirt_reachable", libvirt_reachable),
+    ("can_guard", can_guard),
     ("enough_cores", enough_cores),
     ("enough_ram", enough_ram),
     ("uuid_free", uuid_free),

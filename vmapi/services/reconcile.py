@@ -27,6 +27,10 @@ Findings, one per domain, VM or volume:
   does not answer it waits.
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
+- ``filter_differs``: a network filter the node's VMs need that it lacks or holds
+  otherwise (a change could not reach it, or someone changed it); ``unused_filter``: one
+  of this installation's filters no VM of the node uses; fix: the node's filters are
+  brought in line with the database (services/network/protection.py).
 Domains are matched with VMs by the name stored on the VM's row. Young ``building``
 rows are skipped: their request may still be running.
 """
@@ -52,6 +56,7 @@ from vmapi.services.leftovers import leftovers_on, remove_leftover
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import settle
 from vmapi.services.names import installation_id
+from vmapi.services.network.protection import differences, sync_node
 from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 from vmapi.services.storage.volumes import delete_vm_volumes
@@ -123,7 +128,36 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings += [_check_move(vm, fix) for vm in moving.values()]
     findings += _leftovers(nodes, answering, fix)
     findings += _stale_copies(answering, fix)
+    findings += _filters(answering, fix)
     return findings + _unowned_volumes(answering, listed, workers)
+
+
+def _filters(hosts: dict[int, Host], fix: bool) -> list[Finding]:
+    """Each answering node's network filters against the database."""
+    findings = []
+    for host in hosts.values():
+        try:
+            stale, extra = differences(host)
+        except HypervisorError as exc:
+            findings.append(Finding("unreachable", host.node.fqdn, "-", f"filters: {exc.reason}"))
+            continue
+        found = [Finding("filter_differs", host.node.fqdn, name, "missing or not as the "
+                         "database has it") for name in stale]  # fmt: skip
+        found += [Finding("unused_filter", host.node.fqdn, name, "no VM of the node uses it")
+                  for name in extra]  # fmt: skip
+        if fix and (found or host.node.filters_pending):
+            try:
+                sync_node(host)
+                host.node.filters_pending = False
+                db.session.commit()
+                for finding in found:
+                    finding.fixed = True
+            except HypervisorError as exc:
+                db.session.rollback()
+                for finding in found:
+                    finding.detail += f"; not repaired: {exc.reason}"
+        findings += found
+    return findings
 
 
 def _check_move(vm: Vm, fix: bool) -> Finding:

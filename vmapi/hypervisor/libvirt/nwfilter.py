@@ -122,13 +122,9 @@ class Filter:
 
 
 # ---------------------------------------------------------------------- the guard
-def guard_name(guard: GuardFilters, part: str) -> str:
-    return f"{guard.prefix}-guard-{part}"
-
-
 def guard_filters(guard: GuardFilters) -> list[Filter]:
     """The guard's parts (each a chain of the bridge layer), in the order to define them."""
-    name = lambda part: guard_name(guard, part)  # noqa: E731
+    name = guard.name
     udp_from = lambda port: {"protocol": "udp", "srcportstart": str(port), "srcportend": str(port)}  # noqa: E731
     mac = Filter(name("mac"), "mac", [
         Rule("drop", "out", 100, "mac", {"match": "no", "srcmacaddr": "$MAC"}),
@@ -197,7 +193,7 @@ def port_filter(spec: PortFilter) -> Filter:
     if spec.guard is not None:
         parts = ("mac", "ipv4" if spec.ipv4 else "noipv4", "ipv6",
                  "arp" if spec.ipv4 else "noarp", "l2")  # fmt: skip
-        entries += [Ref(guard_name(spec.guard, part)) for part in parts]
+        entries += [Ref(spec.guard.name(part)) for part in parts]
     entries += [Ref(name) for name in spec.groups]
     if spec.groups:
         every = ("all", "all-ipv6")

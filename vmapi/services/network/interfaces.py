@@ -22,12 +22,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from vmapi.auth import Principal
-from vmapi.errors import ValidationError
+from vmapi.errors import Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.network.allocation import FAMILIES, move_addresses
+from vmapi.services.network.filters import groups_of, set_groups
+from vmapi.services.network.protection import filters_on, follow_live, nic_of, prune_after
+from vmapi.services.network.security_groups import usable_groups
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.ownership import own_interfaces
@@ -41,8 +44,12 @@ from vmapi.services.vms.cloud_init import (
 )
 from vmapi.services.vms.specs import domain_spec, interface_mode
 
+#: The field of an interface's groups (``[{id}]`` in, a list of ids here).
+GROUPS = "security_groups"
 #: What an UPDATE may change.
-WRITABLE = {"vlan_id", *FAMILIES}
+WRITABLE = {"vlan_id", "spoof_guard", GROUPS, *FAMILIES}
+#: ... and of that, what only admins may change
+ADMIN_ONLY = {"vlan_id", "spoof_guard", *FAMILIES}
 
 
 class InterfaceService(CrudService[Interface]):
@@ -74,8 +81,16 @@ class InterfaceService(CrudService[Interface]):
             ident, data = item
             iface = self.get(ident, principal)
             self.check_fields(data)
+            if not principal.is_admin and set(data) & ADMIN_ONLY:
+                raise Forbidden(
+                    "A customer token may change only the security groups of its interfaces.",
+                    data={key: ["Admins only."] for key in sorted(set(data) & ADMIN_ONLY)},
+                )
             self.check_references(data)
             self.check_addresses(data)
+            if GROUPS in data:
+                vm = db.session.get(Vm, iface.vm_id)
+                data = {**data, GROUPS: usable_groups(data[GROUPS], vm.customer_id)}
             return iface, data
 
         def apply(plan: tuple[Interface, dict[str, Any]], undo: Undo) -> Interface:
@@ -84,6 +99,8 @@ class InterfaceService(CrudService[Interface]):
 
         ifaces = all_or_nothing(items, indexed, check, apply)
         messages += delete_retired(retired)
+        for node_id in sorted({db.session.get(Vm, i.vm_id).node_id for i in ifaces}):
+            messages += prune_after(Host.of(node_id))  # the groups no NIC there uses now
         for iface in ifaces:
             if iface.vlan_id is not None:
                 node = Host.of(db.session.get(Vm, iface.vm_id).node_id).node
@@ -108,15 +125,20 @@ class InterfaceService(CrudService[Interface]):
         then rewrite the persistent definition; each step pushes its inverse."""
         data = dict(data)
         addresses = {family: data.pop(family) for family in FAMILIES if family in data}
+        groups = data.pop(GROUPS, None)
         vm = db.session.get(Vm, iface.vm_id)
         host = Host.of(vm.node_id)
         method = db.session.get(VirtMethod, vm.virt_method_id)
         config = current_app.config
         old_spec = domain_spec(vm, method, host.node, config)  # as it is defined now
+        old_filters = filters_on(host, [vm.id])
         old = {key: getattr(iface, key) for key in data}
+        old_groups = groups_of([iface.id])[iface.id]
         try:
             self.update(iface, data, principal)
             held = move_addresses(iface.id, addresses)
+            if groups is not None:
+                set_groups(iface.id, groups)
             db.session.commit()
         except IntegrityError as exc:  # the VLAN went meanwhile
             db.session.rollback()
@@ -130,14 +152,20 @@ class InterfaceService(CrudService[Interface]):
             for key, value in old.items():
                 setattr(row, key, value)
             move_addresses(iface.id, held)  # (one another request took since: logged)
+            if groups is not None:
+                set_groups(iface.id, old_groups)
             db.session.commit()
 
         undo.push(f"restoring interface {iface.id} and its addresses", restore)
-        step = f"recording the {'new addresses' if addresses else 'VLAN'} in the domain"
+        spec = domain_spec(vm, method, host.node, config)
+        before, after = nic_of(old_spec, iface.mac), nic_of(spec, iface.mac)
+        follow_live(host, vm.id, vm.domain_name, before, after, old_filters, undo)
+        what = "new addresses" if addresses else "VLAN" if "vlan_id" in data else "change"
+        step = f"recording the {what} in the domain"
         driver = hypervisor()
         try:
             seeded = bool(addresses) and wanted(vm) and refresh_seed(vm, host, undo, retired)
-            driver.define(host.uri, domain_spec(vm, method, host.node, config))
+            driver.define(host.uri, spec)
             undo.push(f"redefining {vm.domain_name} with its interfaces as they were",
                       lambda: driver.define(host.uri, old_spec))  # fmt: skip
             if seeded:
@@ -167,4 +195,5 @@ class InterfaceService(CrudService[Interface]):
 
     def update(self, obj: Interface, data: dict[str, Any], principal: Principal) -> Interface:
         self.check_fields(data)
-        return super().update(obj, {k: v for k, v in data.items() if k not in FAMILIES}, principal)
+        kept = {k: v for k, v in data.items() if k not in FAMILIES and k != GROUPS}
+        return super().update(obj, kept, principal)

@@ -1,17 +1,12 @@
 """Network protection on the nodes: the guard and the security groups as libvirt network
-filters, written from the database (API.md "Network protection").
+filters (API.md "Network protection"), what they are made of being read from the database
+by :mod:`vmapi.services.network.filters`. Here:
 
-Every NIC of a node in ``bridge`` or ``ethernet`` mode references a filter of its own,
-``<installation>-nic-<interface id>`` (its ``<filterref>`` carries the interface's MAC
-and addresses), made of the guard's parts (unless ``spoof_guard`` is off), its groups'
-filters ``<installation>-sg-<group id>`` and the policy around them
-(vmapi/hypervisor/libvirt/nwfilter.py writes them). Here:
-
-- what a node must hold for its VMs (:func:`wanted_on`), and making it hold that before
-  a domain is defined or arrives (:func:`ensure_for_vm`, create, migration, evacuation)
-  or after a change (:func:`interface_changed`, :func:`groups_changed`): a filter is
-  (re)defined only where the node lacks it or holds it otherwise, since libvirt
-  re-applies a redefined filter to every running guest using it;
+- making a node hold what its VMs' NICs reference before a domain is defined or arrives
+  (:func:`ensure_for_vm`: create, migration, evacuation) or after a change
+  (:func:`follow_live`, :func:`groups_changed`): a filter is (re)defined only where the
+  node lacks it or holds it otherwise, since libvirt re-applies a redefined filter to
+  every running guest using it;
 - removing what no VM of the node uses any more (:func:`prune`), which lists the node
   first and reads the database after, so a VM committed meanwhile keeps its filters;
 - a node whose libvirt has no network filter driver: recorded on the node
@@ -26,225 +21,40 @@ driver: its NICs are described with their filter reference, but nothing is defin
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from collections.abc import Collection
 
-from flask import current_app
 from sqlalchemy import select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import (
-    FilterRule,
-    GroupFilter,
+    DomainSpec,
     GuardFilters,
     HypervisorDriver,
     HypervisorError,
-    NetworkFilter,
+    NicSpec,
     NoNetworkFilters,
-    PortFilter,
 )
-from vmapi.models import (
-    Interface,
-    InterfaceSecurityGroup,
-    Ipv4Address,
-    Node,
-    SecurityGroupRule,
-    Vm,
-)
+from vmapi.models import Interface, InterfaceSecurityGroup, Node, Vm
 from vmapi.node_detail import NodeNote
-from vmapi.services.names import installation_id
+from vmapi.services.network.filters import (
+    NodeFilters,
+    filters_for,
+    filters_here,
+    group_filter_name,
+    guarded_mode,
+    node_mode,
+    prefix,
+    vm_interfaces,
+    wanted_on,
+)
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor, node_uri, on_hosts
 from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)
 
-#: the interface modes whose NICs sit on a host device other guests share
-GUARDED_MODES = ("bridge", "ethernet")
 STEP = "defining the network filters"
-#: a rule's direction as the filter sees it (from the guest)
-DIRECTION = {"ingress": "in", "egress": "out"}
-
-
-# ---------------------------------------------------------------------- names
-def prefix() -> str:
-    return installation_id()
-
-
-def guard() -> GuardFilters:
-    return GuardFilters(prefix())
-
-
-def group_filter_name(group_id: int) -> str:
-    return f"{prefix()}-sg-{group_id}"
-
-
-def port_filter_name(interface_id: int) -> str:
-    return f"{prefix()}-nic-{interface_id}"
-
-
-def guarded_mode(mode: str) -> bool:
-    return mode in GUARDED_MODES
-
-
-def filters_here(uri: str) -> bool:
-    """Whether filters are defined on this host: not on libvirt's ``test`` driver, whose
-    NICs carry no traffic."""
-    return urlsplit(uri).scheme.split("+")[0] != "test"
-
-
-def link_local(mac: str) -> str:
-    """The IPv6 link-local address a guest derives from its MAC (modified EUI-64)."""
-    octets = bytearray(int(part, 16) for part in mac.split(":"))
-    octets[0] ^= 0x02
-    eui = bytes(octets[:3]) + b"\xff\xfe" + bytes(octets[3:])
-    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
-
-
-def nic_filter(interface_id: int, mac: str, ipv4: Iterable[str], ipv6: Iterable[str]) -> dict:
-    """The NicSpec fields of a guarded NIC: its filter and the addresses it holds."""
-    return {
-        "filter": port_filter_name(interface_id),
-        "filter_ipv4": tuple(ipv4),
-        "filter_ipv6": (*ipv6, link_local(mac)),
-    }
-
-
-# ---------------------------------------------------------------------- from the rows
-def group_spec(group_id: int) -> GroupFilter:
-    rules = db.session.scalars(
-        select(SecurityGroupRule)
-        .where(SecurityGroupRule.security_group_id == group_id)
-        .order_by(SecurityGroupRule.id)
-    )
-    return GroupFilter(
-        group_filter_name(group_id),
-        tuple(
-            FilterRule(
-                DIRECTION[rule.direction],
-                rule.ethertype,
-                rule.protocol,
-                rule.port_min,
-                rule.port_max,
-                rule.remote_cidr,
-            )
-            for rule in rules
-        ),
-    )
-
-
-def groups_of(interface_ids: Collection[int]) -> dict[int, list[int]]:
-    """Each interface's groups (ids, ascending)."""
-    found: dict[int, list[int]] = {i: [] for i in interface_ids}
-    if not interface_ids:
-        return found
-    rows = db.session.execute(
-        select(InterfaceSecurityGroup.interface_id, InterfaceSecurityGroup.security_group_id)
-        .where(InterfaceSecurityGroup.interface_id.in_(interface_ids))
-        .order_by(InterfaceSecurityGroup.security_group_id)
-    )
-    for interface_id, group_id in rows:
-        found[interface_id].append(group_id)
-    return found
-
-
-def egress_groups(group_ids: Collection[int]) -> set[int]:
-    """The groups among ``group_ids`` that have egress rules."""
-    if not group_ids:
-        return set()
-    return set(
-        db.session.scalars(
-            select(SecurityGroupRule.security_group_id)
-            .where(
-                SecurityGroupRule.security_group_id.in_(group_ids),
-                SecurityGroupRule.direction == "egress",
-            )
-            .distinct()
-        )
-    )
-
-
-@dataclass(frozen=True)
-class NodeFilters:
-    """What a node must hold: the guard (if any NIC is guarded), groups, NICs' filters."""
-
-    guard: GuardFilters | None
-    groups: tuple[GroupFilter, ...]
-    ports: tuple[PortFilter, ...]
-
-    def specs(self) -> list[NetworkFilter]:
-        """In the order to define them (referenced before referencing)."""
-        return [*filter(None, [self.guard]), *self.groups, *self.ports]
-
-    def names(self) -> set[str]:
-        names = {g.name for g in self.groups} | {p.name for p in self.ports}
-        if self.guard is not None:
-            names |= {f"{self.guard.prefix}-guard-{part}" for part in GUARD_PARTS}
-        return names
-
-
-#: the guard's parts (vmapi/hypervisor/libvirt/nwfilter.py names them so)
-GUARD_PARTS = ("mac", "ipv4", "noipv4", "ipv6", "arp", "noarp", "l2")
-
-
-def filters_for(interfaces: list[Interface]) -> NodeFilters:
-    """The filters ``interfaces`` (rows with ``spoof_guard``) need on their node."""
-    ids = [iface.id for iface in interfaces]
-    groups = groups_of(ids)
-    used = sorted({g for gs in groups.values() for g in gs})
-    egress = egress_groups(used)
-    with_ipv4 = set(
-        db.session.scalars(
-            select(Ipv4Address.interface_id).where(Ipv4Address.interface_id.in_(ids))
-        )
-    ) if ids else set()  # fmt: skip
-    the_guard = guard()
-    ports = tuple(
-        PortFilter(
-            name=port_filter_name(iface.id),
-            guard=the_guard if iface.spoof_guard else None,
-            ipv4=iface.id in with_ipv4,
-            groups=tuple(group_filter_name(g) for g in groups[iface.id]),
-            egress_limited=any(g in egress for g in groups[iface.id]),
-        )
-        for iface in interfaces
-    )
-    return NodeFilters(
-        guard=the_guard if any(p.guard for p in ports) else None,
-        groups=tuple(group_spec(g) for g in used),
-        ports=ports,
-    )
-
-
-def node_mode(node: Node) -> str:
-    return node.interface_mode or current_app.config["INTERFACE_MODE"]
-
-
-def wanted_on(node: Node) -> NodeFilters:
-    """Everything the node must hold for the VMs the database has on it."""
-    if not guarded_mode(node_mode(node)):
-        return NodeFilters(None, (), ())
-    interfaces = db.session.scalars(
-        select(Interface)
-        .join(Vm, Vm.id == Interface.vm_id)
-        .where(Vm.node_id == node.id)
-        .order_by(Interface.id)
-    ).all()
-    return filters_for(list(interfaces))
-
-
-def vm_interfaces(vm_id: int) -> list[Interface]:
-    return list(
-        db.session.scalars(
-            select(Interface)
-            .where(Interface.vm_id == vm_id)
-            .order_by(Interface.id)
-            .execution_options(populate_existing=True)
-        )
-    )
 
 
 # ---------------------------------------------------------------------- on a node
@@ -268,7 +78,7 @@ def define_stale(
     stale = set(driver.stale_filters(uri, specs))
     defined = []
     for spec in specs:
-        names = NodeFilters(spec, (), ()).names() if isinstance(spec, GuardFilters) else {spec.name}
+        names = set(spec.names()) if isinstance(spec, GuardFilters) else {spec.name}
         if names & stale:
             driver.define_filter(uri, spec)
             defined += sorted(names & stale)
@@ -372,6 +182,44 @@ def differences(host: Host) -> tuple[list[str], list[str]]:
 
 
 # ---------------------------------------------------------------------- changes
+def nic_of(spec: DomainSpec, mac: str) -> NicSpec:
+    return next(nic for nic in spec.nics if nic.mac == mac)
+
+
+def follow_live(host: Host, vm_id: int, domain: str, before: NicSpec, after: NicSpec,
+                old_filters: NodeFilters | None, undo: Undo) -> None:  # fmt: skip
+    """After an interface changed (addresses, groups, guard): the running guest's filter
+    follows at once, its NIC's addresses by a live device update and its filter by a
+    redefinition libvirt re-applies; each with its inverse. A NIC losing its last IPv4
+    address gets its filter first (the new one no longer needs ``IP``), otherwise its
+    addresses first (a filter that needs ``IP`` finds it)."""
+    new_filters = filters_on(host, [vm_id]) if old_filters else None
+    if new_filters is None or old_filters is None:
+        return
+    driver = hypervisor()
+
+    def nic() -> None:
+        if before == after:
+            return
+        driver.update_nic_filter_live(host.uri, domain, after)
+        undo.push(f"giving the NIC {after.mac} of {domain} its former addresses",
+                  lambda: driver.update_nic_filter_live(host.uri, domain, before))  # fmt: skip
+
+    def filters() -> None:
+        define_stale(host.uri, new_filters)
+        undo.push(f"restoring the network filters of {domain}",
+                  lambda: define_stale(host.uri, old_filters))  # fmt: skip
+
+    losing_ipv4 = bool(before.filter_ipv4) and not after.filter_ipv4
+    step = STEP
+    try:
+        for action in (filters, nic) if losing_ipv4 else (nic, filters):
+            step = STEP if action is filters else "changing the NIC's filter live"
+            action()
+    except HypervisorError as exc:
+        raise hypervisor_failure(exc, step, host) from exc
+
+
 def nodes_using(group_ids: Collection[int]) -> list[Node]:
     return list(
         db.session.scalars(

@@ -21,8 +21,10 @@ from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import HostInfo, HypervisorError, HypervisorUnavailable
 from vmapi.models import Node
+from vmapi.services.network.filters import filters_here, guarded_mode, node_mode
+from vmapi.services.network.protection import differences, sync_node
 from vmapi.services.nodes.domains import end_cooloff
-from vmapi.services.nodes.hosts import hypervisor, node_uri, on_hosts
+from vmapi.services.nodes.hosts import Host, hypervisor, node_uri, on_hosts
 
 ERROR_LENGTH = 1000
 
@@ -33,6 +35,10 @@ class Probe:
     ok: bool
     detail: str
     down_since: datetime | None
+    #: the node's network filters (nodes that guard NICs): what was found or done, and
+    #: whether that is a problem (no filter driver, filters that differ)
+    filters: str | None = None
+    filters_ok: bool = True
 
 
 def check_nodes(workers: int, fqdns: tuple[str, ...] = ()) -> list[Probe]:
@@ -42,19 +48,24 @@ def check_nodes(workers: int, fqdns: tuple[str, ...] = ()) -> list[Probe]:
     nodes = db.session.scalars(stmt).all()
     driver = hypervisor()
 
-    def probe(uri: str) -> tuple[HostInfo, float]:
+    def probe(target: tuple[str, bool]) -> tuple[HostInfo, float, bool | None]:
+        uri, guards = target
         started = time.monotonic()
-        return driver.host_info(uri), time.monotonic() - started
+        info = driver.host_info(uri)
+        seconds = time.monotonic() - started
+        return info, seconds, driver.network_filters(uri) if guards else None
 
     uris, refused = {}, {}
     for n in nodes:
         try:
-            uris[n.id] = node_uri(n.fqdn, n.libvirt_uri)
+            uri = node_uri(n.fqdn, n.libvirt_uri)
+            uris[n.id] = (uri, guarded_mode(node_mode(n)) and filters_here(uri))
         except ApiError as exc:  # a URI stored before the rules: never connected to
             refused[n.id] = f"{exc.error_id}: {exc.message}"
     results = on_hosts(uris, probe, workers)
     now = datetime.now(UTC)
     probes = []
+    wanted: list[tuple[Probe, Node, str]] = []
     for node in nodes:
         result = results.get(node.id)
         if node.id in refused or isinstance(result, HypervisorError):
@@ -70,12 +81,42 @@ def check_nodes(workers: int, fqdns: tuple[str, ...] = ()) -> list[Probe]:
             node.unreachable_since = node.unreachable_since or now
             probes.append(Probe(node.fqdn, False, reason, node.unreachable_since))
         else:
-            info, seconds = result
+            info, seconds, filters = result
             node.last_seen_at = now
             node.last_error = None
             node.unreachable_since = None
             end_cooloff(node)  # the row was read before the probe: only older failures
             detail = f"{info.cores} CPUs, {info.ram // 1024**2} MiB, {seconds * 1000:.0f} ms"
             probes.append(Probe(node.fqdn, True, detail, None))
+            if filters is not None:
+                node.network_filters = filters
+                wanted.append((probes[-1], node, uris[node.id][0]))
     db.session.commit()
+    for probe_, node, uri in wanted:  # the filters, in this thread (they read the rows)
+        probe_.filters, probe_.filters_ok = check_filters(Host(node, uri))
     return probes
+
+
+def check_filters(host: Host) -> tuple[str, bool]:
+    """The node's network filters against the database: brought in line when a change
+    could not reach it (``filters_pending``), otherwise compared; what was found, and
+    whether all is well."""
+    node = host.node
+    if not node.network_filters:
+        return ("its libvirt has no network filter driver (nwfilter): it takes no new VMs "
+                "in bridge or ethernet mode", False)  # fmt: skip
+    try:
+        if node.filters_pending:
+            defined, removed = sync_node(host)
+            node.filters_pending = False
+            db.session.commit()
+            return (f"network filters brought in line ({len(defined)} defined, "
+                    f"{len(removed)} removed)", True)  # fmt: skip
+        stale, extra = differences(host)
+    except HypervisorError as exc:
+        db.session.rollback()
+        return f"network filters could not be checked: {exc.reason}", False
+    if stale or extra:
+        return (f"network filters differ from the database: missing or different {stale}, "
+                f"unused {extra}; `flask vmapi reconcile --fix` repairs them", False)  # fmt: skip
+    return "network filters as the database has them", True

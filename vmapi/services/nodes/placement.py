@@ -15,7 +15,10 @@ from vmapi.scheduler import Defaults, PlacementRequest, claim, unsuitable_reason
 
 def scheduler_defaults() -> Defaults:
     cooloff = timedelta(seconds=current_app.config["LIBVIRT_COOLOFF"])
-    return Defaults(down_since=datetime.now(UTC) - cooloff)
+    return Defaults(
+        down_since=datetime.now(UTC) - cooloff,
+        interface_mode=current_app.config["INTERFACE_MODE"],
+    )
 
 
 def claim_named(

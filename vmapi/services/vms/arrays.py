@@ -56,11 +56,9 @@ from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import console_log_path, push_log_remover
 from vmapi.services.leftovers import Left
 from vmapi.services.network.allocation import make_free_ipv6
+from vmapi.services.network.filters import NodeFilters
+from vmapi.services.network.protection import STEP as FILTER_STEP
 from vmapi.services.network.protection import (
-    STEP as FILTER_STEP,
-)
-from vmapi.services.network.protection import (
-    NodeFilters,
     define_stale,
     filters_on,
     no_filter_driver,

@@ -20,7 +20,7 @@ from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
 from vmapi.services.names import installation_id
 from vmapi.services.network.allocation import NewInterface
-from vmapi.services.network.protection import guarded_mode, nic_filter
+from vmapi.services.network.filters import guarded_mode, nic_filter
 
 MIB = 1024 * 1024
 #: A display password's expiry long past: libvirt has QEMU expire it at once.
