@@ -10,12 +10,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vmapi.hypervisor import HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from vmapi.hypervisor import (
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    NoNetworkFilters,
+)
 
 KINDS: dict[str, Callable[[str], Exception]] = {
     "error": lambda uri: HypervisorError(uri, "injected failure"),
     "timeout": lambda uri: HypervisorTimeout(uri, 5.0),
     "unavailable": lambda uri: HypervisorUnavailable(uri, "injected: connection refused"),
+    # libvirt without its network filter driver (a daemon built or packaged without it)
+    "no_nwfilter": lambda uri: NoNetworkFilters(uri, "injected: no network filter driver"),
 }
 
 

@@ -98,11 +98,16 @@ class BootEnv:
         found.refresh(0)
         return sorted(found.listVolumes())
 
+    def filters(self) -> list[str]:
+        """This installation's network filters on the host."""
+        return sorted(f for f in self.conn.listNWFilters() if f.startswith(f"{INSTALLATION}-"))
+
     def ours(self) -> list[str]:
-        """Every volume of this installation in its pools, and its domains."""
+        """Every volume of this installation in its pools, its domains and its network
+        filters (the last VM using one takes it with it)."""
         volumes = [v for pool in (IMAGE_POOL, LOG_POOL) for v in self.pool_volumes(pool)]
         domains = [d.name() for d in tagged_domains(self.conn, INSTALLATION)]
-        return sorted(volumes + domains)
+        return sorted(volumes + domains + self.filters())
 
 
 def remove_pool(conn: libvirt.virConnect, name: str) -> None:
@@ -127,6 +132,14 @@ def remove_domains(conn: libvirt.virConnect, marker: str) -> None:
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def remove_filters(conn: libvirt.virConnect, marker: str) -> None:
+    """The installation's network filters, those that reference others first."""
+    names = [name for name in conn.listNWFilters() if name.startswith(f"{marker}-")]
+    order = {"nic": 0, "sg": 1}
+    for name in sorted(names, key=lambda n: order.get(n[len(marker) + 1 :].split("-")[0], 2)):
+        conn.nwfilterLookupByName(name).undefine()
 
 
 def remove_leftovers(conn: libvirt.virConnect) -> None:
@@ -170,6 +183,7 @@ def boot_env(pg_server: str, image_dir: Path) -> Iterator[BootEnv]:
         yield BootEnv(app, api, conn, node, made.json["data"]["virt_method"]["id"])
     finally:
         remove_domains(conn, INSTALLATION)
+        remove_filters(conn, INSTALLATION)
         for pool in (IMAGE_POOL, LOG_POOL):
             remove_pool(conn, pool)
         if app is not None:
