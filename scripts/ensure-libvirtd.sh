@@ -2,17 +2,19 @@
 # Make sure a real libvirtd with the QEMU driver answers on qemu:///system (the
 # hypervisor test tier). Installs Debian's packages, the users, groups and folders the
 # daemons expect, and starts virtlogd and libvirtd when they are not running.
+# iptables: libvirt's network filters (vmapi guards every NIC with them) run
+# /usr/sbin/ebtables, iptables and ip6tables (the nf_tables variants, Debian's default).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 uri=qemu:///system
 
 answers() { timeout 20 virsh -c "$uri" version >/dev/null 2>&1; }
 
-if command -v virsh >/dev/null && answers && { [ ! -c /dev/kvm ] || [ "$(stat -c %G /dev/kvm)" = kvm ]; }; then
+if command -v virsh >/dev/null && [ -x /usr/sbin/ebtables ] && answers && { [ ! -c /dev/kvm ] || [ "$(stat -c %G /dev/kvm)" = kvm ]; }; then
   exit 0
 fi
 "$here/ensure-packages.sh" libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-  qemu-system-x86 qemu-utils >&2
+  qemu-system-x86 qemu-utils iptables >&2
 getent group kvm >/dev/null || groupadd --system kvm
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-qemu \
