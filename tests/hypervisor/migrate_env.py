@@ -22,6 +22,7 @@ from flask import Flask
 
 from tests.conftest import MIB, Api, create_database, drop_database, make_token, migrate, node_body
 from tests.guest import console
+from tests.hypervisor.boot_env import remove_filters
 from tests.hypervisor.two_hosts import PrivateHost, TwoHosts
 from tests.image_files import OCTET
 from vmapi.app import create_app
@@ -171,6 +172,7 @@ def remove_ours(host: PrivateHost) -> None:
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()
+        remove_filters(conn, INSTALLATION)
         for pool in conn.listAllStoragePools():
             if pool.name() in POOLS:
                 if pool.isActive():
