@@ -18,7 +18,7 @@ action          keywords                                 what the guest does
 ==============  =======================================  ==================================
 info            -                                        answers dev, mac, addresses
 ping4, ping6    dst, src=None, count=2                   pings dst from src (added to the
-                                                         NIC for it, nodad for IPv6, and
+                                                         NIC for it, IPv6 with no DAD, and
                                                          removed; none: the real address)
 garp            ip, count=2                              gratuitous ARP claiming ip
                                                          (arping -U, ip added for it)
