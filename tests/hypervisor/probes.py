@@ -29,6 +29,9 @@ ra              prefix=..., router_lifetime=0, ...       router advertisement fr
                                                          link-local address (frames.py)
 dhcp-offer      offered=None, server=None, client=...    DHCPOFFER from UDP 67 to 68
 frame           frame (bytes)                            any Ethernet frame, as given
+tcp-connect     dst, port                                TCP connection to dst:port (nc),
+                                                         sends a line; connected=yes|no,
+                                                         got= what came back
 tcp-listen      port                                     web server on port answering
                                                          "VMAPI-PORT <port>"
 tcp-close       port                                     that server stopped
@@ -41,19 +44,42 @@ guest's ``/bin/vmapi-sendframe`` (busybox cannot write them). ``count`` (1..10) 
 
 ``wait_ready(net, guest)`` polls ``info`` until the guest answers; ``ProbeError`` is raised
 when the guest did not answer or refused the request (a bad value).
+
+A module of the hypervisor tier gets a probe guest with (``env``: tests/hypervisor/
+conftest.py; see test_guest_probes.py)::
+
+    @pytest.fixture(scope="module")
+    def net(env):
+        with guest_network(GATEWAYS) as made, node_on_bridge(env, made):
+            yield made
+
+    @pytest.fixture(scope="module")
+    def guest(env, net, guest_image) -> ProbeGuest:
+        return boot_guest(env, net, env.upload(guest_image.path)["id"])
+
+``boot_guest`` creates the VM through the API (extra fields go into its POST /vm body),
+waits for its probes and answers its addresses, MAC and link-local address as the API
+and the guest tell them.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tests.guest import frames
+from tests.conftest import GIB
+from tests.guest import console, frames
+
+if TYPE_CHECKING:  # (types only: the unit tests use the probes without a vmapi)
+    from tests.hypervisor.boot_env import BootEnv
+    from tests.hypervisor.guest_net import GuestNetwork
 
 #: what the CGI does itself; the rest are frames built here
-GUEST_ACTIONS = ("info", "ping4", "ping6", "garp", "mac", "tcp-listen", "tcp-close")
+GUEST_ACTIONS = ("info", "ping4", "ping6", "garp", "mac", "tcp-connect", "tcp-listen", "tcp-close")
 FRAME_ACTIONS = ("na", "ra", "dhcp-offer", "frame")
 #: how long one request may take (a ping of 10 unanswered echoes takes 13 s)
 TIMEOUT = 30
@@ -200,3 +226,53 @@ def probe(net, guest: str, action: str, *, count: int | None = None, dev: str | 
     frame = params.pop("frame") if action == "frame" else \
         build_frame(action, info(net, guest), **params)  # fmt: skip
     return ask(net, guest, action, **common, frame=frame)
+
+
+@dataclass(frozen=True)
+class ProbeGuest:
+    """A booted test guest that answers probes: its VM as the API created it, the
+    addresses the API assigned it, its MAC and IPv6 link-local address."""
+
+    vm: dict
+    ipv4: str
+    ipv6: str
+    mac: str
+    link_local: str
+
+
+@contextmanager
+def node_on_bridge(env: BootEnv, net: GuestNetwork) -> Iterator[None]:
+    """The shared node puts its VMs' NICs on ``net``'s bridge for the block; after it
+    the VMs go (none may stay on the bridge) and the node's networking is put back."""
+    node = f"node/{env.node['id']}"
+    body = {"interface_mode": "bridge", "bridge": net.bridge}
+    before = env.api.get(node).json["data"]
+    changed = env.api.update(node, json=body)
+    assert changed.status_code == 200, changed.json
+    try:
+        yield
+    finally:
+        for vm in env.api.get("vm").json["data"]:
+            gone = env.api.delete(f"vm/{vm}")
+            assert gone.status_code == 200, gone.json
+        back = env.api.update(node, json={name: before[name] for name in body})
+        assert back.status_code == 200, back.json
+
+
+def boot_guest(env: BootEnv, net: GuestNetwork, image_id: int, **fields) -> ProbeGuest:
+    """A VM of the test guest image ``image_id`` (``fields`` go into POST /vm), once its
+    probes answer from ``net``'s namespace."""
+    vm = env.create(image_id, **{"root_size": GIB, **fields})
+    iface = env.api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
+    v4 = env.api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]["address"]
+    v6 = env.api.get(f"ipv6/{iface['ipv6'][0]['id']}").json["data"]["address"]
+
+    def ready(text: str) -> bool:
+        boots = console.boots(text)
+        return bool(boots) and boots[-1].httpd and boots[-1].probes_ready
+
+    console.wait_for(env.console(vm["id"]), ready, "the guest's web server and probes")
+    about = wait_ready(net, v4)
+    assert about.mac == iface["mac"].lower(), (about, iface)
+    assert v4 in about.ipv4 and v6 in about.ipv6, (about, v4, v6)
+    return ProbeGuest(vm, v4, str(ipaddress.ip_address(v6)), about.mac, about.link_local)

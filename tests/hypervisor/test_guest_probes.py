@@ -18,12 +18,12 @@ the guest as it found it (addresses, MAC, listeners), so they pass in any order 
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import GIB
 from tests.guest import console
 from tests.guest import frames as f
 from tests.hypervisor import capture as cap
@@ -31,6 +31,7 @@ from tests.hypervisor import probes
 from tests.hypervisor.boot_env import BootEnv
 from tests.hypervisor.capture import Capture
 from tests.hypervisor.guest_net import GuestNetwork, guest_network
+from tests.hypervisor.probes import ProbeGuest
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -42,51 +43,21 @@ SPOOF4, SPOOF6 = "198.51.100.99", "2001:db8:100::99"
 SPOOF_MAC = "52:54:00:de:ad:01"
 
 
-@dataclass(frozen=True)
-class Guest:
-    vm: dict
-    ipv4: str
-    ipv6: str
-    mac: str
-    link_local: str
+@pytest.fixture(scope="module")
+def net(env: BootEnv) -> Iterator[GuestNetwork]:
+    with guest_network(GATEWAYS) as made, probes.node_on_bridge(env, made):
+        yield made
 
 
 @pytest.fixture(scope="module")
-def net(env) -> Iterator[GuestNetwork]:
-    with guest_network(GATEWAYS) as made:
-        body = {"interface_mode": "bridge", "bridge": made.bridge}
-        before = env.api.get(f"node/{env.node['id']}").json["data"]
-        changed = env.api.update(f"node/{env.node['id']}", json=body)
-        assert changed.status_code == 200, changed.json
-        yield made
-        for vm in env.api.get("vm").json["data"]:  # no domain on the bridge as it goes
-            assert env.api.delete(f"vm/{vm}").status_code == 200
-        back = {name: before[name] for name in body}
-        assert env.api.update(f"node/{env.node['id']}", json=back).status_code == 200
+def guest(env: BootEnv, net: GuestNetwork, guest_image) -> ProbeGuest:
+    made = probes.boot_guest(env, net, env.upload(guest_image.path)["id"], hostname="probe-guest")
+    assert made.ipv4 != SPOOF4 and made.ipv6 != SPOOF6  # (the API hands out the lowest free)
+    return made
 
 
 def console_tail(env: BootEnv, vm: dict) -> str:
     return "\n".join(console.lines(env.console(vm["id"])())[-40:])
-
-
-@pytest.fixture(scope="module")
-def guest(env: BootEnv, net: GuestNetwork, guest_image) -> Guest:
-    image = env.upload(guest_image.path)
-    vm = env.create(image["id"], root_size=GIB, hostname="probe-guest")
-    iface = env.api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
-    v4 = env.api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]["address"]
-    v6 = env.api.get(f"ipv6/{iface['ipv6'][0]['id']}").json["data"]["address"]
-    assert v4 != SPOOF4 and v6 != SPOOF6  # (the API hands out the lowest free ones)
-
-    def ready(text: str) -> bool:
-        boots = console.boots(text)
-        return bool(boots) and boots[-1].httpd and boots[-1].probes_ready
-
-    console.wait_for(env.console(vm["id"]), ready, "the guest's web server and probes")
-    about = probes.wait_ready(net, v4)
-    assert about.mac == iface["mac"].lower(), about
-    assert v4 in about.ipv4 and v6 in about.ipv6, about
-    return Guest(vm, v4, v6, about.mac, about.link_local)
 
 
 @pytest.fixture
@@ -95,7 +66,7 @@ def seen(net: GuestNetwork) -> Iterator[Capture]:
         yield running
 
 
-def addresses_now(net: GuestNetwork, guest: Guest) -> set[str]:
+def addresses_now(net: GuestNetwork, guest: ProbeGuest) -> set[str]:
     return set(probes.info(net, guest.ipv4).addresses)
 
 
@@ -198,3 +169,36 @@ def test_the_guest_refuses_what_it_cannot_check(net, guest):
         probes.probe(net, guest.ipv4, "ping4", src="198.51.100.999x", dst=GW4)
     with pytest.raises(probes.ProbeError, match="port-taken"):
         probes.probe(net, guest.ipv4, "tcp-listen", port=80)
+
+
+#: a TCP server inside the test's namespace, tcp-connect's other end: accepts one
+#: connection, reads until the guest's EOF, answers and closes
+LISTENER = (
+    "import socket, sys\n"
+    "s = socket.create_server(('::', int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True)\n"
+    "print('ready', flush=True)\n"
+    "c, _ = s.accept()\n"
+    "while c.recv(100): pass\n"
+    "c.sendall(b'VMAPI-NS-ANSWER')\n"
+    "c.close()\n"
+)
+
+
+def test_a_connection_the_guest_opens_arrives(net, guest, seen):
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.namespace, sys.executable, "-c", LISTENER, "7000"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        answer = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW4, port=7000)
+        assert answer["connected"] == "yes" and answer["got"] == "VMAPI-NS-ANSWER", answer
+        assert server.wait(timeout=10) == 0
+    finally:
+        server.kill()
+        server.wait()
+    assert seen.arrived(cap.tcp_to_port(7000, src=guest.ipv4)), seen.summary()
+    # nothing listens on 7001: refused, yet the guest's SYN came (IPv6 this time)
+    answer = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW6, port=7001)
+    assert answer["connected"] == "no", answer
+    assert seen.arrived(cap.tcp_to_port(7001, src=guest.ipv6)), seen.summary()
