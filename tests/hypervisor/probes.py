@@ -16,7 +16,8 @@ Actions and their keywords (addresses as text, either form; MACs ``aa:bb:...``):
 ==============  =======================================  ==================================
 action          keywords                                 what the guest does
 ==============  =======================================  ==================================
-info            -                                        answers dev, mac, addresses
+info            -                                        answers dev, mac, addresses,
+                                                         tentative, settled
 ping4, ping6    dst, src=None, count=2                   pings dst from src (added to the
                                                          NIC for it, IPv6 with no DAD, and
                                                          removed; none: the real address)
@@ -42,7 +43,10 @@ guest says of itself (``info``: its MAC, link-local and IPv4 address) and sent b
 guest's ``/bin/vmapi-sendframe`` (busybox cannot write them). ``count`` (1..10) and
 ``dev`` (the guest's NIC, default its first) go with every action.
 
-``wait_ready(net, guest)`` polls ``info`` until the guest answers; ``ProbeError`` is raised
+``wait_ready(net, guest)`` polls ``info`` until the guest answers and its NIC has settled
+(no IPv6 address still in duplicate address detection, the link-local one there: right
+after a boot the guest's kernel sends IPv6 from addresses not its own, ``::1`` even,
+which a spoofing filter rightly drops); ``ProbeError`` is raised
 when the guest did not answer or refused the request (a bad value).
 
 A module of the hypervisor tier gets a probe guest with (``env``: tests/hypervisor/
@@ -118,6 +122,7 @@ class GuestInfo:
     dev: str
     mac: str
     addresses: list[str] = field(default_factory=list)  # with prefixes, as the NIC has them
+    settled: bool = True  # no IPv6 address tentative, the link-local one there
 
     def _hosts(self, version: int) -> list[str]:
         found = [ipaddress.ip_interface(a) for a in self.addresses]
@@ -180,19 +185,24 @@ def ask(net, guest: str, action: str, timeout: int = TIMEOUT, **params: Any) -> 
 def info(net, guest: str) -> GuestInfo:
     answer = ask(net, guest, "info")
     addresses = [] if answer["addresses"] == "-" else answer["addresses"].split(",")
-    return GuestInfo(answer["dev"], answer["mac"], addresses)
+    return GuestInfo(answer["dev"], answer["mac"], addresses, answer.get("settled") == "yes")
 
 
 def wait_ready(net, guest: str, within: float = 180.0) -> GuestInfo:
-    """The guest's info once its probe answers (a booting guest takes ~10 s under TCG)."""
+    """The guest's info once its probe answers and its NIC has settled (a booting guest
+    takes ~10 s under TCG, its IPv6 addresses a few more)."""
     deadline = time.monotonic() + within
     while True:
         try:
-            return info(net, guest)
-        except ProbeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+            about = info(net, guest)
+            if about.settled:
+                return about
+            problem = f"the guest's NIC has not settled: {about}"
+        except ProbeError as exc:
+            problem = str(exc)
+        if time.monotonic() > deadline:
+            raise ProbeError(f"not ready within {within:.0f} s: {problem}")
+        time.sleep(1)
 
 
 def build_frame(action: str, about: GuestInfo, **params: Any) -> bytes:

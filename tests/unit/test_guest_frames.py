@@ -205,7 +205,7 @@ class FakeNet:
         return self.pages.pop(0)
 
 
-INFO = "VMAPI-PROBE action=info dev=eth0 mac=52:54:00:12:34:56 addresses=198.51.100.2/24,2001:db8:100::2/64,fe80::5054:ff:fe12:3456/64\n"
+INFO = "VMAPI-PROBE action=info dev=eth0 mac=52:54:00:12:34:56 addresses=198.51.100.2/24,2001:db8:100::2/64,fe80::5054:ff:fe12:3456/64 tentative=0 settled=yes\n"
 
 
 def test_probe_requests_carry_canonical_values():
@@ -246,6 +246,15 @@ def test_frame_probes_are_built_from_what_the_guest_says():
         LINK_LOCAL,
     )
     assert probes.GuestInfo("eth0", MAC).link_local == LINK_LOCAL  # none listed: derived
+
+
+def test_ready_means_settled(monkeypatch):
+    monkeypatch.setattr(probes.time, "sleep", lambda _: None)
+    early = INFO.replace("tentative=0 settled=yes", "tentative=1 settled=no")
+    net = FakeNet(None, early, INFO)
+    assert probes.wait_ready(net, "198.51.100.2").settled and len(net.urls) == 3
+    with pytest.raises(probes.ProbeError, match="has not settled"):
+        probes.wait_ready(FakeNet(early), "198.51.100.2", within=0)
 
 
 def test_probe_failures_are_errors():
