@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import unavailable
 from tests.guest import frames as f
 from tests.guest.frames import Frame
 
@@ -232,6 +233,8 @@ def capture(net, interface: str | None = None) -> Iterator[Capture]:
     namespace = net if isinstance(net, str) else net.namespace
     if not namespace:
         raise ValueError("a capture runs inside a test's namespace only")
+    if shutil.which("tcpdump") is None:
+        unavailable("a capture needs tcpdump (Debian package tcpdump, in TEST_PACKAGES)")
     interface = interface or namespace_veth(namespace)
     subprocess.run(["ip", "-n", namespace, "link", "show", "dev", interface],
                    capture_output=True, check=True, timeout=30)  # fmt: skip
