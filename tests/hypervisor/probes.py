@@ -7,8 +7,13 @@ console. The request goes from inside the test's namespace (``net.get``), so the
 channel is HTTP to the guest's port 80: a filter under test must leave that open.
 
     answer = probe(net, guest, "ping4", src="198.51.100.99", dst="198.51.100.1")
-    assert answer.ok, answer            # the guest did it (rc 0, not refused)
+    assert answer["added"] == "yes"     # the guest held the spoofed source meanwhile
     answer["received"]                  # any key of the answer line, as text
+
+A request the guest refuses (a value outside its pattern) or does not answer raises
+``ProbeError``. ``ok`` is the command's own success: a ping nobody answered (a filter
+dropped it) is not ok, yet its echo requests went out; judge what a filter let through
+by the capture (tests/hypervisor/capture.py), not by the answer.
 
 ``guest`` is the guest's IPv4 or IPv6 address (the one to send the request to).
 Actions and their keywords (addresses as text, either form; MACs ``aa:bb:...``):
