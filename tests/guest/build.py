@@ -2,7 +2,7 @@
 
 The image follows ../shared/recipes/test-guest.md: Debian's cloud kernel, a
 busybox-static initramfs whose ``/init`` is assembled from ``init/*.sh`` (plus the files
-under ``rootfs/``), and GRUB made into a hybrid image by ``grub-mkrescue``, which SeaBIOS
+under ``rootfs/`` and the static helpers compiled from ``src/*.c``), and GRUB made into a hybrid image by ``grub-mkrescue``, which SeaBIOS
 boots as a virtio disk with the console on the first serial port. Only package tools are
 used: no loop device, no mount.
 
@@ -44,7 +44,11 @@ IMAGE = "guest.img"
 INFO = "info.json"
 META_PACKAGE = "linux-image-cloud-amd64"
 # Debian packages the build runs or copies from; their versions are part of the key.
-BUILD_PACKAGES = ("busybox-static", "cpio", "grub-pc-bin", "grub-common", "xorriso", "mtools")
+# gcc and libc6-dev: the guest's static helpers (src/*.c, see compile_helpers).
+BUILD_PACKAGES = ("busybox-static", "cpio", "grub-pc-bin", "grub-common", "xorriso", "mtools",
+                  "gcc", "libc6-dev")  # fmt: skip
+#: the guest's own programs: src/NAME.c becomes /bin/NAME (static, so no libc in the guest)
+HELPERS = ("vmapi-sendframe",)
 # The recipe's order (each after what it needs), then the ACPI button and the event
 # device that busybox acpid reads the power button from.
 MODULES = (
@@ -150,10 +154,11 @@ def resolve_kernel() -> tuple[str, str, str]:
 
 def inputs_digest(source: Path, versions: dict[str, str]) -> str:
     """A hash of what goes into the image: this builder, the init parts, the files under
-    rootfs/ (names, modes and contents) and the versions of the packages used."""
+    rootfs/ (names, modes and contents), the helpers' sources under src/ and the versions
+    of the packages used (the compiler and the C library among them)."""
     digest = hashlib.sha256()
     paths = [source / "build.py", *sorted((source / "init").rglob("*")),
-             *sorted((source / "rootfs").rglob("*"))]  # fmt: skip
+             *sorted((source / "rootfs").rglob("*")), *sorted((source / "src").rglob("*"))]  # fmt: skip
     for path in paths:
         if path.is_file():
             mode = path.stat().st_mode & 0o111
@@ -181,11 +186,22 @@ def _module_file(modules: Path, name: str) -> Path | None:
     raise GuestBuildError(f"kernel module {name} not found under {modules}")
 
 
+def compile_helpers(source: Path, bin_dir: Path) -> None:
+    """src/NAME.c into ``bin_dir``/NAME: static (the guest has no C library), small,
+    stripped, and refused on any warning."""
+    for name in HELPERS:
+        run(["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror",
+             "-o", bin_dir / name, source / "src" / f"{name}.c"])  # fmt: skip
+        (bin_dir / name).chmod(0o755)
+
+
 def initramfs_tree(tree: Path, modules: Path, source: Path) -> None:
-    """The initramfs's files: busybox, /init, the modules, the guest's settings."""
+    """The initramfs's files: busybox, the helpers, /init, the modules, the guest's
+    settings."""
     shutil.copytree(source / "rootfs", tree, dirs_exist_ok=True)
     (tree / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copy(Path("/bin/busybox"), tree / "bin" / "busybox")
+    compile_helpers(source, tree / "bin")
     (tree / "init").write_text(init_script(source))
     (tree / "init").chmod(0o755)
     settings = tree / "etc" / "vmapi-guest"

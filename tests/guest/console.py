@@ -2,8 +2,9 @@
 
 The guest's ``/init`` (tests/guest/init/) prints one ``VMAPI-GUEST`` line per boot, with
 the kernel's boot id (new at every boot), then its marker, the files of a cidata seed, the
-network it configured from the seed (``VMAPI-NET``, ``VMAPI-TOLD``, ``VMAPI-HTTPD``) and a
-``VMAPI-TICK n`` counter once a second.
+network it configured from the seed (``VMAPI-NET``, ``VMAPI-TOLD``, ``VMAPI-HTTPD``), that
+its probes are ready (``VMAPI-PROBES``), a ``VMAPI-TICK n`` counter once a second and, for
+each probe a test asked for (tests/hypervisor/probes.py), one ``VMAPI-PROBE key=value ...``.
 ``boots(text)`` splits a console log into what each boot printed, wherever the text came
 from (a file libvirt writes, or the API's console log), and ``wait_for`` polls a reader
 until a condition holds, within a generous deadline that only bounds a hung guest.
@@ -23,6 +24,7 @@ TICK = re.compile(r"VMAPI-TICK (\d+)")
 ERROR = re.compile(r"VMAPI-ERROR .*")
 NET = re.compile(r"VMAPI-NET (.*)")
 TOLD = re.compile(r"VMAPI-TOLD hostname=(\S+) keys=(\d+)")
+PROBE = re.compile(r"VMAPI-PROBE (.*)")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Boot:
     hostname: str | None = None  # as the seed's meta-data set it
     keys: int | None = None  # SSH keys the meta-data held
     httpd: bool = False
+    probes_ready: bool = False  # the probe CGI and its frame sender are there
+    #: each probe the guest ran, its outcome by key (action, rc, ...)
+    probes: list[dict[str, str]] = field(default_factory=list)
 
 
 def lines(text: str) -> list[str]:
@@ -77,6 +82,12 @@ def boots(text: str) -> list[Boot]:
             found[-1].nics.append(dict(p.split("=", 1) for p in match.group(1).split()))
         elif match := TOLD.search(line):
             found[-1].hostname, found[-1].keys = match.group(1), int(match.group(2))
+        elif match := PROBE.search(line):
+            found[-1].probes.append(
+                dict(p.split("=", 1) for p in match.group(1).split() if "=" in p)
+            )
+        elif "VMAPI-PROBES ready" in line:
+            found[-1].probes_ready = True
         elif "VMAPI-HTTPD started" in line:
             found[-1].httpd = True
         elif "VMAPI-ACPID started" in line:

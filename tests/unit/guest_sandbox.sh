@@ -19,8 +19,9 @@
 # vmapi_test_guest=1 in its environment, as the guest's kernel does for /init.
 # WAIT (optional): a line the script prints once it has done its work; it is left
 # running until then (a guard-less /init never ends) and killed afterwards.
+# ENV (optional): more NAME=VALUE words for its environment (a CGI's QUERY_STRING).
 set -eu
-work=$1 mode=$2 marker=$3 wait_for=${4:-}
+work=$1 mode=$2 marker=$3 wait_for=${4:-} extra=${5:-}
 
 # Refuse unless this really is the sandbox: PID 1 of a new PID namespace, in a user
 # namespace that maps root to someone else than the host's root.
@@ -76,6 +77,7 @@ state | sed 's/^/before_/'
 
 env="PATH=/bin"
 [ "$marker" = yes ] && env="$env vmapi_test_guest=1"
+[ -n "$extra" ] && env="$env $extra"
 set +e
 case $mode in
   child) set -- /bin/busybox env -i $env "$target" ;;

@@ -45,6 +45,17 @@ def test_the_key_changes_with_every_input_and_only_then(tmp_path):
     assert build.inputs_digest(source, VERSIONS) != key
     handler.chmod(0o755)
 
+    helper = source / "src" / "vmapi-sendframe.c"  # compiled into the image
+    helper.write_text(helper.read_text() + "/* changed */\n")
+    assert build.inputs_digest(source, VERSIONS) != key
+    helper.write_text((SOURCE / "src" / "vmapi-sendframe.c").read_text())
+    assert build.inputs_digest(source, VERSIONS) == key
+    newer_gcc = {**VERSIONS, "gcc": "4:12.2.0-4"}  # (the compiler's version is an input)
+    assert build.inputs_digest(source, newer_gcc) != build.inputs_digest(
+        source, {**VERSIONS, "gcc": "4:12.2.0-3"}
+    )
+    assert {"gcc", "libc6-dev"} <= set(build.BUILD_PACKAGES)
+
     newer_kernel = {**VERSIONS, "linux-image-6.1.0-57-cloud-amd64": "6.1.192-4"}
     assert build.inputs_digest(source, newer_kernel) != key
     (source / "build.py").write_text((source / "build.py").read_text() + "\n")

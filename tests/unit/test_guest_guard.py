@@ -11,6 +11,13 @@ network, PID), its root moved (pivot_root) into a tmpfs with copies of the guest
 and the host's root detached, so that even a script without its guard can change nothing
 but the sandbox. Guard-less copies are run
 there too, to show what the guard prevents: without it the test would fail.
+
+The same holds for the probe CGI (rootfs/www/cgi-bin/probe, run by the guest's httpd, so
+it guards like the PWRF helper) and for the guest's compiled helper (src/vmapi-sendframe.c,
+built here with the guest's own gcc command into a folder of the test's): each refuses
+outside the guest, and each, without its guard, would act (a listener opened; a frame
+read and about to be sent, which the sandbox's network, a loopback that is down, could not
+carry).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
-from tests.guest.build import GRUB_CFG, GUEST_MARKER, init_script
+from tests.guest.build import GRUB_CFG, GUEST_MARKER, HELPERS, compile_helpers, init_script
 
 HERE = Path(__file__).resolve().parent
 GUEST = HERE.parent / "guest"
@@ -35,6 +42,10 @@ SANDBOX = HERE / "guest_sandbox.sh"
 REFUSED = "vmapi test guest: refused"
 NOBODY = "65534"
 POWER_BUTTON = "etc/acpi/PWRF/00000080"
+PROBE_CGI = "www/cgi-bin/probe"
+SENDFRAME = "vmapi-sendframe"
+#: the C helpers' guard: the first statement of main (nothing runs before it)
+C_GUARD = "if (!in_test_guest()) {"
 
 
 def guard_lines(text: str) -> list[str]:
@@ -82,10 +93,14 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def in_sandbox(work: Path, script: str, target: str, mode: str, marker: bool,
-               wait_for: str = "") -> dict[str, str]:  # fmt: skip
-    """Run ``script`` as ``target`` in the sandbox; what it reports, by name."""
-    (work / "subject").write_text(script)
+def in_sandbox(work: Path, script: str | bytes, target: str, mode: str, marker: bool,
+               wait_for: str = "", env: str = "") -> dict[str, str]:  # fmt: skip
+    """Run ``script`` (a script, or a program's bytes) as ``target`` in the sandbox, with
+    ``env`` (NAME=VALUE words) added to its environment; what it reports, by name."""
+    if isinstance(script, bytes):
+        (work / "subject").write_bytes(script)
+    else:
+        (work / "subject").write_text(script)
     (work / "target").write_text(target)
     shutil.copytree(GUEST / "rootfs", work / "rootfs", dirs_exist_ok=True)
     for writable in ("root", "io"):  # a mount point, and where the outputs go
@@ -97,7 +112,7 @@ def in_sandbox(work: Path, script: str, target: str, mode: str, marker: bool,
                "--inh-caps=-all", "--bounding-set=-all",
                "unshare", "--user", "--map-root-user", "--mount", "--uts", "--net", "--pid",
                "--ipc", "--fork", "--kill-child",
-               "sh", str(SANDBOX), str(work), mode, "yes" if marker else "no", wait_for]  # fmt: skip
+               "sh", str(SANDBOX), str(work), mode, "yes" if marker else "no", wait_for, env]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd="/")
     if result.returncode == 99 or "rc=" not in result.stdout:
         if "unshare" in result.stderr and "Operation not permitted" in result.stderr:
@@ -127,7 +142,7 @@ def assert_refused(report: dict[str, str]) -> None:
 def test_every_script_that_runs_in_the_guest_has_the_guard_first():
     parts = init_parts()
     assert parts and all(len(guard_lines(p.read_text())) == 1 for p in parts), parts
-    assert rootfs_programs() == [GUEST / "rootfs" / POWER_BUTTON]
+    assert rootfs_programs() == [GUEST / "rootfs" / POWER_BUTTON, GUEST / "rootfs" / PROBE_CGI]
     assert all(len(guard_lines(p.read_text())) == 1 for p in rootfs_programs())
     # the guard is the first thing each one runs: nothing comes before it
     for script in [*parts, *rootfs_programs()]:
@@ -137,6 +152,13 @@ def test_every_script_that_runs_in_the_guest_has_the_guard_first():
     for awk in (GUEST / "rootfs").rglob("*.awk"):  # they only print what they parse
         text = awk.read_text()
         assert not re.search(r'system\(|getline|\|\s*"|>>?\s*"', text), awk
+    # the compiled helpers: the guard's refusal, and the guard first in main
+    assert HELPERS == (SENDFRAME,)
+    for name in HELPERS:
+        source = (GUEST / "src" / f"{name}.c").read_text()
+        assert REFUSED in source and source.count(C_GUARD) == 1, name
+        main = source.split("int main(", 1)[1]
+        assert main.split("{", 1)[1].lstrip().startswith(C_GUARD), name
     # the guest's kernel is booted with the marker the guard looks for
     assert f"console=ttyS0 {GUEST_MARKER}\n" in GRUB_CFG
     assert GUEST_MARKER == "vmapi_test_guest=1"
@@ -206,3 +228,79 @@ def test_the_sandbox_holds_nothing_of_the_host(sandbox_ready, workdir):
     assert report["rc"] == "0" and "probed" in out, (report, out)
     assert "host:" not in out, out
     assert "mounts=3" in out  # the tmpfs, /dev/null and /proc
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory) -> dict[str, bytes]:
+    """The guest's helpers, compiled as the guest's build does, and each once more with
+    its guard made a no-op (the test's own copy: never in the guest): by name."""
+    if shutil.which("gcc") is None or not Path("/usr/lib/x86_64-linux-gnu/libc.a").exists():
+        unavailable("the guest's helpers need gcc and libc6-dev (static libc)")
+    built = tmp_path_factory.mktemp("helpers")
+    source = built / "src"
+    source.mkdir()
+    for name in HELPERS:
+        text = (GUEST / "src" / f"{name}.c").read_text()
+        (source / f"{name}.c").write_text(text)
+        (source / f"{name}-unguarded.c").write_text(text.replace(C_GUARD, "if (0) {"))
+    compile_helpers(built, built)
+    found = {name: (built / name).read_bytes() for name in HELPERS}
+    for name in HELPERS:
+        out = built / f"{name}-unguarded"
+        subprocess.run(["gcc", "-static", "-Os", "-s", "-o", out, source / f"{name}-unguarded.c"],
+                       check=True, capture_output=True)  # fmt: skip
+        found[f"{name}-unguarded"] = out.read_bytes()
+    return found
+
+
+def test_probe_cgi_refuses_outside_the_guest(sandbox_ready, workdir):
+    script = (GUEST / "rootfs" / PROBE_CGI).read_text()
+    report = in_sandbox(workdir, script, f"/{PROBE_CGI}", "pid1", False,
+                        env="QUERY_STRING=action=tcp-listen&port=8080")  # fmt: skip
+    assert_refused(report)
+
+
+def test_without_its_guard_the_probe_cgi_would_open_a_listener(sandbox_ready, workdir):
+    """What the CGI's guard prevents, on a guard-less copy in the sandbox only."""
+    script = without_guard((GUEST / "rootfs" / PROBE_CGI).read_text())
+    # as a child of the sandbox (as of httpd in the guest): the server outlives the CGI
+    report = in_sandbox(workdir, script, f"/{PROBE_CGI}", "child", False,
+                        env="QUERY_STRING=action=tcp-listen&port=8080")  # fmt: skip
+    out = (workdir / "io" / "out").read_text()
+    assert report["rc"] == "0", report
+    assert "VMAPI-PROBE action=tcp-listen port=8080 state=started listening=yes" in out, out
+    assert int(report["after_listeners"]) == 1  # a web server on port 8080
+    assert "VMAPI-PROBE action=tcp-listen" in report["console"]  # and said so on the console
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [("action=reboot", "unknown-action"),
+     ("action=tcp-listen&port=80;reboot", "bad-port"),
+     ("action=tcp-listen&port=8080&count=11", "bad-count"),
+     ("action=tcp-listen&port=8080&count=$(reboot)", "bad-count"),
+     ("action=info&dev=../../x", "no-such-dev")],
+)  # fmt: skip
+def test_the_probe_cgi_runs_only_values_it_checked(sandbox_ready, workdir, query, reason):
+    """Even guard-less, in the sandbox: a value outside its pattern is refused, nothing
+    run."""
+    script = without_guard((GUEST / "rootfs" / PROBE_CGI).read_text())
+    report = in_sandbox(workdir, script, f"/{PROBE_CGI}", "pid1", False,
+                        env=f"QUERY_STRING={query}")  # fmt: skip
+    out = (workdir / "io" / "out").read_text()
+    assert f"result=refused reason={reason}" in out, (out, report)
+    for what in ("hostname", "resolv", "listeners", "mounts", "files"):
+        assert report[f"after_{what}"] == report[f"before_{what}"], (what, report)
+
+
+def test_the_frame_sender_refuses_outside_the_guest(sandbox_ready, workdir, helpers):
+    report = in_sandbox(workdir, helpers[SENDFRAME], f"/bin/{SENDFRAME}", "pid1", False)
+    assert_refused(report)
+
+
+def test_without_its_guard_the_frame_sender_would_send(sandbox_ready, workdir, helpers):
+    """The guard-less copy, in the sandbox (whose only network is a loopback that is
+    down): past the guard, it goes on to read what to send (given nothing: its usage)."""
+    report = in_sandbox(workdir, helpers[f"{SENDFRAME}-unguarded"], f"/bin/{SENDFRAME}",
+                        "pid1", False)  # fmt: skip
+    assert report["rc"] == "2" and "usage: vmapi-sendframe" in report["stderr"], report
