@@ -31,6 +31,7 @@ SUITE = (
     "calls",
     "arrays",
     "health",
+    "filters",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 

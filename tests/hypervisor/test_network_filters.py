@@ -244,3 +244,55 @@ def test_a_create_failing_after_its_filters_leaves_none(env, net, faulty):
     assert error["data"]["step"] == "defining the domain"
     assert "define_filter" in faulty.calls
     assert env.ours() == []
+
+
+def test_a_nic_change_the_host_refuses_is_undone_everywhere(env, net, faulty):
+    vm = new_vm(env)
+    iface = interface_of(env, vm)
+    port = f"{INSTALLATION}-nic-{iface['id']}"
+    _tap, before = binding(env.conn, port)
+    v4, _v6 = free_addresses(env)
+    faulty.fail("define")  # the persistent definition, after the live change
+    body = {"ipv4": [{"id": v4["id"]}]}
+    error = assert_error(env.api.update(f"interface/{iface['id']}", json=body), 502,
+                         "vm/hypervisor_error")  # fmt: skip
+    assert error["data"]["step"] == "recording the new addresses in the domain"
+    assert binding(env.conn, port)[1] == before  # the running NIC has its addresses back
+    assert interface_of(env, vm)["ipv4"] == iface["ipv4"]
+
+
+def test_a_power_cycle_and_a_resize_keep_the_guard(env, net):
+    vm = new_vm(env)
+    port = f"{INSTALLATION}-nic-{interface_of(env, vm)['id']}"
+    _tap, before = binding(env.conn, port)
+    path = f"vm/{vm['id']}"
+    assert env.api.update(f"{path}?force=true", json={"vm_state": {"id": 4}}).status_code == 200
+    assert port not in [b.filterName() for b in env.conn.listAllNWFilterBindings()]
+    assert env.api.update(path, json={"cores": 2}).status_code == 200
+    assert env.api.update(path, json={"vm_state": {"id": 2}}).status_code == 200
+    assert binding(env.conn, port)[1] == before
+
+
+def reconcile(env: BootEnv, *args: str) -> Result:
+    return cli(env, "reconcile", *args)
+
+
+def test_node_check_and_reconcile_find_a_filter_changed_by_hand_and_reconcile_repairs_it(env, net):
+    vm = new_vm(env)
+    port = f"{INSTALLATION}-nic-{interface_of(env, vm)['id']}"
+    assert cli(env, "node", "check").exit_code == 0
+    assert "filter" not in reconcile(env).output
+    # someone opens the NIC's filter by hand: no guard any more
+    opened = ET.fromstring(env.conn.nwfilterLookupByName(port).XMLDesc())
+    for ref in opened.findall("filterref"):
+        opened.remove(ref)
+    env.conn.nwfilterDefineXML(ET.tostring(opened, encoding="unicode"))
+    checked = cli(env, "node", "check")
+    assert checked.exit_code == 1 and port in checked.output, checked.output
+    found = reconcile(env)
+    assert f"filter_differs  {port}" in found.output, found.output
+    fixed = reconcile(env, "--fix")
+    assert f"fixed  filter_differs  {port}" in fixed.output, fixed.output
+    assert "filter" not in reconcile(env).output
+    held = ET.fromstring(env.conn.nwfilterLookupByName(port).XMLDesc())
+    assert len(held.findall("filterref")) == 5  # the guard is back

@@ -199,14 +199,14 @@ def node_mode(node: Node) -> str:
     return node.interface_mode or current_app.config["INTERFACE_MODE"]
 
 
-def wanted_on(node: Node) -> NodeFilters:
-    """Everything the node must hold for the VMs the database has on it."""
+def wanted_on(node: Node, gone: Collection[int] = ()) -> NodeFilters:
+    """Everything the node must hold for the VMs the database has on it (but ``gone``)."""
     if not guarded_mode(node_mode(node)):
         return NodeFilters(None, (), ())
     interfaces = db.session.scalars(
         select(Interface)
         .join(Vm, Vm.id == Interface.vm_id)
-        .where(Vm.node_id == node.id)
+        .where(Vm.node_id == node.id, Vm.id.not_in(gone))
         .order_by(Interface.id)
     ).all()
     return filters_for(list(interfaces))

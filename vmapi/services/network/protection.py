@@ -117,20 +117,18 @@ def ensure_for_vm(host: Host, vm_id: int, undo: Undo | None = None) -> None:
         _mark(host.node.id, network_filters=True)
     if undo is not None:
         undo.push(f"removing the network filters no VM uses on node {host.node.fqdn}",
-                  lambda: prune(host))  # fmt: skip
+                  lambda: prune(host, [vm_id]))  # fmt: skip
 
 
-def prune(host: Host, keep_vm: int | None = None) -> list[str]:
+def prune(host: Host, gone: Collection[int] = ()) -> list[str]:
     """Remove this installation's filters no VM of the node uses now (the NICs' first,
-    then groups', then the guard's); the names removed. ``keep_vm``: a VM whose filters
-    stay although the database has it elsewhere (a move still under way)."""
+    then groups', then the guard's); the names removed. ``gone``: VMs whose filters go
+    although the database still has them there (a create being undone)."""
     if not filters_here(host.uri):
         return []
     driver = hypervisor()
     held = driver.filter_names(host.uri, f"{prefix()}-")  # first the node, then the rows
-    wanted = wanted_on(host.node).names()
-    if keep_vm is not None:
-        wanted |= filters_for(vm_interfaces(keep_vm)).names()
+    wanted = wanted_on(host.node, gone).names()
     order = {"nic": 0, "sg": 1, "guard": 2}
     extra = sorted(
         held - wanted, key=lambda n: (order.get(n[len(prefix()) + 1 :].split("-")[0], 3), n)

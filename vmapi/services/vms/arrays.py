@@ -140,8 +140,9 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
             for node_jobs in by_node.values():
                 if node_jobs[0].filters is not None:
                     host = placed[node_jobs[0].index].host
+                    made = [placed[job.index].vm.id for job in node_jobs]
                     undo.push(f"removing the network filters no VM uses on node {host.node.fqdn}",
-                              lambda host=host: prune(host))  # fmt: skip
+                              lambda host=host, made=made: prune(host, made))  # fmt: skip
             for one, job in zip(placed, jobs, strict=True):
                 remember(one, job, pool, undo)
         failed = [job for job in jobs if job.error is not None]
