@@ -26,6 +26,7 @@ from vmapi.errors import Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, HypervisorError
 from vmapi.models import Interface, VirtMethod, Vlan, Vm
+from vmapi.services import audit
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.network.allocation import FAMILIES, move_addresses
 from vmapi.services.network.filters import groups_of, set_groups
@@ -137,8 +138,10 @@ class InterfaceService(CrudService[Interface]):
         try:
             self.update(iface, data, principal)
             held = move_addresses(iface.id, addresses)
-            if groups is not None:
+            if groups is not None and sorted(set(groups)) != old_groups:
                 set_groups(iface.id, groups)
+                audit.record(db.session, "interface", iface.id, "update",
+                             {GROUPS: old_groups}, {GROUPS: sorted(set(groups))})  # fmt: skip
             db.session.commit()
         except IntegrityError as exc:  # the VLAN went meanwhile
             db.session.rollback()

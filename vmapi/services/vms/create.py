@@ -26,6 +26,7 @@ from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import ensure_console_log, push_log_remover
 from vmapi.services.leftovers import Left
 from vmapi.services.network.protection import ensure_for_vm
+from vmapi.services.network.security_groups import usable_groups
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, apply_all, check_all
@@ -69,6 +70,8 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
             data={"node": {"id": data["node_id"]}},
         )
     data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
+    if data.get("security_groups"):  # for its first NIC: the VM's customer's, or admins'
+        data["security_groups"] = usable_groups(data["security_groups"], data.get("customer_id"))
     boot = plan_boot(data)
     return NewVm(data, method, boot)
 

@@ -27,6 +27,7 @@ from vmapi.models import Node, Storage, VirtMethod, Vm
 from vmapi.scheduler import NoValidHost, PlacementRequest, select_and_claim, unsuitable_reasons
 from vmapi.services.names import domain_name
 from vmapi.services.network.allocation import NewInterface, add_interface
+from vmapi.services.network.filters import set_groups
 from vmapi.services.nodes.domains import BUILDING, forget, record_state, state_id
 from vmapi.services.nodes.hosts import Host
 from vmapi.services.nodes.placement import claim_named, scheduler_defaults
@@ -122,6 +123,8 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
         vm.domain_name = domain_name(vm.id)
         vm.hostname = vm.hostname or vm.name
         made = add_interface(vm)
+        if data.get("security_groups"):
+            set_groups(made.row.id, data["security_groups"])
         if boot is not None:
             root = add_root_disk(vm, boot)
         if commit:
