@@ -226,6 +226,16 @@ INTERFACE_ADDRESS_TAKEN = _register("interface/address_taken", 409,
     "An address the body gives the interface is held by another one; data names them.",
     {"interface": {UPDATE}})
 
+# ---------------------------------------------------------------------- security groups
+SECURITY_GROUP_QUOTA_EXCEEDED = _register("security_group/quota_exceeded", 403,
+    "The customer's quota of security groups or of their rules would be passed; data says "
+    "which.", {"security_group": {CREATE}, "security_group_rule": {CREATE}})
+# (also the not_found of the security_group family; registered here for where else it is
+# answered: a body that gives an interface groups its owner may not use)
+SECURITY_GROUP_NOT_FOUND = _register("security_group/not_found", 404,
+    "A security group the body names does not exist, or is neither the owner's nor an "
+    "admin group.", {"vm": {CREATE}, "interface": {UPDATE}})
+
 # ---------------------------------------------------------------------- nodes, addresses
 NODE_UNREACHABLE = _register("node/unreachable", 409,
     "The node's libvirt could not be asked for its capacity; give cores and ram.",
@@ -279,6 +289,8 @@ RESOURCE_FAMILIES: dict[str, tuple[Family, ...]] = {
     "storage": (NOT_FOUND,),
     "image": (NOT_FOUND, IN_USE),  # in use while VMs boot from it
     "quota": (NOT_FOUND, DUPLICATE),  # referenced by nothing, references nothing
+    "security_group": (NOT_FOUND, DUPLICATE, IN_USE),  # in use while interfaces use it
+    "security_group_rule": (NOT_FOUND, IN_USE),  # its group deleted meanwhile
     "event": (NOT_FOUND,),  # read-only
 }
 #: A create on the key may create the value too, answering its create errors

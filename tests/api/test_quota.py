@@ -39,6 +39,19 @@ def test_quota_resource(api, customer_api, quota):
     )
 
 
+def test_security_group_limits_are_shown_and_set(api, customer_api, quota):
+    assert (quota["max_security_groups"], quota["max_security_rules"]) == (None, None)
+    changed = api.update(f"quota/{quota['id']}",
+                         json={"max_security_groups": 4, "max_security_rules": 0})  # fmt: skip
+    assert changed.status_code == 200, changed.json
+    shown = customer_api(7).get(f"quota/{quota['id']}").json["data"]
+    assert (shown["max_security_groups"], shown["max_security_rules"]) == (4, 0)
+    for field in ("max_security_groups", "max_security_rules"):
+        assert_error(api.update(f"quota/{quota['id']}", json={field: -1}), 400,
+                     "general/validation")  # fmt: skip
+    # (what they limit: tests/api/test_security_groups.py)
+
+
 def test_vm_limits(api, customer_api, vm_host, test_method, quota):
     vm_host()
     seven = customer_api(7)

@@ -1,6 +1,7 @@
 """Tenant isolation: a matrix over every resource and verb with two customers.
 
-Customer 8 acts on customer 7's objects (VM, interface, addresses, storage). It never
+Customer 8 acts on customer 7's objects (VM, interface, addresses, storage, image,
+security group and rule). It never
 reads, changes or learns of them (404, exactly as for an id that does not exist), never
 reaches admin-only resources (403), and lists never show them.
 """
@@ -11,7 +12,8 @@ from tests.conftest import GIB, vm_body
 from tests.errors import assert_error
 from vmapi.api.resource import RESOURCES
 
-OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image")
+OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image", "security_group",
+         "security_group_rule")  # fmt: skip
 
 
 @pytest.fixture
@@ -24,9 +26,14 @@ def tenants(api, customer_api, vm_host, test_method):
         "storage", json={"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
     ).json["data"]
     image = seven.post("image", json={"name": "own"}).json["data"]
+    group = seven.post("security_group", json={"name": "own"}).json["data"]
+    rule = seven.post("security_group_rule", json={
+        "security_group": {"id": group["id"]}, "direction": "ingress", "ethertype": "ipv4",
+        "protocol": "any"}).json["data"]  # fmt: skip
     eight.post("vm", json=vm_body(test_method))  # the other tenant has objects of its own
     ids = {"vm": vm["id"], "interface": iface["id"], "ipv4": iface["ipv4"][0]["id"],
-           "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"], "image": image["id"]}  # fmt: skip
+           "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"], "image": image["id"],
+           "security_group": group["id"], "security_group_rule": rule["id"]}  # fmt: skip
     return seven, eight, ids
 
 
@@ -91,3 +98,8 @@ def test_references_to_others_objects(api, tenants):
     body = {"size": GIB, "vm": {"id": ids["vm"]}, "storage_type": {"id": 1}}
     error = assert_error(eight.post("storage", json=body), 400, "general/validation")
     assert error["data"] == {"vm": [f"No vm with id {ids['vm']}."]}  # as for any missing VM
+    group = ids["security_group"]
+    body = {"security_group": {"id": group}, "direction": "egress", "ethertype": "ipv6",
+            "protocol": "any"}  # fmt: skip
+    error = assert_error(eight.post("security_group_rule", json=body), 400, "general/validation")
+    assert error["data"] == {"security_group": [f"No security_group with id {group}."]}

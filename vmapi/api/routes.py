@@ -29,6 +29,7 @@ from vmapi.api.network import interface, ipv4, ipv6, ipv6_pool, vlan
 from vmapi.api.node import node, virt_node
 from vmapi.api.quota import quota
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
+from vmapi.api.security_groups import security_group, security_group_rule
 from vmapi.api.storage import storage
 from vmapi.api.vm import console_log, create_vm, migrate_vm, open_console, reboot_vm, vm
 
@@ -184,6 +185,26 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("PATCH /vlan/<id:ident>",            vlan.update_view,               ADMIN_ONLY),
     ("UPDATE /vlan/<id:ident>",           vlan.update_view,               ADMIN_ONLY),
     ("DELETE /vlan/<id:ident>",           vlan.delete_view,               ADMIN_ONLY),
+    # security_group
+    ("GET /security_group",               security_group.list_view,       ALL_ROLES),
+    ("POST /security_group",              security_group.create_view,     ALL_ROLES),
+    ("PATCH /security_group",             security_group.update_many_view, ALL_ROLES),
+    ("UPDATE /security_group",            security_group.update_many_view, ALL_ROLES),
+    ("DELETE /security_group",            security_group.delete_many_view, ALL_ROLES),
+    ("GET /security_group/<id:ident>",    security_group.read_view,       ALL_ROLES),
+    ("PATCH /security_group/<id:ident>",  security_group.update_view,     ALL_ROLES),
+    ("UPDATE /security_group/<id:ident>", security_group.update_view,     ALL_ROLES),
+    ("DELETE /security_group/<id:ident>", security_group.delete_view,     ALL_ROLES),
+    # security_group_rule
+    ("GET /security_group_rule",          security_group_rule.list_view,  ALL_ROLES),
+    ("POST /security_group_rule",         security_group_rule.create_view, ALL_ROLES),
+    ("PATCH /security_group_rule",        security_group_rule.update_many_view, ALL_ROLES),
+    ("UPDATE /security_group_rule",       security_group_rule.update_many_view, ALL_ROLES),
+    ("DELETE /security_group_rule",       security_group_rule.delete_many_view, ALL_ROLES),
+    ("GET /security_group_rule/<id:ident>", security_group_rule.read_view,  ALL_ROLES),
+    ("PATCH /security_group_rule/<id:ident>", security_group_rule.update_view, ALL_ROLES),
+    ("UPDATE /security_group_rule/<id:ident>", security_group_rule.update_view, ALL_ROLES),
+    ("DELETE /security_group_rule/<id:ident>", security_group_rule.delete_view, ALL_ROLES),
     # storage
     ("GET /storage",                      storage.list_view,              ALL_ROLES),
     ("POST /storage",                     storage.create_view,            ALL_ROLES),

@@ -10,3 +10,6 @@ class QuotaSchema(BaseSchema):
     max_cores = Int(allow_none=True, validate=non_negative())
     max_ram = Int(allow_none=True, validate=non_negative())
     max_storage = Int(allow_none=True, validate=non_negative())
+    #: the customer's security groups, and the rules of all of them together
+    max_security_groups = Int(allow_none=True, validate=non_negative())
+    max_security_rules = Int(allow_none=True, validate=non_negative())

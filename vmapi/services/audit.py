@@ -30,7 +30,16 @@ from sqlalchemy import event, insert, inspect, select
 
 from vmapi.extensions import db
 from vmapi.guest_inputs import ssh_key_fingerprints
-from vmapi.models import ConsoleToken, Event, IdempotencyKey, Image, Leftover, Vm
+from vmapi.models import (
+    ConsoleToken,
+    Event,
+    IdempotencyKey,
+    Image,
+    Leftover,
+    SecurityGroup,
+    SecurityGroupRule,
+    Vm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +127,14 @@ def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return before, after
 
 
-def _owner(obj: Any) -> tuple[int | None, int | None]:
-    """(customer id, VM id whose customer owns it) as far as the object itself says."""
-    if isinstance(obj, Vm | Image):
-        return obj.__dict__.get("customer_id"), None
-    return None, obj.__dict__.get("vm_id") if hasattr(type(obj), "vm_id") else None
+def _owner(obj: Any) -> tuple[int | None, int | None, int | None]:
+    """(customer id, VM id whose customer owns it, security group id whose customer owns
+    it) as far as the object itself says."""
+    if isinstance(obj, Vm | Image | SecurityGroup):
+        return obj.__dict__.get("customer_id"), None, None
+    if isinstance(obj, SecurityGroupRule):
+        return None, None, obj.__dict__.get("security_group_id")
+    return None, obj.__dict__.get("vm_id") if hasattr(type(obj), "vm_id") else None, None
 
 
 def record(
@@ -135,8 +147,10 @@ def record(
     *,
     vm_id: int | None = None,
     customer_id: int | None = None,
+    security_group_id: int | None = None,
 ) -> None:
-    """Queue an event for the current transaction (for changes made in bulk SQL)."""
+    """Queue an event for the current transaction (for changes made in bulk SQL). Its
+    customer: ``customer_id``, else the customer of ``vm_id`` or of ``security_group_id``."""
     session.info.setdefault(PENDING, []).append(
         {
             "resource": resource,
@@ -146,6 +160,7 @@ def record(
             "after": after,
             "customer_id": customer_id,
             "vm_id": vm_id,
+            "security_group_id": security_group_id,
         }
     )
 
@@ -157,9 +172,9 @@ def created(session: Any, obj: Any) -> None:
 
 
 def _queue(session: Any, obj: Any, action: str, before: Any, after: Any) -> None:
-    customer, vm = _owner(obj)
+    customer, vm, group = _owner(obj)
     record(session, resource_of(obj.__table__.name), obj.id, action, before, after,
-           vm_id=vm, customer_id=customer)  # fmt: skip
+           vm_id=vm, customer_id=customer, security_group_id=group)  # fmt: skip
 
 
 @event.listens_for(Session, "after_flush")
@@ -208,12 +223,15 @@ def _write(session: Any) -> None:
         return
     actor, token_id, request_id = who()
     now = datetime.now(UTC)
-    owners = _vm_owners(session, pending)
+    owners = _owners(session, pending, "vm", Vm)
+    group_owners = _owners(session, pending, "security_group", SecurityGroup)
     rows = []
     for item in pending:
         customer = item["customer_id"]
         if customer is None and item["vm_id"] is not None:
             customer = owners.get(item["vm_id"])
+        if customer is None and item["security_group_id"] is not None:
+            customer = group_owners.get(item["security_group_id"])
         rows.append(
             {
                 "at": now,
@@ -239,19 +257,23 @@ def _forget(session: Any) -> None:
     session.info.pop(PENDING, None)
 
 
-def _vm_owners(session: Any, pending: list[dict[str, Any]]) -> dict[int, int | None]:
-    """Customer of each VM the events mention: from the database, or from the VM's own
-    delete event when it went in the same transaction."""
+def _owners(
+    session: Any, pending: list[dict[str, Any]], resource: str, model: Any
+) -> dict[int, int | None]:
+    """Customer of each VM (or security group) the events mention by ``<resource>_id``:
+    from the database, or from the object's own delete event when it went in the same
+    transaction (a group deleted with its rules)."""
     owners: dict[int, int | None] = {}
     for item in pending:
-        if item["resource"] == "vm" and item["object_id"] is not None:
+        if item["resource"] == resource and item["object_id"] is not None:
             values = item["after"] or item["before"] or {}
             if "customer_id" in values:
                 owners[item["object_id"]] = values["customer_id"]
-    wanted = {i["vm_id"] for i in pending if i["vm_id"] is not None} - set(owners)
+    key = f"{resource}_id"
+    wanted = {i[key] for i in pending if i[key] is not None} - set(owners)
     if wanted:
         with session.no_autoflush:
-            rows = session.execute(select(Vm.id, Vm.customer_id).where(Vm.id.in_(wanted)))
+            rows = session.execute(select(model.id, model.customer_id).where(model.id.in_(wanted)))
             owners.update(dict(rows.all()))
     return owners
 
@@ -309,4 +331,14 @@ def _customer_of(resource: str, object_id: int | None) -> int | None:
         return db.session.scalar(select(Vm.customer_id).where(Vm.id == object_id))
     if resource == "image" and object_id is not None:
         return db.session.scalar(select(Image.customer_id).where(Image.id == object_id))
+    if resource == "security_group" and object_id is not None:
+        return db.session.scalar(
+            select(SecurityGroup.customer_id).where(SecurityGroup.id == object_id)
+        )
+    if resource == "security_group_rule" and object_id is not None:
+        return db.session.scalar(
+            select(SecurityGroup.customer_id)
+            .join(SecurityGroupRule, SecurityGroupRule.security_group_id == SecurityGroup.id)
+            .where(SecurityGroupRule.id == object_id)
+        )
     return None

@@ -1,15 +1,20 @@
-"""Quotas: checked in the same transaction as the capacity claim, under the quota row's
-lock, so concurrent creates and resizes of one customer can never pass a limit together.
+"""Quotas: checked in the same transaction as the capacity claim (or the insert of a
+security group or rule), under the quota row's lock, so concurrent creates and resizes of
+one customer can never pass a limit together.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from vmapi.error_ids import STORAGE_QUOTA_EXCEEDED, VM_QUOTA_EXCEEDED
+from vmapi.error_ids import (
+    SECURITY_GROUP_QUOTA_EXCEEDED,
+    STORAGE_QUOTA_EXCEEDED,
+    VM_QUOTA_EXCEEDED,
+)
 from vmapi.errors import Forbidden
 from vmapi.extensions import db
-from vmapi.models import Image, Quota, Storage, Vm
+from vmapi.models import Image, Quota, SecurityGroup, SecurityGroupRule, Storage, Vm
 from vmapi.services.crud import CrudService
 
 
@@ -87,6 +92,32 @@ def storage_quota_exceeded(customer_id: int | None, requested: int, error_id: st
     """The refusal of ``requested`` bytes, with the limit and usage as they are now."""
     limit = db.session.scalar(select(Quota.max_storage).where(Quota.customer_id == customer_id))
     return _exceeded(error_id, "max_storage", limit or 0, storage_usage(customer_id), requested)
+
+
+def check_security_quota(customer_id: int | None, groups: int, rules: int) -> None:
+    """403 ``security_group/quota_exceeded`` if ``groups`` more security groups or ``rules``
+    more rules would pass the customer's limits (admin groups, customer null, count for
+    nobody). Call in the transaction that inserts them, before they are added: the quota
+    row stays locked until it ends, and what it inserted before is counted."""
+    quota = locked_quota(customer_id)
+    if quota is None:
+        return
+    if groups > 0 and quota.max_security_groups is not None:
+        used = db.session.scalar(
+            select(func.count(SecurityGroup.id)).where(SecurityGroup.customer_id == customer_id)
+        )
+        if used + groups > quota.max_security_groups:
+            raise _exceeded(SECURITY_GROUP_QUOTA_EXCEEDED, "max_security_groups",
+                            quota.max_security_groups, used, groups)  # fmt: skip
+    if rules > 0 and quota.max_security_rules is not None:
+        used = db.session.scalar(
+            select(func.count(SecurityGroupRule.id))
+            .join(SecurityGroup, SecurityGroup.id == SecurityGroupRule.security_group_id)
+            .where(SecurityGroup.customer_id == customer_id)
+        )
+        if used + rules > quota.max_security_rules:
+            raise _exceeded(SECURITY_GROUP_QUOTA_EXCEEDED, "max_security_rules",
+                            quota.max_security_rules, used, rules)  # fmt: skip
 
 
 class QuotaService(CrudService[Quota]):
