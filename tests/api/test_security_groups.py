@@ -412,6 +412,41 @@ def test_a_group_an_interface_uses_cannot_be_deleted(api, customer_api, interfac
     assert seven.get(f"security_group_rule/{ssh['id']}").json["data"] == ssh  # kept, all of it
 
 
+@pytest.mark.embedded
+def test_a_deleted_vm_s_interface_leaves_its_groups(api, customer_api, interface):
+    iface_id, use = interface
+    seven = customer_api(7)
+    web = group(seven)
+    ssh = rule(seven, web["id"])
+    use(web["id"])
+    vm_id = seven.get(f"interface/{iface_id}").json["data"]["vm"]["id"]
+    deleted = seven.delete(f"vm/{vm_id}")
+    assert deleted.status_code == 200, deleted.json
+    assert seven.get(f"security_group/{web['id']}").json["data"] == web
+    assert seven.get(f"security_group_rule/{ssh['id']}").json["data"] == ssh
+    assert seven.delete(f"security_group/{web['id']}").status_code == 200  # no longer used
+
+
+@pytest.mark.embedded
+def test_an_interface_shows_its_groups_and_guard(api, customer_api, interface):
+    iface_id, use = interface
+    seven = customer_api(7)
+    web, shared = group(seven), group(api, "base")
+    answer = seven.get(f"interface/{iface_id}").json["data"]
+    assert answer["security_groups"] == [] and answer["spoof_guard"] is True
+    use(shared["id"])
+    use(web["id"])
+    answer = seven.get(f"interface/{iface_id}").json["data"]
+    assert answer["security_groups"] == sorted([{"id": web["id"]}, {"id": shared["id"]}],
+                                               key=lambda ref: ref["id"])  # fmt: skip
+    listed = seven.get("interface").json["data"][str(iface_id)]
+    assert listed == answer
+    nested = seven.get(f"interface/{iface_id}?nest=security_groups").json["data"]
+    assert sorted(g["name"] for g in nested["security_groups"]) == ["base", "web"]
+    assert str(iface_id) in api.get("interface?spoof_guard=true").json["data"]
+    assert api.get("interface?spoof_guard=false").json["data"] == {}
+
+
 def test_usable_groups_are_the_customer_s_and_the_admins(app, api, customer_api):
     mine, shared = group(customer_api(7)), group(api, "base")
     theirs = group(customer_api(8))

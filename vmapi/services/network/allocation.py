@@ -31,7 +31,14 @@ from vmapi.error_ids import (
 )
 from vmapi.errors import Conflict
 from vmapi.extensions import db
-from vmapi.models import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vm
+from vmapi.models import (
+    Interface,
+    InterfaceSecurityGroup,
+    Ipv4Address,
+    Ipv6Address,
+    Ipv6Pool,
+    Vm,
+)
 from vmapi.services import audit
 from vmapi.services.names import interface_device_suffix
 
@@ -245,7 +252,8 @@ def add_interface(vm: Vm) -> NewInterface:
 
 
 def release_interfaces(vm_id: int) -> None:
-    """Free the VM's addresses and delete its interfaces (once its domain is gone)."""
+    """Free the VM's addresses, take its interfaces out of their security groups (the
+    groups stay) and delete the interfaces (once its domain is gone)."""
     ids = select(Interface.id).where(Interface.vm_id == vm_id).scalar_subquery()
     for model in (Ipv4Address, Ipv6Address):
         held = db.session.execute(
@@ -262,6 +270,11 @@ def release_interfaces(vm_id: int) -> None:
         for address_id, interface_id in held:
             audit.record(db.session, audit.resource_of(model.__tablename__), address_id, "update",
                          {"interface_id": interface_id}, {"interface_id": None})  # fmt: skip
+    db.session.execute(
+        delete(InterfaceSecurityGroup)
+        .where(InterfaceSecurityGroup.interface_id.in_(ids))
+        .execution_options(synchronize_session=False)
+    )
     db.session.execute(
         delete(Interface)
         .where(Interface.vm_id == vm_id)
