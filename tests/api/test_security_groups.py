@@ -14,6 +14,7 @@ from tests.errors import assert_error
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import InterfaceSecurityGroup
+from vmapi.schemas.vm import VmSchema
 from vmapi.services.network.security_groups import usable_groups
 
 SSH = {"direction": "ingress", "ethertype": "ipv4", "protocol": "tcp", "port_min": 22}
@@ -463,6 +464,32 @@ def test_usable_groups_are_the_customer_s_and_the_admins(app, api, customer_api)
                 usable_groups(ids, customer)
             assert refused.value.error_id == "security_group/not_found"
             assert refused.value.data == {"security_group": {"id": ids[-1]}}
+
+
+# ---------------------------------------------------------------------- POST /vm
+
+
+def test_post_vm_takes_the_first_interface_s_groups_as_ids():
+    body = {"cores": 1, "ram": 2**30, "virt_method": {"id": 1}}
+    loaded = VmSchema().load({**body, "security_groups": [{"id": 3}, {"id": 5}]})
+    assert loaded["security_groups"] == [3, 5]
+    assert "security_groups" not in VmSchema().load(body)
+
+
+@pytest.mark.embedded
+def test_a_vm_s_groups_are_not_changed_through_the_vm(api, customer_api, vm_host, test_method):
+    vm_host()
+    seven = customer_api(7)
+    vm = made(seven.post("vm", json=vm_body(test_method)))
+    web = group(seven)
+    error = assert_error(
+        seven.patch(f"vm/{vm['id']}", json={"security_groups": [{"id": web["id"]}]}),
+        400,
+        "vm/immutable_field",
+    )
+    assert list(error["data"]) == ["security_groups"]
+    assert "security_groups" not in seven.get(f"vm/{vm['id']}").json["data"]  # write-only
+    assert_error(seven.get(f"vm/{vm['id']}?nest=security_groups"), 400, "general/validation")
 
 
 # ---------------------------------------------------------------------- the audit trail
