@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from flask import current_app
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import FilterRule, GroupFilter, GuardFilters, NetworkFilter, PortFilter
@@ -124,11 +124,14 @@ def set_groups(interface_id: int, group_ids: list[int]) -> None:
     db.session.execute(
         delete(InterfaceSecurityGroup).where(InterfaceSecurityGroup.interface_id == interface_id)
     )
-    db.session.add_all(
-        InterfaceSecurityGroup(interface_id=interface_id, security_group_id=group_id)
-        for group_id in sorted(set(group_ids))
-    )
-    db.session.flush()
+    if group_ids:  # a Core insert: the pairs are the interface's field, audited with it
+        db.session.execute(
+            insert(InterfaceSecurityGroup),
+            [
+                {"interface_id": interface_id, "security_group_id": g}
+                for g in sorted(set(group_ids))
+            ],
+        )
 
 
 def egress_groups(group_ids: Collection[int]) -> set[int]:
