@@ -23,14 +23,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import INSTALLATION, MIB, admin_token, database, median, p95, populate
+from bench.common import GIB, INSTALLATION, MIB, admin_token, database, median, p95, populate
 from bench.placement import verdict
 from tests.conftest import node_body
 from vmapi.app import create_app
 from vmapi.extensions import db
 
 URI = "qemu:///system"
-ROUNDS = 8
+ROUNDS = 6
 GUESTS = 20
 RULES = 20
 
@@ -89,11 +89,12 @@ def run() -> list[str]:
                            check=True, timeout=30)  # fmt: skip
             ip("link", "set", bridge, "up")
             plain = call("POST", "virt_node", json={
-                "node": node_body(libvirt_uri=URI, interface_mode="user"),
+                "node": node_body(libvirt_uri=URI, interface_mode="user", cores=64, ram=64 * GIB),
                 "virt_method": {"name": "QEMU"}})  # fmt: skip
             method = plain["virt_method"]["id"]
             guarded = call("POST", "virt_node", json={
-                "node": node_body(libvirt_uri=URI, interface_mode="bridge", bridge=bridge),
+                "node": node_body(libvirt_uri=URI, interface_mode="bridge", bridge=bridge,
+                                  cores=64, ram=64 * GIB),
                 "virt_method": {"id": method}})  # fmt: skip
             group = call("POST", "security_group", json={"name": "web"})
             for n in range(RULES):
