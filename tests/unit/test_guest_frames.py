@@ -175,6 +175,9 @@ def test_the_capture_questions():
     assert (
         both(ra) and not both(na) and str(both) == f"a frame from {MAC} and a router advertisement"
     )
+    either = cap.router_advert() | cap.dhcp_offer()
+    assert either(ra) and either(offer) and not either(na)
+    assert str(either) == "(a router advertisement or a DHCPOFFER)"
     echo4 = f.parse(f.ethernet(MAC, MAC, f.ETH_IPV4, f.ipv4_packet(
         "198.51.100.99", "198.51.100.1", f.PROTO_ICMP, bytes([8, 0]) + bytes(6))))  # fmt: skip
     reply4 = f.parse(f.ethernet(MAC, MAC, f.ETH_IPV4, f.ipv4_packet(
