@@ -30,7 +30,8 @@ garp            ip, count=2                              gratuitous ARP claiming
                                                          (arping -U, ip added for it)
 mac             new, dst, count=2                        NIC's MAC set to new, pings dst
                                                          from the real address, MAC back
-na              target, mac=None (the guest's)           unsolicited NA: target is at mac
+na              target, mac=None (the guest's),          unsolicited NA: target is at mac,
+                source=None (target)                     from source
 ra              prefix=..., router_lifetime=0, ...       router advertisement from its
                                                          link-local address (frames.py)
 dhcp-offer      offered=None, server=None, client=...    DHCPOFFER from UDP 67 to 68

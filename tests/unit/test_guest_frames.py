@@ -66,6 +66,9 @@ def test_a_neighbour_advertisement():
     assert _icmpv6_sum_ok(frame)
     assert len(frame) == 14 + 40 + 24 + 8
     assert f.parse(f.neighbour_advert(MAC, "2001:db8::1", override=False)).na_flags == 0
+    other = f.neighbour_advert(MAC, "2001:db8:100::99", source=LINK_LOCAL)
+    assert (f.parse(other).ip_src, f.parse(other).nd_target) == (LINK_LOCAL, "2001:db8:100::99")
+    assert _icmpv6_sum_ok(other)
 
 
 def test_a_router_advertisement():
