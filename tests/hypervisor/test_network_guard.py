@@ -185,6 +185,32 @@ def test_a_second_guest_cannot_be_impersonated(net, guest, neighbour, seen):
     assert "VMAPI-PAGE" in (net.get(f"http://[{other.ipv6}]/") or "")
 
 
+def forget_neighbour(net: GuestNetwork, address: str) -> None:
+    """The namespace's neighbour entry for ``address`` dropped (it learns it anew)."""
+    subprocess.run(["ip", "-n", net.namespace, "neigh", "flush", "to", address],
+                   capture_output=True, check=True, timeout=30)  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known limit (README, Network protection): libvirt's filters cannot read the target "
+    "inside an ICMPv6 neighbour advertisement, only its source address; from its own "
+    "address a guest announces its neighbour's IPv6 address at its own MAC"))  # fmt: skip
+def test_an_advert_from_the_guests_own_address_cannot_claim_its_neighbours(net, guest, neighbour):
+    other = neighbour
+    try:
+        assert probes.probe(net, other.ipv4, "ping6", dst=GW6, count=1)["received"] == "1"
+        assert neighbour_mac(net, other.ipv6) == other.mac
+        with cap.capture(net) as seen:
+            sent = probes.probe(net, guest.ipv4, "na", target=other.ipv6, source=guest.link_local)
+            assert sent["sent"] == "2", sent
+            real_ping_arrives(net, guest, seen)
+            claim = cap.neighbour_advert(other.ipv6, guest.mac)
+            assert not seen.arrived(claim, within=QUIET), seen.summary()
+        assert neighbour_mac(net, other.ipv6) == other.mac  # (measured: the guest's MAC)
+    finally:
+        forget_neighbour(net, other.ipv6)  # what the advert taught the gateway, if it came
+
+
 # ---------------------------------------------------------------------- new addresses
 def free_ipv4(env: BootEnv) -> dict:
     return next(a for a in env.api.get("ipv4?limit=1000").json["data"].values()
