@@ -27,10 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.api.fuzz_hooks import ANSWERS_ENV
 from tests.concurrency.conftest import ROOT, Server, gunicorn
 from tests.conftest import GIB, create_database, drop_database, migrate
+from vmapi.models import InterfaceSecurityGroup
 
 SEED = 20240601
 MAX_EXAMPLES = 10
@@ -59,6 +61,7 @@ NO_SUCCESS: dict[str, str] = {
         f"DELETE /api/v1/{name}{item}": _SEEDED.format(name)
         for name in ("cache_option", "storage_type", "virt_method", "vm_state")
         for item in ("", "/{ident}")
+        if (name, item) != ("storage_type", "")  # a drawn body names one the run made
     },
     "DELETE /api/v1/node_state/{ident}": _SEEDED.format("node_state"),
     "DELETE /api/v1/node": "the fleet's one node holds its VM (409 node/in_use); no other",
@@ -79,6 +82,11 @@ NO_SUCCESS: dict[str, str] = {
     "PATCH /api/v1/interface": _DRAWN,
     "PATCH /api/v1/ipv4": _DRAWN,
     "PATCH /api/v1/ipv6": _DRAWN,
+    **{
+        f"{verb} /api/v1/security_group_rule": "drawn ids name the fleet's rules 1 and 2, "
+        "which DELETE /security_group_rule/{ident} deleted before; the run's own have others"
+        for verb in ("PATCH", "DELETE")
+    },
     "PATCH /api/v1/virt_node": _DRAWN + "; or the pair exists already (409 virt_node/duplicate)",
     "PATCH /api/v1/virt_node/{ident}": _DRAWN + "; or the pair exists (409 virt_node/duplicate)",
 }
@@ -101,7 +109,8 @@ def _admin_token(db_url: str) -> str:
 
 
 def _fleet(server: Server) -> None:
-    """A node with room, the TEST method on it, address pools and one VM."""
+    """A node with room, the TEST method on it, address pools, one VM, and security groups
+    1 (with rules 1 to 3, used by the VM's interface) and 2 (ids that drawn ids name)."""
     method = server.call("POST", "virt_method", {"name": "TEST", "domain_type": "test"})
     assert method[0] == 201, method
     node = server.call("POST", "node", {
@@ -117,10 +126,25 @@ def _fleet(server: Server) -> None:
         ("ipv4", {"network": "198.51.100.0/24", "gateway": "198.51.100.1"}),
         ("ipv6", {"network": "2001:db8:100::/64", "gateway": "2001:db8:100::1"}),
         ("vm", {"cores": 1, "ram": GIB, "virt_method": {"id": method_id}}),
-    ]
+        ("security_group", {"name": "fuzz"}),
+        ("security_group", {"name": "spare"}),
+        ("security_group_rule", [
+            {"security_group": {"id": 1}, "direction": "ingress", "ethertype": "ipv4",
+             "protocol": "tcp", "port_min": port} for port in (22, 80, 443)
+        ]),
+    ]  # fmt: skip
     for path, body in pairs:
         answer = server.call("POST", path, body)
         assert answer[0] == 201, (path, answer)
+    # Group 1 is used by the VM's interface until the VM goes, so that drawn ids find it
+    # after DELETE /security_group/{ident} has run. An admin gives an interface its groups
+    # with UPDATE /interface (the filter work); until then the row is written here.
+    engine = sa.create_engine(server.db_url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(InterfaceSecurityGroup), [{"interface_id": 1, "security_group_id": 1}]
+        )
+    engine.dispose()
 
 
 @pytest.fixture

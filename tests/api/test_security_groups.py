@@ -14,6 +14,7 @@ from tests.errors import assert_error
 from vmapi.errors import NotFound
 from vmapi.extensions import db
 from vmapi.models import InterfaceSecurityGroup
+from vmapi.schemas.vm import VmSchema
 from vmapi.services.network.security_groups import usable_groups
 
 SSH = {"direction": "ingress", "ethertype": "ipv4", "protocol": "tcp", "port_min": 22}
@@ -412,6 +413,41 @@ def test_a_group_an_interface_uses_cannot_be_deleted(api, customer_api, interfac
     assert seven.get(f"security_group_rule/{ssh['id']}").json["data"] == ssh  # kept, all of it
 
 
+@pytest.mark.embedded
+def test_a_deleted_vm_s_interface_leaves_its_groups(api, customer_api, interface):
+    iface_id, use = interface
+    seven = customer_api(7)
+    web = group(seven)
+    ssh = rule(seven, web["id"])
+    use(web["id"])
+    vm_id = seven.get(f"interface/{iface_id}").json["data"]["vm"]["id"]
+    deleted = seven.delete(f"vm/{vm_id}")
+    assert deleted.status_code == 200, deleted.json
+    assert seven.get(f"security_group/{web['id']}").json["data"] == web
+    assert seven.get(f"security_group_rule/{ssh['id']}").json["data"] == ssh
+    assert seven.delete(f"security_group/{web['id']}").status_code == 200  # no longer used
+
+
+@pytest.mark.embedded
+def test_an_interface_shows_its_groups_and_guard(api, customer_api, interface):
+    iface_id, use = interface
+    seven = customer_api(7)
+    web, shared = group(seven), group(api, "base")
+    answer = seven.get(f"interface/{iface_id}").json["data"]
+    assert answer["security_groups"] == [] and answer["spoof_guard"] is True
+    use(shared["id"])
+    use(web["id"])
+    answer = seven.get(f"interface/{iface_id}").json["data"]
+    assert answer["security_groups"] == sorted([{"id": web["id"]}, {"id": shared["id"]}],
+                                               key=lambda ref: ref["id"])  # fmt: skip
+    listed = seven.get("interface").json["data"][str(iface_id)]
+    assert listed == answer
+    nested = seven.get(f"interface/{iface_id}?nest=security_groups").json["data"]
+    assert sorted(g["name"] for g in nested["security_groups"]) == ["base", "web"]
+    assert str(iface_id) in api.get("interface?spoof_guard=true").json["data"]
+    assert api.get("interface?spoof_guard=false").json["data"] == {}
+
+
 def test_usable_groups_are_the_customer_s_and_the_admins(app, api, customer_api):
     mine, shared = group(customer_api(7)), group(api, "base")
     theirs = group(customer_api(8))
@@ -428,6 +464,32 @@ def test_usable_groups_are_the_customer_s_and_the_admins(app, api, customer_api)
                 usable_groups(ids, customer)
             assert refused.value.error_id == "security_group/not_found"
             assert refused.value.data == {"security_group": {"id": ids[-1]}}
+
+
+# ---------------------------------------------------------------------- POST /vm
+
+
+def test_post_vm_takes_the_first_interface_s_groups_as_ids():
+    body = {"cores": 1, "ram": 2**30, "virt_method": {"id": 1}}
+    loaded = VmSchema().load({**body, "security_groups": [{"id": 3}, {"id": 5}]})
+    assert loaded["security_groups"] == [3, 5]
+    assert "security_groups" not in VmSchema().load(body)
+
+
+@pytest.mark.embedded
+def test_a_vm_s_groups_are_not_changed_through_the_vm(api, customer_api, vm_host, test_method):
+    vm_host()
+    seven = customer_api(7)
+    vm = made(seven.post("vm", json=vm_body(test_method)))
+    web = group(seven)
+    error = assert_error(
+        seven.patch(f"vm/{vm['id']}", json={"security_groups": [{"id": web["id"]}]}),
+        400,
+        "vm/immutable_field",
+    )
+    assert list(error["data"]) == ["security_groups"]
+    assert "security_groups" not in seven.get(f"vm/{vm['id']}").json["data"]  # write-only
+    assert_error(seven.get(f"vm/{vm['id']}?nest=security_groups"), 400, "general/validation")
 
 
 # ---------------------------------------------------------------------- the audit trail

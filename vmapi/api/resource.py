@@ -81,9 +81,12 @@ class ResourceApi:
         self.item_methods = item_methods
         #: POST honours the Idempotency-Key header
         self.idempotent = idempotent
-        #: what ``nest=`` takes: every reference, single or a list (``interfaces``)
+        #: what ``nest=`` takes: every reference answers show, single or a list
+        #: (``interfaces``); not a write-only one (POST /vm's ``security_groups``)
         self.nestable: dict[str, Ref | RefList] = {
-            key: f for key, f in self.schema.fields.items() if isinstance(f, Ref | RefList)
+            key: f
+            for key, f in self.schema.fields.items()
+            if isinstance(f, Ref | RefList) and not f.load_only
         }
         self.filters = self._filterable()
         RESOURCES[name] = self

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from vmapi.extensions import db
 
 if TYPE_CHECKING:
+    from vmapi.models.security import SecurityGroup
     from vmapi.models.vm import Vm
 
 
@@ -56,6 +57,14 @@ class Interface(db.Model):
     )
     ipv6: Mapped[list[Ipv6Address]] = relationship(
         lazy="raise_on_sql", order_by="Ipv6Address.id", viewonly=True
+    )
+    #: the security groups the interface uses (the rows of interface_security_group; those
+    #: are what a change writes, this is how reads show them)
+    security_groups: Mapped[list[SecurityGroup]] = relationship(
+        secondary="interface_security_group",
+        lazy="raise_on_sql",
+        order_by="SecurityGroup.id",
+        viewonly=True,
     )
 
 

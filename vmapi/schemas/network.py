@@ -12,6 +12,7 @@ from vmapi.schemas.base import (
     IPV4_PATTERN,
     IPV6_PATTERN,
     BaseSchema,
+    Bool,
     Int,
     Ref,
     RefList,
@@ -73,6 +74,19 @@ class InterfaceSchema(BaseSchema):
     ipv4 = RefList("ipv4", writable=True)
     ipv6 = RefList("ipv6", writable=True)
     vlan = Ref("vlan", attribute="vlan_id", allow_none=True)
+    #: the groups whose rules filter its traffic (API.md "Network protection"): the VM
+    #: owner's groups, or admin groups; none: ingress unfiltered
+    security_groups = RefList(
+        "security_group",
+        writable=True,
+        metadata={"description": "Security groups of the VM's customer, or admin groups "
+                  "(customer_id null); the list replaces the interface's groups."},
+    )  # fmt: skip
+    spoof_guard = Bool(
+        metadata={"description": "The guest may send only from this interface's MAC and "
+                  "addresses (default true); admins may turn it off for an appliance that "
+                  "routes others' traffic."},
+    )  # fmt: skip
 
 
 class _AddressSchema(BaseSchema):

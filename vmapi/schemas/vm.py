@@ -117,6 +117,18 @@ class VmSchema(BaseSchema):
     #: the VM is made
     domain_name = Str(dump_only=True)
     interfaces = RefList("interface")
+    #: POST only: the security groups of the VM's first interface (later: UPDATE
+    #: /interface); arrives in the service's data as ``security_groups``, a list of ids
+    security_groups = RefList(
+        "security_group",
+        writable=True,
+        load_only=True,
+        metadata={
+            "on_update": False,  # vm/immutable_field
+            "description": "The security groups of the VM's interface: the customer's, or "
+            "admin groups (customer_id null). Change them later with UPDATE /interface.",
+        },
+    )
     # What the guest is told through its cloud-init seed (API.md "Guest configuration").
     # ssh_keys and user_data are write-only: answers show fingerprints and a flag.
     hostname = Str(

@@ -252,7 +252,8 @@ def add_interface(vm: Vm) -> NewInterface:
 
 
 def release_interfaces(vm_id: int) -> None:
-    """Free the VM's addresses and delete its interfaces (once its domain is gone)."""
+    """Free the VM's addresses, take its interfaces out of their security groups (the
+    groups stay) and delete the interfaces (once its domain is gone)."""
     ids = select(Interface.id).where(Interface.vm_id == vm_id).scalar_subquery()
     for model in (Ipv4Address, Ipv6Address):
         held = db.session.execute(

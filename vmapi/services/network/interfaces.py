@@ -61,7 +61,11 @@ class InterfaceService(CrudService[Interface]):
         return stmt.where(Interface.id.in_(own_interfaces(customer_id)))
 
     def load_options(self) -> list:
-        return [selectinload(Interface.ipv4), selectinload(Interface.ipv6)]
+        return [
+            selectinload(Interface.ipv4),
+            selectinload(Interface.ipv6),
+            selectinload(Interface.security_groups),
+        ]
 
     def update_locks(self, items: list[tuple[int, dict[str, Any]]]) -> Iterable[int]:
         return db.session.scalars(

@@ -46,8 +46,10 @@ from vmapi.services.vms.cloud_init import (
 from vmapi.services.vms.specs import domain_spec
 
 SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
+# (a VM's security groups are given on POST; later they are its interface's: /interface)
 IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
-             "image_id": "image", "root_size": "root_size"}  # fmt: skip
+             "image_id": "image", "root_size": "root_size",
+             "security_groups": "security_groups"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
 
 
