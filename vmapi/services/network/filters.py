@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from flask import current_app
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import FilterRule, GroupFilter, GuardFilters, NetworkFilter, PortFilter
@@ -120,15 +120,16 @@ def groups_of(interface_ids: Collection[int]) -> dict[int, list[int]]:
 
 
 def set_groups(interface_id: int, group_ids: list[int]) -> None:
-    """The interface uses exactly these groups (in the caller's transaction)."""
+    """The interface uses exactly these groups (in the caller's transaction). Core
+    statements: these rows have no id for the audit trail, which records the change as
+    the interface's (or the new VM's) instead."""
     db.session.execute(
         delete(InterfaceSecurityGroup).where(InterfaceSecurityGroup.interface_id == interface_id)
     )
-    db.session.add_all(
-        InterfaceSecurityGroup(interface_id=interface_id, security_group_id=group_id)
-        for group_id in sorted(set(group_ids))
-    )
-    db.session.flush()
+    rows = [{"interface_id": interface_id, "security_group_id": group_id}
+            for group_id in sorted(set(group_ids))]  # fmt: skip
+    if rows:
+        db.session.execute(insert(InterfaceSecurityGroup), rows)
 
 
 def egress_groups(group_ids: Collection[int]) -> set[int]:
