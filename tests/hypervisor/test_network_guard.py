@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from tests.conftest import MIB
 from tests.hypervisor import capture as cap
 from tests.hypervisor import probes
 from tests.hypervisor.boot_env import BootEnv
-from tests.hypervisor.capture import Capture
+from tests.hypervisor.capture import Capture, Match
 from tests.hypervisor.guest_net import GuestNetwork, guest_network
 from tests.hypervisor.probes import ProbeGuest
 from tests.hypervisor.qemu_host import INSTALLATION
@@ -271,3 +272,144 @@ def test_new_addresses_move_the_guard_with_them_live(env, net, guest):
         real_ping_arrives(net, guest, seen)
         assert seen.arrived(cap.ping_from(guest.ipv6, GW6)), seen.summary()
         assert not seen.arrived(cap.ipv4_from(new4), within=QUIET), seen.summary()
+
+
+# ---------------------------------------------------------------------- security groups
+FAMILIES = ("ipv4", "ipv6")
+#: the probe channel: every group under test keeps the guest's port 80 open
+WEB = [{"direction": "ingress", "ethertype": family, "protocol": "tcp", "port_min": 80,
+        "port_max": 80} for family in FAMILIES]  # fmt: skip
+
+
+def add_rule(env: BootEnv, group: int, **rule) -> int:
+    made = env.api.post("security_group_rule", json={"security_group": {"id": group}, **rule})
+    assert made.status_code == 201, made.json
+    return made.json["data"]["id"]
+
+
+def delete_rule(env: BootEnv, rule: int) -> None:
+    gone = env.api.delete(f"security_group_rule/{rule}")
+    assert gone.status_code == 200, gone.json
+
+
+@contextmanager
+def group_on(env: BootEnv, guest: ProbeGuest, name: str, rules: list[dict]) -> Iterator[int]:
+    """A new group with ``rules`` on the guest's interface (live) for the block; the
+    interface without groups after it, and the group deleted."""
+    made = env.api.post("security_group", json={"name": name})
+    assert made.status_code == 201, made.json
+    group = made.json["data"]["id"]
+    try:
+        for rule in rules:
+            add_rule(env, group, **rule)
+        update_interface(env, guest, security_groups=[{"id": group}])
+        yield group
+    finally:
+        update_interface(env, guest, security_groups=[])
+        gone = env.api.delete(f"security_group/{group}")
+        assert gone.status_code == 200, gone.json
+
+
+@contextmanager
+def listening(net: GuestNetwork, guest: ProbeGuest, port: int) -> Iterator[list[str]]:
+    """The guest serves ``port`` for the block: its URLs on both addresses."""
+    opened = probes.probe(net, guest.ipv4, "tcp-listen", port=port)
+    assert opened["listening"] == "yes", opened
+    try:
+        yield [f"http://{guest.ipv4}:{port}/", f"http://[{guest.ipv6}]:{port}/"]
+    finally:
+        closed = probes.probe(net, guest.ipv4, "tcp-close", port=port)
+        assert closed["listening"] == "no", closed
+
+
+def pages(net: GuestNetwork, urls: list[str]) -> list[str | None]:
+    """Each URL fetched once from the namespace (3 s at most): its page, or None."""
+    return [net.get(url) for url in urls]
+
+
+def test_a_group_lets_in_only_what_it_allows_and_its_rule_changes_apply_at_once(env, net, guest):
+    port80 = [f"http://{guest.ipv4}/", f"http://[{guest.ipv6}]/"]
+    open8080 = ["VMAPI-PORT 8080\n"] * 2
+    with listening(net, guest, 8080) as urls:
+        assert pages(net, urls) == open8080  # without a group, ingress is not filtered
+        with group_on(env, guest, "web", WEB) as web:
+            assert all("VMAPI-PAGE" in (page or "") for page in pages(net, port80))
+            assert pages(net, urls) == [None, None]
+            # a rule for 8080 opens it on the running guest by the time the API answered
+            rules = [add_rule(env, web, direction="ingress", ethertype=family, protocol="tcp",
+                              port_min=8080, port_max=8080) for family in FAMILIES]  # fmt: skip
+            assert pages(net, urls) == open8080
+            for rule in rules:  # and its deletion closes it again
+                delete_rule(env, rule)
+            assert pages(net, urls) == [None, None]
+            assert all("VMAPI-PAGE" in (page or "") for page in pages(net, port80))
+        assert pages(net, urls) == open8080  # the group gone: open again
+
+
+#: a TCP server inside the test's namespace (tcp-connect's other end), as in
+#: test_guest_probes.py: accepts one connection, reads until the guest's EOF, answers
+LISTENER = (
+    "import socket, sys\n"
+    "s = socket.create_server(('::', int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True)\n"
+    "print('ready', flush=True)\n"
+    "c, _ = s.accept()\n"
+    "while c.recv(100): pass\n"
+    "c.sendall(b'VMAPI-NS-ANSWER')\n"
+    "c.close()\n"
+)
+
+
+@contextmanager
+def namespace_listener(net: GuestNetwork, port: int) -> Iterator[subprocess.Popen]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.namespace, sys.executable, "-c", LISTENER, str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_group_with_egress_rules_lets_out_only_what_they_allow(env, net, guest):
+    egress = {"direction": "egress", "ethertype": "ipv4", "protocol": "tcp", "port_min": 7000,
+              "port_max": 7000, "remote_cidr": "198.51.100.0/24"}  # fmt: skip
+    with namespace_listener(net, 7000), namespace_listener(net, 7001) as other:
+        with group_on(env, guest, "out-7000", [*WEB, egress]), cap.capture(net) as seen:
+            allowed = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW4, port=7000)
+            assert allowed["connected"] == "yes", allowed
+            assert allowed["got"] == "VMAPI-NS-ANSWER", allowed
+            denied = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW4, port=7001)
+            assert denied["connected"] == "no", denied
+            assert seen.arrived(cap.tcp_to_port(7000, src=guest.ipv4)), seen.summary()
+            assert not seen.arrived(cap.tcp_to_port(7001), within=QUIET), seen.summary()
+            # nor any other way out: IPv6 has no egress rule in the group
+            v6 = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW6, port=7001)
+            assert v6["connected"] == "no", v6
+            assert not seen.arrived(cap.tcp_to_port(7001), within=QUIET), seen.summary()
+        # without the group, the same connection goes out (the listener was there)
+        again = probes.probe(net, guest.ipv4, "tcp-connect", dst=GW4, port=7001)
+        assert again["connected"] == "yes" and again["got"] == "VMAPI-NS-ANSWER", again
+        assert other.wait(timeout=10) == 0
+
+
+# ---------------------------------------------------------------------- the off switch
+def spoofed_ping(net: GuestNetwork, guest: ProbeGuest) -> Match:
+    answer = probes.probe(net, guest.ipv4, "ping4", src=SPOOF4, dst=GW4, count=1)
+    assert answer["added"] == "yes", answer
+    return cap.ping_from(SPOOF4, GW4) & cap.from_mac(guest.mac)
+
+
+def test_admins_turn_the_guard_off_for_one_interface_and_on_again(env, net, guest):
+    try:
+        assert update_interface(env, guest, spoof_guard=False)["spoof_guard"] is False
+        with cap.capture(net) as seen:
+            assert seen.arrived(spoofed_ping(net, guest)), seen.summary()
+    finally:
+        assert update_interface(env, guest, spoof_guard=True)["spoof_guard"] is True
+    with cap.capture(net) as seen:
+        spoofed = spoofed_ping(net, guest)
+        real_ping_arrives(net, guest, seen)
+        assert not seen.arrived(spoofed, within=QUIET), seen.summary()
