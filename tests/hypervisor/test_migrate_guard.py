@@ -4,8 +4,9 @@ test_migrate_filters.py does not look at.
 Both private hosts of ``host_pair`` (tests/hypervisor/migrate_env.py) put their NICs on
 one test bridge in ``bridge`` mode, as test_migrate_filters.py does; a test guest
 (tests/guest/) boots on ``a`` and moves live to ``b`` through the API. On ``b`` a spoofed
-source is dropped while the guest's real ping arrives (tests/hypervisor/capture.py),
-probed from the test's namespace (tests/hypervisor/probes.py).
+source is dropped while the guest's real ping arrives (tests/hypervisor/capture.py), and
+its security group still lets in TCP 80 and nothing else, probed from the test's
+namespace (tests/hypervisor/probes.py).
 """
 
 from __future__ import annotations
@@ -47,8 +48,22 @@ def env(host_pair, guest_image, pg_server, tmp_path_factory, net) -> Iterator[Mi
 
 
 @pytest.fixture(scope="module")
-def guest(env: MigrateEnv, net: GuestNetwork) -> ProbeGuest:
-    vm = env.create("a", hostname="guard-moving")
+def web(env: MigrateEnv) -> int:
+    """A group letting in TCP 80 only, both families (the probes' channel)."""
+    made = env.api.post("security_group", json={"name": "web"})
+    assert made.status_code == 201, made.json
+    group = made.json["data"]["id"]
+    for family in ("ipv4", "ipv6"):
+        rule = {"security_group": {"id": group}, "direction": "ingress", "ethertype": family,
+                "protocol": "tcp", "port_min": 80, "port_max": 80}  # fmt: skip
+        added = env.api.post("security_group_rule", json=rule)
+        assert added.status_code == 201, added.json
+    return group
+
+
+@pytest.fixture(scope="module")
+def guest(env: MigrateEnv, net: GuestNetwork, web: int) -> ProbeGuest:
+    vm = env.create("a", hostname="guard-moving", security_groups=[{"id": web}])
     return probes.guest_ready(env.api, env.console(vm["id"]), net, vm)
 
 
@@ -58,19 +73,35 @@ def where(env: MigrateEnv, guest: ProbeGuest) -> str:
     return host
 
 
-def test_the_guard_holds_on_the_target_of_a_live_move(env, net, guest):
-    target = "b" if where(env, guest) == "a" else "a"
-    moved = env.api.post(f"vm/{guest.vm['id']}/migrate",
-                         json={"node": {"id": env.nodes[target]["id"]}})  # fmt: skip
-    assert moved.status_code == 200, moved.json
-    assert where(env, guest) == target
-    with cap.capture(net) as seen:
-        four = probes.probe(net, guest.ipv4, "ping4", src=SPOOF4, dst=GW4, count=1)
-        six = probes.probe(net, guest.ipv4, "ping6", src=SPOOF6, dst=GW6, count=1)
-        assert four["added"] == six["added"] == "yes", (four, six)
-        real = probes.probe(net, guest.ipv4, "ping4", dst=GW4, count=1)
-        assert real["received"] == "1", real
-        control = cap.ping_from(guest.ipv4, GW4) & cap.from_mac(guest.mac)
-        assert seen.arrived(control), seen.summary()
-        spoofed = cap.ipv4_from(SPOOF4) | cap.arp_claiming(SPOOF4) | cap.ipv6_from(SPOOF6)
-        assert not seen.arrived(spoofed, within=QUIET), seen.summary()
+def test_the_guard_and_a_group_hold_on_the_target_of_a_live_move(env, net, guest, web):
+    port80 = [f"http://{guest.ipv4}/", f"http://[{guest.ipv6}]/"]
+    port8080 = [f"http://{guest.ipv4}:8080/", f"http://[{guest.ipv6}]:8080/"]
+    iface = f"interface/{guest.vm['interfaces'][0]['id']}"
+    assert env.api.get(iface).json["data"]["security_groups"] == [{"id": web}]
+    listen = probes.probe(net, guest.ipv4, "tcp-listen", port=8080)
+    assert listen["listening"] == "yes", listen
+    try:
+        target = "b" if where(env, guest) == "a" else "a"
+        moved = env.api.post(f"vm/{guest.vm['id']}/migrate",
+                             json={"node": {"id": env.nodes[target]["id"]}})  # fmt: skip
+        assert moved.status_code == 200, moved.json
+        assert where(env, guest) == target
+        with cap.capture(net) as seen:
+            four = probes.probe(net, guest.ipv4, "ping4", src=SPOOF4, dst=GW4, count=1)
+            six = probes.probe(net, guest.ipv4, "ping6", src=SPOOF6, dst=GW6, count=1)
+            assert four["added"] == six["added"] == "yes", (four, six)
+            real = probes.probe(net, guest.ipv4, "ping4", dst=GW4, count=1)
+            assert real["received"] == "1", real
+            control = cap.ping_from(guest.ipv4, GW4) & cap.from_mac(guest.mac)
+            assert seen.arrived(control), seen.summary()
+            spoofed = cap.ipv4_from(SPOOF4) | cap.arp_claiming(SPOOF4) | cap.ipv6_from(SPOOF6)
+            assert not seen.arrived(spoofed, within=QUIET), seen.summary()
+        assert all("VMAPI-PAGE" in (net.get(url) or "") for url in port80)
+        assert [net.get(url) for url in port8080] == [None, None]
+        # the group off the interface (on the target), 8080 answers: the group held it
+        assert env.api.update(iface, json={"security_groups": []}).status_code == 200
+        assert [net.get(url) for url in port8080] == ["VMAPI-PORT 8080\n"] * 2
+    finally:
+        assert env.api.update(iface, json={"security_groups": [{"id": web}]}).status_code == 200
+        closed = probes.probe(net, guest.ipv4, "tcp-close", port=8080)
+        assert closed["listening"] == "no", closed
