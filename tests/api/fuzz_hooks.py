@@ -40,9 +40,27 @@ def _confine(value: Any) -> Any:
     return confined
 
 
+#: the fleet's security group that its VM's interface uses (test_fuzz.py::_fleet)
+FLEET_GROUP = {"id": 1}
+
+
+def _keep_fleet_group(body: Any) -> Any:
+    """An interface's new groups keep the fleet's group: drawn ids must keep finding it in
+    use (409 security_group/in_use), its rules there, whatever an interface update drew."""
+    if isinstance(body, list):
+        return [_keep_fleet_group(item) for item in body]
+    if isinstance(body, dict) and isinstance(body.get("security_groups"), list):
+        groups = body["security_groups"]
+        if FLEET_GROUP not in groups:
+            body = {**body, "security_groups": [*groups, FLEET_GROUP]}
+    return body
+
+
 @schemathesis.hook
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     case.body = _confine(case.body)
+    if "/interface" in case.path:
+        case.body = _keep_fleet_group(case.body)
 
 
 #: where each answer's operation, status and error id are written, one ``METHOD PATH

@@ -27,12 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from tests.api.fuzz_hooks import ANSWERS_ENV
 from tests.concurrency.conftest import ROOT, Server, gunicorn
 from tests.conftest import GIB, create_database, drop_database, migrate
-from vmapi.models import InterfaceSecurityGroup
 
 SEED = 20240601
 MAX_EXAMPLES = 10
@@ -137,14 +135,9 @@ def _fleet(server: Server) -> None:
         answer = server.call("POST", path, body)
         assert answer[0] == 201, (path, answer)
     # Group 1 is used by the VM's interface until the VM goes, so that drawn ids find it
-    # after DELETE /security_group/{ident} has run. An admin gives an interface its groups
-    # with UPDATE /interface (the filter work); until then the row is written here.
-    engine = sa.create_engine(server.db_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    with engine.begin() as conn:
-        conn.execute(
-            sa.insert(InterfaceSecurityGroup), [{"interface_id": 1, "security_group_id": 1}]
-        )
-    engine.dispose()
+    # after DELETE /security_group/{ident} has run.
+    answer = server.call("PATCH", "interface/1", {"security_groups": [{"id": 1}]})
+    assert answer[0] == 200, answer
 
 
 @pytest.fixture

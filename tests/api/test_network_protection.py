@@ -77,7 +77,7 @@ def test_only_admins_turn_the_guard_off(api, customer_api, vm_host, test_method)
     vm = api.post("vm", json=vm_body(test_method, customer_id=7)).json["data"]
     ident = vm["interfaces"][0]["id"]
     refused = customer_api(7).update(f"interface/{ident}", json={"spoof_guard": False})
-    assert_error(refused, 403, "general/forbidden")
+    assert_error(refused, 403, "general/authorization/forbidden")
     assert api.get(f"interface/{ident}").json["data"]["spoof_guard"] is True
     off = api.update(f"interface/{ident}", json={"spoof_guard": False})
     assert off.status_code == 200, off.json
@@ -102,3 +102,58 @@ def test_a_node_known_to_lack_a_filter_driver_takes_no_vm_it_would_guard(
     # a node whose NICs need no guard (QEMU's user network) takes it
     assert api.update(f"node/{node['id']}", json={"interface_mode": "user"}).status_code == 200
     assert api.post("vm", json=vm_body(test_method)).status_code == 201
+
+
+def test_customers_give_their_own_interfaces_their_groups(api, customer_api, vm_host, test_method):
+    vm_host()
+    vm = api.post("vm", json=vm_body(test_method, customer_id=7)).json["data"]
+    ident = vm["interfaces"][0]["id"]
+    owner, other = customer_api(7), customer_api(8)
+    mine = owner.post("security_group", json={"name": "web"}).json["data"]
+    shared = api.post("security_group", json={"name": "ssh-from-office"}).json["data"]
+    theirs = other.post("security_group", json={"name": "theirs"}).json["data"]
+    body = {"security_groups": [{"id": mine["id"]}, {"id": shared["id"]}]}
+    given = owner.update(f"interface/{ident}", json=body)
+    assert given.status_code == 200, given.json
+    groups = owner.get(f"interface/{ident}").json["data"]["security_groups"]
+    assert sorted(g["id"] for g in groups) == sorted([mine["id"], shared["id"]])
+    # another customer's group is not found; another customer's interface neither
+    foreign = owner.update(f"interface/{ident}", json={"security_groups": [{"id": theirs["id"]}]})
+    assert_error(foreign, 404, "security_group/not_found")
+    assert_error(other.update(f"interface/{ident}", json={"security_groups": []}), 404,
+                 "interface/not_found")  # fmt: skip
+    # a group in use cannot go; taken off, it can
+    assert_error(owner.delete(f"security_group/{mine['id']}"), 409, "security_group/in_use")
+    assert owner.update(f"interface/{ident}", json={"security_groups": []}).status_code == 200
+    assert owner.delete(f"security_group/{mine['id']}").status_code == 200
+    # the change is in the audit trail, as the interface's
+    events = api.get("event?resource=interface&action=update").json["data"].values()
+    changes = [e["after"] for e in events if e["object_id"] == ident]
+    assert {"security_groups": []} in changes
+
+
+def test_post_vm_puts_its_first_nic_in_the_groups(api, customer_api, vm_host, test_method):
+    vm_host()
+    owner = customer_api(7)
+    group = owner.post("security_group", json={"name": "web"}).json["data"]
+    made = owner.post("vm", json=vm_body(test_method, security_groups=[{"id": group["id"]}]))
+    assert made.status_code == 201, made.json
+    iface = owner.get(f"interface/{made.json['data']['interfaces'][0]['id']}").json["data"]
+    assert [g["id"] for g in iface["security_groups"]] == [group["id"]]
+    other = customer_api(8).post(
+        "vm", json=vm_body(test_method, security_groups=[{"id": group["id"]}])
+    )
+    assert_error(other, 404, "security_group/not_found")
+    # the VM's deletion releases the group
+    assert owner.delete(f"vm/{made.json['data']['id']}").status_code == 200
+    assert owner.delete(f"security_group/{group['id']}").status_code == 200
+
+
+def test_a_resize_keeps_the_nics_filter(api, vm_host, test_method, driver, installation):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    before = params(nic_of(driver, node, vm))
+    assert api.update(f"vm/{vm['id']}", json={"cores": 1}).status_code == 200
+    nic = nic_of(driver, node, vm)
+    assert nic.find("filterref").get("filter") == f"{installation}-nic-{vm['interfaces'][0]['id']}"
+    assert params(nic) == before

@@ -296,3 +296,64 @@ def test_node_check_and_reconcile_find_a_filter_changed_by_hand_and_reconcile_re
     assert "filter" not in reconcile(env).output
     held = ET.fromstring(env.conn.nwfilterLookupByName(port).XMLDesc())
     assert len(held.findall("filterref")) == 5  # the guard is back
+
+
+def group_with(env: BootEnv, *ports: int) -> dict:
+    group = env.api.post("security_group", json={"name": f"web-{'-'.join(map(str, ports))}"})
+    assert group.status_code == 201, group.json
+    for port in ports:
+        rule = {"security_group": {"id": group.json["data"]["id"]}, "direction": "ingress",
+                "ethertype": "ipv4", "protocol": "tcp", "port_min": port}  # fmt: skip
+        assert env.api.post("security_group_rule", json=rule).status_code == 201
+    return group.json["data"]
+
+
+def forward_rules(tap: str) -> str:
+    """What reaches the guest behind ``tap`` in the IP layer (iptables' chain for it)."""
+    return rules("iptables", "-S", f"FO-{tap}")
+
+
+def test_a_rule_change_reaches_the_running_guest_before_the_answer(env, net):
+    group = group_with(env, 80)
+    vm = new_vm(env, security_groups=[{"id": group["id"]}])
+    port = f"{INSTALLATION}-nic-{vm['interfaces'][0]['id']}"
+    tap, _params = binding(env.conn, port)
+    assert f"{INSTALLATION}-sg-{group['id']}" in env.filters()
+    chain = forward_rules(tap)
+    assert "--dport 80 " in chain and "--dport 8080 " not in chain and "-j DROP" in chain
+    rule = {"security_group": {"id": group["id"]}, "direction": "ingress", "ethertype": "ipv4",
+            "protocol": "tcp", "port_min": 8080}  # fmt: skip
+    made = env.api.post("security_group_rule", json=rule)
+    assert made.status_code == 201, made.json
+    assert "--dport 8080 " in forward_rules(tap)  # by the time the answer came
+    gone = env.api.delete(f"security_group_rule/{made.json['data']['id']}")
+    assert gone.status_code == 200, gone.json
+    assert "--dport 8080 " not in forward_rules(tap)
+    # the group taken off the interface: ingress unfiltered, the group's filter gone
+    off = env.api.update(f"interface/{vm['interfaces'][0]['id']}", json={"security_groups": []})
+    assert off.status_code == 200, off.json
+    assert f"FO-{tap}" not in rules("iptables", "-S")  # nothing of the guest's in the IP layer
+    assert f"{INSTALLATION}-sg-{group['id']}" not in env.filters()
+    assert env.api.delete(f"vm/{vm['id']}").status_code == 200
+    assert env.api.delete(f"security_group/{group['id']}").status_code == 200
+
+
+def test_a_node_a_rule_change_missed_gets_it_from_the_next_check(env, net, faulty):
+    group = group_with(env, 80)
+    vm = new_vm(env, security_groups=[{"id": group["id"]}])
+    tap, _params = binding(env.conn, f"{INSTALLATION}-nic-{vm['interfaces'][0]['id']}")
+    faulty.fail("stale_filters", kind="unavailable")  # the node does not answer the change
+    rule = {"security_group": {"id": group["id"]}, "direction": "ingress", "ethertype": "ipv4",
+            "protocol": "tcp", "port_min": 8080}  # fmt: skip
+    made = env.api.post("security_group_rule", json=rule)
+    assert made.status_code == 201, made.json  # the database is the truth
+    assert "brought in line when it answers" in made.json["message"]
+    assert node_row(env).filters_pending is True
+    assert "--dport 8080 " not in forward_rules(tap)
+    checked = cli(env, "node", "check")
+    assert checked.exit_code == 0, checked.output
+    assert "network filters brought in line (1 defined" in checked.output
+    assert "--dport 8080 " in forward_rules(tap)
+    assert node_row(env).filters_pending is False
+    assert env.api.delete(f"vm/{vm['id']}").status_code == 200
+    assert env.api.delete(f"security_group/{group['id']}").status_code == 200

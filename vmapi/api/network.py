@@ -30,7 +30,11 @@ interface = ResourceApi(
     InterfaceSchema,
     InterfaceService(),
     read_roles=ALL_ROLES,
-    summary="VM network interfaces (one is made with each VM); admins set the VLAN.",
+    # customers set their own interfaces' security groups; the rest is for admins
+    # (services/network/interfaces.py answers 403 for the other fields)
+    write_roles=ALL_ROLES,
+    summary="VM network interfaces (one is made with each VM): their security groups; "
+    "admins set the VLAN, the addresses and the spoof guard.",
     collection_methods=["GET", "UPDATE", "PATCH"],
     item_methods=["GET", "UPDATE", "PATCH"],
 )

@@ -140,11 +140,11 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("GET /vm/<id:ident>/console_log",    console_log,                    ALL_ROLES),
     # interface
     ("GET /interface",                    interface.list_view,            ALL_ROLES),
-    ("PATCH /interface",                  interface.update_many_view,     ADMIN_ONLY),
-    ("UPDATE /interface",                 interface.update_many_view,     ADMIN_ONLY),
+    ("PATCH /interface",                  interface.update_many_view,     ALL_ROLES),
+    ("UPDATE /interface",                 interface.update_many_view,     ALL_ROLES),
     ("GET /interface/<id:ident>",         interface.read_view,            ALL_ROLES),
-    ("PATCH /interface/<id:ident>",       interface.update_view,          ADMIN_ONLY),
-    ("UPDATE /interface/<id:ident>",      interface.update_view,          ADMIN_ONLY),
+    ("PATCH /interface/<id:ident>",       interface.update_view,          ALL_ROLES),
+    ("UPDATE /interface/<id:ident>",      interface.update_view,          ALL_ROLES),
     # ipv4
     ("GET /ipv4",                         ipv4.list_view,                 ALL_ROLES),
     ("POST /ipv4",                        ipv4.create_view,               ADMIN_ONLY),

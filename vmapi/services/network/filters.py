@@ -120,16 +120,18 @@ def groups_of(interface_ids: Collection[int]) -> dict[int, list[int]]:
 
 
 def set_groups(interface_id: int, group_ids: list[int]) -> None:
-    """The interface uses exactly these groups (in the caller's transaction). Core
-    statements: these rows have no id for the audit trail, which records the change as
-    the interface's (or the new VM's) instead."""
+    """The interface uses exactly these groups (in the caller's transaction)."""
     db.session.execute(
         delete(InterfaceSecurityGroup).where(InterfaceSecurityGroup.interface_id == interface_id)
     )
-    rows = [{"interface_id": interface_id, "security_group_id": group_id}
-            for group_id in sorted(set(group_ids))]  # fmt: skip
-    if rows:
-        db.session.execute(insert(InterfaceSecurityGroup), rows)
+    if group_ids:  # a Core insert: the pairs are the interface's field, audited with it
+        db.session.execute(
+            insert(InterfaceSecurityGroup),
+            [
+                {"interface_id": interface_id, "security_group_id": g}
+                for g in sorted(set(group_ids))
+            ],
+        )
 
 
 def egress_groups(group_ids: Collection[int]) -> set[int]:
