@@ -95,15 +95,17 @@ def icmpv6(src: str, dst: str, body: bytes) -> bytes:
 
 
 def neighbour_advert(
-    mac: str, target: str, override: bool = True, solicited: bool = False
-) -> bytes:
+    mac: str, target: str, override: bool = True, solicited: bool = False,
+    source: str | None = None,
+) -> bytes:  # fmt: skip
     """An unsolicited neighbour advertisement: "``target`` is at ``mac``", from ``target``
-    to all nodes, hop limit 255 (RFC 4861 7.2.6)."""
+    (or ``source``) to all nodes, hop limit 255 (RFC 4861 7.2.6)."""
     flags = (0x20000000 if override else 0) | (0x40000000 if solicited else 0)
     option = struct.pack("!BB", 2, 1) + mac_bytes(mac)  # target link-layer address
     body = struct.pack("!BBHI", ICMPV6_NA, 0, 0, flags) + ipaddress.IPv6Address(target).packed
-    message = icmpv6(target, ALL_NODES, body + option)
-    packet = ipv6_packet(target, ALL_NODES, PROTO_ICMPV6, message, hop_limit=255)
+    source = source or target
+    message = icmpv6(source, ALL_NODES, body + option)
+    packet = ipv6_packet(source, ALL_NODES, PROTO_ICMPV6, message, hop_limit=255)
     return ethernet(multicast_mac(ALL_NODES), mac, ETH_IPV6, packet)
 
 

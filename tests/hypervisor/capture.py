@@ -19,7 +19,7 @@ passed (False): a test expecting nothing waits the whole time, so keep ``within`
 there and call it after the probe answered (the guest had sent everything by then).
 ``matching(match)`` lists the frames that match, ``seen.summary()`` lists them all (for
 assertion messages). Matches, each a ``Match`` (a description and a test of a
-``Frame``; ``a & b`` is both):
+``Frame``; ``a & b`` is both, ``a | b`` either):
 
 - ``from_mac(mac)``: any frame with that Ethernet source;
 - ``ipv4_from(src, protocol=None)``, ``ipv6_from(src, protocol=None)``: any IP packet
@@ -75,6 +75,10 @@ class Match:
     def __and__(self, other: Match) -> Match:
         return Match(f"{self.description} and {other.description}",
                      lambda frame: self.test(frame) and other.test(frame))  # fmt: skip
+
+    def __or__(self, other: Match) -> Match:
+        return Match(f"({self.description} or {other.description})",
+                     lambda frame: self.test(frame) or other.test(frame))  # fmt: skip
 
     def __str__(self) -> str:
         return self.description

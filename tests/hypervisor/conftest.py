@@ -10,10 +10,14 @@ vmapi of its own on qemu:///system for the session (tests/hypervisor/boot_env.py
 to each module as ``env`` and taken back as it was found.
 The API on qemu:///system (``qemu_node``): domains made there carry a test installation id
 (and their names with it); leftovers of an interrupted run are removed first.
+Network filters: the empty frame libvirt leaves in the host's ruleset once the tier's last
+filtered guest is gone is taken away at the session's end, from the tables that were not
+there when it began (``no_filter_frames``, tests/hypervisor/ruleset.py).
 """
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -22,11 +26,25 @@ import pytest
 
 from tests.conftest import node_body, unavailable
 from tests.domains import tagged_domains
-from tests.hypervisor import qemu_host
+from tests.hypervisor import qemu_host, ruleset
 from tests.hypervisor.boot_env import BootEnv, boot_env
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
 from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_filter_frames() -> Iterator[None]:
+    """The tables of libvirt's filters that the session made (none of them existed when it
+    began) go at its end when they hold nothing but libvirt's empty frame; a table that
+    was there before, or holds any rule of a guest or another program, stays."""
+    try:
+        before = ruleset.tables() if ruleset.available() else None
+    except (OSError, subprocess.SubprocessError):  # (not root: nothing to clean either)
+        before = None
+    yield
+    if before is not None:
+        ruleset.remove_frames(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ garp            ip, count=2                              gratuitous ARP claiming
                                                          (arping -U, ip added for it)
 mac             new, dst, count=2                        NIC's MAC set to new, pings dst
                                                          from the real address, MAC back
-na              target, mac=None (the guest's)           unsolicited NA: target is at mac
+na              target, mac=None (the guest's),          unsolicited NA: target is at mac,
+                source=None (target)                     from source
 ra              prefix=..., router_lifetime=0, ...       router advertisement from its
                                                          link-local address (frames.py)
 dhcp-offer      offered=None, server=None, client=...    DHCPOFFER from UDP 67 to 68
@@ -75,7 +76,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -278,15 +279,21 @@ def boot_guest(env: BootEnv, net: GuestNetwork, image_id: int, **fields) -> Prob
     """A VM of the test guest image ``image_id`` (``fields`` go into POST /vm), once its
     probes answer from ``net``'s namespace."""
     vm = env.create(image_id, **{"root_size": GIB, **fields})
-    iface = env.api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
-    v4 = env.api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]["address"]
-    v6 = env.api.get(f"ipv6/{iface['ipv6'][0]['id']}").json["data"]["address"]
+    return guest_ready(env.api, env.console(vm["id"]), net, vm)
+
+
+def guest_ready(api, read_console: Callable[[], str], net: GuestNetwork, vm: dict) -> ProbeGuest:
+    """The test guest of ``vm`` (just created through ``api``; ``read_console`` reads its
+    console log) once its probes answer from ``net``'s namespace."""
+    iface = api.get(f"interface/{vm['interfaces'][0]['id']}").json["data"]
+    v4 = api.get(f"ipv4/{iface['ipv4'][0]['id']}").json["data"]["address"]
+    v6 = api.get(f"ipv6/{iface['ipv6'][0]['id']}").json["data"]["address"]
 
     def ready(text: str) -> bool:
         boots = console.boots(text)
         return bool(boots) and boots[-1].httpd and boots[-1].probes_ready
 
-    console.wait_for(env.console(vm["id"]), ready, "the guest's web server and probes")
+    console.wait_for(read_console, ready, "the guest's web server and probes")
     about = wait_ready(net, v4)
     assert about.mac == iface["mac"].lower(), (about, iface)
     assert v4 in about.ipv4 and v6 in about.ipv6, (about, v4, v6)

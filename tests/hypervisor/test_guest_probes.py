@@ -4,12 +4,14 @@ One VM of the test guest (tests/guest/) booted through the API on the test's bri
 (tests/hypervisor/guest_net.py), as in test_guest_network.py. From the test's namespace
 each test asks the guest to try one thing (tests/hypervisor/probes.py) while a capture on
 the namespace's veth (tests/hypervisor/capture.py) records what arrives, then asks the
-capture whether the guest's frames came. Nothing filters this bridge, so everything the
-guest sends arrives: a ping from its real addresses and from spoofed ones, a gratuitous
-ARP for an address not its own, a ping after changing its MAC, an unsolicited neighbour
-advertisement, a router advertisement, a DHCP server's offer; and a port it was told to
-open answers. This is the baseline the network-filter tests invert (issue 23): with the
-filters on, the spoofs must not arrive, with the same calls.
+capture whether the guest's frames came. vmapi guards every NIC in ``bridge`` mode; this
+guest's guard is off (an admin's ``spoof_guard: false``) and it has no security group, so
+nothing filters what it sends and everything arrives: a ping from its real addresses and
+from spoofed ones, a gratuitous ARP for an address not its own, a ping after changing its
+MAC, an unsolicited neighbour advertisement, a router advertisement, a DHCP server's
+offer; and a port it was told to open answers. This is the baseline the network-filter
+tests invert (test_network_guard.py): with the guard on, the spoofs must not arrive,
+with the same calls.
 
 The module's tests share one guest (a boot costs about 10 s under TCG); each one leaves
 the guest as it found it (addresses, MAC, listeners), so they pass in any order and alone.
@@ -53,6 +55,8 @@ def net(env: BootEnv) -> Iterator[GuestNetwork]:
 def guest(env: BootEnv, net: GuestNetwork, guest_image) -> ProbeGuest:
     made = probes.boot_guest(env, net, env.upload(guest_image.path)["id"], hostname="probe-guest")
     assert made.ipv4 != SPOOF4 and made.ipv6 != SPOOF6  # (the API hands out the lowest free)
+    off = env.api.update(f"interface/{made.vm['interfaces'][0]['id']}", json={"spoof_guard": False})
+    assert off.status_code == 200, off.json
     return made
 
 

@@ -66,6 +66,9 @@ def test_a_neighbour_advertisement():
     assert _icmpv6_sum_ok(frame)
     assert len(frame) == 14 + 40 + 24 + 8
     assert f.parse(f.neighbour_advert(MAC, "2001:db8::1", override=False)).na_flags == 0
+    other = f.neighbour_advert(MAC, "2001:db8:100::99", source=LINK_LOCAL)
+    assert (f.parse(other).ip_src, f.parse(other).nd_target) == (LINK_LOCAL, "2001:db8:100::99")
+    assert _icmpv6_sum_ok(other)
 
 
 def test_a_router_advertisement():
@@ -175,6 +178,9 @@ def test_the_capture_questions():
     assert (
         both(ra) and not both(na) and str(both) == f"a frame from {MAC} and a router advertisement"
     )
+    either = cap.router_advert() | cap.dhcp_offer()
+    assert either(ra) and either(offer) and not either(na)
+    assert str(either) == "(a router advertisement or a DHCPOFFER)"
     echo4 = f.parse(f.ethernet(MAC, MAC, f.ETH_IPV4, f.ipv4_packet(
         "198.51.100.99", "198.51.100.1", f.PROTO_ICMP, bytes([8, 0]) + bytes(6))))  # fmt: skip
     reply4 = f.parse(f.ethernet(MAC, MAC, f.ETH_IPV4, f.ipv4_packet(

@@ -34,7 +34,8 @@ def test_the_guard_parts_are_the_ones_the_services_name():
 def test_the_guard_holds_the_guest_to_its_own_mac_and_addresses():
     parts = {f.name.rsplit("-", 1)[1]: f.element() for f in guard_filters(GUARD)}
     assert rules_of(parts["mac"]) == [
-        ("drop", "out", "100", [("mac", {"match": "no", "srcmacaddr": "$MAC"})])
+        ("drop", "out", "100", [("mac", {"match": "no", "srcmacaddr": "$MAC"})]),
+        ("return", "out", "1000", []),  # on to the protocol's part
     ]
     ipv4 = rules_of(parts["ipv4"])
     assert ("return", "out", "500", [("ip", {"srcipaddr": "$IP"})]) in ipv4
@@ -50,6 +51,17 @@ def test_the_guard_holds_the_guest_to_its_own_mac_and_addresses():
     assert rules_of(parts["noipv4"]) == rules_of(parts["noarp"]) == [("drop", "out", "1000", [])]
     l2 = rules_of(parts["l2"])
     assert l2[-1] == ("drop", "inout", "1000", [])  # no other layer-2 protocol
+
+
+def test_every_part_of_the_guard_ends_with_its_own_verdict():
+    """libvirt makes each part a chain of the bridge layer jumped to from the NIC's root
+    chain; a frame that runs off a chain's end is ACCEPTED there (ebtables' default
+    policy), so the parts after it (IPv4, IPv6, ARP after the MAC's) would never see it.
+    Each part's last rule decides every frame still in it: return or drop."""
+    for part in guard_filters(GUARD):
+        last = rules_of(part.element())[-1]
+        assert last[0] in ("return", "drop") and last[3] == [], (part.name, last)
+        assert last[1] in ("out", "inout") and last[2] == "1000", (part.name, last)
 
 
 @pytest.mark.parametrize(

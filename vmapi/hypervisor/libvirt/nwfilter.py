@@ -126,8 +126,12 @@ def guard_filters(guard: GuardFilters) -> list[Filter]:
     """The guard's parts (each a chain of the bridge layer), in the order to define them."""
     name = guard.name
     udp_from = lambda port: {"protocol": "udp", "srcportstart": str(port), "srcportend": str(port)}  # noqa: E731
+    # Every part ends with its verdict for the frames it did not decide: a frame that
+    # runs off the end of a part's chain is ACCEPTED there (an ebtables chain's default
+    # policy), and the parts after it never see it.
     mac = Filter(name("mac"), "mac", [
         Rule("drop", "out", 100, "mac", {"match": "no", "srcmacaddr": "$MAC"}),
+        Rule("return", "out", 1000),  # its own MAC: on to its protocol's part
     ])  # fmt: skip
     ipv4 = Filter(name("ipv4"), "ipv4", [
         Rule("drop", "out", 100, "ip", udp_from(67)),  # a DHCP server's replies
