@@ -176,6 +176,11 @@ def remove_ours(host: PrivateHost) -> None:
         for pool in conn.listAllStoragePools():
             if pool.name() in POOLS:
                 if pool.isActive():
+                    # the volumes too: the session's next module of this installation
+                    # defines its pools on the same folders, and ids start at 1 again
+                    pool.refresh(0)
+                    for volume in pool.listAllVolumes():
+                        volume.delete(0)
                     pool.destroy()
                 pool.undefine()
     finally:

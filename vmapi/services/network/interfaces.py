@@ -172,7 +172,8 @@ class InterfaceService(CrudService[Interface]):
         driver = hypervisor()
         try:
             seeded = bool(addresses) and wanted(vm) and refresh_seed(vm, host, undo, retired)
-            driver.define(host.uri, spec)
+            # written after the seed was rebuilt: the definition names the new one
+            driver.define(host.uri, domain_spec(vm, method, host.node, config))
             undo.push(f"redefining {vm.domain_name} with its interfaces as they were",
                       lambda: driver.define(host.uri, old_spec))  # fmt: skip
             if seeded:
