@@ -261,10 +261,13 @@ def groups_changed(group_ids: Collection[int]) -> list[str]:
             continue
         hosts[node.id] = Host(node, uri)
         full = wanted_on(node)
+        changed = {group_filter_name(i) for i in group_ids}
+        # the groups' filters, and the NICs' of their users only (one may have gained or
+        # lost its egress policy): compared with the node's before anything is defined
         wanted[node.id] = NodeFilters(
             None,
-            tuple(g for g in full.groups if g.name in {group_filter_name(i) for i in group_ids}),
-            full.ports,
+            tuple(g for g in full.groups if g.name in changed),
+            tuple(p for p in full.ports if changed & set(p.groups)),
         )
     driver = hypervisor()
     results = on_hosts(
