@@ -43,7 +43,7 @@ from vmapi.services.vms.cloud_init import (
     refresh_seed,
     wanted,
 )
-from vmapi.services.vms.specs import domain_spec, interface_mode
+from vmapi.services.vms.specs import bridge_template, domain_spec, interface_mode, nic_specs
 
 #: The field of an interface's groups (``[{id}]`` in, a list of ids here).
 GROUPS = "security_groups"
@@ -164,8 +164,11 @@ class InterfaceService(CrudService[Interface]):
             db.session.commit()
 
         undo.push(f"restoring interface {iface.id} and its addresses", restore)
-        spec = domain_spec(vm, method, host.node, config)
-        before, after = nic_of(old_spec, iface.mac), nic_of(spec, iface.mac)
+        # the NIC as the database has it now (its NICs only: the disks are read once,
+        # for the definition below)
+        mode, bridge = interface_mode(host.node, config), bridge_template(host.node, config)
+        now = next(n for n in nic_specs(vm.id, mode, bridge) if n.mac == iface.mac)
+        before, after = nic_of(old_spec, iface.mac), now
         follow_live(host, vm.id, vm.domain_name, before, after, old_filters, undo)
         what = "new addresses" if addresses else "VLAN" if "vlan_id" in data else "change"
         step = f"recording the {what} in the domain"
