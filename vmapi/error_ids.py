@@ -133,7 +133,7 @@ GENERAL_HYPERVISOR_TIMEOUT = _register("general/hypervisor_timeout", 504,
 # ---------------------------------------------------------------------- vm
 #: Changes of a VM: its own, and those of its disks and interface, which take its lock and
 #: redefine its domain.
-_VM_CHANGES = {"vm": {UPDATE, DELETE, ACTION}, "storage": WRITES - {ACTION},
+_VM_CHANGES = {"vm": {UPDATE, DELETE, ACTION}, "storage": WRITES,
                "interface": {UPDATE}}
 VM_IMMUTABLE_FIELD = _register("vm/immutable_field", 400,
     "A field that cannot change after the VM is made.", {"vm": {UPDATE}})
@@ -163,6 +163,12 @@ VM_NO_FREE_IPV6 = _register("vm/no_free_ipv6", 409,
     "No free IPv6 address is left; add a pool with POST /ipv6.", {"vm": {CREATE}})
 VM_NO_FREE_MAC = _register("vm/no_free_mac", 409,
     "No unused MAC address was found; retry.", {"vm": {CREATE}})
+VM_NO_GUEST_AGENT = _register("vm/no_guest_agent", 409,
+    "quiesce was asked, but no guest agent answers in the VM; save without quiesce (a "
+    "crash-consistent copy) or start the agent in the guest.",
+    {"vm": {ACTION}, "storage": {ACTION}})
+VM_NO_ROOT_DISK = _register("vm/no_root_disk", 409,
+    "The VM was made without an image: it has no root disk to save.", {"vm": {ACTION}})
 VM_NO_CONSOLE = _register("vm/no_console", 409,
     "The VM's domain has no console display yet (it gets one when next defined and "
     "started).", {"vm": {ACTION}})
@@ -212,7 +218,8 @@ IMAGE_INVALID = _register("image/invalid", 400,
 IMAGE_IMMUTABLE_FIELD = _register("image/immutable_field", 400,
     "A field of an image that cannot change once it is set.", {"image": {UPDATE}})
 IMAGE_QUOTA_EXCEEDED = _register("image/quota_exceeded", 403,
-    "A customer's own image would pass the storage quota.", {"image": {UPDATE}})
+    "A customer's own image would pass the storage quota (an upload, or an image saved from a "
+    "VM's or a volume's disk).", {"image": {UPDATE}, "vm": {ACTION}, "storage": {ACTION}})
 IMAGE_IMMUTABLE = _register("image/immutable", 409,
     "The image already has its file; a file never changes.", {"image": {UPDATE}})
 IMAGE_BUSY = _register("image/busy", 409,

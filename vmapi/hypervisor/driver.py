@@ -104,6 +104,11 @@ class NoNetworkFilters(HypervisorError):
     """The host's libvirt has no network filter driver (nwfilter): it cannot guard NICs."""
 
 
+class NoGuestAgent(HypervisorError):
+    """The domain has no guest agent that answers (none configured, none running in the
+    guest, or it did not reply in time): its file systems cannot be frozen."""
+
+
 @dataclass(frozen=True)
 class NicSpec:
     """One network interface: how it is wired and what the guest should configure."""
@@ -493,6 +498,44 @@ class HypervisorDriver(Protocol):
     def update_nic_filter_live(self, uri: str, name: str, nic: NicSpec) -> bool:
         """Give the running domain's NIC (found by its MAC) ``nic``'s filter and addresses,
         live; False when the domain is not running (nothing to change)."""
+        ...
+
+    def clone_volume(
+        self, uri: str, pool: str, name: str, source_pool: str, source: str, timeout: float
+    ) -> str:
+        """Create volume ``name`` in ``pool`` as a qcow2 copy that stands alone (no backing
+        file) of volume ``source`` of ``source_pool``: the content of its whole backing
+        chain as it is now, flattened (nothing may write it meanwhile: a shut-off
+        domain's disk, an image's base copy), all within ``timeout`` seconds. On any
+        failure nothing named ``name`` is left; ``VolumeExists`` leaves the existing
+        volume alone. Returns the new volume's path."""
+        ...
+
+    def copy_disk_live(
+        self,
+        uri: str,
+        name: str,
+        target: str,
+        pool: str,
+        volume: str,
+        timeout: float,
+        quiesce: bool = False,
+    ) -> str:
+        """Copy disk ``target`` (vda, vdb, ...) of the running (or paused) domain ``name``
+        into a new qcow2 volume ``volume`` of ``pool`` (made here, the disk's capacity):
+        a block copy of the disk's whole chain, flattened, that is ended without a pivot
+        once source and copy are in sync, so the copy holds the disk as it was at that
+        moment, the guest never pauses and its disk chain is exactly as before. With
+        ``quiesce`` the guest's file systems are frozen through its agent for that
+        moment only (``NoGuestAgent`` before anything is made when none answers). All
+        within ``timeout`` seconds; on any failure the job is aborted and the volume
+        deleted. Returns the volume's path."""
+        ...
+
+    def abort_disk_copy(self, uri: str, name: str, target: str) -> bool:
+        """End a block copy of the domain's disk ``target`` without a pivot (one left by
+        a process that died mid-copy); True when there was one, False when there was
+        none or the domain is not running."""
         ...
 
     def last_migration(self, uri: str, name: str) -> MigrationStats | None:

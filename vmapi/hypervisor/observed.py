@@ -23,7 +23,7 @@ DOMAIN_ACTIONS = frozenset({
     "start", "shutdown", "destroy", "undefine", "suspend", "resume", "reboot", "domain",
     "set_vcpus_live", "set_memory_live", "set_cputune_live", "attach_disk_live",
     "detach_disk_live", "set_iotune_live", "resize_disk_live", "migrate", "last_migration",
-    "set_display_password", "display",
+    "set_display_password", "display", "copy_disk_live", "abort_disk_copy",
 })  # fmt: skip
 
 

@@ -29,8 +29,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 from vmapi.extensions import db
 
 FORMATS = ("qcow2", "raw")
-STATES = ("queued", "active", "error")
-QUEUED, ACTIVE, ERROR = STATES
+#: ``saving``: an image being made from a VM's or a volume's disk (never uploaded to)
+STATES = ("queued", "active", "error", "saving")
+QUEUED, ACTIVE, ERROR, SAVING = STATES
+#: how the image's file came: uploaded, saved from a disk by a request, or by a backup run
+KINDS = ("upload", "snapshot", "backup")
+UPLOAD, SNAPSHOT, BACKUP = KINDS
 SIZES = ("size", "virtual_size", "min_ram")
 
 
@@ -43,6 +47,15 @@ class Image(db.Model):
     __table_args__ = (
         CheckConstraint(column("format").in_(FORMATS), name="format_known"),
         CheckConstraint(column("state").in_(STATES), name="state_known"),
+        CheckConstraint(column("kind").in_(KINDS), name="kind_known"),
+        # a saved image names the disk it was saved from; an upload names none
+        CheckConstraint(
+            or_(
+                column("kind") == UPLOAD,
+                column("source_vm_id").is_not(None) | column("source_storage_id").is_not(None),
+            ),
+            name="saved_has_source",
+        ),
         # an active image has a file, and the figures read from it
         CheckConstraint(
             or_(
@@ -75,6 +88,21 @@ class Image(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: the file's name in the image store (null until an upload is accepted)
     file: Mapped[str | None] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(8), default=UPLOAD, server_default=UPLOAD)
+    #: What a saved image was saved from: a VM's root disk, or a data volume (of VM
+    #: ``source_vm_id``). Plain ids, not keys: the image outlives both. A backup run finds
+    #: a VM's backups by ``source_vm_id``.
+    source_vm_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    source_storage_id: Mapped[int | None] = mapped_column(BigInteger)
+
+    @property
+    def source(self) -> dict[str, dict[str, int]] | None:
+        """What answers show: ``{vm: {id}}``, ``{storage: {id}}`` or null (an upload)."""
+        if self.kind == UPLOAD:
+            return None
+        if self.source_storage_id is not None:
+            return {"storage": {"id": self.source_storage_id}}
+        return {"vm": {"id": self.source_vm_id}} if self.source_vm_id is not None else None
 
 
 class ImageCopy(db.Model):

@@ -43,6 +43,7 @@ class Vm(db.Model):
         Index("ix_vm_customer_page", "customer_id", "id"),
         CheckConstraint("cores > 0", name="cores_positive"),
         CheckConstraint("ram > 0", name="ram_positive"),
+        CheckConstraint("backup_keep IS NULL OR backup_keep > 0", name="backup_keep_positive"),
         CheckConstraint(
             "cputime_limit IS NULL OR cputime_limit BETWEEN 1000 AND 1000000", name="cputime"
         ),
@@ -83,6 +84,9 @@ class Vm(db.Model):
     #: (recorded when the domain is defined with it; null: defined before vmapi logged
     #: consoles, no log until it is next defined)
     console_log_pool: Mapped[str | None] = mapped_column(String(255))
+    #: Backups: how many of its backup images ``flask vmapi backup run`` keeps (null: the
+    #: VM is not backed up unless a run names it with ``--keep``)
+    backup_keep: Mapped[int | None] = mapped_column(Integer)
     console_log_path: Mapped[str | None] = mapped_column(String(1024))
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
