@@ -142,12 +142,12 @@ VM_STATE_NOT_SETTABLE = _register("vm/state_not_settable", 400,
 VM_QUOTA_EXCEEDED = _register("vm/quota_exceeded", 403,
     "The customer's quota of VMs, cores, RAM or storage (a root disk) would be passed; "
     "data says which.",
-    {"vm": {CREATE, UPDATE}})
+    {"vm": {CREATE, UPDATE, ACTION}})
 VM_NODE_NOT_FOUND = _register("vm/node_not_found", 404,
     "The node the body names does not exist.", {"vm": {CREATE, ACTION}})
 VM_IMAGE_NOT_FOUND = _register("vm/image_not_found", 404,
     "The image the body names does not exist, or the VM's owner may not boot from it.",
-    {"vm": {CREATE}})
+    {"vm": {CREATE, ACTION}})
 VM_NO_VALID_HOST = _register("vm/no_valid_host", 409,
     "No node can take the VM; data.removed_by_filter says why.", {"vm": {CREATE, ACTION}})
 VM_NODE_UNSUITABLE = _register("vm/node_unsuitable", 409,
@@ -168,7 +168,8 @@ VM_NO_GUEST_AGENT = _register("vm/no_guest_agent", 409,
     "crash-consistent copy) or start the agent in the guest.",
     {"vm": {ACTION}, "storage": {ACTION}})
 VM_NO_ROOT_DISK = _register("vm/no_root_disk", 409,
-    "The VM was made without an image: it has no root disk to save.", {"vm": {ACTION}})
+    "The VM was made without an image: it has no root disk to save or rebuild.",
+    {"vm": {ACTION}})
 VM_NO_CONSOLE = _register("vm/no_console", 409,
     "The VM's domain has no console display yet (it gets one when next defined and "
     "started).", {"vm": {ACTION}})
@@ -178,7 +179,7 @@ VM_NO_CONSOLE_LOG = _register("vm/no_console_log", 409,
 VM_NAME_TAKEN = _register("vm/name_taken", 409,
     "Something this database does not own has the name of the domain (or of its cloud-init "
     "seed volume) on the node; see `flask vmapi reconcile`.",
-    {"vm": {CREATE, UPDATE}, "interface": {UPDATE}})
+    {"vm": {CREATE, UPDATE, ACTION}, "interface": {UPDATE}})
 VM_HAS_STORAGE = _register("vm/has_storage", 409,
     "The VM still has storage; delete it or send ?cascade=storage.", {"vm": {DELETE}})
 VM_BUSY = _register("vm/busy", 409,
@@ -226,7 +227,8 @@ IMAGE_BUSY = _register("image/busy", 409,
     "Another upload of the image's file is in progress; at most one at a time.",
     {"image": {UPDATE}})
 IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
-    "The image has no accepted file yet.", {"image": {READ}, "vm": {CREATE}})
+    "The image has no accepted file yet.",
+    {"image": {READ}, "vm": {CREATE, ACTION}, "storage": {CREATE}})
 
 # ---------------------------------------------------------------------- interfaces
 INTERFACE_ADDRESS_TAKEN = _register("interface/address_taken", 409,

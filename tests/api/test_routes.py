@@ -61,6 +61,7 @@ def test_flask_routes_lists_the_handlers(app):
     api = API_PREFIX
     assert ("vm.create_vm", "POST", f"{api}/vm") in rows
     assert ("vm.migrate_vm", "POST", f"{api}/vm/<id:ident>/migrate") in rows
+    assert ("vm.rebuild_vm", "POST", f"{api}/vm/<id:ident>/rebuild") in rows
     assert ("vm.open_console", "POST", f"{api}/vm/<id:ident>/console") in rows
     assert ("image.upload_image_file", "PUT", f"{api}/image/<id:ident>/file") in rows
     assert ("image.download_image_file", "GET", f"{api}/image/<id:ident>/file") in rows

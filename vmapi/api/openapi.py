@@ -186,12 +186,15 @@ def _paths_for(
         },
     }
     spec.path(path=f"/api/v1/{name}/{{ident}}", operations=_only(item_ops, res.item_methods))
+    answered: dict[type, str] = {}  # an answer's schema, added once: its component
     for action, how in res.actions.items():
         summary = f"{action.capitalize()} one {name}."
         answer = {"200": _success(ref, f"The {name} after the {action}.")}
         if isinstance(how, Action):
-            component = f"{name.capitalize()}{action.capitalize()}"
-            spec.components.schema(component, schema=how.schema)
+            component = answered.get(how.schema, f"{name.capitalize()}{action.capitalize()}")
+            if how.schema not in answered:
+                spec.components.schema(component, schema=how.schema)
+                answered[how.schema] = component
             summary = how.summary or summary
             answer = {str(how.status): _success({"$ref": f"#/components/schemas/{component}"},
                                                 f"The {action} of the {name}.")}  # fmt: skip
@@ -204,10 +207,12 @@ def _paths_for(
         if isinstance(how, Action) and how.body is not None:
             body = f"{name.capitalize()}{action.capitalize()}Body"
             spec.components.schema(body, schema=how.body)
+            required = any(f.required for f in how.body().fields.values())
             operation["requestBody"] = {
-                **_body({"$ref": f"#/components/schemas/{body}"}, "Optional: every field "
-                        "has a default."),
-                "required": False,
+                **_body({"$ref": f"#/components/schemas/{body}"},
+                        "Required fields as the schema says." if required
+                        else "Optional: every field has a default."),
+                "required": required,
             }  # fmt: skip
         spec.path(path=f"/api/v1/{name}/{{ident}}/{action}", operations={"post": operation})
     for path, operations in res.extra_paths(_success, errors_of).items():

@@ -31,7 +31,15 @@ from vmapi.api.quota import quota
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
 from vmapi.api.security_groups import security_group, security_group_rule
 from vmapi.api.storage import storage
-from vmapi.api.vm import console_log, create_vm, migrate_vm, open_console, reboot_vm, vm
+from vmapi.api.vm import (
+    console_log,
+    create_vm,
+    migrate_vm,
+    open_console,
+    reboot_vm,
+    rebuild_vm,
+    vm,
+)
 
 #: who may call a route that needs no token
 NO_TOKEN: frozenset[str] = frozenset()
@@ -137,6 +145,7 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("POST /vm/<id:ident>/reboot",        reboot_vm,                      ALL_ROLES),
     ("POST /vm/<id:ident>/console",       open_console,                   ALL_ROLES),
     ("POST /vm/<id:ident>/migrate",       migrate_vm,                     ADMIN_ONLY),
+    ("POST /vm/<id:ident>/rebuild",       rebuild_vm,                     ALL_ROLES),
     ("GET /vm/<id:ident>/console_log",    console_log,                    ALL_ROLES),
     # interface
     ("GET /interface",                    interface.list_view,            ALL_ROLES),

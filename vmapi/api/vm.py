@@ -1,5 +1,6 @@
 """/vm (admins and customers; customers see only their own VMs): the handlers of its
-own operations -- create a VM, reboot, migrate, open a console, read the console log --
+own operations -- create a VM, reboot, migrate, rebuild, open a console, read the console
+log --
 and the ResourceApi whose generic views serve the rest (vmapi/api/routes.py says which
 URL reaches which)."""
 
@@ -20,12 +21,19 @@ from vmapi.errors import ValidationError
 from vmapi.representations import JSON, MSGPACK_TYPES, success_response
 from vmapi.schemas.base import Int
 from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
-from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
+from vmapi.schemas.vm import (
+    MigrateSchema,
+    RebuildSchema,
+    VmDeleteOptions,
+    VmSchema,
+    VmUpdateOptions,
+)
 from vmapi.services.consoles import sessions
 from vmapi.services.consoles.log import DEFAULT_BYTES, read_console_log
 from vmapi.services.crud import ListParams
 from vmapi.services.moves import migrate
 from vmapi.services.vms.reads import get_vm_answer, list_vm_answers
+from vmapi.services.vms.rebuild import rebuild_vm as rebuild
 from vmapi.services.vms.service import VmService
 
 TEXT = "text/plain"
@@ -60,6 +68,17 @@ MIGRATE = Action(
 )
 
 
+#: POST /vm/<id>/rebuild: a new root disk from an image, the rest of the VM kept
+REBUILD = Action(
+    rebuild,
+    VmSchema,
+    summary="Give one vm a new root disk made from an image (its own saved image, or any "
+    "it may boot) and a new cloud-init seed with a new instance-id, keeping its id, UUID, "
+    "addresses, data volumes and guest configuration; all or nothing. The vm ends running.",
+    body=RebuildSchema,
+)
+
+
 def create_vm() -> Response:
     """``POST /vm``: one VM or an array (all or nothing), each placed on a node by the
     scheduler and defined there; a repeated Idempotency-Key answers the first answer."""
@@ -69,6 +88,11 @@ def create_vm() -> Response:
 def reboot_vm(ident: int) -> Response:
     """``POST /vm/<id>/reboot``: the VM restarted on its node; answers the VM."""
     return vm.run_action("reboot", ident)
+
+
+def rebuild_vm(ident: int) -> Response:
+    """``POST /vm/<id>/rebuild``: a new root disk from an image (:data:`REBUILD`)."""
+    return vm.run_action("rebuild", ident)
 
 
 def open_console(ident: int) -> Response:
@@ -163,6 +187,6 @@ vm = VmApi(
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
-    actions={"reboot": "reboot", "console": CONSOLE, "migrate": MIGRATE},
+    actions={"reboot": "reboot", "console": CONSOLE, "migrate": MIGRATE, "rebuild": REBUILD},
     idempotent=True,
 )

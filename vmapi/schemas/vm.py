@@ -190,3 +190,25 @@ class MigrateSchema(BaseSchema):
         load_default=True,
         metadata={"description": "false: a shut-off move only (a running VM: 409)."},
     )
+
+
+class RebuildSchema(BaseSchema):
+    """The body of ``POST /vm/<id>/rebuild``."""
+
+    image = Ref(
+        "image",
+        required=True,
+        metadata={"description": "The image of the new root disk: public or the VM's owner's "
+                  "own, and active."},
+    )  # fmt: skip
+    root_size = Int(
+        allow_none=True,
+        load_default=None,
+        validate=positive(),
+        metadata={
+            "maximum_from": "STORAGE_MAX_SIZE",
+            "description": "Bytes of the new root disk (rounded up to a whole MiB; at least "
+            "the image's virtual_size). Default: the present root disk's size or the "
+            "image's virtual_size, the larger.",
+        },
+    )

@@ -5,9 +5,10 @@ from a backup), so every name vmapi makes on a host carries the installation's i
 
 - a domain is ``<installation>-vm-<vm id>`` and a volume ``<installation>-storage-<id>``;
   both are stored on their row when it is made, and used from then on (rows made
-  before names carried the id keep ``vm-<id>`` and ``vmapi-storage-<id>``); an image's
-  base copy on a node is ``<installation>-image-<image id>``, a console log
-  ``<domain name>.log``;
+  before names carried the id keep ``vm-<id>`` and ``vmapi-storage-<id>``); a rebuilt
+  root disk is its first name with ``-r`` and 6 random hex digits (a new one at every
+  rebuild, :func:`rebuilt_volume_name`); an image's base copy on a node is
+  ``<installation>-image-<image id>``, a console log ``<domain name>.log``;
 - host devices must fit Linux's 15 characters, so an interface's devices are named
   from a 4-character tag of the installation's id and the last 3 octets of its MAC
   (unique per database): ``<tag>-<6 hex digits>``, the tap ``vm<that>`` (13
@@ -21,6 +22,7 @@ the old default, for a database that already runs VMs).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 from flask import current_app
@@ -33,6 +35,8 @@ CACHE_KEY = "vmapi.installation_id"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TAG_ALPHABET = "0123456789" + LETTERS
 TAG_LENGTH = 4
+#: what a rebuild adds to a root disk's first volume name (services/vms/rebuild.py)
+REBUILT = re.compile(r"-(r[0-9a-f]{6})$")
 
 
 class NotSeeded(RuntimeError):
@@ -83,6 +87,23 @@ def domain_name(vm_id: int) -> str:
 
 def volume_name(storage_id: int) -> str:
     return f"{installation_id()}-storage-{storage_id}"
+
+
+def rebuilt_volume_name(name: str) -> str:
+    """The name of a root disk made by a rebuild of the disk named ``name``: its first
+    name (without an earlier rebuild's suffix) and a new random suffix, never the one
+    it has."""
+    while True:
+        made = f"{REBUILT.sub('', name)}-r{secrets.token_hex(3)}"
+        if made != name:
+            return made
+
+
+def rebuild_suffix(name: str) -> str | None:
+    """``r`` and the 6 hex digits of a rebuilt root disk's name; None for a first one
+    (``<installation>-storage-<id>`` ends in the row's id, never in this)."""
+    found = REBUILT.search(name)
+    return found.group(1) if found else None
 
 
 def image_volume_name(image_id: int) -> str:

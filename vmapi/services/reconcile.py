@@ -25,6 +25,9 @@ Findings, one per domain, VM or volume:
   or by an undo step that failed (its detail names the step) (services/leftovers.py);
   fix: removed once the node answers (unless a row owns it there again). On a node that
   does not answer it waits.
+- ``interrupted_rebuild``: the new volumes of a rebuild whose worker died (listed before
+  they were made, never recorded; one still running holds the VM's lock and is not
+  reported); fix: undone under the VM's lock (services/vms/rebuild_ledger.py).
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
 - ``filter_differs``: a network filter the node's VMs need that it lacks or holds
@@ -61,6 +64,7 @@ from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
+from vmapi.services.vms.rebuild_ledger import interrupted, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +188,15 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
     found = []
     moving = set(db.session.scalars(select(Vm.id).where(Vm.migration_node_id.is_not(None))))
     for node in nodes:
-        for left in leftovers_on(node.id):
+        lefts = leftovers_on(node.id)
+        rebuilds = [left for left in lefts if unfinished(left)]
+        found += [
+            Finding("interrupted_rebuild", node.fqdn, vm, detail, fixed)
+            for vm, detail, fixed in interrupted(rebuilds, answering.get(node.id), fix)
+        ]
+        for left in lefts:
+            if unfinished(left):
+                continue
             where = left.name if left.kind == DOMAIN else f"{left.pool}/{left.name}"
             finding = Finding("leftover", node.fqdn, where, f"{left.kind} {left.reason}")
             host = answering.get(node.id)

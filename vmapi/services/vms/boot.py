@@ -85,14 +85,30 @@ def plan_boot(data: dict[str, Any]) -> Boot | None:
             raise ValidationError(data={"root_size": ["Give it with image: a root disk is "
                                                       "made from an image."]})  # fmt: skip
         return None
+    image = bootable_image(image_id, data.get("customer_id"))
+    size = disk_size(image, root_size, data["ram"])
+    data["image_id"] = image.id
+    return Boot(Source.of(image), size)
+
+
+def bootable_image(image_id: int, customer_id: int | None) -> Image:
+    """The image, if a VM of ``customer_id`` may boot from it (public images and the
+    owner's own only; 404 otherwise) and it is active (409 otherwise)."""
     image = db.session.get(Image, image_id)
-    # An image the VM's owner could not see: public images and the owner's own only.
-    if image is None or image.customer_id not in (None, data.get("customer_id")):
+    if image is None or image.customer_id not in (None, customer_id):
         raise image_not_found(image_id)
     if image.state != ACTIVE:
         raise not_active(image)
+    return image
+
+
+def disk_size(image: Image, root_size: int | None, ram: int, default: int = 0) -> int:
+    """The root disk's size for a VM of ``ram`` bytes booting from ``image``:
+    ``root_size`` rounded up to a whole MiB, at least the image's virtual size and at
+    most STORAGE_MAX_SIZE; without it, the larger of ``default`` and the virtual size
+    (rounded up likewise). 400 on ``root_size`` and ``ram`` (the image's min_ram)."""
     minimum = round_up(image.virtual_size or 0)
-    size = minimum if root_size is None else round_up(root_size)
+    size = max(minimum, round_up(default)) if root_size is None else round_up(root_size)
     limit = current_app.config["STORAGE_MAX_SIZE"]
     problems = {}
     if size < minimum:
@@ -102,12 +118,11 @@ def plan_boot(data: dict[str, Any]) -> Boot | None:
         ]
     elif (root_size or 0) > limit or size > limit:
         problems["root_size"] = [f"Must be at most {limit} bytes."]
-    if image.min_ram is not None and data["ram"] < image.min_ram:
+    if image.min_ram is not None and ram < image.min_ram:
         problems["ram"] = [f"Image {image.id} needs at least {image.min_ram} bytes (min_ram)."]
     if problems:
         raise ValidationError(data=problems)
-    data["image_id"] = image.id
-    return Boot(Source.of(image), size)
+    return size
 
 
 def check_image(boot: Boot, customer_id: int | None) -> None:

@@ -19,6 +19,12 @@ A running domain keeps the volume it started with open (its file is unlinked, no
 truncated) and reads the new seed at its next start; the new instance-id then makes
 cloud-init apply the network and keys again. Every step pushes its inverse on the
 request's undo stack.
+
+The instance-id's base is the VM's domain name; once the VM was rebuilt from an image
+(POST /vm/<id>/rebuild gives its root disk a new volume name, ``...-r<6 hex digits>``,
+:func:`vmapi.services.names.rebuilt_volume_name`) that suffix is part of it, so every
+rebuild gives the guest a new instance-id whatever the seed carries, and VMs never
+rebuilt keep the id (and the seed volume) they have (:func:`instance_base`).
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ from sqlalchemy.orm import selectinload
 
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken, VolumeNotFound
-from vmapi.models import Interface, StorageType, VirtMethod, Vm
+from vmapi.models import Interface, Storage, StorageType, VirtMethod, Vm
 from vmapi.models.leftover import VOLUME
 from vmapi.nocloud import AddressSeed, NicSeed, SeedFiles, SeedSpec, build_seed, seed_iso
 from vmapi.node_detail import NodeNote
 from vmapi.services.images.copies import pool_directory
 from vmapi.services.leftovers import Left
+from vmapi.services.names import rebuild_suffix
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
@@ -72,9 +79,22 @@ def wanted(vm: Vm) -> bool:
     return db.session.get(VirtMethod, vm.virt_method_id).domain_type not in NO_GUEST_DISKS
 
 
-def seed_spec(vm: Vm) -> SeedSpec:
+def instance_base(vm: Vm, root_volume: str | None = None) -> str:
+    """The instance-id's base: the domain's name, and the rebuild suffix of the root
+    disk's volume name (``root_volume``, else as its row says) when it has one."""
+    domain = vm.domain_name or f"vm-{vm.id}"
+    if root_volume is None:
+        stmt = select(Storage.volume_name).where(Storage.vm_id == vm.id, Storage.boot.is_(True))
+        root_volume = db.session.scalars(stmt).first()
+    suffix = rebuild_suffix(root_volume or "")
+    return f"{domain}-{suffix}" if suffix else domain
+
+
+def seed_spec(vm: Vm, root_volume: str | None = None) -> SeedSpec:
     """What the guest is told, from the database: NICs ``eth0``, ``eth1``... in interface
-    order, each address in id order, so an unchanged inventory gives the same seed."""
+    order, each address in id order, so an unchanged inventory gives the same seed.
+    ``root_volume``: the root disk's volume name, when it is not yet the row's (a
+    rebuild)."""
     stmt = (
         select(Interface)
         .where(Interface.vm_id == vm.id)
@@ -94,7 +114,7 @@ def seed_spec(vm: Vm) -> SeedSpec:
         for index, iface in enumerate(db.session.scalars(stmt))
     )
     return SeedSpec(
-        base_instance_id=vm.domain_name or f"vm-{vm.id}",
+        base_instance_id=instance_base(vm, root_volume),
         hostname=vm.hostname or vm.name,
         ssh_keys=tuple(vm.ssh_keys or ()),
         user_data=vm.user_data,
@@ -103,13 +123,15 @@ def seed_spec(vm: Vm) -> SeedSpec:
     )
 
 
-def seed_files(vm: Vm) -> SeedFiles:
-    return build_seed(seed_spec(vm))
+def seed_files(vm: Vm, root_volume: str | None = None) -> SeedFiles:
+    return build_seed(seed_spec(vm, root_volume))
 
 
 def volume_name(vm: Vm, files: SeedFiles) -> str:
-    """``<domain name>-seed-<the instance-id's digest>``: one name per content."""
-    return f"{vm.domain_name or f'vm-{vm.id}'}-seed-{files.instance_id.rsplit('-', 1)[1]}"
+    """``<instance-id base>-seed-<the instance-id's digest>`` (the base is the domain's
+    name unless the VM was rebuilt): one name per content."""
+    base, digest = files.instance_id.rsplit("-", 1)
+    return f"{base}-seed-{digest}"
 
 
 def seed_pool() -> str:
