@@ -21,7 +21,7 @@ from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.ownership import own_vms
 from vmapi.services.storage.changes import apply_update
-from vmapi.services.storage.create import create_volume
+from vmapi.services.storage.create import NewVolume, create_volume, plan_volume
 from vmapi.services.storage.disks import (
     AttachedVolume,
     check_size,
@@ -50,14 +50,15 @@ class StorageService(CrudService[Storage]):
     ) -> Outcome[Storage]:
         messages: list[str] = []
 
-        def check(data: dict[str, Any]) -> dict[str, Any]:
-            visible_vm(data["vm_id"], principal)
+        def check(data: dict[str, Any]) -> NewVolume:
+            vm = visible_vm(data["vm_id"], principal)
             self.check_references(data)
-            check_size(data["size"])
-            return data
+            new = plan_volume(data, vm)
+            check_size(new.data["size"])
+            return new
 
-        def apply(data: dict[str, Any], undo: Undo) -> Storage:
-            return create_volume(data, undo, messages)
+        def apply(new: NewVolume, undo: Undo) -> Storage:
+            return create_volume(new, undo, messages)
 
         return Outcome(all_or_nothing(items, indexed, check, apply), messages)
 
@@ -101,6 +102,10 @@ class StorageService(CrudService[Storage]):
             check_size(data["size"])
         if "storage_type_id" in data and data["storage_type_id"] != storage.storage_type_id:
             raise ValidationError(data={"storage_type": ["Cannot change; make a new volume."]})
+        if "image_id" in data and data["image_id"] != storage.image_id:
+            raise ValidationError(
+                data={"image": ["Cannot change; make a new volume from the image (POST)."]}
+            )
         if "vm_id" in data and data["vm_id"] != storage.vm_id:
             if storage.boot:
                 raise root_disk(storage, "moves to another VM")
