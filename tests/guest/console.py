@@ -23,7 +23,7 @@ CIDATA_FILE = re.compile(r"VMAPI-CIDATA file=(\S+) bytes=(\d+)")
 TICK = re.compile(r"VMAPI-TICK (\d+)")
 ERROR = re.compile(r"VMAPI-ERROR .*")
 NET = re.compile(r"VMAPI-NET (.*)")
-TOLD = re.compile(r"VMAPI-TOLD hostname=(\S+) keys=(\d+)")
+TOLD = re.compile(r"VMAPI-TOLD hostname=(\S+) keys=(\d+)(?: instance=(\S+))?")
 PROBE = re.compile(r"VMAPI-PROBE (.*)")
 
 
@@ -47,6 +47,7 @@ class Boot:
     nics: list[dict[str, str]] = field(default_factory=list)
     hostname: str | None = None  # as the seed's meta-data set it
     keys: int | None = None  # SSH keys the meta-data held
+    instance_id: str | None = None  # the meta-data's instance-id
     httpd: bool = False
     probes_ready: bool = False  # the probe CGI and its frame sender are there
     #: each probe the guest ran, its outcome by key (action, rc, ...)
@@ -82,6 +83,7 @@ def boots(text: str) -> list[Boot]:
             found[-1].nics.append(dict(p.split("=", 1) for p in match.group(1).split()))
         elif match := TOLD.search(line):
             found[-1].hostname, found[-1].keys = match.group(1), int(match.group(2))
+            found[-1].instance_id = match.group(3)
         elif match := PROBE.search(line):
             found[-1].probes.append(
                 dict(p.split("=", 1) for p in match.group(1).split() if "=" in p)

@@ -84,7 +84,7 @@ LOG = (
     "VMAPI-CIDATA file=user-data bytes=14\r\n"
     "VMAPI-NET name=eth0 dev=eth0 mac=52:54:00:0a:0b:0c addresses=198.51.100.2/24,"
     "2001:db8:100::2/64 gateway4=198.51.100.1 gateway6=2001:db8:100::1 dns=-\r\n"
-    "VMAPI-TOLD hostname=web1 keys=2\r\n"
+    "VMAPI-TOLD hostname=web1 keys=2 instance=vmapi-x-vm-1-r0a1b2c-0123456789abcdef\r\n"
     "VMAPI-HTTPD started\r\n"
     "VMAPI-ACPID started\r\n"
     "VMAPI-TICK 1\r\nVMAPI-TICK 2\r\n"
@@ -108,6 +108,7 @@ def test_console_log_splits_into_boots():
                            "gateway4": "198.51.100.1", "gateway6": "2001:db8:100::1",
                            "dns": "-"}]  # fmt: skip
     assert (first.hostname, first.keys, first.httpd) == ("web1", 2, True)
+    assert first.instance_id == "vmapi-x-vm-1-r0a1b2c-0123456789abcdef"
     assert second.nics == [] and second.hostname is None and not second.httpd
     assert second.previous_marker == "vmapi-marker-aa" and second.ticks == [1]
     assert second.errors == ["VMAPI-ERROR insmod evdev failed"]

@@ -61,6 +61,6 @@ if [ -f /mnt/cidata/meta-data ]; then
     awk '$1 != "hostname" { v = $0; sub(/^[^ ]+ /, "", v); print $1 "=" v }' /tmp/told
     ip -o addr show | awk '$2 != "lo" { print "address=" $4 }'
   } >/www/index.html
-  echo "VMAPI-TOLD hostname=$(hostname) keys=$(grep -c '^ssh-key ' /tmp/told)"
+  echo "VMAPI-TOLD hostname=$(hostname) keys=$(grep -c '^ssh-key ' /tmp/told) instance=$(awk '$1 == "instance-id" { print $2 }' /tmp/told)"
   httpd -p 80 -h /www && echo "VMAPI-HTTPD started"
 fi
