@@ -283,10 +283,10 @@ def swap_domain(plan: Rebuild, undo: Undo) -> DomainInfo:
     old_spec = domain_spec(vm, method, host.node, current_app.config)  # the rows: as it is
     new_spec = rebuilt_spec(old_spec, plan)
     ensure_for_vm(host, vm.id)  # (they are there already: a node that lost them gets them)
-    defining(plan.listed)
     plan.step = "stopping the domain"
     stop(plan, undo)
     plan.step = "defining the domain"
+    defining(plan.listed)
     driver.define(uri, new_spec)
     undo.push(f"redefining {name} with its old root disk and seed",
               lambda: driver.define(uri, old_spec))  # fmt: skip
