@@ -15,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from flask import current_app
 from sqlalchemy import delete, select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
-from vmapi.models import Leftover, Storage, Vm
+from vmapi.models import Image, Leftover, Storage, Vm
+from vmapi.models.image import SAVING
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
-from vmapi.services.names import installation_id
+from vmapi.services.names import installation_id, saved_image_id
 from vmapi.services.nodes.domains import remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
 
@@ -114,9 +116,30 @@ def leftovers_on(node_id: int) -> list[Leftover]:
     return list(db.session.scalars(stmt))
 
 
+def stale_before() -> datetime:
+    """A ``saving`` image made before this is no save in flight any more: each is bounded
+    by IMAGE_SAVE_TIMEOUT (and its worker dies with it)."""
+    seconds = float(current_app.config["IMAGE_SAVE_TIMEOUT"])
+    return datetime.now(UTC) - timedelta(seconds=2 * seconds + 60)
+
+
+def save_in_flight(volume: str) -> bool:
+    """Whether ``volume`` is the temporary copy of a save still in flight (a ``saving``
+    image within its time): listed before it is made, but not to be removed yet."""
+    image_id = saved_image_id(volume)
+    if image_id is None:
+        return False
+    stmt = select(Image.id).where(Image.id == image_id, Image.state == SAVING,
+                                  Image.created_at >= stale_before())  # fmt: skip
+    return db.session.scalar(stmt) is not None
+
+
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
-    back: its domain, volumes, seed and log carry the same names)."""
+    back: its domain, volumes, seed and log carry the same names), or a save in flight
+    still makes it."""
+    if leftover.kind == VOLUME and save_in_flight(leftover.name):
+        return True
     if leftover.kind == DOMAIN:
         stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
     elif leftover.kind == LOG:
