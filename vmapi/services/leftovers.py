@@ -136,10 +136,7 @@ def save_in_flight(volume: str) -> bool:
 
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
-    back: its domain, volumes, seed and log carry the same names), or a save in flight
-    still makes it."""
-    if leftover.kind == VOLUME and save_in_flight(leftover.name):
-        return True
+    back: its domain, volumes, seed and log carry the same names)."""
     if leftover.kind == DOMAIN:
         stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
     elif leftover.kind == LOG:
@@ -168,7 +165,9 @@ def remove_leftover(leftover: Leftover, host: Host) -> str:
     done. A domain is removed only if it carries this installation's metadata (anything
     else of that name is not ours to touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
-    if owned_there(leftover):
+    if leftover.kind == VOLUME and save_in_flight(leftover.name):
+        done = f"{where} is the copy of a save still in flight; kept"
+    elif owned_there(leftover):
         done = f"{where} is owned on this node again; kept"
     elif leftover.kind == VOLUME:
         try:
