@@ -166,8 +166,8 @@ def remove_leftover(leftover: Leftover, host: Host) -> str:
     else of that name is not ours to touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
     if leftover.kind == VOLUME and save_in_flight(leftover.name):
-        done = f"{where} is the copy of a save still in flight; kept"
-    elif owned_there(leftover):
+        return f"{where} is the copy of a save still in flight; kept, and still listed"
+    if owned_there(leftover):
         done = f"{where} is owned on this node again; kept"
     elif leftover.kind == VOLUME:
         try:
