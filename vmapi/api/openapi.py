@@ -207,13 +207,12 @@ def _paths_for(
         if isinstance(how, Action) and how.body is not None:
             body = f"{name.capitalize()}{action.capitalize()}Body"
             spec.components.schema(body, schema=how.body)
-            required = any(f.required for f in how.body().fields.values())
+            required = any(field.required for field in how.body().fields.values())
+            described = "The body." if required else "Optional: every field has a default."
             operation["requestBody"] = {
-                **_body({"$ref": f"#/components/schemas/{body}"},
-                        "Required fields as the schema says." if required
-                        else "Optional: every field has a default."),
+                **_body({"$ref": f"#/components/schemas/{body}"}, described),
                 "required": required,
-            }  # fmt: skip
+            }
         spec.path(path=f"/api/v1/{name}/{{ident}}/{action}", operations={"post": operation})
     for path, operations in res.extra_paths(_success, errors_of).items():
         spec.path(path=path, operations=operations)
