@@ -81,8 +81,14 @@ def _only(operations: dict[str, Any], methods: list[str]) -> dict[str, Any]:
 
 
 def _paths_for(
-    spec: APISpec, plugin: MarshmallowPlugin, res: ResourceApi, config: Mapping[str, Any]
+    spec: APISpec,
+    plugin: MarshmallowPlugin,
+    res: ResourceApi,
+    config: Mapping[str, Any],
+    added: dict[type, str],
 ) -> None:
+    """The paths of one resource; ``added``: the components of the actions' schemas so
+    far (:func:`_component`)."""
     name = res.name
     ref = {"$ref": f"#/components/schemas/{js.component_name(name)}"}
     creates = [js.create_body(plugin, res.schema_class)]
@@ -186,15 +192,12 @@ def _paths_for(
         },
     }
     spec.path(path=f"/api/v1/{name}/{{ident}}", operations=_only(item_ops, res.item_methods))
-    answered: dict[type, str] = {}  # an answer's schema, added once: its component
     for action, how in res.actions.items():
         summary = f"{action.capitalize()} one {name}."
         answer = {"200": _success(ref, f"The {name} after the {action}.")}
         if isinstance(how, Action):
-            component = answered.get(how.schema, f"{name.capitalize()}{action.capitalize()}")
-            if how.schema not in answered:
-                spec.components.schema(component, schema=how.schema)
-                answered[how.schema] = component
+            component = _component(spec, how.schema, f"{name.capitalize()}{action.capitalize()}",
+                                   added)  # fmt: skip
             summary = how.summary or summary
             answer = {str(how.status): _success({"$ref": f"#/components/schemas/{component}"},
                                                 f"The {action} of the {name}.")}  # fmt: skip
@@ -205,8 +208,8 @@ def _paths_for(
             "responses": {**answer, **errors_of(name, ACTION)},
         }
         if isinstance(how, Action) and how.body is not None:
-            body = f"{name.capitalize()}{action.capitalize()}Body"
-            spec.components.schema(body, schema=how.body)
+            body = _component(spec, how.body, f"{name.capitalize()}{action.capitalize()}Body",
+                              added)  # fmt: skip
             required = any(field.required for field in how.body().fields.values())
             described = "The body." if required else "Optional: every field has a default."
             operation["requestBody"] = {
@@ -216,6 +219,16 @@ def _paths_for(
         spec.path(path=f"/api/v1/{name}/{{ident}}/{action}", operations={"post": operation})
     for path, operations in res.extra_paths(_success, errors_of).items():
         spec.path(path=path, operations=operations)
+
+
+def _component(spec: APISpec, schema: type, name: str, added: dict[type, str]) -> str:
+    """The component of an action's schema: added once, under the name of the first
+    action that uses it (apispec warns of a schema added twice, whose references may then
+    not resolve); later actions refer to it."""
+    if schema not in added:
+        spec.components.schema(name, schema=schema)
+        added[schema] = name
+    return added[schema]
 
 
 EXTENSION = "vmapi.openapi"
@@ -328,6 +341,7 @@ def openapi_document(config: Mapping[str, Any]) -> dict[str, Any]:
         spec.components.schema(
             js.component_name(res.name), component=js.answer_component(plugin, res)
         )
+    added: dict[type, str] = {}
     for res in RESOURCES.values():
-        _paths_for(spec, plugin, res, config)
+        _paths_for(spec, plugin, res, config, added)
     return spec.to_dict()
