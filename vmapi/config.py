@@ -116,6 +116,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         1800.0,
         "seconds copying an image to a node (upload and checksum, through libvirt) may take",
     ),
+    "IMAGE_SAVE_TIMEOUT": (
+        1800.0,
+        "seconds saving a disk as an image (POST /vm/<id>/image, /storage/<id>/image, a "
+        "backup) may take: the copy on the node and its download into the image store",
+    ),
     "TRANSFERS_PER_CUSTOMER": (
         4,
         "image uploads and downloads a customer may have in flight at once (429 beyond; "

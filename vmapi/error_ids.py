@@ -223,7 +223,8 @@ IMAGE_QUOTA_EXCEEDED = _register("image/quota_exceeded", 403,
 IMAGE_IMMUTABLE = _register("image/immutable", 409,
     "The image already has its file; a file never changes.", {"image": {UPDATE}})
 IMAGE_BUSY = _register("image/busy", 409,
-    "Another upload of the image's file is in progress; at most one at a time.",
+    "Another upload of the image's file is in progress (at most one at a time), or the image "
+    "is being saved from a disk.",
     {"image": {UPDATE}})
 IMAGE_NOT_ACTIVE = _register("image/not_active", 409,
     "The image has no accepted file yet.", {"image": {READ}, "vm": {CREATE}})

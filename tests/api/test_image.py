@@ -32,6 +32,8 @@ def test_post_answers_a_queued_image(api, backend):
         "min_ram": 512 * 1024**2,
         "description": "Debian 12",
         "created_at": image["created_at"],
+        "kind": "upload",
+        "source": None,
     }
     assert datetime.fromisoformat(image["created_at"]).tzinfo is not None
     assert api.get(f"image/{image['id']}").json["data"] == image

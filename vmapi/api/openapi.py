@@ -204,11 +204,12 @@ def _paths_for(
         if isinstance(how, Action) and how.body is not None:
             body = f"{name.capitalize()}{action.capitalize()}Body"
             spec.components.schema(body, schema=how.body)
+            required = any(field.required for field in how.body().fields.values())
+            described = "The body." if required else "Optional: every field has a default."
             operation["requestBody"] = {
-                **_body({"$ref": f"#/components/schemas/{body}"}, "Optional: every field "
-                        "has a default."),
-                "required": False,
-            }  # fmt: skip
+                **_body({"$ref": f"#/components/schemas/{body}"}, described),
+                "required": required,
+            }
         spec.path(path=f"/api/v1/{name}/{{ident}}/{action}", operations={"post": operation})
     for path, operations in res.extra_paths(_success, errors_of).items():
         spec.path(path=path, operations=operations)

@@ -30,8 +30,16 @@ from vmapi.api.node import node, virt_node
 from vmapi.api.quota import quota
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
 from vmapi.api.security_groups import security_group, security_group_rule
-from vmapi.api.storage import storage
-from vmapi.api.vm import console_log, create_vm, migrate_vm, open_console, reboot_vm, vm
+from vmapi.api.storage import save_storage_image, storage
+from vmapi.api.vm import (
+    console_log,
+    create_vm,
+    migrate_vm,
+    open_console,
+    reboot_vm,
+    save_vm_image,
+    vm,
+)
 
 #: who may call a route that needs no token
 NO_TOKEN: frozenset[str] = frozenset()
@@ -137,6 +145,7 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("POST /vm/<id:ident>/reboot",        reboot_vm,                      ALL_ROLES),
     ("POST /vm/<id:ident>/console",       open_console,                   ALL_ROLES),
     ("POST /vm/<id:ident>/migrate",       migrate_vm,                     ADMIN_ONLY),
+    ("POST /vm/<id:ident>/image",         save_vm_image,                  ALL_ROLES),
     ("GET /vm/<id:ident>/console_log",    console_log,                    ALL_ROLES),
     # interface
     ("GET /interface",                    interface.list_view,            ALL_ROLES),
@@ -215,6 +224,7 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("PATCH /storage/<id:ident>",         storage.update_view,            ALL_ROLES),
     ("UPDATE /storage/<id:ident>",        storage.update_view,            ALL_ROLES),
     ("DELETE /storage/<id:ident>",        storage.delete_view,            ALL_ROLES),
+    ("POST /storage/<id:ident>/image",    save_storage_image,             ALL_ROLES),
     # quota
     ("GET /quota",                        quota.list_view,                ALL_ROLES),
     ("POST /quota",                       quota.create_view,              ADMIN_ONLY),

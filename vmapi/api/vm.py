@@ -20,10 +20,12 @@ from vmapi.errors import ValidationError
 from vmapi.representations import JSON, MSGPACK_TYPES, success_response
 from vmapi.schemas.base import Int
 from vmapi.schemas.console import ConsoleLogSchema, ConsoleSchema
+from vmapi.schemas.image import ImageSchema, SaveImageSchema
 from vmapi.schemas.vm import MigrateSchema, VmDeleteOptions, VmSchema, VmUpdateOptions
 from vmapi.services.consoles import sessions
 from vmapi.services.consoles.log import DEFAULT_BYTES, read_console_log
 from vmapi.services.crud import ListParams
+from vmapi.services.images import saving
 from vmapi.services.moves import migrate
 from vmapi.services.vms.reads import get_vm_answer, list_vm_answers
 from vmapi.services.vms.service import VmService
@@ -58,6 +60,23 @@ MIGRATE = Action(
     body=MigrateSchema,
     roles=ADMIN_ONLY,
 )
+
+
+#: POST /vm/<id>/image: an image of its root disk as it is now
+SAVE = Action(
+    saving.save_vm,
+    ImageSchema,
+    status=201,
+    summary="Save one vm's root disk as a new image (kind snapshot, owned by the vm's "
+    "customer): flattened, standalone; a running vm is copied live without pausing it, "
+    "its disk chain as before; the message says how consistent the copy is.",
+    body=SaveImageSchema,
+)
+
+
+def save_vm_image(ident: int) -> Response:
+    """``POST /vm/<id>/image``: the VM's root disk saved as an image (:data:`SAVE`)."""
+    return vm.run_action("image", ident)
 
 
 def create_vm() -> Response:
@@ -163,6 +182,6 @@ vm = VmApi(
     summary="Virtual machines, created and changed on their node through libvirt.",
     update_options=VmUpdateOptions,
     delete_options=VmDeleteOptions,
-    actions={"reboot": "reboot", "console": CONSOLE, "migrate": MIGRATE},
+    actions={"reboot": "reboot", "console": CONSOLE, "migrate": MIGRATE, "image": SAVE},
     idempotent=True,
 )

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from marshmallow import validate
+from marshmallow import fields, validate
 
-from vmapi.models.image import FORMATS, STATES
-from vmapi.schemas.base import BaseSchema, Int, Str, UtcDateTime, non_negative, text_field
+from vmapi.models.image import FORMATS, KINDS, STATES
+from vmapi.schemas.base import (
+    BaseSchema,
+    Bool,
+    Int,
+    Str,
+    UtcDateTime,
+    non_negative,
+    text_field,
+)
 
 
 class ImageSchema(BaseSchema):
@@ -33,9 +41,44 @@ class ImageSchema(BaseSchema):
     state = Str(
         dump_only=True,
         validate=validate.OneOf(STATES),
-        metadata={"description": "queued (no file yet), active, or error."},
+        metadata={
+            "description": "queued (no file yet), saving (being saved from a disk), active, "
+            "or error."
+        },
+    )
+    kind = Str(
+        dump_only=True,
+        validate=validate.OneOf(KINDS),
+        metadata={
+            "description": "upload (its file was uploaded), snapshot (saved from a VM's or a "
+            "volume's disk by POST /vm/<id>/image or /storage/<id>/image) or backup (saved "
+            "by flask vmapi backup run)."
+        },
+    )
+    source = fields.Dict(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "What a saved image was saved from: {vm: {id}} (a root disk) or "
+            "{storage: {id}} (a volume); null for an upload."
+        },
     )
     customer_id = Int(allow_none=True, validate=non_negative(), metadata={"on_update": False})
     min_ram = Int(allow_none=True, validate=non_negative())
     description = text_field(allow_none=True)
     created_at = UtcDateTime(dump_only=True)
+
+
+class SaveImageSchema(BaseSchema):
+    """The body of ``POST /vm/<id>/image`` and ``POST /storage/<id>/image``."""
+
+    name = text_field(required=True)
+    description = text_field(allow_none=True, load_default=None)
+    quiesce = Bool(
+        load_default=False,
+        metadata={
+            "description": "Freeze the guest's file systems through its guest agent for the "
+            "copy (409 vm/no_guest_agent when none answers); false: a crash-consistent "
+            "copy of a running VM."
+        },
+    )

@@ -15,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from flask import current_app
 from sqlalchemy import delete, select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, PoolNotFound, VolumeNotFound
-from vmapi.models import Leftover, Storage, Vm
+from vmapi.models import Image, Leftover, Storage, Vm
+from vmapi.models.image import SAVING
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
-from vmapi.services.names import installation_id
+from vmapi.services.names import installation_id, saved_image_id
 from vmapi.services.nodes.domains import remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
 
@@ -114,6 +116,24 @@ def leftovers_on(node_id: int) -> list[Leftover]:
     return list(db.session.scalars(stmt))
 
 
+def stale_before() -> datetime:
+    """A ``saving`` image made before this is no save in flight any more: each is bounded
+    by IMAGE_SAVE_TIMEOUT (and its worker dies with it)."""
+    seconds = float(current_app.config["IMAGE_SAVE_TIMEOUT"])
+    return datetime.now(UTC) - timedelta(seconds=2 * seconds + 60)
+
+
+def save_in_flight(volume: str) -> bool:
+    """Whether ``volume`` is the temporary copy of a save still in flight (a ``saving``
+    image within its time): listed before it is made, but not to be removed yet."""
+    image_id = saved_image_id(volume)
+    if image_id is None:
+        return False
+    stmt = select(Image.id).where(Image.id == image_id, Image.state == SAVING,
+                                  Image.created_at >= stale_before())  # fmt: skip
+    return db.session.scalar(stmt) is not None
+
+
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
     back: its domain, volumes, seed and log carry the same names)."""
@@ -145,6 +165,8 @@ def remove_leftover(leftover: Leftover, host: Host) -> str:
     done. A domain is removed only if it carries this installation's metadata (anything
     else of that name is not ours to touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
+    if leftover.kind == VOLUME and save_in_flight(leftover.name):
+        return f"{where} is the copy of a save still in flight; kept, and still listed"
     if owned_there(leftover):
         done = f"{where} is owned on this node again; kept"
     elif leftover.kind == VOLUME:

@@ -89,6 +89,19 @@ def image_volume_name(image_id: int) -> str:
     return f"{installation_id()}-image-{image_id}"
 
 
+def save_volume_name(image_id: int) -> str:
+    """The temporary copy of a disk being saved as image ``image_id``, on the disk's node
+    (:mod:`vmapi.services.images.saving`)."""
+    return f"{installation_id()}-save-{image_id}"
+
+
+def saved_image_id(volume: str) -> int | None:
+    """The image whose save a volume named so is the temporary copy of (None: not one)."""
+    prefix = f"{installation_id()}-save-"
+    rest = volume[len(prefix) :] if volume.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None
+
+
 def console_log_name(domain: str) -> str:
     return f"{domain}.log"
 

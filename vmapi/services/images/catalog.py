@@ -28,6 +28,7 @@ from sqlalchemy import Select, or_, select
 from vmapi import error_ids
 from vmapi.auth import Principal
 from vmapi.error_ids import (
+    IMAGE_BUSY,
     IMAGE_IMMUTABLE,
     IMAGE_IMMUTABLE_FIELD,
     IMAGE_INVALID,
@@ -37,7 +38,7 @@ from vmapi.error_ids import (
 from vmapi.errors import BodyTooLarge, Conflict, Forbidden, ValidationError
 from vmapi.extensions import db
 from vmapi.models import Image, Vm
-from vmapi.models.image import ACTIVE, QUEUED
+from vmapi.models.image import ACTIVE, QUEUED, SAVING
 from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
 from vmapi.services.images import copies, store, transfers
 from vmapi.services.images.inspection import ImageRefused, inspect
@@ -203,6 +204,8 @@ class ImageService(CrudService[Image]):
         self.check_may_change(image, principal)
         if image.state == ACTIVE:
             raise self.immutable(ident)
+        if image.state == SAVING:
+            raise self.being_saved(ident)
         limit = int(current_app.config["IMAGE_MAX_SIZE"])
         if length is not None and length > limit:
             raise BodyTooLarge(limit=limit)
@@ -226,6 +229,8 @@ class ImageService(CrudService[Image]):
                 raise self.not_found(ident)  # deleted while the file was arriving
             if image.state == ACTIVE:
                 raise self.immutable(ident)  # another upload was accepted first
+            if image.state == SAVING:
+                raise self.being_saved(ident)
             check_storage_quota(image.customer_id, received.size, QUOTA_ERROR)
             published.append(store.publish(received, image_dir(), ident))
             image.file = published[0]
@@ -265,6 +270,14 @@ class ImageService(CrudService[Image]):
         found = ImageFile(handle, os.fstat(handle.fileno()).st_size, checksum, name, slot)
         db.session.rollback()  # nothing stays open while the file goes out
         return found
+
+    @staticmethod
+    def being_saved(ident: int) -> Conflict:
+        return Conflict(
+            f"Image {ident} is being saved from a disk; its file comes from there, not from "
+            "an upload.",
+            error_id=IMAGE_BUSY,
+        )
 
     @staticmethod
     def immutable(ident: int) -> Conflict:
