@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import GIB, vm_body
 from tests.errors import assert_error
 from vmapi.api.resource import RESOURCES
+from vmapi.schemas.base import Bool, Int, Ref, Str
 
 OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image", "security_group",
          "security_group_rule")  # fmt: skip
@@ -47,6 +48,18 @@ def expected(resource, verb_is_write):
     )
 
 
+def required_body(how):
+    """A body that passes an action's schema (its required fields, each a plain value of
+    its type): the action then looks the object up (a body the schema refuses is 400 for
+    any id alike)."""
+    schema = getattr(how, "body", None)
+    if schema is None:
+        return None
+    plain = {Ref: {"id": 1}, Str: "x", Int: 1, Bool: False}
+    return {name: next(v for kind, v in plain.items() if isinstance(field, kind))
+            for name, field in schema().fields.items() if field.required}  # fmt: skip
+
+
 @pytest.mark.parametrize("resource", sorted(RESOURCES))
 def test_matrix(api, tenants, resource):
     seven, eight, ids = tenants
@@ -74,12 +87,13 @@ def test_matrix(api, tenants, resource):
                 assert_error(eight.call(verb, path, json=body), status, error_id)
     for action, how in res.actions.items():
         roles = getattr(how, "roles", None)
+        body = required_body(how)
         for path in (f"{resource}/{ident}/{action}", f"{resource}/{missing}/{action}"):
             if roles is not None and "customer" not in roles:  # admins only (migrate):
                 # refused for any id alike, so the answer tells nothing of the VM
                 assert_error(eight.post(path), 403, "general/authorization/forbidden")
             else:
-                assert_error(eight.post(path), 404, f"{resource}/not_found")
+                assert_error(eight.post(path, json=body), 404, f"{resource}/not_found")
     # filters and nest cannot reach it either
     assert eight.get(f"{resource}?id={ident}").json["data"] == {}
     assert seven.get(f"{resource}/{ident}").status_code == 200  # untouched
