@@ -12,7 +12,9 @@ does), not an external snapshot and a block commit:
   new volume.
 - The copy is the disk at the moment of the abort (QEMU ends a mirror that is in sync
   with a last pass, and the target then holds that point in time): the guest does not
-  pause; with ``quiesce`` its file systems are frozen only around that abort.
+  pause, its writes to that disk wait only while the job ends (the abort's duration,
+  logged: milliseconds on an idle disk); with ``quiesce`` its file systems are frozen
+  only around that abort.
 - The cost: the copy is written twice on the node's disks (the new volume here, then
   the image store's file when the caller downloads it), and a disk the guest writes
   hard is read more than once while the mirror catches up.
@@ -279,7 +281,6 @@ class CopyCalls(LibvirtCalls):
             finally:
                 if frozen is not None:
                     self._thaw(uri, name)
-            copying = False
             after = self._on_domain(uri, name, lambda dom: (
                 chain(_disk(uri, dom, target)), dom.blockJobInfo(target, 0)))  # fmt: skip
             if after != (before, {}):
