@@ -213,15 +213,18 @@ def test_a_clone_past_its_timeout_is_deleted_once_libvirt_has_made_it(libvirtd, 
             with pytest.raises(HypervisorTimeout):
                 driver.clone_volume(URI, pool, "clone", pool, "top.qcow2", timeout=1.0)
             assert time.monotonic() - started < 10
+            # the clone's call waits on in libvirt; the driver's other calls still answer
+            assert driver.volume(URI, pool, "top.qcow2")[1] == SIZE
+            # still being made by libvirt (the pool cannot be refreshed meanwhile)
+            found = libvirtd.storagePoolLookupByName(pool)
+            assert "clone" in found.listVolumes()
+            os.kill(server.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 60
+            while "clone" in found.listVolumes() and time.monotonic() < deadline:
+                time.sleep(0.2)
         finally:
+            os.kill(server.pid, signal.SIGCONT)
             driver.connections.clear()
-        # still being made by libvirt (the pool cannot be refreshed meanwhile)
-        found = libvirtd.storagePoolLookupByName(pool)
-        assert "clone" in found.listVolumes()
-        os.kill(server.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while "clone" in found.listVolumes() and time.monotonic() < deadline:
-            time.sleep(0.2)
         assert pool_volumes(libvirtd, pool) == ["top.qcow2"]
     finally:
         os.kill(server.pid, signal.SIGCONT)

@@ -12,15 +12,20 @@ does), not an external snapshot and a block commit:
   new volume.
 - The copy is the disk at the moment of the abort (QEMU ends a mirror that is in sync
   with a last pass, and the target then holds that point in time): the guest does not
-  pause; with ``quiesce`` its file systems are frozen only around that abort.
+  pause, its writes to that disk wait only while the job ends (the abort's duration,
+  logged: milliseconds on an idle disk); with ``quiesce`` its file systems are frozen
+  only around that abort.
 - The cost: the copy is written twice on the node's disks (the new volume here, then
   the image store's file when the caller downloads it), and a disk the guest writes
   hard is read more than once while the mirror catches up.
 
 A clone is one long libvirt call (``virStorageVolCreateXMLFrom``: ``qemu-img convert``
-inside libvirtd), so it runs on a thread and a connection of its own, like a stream
-(:mod:`.streams`). libvirt cannot stop a conversion it began: a clone past its timeout
-is deleted by that thread when libvirt has finished making it.
+inside libvirtd), so it runs on a connection and thread of its own (a channel opened for
+it, closed when libvirt answers), like a stream or a migration: on the cached connection
+libvirt's client was seen to hold another thread's short call back until the long one
+returned. libvirt cannot stop a conversion it began: a clone past its timeout is deleted
+by that thread when libvirt has finished making it. (On the test driver a file URI is a
+new host to every connection: it clones nothing there.)
 A live copy is a few short calls and a poll, each on the cached connection and bounded by
 the driver's timeout, the whole bounded by the copy's own.
 """
@@ -32,7 +37,6 @@ import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 
 import libvirt
 
@@ -47,8 +51,9 @@ from vmapi.hypervisor.driver import (
 )
 from vmapi.hypervisor.libvirt import streams
 from vmapi.hypervisor.libvirt.calls import LibvirtCalls
+from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.config import Volume
-from vmapi.hypervisor.libvirt.connection import close_quietly, translate
+from vmapi.hypervisor.libvirt.connection import translate
 
 log = logging.getLogger(__name__)
 
@@ -139,63 +144,57 @@ def _mirror(uri: str, dom: libvirt.virDomain, target: str, path: str) -> str | N
     return "copying"
 
 
-class _Clone(threading.Thread):
-    """One clone: its own connection, the libvirt call, and the undo when the caller has
-    given up by the time libvirt is done."""
+class _Clone:
+    """One clone, called on the thread of a channel of its own, which it closes when
+    libvirt is done; the volume is deleted then if the caller has given up."""
 
-    def __init__(self, uri: str, opener: Callable[[], libvirt.virConnect], pool: str,
-                 name: str, source_pool: str, source: str) -> None:  # fmt: skip
-        super().__init__(name=f"libvirt-clone {pool}/{name}", daemon=True)
-        self.uri, self.opener, self.pool, self.name = uri, opener, pool, name
+    def __init__(self, channel: Channel, pool: str, name: str, source_pool: str,
+                 source: str) -> None:  # fmt: skip
+        self.channel, self.uri, self.pool, self.name = channel, channel.uri, pool, name
         self.source_pool, self.source = source_pool, source
         self.lock = threading.Lock()
         self.cancelled = False
         self.path: str | None = None
-        self.error: BaseException | None = None
         self.finished = threading.Event()
 
-    def run(self) -> None:
-        conn = None
+    def __call__(self, conn: libvirt.virConnect) -> str:
         try:
-            conn = self.opener()
-            pool = conn.storagePoolLookupByName(self.pool)
-            origin = conn.storagePoolLookupByName(self.source_pool).storageVolLookupByName(
-                self.source
-            )
-            try:
-                pool.storageVolLookupByName(self.name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                    raise
-            else:
-                raise VolumeExists(self.uri, f"{self.pool} has a volume {self.name} already")
-            # The source's capacity: a larger one would be ignored (qemu-img convert keeps
-            # the source's virtual size), a smaller one is raised to it.
-            xml = Volume(self.name, origin.info()[1], "qcow2", compat=COMPAT).to_xml()
-            with self.lock:
-                if self.cancelled:
-                    raise _Expired
-            try:
-                # libvirt deletes what it made when the conversion fails
-                made = pool.createXMLFrom(xml, origin, 0)
-            except libvirt.libvirtError as exc:
-                # made meanwhile by another: libvirt answers an internal error for it
-                if "already in use" in (exc.get_error_message() or ""):
-                    raise VolumeExists(self.uri, exc.get_error_message()) from exc
-                raise
-            path = made.path()
-            with self.lock:
-                if self.cancelled:
-                    log.info("deleting %s/%s, cloned after its timeout", self.pool, self.name)
-                    streams.delete_volume(pool, self.name)
-                    raise _Expired
-                self.path = path
-        except BaseException as exc:
-            self.error = exc
+            return self._clone(conn)
         finally:
-            if conn is not None:
-                close_quietly(conn)
             self.finished.set()
+            self.channel.close(wait=False)
+
+    def _clone(self, conn: libvirt.virConnect) -> str:
+        pool = conn.storagePoolLookupByName(self.pool)
+        origin = conn.storagePoolLookupByName(self.source_pool).storageVolLookupByName(self.source)
+        try:
+            pool.storageVolLookupByName(self.name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+        else:
+            raise VolumeExists(self.uri, f"{self.pool} has a volume {self.name} already")
+        # The source's capacity: a larger one would be ignored (qemu-img convert keeps the
+        # source's virtual size), a smaller one is raised to it.
+        xml = Volume(self.name, origin.info()[1], "qcow2", compat=COMPAT).to_xml()
+        with self.lock:
+            if self.cancelled:
+                raise _Expired
+        try:
+            made = pool.createXMLFrom(xml, origin, 0)  # (a failed one deletes what it made)
+        except libvirt.libvirtError as exc:
+            # made meanwhile by another: libvirt answers an internal error for it
+            if "already in use" in (exc.get_error_message() or ""):
+                raise VolumeExists(self.uri, exc.get_error_message()) from exc
+            raise
+        path = made.path()
+        with self.lock:
+            if self.cancelled:
+                log.info("deleting %s/%s, cloned after its timeout", self.pool, self.name)
+                streams.delete_volume(pool, self.name)
+                raise _Expired
+            self.path = path
+        return path
 
 
 class CopyCalls(LibvirtCalls):
@@ -210,30 +209,30 @@ class CopyCalls(LibvirtCalls):
     def clone_volume(
         self, uri: str, pool: str, name: str, source_pool: str, source: str, timeout: float
     ) -> str:
-        helper = _Clone(uri, self._open_private(uri), pool, name, source_pool, source)
-        helper.start()
+        started = time.monotonic()
+        # A connection of its own: a long call on the cached one can hold up the others'
+        # (libvirt's client was seen to leave a call unsent until the long one returned).
+        private = Channel.open(uri, self.connections.opener(uri), self.timeout)
+        clone = _Clone(private, pool, name, source_pool, source)
         try:
-            helper.finished.wait(timeout)
-        finally:
-            with helper.lock:  # done in time, or never: decided once, with the helper
-                if helper.path is None:
-                    helper.cancelled = True
-        if helper.path is not None:
-            return helper.path
-        if helper.finished.is_set():
-            error = helper.error
-            if isinstance(error, libvirt.libvirtError):
-                found = translate(uri, error)
-                if isinstance(found, HypervisorTimeout):
-                    found = HypervisorTimeout(uri, timeout)
-                raise found from error
-            if error is not None and not isinstance(error, _Expired):
-                raise error
-        elif not helper.finished.wait(self.timeout):
-            # libvirt still converts: the helper deletes the volume once it is made
-            log.warning("clone %s/%s on %s goes on past its timeout; it is deleted when "
-                        "libvirt has made it", pool, name, uri)  # fmt: skip
-        raise HypervisorTimeout(uri, timeout)
+            return private.call(max(timeout - (time.monotonic() - started), 0.1), clone)
+        except HypervisorTimeout:
+            with clone.lock:  # done in time, or never: decided once, with the call
+                if clone.path is not None:
+                    return clone.path
+                clone.cancelled = True
+            if not clone.finished.wait(self.timeout):
+                log.warning("clone %s/%s on %s goes on past its timeout; it is deleted when "
+                            "libvirt has made it", pool, name, uri)  # fmt: skip
+            raise HypervisorTimeout(uri, timeout) from None
+        except libvirt.libvirtError as exc:
+            error = translate(uri, exc)
+            raise (HypervisorTimeout(uri, timeout) if isinstance(error, HypervisorTimeout)
+                   else error) from exc  # fmt: skip
+        except BaseException:  # the caller is going away: the clone must not stay
+            with clone.lock:
+                clone.cancelled = True
+            raise
 
     def copy_disk_live(
         self,
@@ -282,7 +281,6 @@ class CopyCalls(LibvirtCalls):
             finally:
                 if frozen is not None:
                     self._thaw(uri, name)
-            copying = False
             after = self._on_domain(uri, name, lambda dom: (
                 chain(_disk(uri, dom, target)), dom.blockJobInfo(target, 0)))  # fmt: skip
             if after != (before, {}):
