@@ -5,8 +5,9 @@ volume. At every boot it writes a marker past the image's end on its root disk a
 the previous boot's marker, and prints the instance-id of the seed it read: after a
 rebuild it boots again with no previous marker (a new disk), the same MAC and addresses,
 a new instance-id, its data volume still attached; a rebuild whose start fails boots
-again on the disk it had (the previous marker is there). A data volume made from the
-image holds the image's content, read back through libvirt.
+again on the disk it had (the previous marker is there). A data volume made from an
+image holds the image's content, read back through libvirt, and keeps it when the image
+goes.
 
 One guest serves the module (a boot costs about 10 s under TCG); each test waits for it
 to run and compares with its last boot, so the tests pass in any order and alone.
@@ -236,3 +237,25 @@ def test_a_volume_from_the_image_that_fails_leaves_nothing(env, image, booted, f
     assert "clone_volume" in faults.calls
     assert env.pool_volumes() == volumes and env.api.get("storage").json["data"] == storage
     assert disks(env, vm) == attached
+
+
+def test_a_volume_made_from_an_image_stands_alone(env, booted, tmp_path):
+    """Made from an image of its own (4 MiB of random bytes, a copy made on the node for
+    it): the image is deleted, the volume stays with the same content."""
+    vm = booted["vm"]
+    path = tmp_path / "data.raw"
+    path.write_bytes(os.urandom(4 * MIB))
+    image = env.upload(path, name="data")
+    made = env.api.post("storage", json={"vm": {"id": vm["id"]}, "storage_type": {"id": 1},
+                                         "image": {"id": image["id"]}})  # fmt: skip
+    assert made.status_code == 201, made.json
+    storage = made.json["data"]
+    assert (storage["size"], storage["image"]) == (4 * MIB, None)
+    assert f"holds the content of image {image['id']}" in made.json["message"]
+    name = f"{INSTALLATION}-storage-{storage['id']}"
+    assert raw_sha256(env, name, tmp_path, 4 * MIB) == (image["checksum"], 4 * MIB, True)
+    gone = env.api.delete(f"image/{image['id']}")  # no VM boots from it: it goes
+    assert gone.status_code == 200, gone.json
+    assert f"{INSTALLATION}-image-{image['id']}" not in env.pool_volumes()  # its copy too
+    assert env.api.get(f"storage/{storage['id']}").json["data"]["size"] == 4 * MIB
+    assert raw_sha256(env, name, tmp_path, 4 * MIB) == (image["checksum"], 4 * MIB, True)
