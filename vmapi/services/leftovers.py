@@ -136,10 +136,7 @@ def save_in_flight(volume: str) -> bool:
 
 def owned_there(leftover: Leftover) -> bool:
     """Whether a row of the database owns the thing on that node again (a VM that moved
-    back: its domain, volumes, seed and log carry the same names), or a save in flight
-    still makes it."""
-    if leftover.kind == VOLUME and save_in_flight(leftover.name):
-        return True
+    back: its domain, volumes, seed and log carry the same names)."""
     if leftover.kind == DOMAIN:
         stmt = select(Vm.id).where(Vm.node_id == leftover.node_id, Vm.domain_name == leftover.name)
     elif leftover.kind == LOG:
@@ -165,9 +162,13 @@ def owned_there(leftover: Leftover) -> bool:
 
 def remove_leftover(leftover: Leftover, host: Host) -> str:
     """Remove a listed leftover from its (answering) node and strike it off; what was
-    done. A domain is removed only if it carries this installation's metadata (anything
-    else of that name is not ours to touch). Hypervisor errors are the caller's."""
+    done. The copy of a save in flight stays, and stays listed. A domain is removed only
+    if it carries this installation's metadata (anything else of that name is not ours to
+    touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
+    if leftover.kind == VOLUME and save_in_flight(leftover.name):
+        # still listed: if its save dies, the copy is removed once the save is stale
+        return f"{where} is the copy of a save in flight; kept"
     if owned_there(leftover):
         done = f"{where} is owned on this node again; kept"
     elif leftover.kind == VOLUME:
