@@ -261,7 +261,8 @@ def test_a_save_in_flight_keeps_its_copy(app, api, runner, vm_host, test_method,
     # nor by the ledger's own removal (a reconcile that read the ledger as the save began)
     with app.app_context():
         [left] = db.session.scalars(sa.select(Leftover)).all()
-        assert remove_leftover(left, Host.of(node["id"])).endswith("a save in flight; kept")
+        done = remove_leftover(left, Host.of(node["id"]))
+        assert done.endswith("a save still in flight; kept, and still listed")
         db.session.remove()
     assert copy in driver.volumes(node["libvirt_uri"], "vmapi")
     assert ledger(app) == ([("volume", "vmapi", copy)], [(image, SAVING)])

@@ -167,8 +167,7 @@ def remove_leftover(leftover: Leftover, host: Host) -> str:
     touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
     if leftover.kind == VOLUME and save_in_flight(leftover.name):
-        # still listed: if its save dies, the copy is removed once the save is stale
-        return f"{where} is the copy of a save in flight; kept"
+        return f"{where} is the copy of a save still in flight; kept, and still listed"
     if owned_there(leftover):
         done = f"{where} is owned on this node again; kept"
     elif leftover.kind == VOLUME:

@@ -58,6 +58,7 @@ from vmapi.hypervisor import (
     HypervisorTimeout,
     NameTaken,
     NoGuestAgent,
+    NotSupported,
     VolumeNotFound,
 )
 from vmapi.models import Image, Storage, Vm
@@ -204,10 +205,13 @@ def domain_runs(saving: Saving) -> bool:
 def estimate(saving: Saving) -> int:
     """The bytes the copy will take at most, as far as can be known before it is made:
     the volume's file, and for an overlay the image it is made on; never above the disk's
-    size. Held against the quota while the save runs."""
+    size (the size itself when the node cannot tell a file's length). Held against the
+    quota while the save runs."""
     disk, host = saving.disk, saving.host
     try:
         length = hypervisor().volume_length(host.uri, disk.pool, disk.volume_name)
+    except NotSupported:  # a driver that cannot tell a file's length: the disk's size
+        return disk.size
     except HypervisorError as exc:
         raise hypervisor_failure(exc, "reading the disk's size", host) from exc
     if disk.boot and disk.image_id is not None:
