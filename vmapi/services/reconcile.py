@@ -28,20 +28,23 @@ Findings, one per domain, VM or volume:
 - ``interrupted_rebuild``: the new volumes of a rebuild whose worker died (listed before
   they were made, never recorded; one still running holds the VM's lock and is not
   reported); fix: undone under the VM's lock (services/vms/rebuild_ledger.py).
+- ``stale_save``: an image ``saving`` long after its save's time (its process died); fix:
+  services/images/stale_saves.py (its copy, a listed leftover, then goes as one).
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
 - ``filter_differs``: a network filter the node's VMs need that it lacks or holds
   otherwise (a change could not reach it, or someone changed it); ``unused_filter``: one
   of this installation's filters no VM of the node uses; fix: the node's filters are
   brought in line with the database (services/network/protection.py).
-Domains are matched with VMs by the name stored on the VM's row. Young ``building``
-rows are skipped: their request may still be running.
+The volume findings (``unowned_volume``, ``stale_image_copy``) are made by
+services/reconcile_volumes.py. Domains are matched with VMs by the name stored on the VM's
+row. Young ``building``
+rows and the listed copies of saves in flight are skipped: their requests may still run.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
@@ -50,36 +53,25 @@ from sqlalchemy import select
 from vmapi.auth import as_utc
 from vmapi.errors import ApiError
 from vmapi.extensions import db
-from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError, PoolNotFound
-from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, VmState
+from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError
+from vmapi.models import Leftover, Node, Storage, Vm, VmState
 from vmapi.models.leftover import DOMAIN, VOLUME
 from vmapi.services.consoles.log import delete_console_log
-from vmapi.services.images.copies import remove_if_unused
-from vmapi.services.leftovers import leftovers_on, remove_leftover
+from vmapi.services.findings import Finding
+from vmapi.services.images.stale_saves import forget_stale, stale_images
+from vmapi.services.leftovers import leftovers_on, remove_leftover, save_in_flight
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import settle
 from vmapi.services.names import installation_id
 from vmapi.services.network.protection import differences, sync_node
 from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
+from vmapi.services.reconcile_volumes import stale_copies, unowned_volumes
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
 from vmapi.services.vms.rebuild_ledger import interrupted, unfinished
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Finding:
-    kind: str
-    node: str
-    domain: str  # the domain, or pool/volume
-    detail: str
-    fixed: bool = False
-
-    def line(self) -> str:
-        status = "fixed" if self.fixed else "found"
-        return f"{status:5}  {self.kind:15} {self.domain:12} on {self.node}: {self.detail}"
 
 
 def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
@@ -130,10 +122,11 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
             if finding:
                 findings.append(finding)
     findings += [_check_move(vm, fix) for vm in moving.values()]
+    findings += _stale_saves(fix)  # first: the copies of the saves it forgets are leftovers
     findings += _leftovers(nodes, answering, fix)
-    findings += _stale_copies(answering, fix)
+    findings += stale_copies(answering, fix)
     findings += _filters(answering, fix)
-    return findings + _unowned_volumes(answering, listed, workers)
+    return findings + unowned_volumes(answering, listed, workers)
 
 
 def _filters(hosts: dict[int, Host], fix: bool) -> list[Finding]:
@@ -182,6 +175,21 @@ def _check_move(vm: Vm, fix: bool) -> Finding:
     return finding
 
 
+def _stale_saves(fix: bool) -> list[Finding]:
+    """Saves that died part-way: reported, or (fix) cleaned up by the sweep."""
+    findings = []
+    for image in stale_images():
+        vm = db.session.get(Vm, image.source_vm_id or 0)
+        node = db.session.get(Node, vm.node_id).fqdn if vm else "-"
+        finding = Finding("stale_save", node, f"image {image.id}",
+                          f"saving since {image.created_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+        if fix:
+            finding.detail = forget_stale(image)
+            finding.fixed = True
+        findings.append(finding)
+    return findings
+
+
 def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list[Finding]:
     """Listed leftovers: removed where the node answers, waiting where it does not (and
     while the VM they belong to is still moving: a running move is using them)."""
@@ -197,6 +205,8 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
         for left in lefts:
             if unfinished(left):
                 continue
+            if left.kind == VOLUME and save_in_flight(left.name):
+                continue  # listed before it is made: its save's, as a young building row
             where = left.name if left.kind == DOMAIN else f"{left.pool}/{left.name}"
             finding = Finding("leftover", node.fqdn, where, f"{left.kind} {left.reason}")
             host = answering.get(node.id)
@@ -213,24 +223,6 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
                     finding.detail += f"; not removed: {exc.reason}"
             found.append(finding)
     return found
-
-
-def _stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
-    """Copies of deleted images left on nodes that answer now."""
-    stmt = select(ImageCopy).where(ImageCopy.image_id.is_(None), ImageCopy.node_id.in_(hosts))
-    findings = []
-    for copy in db.session.scalars(stmt.order_by(ImageCopy.id)).all():
-        host = hosts[copy.node_id]
-        finding = Finding("stale_image_copy", host.node.fqdn, f"{copy.pool}/{copy.volume_name}",
-                          "the copy of a deleted image")  # fmt: skip
-        if fix:
-            try:
-                finding.fixed = remove_if_unused(copy.id)
-                finding.detail += "; volume deleted"
-            except HypervisorError as exc:
-                finding.detail += f"; not deleted: {exc.reason}"
-        findings.append(finding)
-    return findings
 
 
 def _stale_on_unreachable(
@@ -331,68 +323,3 @@ def _check_domain(
             "foreign_domain", fqdn, domain.name, f"{owner} metadata, not this installation's"
         )
     return None
-
-
-def _unowned_volumes(
-    hosts: dict[int, Host], listed: set[tuple[int, str, str | None, str]], workers: int
-) -> list[Finding]:
-    """Volumes in vmapi's pools on the nodes that answered that no storage row owns and
-    no leftover lists (those are reported as leftovers).
-
-    vmapi's pools are those its storage types name and those its rows recorded (a type's
-    pool may have been another when older volumes were made)."""
-    if not hosts:
-        return []
-    type_pools = set(db.session.scalars(select(StorageType.pool)))
-    owned: dict[int, dict[str, set[str]]] = {node_id: {} for node_id in hosts}
-    stmt = select(Storage.node_id, Storage.pool, Storage.volume_name)
-    for node_id, pool, name in db.session.execute(stmt.where(Storage.node_id.in_(hosts))):
-        owned[node_id].setdefault(pool, set()).add(name)
-    seeds = select(Vm.node_id, Vm.seed_pool, Vm.seed_volume).where(Vm.seed_volume.is_not(None))
-    for node_id, pool, name in db.session.execute(seeds.where(Vm.node_id.in_(hosts))):
-        owned[node_id].setdefault(pool, set()).add(name)
-    copies = select(ImageCopy.node_id, ImageCopy.pool, ImageCopy.volume_name)
-    for node_id, pool, name in db.session.execute(copies.where(ImageCopy.node_id.in_(hosts))):
-        owned[node_id].setdefault(pool, set()).add(name)
-    # a shared pool's volumes show on every node that has the pool
-    shared = (
-        select(Storage.pool, Storage.volume_name)
-        .join(StorageType, StorageType.id == Storage.storage_type_id)
-        .where(StorageType.shared.is_(True))
-    )
-    for pool, name in db.session.execute(shared):
-        for node_id in hosts:
-            owned[node_id].setdefault(pool, set()).add(name)
-    pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
-    driver = hypervisor()
-
-    def listing(node_id: int) -> dict[str, list[str] | None]:
-        found: dict[str, list[str] | None] = {}
-        for pool in pools[node_id]:
-            try:
-                found[pool] = driver.volumes(hosts[node_id].uri, pool)
-            except PoolNotFound:
-                found[pool] = None  # not on this node: nothing of ours can be in it
-        return found
-
-    answers = on_hosts({node_id: node_id for node_id in hosts}, listing, workers)
-    findings = []
-    for node_id, answer in answers.items():
-        fqdn = hosts[node_id].node.fqdn
-        if isinstance(answer, HypervisorError):
-            findings.append(Finding("unreachable", fqdn, "-", f"listing volumes: {answer.reason}"))
-            continue
-        for pool, names in answer.items():
-            for name in names or []:
-                if (node_id, VOLUME, pool, name) in listed:
-                    continue
-                if name not in owned[node_id].get(pool, set()):
-                    findings.append(
-                        Finding(
-                            "unowned_volume",
-                            fqdn,
-                            f"{pool}/{name}",
-                            "no storage row or image copy owns it",
-                        )
-                    )
-    return findings
