@@ -1,8 +1,9 @@
 """Fixtures of the hypervisor tier (real libvirtd).
 
-The stream and console-log tests: everything they make is named ``vmapi-streamtest-*``
-(a dir pool of each test's own, its volumes, tiny ``type='qemu'`` domains) and removed
-even when a test fails; leftovers of an interrupted run are removed first.
+The stream, console-log and disk-copy tests: everything they make is named
+``vmapi-streamtest-*`` (a dir pool of each test's own, its volumes, tiny ``type='qemu'``
+domains) and removed even when a test fails; leftovers of an interrupted run are removed
+first.
 Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py), started once a
 session (``host_pair``).
 Boot from an image (test_boot, test_boot_faults, test_seed_api, test_guest_network): one

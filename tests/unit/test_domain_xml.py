@@ -6,6 +6,7 @@ import pytest
 
 from vmapi.hypervisor import DiskSpec, DomainSpec
 from vmapi.hypervisor.libvirt.config import (
+    GUEST_AGENT_PORT,
     METADATA_NS,
     BackingStore,
     CpuTune,
@@ -51,10 +52,24 @@ def test_kvm_domain():
       <clock offset="utc"/>
       <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
       <devices>
-        <serial type="pty"/><console type="pty"/><memballoon model="virtio"/>
+        <serial type="pty"/><console type="pty"/>
+        <channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/></channel>
+        <memballoon model="virtio"/>
       </devices>
     </domain>"""
     assert same_xml(design(spec()).to_xml(), expected)
+
+
+def test_a_pc_domain_has_the_guest_agent_port_and_the_test_driver_none():
+    (channel,) = ET.fromstring(design(spec()).to_xml()).findall("devices/channel")
+    assert same_xml(
+        ET.tostring(channel, encoding="unicode"),
+        '<channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/></channel>',
+    )
+    for domain_type in ("kvm", "qemu"):
+        root = ET.fromstring(design(spec(domain_type=domain_type)).to_xml())
+        assert root.find("devices/channel/target").get("name") == GUEST_AGENT_PORT
+    assert ET.fromstring(design(spec(domain_type="test")).to_xml()).find("devices/channel") is None
 
 
 def test_no_cputune_without_limit_and_no_current_when_equal():
@@ -121,7 +136,8 @@ def test_console_log_on_the_serial_port_and_firmware_messages_there_too():
         '<bios useserial="yes"/></os>',
     )
     # the serial port stays the guest's console
-    assert [el.tag for el in root.find("devices")] == ["serial", "console", "memballoon"]
+    assert [el.tag for el in root.find("devices")] == ["serial", "console", "channel",
+                                                      "memballoon"]  # fmt: skip
 
 
 def test_no_console_log_no_log_element_and_no_serial_firmware():

@@ -506,9 +506,14 @@ class HypervisorDriver(Protocol):
         """Create volume ``name`` in ``pool`` as a qcow2 copy that stands alone (no backing
         file) of volume ``source`` of ``source_pool``: the content of its whole backing
         chain as it is now, flattened (nothing may write it meanwhile: a shut-off
-        domain's disk, an image's base copy), all within ``timeout`` seconds. On any
-        failure nothing named ``name`` is left; ``VolumeExists`` leaves the existing
-        volume alone. Returns the new volume's path."""
+        domain's disk, an image's base copy), all within ``timeout`` seconds. The copy
+        has the source's virtual size (libvirt's conversion keeps it whatever capacity
+        is asked: a larger volume is a :meth:`resize_volume` afterwards). On any failure
+        nothing named ``name`` is left; past the timeout libvirt cannot stop the
+        conversion it began, so the volume is deleted as soon as it is made (within the
+        driver's own timeout more, or later: until then :meth:`delete_volume` is refused
+        with ``OperationInvalid``). ``VolumeExists`` leaves the existing volume alone.
+        Returns the new volume's path."""
         ...
 
     def copy_disk_live(
@@ -525,10 +530,14 @@ class HypervisorDriver(Protocol):
         into a new qcow2 volume ``volume`` of ``pool`` (made here, the disk's capacity):
         a block copy of the disk's whole chain, flattened, that is ended without a pivot
         once source and copy are in sync, so the copy holds the disk as it was at that
-        moment, the guest never pauses and its disk chain is exactly as before. With
-        ``quiesce`` the guest's file systems are frozen through its agent for that
-        moment only (``NoGuestAgent`` before anything is made when none answers). All
-        within ``timeout`` seconds; on any failure the job is aborted and the volume
+        moment, the guest never pauses and its disk chain is exactly as before (checked
+        after). With ``quiesce`` the guest's file systems are frozen through its agent
+        for that moment only (``NoGuestAgent`` before anything is made when none
+        answers; they are thawed whatever happens). ``OperationInvalid`` when the domain
+        is not running or the disk has a block job already, ``NotSupported`` when the
+        domain has no such disk, ``VolumeExists`` (that volume left alone) when the name
+        is taken. All within ``timeout`` seconds (the clean-up after it within the
+        driver's own timeout); on any failure the job is aborted and the volume
         deleted. Returns the volume's path."""
         ...
 

@@ -167,6 +167,23 @@ class Serial(XmlObject):
         return el
 
 
+#: The virtio-serial port QEMU's guest agent (qemu-ga) opens inside the guest.
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+@dataclass
+class GuestAgentChannel(XmlObject):
+    """``<channel type='unix'>`` to the guest agent's virtio port: libvirt makes the
+    socket on the host (in its own state directory, left out of a migration's XML) and
+    talks through it to qemu-ga when the guest runs one (to freeze its file systems for
+    a copy of a disk). A guest without an agent never opens the port: nothing answers."""
+
+    def element(self) -> ET.Element:
+        el = ET.Element("channel", type="unix")
+        ET.SubElement(el, "target", type="virtio", name=GUEST_AGENT_PORT)
+        return el
+
+
 def filterref(name: str, params: list[tuple[str, str]]) -> ET.Element:
     """``<filterref>`` to a network filter, its variables as repeated ``<parameter>``s."""
     el = ET.Element("filterref", filter=name)

@@ -13,6 +13,7 @@ from vmapi.hypervisor.libvirt.config import (
     Disk,
     Domain,
     Graphics,
+    GuestAgentChannel,
     Memory,
     Metadata,
     Nic,
@@ -65,6 +66,8 @@ def design(spec: DomainSpec) -> Domain:
             # crash survives the next start.
             Serial(log=spec.console_log, append=True),
             Device("console", {"type": "pty"}),
+            # the guest agent's port, for a guest that runs qemu-ga (a quiesced copy)
+            GuestAgentChannel(),
             Device("memballoon", {"model": "virtio"}),
         ]
         # The firmware's messages (boot device, "No bootable device") belong in the log too.

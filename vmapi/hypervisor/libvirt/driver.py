@@ -8,6 +8,8 @@ over :class:`~.calls.LibvirtCalls` (the timeout, the connection cache, the bound
 - :mod:`.live` - changes to a running domain (CPUs, memory, display, disks);
 - :mod:`.storage` - pools, volumes and their streams, log volumes;
 - :mod:`.migration` - moving a domain to another host;
+- :mod:`.copies` - standalone copies of disks: a volume cloned, a running disk copied;
+- :mod:`.nwfilter` - network filters;
 
 and the host's own capacity, here.
 """
@@ -15,6 +17,7 @@ and the host's own capacity, here.
 from __future__ import annotations
 
 from vmapi.hypervisor.driver import HostInfo
+from vmapi.hypervisor.libvirt.copies import CopyCalls
 from vmapi.hypervisor.libvirt.domains import DomainCalls
 from vmapi.hypervisor.libvirt.live import LiveCalls
 from vmapi.hypervisor.libvirt.migration import MigrationCalls
@@ -24,7 +27,7 @@ from vmapi.hypervisor.libvirt.storage import StorageCalls
 MIB = 1024 * 1024
 
 
-class LibvirtDriver(DomainCalls, LiveCalls, StorageCalls, MigrationCalls, FilterCalls):
+class LibvirtDriver(DomainCalls, LiveCalls, StorageCalls, MigrationCalls, FilterCalls, CopyCalls):
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
     # ------------------------------------------------------------------ host
