@@ -92,7 +92,8 @@ format: venv
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
-# BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout images boot calls filters
+# BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout streams images boot
+# migration calls arrays health filters backups save
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

@@ -32,6 +32,7 @@ SUITE = (
     "arrays",
     "health",
     "filters",
+    "backups",
     "save",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"

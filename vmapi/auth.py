@@ -48,6 +48,11 @@ class Principal:
         return self.role == ADMIN
 
 
+#: The admin CLI acts with admin rights (it runs on the API host with its database
+#: credentials); its changes are recorded as the user who ran it (services/audit.py).
+CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
+
+
 def generate_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 

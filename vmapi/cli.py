@@ -15,7 +15,8 @@ from sqlalchemy import select
 from vmapi import models
 from vmapi.api.network import ipv4, ipv6_pool
 from vmapi.api.node import node, virt_node
-from vmapi.auth import ADMIN, CUSTOMER, Principal
+from vmapi.auth import ADMIN, CLI_PRINCIPAL, CUSTOMER
+from vmapi.cli_backup import backup_cli
 from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.models import Image, Node, NodeState
@@ -46,9 +47,7 @@ vmapi_cli.add_command(event_cli)
 vmapi_cli.add_command(network_cli)
 vmapi_cli.add_command(console_cli)
 vmapi_cli.add_command(image_cli)
-
-#: The CLI acts with admin rights (it runs on the API host with its database credentials).
-CLI_PRINCIPAL = Principal(token_id=0, name="cli", role=ADMIN)
+vmapi_cli.add_command(backup_cli)
 
 
 @vmapi_cli.command("seed")

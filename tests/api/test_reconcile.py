@@ -1,14 +1,21 @@
-"""flask vmapi reconcile: drift between libvirt and the database is found, and fixed safely."""
+"""flask vmapi reconcile: drift between libvirt and the database is found, and fixed safely;
+saves that died part-way are cleaned up, those in flight left alone."""
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import GIB, vm_body
+from tests.conftest import GIB, MIB, vm_body
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, DomainSpec, VolumeNotFound
-from vmapi.models import Node, Vm
+from vmapi.models import Image, Leftover, Node, Vm
+from vmapi.models.image import SAVING
+from vmapi.models.leftover import VOLUME
+from vmapi.services.leftovers import note_leftover, remove_leftover
+from vmapi.services.names import save_volume_name
+from vmapi.services.nodes.hosts import Host
 
 pytestmark = pytest.mark.embedded
 
@@ -191,3 +198,81 @@ def test_unreachable_node_is_reported(app, api, runner, make_node):
     make_node(libvirt_uri="qemu+tcp://127.0.0.1:1/system", cores=1, ram=GIB)
     code, output = reconcile(runner, fix=True)
     assert code == 1 and "unreachable" in output
+
+
+def saving(app, driver, node, vm_id, age):
+    """A save of vm ``vm_id`` started ``age`` ago: its ``saving`` image row, the ledger
+    entry of its temporary copy and the copy itself on the node (a real volume). Its
+    image id and the copy's name."""
+    uri = node["libvirt_uri"]
+    with app.app_context():
+        image = Image(name="saved", format="qcow2", state=SAVING, kind="snapshot", size=MIB,
+                      source_vm_id=vm_id, created_at=datetime.now(UTC) - age)  # fmt: skip
+        db.session.add(image)
+        db.session.flush()
+        copy = save_volume_name(image.id)
+        note_leftover(node["id"], VOLUME, copy, f"the temporary copy saving image {image.id}",
+                      vm_id, "vmapi")  # fmt: skip
+        db.session.commit()
+        ident = image.id
+        db.session.remove()
+    driver.ensure_pool(uri, "vmapi", "/vmapi")
+    driver.create_volume(uri, "vmapi", copy, MIB, "qcow2")
+    return ident, copy
+
+
+def ledger(app):
+    with app.app_context():
+        found = [
+            (left.kind, left.pool, left.name) for left in db.session.scalars(sa.select(Leftover))
+        ]
+        images = [(i.id, i.state) for i in db.session.scalars(sa.select(Image))]
+        db.session.remove()
+    return found, images
+
+
+def test_a_dead_save_is_cleaned_up(app, api, runner, vm_host, test_method, driver):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    image, copy = saving(app, driver, node, vm["id"], timedelta(hours=3))
+    code, output = reconcile(runner)
+    assert code == 1
+    assert re.search(rf"found  stale_save +image {image} +on {node['fqdn']}: saving since ", output)
+    assert f"leftover        vmapi/{copy}" in output
+    assert ledger(app) == ([("volume", "vmapi", copy)], [(image, SAVING)])
+    code, output = reconcile(runner, fix=True)
+    assert code == 0, output
+    assert f"image {image}: a save that died part-way" in output
+    assert re.search(rf"fixed  leftover +vmapi/{copy} .*; volume deleted", output)
+    assert copy not in driver.volumes(node["libvirt_uri"], "vmapi")
+    assert ledger(app) == ([], [])
+    assert reconcile(runner) == (0, "0 finding(s), 0 fixed, 0 left\n")
+
+
+def test_a_save_in_flight_keeps_its_copy(app, api, runner, vm_host, test_method, driver):
+    node = vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    image, copy = saving(app, driver, node, vm["id"], timedelta(seconds=5))
+    # neither reported nor touched: the save may still be making it
+    assert reconcile(runner) == (0, "0 finding(s), 0 fixed, 0 left\n")
+    assert reconcile(runner, fix=True) == (0, "0 finding(s), 0 fixed, 0 left\n")
+    assert copy in driver.volumes(node["libvirt_uri"], "vmapi")
+    assert ledger(app) == ([("volume", "vmapi", copy)], [(image, SAVING)])
+    # nor by the ledger's own removal (a reconcile that read the ledger as the save began)
+    with app.app_context():
+        [left] = db.session.scalars(sa.select(Leftover)).all()
+        done = remove_leftover(left, Host.of(node["id"]))
+        assert done.endswith("a save still in flight; kept, and still listed")
+        db.session.remove()
+    assert copy in driver.volumes(node["libvirt_uri"], "vmapi")
+    assert ledger(app) == ([("volume", "vmapi", copy)], [(image, SAVING)])
+    # still listed, so once the save is past its time its copy goes with it
+    with app.app_context():
+        db.session.execute(
+            sa.update(Image).values(created_at=datetime.now(UTC) - timedelta(hours=3))
+        )
+        db.session.commit()
+        db.session.remove()
+    assert reconcile(runner, fix=True)[0] == 0
+    assert copy not in driver.volumes(node["libvirt_uri"], "vmapi")
+    assert ledger(app) == ([], [])

@@ -71,7 +71,7 @@ def test_the_units_commands_run(server, tmp_path):
     status, _ = server.call("POST", "node", node_body(libvirt_uri="test:///default"))
     assert status == 201
     for unit in ("vmapi-node-check.service", "vmapi-reconcile.service",
-                 "vmapi-event-purge.service"):  # fmt: skip
+                 "vmapi-event-purge.service", "vmapi-backup.service"):  # fmt: skip
         done = subprocess.run(exec_start(unit), cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, (unit, done.stdout, done.stderr)

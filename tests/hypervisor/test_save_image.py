@@ -27,10 +27,12 @@ import sqlalchemy as sa
 
 from tests.conftest import MIB
 from tests.errors import assert_error
+from tests.faults import FaultyDriver
 from tests.guest import console
 from tests.hypervisor.boot_env import IMAGE_POOL, LOG_DIR, BootEnv, wait_for_guest
 from tests.hypervisor.qemu_host import INSTALLATION
 from vmapi.extensions import db
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -138,7 +140,7 @@ def test_a_running_vm_is_saved_without_a_pause(env, guest, live_save):
     assert (image["state"], image["kind"], image["format"]) == ("active", "snapshot", "qcow2")
     assert image["source"] == {"vm": {"id": vm["id"]}}
     assert image["customer_id"] == vm["customer_id"]
-    assert "crash-consistent" in " ".join(live_save["answer"]["messages"])
+    assert "crash-consistent" in live_save["answer"]["message"]
     # the guest kept ticking (once a second; a paused guest would leave a gap), and it
     # never restarted: the same boot, the same domain
     ticks = [n for _, n in watch.arrivals]
@@ -195,11 +197,12 @@ def test_a_volume_and_a_shut_off_vm_are_saved(env, image, tmp_path):
     live = env.api.post(f"storage/{volume['id']}/image", json={"name": "data"})
     assert live.status_code == 201, live.json
     assert live.json["data"]["source"] == {"storage": {"id": volume["id"]}}
-    stopped = env.api.update(f"vm/{vm['id']}", json={"vm_state": {"id": state_id(env, "shutoff")}})
+    off = {"vm_state": {"id": state_id(env, "shutoff")}}
+    stopped = env.api.update(f"vm/{vm['id']}?force=true", json=off)
     assert stopped.status_code == 200, stopped.json
     offline = env.api.post(f"vm/{vm['id']}/image", json={"name": "off", "quiesce": True})
     assert offline.status_code == 201, offline.json
-    assert "the VM was shut off" in " ".join(offline.json["messages"])
+    assert "the VM was shut off" in offline.json["message"]
     got = env.api.get(f"image/{offline.json['data']['id']}/file")
     path = tmp_path / "off.qcow2"
     path.write_bytes(got.data)
@@ -214,3 +217,33 @@ def test_a_volume_and_a_shut_off_vm_are_saved(env, image, tmp_path):
 def state_id(env: BootEnv, name: str) -> int:
     states = env.api.get("vm_state").json["data"].values()
     return next(s["id"] for s in states if s["name"] == name)
+
+
+def test_a_failed_read_back_is_undone_and_what_stays_is_listed(env, guest):
+    """The live copy is made, its read back fails and so does the undo's deletion of the
+    copy: the VM runs on its chain as before, no image is left, and the copy is listed in
+    the ledger until reconcile --fix removes it."""
+    vm = guest["vm"]
+    before = (env.api.get("image").json["data"].keys(), disks(env, vm))
+    real = env.app.extensions[DRIVER_KEY]
+    faults = env.app.extensions[DRIVER_KEY] = FaultyDriver(real)
+    try:
+        faults.fail("download_volume")
+        faults.fail("delete_volume")
+        failed = env.api.post(f"vm/{vm['id']}/image", json={"name": "x"})
+    finally:
+        env.app.extensions[DRIVER_KEY] = real
+    error = assert_error(failed, 502, "vm/hypervisor_error")
+    assert error["data"]["step"] == "reading the copy back"
+    assert "copy_disk_live" in faults.calls
+    assert (env.api.get("image").json["data"].keys(), disks(env, vm)) == before
+    assert domain(env, vm).blockJobInfo("vda", 0) == {}
+    [copy] = [v for v in env.pool_volumes() if f"{INSTALLATION}-save-" in v]
+    with env.app.app_context():
+        rows = db.session.execute(sa.text("SELECT name, reason FROM leftover")).all()
+        db.session.remove()
+    assert [name for name, _ in rows] == [copy]
+    assert rows[0][1].startswith("undo step failed: deleting the temporary copy")
+    fixed = env.app.test_cli_runner().invoke(args=["vmapi", "reconcile", "--fix"])
+    assert "volume deleted" in fixed.output, fixed.output
+    nothing_left(env, vm)

@@ -192,3 +192,17 @@ def test_workers_learn_the_timeout_a_move_must_fit_in(monkeypatch, tmp_path):
     assert migration + 2 * DEFAULTS["LIBVIRT_TIMEOUT"][0] < worker == 60.0
     settings["on_starting"](SimpleNamespace(cfg=SimpleNamespace(timeout=300)))
     assert os.environ["VMAPI_WORKER_TIMEOUT"] == "300"
+
+
+def test_the_backup_timer_runs_every_opted_in_vm_nightly():
+    assert unit_exec("vmapi-backup.service") == [
+        "/opt/vmapi/.venv/bin/flask --app wsgi vmapi backup run --all"
+    ]
+    timer = (DEPLOY / "systemd" / "vmapi-backup.timer").read_text()
+    assert re.search(r"^OnCalendar=\*-\*-\* \d\d:\d\d:\d\d$", timer, re.MULTILINE)  # daily
+    assert re.search(r"^RandomizedDelaySec=\S+$", timer, re.MULTILINE)
+    assert re.search(r"^Persistent=true$", timer, re.MULTILINE)  # a night missed runs at boot
+    service = (DEPLOY / "systemd" / "vmapi-backup.service").read_text()
+    # a run may take long, but ends before the next night's
+    hours = int(re.search(r"^TimeoutStartSec=(\d+)h$", service, re.MULTILINE).group(1))
+    assert 1 <= hours < 24

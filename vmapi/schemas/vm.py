@@ -15,6 +15,7 @@ from vmapi.guest_inputs import (
     validate_user_data,
 )
 from vmapi.schemas.base import (
+    INT32_MAX,
     BaseSchema,
     Bool,
     Int,
@@ -84,6 +85,14 @@ class VmSchema(BaseSchema):
         validate=validate.Range(
             min=1000, max=1000000, error="Must be between 1000 and 1000000 µs per period."
         ),
+    )
+    backup_keep = Int(
+        allow_none=True,
+        validate=positive(INT32_MAX),
+        metadata={
+            "description": "How many of its backups flask vmapi backup run keeps (the newest; "
+            "older ones are deleted). null: the VM is not backed up. Admins only.",
+        },
     )
     # on_update / on_create False: refused there (vm/immutable_field; a new VM is started)
     uuid = UuidStr(allow_none=True, metadata={"on_update": False})

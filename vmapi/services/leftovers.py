@@ -162,8 +162,9 @@ def owned_there(leftover: Leftover) -> bool:
 
 def remove_leftover(leftover: Leftover, host: Host) -> str:
     """Remove a listed leftover from its (answering) node and strike it off; what was
-    done. A domain is removed only if it carries this installation's metadata (anything
-    else of that name is not ours to touch). Hypervisor errors are the caller's."""
+    done. The copy of a save in flight stays, and stays listed. A domain is removed only
+    if it carries this installation's metadata (anything else of that name is not ours to
+    touch). Hypervisor errors are the caller's."""
     where = leftover.name if leftover.kind == DOMAIN else f"{leftover.pool}/{leftover.name}"
     if leftover.kind == VOLUME and save_in_flight(leftover.name):
         return f"{where} is the copy of a save still in flight; kept, and still listed"

@@ -25,6 +25,8 @@ Findings, one per domain, VM or volume:
   or by an undo step that failed (its detail names the step) (services/leftovers.py);
   fix: removed once the node answers (unless a row owns it there again). On a node that
   does not answer it waits.
+- ``stale_save``: an image ``saving`` long after its save's time (its process died); fix:
+  services/images/stale_saves.py (its copy, a listed leftover, then goes as one).
 - ``misplaced``: a domain of ours whose VM is recorded on another node, neither a listed
   leftover nor an interrupted move; reported.
 - ``filter_differs``: a network filter the node's VMs need that it lacks or holds
@@ -32,7 +34,7 @@ Findings, one per domain, VM or volume:
   of this installation's filters no VM of the node uses; fix: the node's filters are
   brought in line with the database (services/network/protection.py).
 Domains are matched with VMs by the name stored on the VM's row. Young ``building``
-rows are skipped: their request may still be running.
+rows and the listed copies of saves in flight are skipped: their requests may still run.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from vmapi.models import ImageCopy, Leftover, Node, Storage, StorageType, Vm, Vm
 from vmapi.models.leftover import DOMAIN, VOLUME
 from vmapi.services.consoles.log import delete_console_log
 from vmapi.services.images.copies import remove_if_unused
-from vmapi.services.leftovers import leftovers_on, remove_leftover
+from vmapi.services.images.stale_saves import forget_stale, stale_images
+from vmapi.services.leftovers import leftovers_on, remove_leftover, save_in_flight
 from vmapi.services.locks import vm_locks
 from vmapi.services.moves.books import settle
 from vmapi.services.names import installation_id
@@ -126,6 +129,7 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
             if finding:
                 findings.append(finding)
     findings += [_check_move(vm, fix) for vm in moving.values()]
+    findings += _stale_saves(fix)  # first: the copies of the saves it forgets are leftovers
     findings += _leftovers(nodes, answering, fix)
     findings += _stale_copies(answering, fix)
     findings += _filters(answering, fix)
@@ -178,6 +182,21 @@ def _check_move(vm: Vm, fix: bool) -> Finding:
     return finding
 
 
+def _stale_saves(fix: bool) -> list[Finding]:
+    """Saves that died part-way: reported, or (fix) cleaned up by the sweep."""
+    findings = []
+    for image in stale_images():
+        vm = db.session.get(Vm, image.source_vm_id or 0)
+        node = db.session.get(Node, vm.node_id).fqdn if vm else "-"
+        finding = Finding("stale_save", node, f"image {image.id}",
+                          f"saving since {image.created_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+        if fix:
+            finding.detail = forget_stale(image)
+            finding.fixed = True
+        findings.append(finding)
+    return findings
+
+
 def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list[Finding]:
     """Listed leftovers: removed where the node answers, waiting where it does not (and
     while the VM they belong to is still moving: a running move is using them)."""
@@ -185,6 +204,8 @@ def _leftovers(nodes: list[Node], answering: dict[int, Host], fix: bool) -> list
     moving = set(db.session.scalars(select(Vm.id).where(Vm.migration_node_id.is_not(None))))
     for node in nodes:
         for left in leftovers_on(node.id):
+            if left.kind == VOLUME and save_in_flight(left.name):
+                continue  # listed before it is made: its save's, as a young building row
             where = left.name if left.kind == DOMAIN else f"{left.pool}/{left.name}"
             finding = Finding("leftover", node.fqdn, where, f"{left.kind} {left.reason}")
             host = answering.get(node.id)

@@ -31,15 +31,17 @@ def stale_images() -> list[Image]:
 
 def sweep() -> list[str]:
     """Clean up after every save that died part-way; what was done, one line each."""
-    done = []
-    for image in stale_images():
-        note = end_copy_job(image)
-        db.session.delete(image)
-        db.session.commit()
-        when = f"{image.created_at:%Y-%m-%d %H:%M}"
-        done.append(f"image {image.id}: a save that died part-way ({when} UTC) was forgotten"
-                    f"{note}")  # fmt: skip
-    return done
+    return [forget_stale(image) for image in stale_images()]
+
+
+def forget_stale(image: Image) -> str:
+    """Clean up after one save that died part-way (its copy job ended, its row
+    forgotten); what was done."""
+    ident, when = image.id, f"{image.created_at:%Y-%m-%d %H:%M}"
+    note = end_copy_job(image)
+    db.session.delete(image)
+    db.session.commit()
+    return f"image {ident}: a save that died part-way ({when} UTC) was forgotten{note}"
 
 
 def end_copy_job(image: Image) -> str:

@@ -120,7 +120,8 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
     """Lock the row, claim (or release) the size difference, store the new values."""
     try:
         vm = db.session.scalars(select(Vm).where(Vm.id == plan.vm_id).with_for_update()).one()
-        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", *GUEST_FIELDS)}
+        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", "backup_keep",
+                                           *GUEST_FIELDS)}  # fmt: skip
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram
         owner = plan.changes.get("customer_id", vm.customer_id)

@@ -57,6 +57,8 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
             raise Forbidden("A customer token may create VMs only for its own customer id.")
         if data.get("node_id") is not None:
             raise Forbidden("A customer token may not choose the node of a VM.")
+        if data.get("backup_keep") is not None:
+            raise Forbidden("A customer token may not set backup_keep; admins choose backups.")
         data["customer_id"] = principal.customer_id
     method = db.session.get(VirtMethod, data["virt_method_id"])
     if method is None:

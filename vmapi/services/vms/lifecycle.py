@@ -48,6 +48,8 @@ def plan_update(vm: Vm, data: dict[str, Any], principal: Principal) -> UpdatePla
         )
     if not principal.is_admin and "customer_id" in data and data["customer_id"] != vm.customer_id:
         raise Forbidden("A customer token may not change the customer of a VM.")
+    if not principal.is_admin and "backup_keep" in data and data["backup_keep"] != vm.backup_keep:
+        raise Forbidden("A customer token may not change backup_keep; admins choose backups.")
     target = None
     if "vm_state_id" in data:
         row = db.session.get(VmState, data.pop("vm_state_id"))

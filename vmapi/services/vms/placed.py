@@ -107,6 +107,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
             ram=data["ram"],
             customer_id=data.get("customer_id"),
             cputime_limit=data.get("cputime_limit"),
+            backup_keep=data.get("backup_keep"),
             hostname=data.get("hostname"),
             ssh_keys=data.get("ssh_keys", []),
             user_data=data.get("user_data"),

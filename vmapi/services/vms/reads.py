@@ -57,6 +57,7 @@ HEAD = (
     VM.c.ram,
     VM.c.customer_id,
     VM.c.cputime_limit,
+    VM.c.backup_keep,
     VM.c.uuid,
     VM.c.node_id,
     VM.c.virt_method_id,
@@ -101,8 +102,8 @@ def _ref(ident: int | None) -> dict[str, int] | None:
 
 def _answer(row: Any) -> dict[str, Any]:
     """One VM as ``VmSchema`` dumps it (the order of keys is the schema's)."""
-    (ident, cores, ram, customer_id, cputime_limit, uuid, node_id, virt_method_id,
-     vm_state_id, image_id, domain_name, interface_ids, hostname, ssh_keys,
+    (ident, cores, ram, customer_id, cputime_limit, backup_keep, uuid, node_id,
+     virt_method_id, vm_state_id, image_id, domain_name, interface_ids, hostname, ssh_keys,
      user_data_set) = row  # fmt: skip
     if interface_ids:  # ordered by id, as the relationship is
         interfaces = [{"id": i} for i in sorted(map(int, interface_ids.split(",")))]
@@ -114,6 +115,7 @@ def _answer(row: Any) -> dict[str, Any]:
         "ram": ram,
         "customer_id": customer_id,
         "cputime_limit": cputime_limit,
+        "backup_keep": backup_keep,
         "uuid": uuid,
         "node": _ref(node_id),
         "virt_method": _ref(virt_method_id),
