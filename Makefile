@@ -93,7 +93,7 @@ format: venv
 	@$(BIN)/ruff format .
 
 # BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout streams images boot
-# migration calls arrays health filters backups
+# migration calls arrays health filters backups save
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

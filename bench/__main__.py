@@ -33,6 +33,7 @@ SUITE = (
     "health",
     "filters",
     "backups",
+    "save",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 

@@ -204,7 +204,7 @@ class CopyCalls(LibvirtCalls):
     #: test may set it per driver
     disk_copy_bandwidth: int = 0
     #: seconds between two looks at a live copy's job
-    disk_copy_poll: float = 0.1
+    disk_copy_poll: float = 0.02
 
     def clone_volume(
         self, uri: str, pool: str, name: str, source_pool: str, source: str, timeout: float
