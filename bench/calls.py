@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from vmapi.hypervisor.driver import HypervisorTimeout
+from vmapi.hypervisor.errors import HypervisorTimeout
 from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.connection import open_connection
 

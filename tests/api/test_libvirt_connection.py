@@ -11,12 +11,12 @@ import pytest
 from tests.conftest import GIB, node_body, unavailable, vm_body
 from tests.errors import assert_error
 from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavailable
-from vmapi.hypervisor.driver import DomainSpec
 from vmapi.hypervisor.libvirt import LibvirtDriver
 from vmapi.hypervisor.libvirt import channel as channel_module
 from vmapi.hypervisor.libvirt import connection as connection_module
 from vmapi.hypervisor.libvirt.config import StoragePool
 from vmapi.hypervisor.libvirt.connection import ConnectionCache
+from vmapi.hypervisor.specs import DomainSpec
 
 
 def test_connection_is_reused_while_alive():

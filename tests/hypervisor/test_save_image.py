@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 import threading
 import time
@@ -210,8 +211,40 @@ def test_a_volume_and_a_shut_off_vm_are_saved(env, image, tmp_path):
     compared = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(path), overlay)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     nothing_left(env, vm)
+
+    # the data volume, shut off: written, saved, changed, then restored into a new volume
+    # that holds what was saved
+    data = volume_path(env, f"{INSTALLATION}-storage-{volume['id']}")
+    saved_bytes = write_volume(data, tmp_path / "a.raw", b"saved")
+    kept = env.api.post(f"storage/{volume['id']}/image", json={"name": "data, shut off"})
+    assert kept.status_code == 201, kept.json
+    write_volume(data, tmp_path / "b.raw", b"changed")
+    restored = env.api.post("storage", json={"vm": {"id": vm["id"]}, "storage_type": {"id": 1},
+                                             "image": {"id": kept.json["data"]["id"]}})  # fmt: skip
+    assert restored.status_code == 201, restored.json
+    new = volume_path(env, f"{INSTALLATION}-storage-{restored.json['data']['id']}")
+    assert raw_sha256(new, tmp_path / "new.raw") == hashlib.sha256(saved_bytes).hexdigest()
+    assert raw_sha256(data, tmp_path / "now.raw") != hashlib.sha256(saved_bytes).hexdigest()
     gone = env.api.delete(f"vm/{vm['id']}?cascade=storage")
     assert gone.status_code == 200, gone.json
+
+
+def write_volume(volume: str, scratch: Path, word: bytes) -> bytes:
+    """Fill a shut-off VM's qcow2 volume with a known raw content (``word`` repeated, then
+    random bytes) through qemu-img; the content."""
+    size = 8 * MIB
+    content = (word * (MIB // len(word) + 1))[:MIB] + os.urandom(size - MIB)
+    scratch.write_bytes(content)
+    done = qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(scratch), volume)
+    assert done.returncode == 0, done.stderr
+    return content
+
+
+def raw_sha256(volume: str, scratch: Path) -> str:
+    """sha256 of a qcow2 volume's content, read by qemu-img as raw."""
+    done = qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", volume, str(scratch))
+    assert done.returncode == 0, done.stderr
+    return hashlib.sha256(scratch.read_bytes()).hexdigest()
 
 
 def state_id(env: BootEnv, name: str) -> int:

@@ -4,7 +4,24 @@ Nothing here imports Flask, the models or the session; only ``hypervisor/libvirt
 imports ``libvirt``.
 """
 
-from vmapi.hypervisor.driver import (
+from vmapi.hypervisor.driver import HypervisorDriver
+from vmapi.hypervisor.errors import (
+    DomainNotFound,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    NameTaken,
+    NoDisplay,
+    NoGuestAgent,
+    NoNetworkFilters,
+    NotSupported,
+    OperationInvalid,
+    PoolNotFound,
+    UriRefused,
+    VolumeExists,
+    VolumeNotFound,
+)
+from vmapi.hypervisor.specs import (
     CHUNK_SIZE,
     CRASHED,
     ERROR,
@@ -15,31 +32,16 @@ from vmapi.hypervisor.driver import (
     DisplayInfo,
     DisplaySpec,
     DomainInfo,
-    DomainNotFound,
     DomainSpec,
     FilterRule,
     GroupFilter,
     GuardFilters,
     HostInfo,
-    HypervisorDriver,
-    HypervisorError,
-    HypervisorTimeout,
-    HypervisorUnavailable,
     LogTail,
     MigrationStats,
-    NameTaken,
     NetworkFilter,
     NicSpec,
-    NoDisplay,
-    NoGuestAgent,
-    NoNetworkFilters,
-    NotSupported,
-    OperationInvalid,
-    PoolNotFound,
     PortFilter,
-    UriRefused,
-    VolumeExists,
-    VolumeNotFound,
     read_chunks,
 )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmapi.hypervisor.driver import DomainSpec
+from vmapi.hypervisor.specs import DomainSpec
 
 #: actions that answer an iterator: timed until it is exhausted, fails or is closed
 STREAM_ACTIONS = frozenset({"download_volume"})

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import libvirt
 
-from vmapi.hypervisor.driver import HypervisorTimeout, HypervisorUnavailable
+from vmapi.hypervisor.errors import HypervisorTimeout, HypervisorUnavailable
 from vmapi.hypervisor.libvirt.connection import Channel, ConnectionCache, translate
 from vmapi.hypervisor.uri import UriPolicy
 

@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import libvirt
 
-from vmapi.hypervisor.driver import HypervisorTimeout, HypervisorUnavailable
+from vmapi.hypervisor.errors import HypervisorTimeout, HypervisorUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

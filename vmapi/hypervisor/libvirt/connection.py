@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
+from vmapi.hypervisor.errors import (
     DomainNotFound,
     HypervisorError,
     HypervisorTimeout,

@@ -40,7 +40,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
+from vmapi.hypervisor.errors import (
     HypervisorError,
     HypervisorTimeout,
     NoGuestAgent,

@@ -6,7 +6,6 @@ this module decides, ``config`` only writes.
 
 from __future__ import annotations
 
-from vmapi.hypervisor.driver import DiskSpec, DomainSpec, NicSpec
 from vmapi.hypervisor.libvirt.config import (
     CpuTune,
     Device,
@@ -22,6 +21,7 @@ from vmapi.hypervisor.libvirt.config import (
     Vcpu,
 )
 from vmapi.hypervisor.libvirt.nwfilter import filter_params
+from vmapi.hypervisor.specs import DiskSpec, DomainSpec, NicSpec
 
 #: Domain types that emulate a PC with firmware (ACPI power button, clock, balloon).
 PC_TYPES = frozenset({"kvm", "qemu"})

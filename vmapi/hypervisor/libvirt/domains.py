@@ -6,18 +6,10 @@ import logging
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
-    CRASHED,
-    ERROR,
-    PAUSED,
-    RUNNING,
-    SHUTOFF,
-    DomainInfo,
-    DomainSpec,
-)
 from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.config import METADATA_NS, Metadata
 from vmapi.hypervisor.libvirt.designer import design
+from vmapi.hypervisor.specs import CRASHED, ERROR, PAUSED, RUNNING, SHUTOFF, DomainInfo, DomainSpec
 
 log = logging.getLogger(__name__)
 

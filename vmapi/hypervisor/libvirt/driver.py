@@ -16,13 +16,13 @@ and the host's own capacity, here.
 
 from __future__ import annotations
 
-from vmapi.hypervisor.driver import HostInfo
 from vmapi.hypervisor.libvirt.copies import CopyCalls
 from vmapi.hypervisor.libvirt.domains import DomainCalls
 from vmapi.hypervisor.libvirt.live import LiveCalls
 from vmapi.hypervisor.libvirt.migration import MigrationCalls
 from vmapi.hypervisor.libvirt.nwfilter import FilterCalls
 from vmapi.hypervisor.libvirt.storage import StorageCalls
+from vmapi.hypervisor.specs import HostInfo
 
 MIB = 1024 * 1024
 

@@ -9,10 +9,11 @@ from datetime import datetime
 
 import libvirt
 
-from vmapi.hypervisor.driver import DiskSpec, DisplayInfo, NoDisplay, NotSupported, OperationInvalid
+from vmapi.hypervisor.errors import NoDisplay, NotSupported, OperationInvalid
 from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.config import password_valid_to
 from vmapi.hypervisor.libvirt.designer import disk_xml
+from vmapi.hypervisor.specs import DiskSpec, DisplayInfo
 
 IOTUNE_KEYS = ("read_iops_sec", "write_iops_sec", "read_bytes_sec", "write_bytes_sec")
 

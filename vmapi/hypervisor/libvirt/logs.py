@@ -16,8 +16,9 @@ import logging
 
 import libvirt
 
-from vmapi.hypervisor.driver import CHUNK_SIZE, LogTail, VolumeNotFound
+from vmapi.hypervisor.errors import VolumeNotFound
 from vmapi.hypervisor.libvirt.streams import abort_quietly, delete_volume
+from vmapi.hypervisor.specs import CHUNK_SIZE, LogTail
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,10 @@ from typing import TypeVar
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
-    DisplaySpec,
+from vmapi.hypervisor.errors import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
-    MigrationStats,
     NotSupported,
     OperationInvalid,
 )
@@ -35,6 +33,7 @@ from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.config import Graphics
 from vmapi.hypervisor.libvirt.connection import translate
+from vmapi.hypervisor.specs import DisplaySpec, MigrationStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -35,19 +35,18 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
+from vmapi.hypervisor.errors import NoNetworkFilters, NotSupported
+from vmapi.hypervisor.libvirt.calls import LibvirtCalls
+from vmapi.hypervisor.libvirt.config import filterref
+from vmapi.hypervisor.specs import (
     IN,
     FilterRule,
     GroupFilter,
     GuardFilters,
     NetworkFilter,
     NicSpec,
-    NoNetworkFilters,
-    NotSupported,
     PortFilter,
 )
-from vmapi.hypervisor.libvirt.calls import LibvirtCalls
-from vmapi.hypervisor.libvirt.config import filterref
 
 #: UUIDs of vmapi's filters: uuid5 of this namespace and the filter's name.
 UUID_NAMESPACE = uuid.UUID("4f6c7a2e-3b1d-5e8a-9c0f-2a7d6b5e4c31")

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Iterator
 
 import libvirt
 
-from vmapi.hypervisor.driver import LogTail, NotSupported, VolumeNotFound
+from vmapi.hypervisor.errors import NotSupported, VolumeNotFound
 from vmapi.hypervisor.libvirt import logs, streams
 from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.config import BackingStore, StoragePool, Volume
+from vmapi.hypervisor.specs import LogTail
 
 log = logging.getLogger(__name__)
 

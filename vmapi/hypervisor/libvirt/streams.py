@@ -24,13 +24,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import libvirt
 
-from vmapi.hypervisor.driver import (
-    CHUNK_SIZE,
-    HypervisorError,
-    HypervisorTimeout,
-)
+from vmapi.hypervisor.errors import HypervisorError, HypervisorTimeout
 from vmapi.hypervisor.libvirt.config import Volume
 from vmapi.hypervisor.libvirt.connection import close_quietly, translate
+from vmapi.hypervisor.specs import CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 
