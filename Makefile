@@ -13,12 +13,14 @@ FLASK := $(BIN)/flask --app wsgi
 SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-clients qemu-utils
 # busybox-static ... qemu-utils: the test guest (tests/guest/) built at test time, with
 # libc6-dev (and SYSTEM_PACKAGES' gcc) for its static helpers; tcpdump: what arrives in a
-# test's network namespace from the guests (tests/hypervisor/capture.py);
+# test's network namespace from the guests (tests/hypervisor/capture.py); nftables: nft
+# reads the host's ruleset, where libvirt's network filters leave their frame
+# (tests/hypervisor/ruleset.py);
 # cloud-init, openssh-client and genisoimage: the NoCloud seed's tests read it with
 # cloud-init's own parsers, make keys with ssh-keygen and read the ISO with isoinfo;
 # novnc, chromium: the console's web client, opened by a headless browser in the tests
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
-  libc6-dev tcpdump qemu-utils cloud-init openssh-client genisoimage novnc chromium
+  libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium
 BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 # Modules run in a random order and so do the tests of each module (pytest-random-order;
