@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 from vmapi.hypervisor.specs import (
+    CephSource,
     DiskSpec,
     DisplayInfo,
     DisplaySpec,
@@ -84,6 +85,19 @@ class HypervisorDriver(Protocol):
     def ensure_pool(self, uri: str, pool: str, path: str) -> bool:
         """Make sure a started storage pool ``pool`` exists; define a dir pool at ``path``
         if it does not. True when it was created."""
+        ...
+
+    def ensure_ceph_secret(self, uri: str, source: CephSource, key: str) -> bool:
+        """Make sure the host's libvirt holds the secret ``source.secret_uuid`` (usage
+        ceph, ``client.<user>``) with ``key`` (the cephx key, base64 as Ceph prints it) as
+        its value; True when it was defined or its value changed. The key never appears in
+        an error or a log."""
+        ...
+
+    def ensure_rbd_pool(self, uri: str, pool: str, source: CephSource) -> bool:
+        """Make sure a started libvirt storage pool ``pool`` of type rbd over ``source``
+        exists (its secret first: :meth:`ensure_ceph_secret`); True when it was created.
+        ``PoolNotFound``/``HypervisorError`` when the host cannot reach the cluster."""
         ...
 
     def pool_dir(self, uri: str, pool: str, path: str) -> str:

@@ -110,16 +110,31 @@ NetworkFilter = GuardFilters | GroupFilter | PortFilter
 
 
 @dataclass(frozen=True)
+class CephSource:
+    """An RBD pool of a Ceph cluster and who uses it: the cluster's monitors (host, msgr v1
+    port), the Ceph pool, the cephx user (without ``client.``) and the UUID of the libvirt
+    secret that holds that user's key on every node (one UUID everywhere, so a domain
+    moves with its disks' definition unchanged)."""
+
+    monitors: tuple[tuple[str, int], ...]
+    pool: str
+    user: str
+    secret_uuid: str
+
+
+@dataclass(frozen=True)
 class DiskSpec:
     """A volume attached as a virtio disk, with its cache mode and I/O limits."""
 
-    path: str
-    format: str  # qcow2 or raw
+    path: str  # a file; for an RBD disk the image's name in its Ceph pool
+    format: str  # qcow2 or raw (RBD: raw)
     target: str  # vdb, vdc, ...
     cache: str | None = None
     #: libvirt <iotune> names: read_iops_sec, write_iops_sec, read_bytes_sec, write_bytes_sec
     iotune: dict[str, int] = field(default_factory=dict)
     readonly: bool = False  # the guest cannot write it (a cloud-init seed)
+    #: an RBD image, reached by QEMU's librbd (a network disk), not a file
+    rbd: CephSource | None = None
 
 
 @dataclass(frozen=True)
