@@ -18,9 +18,15 @@ SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-c
 # (tests/hypervisor/ruleset.py);
 # cloud-init, openssh-client and genisoimage: the NoCloud seed's tests read it with
 # cloud-init's own parsers, make keys with ssh-keygen and read the ISO with isoinfo;
-# novnc, chromium: the console's web client, opened by a headless browser in the tests
+# novnc, chromium: the console's web client, opened by a headless browser in the tests;
+# ceph-mon, ceph-mgr, ceph-osd, ceph-common: the tests' one-node Ceph cluster (its daemons,
+# and the ceph/rbd tools), started by the test session in a folder of its own (no unit
+# starts on install); qemu-block-extra: QEMU's rbd block driver (guests and qemu-img on
+# RBD images); libvirt-daemon-driver-storage-rbd: libvirt's rbd storage pools (loaded by
+# a libvirtd started after it: scripts/ensure-libvirtd.sh restarts an idle one)
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
-  libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium
+  libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium \
+  ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra libvirt-daemon-driver-storage-rbd
 BENCH_PACKAGES := wrk
 PYTEST_ARGS ?=
 # Modules run in a random order and so do the tests of each module (pytest-random-order;
