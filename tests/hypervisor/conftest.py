@@ -14,6 +14,8 @@ The API on qemu:///system (``qemu_node``): domains made there carry a test insta
 Network filters: the empty frame libvirt leaves in the host's ruleset once the tier's last
 filtered guest is gone is taken away at the session's end, from the tables that were not
 there when it began (``no_filter_frames``, tests/hypervisor/ruleset.py).
+Ceph: a one-node cluster of the session's own (``ceph``, tests/hypervisor/ceph_cluster.py),
+started when a test first asks for it, stopped and removed at the session's end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.conftest import node_body, unavailable
 from tests.domains import tagged_domains
 from tests.hypervisor import qemu_host, ruleset
 from tests.hypervisor.boot_env import BootEnv, boot_env
+from tests.hypervisor.ceph_cluster import CephCluster, CephUnavailable, ceph_cluster
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
 from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
@@ -104,6 +107,18 @@ def host_pair() -> Iterator[TwoHosts]:
         unavailable(str(exc))
     with two_hosts() as pair:
         yield pair
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[CephCluster]:
+    """A one-node Ceph cluster (mon, mgr, one OSD) on 127.0.0.1, its pool ``rbd`` and its
+    user ``client.libvirt``: up in about 10 s, stopped and removed at the session's end
+    (and what a killed earlier run left, before it starts)."""
+    try:
+        with ceph_cluster() as cluster:
+            yield cluster
+    except CephUnavailable as exc:
+        unavailable(str(exc))
 
 
 @pytest.fixture(scope="module")

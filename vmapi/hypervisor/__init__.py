@@ -19,6 +19,7 @@ from vmapi.hypervisor.errors import (
     PoolNotFound,
     UriRefused,
     VolumeExists,
+    VolumeHasClones,
     VolumeNotFound,
 )
 from vmapi.hypervisor.specs import (
@@ -82,6 +83,7 @@ __all__ = [
     "PortFilter",
     "UriRefused",
     "VolumeExists",
+    "VolumeHasClones",
     "VolumeNotFound",
     "read_chunks",
 ]

@@ -70,6 +70,11 @@ class OperationInvalid(HypervisorError):
     """The domain is not in a state that allows the operation (e.g. suspend a shut-off one)."""
 
 
+class VolumeHasClones(OperationInvalid):
+    """The volume is the parent of copy-on-write clones (an RBD image): it can be deleted
+    only once they are gone."""
+
+
 class NotSupported(HypervisorError):
     """The hypervisor cannot do this (e.g. change a live setting its driver does not support)."""
 

@@ -218,9 +218,23 @@ class Nic(XmlObject):
 
 
 @dataclass
+class NetworkSource:
+    """Where a network disk is: an RBD image (``protocol`` rbd, ``name`` <ceph pool>/<image>)
+    behind the monitors ``hosts``, reached as ``username`` with the key in the libvirt
+    secret ``secret_uuid``."""
+
+    protocol: str
+    name: str
+    hosts: tuple[tuple[str, int], ...]
+    username: str
+    secret_uuid: str
+
+
+@dataclass
 class Disk(XmlObject):
     """``<disk type='file'>``: a volume as a virtio disk with cache mode and ``<iotune>``,
-    or ``<readonly/>`` for the guest."""
+    or ``<readonly/>`` for the guest; ``<disk type='network'>`` when it has a ``network``
+    source (``path`` is then unused)."""
 
     path: str
     format: str
@@ -228,14 +242,23 @@ class Disk(XmlObject):
     cache: str | None = None
     iotune: dict[str, int] = field(default_factory=dict)
     readonly: bool = False
+    network: NetworkSource | None = None
 
     def element(self) -> ET.Element:
-        el = ET.Element("disk", type="file", device="disk")
+        net = self.network
+        el = ET.Element("disk", type="file" if net is None else "network", device="disk")
         driver = {"name": "qemu", "type": self.format}
         if self.cache:
             driver["cache"] = self.cache
         ET.SubElement(el, "driver", driver)
-        ET.SubElement(el, "source", file=self.path)
+        if net is None:
+            ET.SubElement(el, "source", file=self.path)
+        else:
+            source = ET.SubElement(el, "source", protocol=net.protocol, name=net.name)
+            for host, port in net.hosts:
+                ET.SubElement(source, "host", name=host, port=str(port))
+            auth = ET.SubElement(el, "auth", username=net.username)
+            ET.SubElement(auth, "secret", type="ceph", uuid=net.secret_uuid)
         ET.SubElement(el, "target", dev=self.target, bus="virtio")
         if self.readonly:
             ET.SubElement(el, "readonly")

@@ -19,6 +19,10 @@ does), not an external snapshot and a block commit:
   the image store's file when the caller downloads it), and a disk the guest writes
   hard is read more than once while the mirror catches up.
 
+In an rbd pool a clone is RBD's own: libvirt snapshots and protects the source (or
+reuses its snapshot if the source has not changed since) and makes a copy-on-write clone
+of it, raw, in a fraction of a second: it shares its parent's data instead of copying it.
+
 A clone is one long libvirt call (``virStorageVolCreateXMLFrom``: ``qemu-img convert``
 inside libvirtd), so it runs on a connection and thread of its own (a channel opened for
 it, closed when libvirt answers), like a stream or a migration: on the cached connection
@@ -54,6 +58,7 @@ from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.channel import Channel
 from vmapi.hypervisor.libvirt.config import Volume
 from vmapi.hypervisor.libvirt.connection import translate
+from vmapi.hypervisor.libvirt.storage import pool_type
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +180,20 @@ class _Clone:
         else:
             raise VolumeExists(self.uri, f"{self.pool} has a volume {self.name} already")
         # The source's capacity: a larger one would be ignored (qemu-img convert keeps the
-        # source's virtual size), a smaller one is raised to it.
-        xml = Volume(self.name, origin.info()[1], "qcow2", compat=COMPAT).to_xml()
+        # source's virtual size; an RBD clone is its parent's size), a smaller one is
+        # raised to it.
+        if pool_type(pool) == "rbd":
+            # libvirt clones inside an rbd pool only (from another pool it looks for the
+            # source's name in the Ceph pool), and makes a copy-on-write RBD clone: raw
+            if self.source_pool != self.pool:
+                raise NotSupported(
+                    self.uri,
+                    f"an rbd pool ({self.pool}) clones only its own "
+                    f"volumes, not {self.source_pool}/{self.source}",
+                )
+            xml = Volume(self.name, origin.info()[1], "raw").to_xml()
+        else:
+            xml = Volume(self.name, origin.info()[1], "qcow2", compat=COMPAT).to_xml()
         with self.lock:
             if self.cancelled:
                 raise _Expired

@@ -15,6 +15,7 @@ from vmapi.hypervisor.libvirt.config import (
     GuestAgentChannel,
     Memory,
     Metadata,
+    NetworkSource,
     Nic,
     Os,
     Serial,
@@ -100,4 +101,12 @@ def _nic_metadata(nic: NicSpec) -> dict[str, str]:
 
 
 def disk_xml(disk: DiskSpec) -> Disk:
-    return Disk(disk.path, disk.format, disk.target, disk.cache, dict(disk.iotune), disk.readonly)
+    network = None
+    if disk.rbd is not None:
+        # QEMU's librbd reaches the image itself: no file, no pool of the node involved
+        # (libvirt 9.0 refuses a ``type='volume'`` disk on an rbd pool)
+        network = NetworkSource(protocol="rbd", name=f"{disk.rbd.pool}/{disk.path}",
+                                hosts=tuple(disk.rbd.monitors), username=disk.rbd.user,
+                                secret_uuid=disk.rbd.secret_uuid)  # fmt: skip
+    return Disk(disk.path, disk.format, disk.target, disk.cache, dict(disk.iotune), disk.readonly,
+                network)  # fmt: skip

@@ -10,12 +10,14 @@ over :class:`~.calls.LibvirtCalls` (the timeout, the connection cache, the bound
 - :mod:`.migration` - moving a domain to another host;
 - :mod:`.copies` - standalone copies of disks: a volume cloned, a running disk copied;
 - :mod:`.nwfilter` - network filters;
+- :mod:`.ceph` - Ceph RBD: the cephx user's secret, rbd storage pools;
 
 and the host's own capacity, here.
 """
 
 from __future__ import annotations
 
+from vmapi.hypervisor.libvirt.ceph import CephCalls
 from vmapi.hypervisor.libvirt.copies import CopyCalls
 from vmapi.hypervisor.libvirt.domains import DomainCalls
 from vmapi.hypervisor.libvirt.live import LiveCalls
@@ -27,7 +29,9 @@ from vmapi.hypervisor.specs import HostInfo
 MIB = 1024 * 1024
 
 
-class LibvirtDriver(DomainCalls, LiveCalls, StorageCalls, MigrationCalls, FilterCalls, CopyCalls):
+class LibvirtDriver(
+    DomainCalls, LiveCalls, StorageCalls, MigrationCalls, FilterCalls, CopyCalls, CephCalls
+):
     """Implements :class:`vmapi.hypervisor.HypervisorDriver` over libvirt-python."""
 
     # ------------------------------------------------------------------ host

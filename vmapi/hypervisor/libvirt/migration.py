@@ -129,17 +129,19 @@ def retarget(
     return ET.tostring(root, encoding="unicode")
 
 
-def copied_targets(xml: str, paths: dict[str, str]) -> list[str]:
-    """Device names of the writable disks whose files are keys of ``paths``: the ones a
-    non-shared-disk migration copies (the others stay on storage both hosts share; a
-    read-only disk, such as a seed, is not copied: the target has its own)."""
+def copied_targets(xml: str, paths: dict[str, str] | None) -> list[str]:
+    """Device names of the writable disks whose files are keys of ``paths`` (None: of
+    every writable file or block disk): the ones a non-shared-disk migration copies. The
+    others stay on storage both hosts share: a network disk (RBD) always; a read-only
+    disk, such as a seed, is not copied either: the target has its own."""
     root = ET.fromstring(xml)  # noqa: S314 - from libvirt, not from a guest
     found = []
     for disk in root.iterfind("devices/disk"):
         source, target = disk.find("source"), disk.find("target")
         if disk.find("readonly") is not None or source is None or target is None:
             continue
-        if source.get("file") in paths:
+        local = source.get("file") or source.get("dev")
+        if disk.get("type") != "network" and local and (paths is None or local in paths):
             found.append(target.get("dev"))
     return found
 
@@ -297,22 +299,28 @@ class MigrationCalls(LibvirtCalls):
                 raise OperationInvalid(uri, "the domain is running; only a shut-off one "
                                             "moves cold")  # fmt: skip
             dest_xml = persist_xml = copied = None
-            if disk_paths or display is not None or console_log is not None:
-                paths = disk_paths or {}
+            changed = disk_paths or display is not None or console_log is not None
+            if changed or copy_storage:
                 xml = bounded(lambda: dom.XMLDesc(MIGRATABLE))
+            if changed:
+                paths = disk_paths or {}
                 inactive = bounded(lambda: dom.XMLDesc(
                     MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))  # fmt: skip
                 dest_xml = retarget(xml, paths, display, console_log)
                 persist_xml = retarget(inactive, paths, display, console_log)
-                # only the disks named are copied: the others are on shared storage
-                copied = copied_targets(xml, paths) if copy_storage else None
+            if copy_storage:
+                # Always named: left to itself libvirt would copy every writable disk
+                # with a source, network (RBD) disks too. Only the disks named are
+                # copied, the others are on shared storage; none: nothing is copied.
+                copied = copied_targets(xml, disk_paths)
+            copying = bool(copied)
             parameters = params(live, migration_address, bandwidth, dest_xml, persist_xml,
                                 copied)  # fmt: skip
             job = in_thread(
                 lambda: dom.migrateToURI3(
                     dest_uri,
                     parameters,
-                    flags(live, copy_storage, unchecked_storage, incremental),
+                    flags(live, copying, unchecked_storage, incremental),
                 ),
                 f"libvirt-migrate {name}",
             )

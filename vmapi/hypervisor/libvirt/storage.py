@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import libvirt
 
-from vmapi.hypervisor.errors import NotSupported, VolumeNotFound
+from vmapi.hypervisor.errors import NotSupported, VolumeHasClones, VolumeNotFound
 from vmapi.hypervisor.libvirt import logs, streams
 from vmapi.hypervisor.libvirt.calls import LibvirtCalls
 from vmapi.hypervisor.libvirt.channel import Channel
@@ -61,6 +61,26 @@ def _ensure_pool(
             if not found.isActive():  # not merely started meanwhile by another
                 raise
     return found, created
+
+
+def pool_type(pool: libvirt.virStoragePool) -> str | None:
+    return ET.fromstring(pool.XMLDesc(0)).get("type")  # noqa: S314 - from libvirt
+
+
+def _delete(uri: str, pool: libvirt.virStoragePool, name: str) -> None:
+    """Delete a volume. In an rbd pool with the snapshots libvirt made to clone it (an
+    image without them is deleted the same way); while clones of it exist, librbd cannot
+    unprotect those and libvirt says "No such file or directory": VolumeHasClones."""
+    vol = pool.storageVolLookupByName(name)
+    if pool_type(pool) != "rbd":
+        vol.delete(0)
+        return
+    try:
+        vol.delete(libvirt.VIR_STORAGE_VOL_DELETE_WITH_SNAPSHOTS)
+    except libvirt.libvirtError as exc:
+        if "failed to unprotect snapshot" not in (exc.get_error_message() or ""):
+            raise
+        raise VolumeHasClones(uri, f"{pool.name()}/{name} has clones: delete them first") from exc
 
 
 #: How long a pool's directory is kept (LibvirtDriver.pool_dir): a bound on how long a
@@ -159,10 +179,7 @@ class StorageCalls(LibvirtCalls):
         )
 
     def delete_volume(self, uri: str, pool: str, name: str) -> None:
-        self._call(
-            uri,
-            lambda conn: conn.storagePoolLookupByName(pool).storageVolLookupByName(name).delete(0),
-        )
+        self._call(uri, lambda conn: _delete(uri, conn.storagePoolLookupByName(pool), name))
 
     def create_overlay(
         self, uri: str, pool: str, name: str, capacity: int, base: str, base_format: str
