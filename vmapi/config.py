@@ -94,6 +94,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "STORAGE_MAX_SIZE": (16 * 1024**4, "largest volume in bytes"),
     "DETACH_TIMEOUT": (10.0, "seconds to wait for a running guest to release a disk"),
+    "CEPH_KEY_DIR": (
+        None,
+        "a directory of cephx keys, client.<user>.key each (the base64 key as `ceph auth "
+        "get-key` prints it), for the users rbd storage types name; unset: no rbd types",
+    ),
     "IMAGE_DIR": (
         None,
         "the image store: a directory of image files (default: instance/images); shared "

@@ -94,6 +94,11 @@ class HypervisorDriver(Protocol):
         an error or a log."""
         ...
 
+    def forget_ceph_secret(self, uri: str, secret_uuid: str) -> bool:
+        """Remove the secret ``secret_uuid`` unless a storage pool of the host uses it;
+        True when it was removed (none there is no error)."""
+        ...
+
     def ensure_rbd_pool(self, uri: str, pool: str, source: CephSource) -> bool:
         """Make sure a started libvirt storage pool ``pool`` of type rbd over ``source``
         exists (its secret first: :meth:`ensure_ceph_secret`); True when it was created.

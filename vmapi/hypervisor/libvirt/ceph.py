@@ -135,6 +135,17 @@ def _ensure_secret(conn: libvirt.virConnect, uri: str, source: CephSource, key: 
     return True
 
 
+def _forget_secret(conn: libvirt.virConnect, uuid: str) -> bool:
+    secret = _lookup_secret(conn, uuid)
+    if secret is None:
+        return False
+    for pool in conn.listAllStoragePools(0):
+        if pool_source(pool.XMLDesc(0))[4:] == (uuid,):  # an rbd pool with that secret
+            return False
+    secret.undefine()
+    return True
+
+
 def _ensure_rbd_pool(
     conn: libvirt.virConnect, uri: str, pool: str, source: CephSource, mount_seconds: int
 ) -> bool:
@@ -201,3 +212,9 @@ class CephCalls(LibvirtCalls):
             log.info("defined and started rbd storage pool %s (%s) on %s", pool, source.pool,
                      uri)  # fmt: skip
         return created
+
+    def forget_ceph_secret(self, uri: str, secret_uuid: str) -> bool:
+        removed = self._call(uri, lambda conn: _forget_secret(conn, secret_uuid))
+        if removed:
+            log.info("removed the ceph secret %s from %s", secret_uuid, uri)
+        return removed

@@ -28,6 +28,7 @@ from vmapi.errors import Conflict, HypervisorFailure
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorTimeout, NameTaken
 from vmapi.models import Image, StorageType
+from vmapi.models.catalog import RBD
 from vmapi.models.leftover import LOG, VOLUME
 from vmapi.services.images.copies import (
     Source,
@@ -49,6 +50,7 @@ from vmapi.services.names import console_log_name
 from vmapi.services.network.protection import ensure_for_vm, prune
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.storage.ceph import KeyUnreadable, Steps, ensure_rbd_pool, key_unreadable
 from vmapi.services.undo import Undo
 from vmapi.services.vms.cloud_init import (
     SEED_STORAGE_TYPE,
@@ -77,7 +79,9 @@ def prepare_volumes(move: Move, undo: Undo) -> None:
         step = f"preparing storage {storage.id} on the target"
         try:
             if volume.shared:
-                _find_shared(move, volume)
+                _find_shared(
+                    move, volume, undo, db.session.get(StorageType, storage.storage_type_id)
+                )
                 continue
             directory = pool_directory(target.node.id, storage.pool, move.vm.virt_method_id)
             if driver.ensure_pool(target.uri, storage.pool, directory):
@@ -98,10 +102,20 @@ def prepare_volumes(move: Move, undo: Undo) -> None:
             raise hypervisor_failure(exc, step, target) from exc
 
 
-def _find_shared(move: Move, volume: MovedVolume) -> None:
-    """A shared pool's volume must be at the same path on the target."""
+def _find_shared(
+    move: Move, volume: MovedVolume, undo: Undo, storage_type: StorageType | None = None
+) -> None:
+    """A shared pool's volume must be at the same path on the target: a directory every
+    node mounts, or (an rbd type) the Ceph pool, whose secret and rbd pool the target is
+    given first (QEMU there needs the secret; the pool shows the image)."""
     storage, driver = volume.storage, hypervisor()
-    driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
+    if storage_type is not None and storage_type.backend == RBD:
+        try:
+            ensure_rbd_pool(storage_type, move.target, undo, move.messages, Steps())
+        except KeyUnreadable as exc:
+            raise key_unreadable(exc, storage_type) from exc
+    else:
+        driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
     path = None
     # (listing refreshes the pool: it learns of files another node made in it)
     if storage.volume_name in driver.volumes(move.target.uri, storage.pool):
@@ -262,7 +276,7 @@ def prepare_seed(move: Move, undo: Undo) -> None:
     if seed_pool_shared():
         # every node sees it where it is: nothing to make (a shared volume is checked)
         seed = Seed(vm.id, vm.seed_pool, vm.seed_volume, path=vm.seed_path)
-        _find_shared(move, MovedVolume(seed, "raw", shared=True))
+        _find_shared(move, MovedVolume(seed, "raw", shared=True), undo)
         return
     files = seed_files(vm)
     pool, name, data = seed_pool(), volume_name(vm, files), seed_iso(files)

@@ -20,6 +20,7 @@ from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken
 from vmapi.models import Image, Storage, StorageType, VirtNode, Vm
+from vmapi.models.catalog import RBD
 from vmapi.models.image import ACTIVE
 from vmapi.models.leftover import VOLUME
 from vmapi.node_detail import NodeNote
@@ -36,6 +37,7 @@ from vmapi.services.names import volume_name
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken
 from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.quotas import check_storage_quota
+from vmapi.services.storage.ceph import KeyUnreadable, Steps, ensure_rbd_pool, key_unreadable
 from vmapi.services.storage.disks import TARGETS, AttachedVolume, live
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
@@ -111,11 +113,21 @@ def create_volume(new: NewVolume, undo: Undo, messages: list[str]) -> Storage:
     driver = hypervisor()
     uri, pool, name = disk.host.uri, storage.pool, storage.volume_name
     step = "preparing the storage pool"
+    ceph = Steps()
     try:
-        directory = pool_dir(disk.vm, pool)
-        if driver.ensure_pool(uri, pool, directory):
-            made = f"storage pool {pool} at {directory}"
-            messages.append(NodeNote("A storage pool was created.", made))
+        if disk.type.backend == RBD:
+            try:
+                ensure_rbd_pool(disk.type, disk.host, undo, messages, ceph)
+            except KeyUnreadable as exc:
+                raise key_unreadable(exc, disk.type) from exc
+            except HypervisorError:
+                step = ceph.step
+                raise
+        else:
+            directory = pool_dir(disk.vm, pool)
+            if driver.ensure_pool(uri, pool, directory):
+                made = f"storage pool {pool} at {directory}"
+                messages.append(NodeNote("A storage pool was created.", made))
         step = "creating the volume"
         if new.source is None:
             size, fmt = storage.size, disk.type.format

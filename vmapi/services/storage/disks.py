@@ -70,7 +70,7 @@ class AttachedVolume:
             if storage.cache_option_id
             else None
         )
-        self.spec = disk_spec(storage, self.type.format, cache.name if cache else None)
+        self.spec = disk_spec(storage, self.type, cache.name if cache else None)
 
     def domain(self, without: bool = False) -> DomainSpec:
         method = db.session.get(VirtMethod, self.vm.virt_method_id)

@@ -1,25 +1,36 @@
 """/storage_type: the catalog's generic rules, and a pool and format fixed while in use.
 
 A volume's pool is recorded on its storage row when it is made, but the type still says
-what its volumes are: changing ``pool`` or ``format`` while volumes of the type exist
-would make it lie about them (and a new volume of the type would land elsewhere than
-its siblings). So that is refused, naming the storage that uses it.
+what its volumes are: changing ``pool``, ``format``, ``backend`` or where its Ceph pool
+is while volumes of the type exist would make it lie about them (and a new volume of
+the type would land elsewhere than its siblings). So that is refused, naming the
+storage that uses it.
+
+An ``rbd`` type (services/storage/ceph.py) names its Ceph monitors, pool and user, is
+raw and shared, and its user's key must be readable in VMAPI_CEPH_KEY_DIR when the type
+is made or changed; vmapi gives it the UUID of the libvirt secret that holds that key on
+the nodes, once. A ``dir`` type has none of these.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from sqlalchemy import select
 
 from vmapi import error_ids
 from vmapi.auth import Principal
-from vmapi.errors import Conflict
+from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
 from vmapi.models import Storage, StorageType
+from vmapi.models.catalog import CEPH_FIELDS, DIR
 from vmapi.services.crud import IN_USE_SAMPLE, CrudService
+from vmapi.services.storage.ceph import KeyUnreadable, ceph_key
 
-FIXED_WHILE_USED = ("pool", "format")
+FIXED_WHILE_USED = ("pool", "format", "backend", "ceph_monitors", "ceph_pool", "ceph_user")
+#: what an rbd type must name (the secret's UUID is vmapi's)
+CEPH_GIVEN = CEPH_FIELDS[:3]
 
 
 class StorageTypeService(CrudService[StorageType]):
@@ -52,3 +63,39 @@ class StorageTypeService(CrudService[StorageType]):
                     data={"storage": used, "fields": changing},
                 )
         return super().update(obj, data, principal)
+
+    def complete(self, obj: StorageType, data: dict[str, Any], principal: Principal) -> None:
+        check_backend(obj, data)
+
+
+def check_backend(obj: StorageType, data: dict[str, Any]) -> None:
+    """The type's fields fit its backend (400 with the fields at fault otherwise); an rbd
+    type is shared unless the body says otherwise (which is refused) and gets its secret's
+    UUID once; a type made a dir type forgets its Ceph fields."""
+    errors: dict[str, list[str]] = {}
+    backend = obj.backend or DIR
+    if backend == DIR:
+        for name in CEPH_GIVEN:
+            if data.get(name) is not None:
+                errors[name] = ["Only an rbd storage type (backend rbd) has it."]
+        for name in CEPH_FIELDS:
+            setattr(obj, name, None)
+    else:
+        for name in CEPH_GIVEN:
+            if getattr(obj, name) is None:
+                errors[name] = ["Required for an rbd storage type."]
+        if obj.format != "raw":
+            errors["format"] = ["An rbd storage type is raw (libvirt makes raw RBD images)."]
+        if "shared" not in data:
+            obj.shared = True
+        elif not obj.shared:
+            errors["shared"] = ["An rbd storage type is shared: every node reaches its images."]
+        if obj.ceph_user is not None and {"backend", "ceph_user"} & data.keys():
+            try:
+                ceph_key(obj.ceph_user)
+            except KeyUnreadable as exc:
+                errors["ceph_user"] = [f"No key for client.{obj.ceph_user}: {exc}."]
+        if obj.ceph_secret_uuid is None:
+            obj.ceph_secret_uuid = str(uuid.uuid4())
+    if errors:
+        raise ValidationError(data=errors)

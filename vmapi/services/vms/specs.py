@@ -16,8 +16,9 @@ from sqlalchemy.orm import joinedload
 
 from vmapi.bridges import bridge_name
 from vmapi.extensions import db
-from vmapi.hypervisor import DiskSpec, DisplaySpec, DomainSpec, NicSpec
+from vmapi.hypervisor import CephSource, DiskSpec, DisplaySpec, DomainSpec, NicSpec
 from vmapi.models import CacheOption, Interface, Node, Storage, StorageType, VirtMethod, Vm
+from vmapi.models.catalog import RBD
 from vmapi.services.names import installation_id
 from vmapi.services.network.allocation import NewInterface
 from vmapi.services.network.filters import guarded_mode, nic_filter
@@ -133,21 +134,41 @@ IOTUNE = {
 }
 
 
-def disk_spec(storage: Storage, fmt: str, cache: str | None) -> DiskSpec:
+def ceph_source(storage_type: StorageType) -> CephSource | None:
+    """The type's Ceph pool as the driver takes it; None for a type that is not rbd."""
+    if storage_type.backend != RBD:
+        return None
+    monitors = []
+    for monitor in storage_type.ceph_monitors or ():
+        host, _, port = monitor.rpartition(":")
+        monitors.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    return CephSource(
+        monitors=tuple(monitors),
+        pool=storage_type.ceph_pool or "",
+        user=storage_type.ceph_user or "",
+        secret_uuid=storage_type.ceph_secret_uuid or "",
+    )
+
+
+def disk_spec(storage: Storage, storage_type: StorageType, cache: str | None) -> DiskSpec:
+    """The row as a disk: a file at its path, or (an rbd type) its RBD image by name,
+    which QEMU reaches through the type's Ceph monitors with the node's secret."""
     iotune = {key: getattr(storage, limit) for limit, key in IOTUNE.items()}
+    rbd = ceph_source(storage_type)
     return DiskSpec(
-        path=storage.path or "",
-        format=fmt,
+        path=(storage.volume_name or "") if rbd else (storage.path or ""),
+        format=storage_type.format,
         target=storage.target,
         cache=cache,
         iotune={key: value for key, value in iotune.items() if value},
+        rbd=rbd,
     )
 
 
 def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
     """The VM's volumes that exist (``path`` set), in target order."""
     stmt = (
-        select(Storage, StorageType.format, CacheOption.name)
+        select(Storage, StorageType, CacheOption.name)
         .join(StorageType, StorageType.id == Storage.storage_type_id)
         .outerjoin(CacheOption, CacheOption.id == Storage.cache_option_id)
         .where(Storage.vm_id == vm_id, Storage.path.is_not(None))
@@ -155,8 +176,8 @@ def disk_specs(vm_id: int, exclude: int | None = None) -> tuple[DiskSpec, ...]:
         .execution_options(populate_existing=True)
     )
     return tuple(
-        disk_spec(storage, fmt, cache)
-        for storage, fmt, cache in db.session.execute(stmt)
+        disk_spec(storage, storage_type, cache)
+        for storage, storage_type, cache in db.session.execute(stmt)
         if storage.id != exclude
     )
 

@@ -1,0 +1,102 @@
+"""Storage types backed by Ceph RBD: the cephx key from the API host's key directory, the
+type as the driver's :class:`CephSource`, and what a node needs before it holds a volume
+of such a type (the key as a libvirt secret, the rbd pool).
+
+The key never comes through the API and never goes into an answer, a log or the
+database: it is read from ``<CEPH_KEY_DIR>/client.<user>.key`` each time a node is given
+it. A node that cannot reach the cluster keeps nothing of the attempt (the pool is not
+left defined by the driver, a secret made for it is removed again).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+
+from flask import current_app
+
+from vmapi.errors import ServiceUnavailable
+from vmapi.models import StorageType
+from vmapi.node_detail import NodeNote
+from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.undo import Undo
+from vmapi.services.vms.specs import ceph_source
+
+
+class KeyUnreadable(Exception):
+    """The key of a Ceph user cannot be read on this API host; the message says why
+    (never the key)."""
+
+
+def key_path(user: str) -> str:
+    directory = current_app.config.get("CEPH_KEY_DIR")
+    if not directory:
+        raise KeyUnreadable("VMAPI_CEPH_KEY_DIR is not set on the API host")
+    return os.path.join(directory, f"client.{user}.key")
+
+
+def ceph_key(user: str) -> str:
+    """The user's cephx key, base64 as ``ceph auth get-key`` prints it."""
+    path = key_path(user)
+    try:
+        with open(path, encoding="ascii") as file:
+            key = file.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+        raise KeyUnreadable(f"the key file {path} cannot be read: {reason}") from exc
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except binascii.Error as exc:
+        raise KeyUnreadable(f"the key file {path} does not hold a base64 cephx key") from exc
+    if not raw:
+        raise KeyUnreadable(f"the key file {path} is empty")
+    return key
+
+
+def key_unreadable(exc: KeyUnreadable, storage_type: StorageType) -> ServiceUnavailable:
+    """503: the API host cannot give a node the key (its configuration is at fault)."""
+    return ServiceUnavailable(
+        f"Storage type {storage_type.id} is backed by Ceph, but {exc}; nothing was made.",
+        data={"step": "reading the Ceph key", "storage_type": {"id": storage_type.id}},
+    )
+
+
+class Steps:
+    """The step a caller names when a call fails (``step`` is read after the failure)."""
+
+    step = "reading the Ceph key"
+
+
+def ensure_rbd_pool(
+    storage_type: StorageType, host: Host, undo: Undo, messages: list[str], steps: Steps
+) -> None:
+    """Make sure the node holds the type's key as a libvirt secret and has its rbd pool
+    started (both made when missing; they stay for the node's later volumes). When the
+    pool cannot be started (the cluster out of reach) the driver leaves no pool behind,
+    and a secret set here is removed by ``undo`` (unless a pool of the node uses it)."""
+    source = ceph_source(storage_type)
+    assert source is not None  # an rbd type
+    driver = hypervisor()
+    uri = host.uri
+    steps.step = "reading the Ceph key"
+    key = ceph_key(source.user)
+    steps.step = f"giving the node the key of client.{source.user}"
+    made = driver.ensure_ceph_secret(uri, source, key)
+    steps.step = "preparing the rbd storage pool"
+    try:
+        created = driver.ensure_rbd_pool(uri, storage_type.pool, source)
+    except BaseException:
+        if made:  # the node keeps nothing of an attempt that could not reach the cluster
+            undo.push(f"removing secret {source.secret_uuid} from node {host.node.fqdn} "
+                      "unless a pool uses it",
+                      lambda: driver.forget_ceph_secret(uri, source.secret_uuid))  # fmt: skip
+        raise
+    if made:
+        detail = f"secret {source.secret_uuid} (client.{source.user})"
+        messages.append(NodeNote("The node's libvirt was given the Ceph user's key.", detail))
+    if created:
+        monitors = ", ".join(storage_type.ceph_monitors or ())
+        messages.append(NodeNote("A storage pool was created.",
+                                 f"rbd storage pool {storage_type.pool}: Ceph pool "
+                                 f"{source.pool} at {monitors}"))  # fmt: skip
