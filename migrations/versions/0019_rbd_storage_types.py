@@ -37,9 +37,6 @@ def upgrade():
         batch_op.add_column(sa.Column("ceph_pool", sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column("ceph_user", sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column("ceph_secret_uuid", sa.String(length=36), nullable=True))
-        batch_op.create_unique_constraint(
-            batch_op.f("uq_storage_type_ceph_secret_uuid"), ["ceph_secret_uuid"]
-        )
         batch_op.create_check_constraint(
             op.f("ck_storage_type_backend"), "backend IN ('dir', 'rbd')"
         )
@@ -55,7 +52,6 @@ def downgrade():
     with op.batch_alter_table("storage_type", schema=None) as batch_op:
         batch_op.drop_constraint(op.f("ck_storage_type_backend_fields"), type_="check")
         batch_op.drop_constraint(op.f("ck_storage_type_backend"), type_="check")
-        batch_op.drop_constraint(batch_op.f("uq_storage_type_ceph_secret_uuid"), type_="unique")
         batch_op.drop_column("ceph_secret_uuid")
         batch_op.drop_column("ceph_user")
         batch_op.drop_column("ceph_pool")

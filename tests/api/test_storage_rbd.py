@@ -27,6 +27,7 @@ def key_dir(tmp_path):
     folder = tmp_path / "ceph-keys"
     folder.mkdir()
     (folder / "client.libvirt.key").write_text(KEY + "\n")
+    (folder / "client.other.key").write_text(base64.b64encode(b"another key").decode())
     return folder
 
 
@@ -111,6 +112,22 @@ def test_a_missing_key_dir_or_a_bad_key_refuses_the_type(app, api, key_dir):
     app.config["CEPH_KEY_DIR"] = None
     error = assert_error(api.post("storage_type", json=rbd_body()), 400, "general/validation")
     assert "VMAPI_CEPH_KEY_DIR is not set" in error["data"]["ceph_user"][0]
+
+
+def test_one_secret_per_ceph_user(api, rbd_type):
+    """A node's libvirt holds one secret per usage (client.<user>): types of one user
+    share it, another user has its own."""
+    second = api.post("storage_type", json=rbd_body(name="ceph2", description="2",
+                                                    pool="ceph2", ceph_pool="vms2"))  # fmt: skip
+    assert second.status_code == 201, second.json
+    assert second.json["data"]["ceph_secret_uuid"] == rbd_type["ceph_secret_uuid"]
+    other = api.post("storage_type", json=rbd_body(name="ceph3", description="3", pool="ceph3",
+                                                   ceph_user="other"))  # fmt: skip
+    assert other.status_code == 201, other.json
+    assert other.json["data"]["ceph_secret_uuid"] != rbd_type["ceph_secret_uuid"]
+    # an unused type that changes its user takes that user's secret
+    moved = api.update(f"storage_type/{other.json['data']['id']}", json={"ceph_user": "libvirt"})
+    assert moved.json["data"]["ceph_secret_uuid"] == rbd_type["ceph_secret_uuid"]
 
 
 def test_a_dir_type_becomes_rbd_and_back_while_unused(api):

@@ -104,11 +104,12 @@ class StorageType(SeededMixin, db.Model):
     #: rbd only: the cluster's monitors as "host:port" (the msgr v1 port), the Ceph pool,
     #: the cephx user (without "client.") whose key is ``client.<user>.key`` in the
     #: directory VMAPI_CEPH_KEY_DIR names, and the UUID of the libvirt secret holding that
-    #: key on every node (made with the type, the same for its whole life)
+    #: key on every node (made by vmapi, one per user: a node's libvirt holds one secret
+    #: per usage, client.<user>; kept while the user is)
     ceph_monitors: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
     ceph_pool: Mapped[str | None] = mapped_column(String(255))
     ceph_user: Mapped[str | None] = mapped_column(String(255))
-    ceph_secret_uuid: Mapped[str | None] = mapped_column(String(36), unique=True)
+    ceph_secret_uuid: Mapped[str | None] = mapped_column(String(36))
 
 
 class CacheOption(SeededMixin, db.Model):

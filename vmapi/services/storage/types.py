@@ -9,7 +9,8 @@ storage that uses it.
 An ``rbd`` type (services/storage/ceph.py) names its Ceph monitors, pool and user, is
 raw and shared, and its user's key must be readable in VMAPI_CEPH_KEY_DIR when the type
 is made or changed; vmapi gives it the UUID of the libvirt secret that holds that key on
-the nodes, once. A ``dir`` type has none of these.
+the nodes (one per Ceph user: types of the same user share it). A ``dir`` type has none
+of these.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from vmapi import error_ids
 from vmapi.auth import Principal
@@ -70,8 +71,8 @@ class StorageTypeService(CrudService[StorageType]):
 
 def check_backend(obj: StorageType, data: dict[str, Any]) -> None:
     """The type's fields fit its backend (400 with the fields at fault otherwise); an rbd
-    type is shared unless the body says otherwise (which is refused) and gets its secret's
-    UUID once; a type made a dir type forgets its Ceph fields."""
+    type is shared unless the body says otherwise (which is refused) and has the UUID of
+    its user's secret; a type made a dir type forgets its Ceph fields."""
     errors: dict[str, list[str]] = {}
     backend = obj.backend or DIR
     if backend == DIR:
@@ -95,7 +96,25 @@ def check_backend(obj: StorageType, data: dict[str, Any]) -> None:
                 ceph_key(obj.ceph_user)
             except KeyUnreadable as exc:
                 errors["ceph_user"] = [f"No key for client.{obj.ceph_user}: {exc}."]
-        if obj.ceph_secret_uuid is None:
-            obj.ceph_secret_uuid = str(uuid.uuid4())
+        if obj.ceph_secret_uuid is None or inspect(obj).attrs.ceph_user.history.has_changes():
+            obj.ceph_secret_uuid = secret_uuid(obj)
     if errors:
         raise ValidationError(data=errors)
+
+
+def secret_uuid(obj: StorageType) -> str:
+    """The UUID of the libvirt secret of the type's user: that of another type of the same
+    user when there is one (a node's libvirt holds one secret per Ceph user, and the key
+    is the user's), else a new one. Kept from then on; a change of the user (only while
+    no volume uses the type) takes the new user's."""
+    stmt = (
+        select(StorageType.ceph_secret_uuid)
+        .where(StorageType.ceph_user == obj.ceph_user, StorageType.ceph_secret_uuid.is_not(None))
+        .order_by(StorageType.id)
+        .limit(1)
+    )
+    if obj.id is not None:
+        stmt = stmt.where(StorageType.id != obj.id)
+    with db.session.no_autoflush:
+        found = db.session.scalars(stmt).first()
+    return found if found is not None else str(uuid.uuid4())
