@@ -121,6 +121,12 @@ UNSTATABLE = [
         r"Must not be below port_min \(\d+\)\.",
         r"icmp(?:v6)? goes with ethertype ipv[46]; use icmp(?:v6)? for ipv[46]\.",
         r"Must be an IPv[46] network: the rule's ethertype is ipv[46]\.",
+        # a storage type's fields together (backend rbd: the Ceph fields, raw, shared; dir:
+        # none of them) and the user's key on the API host (configuration)
+        r"Only an rbd storage type \(backend rbd\) has it\.",
+        r"Required for an rbd storage type\.",
+        r"An rbd storage type is (?:raw|shared).*\.",
+        r"No key for client\.\S+: .*\.",
     )
 ]
 #: 400s that depend on what is stored: the seeded vm_state rows that cannot be set, and a

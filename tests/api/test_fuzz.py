@@ -58,9 +58,9 @@ NO_SUCCESS: dict[str, str] = {
     **{
         f"DELETE /api/v1/{name}{item}": _SEEDED.format(name)
         for name in ("cache_option", "storage_type", "virt_method", "vm_state")
+        # (an array DELETE's drawn body named a row the run made only by luck of the
+        # generated stream, which every new field of a schema changes)
         for item in ("", "/{ident}")
-        # a drawn body names one the run made
-        if (name, item) not in (("storage_type", ""), ("virt_method", ""))
     },
     "DELETE /api/v1/node_state/{ident}": _SEEDED.format("node_state"),
     "DELETE /api/v1/node": "the fleet's one node holds its VM (409 node/in_use); no other",

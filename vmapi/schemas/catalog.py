@@ -74,14 +74,32 @@ class StorageTypeSchema(BaseSchema):
     shared = Bool()
     #: dir: files in the libvirt pool's directory on each node; rbd: images in a Ceph
     #: pool (the fields below; the user's key comes from VMAPI_CEPH_KEY_DIR, never here)
-    backend = Str(validate=validate.OneOf(STORAGE_BACKENDS))
+    backend = Str(
+        validate=validate.OneOf(STORAGE_BACKENDS),
+        metadata={
+            "description": "dir (the default): files in the libvirt pool's directory on "
+            "each node, no Ceph field. rbd: RBD images of a Ceph pool; then ceph_monitors, "
+            "ceph_pool and ceph_user are required, format is raw and shared true (its "
+            "default), and the user's key must be in the API host's VMAPI_CEPH_KEY_DIR."
+        },
+    )
     ceph_monitors = fields.List(
         Str(validate=validate_monitor),
         allow_none=True,
         validate=validate.Length(min=1, max=MAX_MONITORS),
+        metadata={"description": "rbd only: the monitors, host:port (the msgr v1 port)."},
     )
-    ceph_pool = name_field(max_length=255, required=False, allow_none=True)
+    ceph_pool = name_field(
+        max_length=255,
+        required=False,
+        allow_none=True,
+        metadata={"description": "rbd only: the Ceph pool of the type's images."},
+    )
     ceph_user = Str(
+        metadata={
+            "description": "rbd only: the cephx user, without client.; its key is read from "
+            "client.<user>.key in VMAPI_CEPH_KEY_DIR, never given through the API."
+        },
         allow_none=True,
         validate=[
             validate.Length(min=1, max=255),
@@ -92,7 +110,14 @@ class StorageTypeSchema(BaseSchema):
         ],
     )
     #: the libvirt secret holding the user's key on every node; vmapi makes it
-    ceph_secret_uuid = Str(dump_only=True, allow_none=True)
+    ceph_secret_uuid = Str(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "rbd only: the libvirt secret holding the user's key on every "
+            "node, made by vmapi (one per Ceph user)."
+        },
+    )
 
 
 class CacheOptionSchema(BaseSchema):
