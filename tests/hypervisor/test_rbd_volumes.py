@@ -8,7 +8,7 @@ node gets the secret and the rbd pool first, the image is in the cluster (``rbd 
 the running guest has it as a network disk with its limits, it grows live, a second
 volume finds the node ready, and both detach live and go from the cluster. A type whose
 monitor is a closed port answers 502 with the step and leaves no pool, no secret, no
-image and no row. The module removes its pools, secrets and images after itself (and
+image and no row; a secret a pool of the node uses is kept by that undo. The module removes its pools, secrets and images after itself (and
 what an earlier run that was killed left, before it starts).
 """
 
@@ -29,7 +29,9 @@ from tests.hypervisor.boot_env import BootEnv, wait_for_guest
 from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.qemu_host import INSTALLATION
 from vmapi.extensions import db
+from vmapi.hypervisor import CephSource
 from vmapi.models import Storage
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -233,3 +235,23 @@ def test_a_node_that_cannot_reach_the_cluster_keeps_nothing(env, ceph, rbd_type,
     assert env.api.get("storage").json["data"].keys() == before
     assert live_disk(env, guest, "vdb") is None
     assert env.api.delete(f"storage_type/{wrong['id']}").status_code == 200
+
+
+def test_a_secret_a_pool_uses_is_kept(env, ceph, rbd_type, keys):
+    """The undo of a failed pool start removes the secret it set only when no pool of the
+    node uses it (a node whose key was set again for a pool it has keeps it)."""
+    driver = env.app.extensions[DRIVER_KEY]
+    source = CephSource(tuple(ceph.monitors), ceph.pool, ceph.user, rbd_type["ceph_secret_uuid"])
+    uri = env.node["libvirt_uri"]
+    driver.ensure_ceph_secret(uri, source, ceph.key)
+    driver.ensure_rbd_pool(uri, RBD_POOL, source)
+    try:
+        assert driver.forget_ceph_secret(uri, source.secret_uuid) is False
+        assert secrets(env.conn)[f"client.{ceph.user}"] == source.secret_uuid
+    finally:
+        pool = env.conn.storagePoolLookupByName(RBD_POOL)
+        pool.destroy()
+        pool.undefine()
+    assert driver.forget_ceph_secret(uri, source.secret_uuid) is True
+    assert f"client.{ceph.user}" not in secrets(env.conn)
+    assert driver.forget_ceph_secret(uri, source.secret_uuid) is False  # none there
