@@ -184,3 +184,27 @@ def test_a_save_in_flight_counts_against_the_quota(app, api, customer_api, boote
 def save_volume_name_in(app, image_id):
     with app.app_context():
         return save_volume_name(image_id)
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "status", "error_id", "step"),
+    [
+        ("domain", "error", 502, "vm/hypervisor_error", "reading the domain's state"),
+        ("domain", "unavailable", 502, "vm/hypervisor_error", "reading the domain's state"),
+        ("copy_disk_live", "timeout", 504, "vm/hypervisor_timeout", "copying the disk live"),
+        ("copy_disk_live", "unavailable", 502, "vm/hypervisor_error", "copying the disk live"),
+    ],
+)
+def test_each_step_failing_leaves_nothing(app, api, booted, faults, method, kind, status,
+                                          error_id, step):  # fmt: skip
+    """The hypervisor failing, timing out or going away at a step: its error, its step,
+    and nothing left (no image, no copy, no ledger entry, no file)."""
+    vm, node, _ = booted()
+    before = left(app, api, faults, node)
+    faults.fail(method, kind)
+    error = assert_error(api.post(f"vm/{vm['id']}/image", json={"name": "x"}), status, error_id)
+    assert error["data"]["step"] == step
+    assert left(app, api, faults, node) == before
+    # the VM is as it was: the next save gets as far as the test driver lets it
+    again = api.post(f"vm/{vm['id']}/image", json={"name": "x"})
+    assert again.json["data"]["step"] == "copying the disk live", again.json
