@@ -17,6 +17,18 @@ rbd_installed() { compgen -G '/usr/lib/*/libvirt/storage-backend/libvirt_storage
 rbd_loaded() { timeout 20 virsh -c "$uri" pool-capabilities 2>/dev/null | grep -q "<pool type='rbd' supported='yes'>"; }
 pidfile=/run/libvirtd.pid
 
+# A daemon started here keeps none of the caller's open files: run under
+# `flock /work/notes/heavy.lock`, libvirtd would otherwise hold the lock as long as it runs.
+detached() {
+  (
+    for fd in /proc/self/fd/*; do
+      n=${fd##*/}
+      if [ "$n" -gt 2 ]; then eval "exec $n>&-" 2>/dev/null || true; fi
+    done
+    exec "$@"
+  )
+}
+
 # Restart the system libvirtd (its pid file's, never a test's private daemon) so that it
 # loads the rbd backend, unless a domain runs: that one is left alone, and the tests that
 # need rbd fail saying the backend is missing.
@@ -36,7 +48,7 @@ restart_for_rbd() {
   echo "restarting libvirtd (pid $pid) to load its rbd storage backend" >&2
   kill "$pid"
   for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  libvirtd -d
+  detached libvirtd -d
   for _ in $(seq 1 30); do answers && break; sleep 1; done
   rbd_loaded || echo "libvirtd on $uri still has no rbd storage backend" >&2
 }
@@ -54,8 +66,8 @@ id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
 # Without udev (containers, minimal VMs) /dev/kvm stays root-only; QEMU runs as libvirt-qemu.
 if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
-pgrep -x virtlogd >/dev/null || virtlogd -d
-pgrep -x libvirtd >/dev/null || libvirtd -d
+pgrep -x virtlogd >/dev/null || detached virtlogd -d
+pgrep -x libvirtd >/dev/null || detached libvirtd -d
 for _ in $(seq 1 30); do answers && break; sleep 1; done
 answers || { echo "libvirtd does not answer on $uri" >&2; exit 1; }
 # The first domain definition makes libvirtd probe QEMU (about a minute on a new

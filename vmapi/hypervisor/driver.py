@@ -91,7 +91,10 @@ class HypervisorDriver(Protocol):
         """Make sure the host's libvirt holds the secret ``source.secret_uuid`` (usage
         ceph, ``client.<user>``) with ``key`` (the cephx key, base64 as Ceph prints it) as
         its value; True when it was defined or its value changed. The key never appears in
-        an error or a log."""
+        an error or a log. The secret is private (its value cannot be read back): whether
+        it holds the key is told by a digest of the key in its description. libvirt
+        allows one secret per usage on a host: a secret of that UUID for another usage,
+        or another secret for this usage, is ``NameTaken``/``HypervisorError``."""
         ...
 
     def forget_ceph_secret(self, uri: str, secret_uuid: str) -> bool:
@@ -101,8 +104,13 @@ class HypervisorDriver(Protocol):
 
     def ensure_rbd_pool(self, uri: str, pool: str, source: CephSource) -> bool:
         """Make sure a started libvirt storage pool ``pool`` of type rbd over ``source``
-        exists (its secret first: :meth:`ensure_ceph_secret`); True when it was created.
-        ``PoolNotFound``/``HypervisorError`` when the host cannot reach the cluster."""
+        exists (its secret first: :meth:`ensure_ceph_secret`, else ``HypervisorError``
+        before anything is made); True when it was created. A pool of that name over
+        another source (type, Ceph pool, monitors, user, secret) is ``NameTaken`` and left
+        as it is. When the host cannot reach the cluster, ``HypervisorError`` (not
+        ``HypervisorUnavailable``: the host answered) within a few seconds, and a pool made
+        by this call is undefined again. Its volumes: raw only; grown, never shrunk; no
+        upload or download streams (libvirt 9.0)."""
         ...
 
     def pool_dir(self, uri: str, pool: str, path: str) -> str:
@@ -131,7 +139,10 @@ class HypervisorDriver(Protocol):
 
     def resize_volume(self, uri: str, pool: str, name: str, size: int) -> None: ...
 
-    def delete_volume(self, uri: str, pool: str, name: str) -> None: ...
+    def delete_volume(self, uri: str, pool: str, name: str) -> None:
+        """Delete a volume; in an rbd pool with the snapshots libvirt made to clone it
+        (``VolumeHasClones`` while clones of it exist)."""
+        ...
 
     def attach_disk_live(self, uri: str, name: str, disk: DiskSpec) -> None: ...
 
@@ -207,9 +218,11 @@ class HypervisorDriver(Protocol):
         a ``tcp://`` URI); otherwise a shut-off domain's definition moves.
         ``copy_storage`` (live only) copies the disks into files that already exist on
         the target (same size); ``disk_paths`` names, per source path, the file a disk
-        has on the target. Disks not copied must be on storage both hosts share;
-        libvirt checks that it is a shared filesystem unless ``unchecked_storage`` (for
-        storage declared shared that libvirt cannot recognise as such).
+        has on the target (without it every writable file disk is copied). A network
+        disk (RBD) is shared: never copied, never retargeted. Disks not copied must be
+        on storage both hosts share; libvirt checks that it is a shared filesystem
+        unless ``unchecked_storage`` (for storage declared shared that libvirt cannot
+        recognise as such).
         When copying with ``disk_paths``, only the writable disks it names are copied
         (the others must be on shared storage; read-only ones, such as a seed, are only
         pointed at the target's file); ``incremental`` copies only their top layer, onto
@@ -263,7 +276,10 @@ class HypervisorDriver(Protocol):
         conversion it began, so the volume is deleted as soon as it is made (within the
         driver's own timeout more, or later: until then :meth:`delete_volume` is refused
         with ``OperationInvalid``). ``VolumeExists`` leaves the existing volume alone.
-        Returns the new volume's path."""
+        Returns the new volume's path.
+        In an rbd pool (``source_pool`` the same pool; another is ``NotSupported``) the
+        volume is instead RBD's copy-on-write clone of the source, raw: made in a fraction
+        of a second, sharing its parent's data, which cannot be deleted while it exists."""
         ...
 
     def copy_disk_live(
