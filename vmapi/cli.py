@@ -32,6 +32,7 @@ from vmapi.services.names import installation_id, stored_installation_id
 from vmapi.services.nodes.health import check_nodes
 from vmapi.services.nodes.registry import capacity_defaults
 from vmapi.services.reconcile import reconcile
+from vmapi.services.storage.access import check_rbd_access
 from vmapi.services.tokens import TokenError, create_token, list_tokens, revoke_token
 
 vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
@@ -176,9 +177,14 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
     check reaches it again. A node that guards NICs (bridge or ethernet mode) has its
     network filters checked: whether its libvirt has the filter driver, filters a change
     could not bring it are defined now, others compared with the database. Safe for cron
-    or a systemd timer. Exits 1 when a node is unreachable or its filters are not right.
+    or a systemd timer. Each node with a virt_node that answered is then checked against
+    every rbd storage type: the key and the rbd pool made sure of, the pool refreshed
+    from the cluster; whether it reached the cluster is recorded (the scheduler keeps VMs
+    with volumes of the type off a node that did not). Exits 1 when a node is
+    unreachable, its filters are not right or it cannot reach a Ceph cluster.
     """
     probes = check_nodes(workers, fqdns)
+    accesses = check_rbd_access(workers, fqdns)
     for probe in probes:
         if probe.ok:
             click.echo(f"ok    {probe.fqdn}: {probe.detail}")
@@ -187,11 +193,17 @@ def node_check(fqdns: tuple[str, ...], workers: int) -> None:
             click.echo(f"DOWN  {probe.fqdn} (since {since} UTC): {probe.detail}")
         if probe.filters is not None:
             click.echo(f"{'      ' if probe.filters_ok else 'FILTER'}{probe.fqdn}: {probe.filters}")
+    for access in accesses:
+        mark = "ceph  " if access.ok else "CEPH  "
+        click.echo(f"{mark}{access.fqdn}: storage type {access.storage_type}: {access.detail}")
     down = [p for p in probes if not p.ok]
     unguarded = [p for p in probes if not p.filters_ok]
+    cut_off = {a.fqdn for a in accesses if not a.ok}
     problems = f", {len(unguarded)} with network filter problems" if unguarded else ""
+    if cut_off:
+        problems += f", {len(cut_off)} not reaching a Ceph cluster"
     click.echo(f"{len(probes)} node(s), {len(down)} unreachable{problems}")
-    if down or unguarded:
+    if down or unguarded or cut_off:
         sys.exit(1)
 
 

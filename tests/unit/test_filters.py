@@ -1,5 +1,6 @@
 """Each scheduler filter is a named SQL condition over indexed node columns (no database)."""
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -28,7 +29,7 @@ def test_filter_names_and_order_are_the_contract():
     # vm/no_valid_host reports removals under these names, in this order
     assert [name for name, _f in FILTERS] == [
         "state_schedulable", "has_virt_method", "libvirt_reachable", "can_guard",
-        "enough_cores", "enough_ram", "uuid_free",
+        "reaches_ceph", "enough_cores", "enough_ram", "uuid_free",
     ]  # fmt: skip
 
 
@@ -57,6 +58,7 @@ def test_filter_names_and_order_are_the_contract():
             ],
         ),
         ("can_guard", ["node.network_filters IS NOT false", "coalesce(node.interface_mode"]),
+        ("reaches_ceph", ["true"]),  # a VM without rbd volumes: every node
         ("enough_cores", ["node.free_cores >= 2"]),
         ("enough_ram", ["node.free_ram >= 1024"]),
         (
@@ -75,6 +77,15 @@ def test_each_filter_is_sql(name, fragments):
     for fragment in fragments:
         assert fragment in text, text
     sql(condition, sqlite.dialect())  # the embedded default compiles it too
+
+
+def test_ceph_filter_keeps_off_only_nodes_recorded_unable():
+    request = replace(REQUEST, rbd_type_ids=(3, 5))
+    text = sql(dict(FILTERS)["reaches_ceph"](request, DEFAULTS))
+    for fragment in ("NOT (EXISTS", "node_storage_access.node_id = node.id",
+                     "node_storage_access.storage_type_id IN (3, 5)",
+                     "node_storage_access.reachable IS false", "OFFSET"):  # fmt: skip
+        assert fragment in text, text
 
 
 def test_uuid_filter_passes_everything_without_a_uuid():

@@ -113,6 +113,14 @@ class HypervisorDriver(Protocol):
         upload or download streams (libvirt 9.0)."""
         ...
 
+    def refresh_rbd_pool(self, uri: str, pool: str, source: CephSource) -> tuple[int, int]:
+        """Refresh the started rbd pool ``pool`` (over ``source``) from the cluster: the
+        host's librados connects to it again (bounded as :meth:`ensure_rbd_pool`'s start).
+        The pool's (capacity, available) bytes; ``PoolNotFound`` when the host has no such
+        pool, ``HypervisorError`` naming the monitors when the cluster is out of reach
+        (libvirt then stops the pool; the next :meth:`ensure_rbd_pool` starts it)."""
+        ...
+
     def pool_dir(self, uri: str, pool: str, path: str) -> str:
         """The directory of pool ``pool`` (made and started as :meth:`ensure_pool` does, at
         ``path`` when missing), as the host has it."""

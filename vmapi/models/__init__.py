@@ -8,7 +8,7 @@ from vmapi.models.image import Image, ImageCopy
 from vmapi.models.installation import Installation
 from vmapi.models.leftover import Leftover
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
-from vmapi.models.node import Node, VirtNode
+from vmapi.models.node import Node, NodeStorageAccess, VirtNode
 from vmapi.models.quota import Quota
 from vmapi.models.security import InterfaceSecurityGroup, SecurityGroup, SecurityGroupRule
 from vmapi.models.storage import Storage
@@ -32,6 +32,7 @@ __all__ = [
     "Leftover",
     "Node",
     "NodeState",
+    "NodeStorageAccess",
     "Quota",
     "SecurityGroup",
     "SecurityGroupRule",

@@ -124,3 +124,19 @@ class VirtNode(db.Model):
 # (with this one or the unique (node_id, virt_method_id)), never a scan of the method's
 # every node per node visited.
 Index("ix_virt_node_method_node", VirtNode.virt_method_id, VirtNode.node_id)
+
+
+class NodeStorageAccess(db.Model):
+    """Whether a node reached the cluster of an rbd storage type when ``flask vmapi node
+    check`` last probed it. No row: never checked, which the scheduler counts as
+    reachable."""
+
+    __tablename__ = "node_storage_access"
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id", ondelete="CASCADE"),
+                                         primary_key=True)  # fmt: skip
+    storage_type_id: Mapped[int] = mapped_column(
+        ForeignKey("storage_type.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    reachable: Mapped[bool] = mapped_column(Boolean)
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, Exists, and_, func, literal, or_, select
 
-from vmapi.models import ImageCopy, Node, NodeState, VirtNode, Vm
+from vmapi.models import ImageCopy, Node, NodeState, NodeStorageAccess, VirtNode, Vm
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class PlacementRequest:
     uuid: str | None = None
     #: the image the VM boots from: nodes that hold a copy win ties (:func:`weigh`)
     image_id: int | None = None
+    #: the rbd storage types of the VM's volumes: nodes must reach their Ceph clusters
+    rbd_type_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,19 @@ def can_guard(r: PlacementRequest, d: Defaults) -> ColumnElement:
     return or_(Node.network_filters.is_not(False), mode.not_in(GUARDED_MODES))
 
 
+def reaches_ceph(r: PlacementRequest, d: Defaults) -> ColumnElement:
+    """The node is not recorded as unable to reach the Ceph cluster of an rbd type the
+    VM's volumes use (``flask vmapi node check`` records it in ``node_storage_access``;
+    a node never checked for a type counts as reaching it)."""
+    if not r.rbd_type_ids:
+        return literal(True)
+    return ~per_node(
+        NodeStorageAccess.node_id == Node.id,
+        NodeStorageAccess.storage_type_id.in_(r.rbd_type_ids),
+        NodeStorageAccess.reachable.is_(False),
+    )
+
+
 def enough_cores(r: PlacementRequest, d: Defaults) -> ColumnElement:
     """Free vCPUs (capacity times ratio, minus allocated) fit the request."""
     return Node.free_cores >= r.cores
@@ -107,6 +122,7 @@ FILTERS: list[tuple[str, Filter]] = [
     ("has_virt_method", has_virt_method),
     ("libvirt_reachable", libvirt_reachable),
     ("can_guard", can_guard),
+    ("reaches_ceph", reaches_ceph),
     ("enough_cores", enough_cores),
     ("enough_ram", enough_ram),
     ("uuid_free", uuid_free),

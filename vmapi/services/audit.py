@@ -36,6 +36,7 @@ from vmapi.models import (
     IdempotencyKey,
     Image,
     Leftover,
+    NodeStorageAccess,
     SecurityGroup,
     SecurityGroupRule,
     Vm,
@@ -47,8 +48,8 @@ PENDING = "vmapi.audit.pending"
 #: Models whose rows are not changes anyone asked for (a console request is recorded as
 #: the VM's ``console`` action by vmapi.services.consoles.sessions, without the token's hash; a
 #: leftover is the bookkeeping of a move, recorded as the VM's ``migrate`` or
-#: ``evacuate``).
-NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover)
+#: ``evacuate``; whether a node reaches a Ceph cluster is what node check observed).
+NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover, NodeStorageAccess)
 #: Columns never written to the trail, by model; and bookkeeping columns of a node
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
 SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}

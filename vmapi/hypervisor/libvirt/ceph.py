@@ -180,6 +180,18 @@ def _ensure_rbd_pool(
     return created
 
 
+def _refresh_rbd_pool(
+    conn: libvirt.virConnect, uri: str, pool: str, source: CephSource
+) -> tuple[int, int]:
+    found = conn.storagePoolLookupByName(pool)
+    try:
+        found.refresh(0)
+    except libvirt.libvirtError as exc:
+        raise _unreachable(uri, pool, source, exc) from exc
+    _state, capacity, _allocation, available = found.info()
+    return capacity, available
+
+
 def _unreachable(
     uri: str, pool: str, source: CephSource, exc: libvirt.libvirtError
 ) -> HypervisorError:
@@ -212,6 +224,9 @@ class CephCalls(LibvirtCalls):
             log.info("defined and started rbd storage pool %s (%s) on %s", pool, source.pool,
                      uri)  # fmt: skip
         return created
+
+    def refresh_rbd_pool(self, uri: str, pool: str, source: CephSource) -> tuple[int, int]:
+        return self._call(uri, lambda conn: _refresh_rbd_pool(conn, uri, pool, source))
 
     def forget_ceph_secret(self, uri: str, secret_uuid: str) -> bool:
         removed = self._call(uri, lambda conn: _forget_secret(conn, secret_uuid))

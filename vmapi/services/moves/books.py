@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from vmapi.error_ids import (
@@ -32,7 +32,8 @@ from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainNotFound,
 )
-from vmapi.models import Node, Storage, Vm
+from vmapi.models import Node, Storage, StorageType, Vm
+from vmapi.models.catalog import RBD
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.scheduler import (
     NoValidHost,
@@ -68,8 +69,10 @@ def migration_uri(node: Node) -> str:
 # ---------------------------------------------------------------------- the target's claim
 def claim_target(vm: Vm, node_id: int | None) -> Node:
     """Claim the VM's cores and RAM on ``node_id`` (or the node the scheduler picks) and
-    mark the VM as moving there, in one commit."""
-    request = PlacementRequest(vm.cores, vm.ram, vm.virt_method_id, vm.uuid)
+    mark the VM as moving there, in one commit. A target recorded as unable to reach the
+    Ceph cluster of one of the VM's rbd volumes is unsuitable (``reaches_ceph``)."""
+    request = PlacementRequest(vm.cores, vm.ram, vm.virt_method_id, vm.uuid,
+                               rbd_type_ids=rbd_types(vm.id))  # fmt: skip
     defaults = scheduler_defaults()
     try:
         if node_id is None:
@@ -95,6 +98,17 @@ def claim_target(vm: Vm, node_id: int | None) -> Node:
         db.session.rollback()
         raise
     return node
+
+
+def rbd_types(vm_id: int) -> tuple[int, ...]:
+    """The rbd storage types the VM's volumes are on."""
+    stmt = (
+        select(StorageType.id).distinct()
+        .join(Storage, Storage.storage_type_id == StorageType.id)
+        .where(Storage.vm_id == vm_id, StorageType.backend == RBD)
+        .order_by(StorageType.id)
+    )  # fmt: skip
+    return tuple(db.session.scalars(stmt))
 
 
 def _claim_named(vm: Vm, node_id: int, request: PlacementRequest, defaults: Any) -> Node:
