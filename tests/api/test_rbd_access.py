@@ -121,6 +121,17 @@ def test_a_vm_without_rbd_volumes_is_not_kept_off(app, api, vm_host, test_method
     assert response.json.get("error_id") == "vm/hypervisor_error", response.json
 
 
+def test_what_node_check_recorded_goes_with_the_node_and_the_type(app, api, rbd_type):
+    bare = api.post("node", json=node_body()).json["data"]
+    other = api.post("node", json=node_body()).json["data"]
+    record(app, bare, rbd_type, False)
+    record(app, other, rbd_type, True)
+    assert api.delete(f"node/{bare['id']}").status_code == 200
+    assert accesses(app) == [(other["id"], rbd_type["id"], True)]
+    assert api.delete(f"storage_type/{rbd_type['id']}").status_code == 200
+    assert accesses(app) == []
+
+
 # ---------------------------------------------------------------------- node check
 def test_node_check_reports_a_node_that_cannot_reach_the_cluster(
     app, api, runner, vm_host, rbd_type, faults

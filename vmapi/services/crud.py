@@ -318,6 +318,8 @@ class CrudService(Generic[M]):
             for fk in table.foreign_keys:
                 if fk.column.table is not own:
                     continue
+                if fk.ondelete == "CASCADE" and "id" not in table.c:
+                    continue  # rows that go with it (a node's Ceph access): no reference
                 stmt = select(table.c.id).where(fk.parent == obj.id).order_by(table.c.id)
                 ids = list(db.session.scalars(stmt.limit(IN_USE_SAMPLE)))
                 if ids:
