@@ -151,3 +151,8 @@ def test_a_closed_monitor_port_reports_the_node_unable(env: BootEnv, ceph: CephC
     if good:
         assert recorded(env)[good[0]["id"]] is True
         assert GOOD_POOL in names
+    # the type goes with the test: a check after it (the other test, in any order) meets
+    # only its own types
+    gone = env.api.delete(f"storage_type/{closed['id']}")
+    assert gone.status_code == 200, gone.json
+    made_types.remove(closed)
