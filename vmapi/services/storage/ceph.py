@@ -17,6 +17,7 @@ import os
 from flask import current_app
 
 from vmapi.errors import ServiceUnavailable
+from vmapi.hypervisor.rbd import CephAccess, RbdClient
 from vmapi.models import StorageType
 from vmapi.node_detail import NodeNote
 from vmapi.services.nodes.hosts import Host, hypervisor
@@ -100,3 +101,19 @@ def ensure_rbd_pool(
         messages.append(NodeNote("A storage pool was created.",
                                  f"rbd storage pool {storage_type.pool}: Ceph pool "
                                  f"{source.pool} at {monitors}"))  # fmt: skip
+
+
+def rbd_client(storage_type: StorageType) -> RbdClient:
+    """The API host as a client of the type's cluster, as the type's user (its key read
+    from its file by the tools themselves; :class:`KeyUnreadable` first when it cannot be
+    read here)."""
+    source = ceph_source(storage_type)
+    assert source is not None  # an rbd type
+    ceph_key(source.user)  # readable, and a key: else KeyUnreadable before any tool runs
+    access = CephAccess(
+        monitors=source.monitors,
+        user=source.user,
+        keyfile=key_path(source.user),
+        timeout=float(current_app.config["LIBVIRT_TIMEOUT"]),
+    )
+    return RbdClient(access)
