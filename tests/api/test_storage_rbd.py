@@ -8,12 +8,14 @@ import uuid
 
 import pytest
 
+from tests.api.test_boot import boot_body, make_image
 from tests.api.test_storage import storage_body, volume
 from tests.conftest import GIB, vm_body
 from tests.errors import assert_error
+from tests.image_files import ImageFiles
 from vmapi.extensions import db
 from vmapi.hypervisor import CephSource, DiskSpec
-from vmapi.models import Storage
+from vmapi.models import ImageRbd, Storage
 from vmapi.services.vms.specs import disk_specs
 
 pytestmark = pytest.mark.embedded
@@ -29,6 +31,11 @@ def key_dir(tmp_path):
     (folder / "client.libvirt.key").write_text(KEY + "\n")
     (folder / "client.other.key").write_text(base64.b64encode(b"another key").decode())
     return folder
+
+
+@pytest.fixture
+def files(tmp_path):
+    return ImageFiles(tmp_path / "files")
 
 
 @pytest.fixture
@@ -217,3 +224,54 @@ def test_a_key_gone_from_the_api_host_answers_503_and_makes_nothing(api, vm, rbd
     assert error["data"]["step"] == "reading the Ceph key"
     assert "client.libvirt.key" in error["message"]
     assert api.get("storage").json["data"] == {}
+
+
+# ------------------------------------------------------------------ root disks in rbd types
+def test_root_storage_type_is_checked_before_anything_is_placed(api, files, vm_host, test_method,
+                                                                rbd_type):  # fmt: skip
+    vm_host()
+    image = make_image(api, files)
+    other = api.post("storage_type", json={"name": "ssd", "description": "SSD", "pool": "ssd",
+                                           "format": "qcow2"})  # fmt: skip
+    assert other.status_code == 201, other.json
+    cases = {
+        "no such type": {"id": 999999},
+        "a dir type other than local-qcow2": {"id": other.json["data"]["id"]},
+    }
+    for why, ref in cases.items():
+        response = api.post("vm", json=boot_body(test_method, image, root_storage_type=ref))
+        error = assert_error(response, 400, "general/validation")
+        assert set(error["data"]) == {"root_storage_type"}, why
+    alone = api.post("vm", json=vm_body(test_method, root_storage_type={"id": rbd_type["id"]}))
+    assert set(assert_error(alone, 400, "general/validation")["data"]) == {"root_storage_type"}
+    assert api.get("vm").json["data"] == {}
+    # naming the seeded type is the default, said aloud
+    local = api.get("storage_type", query_string={"name": "local-qcow2"}).json["data"]
+    (local_id,) = [int(k) for k in local]
+    body = boot_body(test_method, image, root_storage_type={"id": local_id})
+    made = api.post("vm", json=body)
+    # (the test driver cannot take the image's upload: the step after placement fails)
+    assert_error(made, 502, "vm/hypervisor_error")
+    assert made.json["data"]["step"] == "copying the image to the node"
+
+
+def test_an_rbd_root_disk_asks_the_node_for_the_key_first_and_leaves_nothing(
+    app, api, files, vm_host, test_method, rbd_type, driver
+):
+    """libvirt's test driver holds no secrets: a VM whose root disk is to be an RBD clone
+    fails at the node's first Ceph step, before anything is written into any cluster,
+    and nothing of it stays (row, root disk row, claim, domain, pool)."""
+    node = vm_host()
+    image = make_image(api, files)
+    body = boot_body(test_method, image, root_storage_type={"id": rbd_type["id"]})
+    response = api.post("vm", json=body)
+    error = assert_error(response, 502, "vm/hypervisor_error")
+    assert error["data"]["step"] == "giving the node the key of client.libvirt"
+    assert api.get("vm").json["data"] == {}
+    assert api.get("storage").json["data"] == {}
+    with app.app_context():
+        assert db.session.query(ImageRbd).count() == 0
+    assert api.get(f"node/{node['id']}").json["data"]["allocated_cores"] == 0
+    conn = driver.connections.get(node["libvirt_uri"], 5)
+    assert conn.listAllDomains(0) == []
+    assert "ceph" not in conn.listStoragePools() + conn.listDefinedStoragePools()

@@ -4,7 +4,7 @@ from vmapi.models.catalog import CacheOption, NodeState, StorageType, VirtMethod
 from vmapi.models.console import ConsoleToken
 from vmapi.models.event import Event
 from vmapi.models.idempotency import IdempotencyKey
-from vmapi.models.image import Image, ImageCopy
+from vmapi.models.image import Image, ImageCopy, ImageRbd
 from vmapi.models.installation import Installation
 from vmapi.models.leftover import Leftover
 from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, Vlan
@@ -23,6 +23,7 @@ __all__ = [
     "IdempotencyKey",
     "Image",
     "ImageCopy",
+    "ImageRbd",
     "Installation",
     "Interface",
     "InterfaceSecurityGroup",

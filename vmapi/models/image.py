@@ -125,3 +125,28 @@ class ImageCopy(db.Model):
     volume_name: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImageRbd(db.Model):
+    """An image written once into the Ceph pool of an rbd storage type: a raw RBD image
+    with a protected snapshot, the parent of every root disk of that image made in the
+    type (RBD clones). Recorded when its content was checked against the image's file.
+
+    One per image and rbd type. ``image_id`` becomes null when the image is deleted while
+    the cluster could not be reached: the row then marks an RBD image to remove, which
+    ``flask vmapi reconcile --fix`` does once it can.
+    """
+
+    __tablename__ = "image_rbd"
+    __table_args__ = (UniqueConstraint("image_id", "storage_type_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
+    storage_type_id: Mapped[int] = mapped_column(ForeignKey("storage_type.id"), index=True)
+    #: the Ceph pool (the type's ``ceph_pool`` when it was written)
+    ceph_pool: Mapped[str] = mapped_column(String(255))
+    #: ``<installation>-image-<image id>``
+    rbd_name: Mapped[str] = mapped_column(String(255))
+    #: the protected snapshot clones are made from
+    snapshot: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -121,6 +121,19 @@ class VmSchema(BaseSchema):
             "Grow it later through /storage.",
         },
     )
+    root_storage_type = Ref(
+        "storage_type",
+        attribute="root_storage_type_id",
+        load_only=True,
+        allow_none=True,
+        metadata={
+            "on_update": False,
+            "description": "The storage type of the root disk made from image, given only "
+            "with image: the seeded local-qcow2 (the default: a qcow2 overlay on the node's "
+            "copy of the image) or an rbd type (an RBD clone of the image, written once "
+            "into its Ceph pool).",
+        },
+    )
     name = Str(dump_only=True)
     #: the name libvirt knows the domain by (with the installation's id), stored when
     #: the VM is made

@@ -28,6 +28,7 @@ from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.services.names import installation_id, saved_image_id
 from vmapi.services.nodes.domains import remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.storage.ceph import rbd_type_of_pool, remove_rbd_volume
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,12 @@ def drop_leftover(node_id: int, kind: str, name: str, pool: str | None = None) -
 def delete_listed_volume(host: Host, pool: str, name: str) -> None:
     """Delete a volume of ours that is listed as a leftover on the host (gone already is
     fine), and strike it off."""
-    with contextlib.suppress(VolumeNotFound):
-        hypervisor().delete_volume(host.uri, pool, name)
+    rbd = rbd_type_of_pool(pool)
+    if rbd is not None:  # an RBD image: through the API host, whatever the node's pool knows
+        remove_rbd_volume(rbd, name)
+    else:
+        with contextlib.suppress(VolumeNotFound):
+            hypervisor().delete_volume(host.uri, pool, name)
     drop_leftover(host.node.id, VOLUME, name, pool)
     db.session.commit()
 

@@ -40,7 +40,7 @@ from vmapi.extensions import db
 from vmapi.models import Image, Vm
 from vmapi.models.image import ACTIVE, QUEUED, SAVING
 from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
-from vmapi.services.images import copies, store, transfers
+from vmapi.services.images import copies, rbd_copies, store, transfers
 from vmapi.services.images.inspection import ImageRefused, inspect
 from vmapi.services.quotas import check_storage_quota, storage_quota_exceeded, storage_room
 
@@ -119,6 +119,7 @@ class ImageService(CrudService[Image]):
     ) -> Outcome[Image]:
         """Delete images no VM boots from, then their files and every node's copy."""
         orphaned: list[int] = []
+        in_ceph: list[int] = []
 
         def one(ident: int) -> Image:
             image = self.get(ident, principal)
@@ -129,6 +130,7 @@ class ImageService(CrudService[Image]):
             db.session.scalars(locked).one()
             self.check_unused(image)
             orphaned.extend(copies.forget_image(image.id))
+            in_ceph.extend(rbd_copies.forget_image(image.id))
             db.session.delete(image)
             db.session.flush()
             return image
@@ -141,6 +143,7 @@ class ImageService(CrudService[Image]):
             if image.file is not None:
                 store.remove(os.path.join(image_dir(), image.file))
         messages = copies.remove_orphans(orphaned) if orphaned else []
+        messages += rbd_copies.remove_orphans(in_ceph) if in_ceph else []
         return Outcome(images, messages)
 
     def check_unused(self, image: Image) -> None:

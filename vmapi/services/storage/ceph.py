@@ -13,16 +13,23 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from typing import TYPE_CHECKING
 
 from flask import current_app
+from sqlalchemy import select
 
 from vmapi.errors import ServiceUnavailable
+from vmapi.extensions import db
+from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.rbd import CephAccess, RbdClient
 from vmapi.models import StorageType
+from vmapi.models.catalog import RBD
 from vmapi.node_detail import NodeNote
 from vmapi.services.nodes.hosts import Host, hypervisor
-from vmapi.services.undo import Undo
 from vmapi.services.vms.specs import ceph_source
+
+if TYPE_CHECKING:  # (a cycle otherwise: undo -> leftovers -> this module)
+    from vmapi.services.undo import Undo
 
 
 class KeyUnreadable(Exception):
@@ -117,3 +124,30 @@ def rbd_client(storage_type: StorageType) -> RbdClient:
         timeout=float(current_app.config["LIBVIRT_TIMEOUT"]),
     )
     return RbdClient(access)
+
+
+def rbd_type_of_pool(pool: str) -> StorageType | None:
+    """The rbd type whose libvirt pool on the nodes is ``pool`` (None: not an rbd pool)."""
+    stmt = select(StorageType).where(StorageType.pool == pool, StorageType.backend == RBD)
+    return db.session.scalars(stmt.order_by(StorageType.id)).first()
+
+
+def remove_rbd_volume(storage_type: StorageType, name: str) -> bool:
+    """Remove an RBD image of the type through the API host's client (one image, never
+    through a node's pool, which knows only the images it made or saw at its last
+    refresh); False when it was gone. A key the API host cannot read is a
+    :class:`HypervisorError` here, as a cluster out of reach is: the volume stays."""
+    try:
+        client = rbd_client(storage_type)
+    except KeyUnreadable as exc:
+        raise HypervisorError("rbd:", str(exc)) from exc
+    return client.remove_image(storage_type.ceph_pool or "", name)
+
+
+def resize_rbd_volume(storage_type: StorageType, name: str, size: int) -> None:
+    """Grow an RBD image that no guest has open, through the API host's client."""
+    try:
+        client = rbd_client(storage_type)
+    except KeyUnreadable as exc:
+        raise HypervisorError("rbd:", str(exc)) from exc
+    client.resize(storage_type.ceph_pool or "", name, size)

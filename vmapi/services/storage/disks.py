@@ -15,9 +15,11 @@ from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import PAUSED, RUNNING, DomainSpec, NotSupported
 from vmapi.models import CacheOption, Storage, StorageType, VirtMethod, Vm
+from vmapi.models.catalog import RBD
 from vmapi.node_detail import NodeNote
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.ownership import own_vms
+from vmapi.services.storage.ceph import resize_rbd_volume
 from vmapi.services.undo import Undo
 from vmapi.services.vms.specs import SEED_TARGET, disk_spec, domain_spec
 
@@ -105,6 +107,9 @@ def grow(disk: AttachedVolume, size: int, messages: list[str]) -> None:
             return
         except NotSupported:
             messages.append(f"Storage {disk.storage.id} grew; the guest sees it after a restart.")
+    if disk.type.backend == RBD:  # (the node's pool may not know the image: see ceph.py)
+        resize_rbd_volume(disk.type, disk.storage.volume_name or "", size)
+        return
     driver.resize_volume(uri, disk.storage.pool, disk.storage.volume_name, size)
 
 

@@ -16,17 +16,23 @@ from sqlalchemy import select
 from vmapi.errors import ApiError, HypervisorTimedOut
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, HypervisorError, VolumeNotFound
-from vmapi.models import Storage, VirtMethod, Vm
+from vmapi.models import Storage, StorageType, VirtMethod, Vm
+from vmapi.models.catalog import RBD
 from vmapi.services.nodes.domains import hypervisor_failure, record_state
 from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.storage.ceph import remove_rbd_volume
 from vmapi.services.vms.specs import domain_spec
 
 
 def delete_volume(storage: Storage, host: Host | None = None) -> bool:
     """Delete the row's volume where the row says it is; False if it was already gone
-    (or never made: a create that died before the volume existed)."""
+    (or never made: a create that died before the volume existed). An RBD image goes
+    through the API host's Ceph client, whatever node the VM is on."""
     if storage.volume_name is None:
         return False
+    storage_type = db.session.get(StorageType, storage.storage_type_id)
+    if storage_type is not None and storage_type.backend == RBD:
+        return remove_rbd_volume(storage_type, storage.volume_name)
     host = host or Host.of(storage.node_id)
     try:
         hypervisor().delete_volume(host.uri, storage.pool, storage.volume_name)

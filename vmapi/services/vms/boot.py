@@ -23,10 +23,12 @@ from vmapi.error_ids import IMAGE_NOT_ACTIVE, VM_IMAGE_NOT_FOUND, VM_QUOTA_EXCEE
 from vmapi.errors import Conflict, NotFound, ValidationError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, NameTaken
-from vmapi.models import Image, Storage, Vm
+from vmapi.models import Image, Storage, StorageType, Vm
+from vmapi.models.catalog import RBD
 from vmapi.models.image import ACTIVE
 from vmapi.models.leftover import VOLUME
 from vmapi.services.images.copies import (
+    ROOT_TYPE,
     CopyGone,
     Source,
     held_copy,
@@ -41,6 +43,7 @@ from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
+from vmapi.services.vms.rbd_boot import make_rbd_root, rbd_type
 
 MIB = 1024 * 1024
 ROOT_TARGET = "vda"
@@ -52,6 +55,8 @@ class Boot:
 
     source: Source
     root_size: int
+    #: an rbd storage type of the root disk (an RBD clone); None: the local-qcow2 overlay
+    rbd_type_id: int | None = None
 
 
 def round_up(size: int) -> int:
@@ -80,15 +85,35 @@ def plan_boot(data: dict[str, Any]) -> Boot | None:
     pops them from ``data``. None: the VM has no image (and no disk), as before."""
     image_id = data.pop("image_id", None)
     root_size = data.pop("root_size", None)
+    type_id = data.pop("root_storage_type_id", None)
     if image_id is None:
-        if root_size is not None:
-            raise ValidationError(data={"root_size": ["Give it with image: a root disk is "
-                                                      "made from an image."]})  # fmt: skip
+        for name, value in (("root_size", root_size), ("root_storage_type", type_id)):
+            if value is not None:
+                raise ValidationError(data={name: ["Give it with image: a root disk is "
+                                                   "made from an image."]})  # fmt: skip
         return None
+    rbd_type_id = root_disk_type(type_id)
     image = bootable_image(image_id, data.get("customer_id"))
     size = disk_size(image, root_size, data["ram"])
     data["image_id"] = image.id
-    return Boot(Source.of(image), size)
+    return Boot(Source.of(image), size, rbd_type_id)
+
+
+def root_disk_type(type_id: int | None) -> int | None:
+    """The rbd type a root disk is asked for in (None: the seeded local-qcow2, also when
+    named); any other type is 400 on ``root_storage_type``."""
+    if type_id is None:
+        return None
+    storage_type = db.session.get(StorageType, type_id)
+    if storage_type is None:
+        raise ValidationError(data={"root_storage_type": [f"No storage_type with id {type_id}."]})
+    if storage_type.name == ROOT_TYPE:
+        return None
+    if storage_type.backend != RBD:
+        raise ValidationError(data={"root_storage_type": [
+            f"A root disk is made in {ROOT_TYPE} or in an rbd storage type; "
+            f"{storage_type.name} is neither."]})  # fmt: skip
+    return storage_type.id
 
 
 def bootable_image(image_id: int, customer_id: int | None) -> Image:
@@ -140,13 +165,14 @@ def check_image(boot: Boot, customer_id: int | None) -> None:
 
 def add_root_disk(vm: Vm, boot: Boot) -> Storage:
     """The root disk's row, in the claim transaction (flushed, named)."""
+    storage_type = root_type() if boot.rbd_type_id is None else rbd_type(boot.rbd_type_id)
     root = Storage(
         size=boot.root_size,
         vm_id=vm.id,
-        storage_type_id=root_type().id,
+        storage_type_id=storage_type.id,
         target=ROOT_TARGET,
         node_id=vm.node_id,
-        pool=root_type().pool,
+        pool=storage_type.pool,
         boot=True,
         image_id=boot.source.id,
     )
@@ -167,7 +193,14 @@ def forget_root_disk(storage_id: int) -> None:
 
 def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) -> None:
     """The image's copy on the node (made now if missing), then the overlay on it; the
-    row records the overlay's path. Failures answer as POST /vm's steps do."""
+    row records the overlay's path. Failures answer as POST /vm's steps do. (In an rbd
+    type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`.)"""
+    if boot.rbd_type_id is not None:
+        try:
+            make_rbd_root(vm, root, boot.source, boot.root_size, host, undo)
+        except CopyGone as exc:  # (the VM's row holds the image: only if that changes)
+            raise image_not_found(boot.source.id) from exc
+        return
     driver = hypervisor()
     uri, pool = host.uri, root.pool
     directory = pool_directory(host.node.id, pool, vm.virt_method_id)

@@ -91,8 +91,9 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
     row), commit; its undo (the claim, the row) goes on ``undo``. An array commits its
     elements together (``commit=False``): a failure rolls them all back."""
     data, boot = new.data, new.boot
+    rbd_types = (boot.rbd_type_id,) if boot is not None and boot.rbd_type_id else ()
     request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
-                               image_id=data.get("image_id"))  # fmt: skip
+                               image_id=data.get("image_id"), rbd_type_ids=rbd_types)  # fmt: skip
     root = None
     try:
         check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])

@@ -1,0 +1,87 @@
+"""A root disk in an rbd storage type: an RBD clone of the image, written once into the
+type's Ceph pool (:mod:`vmapi.services.images.rbd_copies`), grown to ``root_size``.
+
+The steps, each with its inverse on the create's undo stack: the node's secret and rbd
+pool (:func:`vmapi.services.storage.ceph.ensure_rbd_pool`: QEMU there reaches the image
+through them); the image's RBD image (written when missing: "writing the image into
+Ceph"); the clone (``creating the root disk``). The clone is made by the API host's Ceph
+client rather than by ``vol-create-from`` in the node's libvirt pool: libvirt knows an
+image another client wrote only after a refresh of the pool, which lists and opens
+every image in it (the slowness CloudStack #14188 reports), while ``rbd clone`` touches
+the one parent. The domain reaches the clone as a network disk, never through the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+
+from vmapi.extensions import db
+from vmapi.hypervisor import HypervisorError
+from vmapi.models import Storage, StorageType, Vm
+from vmapi.models.catalog import RBD
+from vmapi.models.leftover import VOLUME
+from vmapi.services.images.copies import Source
+from vmapi.services.images.rbd_copies import held_rbd_image, remove_rbd_if_unused
+from vmapi.services.leftovers import Left
+from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.hosts import Host
+from vmapi.services.storage.ceph import (
+    KeyUnreadable,
+    Steps,
+    ensure_rbd_pool,
+    key_unreadable,
+    rbd_client,
+)
+from vmapi.services.storage.volumes import delete_volume
+from vmapi.services.undo import Undo
+
+log = logging.getLogger(__name__)
+
+
+def rbd_type(type_id: int) -> StorageType:
+    """An rbd type, read under a share lock as a volume's type is (its Ceph fields cannot
+    change under a root disk being made)."""
+    stmt = select(StorageType).where(StorageType.id == type_id, StorageType.backend == RBD)
+    return db.session.scalars(stmt.with_for_update(read=True)).one()
+
+
+def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, undo: Undo) -> None:
+    """The node's Ceph access, the image in Ceph (written if missing), then the clone;
+    the row records the clone's path (``<ceph pool>/<name>``, as libvirt reports RBD
+    volumes). Failures answer as POST /vm's steps do, with ``data.step``; ``CopyGone``
+    when the image was deleted meanwhile. What was made for the first time is logged."""
+    messages: list[str] = []
+    storage_type = db.session.get(StorageType, root.storage_type_id)
+    assert storage_type is not None
+    db.session.commit()  # (only read) nothing stays open across the node and the cluster
+    steps = Steps()
+    step = steps.step
+    try:
+        ensure_rbd_pool(storage_type, host, undo, messages, steps)
+        step = "writing the image into Ceph"
+        client = rbd_client(storage_type)
+        with held_rbd_image(source, storage_type) as held:
+            if held.made:  # (this root disk's row goes after it: it does not count)
+                row_id, root_id = held.row.id, root.id
+                undo.push(f"removing image {source.id} from Ceph pool "
+                          f"{storage_type.ceph_pool} unless used",
+                          lambda: remove_rbd_if_unused(row_id, ignoring=root_id))  # fmt: skip
+                messages.append(f"Image {source.id} was written into Ceph pool "
+                                f"{storage_type.ceph_pool} ({held.seconds:.1f} s).")  # fmt: skip
+            step = "creating the root disk"
+            pool, name = held.row.ceph_pool, root.volume_name or ""
+            client.clone(pool, held.row.rbd_name, held.row.snapshot, name, size)
+            undo.push(f"deleting root disk {pool}/{name}",
+                      lambda: delete_volume(root, host),
+                      Left(host.node.id, VOLUME, name, vm.id, root.pool))  # fmt: skip
+            root.path = f"{pool}/{name}"
+    except KeyUnreadable as exc:
+        raise key_unreadable(exc, storage_type) from exc
+    except HypervisorError as exc:
+        raise hypervisor_failure(exc, steps.step if step == Steps.step else step, host) from exc
+    for message in messages:
+        log.info("vm-%s: %s", vm.id, message)
+    db.session.add(root)
+    db.session.commit()
