@@ -1,4 +1,5 @@
-"""image_rbd: an image written once into an rbd storage type's Ceph pool
+"""image_rbd: an image written once into an rbd storage type's Ceph pool; an active image
+may live in Ceph only (raw, no file in the store)
 
 The parent of the RBD clones that root disks of the image in that type are (one per image
 and rbd type; image_id null: an RBD image left to remove).
@@ -48,7 +49,27 @@ def upgrade():
         )
 
 
+    with op.batch_alter_table("image", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("ck_image_active_has_file"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_image_active_has_content"), ACTIVE_HAS_CONTENT)
+
+
+#: an active image has its figures, and a file with its checksum, or (a raw image saved
+#: from an RBD disk, in Ceph only) neither
+ACTIVE_HAS_CONTENT = (
+    "state != 'active' OR size IS NOT NULL AND virtual_size IS NOT NULL AND "
+    "(file IS NOT NULL AND checksum IS NOT NULL OR file IS NULL AND format = 'raw')"
+)
+ACTIVE_HAS_FILE = (
+    "state != 'active' OR file IS NOT NULL AND size IS NOT NULL AND "
+    "virtual_size IS NOT NULL AND checksum IS NOT NULL"
+)
+
+
 def downgrade():
+    with op.batch_alter_table("image", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("ck_image_active_has_content"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_image_active_has_file"), ACTIVE_HAS_FILE)
     with op.batch_alter_table("image_rbd", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_image_rbd_storage_type_id"))
     op.drop_table("image_rbd")

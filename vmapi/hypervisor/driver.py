@@ -315,6 +315,15 @@ class HypervisorDriver(Protocol):
         deleted. Returns the volume's path."""
         ...
 
+    def freeze_filesystems(self, uri: str, name: str) -> None:
+        """Freeze the running guest's file systems through its agent (``NoGuestAgent``
+        when none answers, nothing frozen); :meth:`thaw_filesystems` must follow, soon."""
+        ...
+
+    def thaw_filesystems(self, uri: str, name: str) -> None:
+        """Thaw them (tried twice: a guest left frozen is stuck)."""
+        ...
+
     def abort_disk_copy(self, uri: str, name: str, target: str) -> bool:
         """End a block copy of the domain's disk ``target`` without a pivot (one left by
         a process that died mid-copy); True when there was one, False when there was

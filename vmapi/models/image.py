@@ -56,16 +56,19 @@ class Image(db.Model):
             ),
             name="saved_has_source",
         ),
-        # an active image has a file, and the figures read from it
+        # an active image has its figures, and a file with its checksum -- or neither: a
+        # raw image saved from an RBD disk lives in Ceph only (its ImageRbd row)
         CheckConstraint(
             or_(
                 column("state") != ACTIVE,
-                column("file").is_not(None)
-                & column("size").is_not(None)
+                column("size").is_not(None)
                 & column("virtual_size").is_not(None)
-                & column("checksum").is_not(None),
+                & (
+                    (column("file").is_not(None) & column("checksum").is_not(None))
+                    | (column("file").is_(None) & (column("format") == "raw"))
+                ),
             ),
-            name="active_has_file",
+            name="active_has_content",
         ),
         *[
             CheckConstraint(or_(column(name).is_(None), column(name) >= 0), name=name)

@@ -316,6 +316,16 @@ class CopyCalls(LibvirtCalls):
         )  # fmt: skip
         return path
 
+    def freeze_filesystems(self, uri: str, name: str) -> None:
+        try:
+            self._on_domain(uri, name, lambda dom: _guest_agent(uri, dom))
+        except HypervisorTimeout as exc:
+            raise NoGuestAgent(uri, f"the guest agent did not answer: {exc}") from exc
+        self._on_domain(uri, name, lambda dom: _freeze(uri, dom))
+
+    def thaw_filesystems(self, uri: str, name: str) -> None:
+        self._thaw(uri, name)
+
     def abort_disk_copy(self, uri: str, name: str, target: str) -> bool:
         def abort(dom: libvirt.virDomain) -> bool:
             if not dom.isActive():

@@ -256,6 +256,8 @@ class ImageService(CrudService[Image]):
         """The file of an active image the principal can see, open for streaming back;
         ``streamed`` (by this process): holding a transfer slot until it is released."""
         image = self.get(ident, principal)
+        if image.state == ACTIVE and image.file is None:
+            raise rbd_copies.in_ceph_only(image)
         if image.state != ACTIVE or image.file is None:
             raise Conflict(
                 f"Image {ident} is {image.state}; it has no file yet.",

@@ -37,10 +37,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from vmapi import heartbeat
+from vmapi.error_ids import IMAGE_NOT_ACTIVE
+from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.rbd import RbdBusy, RbdClient
-from vmapi.models import ImageRbd, Storage, StorageType
+from vmapi.models import Image, ImageRbd, Storage, StorageType
 from vmapi.node_detail import NodeNote
 from vmapi.services.images.copies import CopyGone, Source
 from vmapi.services.images.locks import copy_lock
@@ -65,6 +67,25 @@ class HeldRbd:
     row: ImageRbd
     made: bool
     seconds: float = 0.0
+
+
+def in_ceph_only(image: Image) -> Conflict:
+    """409: an image saved from an RBD disk lives in its Ceph pool only (no file in the
+    store): it boots as an RBD clone in that storage type and nowhere else."""
+    return Conflict(
+        f"Image {image.id} was saved from an RBD disk and lives in its Ceph pool only (no "
+        "file in the image store): boot it with root_storage_type naming that rbd storage "
+        "type; it cannot be copied to a node, into a volume or downloaded.",
+        error_id=IMAGE_NOT_ACTIVE,
+        data={"image": {"id": image.id}, "state": image.state,
+              "storage_type": [{"id": i} for i in rbd_homes(image.id)]},
+    )  # fmt: skip
+
+
+def rbd_homes(image_id: int) -> list[int]:
+    """The rbd types whose Ceph pool holds the image."""
+    stmt = select(ImageRbd.storage_type_id).where(ImageRbd.image_id == image_id)
+    return list(db.session.scalars(stmt.order_by(ImageRbd.storage_type_id)))
 
 
 def find_rbd_image(image_id: int, storage_type_id: int) -> ImageRbd | None:

@@ -61,13 +61,15 @@ from vmapi.hypervisor import (
     NotSupported,
     VolumeNotFound,
 )
-from vmapi.models import Image, Storage, Vm
+from vmapi.models import Image, Storage, StorageType, Vm
+from vmapi.models.catalog import RBD
 from vmapi.models.image import ACTIVE, SAVING, SNAPSHOT
 from vmapi.models.leftover import VOLUME
 from vmapi.services.crud import Outcome
 from vmapi.services.images import store
 from vmapi.services.images.catalog import image_dir
 from vmapi.services.images.inspection import ImageRefused, inspect
+from vmapi.services.images.saving_rbd import save_rbd
 from vmapi.services.leftovers import (
     Left,
     drop_leftover,
@@ -162,6 +164,8 @@ def save(saving: Saving, quiesce: bool) -> Outcome[Image]:
     seconds = float(current_app.config["IMAGE_SAVE_TIMEOUT"])
     deadline = time.monotonic() + seconds
     live = domain_runs(saving)
+    if is_rbd(saving.disk):  # made inside the cluster: no copy on the node, no download
+        return save_rbd(saving, live, quiesce, deadline)
     image = reserve(saving)
     undo = Undo()
     image_id = image.id
@@ -176,6 +180,13 @@ def save(saving: Saving, quiesce: bool) -> Outcome[Image]:
     messages = [f"image {image_id}: {consistency(live, quiesce)}."]
     messages += delete_copy(saving.host, saving.disk.pool, copy, saving.vm.id)
     return Outcome([image], messages)
+
+
+def is_rbd(disk: Storage) -> bool:
+    return (
+        db.session.scalar(select(StorageType.backend).where(StorageType.id == disk.storage_type_id))
+        == RBD
+    )
 
 
 def consistency(live: bool, quiesce: bool) -> str:

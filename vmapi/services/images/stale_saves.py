@@ -19,6 +19,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.models import Image, Storage, Vm
 from vmapi.models.image import SAVING
+from vmapi.services.images import rbd_copies
 from vmapi.services.leftovers import stale_before
 from vmapi.services.locks import vm_locks
 from vmapi.services.nodes.hosts import Host, hypervisor
@@ -39,8 +40,11 @@ def forget_stale(image: Image) -> str:
     forgotten); what was done."""
     ident, when = image.id, f"{image.created_at:%Y-%m-%d %H:%M}"
     note = end_copy_job(image)
+    in_ceph = rbd_copies.forget_image(ident)  # a save on RBD: the image it was making
     db.session.delete(image)
     db.session.commit()
+    kept = rbd_copies.remove_orphans(in_ceph) if in_ceph else []
+    note += "".join(f"; {line}" for line in kept)
     return f"image {ident}: a save that died part-way ({when} UTC) was forgotten{note}"
 
 

@@ -32,6 +32,7 @@ from vmapi.services.images.copies import (
     remove_if_unused,
     root_type,
 )
+from vmapi.services.images.rbd_copies import in_ceph_only
 from vmapi.services.leftovers import Left
 from vmapi.services.names import volume_name
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken
@@ -75,6 +76,8 @@ def plan_volume(data: dict[str, Any], vm: Vm) -> NewVolume:
         )
     if image.state != ACTIVE:
         raise not_active(image)
+    if image.file is None:
+        raise in_ceph_only(image)
     if db.session.get(StorageType, data["storage_type_id"]).format != CLONE_FORMAT:
         raise ValidationError(
             data={"storage_type": [f"A volume made from an image is {CLONE_FORMAT}: give a "

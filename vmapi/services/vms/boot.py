@@ -36,6 +36,7 @@ from vmapi.services.images.copies import (
     remove_if_unused,
     root_type,
 )
+from vmapi.services.images.rbd_copies import in_ceph_only, rbd_homes
 from vmapi.services.leftovers import Left
 from vmapi.services.names import volume_name
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken
@@ -94,6 +95,8 @@ def plan_boot(data: dict[str, Any]) -> Boot | None:
         return None
     rbd_type_id = root_disk_type(type_id)
     image = bootable_image(image_id, data.get("customer_id"))
+    if image.file is None and rbd_type_id not in rbd_homes(image.id):
+        raise in_ceph_only(image)
     size = disk_size(image, root_size, data["ram"])
     data["image_id"] = image.id
     return Boot(Source.of(image), size, rbd_type_id)

@@ -56,6 +56,7 @@ from vmapi.node_detail import NodeNote
 from vmapi.services import audit
 from vmapi.services.crud import Outcome
 from vmapi.services.images.copies import (
+    ROOT_TYPE,
     CopyGone,
     Held,
     Source,
@@ -63,7 +64,9 @@ from vmapi.services.images.copies import (
     held_copy,
     pool_directory,
     remove_if_unused,
+    root_type,
 )
+from vmapi.services.images.rbd_copies import in_ceph_only
 from vmapi.services.leftovers import delete_listed_volume
 from vmapi.services.locks import vm_locks
 from vmapi.services.names import rebuilt_volume_name
@@ -167,7 +170,16 @@ def plan_rebuild(vm: Vm, image_id: int, root_size: int | None) -> Rebuild:
             error_id=VM_NO_ROOT_DISK,
             data={"vm": {"id": vm.id}},
         )
+    if root.storage_type_id != root_type().id:
+        raise Conflict(
+            f"vm-{vm.id}'s root disk is in an rbd storage type; a rebuild makes root disks in "
+            f"{ROOT_TYPE} only (save its data, delete it and create it anew from the image).",
+            error_id=VM_STATE_CONFLICT,
+            data={"storage": {"id": root.id}},
+        )
     image = bootable_image(image_id, vm.customer_id)
+    if image.file is None:
+        raise in_ceph_only(image)
     size = disk_size(image, root_size, vm.ram, default=root.size)
     host = Host.of(vm.node_id)  # (a URI that may not be opened: 409, nothing touched)
     try:
