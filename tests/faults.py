@@ -35,6 +35,8 @@ class FaultyDriver:
         self.calls: list[str] = []
         #: each call's method and arguments after the URI, in order
         self.called: list[tuple[str, tuple[Any, ...]]] = []
+        #: the same with each call's keyword arguments
+        self.called_with: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         #: each call's method, URI and the thread it ran in (calls may come from threads)
         self.threads: list[tuple[str, str, int]] = []
         #: called as ``before(method, uri, args)`` ahead of every call (e.g. a barrier)
@@ -69,6 +71,7 @@ class FaultyDriver:
             with self._lock:
                 self.calls.append(name)
                 self.called.append((name, args))
+                self.called_with.append((name, args, kwargs))
                 self.threads.append((name, uri, threading.get_ident()))
             if self.before is not None:
                 self.before(name, uri, args)

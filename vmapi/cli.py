@@ -17,15 +17,14 @@ from vmapi.api.network import ipv4, ipv6_pool
 from vmapi.api.node import node, virt_node
 from vmapi.auth import ADMIN, CLI_PRINCIPAL, CUSTOMER
 from vmapi.cli_backup import backup_cli
+from vmapi.cli_image import image_cli
 from vmapi.errors import ApiError
 from vmapi.extensions import db
-from vmapi.models import Image, Node, NodeState
-from vmapi.models.image import ACTIVE
+from vmapi.models import Node, NodeState
 from vmapi.scheduler import refresh_all
 from vmapi.services.catalog_defaults import seed_defaults
 from vmapi.services.consoles.sessions import purge_console_tokens
 from vmapi.services.events import purge_events
-from vmapi.services.images.copies import push, push_nodes
 from vmapi.services.moves.evacuation import EvacuationRefused, evacuate_one, start_evacuation
 from vmapi.services.moves.migrate import drain_one, start_drain
 from vmapi.services.names import installation_id, stored_installation_id
@@ -41,7 +40,6 @@ node_cli = AppGroup("node", help="Hypervisor hosts.")
 event_cli = AppGroup("event", help="The audit trail.")
 network_cli = AppGroup("network", help="Address ranges new VMs take their addresses from.")
 console_cli = AppGroup("console", help="VM console tokens.")
-image_cli = AppGroup("image", help="Images on the nodes.")
 vmapi_cli.add_command(token_cli)
 vmapi_cli.add_command(node_cli)
 vmapi_cli.add_command(event_cli)
@@ -310,59 +308,6 @@ def event_purge(days: int) -> None:
 def console_purge() -> None:
     """Delete expired console tokens (they open nothing; the shipped timer runs this)."""
     click.echo(f"deleted {purge_console_tokens()} expired console token(s)")
-
-
-class ProgressBars:
-    """One progress bar per node, opened at its first chunk (a node that has the image
-    already shows none) and closed when the next one opens."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.current: tuple[int, Any] | None = None
-
-    def for_node(self, node: Any) -> Any:
-        def update(sent: int) -> None:
-            if self.current is None or self.current[0] != node.id:
-                self.close()
-                bar = click.progressbar(length=self.size, label=node.fqdn, show_eta=True)
-                self.current = (node.id, bar.__enter__())
-            self.current[1].update(sent)
-
-        return update
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current[1].__exit__(None, None, None)
-            self.current = None
-
-
-@image_cli.command("push")
-@click.argument("image", type=click.IntRange(min=1))
-@click.option("--node", "fqdn", help="Only this node (default: every node taking new VMs).")
-def image_push(image: int, fqdn: str | None) -> None:
-    """Copy IMAGE (an id) to the nodes ahead of time, so the first VM of it there does
-    not wait for the copy. Nodes that have it already are skipped. Exits 1 when a node
-    could not take it."""
-    row = db.session.get(Image, image)
-    if row is None or row.state != ACTIVE:
-        raise click.ClickException(f"image {image} does not exist or has no accepted file")
-    nodes = push_nodes(fqdn)
-    if not nodes:
-        raise click.ClickException(f"no node {fqdn}" if fqdn else "no node takes new VMs")
-    bars = ProgressBars(row.size)
-    try:
-        results = push(row, nodes, bars.for_node)
-    finally:
-        bars.close()
-    for result in results:
-        if result.error:
-            click.echo(f"FAILED {result.fqdn}: {result.error}")
-        elif result.made:
-            click.echo(f"copied {result.fqdn} in {result.seconds:.1f} s (checksum verified)")
-        else:
-            click.echo(f"ok     {result.fqdn}: it has the image already")
-    if any(result.error for result in results):
-        sys.exit(1)
 
 
 @vmapi_cli.command("reconcile")

@@ -43,6 +43,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.rbd import RbdBusy, RbdClient
 from vmapi.models import Image, ImageRbd, Storage, StorageType
+from vmapi.models.catalog import RBD
 from vmapi.node_detail import NodeNote
 from vmapi.services.images.copies import CopyGone, Source
 from vmapi.services.images.locks import copy_lock
@@ -258,3 +259,21 @@ def remove_orphans(row_ids: list[int]) -> list[str]:
         db.session.delete(db.session.get(ImageRbd, row_id))
         db.session.commit()
     return notes
+
+
+def push_to_ceph(image: Image, type_name: str) -> str:
+    """``flask vmapi image push IMAGE --storage-type NAME``: the image written into the rbd
+    type's pool unless it is there; what was done. ``ValueError`` for a type that is not
+    an rbd type, or an image in Ceph only that is not in this one."""
+    storage_type = db.session.scalars(
+        select(StorageType).where(StorageType.name == type_name, StorageType.backend == RBD)
+    ).first()
+    if storage_type is None:
+        raise ValueError(f"no rbd storage type named {type_name}")
+    if image.file is None and find_rbd_image(image.id, storage_type.id) is None:
+        raise ValueError(f"image {image.id} lives in Ceph only, not in {type_name}'s pool")
+    with held_rbd_image(Source.of(image), storage_type) as held:
+        where = f"{held.row.ceph_pool}/{held.row.rbd_name}"
+        if held.made:
+            return f"written  {type_name}: {where} in {held.seconds:.1f} s (content verified)"
+        return f"ok       {type_name}: {where} is there already"

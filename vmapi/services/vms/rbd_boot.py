@@ -19,13 +19,14 @@ from sqlalchemy import select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
+from vmapi.hypervisor.rbd import RbdBusy
 from vmapi.models import Storage, StorageType, Vm
 from vmapi.models.catalog import RBD
 from vmapi.models.leftover import VOLUME
 from vmapi.services.images.copies import Source
 from vmapi.services.images.rbd_copies import held_rbd_image, remove_rbd_if_unused
 from vmapi.services.leftovers import Left
-from vmapi.services.nodes.domains import hypervisor_failure
+from vmapi.services.nodes.domains import hypervisor_failure, name_taken
 from vmapi.services.nodes.hosts import Host
 from vmapi.services.storage.ceph import (
     KeyUnreadable,
@@ -72,7 +73,10 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
                                 f"{storage_type.ceph_pool} ({held.seconds:.1f} s).")  # fmt: skip
             step = "creating the root disk"
             pool, name = held.row.ceph_pool, root.volume_name or ""
-            client.clone(pool, held.row.rbd_name, held.row.snapshot, name, size)
+            try:
+                client.clone(pool, held.row.rbd_name, held.row.snapshot, name, size)
+            except RbdBusy as exc:  # not ours (ours are recorded before they are made)
+                raise name_taken(exc, f"{pool}/{name}", host, "an RBD image") from exc
             undo.push(f"deleting root disk {pool}/{name}",
                       lambda: delete_volume(root, host),
                       Left(host.node.id, VOLUME, name, vm.id, root.pool))  # fmt: skip

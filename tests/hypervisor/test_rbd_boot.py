@@ -1,0 +1,293 @@
+"""VMs booted from RBD clones through the API, on two real libvirtd hosts (``host_pair``)
+and the session's one-node Ceph cluster (``ceph``).
+
+The test guest's image is uploaded through the API once; its first VM on the rbd type
+has the API host write it into the Ceph pool once (a raw RBD image with a protected
+snapshot), and every root disk of it there is an RBD clone of that snapshot. A live move
+copies no disk (the driver is never asked to, and the clone in the cluster is the one it
+was); an evacuation of a dead host restarts the VM on its own clone with what the guest
+wrote; a failure at any step leaves no RBD image, snapshot or clone behind.
+"""
+
+from __future__ import annotations
+
+import json
+
+import libvirt
+import pytest
+
+from tests.conftest import MIB
+from tests.faults import FaultyDriver
+from tests.hypervisor.ceph_cluster import CephCluster
+from tests.hypervisor.migrate_env import (
+    INSTALLATION,
+    MigrateEnv,
+    boots,
+    migrate_env,
+    ticks,
+    wait_for_ticks,
+)
+from tests.hypervisor.test_rbd_moves import RBD_POOL, clean, network_disk
+from vmapi.services.nodes.hosts import DRIVER_KEY
+
+pytestmark = [pytest.mark.hypervisor]
+
+
+@pytest.fixture(scope="module")
+def env(host_pair, guest_image, pg_server, tmp_path_factory, ceph):
+    store = tmp_path_factory.mktemp("images")
+    keys = tmp_path_factory.mktemp("ceph-keys")
+    (keys / f"client.{ceph.user}.key").write_text(ceph.key + "\n")
+    with migrate_env(pg_server, host_pair, guest_image.path, store) as made:
+        made.app.config["CEPH_KEY_DIR"] = str(keys)
+        made.app.extensions[DRIVER_KEY] = FaultyDriver(made.app.extensions[DRIVER_KEY])
+        try:
+            yield made
+        finally:
+            made.app.extensions[DRIVER_KEY] = made.app.extensions[DRIVER_KEY].real
+            clean(made, ceph)
+
+
+@pytest.fixture(scope="module")
+def rbd_type(env, ceph) -> dict:
+    body = {"name": "ceph", "description": "Ceph RBD", "pool": RBD_POOL, "format": "raw",
+            "backend": "rbd", "ceph_monitors": [f"{h}:{p}" for h, p in ceph.monitors],
+            "ceph_pool": ceph.pool, "ceph_user": ceph.user}  # fmt: skip
+    made = env.api.post("storage_type", json=body)
+    assert made.status_code == 201, made.json
+    return made.json["data"]
+
+
+@pytest.fixture(scope="module")
+def guest(env, rbd_type) -> dict:
+    """The test guest on node a, its root disk an RBD clone; ticking."""
+    vm = env.create("a", root_storage_type={"id": rbd_type["id"]})
+    wait_for_ticks(env.console(vm["id"]), 2)
+    return vm
+
+
+def faults(env: MigrateEnv) -> FaultyDriver:
+    return env.app.extensions[DRIVER_KEY]
+
+
+def parent_image(env: MigrateEnv) -> str:
+    return f"{INSTALLATION}-image-{env.image['id']}"
+
+
+def root_of(env: MigrateEnv, vm: dict) -> tuple[int, str, str]:
+    """The VM's root disk: its storage id, RBD image and recorded path."""
+    [(ident, name, path)] = env.sql(
+        "SELECT id, volume_name, path FROM storage WHERE vm_id = :id AND boot", id=vm["id"]
+    )
+    return ident, name, path
+
+
+def snapshots(ceph: CephCluster, image: str) -> list[dict]:
+    return json.loads(ceph.run("rbd", "snap", "ls", "--format", "json", f"{ceph.pool}/{image}"))
+
+
+def ours(ceph: CephCluster) -> list[str]:
+    return [name for name in ceph.rbd_images() if name.startswith(f"{INSTALLATION}-")]
+
+
+def where(env: MigrateEnv, vm: dict) -> str:
+    [(node,)] = env.sql("SELECT node_id FROM vm WHERE id = :id", id=vm["id"])
+    return next(name for name, row in env.nodes.items() if row["id"] == node)
+
+
+def written(ceph: CephCluster, image: str) -> int:
+    """Bytes the clone holds of its own (what the guest wrote; the rest is its parent's)."""
+    extents = json.loads(ceph.run("rbd", "diff", "--format", "json", f"{ceph.pool}/{image}"))
+    return sum(e["length"] for e in extents)
+
+
+def test_the_guest_boots_from_a_clone_of_the_image_written_once(env, ceph, rbd_type, guest):
+    parent = parent_image(env)
+    # the image is in the cluster once, raw, with its protected snapshot
+    assert ceph.rbd_info(parent)["size"] == env.image["virtual_size"]
+    [snapshot] = snapshots(ceph, parent)
+    assert snapshot["name"] == "vmapi-base" and snapshot["protected"] == "true"
+    [(row_image, row_type, row_name)] = env.sql(
+        "SELECT image_id, storage_type_id, rbd_name FROM image_rbd"
+    )
+    assert (row_image, row_type, row_name) == (env.image["id"], rbd_type["id"], parent)
+    # the root disk is a clone of it, grown to its size, a network disk of the domain
+    storage, name, path = root_of(env, guest)
+    info = ceph.rbd_info(name)
+    assert info["parent"]["image"] == parent and info["parent"]["snapshot"] == "vmapi-base"
+    assert path == f"{ceph.pool}/{name}"
+    vda = network_disk(env, "a", guest["domain_name"], "vda")
+    assert vda.get("type") == "network" and vda.find("source").get("name") == path
+    # no node holds a copy of the image, nor a file of the disk
+    assert env.sql("SELECT count(*) FROM image_copy") == [(0,)]
+    assert [v for v in env.volumes("a") if "image" in v or name in v] == []
+    answer = env.api.get(f"storage/{storage}").json["data"]
+    assert answer["storage_type"] == {"id": rbd_type["id"]} and answer["boot"] is True
+
+
+def test_a_second_vm_shares_the_parent_and_writes_nothing_more(env, ceph, rbd_type, guest):
+    before = faults(env).calls.count("upload_volume")
+    second = env.create("b", root_storage_type={"id": rbd_type["id"]})
+    _, first_name, _ = root_of(env, guest)
+    _, second_name, _ = root_of(env, second)
+    parents = {ceph.rbd_info(n)["parent"]["image"] for n in (first_name, second_name)}
+    assert parents == {parent_image(env)}
+    assert [n for n in ours(ceph) if "-image-" in n] == [parent_image(env)]
+    assert faults(env).calls.count("upload_volume") == before  # no node got the image
+    wait_for_ticks(env.console(second["id"]), 1)
+    # deleting the image waits for its VMs; the last one's delete keeps the parent
+    in_use = env.api.delete(f"image/{env.image['id']}")
+    assert in_use.status_code == 409 and in_use.json["error"] == "image/in_use"
+    assert env.api.delete(f"vm/{second['id']}").status_code == 200
+    assert second_name not in ceph.rbd_images()
+    assert parent_image(env) in ceph.rbd_images()
+
+
+def test_a_live_move_copies_no_disk_and_the_guest_keeps_its_data(env, ceph, guest):
+    _, name, path = root_of(env, guest)
+    identity = ceph.rbd_info(name)["id"]
+    read = env.console(guest["id"])
+    last = ticks(read())[-1]
+    faults(env).called_with.clear()
+    moved = env.api.post(f"vm/{guest['id']}/migrate", json={"node": {"id": env.nodes["b"]["id"]}})
+    assert moved.status_code == 200, moved.json
+    [(_, kwargs)] = [(a, k) for m, a, k in faults(env).called_with if m == "migrate"]
+    # the driver was never asked to copy a disk: the root disk is a network disk
+    assert kwargs["copy_storage"] is False and kwargs["incremental"] is False
+    assert path not in (kwargs["disk_paths"] or {})
+    assert ceph.rbd_info(name)["id"] == identity  # the same clone, not a new one
+    assert [v for v in env.volumes("b") if name in v] == []
+    stats = env.api.get(f"vm/{guest['id']}").json["data"]
+    assert stats["node"] == {"id": env.nodes["b"]["id"]}
+    vda = network_disk(env, "b", guest["domain_name"], "vda")
+    assert vda.find("source").get("name") == path
+    text = wait_for_ticks(read, 2, after=last)
+    assert boots(text) <= 1  # never restarted
+
+
+def test_an_evacuation_restarts_the_vm_on_its_own_clone(env, ceph, guest):
+    if where(env, guest) != "b":
+        assert env.api.post(f"vm/{guest['id']}/migrate",
+                            json={"node": {"id": env.nodes["b"]["id"]}}).status_code == 200  # fmt: skip
+    _, name, path = root_of(env, guest)
+    identity = ceph.rbd_info(name)["id"]
+    # b dies: its guest is powered off (fenced), and it answers no more
+    conn = libvirt.open(env.host("b").uri)
+    conn.lookupByName(guest["domain_name"]).destroy()
+    conn.close()
+    wrote = written(ceph, name)
+    assert wrote > 0  # the guest's boot wrote on its clone
+    env.api.update(f"node/{env.nodes['a']['id']}", json={"node_state": {"id": 1}})
+    env.sql("UPDATE node SET unreachable_since = now() WHERE id = :id", id=env.nodes["b"]["id"])
+    try:
+        result = env.app.test_cli_runner().invoke(
+            args=["vmapi", "node", "evacuate", env.nodes["b"]["fqdn"]]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"vm-{guest['id']}: on {env.nodes['a']['fqdn']} (running)" in result.output
+        # not rebuilt from the image: the same clone, holding what the guest wrote
+        assert ceph.rbd_info(name)["id"] == identity
+        assert written(ceph, name) >= wrote
+        assert (
+            network_disk(env, "a", guest["domain_name"], "vda").find("source").get("name") == path
+        )
+        text = wait_for_ticks(env.console(guest["id"]), 1)
+        assert boots(text) >= 1
+    finally:
+        env.sql("UPDATE node SET unreachable_since = NULL WHERE id = :id",
+                id=env.nodes["b"]["id"])  # fmt: skip
+        env.sql("UPDATE node SET node_state_id = 1 WHERE id = :id", id=env.nodes["b"]["id"])
+
+
+def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, rbd_type, guest):
+    _, name, _ = root_of(env, guest)
+    faults(env).calls.clear()
+    saved = env.api.post(f"vm/{guest['id']}/image", json={"name": "saved"})
+    assert saved.status_code == 201, saved.json
+    image = saved.json["data"]
+    assert (image["state"], image["format"], image["kind"]) == ("active", "raw", "snapshot")
+    assert image["source"] == {"vm": {"id": guest["id"]}}
+    # made in the cluster: no volume of a node copied, read or streamed
+    assert not {"copy_disk_live", "clone_volume", "download_volume"} & set(faults(env).calls)
+    in_ceph = f"{INSTALLATION}-image-{image['id']}"
+    info = ceph.rbd_info(in_ceph)
+    assert "parent" not in info  # flattened: it stands alone
+    assert image["size"] == info["size"] == ceph.rbd_info(name)["size"]
+    assert [s["name"] for s in snapshots(ceph, in_ceph)] == ["vmapi-base"]
+    assert snapshots(ceph, name) == []  # the disk keeps no snapshot of the save
+    assert env.sql("SELECT file FROM image WHERE id = :id", id=image["id"]) == [(None,)]
+    # it boots in the rbd type, as a clone of itself; elsewhere it is refused, saying why
+    local = env.api.post("vm", json={**create_body(env, rbd_type), "image": {"id": image["id"]},
+                                     "root_storage_type": None})  # fmt: skip
+    assert local.status_code == 409 and local.json["error"] == "image/not_active", local.json
+    assert "Ceph" in local.json["message"]
+    download = env.api.get(f"image/{image['id']}/file")
+    assert download.status_code == 409 and download.json["error"] == "image/not_active"
+    booted = env.api.post("vm", json={**create_body(env, rbd_type), "image": {"id": image["id"]}})
+    assert booted.status_code == 201, booted.json
+    _, clone, _ = root_of(env, booted.json["data"])
+    assert ceph.rbd_info(clone)["parent"]["image"] == in_ceph
+    wait_for_ticks(env.console(booted.json["data"]["id"]), 1)
+    # the image goes with its RBD image once no VM boots from it
+    assert env.api.delete(f"vm/{booted.json['data']['id']}").status_code == 200
+    assert env.api.delete(f"image/{image['id']}").status_code == 200
+    assert in_ceph not in ceph.rbd_images()
+    assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=in_ceph) == [(0,)]
+
+
+def create_body(env: MigrateEnv, rbd_type: dict) -> dict:
+    return {"cores": 1, "ram": 256 * MIB, "virt_method": {"id": env.method},
+            "image": {"id": env.image["id"]}, "node": {"id": env.nodes["a"]["id"]},
+            "root_storage_type": {"id": rbd_type["id"]}}  # fmt: skip
+
+
+def forget_the_parent(env: MigrateEnv, ceph: CephCluster) -> None:
+    """No VM, and the image as if it had never been written into the cluster."""
+    for vm in env.api.get("vm").json["data"].values():
+        assert env.api.delete(f"vm/{vm['id']}").status_code == 200
+    parent = f"{ceph.pool}/{parent_image(env)}"
+    if parent_image(env) in ceph.rbd_images():
+        ceph.run("rbd", "snap", "unprotect", f"{parent}@vmapi-base")
+        ceph.run("rbd", "snap", "purge", parent)
+        ceph.run("rbd", "rm", parent)
+    env.sql("DELETE FROM image_rbd")
+    assert ours(ceph) == []
+
+
+@pytest.mark.parametrize(
+    "method", ["ensure_rbd_pool", "upload_volume", "define", "start", "domain"]
+)
+def test_a_failure_at_any_step_leaves_nothing_in_the_cluster(env, ceph, rbd_type, method):
+    """A failed create takes its clone, and the image it wrote (no other VM uses it)."""
+    forget_the_parent(env, ceph)
+    faults(env).fail(method)
+    made = env.api.post("vm", json=create_body(env, rbd_type))
+    assert made.status_code == 502, made.json
+    assert ours(ceph) == []
+    assert env.sql("SELECT count(*) FROM image_rbd") == [(0,)]
+    assert env.api.get("vm").json["data"] == {} and env.api.get("storage").json["data"] == {}
+    assert env.domains("a") == {}
+
+
+def test_a_failure_keeps_the_image_other_vms_use(env, ceph, rbd_type):
+    first = env.api.post("vm", json=create_body(env, rbd_type))
+    assert first.status_code == 201, first.json
+    images = ours(ceph)
+    faults(env).fail("start")
+    assert env.api.post("vm", json=create_body(env, rbd_type)).status_code == 502
+    assert ours(ceph) == images  # the parent stays for the first, no second clone
+    assert list(env.api.get("vm").json["data"]) == [str(first.json["data"]["id"])]
+
+
+def test_a_name_taken_in_the_cluster_is_refused_and_left_alone(env, ceph, rbd_type):
+    [(last,)] = env.sql("SELECT coalesce(max(id), 0) FROM storage")
+    foreign = f"{INSTALLATION}-storage-{last + 1}"
+    ceph.run("rbd", "create", "--size", "4", f"{ceph.pool}/{foreign}")
+    try:
+        before = [n for n in ours(ceph) if n != foreign]
+        made = env.api.post("vm", json=create_body(env, rbd_type))
+        assert made.status_code == 409 and made.json["error"] == "vm/name_taken", made.json
+        assert foreign in ceph.rbd_images()
+        assert [n for n in ours(ceph) if n != foreign] == before
+    finally:
+        ceph.run("rbd", "rm", f"{ceph.pool}/{foreign}")
