@@ -22,8 +22,33 @@ the cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ipaddress
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: a copy's temporary snapshot of its source: this, then the copy's name
+COPY_SNAPSHOT = "vmapi-copy-to-"
+#: bytes one chunk of :meth:`RbdClient.export` holds at most
+CHUNK = 1024 * 1024
+#: the id of the QEMU secret object that reads the key file
+SECRET_ID = "vmapikey"  # noqa: S105 - an object id; the key stays in its file
+#: what in a tool's stderr tells the kind of failure (checked in this order)
+_CLUSTER = ("couldn't connect to the cluster", "error opening pool")
+_NOT_FOUND = ("No such file or directory", "ENOENT")
+_BUSY = ("has snapshots", "child", "watchers", "image is in use", "exists",
+         "Device or resource busy", "is protected")  # fmt: skip
+#: the timestamp, thread and level that Ceph's log lines start with
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT\S+ [0-9a-f]+ +-?\d+ ")
 
 
 @dataclass(frozen=True)
@@ -64,20 +89,154 @@ class RbdTimeout(RbdError):
     """A command ran past its bound and was killed."""
 
 
+def _checked(kind: str, value: str) -> str:
+    """A pool, image or snapshot name as the tools take it inside a spec (``pool/image@snap``)
+    and never as an option."""
+    if not value or value.startswith("-") or any(c in value for c in "/@\0\n"):
+        raise ValueError(f"not a usable {kind} name: {value!r}")
+    return value
+
+
+def _opt(value: object) -> str:
+    """A value inside QEMU's ``key=value,...`` options (a comma is doubled)."""
+    return str(value).replace(",", ",,")
+
+
+def _monitor(host: str, port: int) -> str:
+    """``-m``'s form of a monitor: an address as msgr v1 (no v2 attempt first), a host name
+    as ``host:port`` (Ceph resolves it)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}:{port}"
+    return f"v1:[{address}]:{port}" if address.version == 6 else f"v1:{address}:{port}"
+
+
+def _environment() -> dict[str, str]:
+    """The tools' environment without Ceph's own variables (no host configuration, no
+    extra arguments through ``CEPH_ARGS``)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CEPH")}
+
+
+def _deadline(seconds: float, what: str) -> Callable[[], float]:
+    """What is left of a bound shared by several commands (RbdTimeout when nothing is)."""
+    end = time.monotonic() + seconds
+
+    def left() -> float:
+        if (remaining := end - time.monotonic()) <= 0:
+            raise RbdTimeout(f"{what}: not done within {seconds:g} s")
+        return remaining
+
+    return left
+
+
 class RbdClient:
     """Whole-image operations on one cluster, as one user."""
 
     def __init__(self, access: CephAccess) -> None:
         self.access = access
 
+    def _rbd_args(self, args: tuple[str, ...], bound: float) -> list[str]:
+        a = self.access
+        monitors = ",".join(_monitor(host, port) for host, port in a.monitors)
+        mount = str(max(1, int(bound * 0.8)))  # the tool's own "cannot reach" comes first
+        return ["rbd", "-c", "/dev/null", "-m", monitors, "--id", a.user,
+                "--keyfile", a.keyfile, "--client-mount-timeout", mount, *args]  # fmt: skip
+
+    def _rbd(self, *args: str, bound: float | None = None) -> bytes:
+        bound = self.access.timeout if bound is None else bound
+        return self._run(self._rbd_args(args, bound), bound, "rbd " + " ".join(args)).stdout
+
+    def _run(
+        self, argv: list[str], bound: float, what: str, ok: tuple[int, ...] = (0,)
+    ) -> subprocess.CompletedProcess[bytes]:
+        try:
+            done = subprocess.run(  # noqa: S603 - fixed words and checked names
+                argv, capture_output=True, timeout=bound, env=_environment(), check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise RbdTimeout(f"{what}: no answer within {bound:g} s (killed)") from None
+        except OSError as exc:
+            raise RbdError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+        if done.returncode not in ok:
+            raise self._failure(what, done.returncode, done.stderr or done.stdout)
+        return done
+
+    def _failure(self, what: str, code: int, said: bytes) -> RbdError:
+        """The error for a failed command: its kind from what the tool said, the message
+        its last lines with the key taken out."""
+        text = said.decode(errors="replace")
+        try:
+            with open(self.access.keyfile, encoding="ascii", errors="replace") as file:
+                key = file.read(4096).strip()
+        except OSError:
+            key = ""
+        lines = []
+        for line in text.splitlines():
+            if (key and key in line) or "decode key" in line:
+                line = "auth: the key in the key file cannot be used"
+            line = _LOG_PREFIX.sub("", line).strip()
+            if any(c.isalnum() for c in line) and line not in lines[-1:]:
+                lines.append(line)
+        tail = " / ".join(lines[-4:])[-1000:] or "no message"
+        message = f"{what} failed ({code}): {tail}"
+        if any(s in text for s in _CLUSTER):
+            return RbdError(message)
+        if any(s in text for s in _NOT_FOUND):
+            return RbdNotFound(message)
+        if any(s in text for s in _BUSY):
+            return RbdBusy(message)
+        return RbdError(message)
+
+    def _qemu_target(self, pool: str, name: str) -> str:
+        """QEMU's options for image ``pool/name`` as the user: key from the secret object,
+        no configuration file."""
+        opts = ["driver=raw", "file.driver=rbd", f"file.pool={_opt(pool)}",
+                f"file.image={_opt(name)}", "file.conf=/dev/null",
+                f"file.user={_opt(self.access.user)}", f"file.key-secret={SECRET_ID}"]  # fmt: skip
+        for i, (host, port) in enumerate(self.access.monitors):
+            opts += [f"file.server.{i}.host={_opt(host)}", f"file.server.{i}.port={port}"]
+        return ",".join(opts)
+
+    def _secret(self) -> list[str]:
+        return ["--object", f"secret,id={SECRET_ID},file={_opt(self.access.keyfile)},format=base64"]
+
     def info(self, pool: str, name: str) -> RbdImage | None:
         """The image, or None when the pool has none of that name (one ``rbd info``; the
         pool is never listed)."""
-        raise NotImplementedError
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        try:
+            found = json.loads(self._rbd("info", "--format", "json", spec))
+        except RbdNotFound:
+            return None
+        parent = found.get("parent")
+        if parent:
+            space = f"{parent['pool_namespace']}/" if parent.get("pool_namespace") else ""
+            parent = f"{parent['pool']}/{space}{parent['image']}@{parent['snapshot']}"
+        snapshots: tuple[str, ...] = ()
+        if found.get("snapshot_count"):
+            snapshots = tuple(s["name"] for s in self._snapshots(pool, name) or ())
+        return RbdImage(name=found["name"], size=int(found["size"]), parent=parent or None,
+                        snapshots=snapshots)  # fmt: skip
+
+    def _snapshots(self, pool: str, name: str) -> list[dict] | None:
+        """``rbd snap ls`` oldest first; None when there is no such image."""
+        try:
+            found = json.loads(self._rbd("snap", "ls", "--format", "json", f"{pool}/{name}"))
+        except RbdNotFound:
+            return None
+        return sorted(found, key=lambda s: s["id"])
 
     def list_images(self, pool: str) -> list[str]:
         """Names of the pool's images (``rbd ls``: names only, no image is opened)."""
-        raise NotImplementedError
+        return sorted(json.loads(self._rbd("ls", "--format", "json", _checked("pool", pool))))
+
+    def children(self, pool: str, name: str) -> list[str]:
+        """``pool/image`` of every clone of any snapshot of the image."""
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        found = json.loads(self._rbd("children", "--all", "--format", "json", spec))
+        return sorted(f"{c['pool']}/{c['pool_namespace'] + '/' if c.get('pool_namespace') else ''}"
+                      f"{c['image']}" for c in found)  # fmt: skip
 
     def import_image(
         self, pool: str, name: str, source: str, source_format: str, snapshot: str,
@@ -89,7 +248,42 @@ class RbdClient:
         parent of clones). All within ``timeout`` seconds. On any failure nothing named
         ``name`` is left. Returns the image's size in bytes. ``RbdBusy`` when an image of
         that name exists already (left alone)."""
-        raise NotImplementedError
+        if source_format not in ("raw", "qcow2"):
+            raise ValueError(f"not an image format to import: {source_format!r}")
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        snap = f"{spec}@{_checked('snapshot', snapshot)}"
+        left = _deadline(timeout, f"importing {source} into {spec}")
+        # an absolute path: never read as a protocol ("rbd:...", "json:...")
+        file = (f"driver={source_format},file.driver=file,"
+                f"file.filename={_opt(os.path.abspath(source))}")  # fmt: skip
+        what = f"qemu-img info {source}"
+        try:
+            seen = json.loads(self._run(["qemu-img", "info", "--output=json", "--image-opts",
+                                         file], left(), what).stdout)  # fmt: skip
+        except RbdNotFound as exc:  # no such file: not a missing image
+            raise RbdError(str(exc)) from None
+        specific = (seen.get("format-specific") or {}).get("data") or {}
+        if seen.get("backing-filename") or specific.get("data-file"):
+            raise RbdError(f"{what}: the image names another file (backing or data file)")
+        size = int(seen["virtual-size"])
+        self._rbd("create", "--no-progress", "--size", f"{size}B", spec, bound=left())
+        try:
+            target = self._qemu_target(pool, name)
+            self._run(["qemu-img", "convert", "-n", "--target-is-zero", *self._secret(),
+                       "--image-opts", file, "--target-image-opts", target],
+                      left(), f"qemu-img convert {source} to {spec}")  # fmt: skip
+            what = f"qemu-img compare {source} {spec}"
+            done = self._run(["qemu-img", "compare", *self._secret(), "--image-opts", file,
+                              target], left(), what, ok=(0, 1))  # fmt: skip
+            if done.returncode == 1:  # the images differ
+                said = done.stdout.decode(errors="replace").strip()
+                raise RbdError(f"{what}: the image does not read back as the file: {said}")
+            self._rbd("snap", "create", "--no-progress", snap, bound=left())
+            self._rbd("snap", "protect", snap, bound=left())
+        except BaseException as exc:
+            self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
+            raise
+        return size
 
     def copy_flattened(
         self, pool: str, source: str, name: str, snapshot: str, timeout: float
@@ -102,19 +296,105 @@ class RbdClient:
         any failure ``name`` and the temporary snapshot are gone again. Returns the size
         in bytes. ``RbdNotFound`` when ``source`` is missing, ``RbdBusy`` when ``name``
         exists."""
-        raise NotImplementedError
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        temp = f"{pool}/{_checked('image', source)}@{COPY_SNAPSHOT}{name}"
+        snap = f"{spec}@{_checked('snapshot', snapshot)}"
+        left = _deadline(timeout, f"copying {pool}/{source} to {spec}")
+        if self.info(pool, name) is not None:
+            raise RbdBusy(f"copying {pool}/{source} to {spec}: {spec} exists")
+        self._rbd("snap", "create", "--no-progress", temp, bound=left())
+        undo: list[Callable[[], object]] = [lambda: self._drop_snapshot(temp)]
+        try:
+            self._rbd("snap", "protect", temp, bound=left())
+            self._rbd("clone", temp, spec, bound=left())
+            undo.insert(0, lambda: self.remove_image(pool, name))
+            self._rbd("flatten", "--no-progress", spec, bound=left())
+            self._drop_snapshot(temp, bound=left())
+            undo.pop()
+            self._rbd("snap", "create", "--no-progress", snap, bound=left())
+            self._rbd("snap", "protect", snap, bound=left())
+            made = self.info(pool, name)
+            if made is None:
+                raise RbdNotFound(f"rbd info {spec}: the copy is gone")
+        except BaseException as exc:
+            self._undo(exc, undo, spec)
+            raise
+        return made.size
+
+    def _drop_snapshot(self, snap: str, protected: bool = True, bound: float | None = None) -> None:
+        """Unprotect (unless known not to be protected) and remove ``pool/image@snap``."""
+        if protected:
+            try:
+                self._rbd("snap", "unprotect", snap, bound=bound)
+            except RbdError as exc:
+                if "already unprotected" not in str(exc):
+                    raise
+        self._rbd("snap", "rm", "--no-progress", snap, bound=bound)
+
+    @staticmethod
+    def _undo(exc: BaseException, undo: list[Callable[[], object]], spec: str) -> None:
+        """Take back what was made before ``exc`` (each step even when one before failed);
+        what could not be taken back is added to the message of ``exc``."""
+        left = []
+        for step in undo:
+            try:
+                step()
+            except RbdError as failed:
+                log.warning("cleaning up after a failure on %s: %s", spec, failed)
+                left.append(str(failed))
+        if left and isinstance(exc, RbdError):
+            exc.args = (f"{exc}; cleaning up failed too: {'; '.join(left)}",)
 
     def remove_image(self, pool: str, name: str) -> bool:
         """Remove the image with every snapshot of it (unprotected first); False when there
         was none. ``RbdBusy`` (nothing removed) while a snapshot has clones or a client
         has it open."""
-        raise NotImplementedError
-
-    def children(self, pool: str, name: str) -> list[str]:
-        """``pool/image`` of every clone of any snapshot of the image."""
-        raise NotImplementedError
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        snapshots = self._snapshots(pool, name)
+        if snapshots is None:
+            return False
+        if snapshots:
+            clones = self.children(pool, name)
+            if clones:
+                raise RbdBusy(f"removing {spec}: its snapshots have clones: {', '.join(clones)}")
+        status = json.loads(self._rbd("status", "--format", "json", spec))
+        watchers = [w.get("address", "?") for w in status.get("watchers") or ()]
+        if watchers:
+            raise RbdBusy(f"removing {spec}: open by clients (watchers): {', '.join(watchers)}")
+        for snap in snapshots:
+            self._drop_snapshot(f"{spec}@{snap['name']}", snap.get("protected") == "true")
+        try:
+            self._rbd("rm", "--no-progress", spec)
+        except RbdNotFound:
+            return False
+        return True
 
     def export(self, pool: str, name: str, timeout: float) -> Iterator[bytes]:
         """The image's raw bytes in chunks (``rbd export ... -``), within ``timeout``
         seconds; close the iterator to stop early (the tool is killed)."""
-        raise NotImplementedError
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        what = f"rbd export {spec} -"
+        argv = self._rbd_args(("export", "--no-progress", spec, "-"), min(timeout, 60.0))
+        with tempfile.TemporaryFile() as said:
+            tool = subprocess.Popen(  # noqa: S603 - fixed words and checked names
+                argv, stdout=subprocess.PIPE, stderr=said, env=_environment()
+            )
+            killed = threading.Event()
+            timer = threading.Timer(timeout, lambda: (killed.set(), tool.kill()))
+            timer.start()
+            try:
+                assert tool.stdout is not None
+                while chunk := tool.stdout.read1(CHUNK):
+                    yield chunk
+                code = tool.wait()
+            finally:
+                timer.cancel()
+                if tool.poll() is None:
+                    tool.kill()
+                    tool.wait()
+                tool.stdout.close()  # type: ignore[union-attr]
+            if killed.is_set():
+                raise RbdTimeout(f"{what}: not done within {timeout:g} s (killed)")
+            if code != 0:
+                said.seek(0)
+                raise self._failure(what, code, said.read()[-65536:])
