@@ -404,3 +404,47 @@ def test_silent_monitor_is_killed_at_the_bound(ceph, keyfile):
         with pytest.raises(RbdTimeout):
             list(stuck.export(ceph.pool, "anything", 0.3))
     assert rbd_children() == []
+
+
+def test_clone_grown_and_its_refusals(ceph, client, prefix, tmp_path):
+    parent, clone, grown = f"{prefix}parent", f"{prefix}clone", f"{prefix}grown"
+    content = data(2 * MIB)
+    client.import_image(ceph.pool, parent, str(raw_file(tmp_path / "p", content)), "raw",
+                        "base", BOUND)  # fmt: skip
+    client.clone(ceph.pool, parent, "base", clone, MIB)  # smaller than the parent: kept
+    client.clone(ceph.pool, parent, "base", grown, 8 * MIB)
+    assert client.info(ceph.pool, clone).size == 2 * MIB
+    made = client.info(ceph.pool, grown)
+    assert (made.size, made.parent) == (8 * MIB, f"{ceph.pool}/{parent}@base")
+    assert exported(client, ceph.pool, grown) == content + bytes(6 * MIB)
+    assert sorted(client.children(ceph.pool, parent)) == [f"{ceph.pool}/{clone}",
+                                                          f"{ceph.pool}/{grown}"]  # fmt: skip
+    with pytest.raises(RbdBusy):  # the name is taken: left as it is
+        client.clone(ceph.pool, parent, "base", grown, 16 * MIB)
+    assert client.info(ceph.pool, grown).size == 8 * MIB
+    with pytest.raises(RbdNotFound):
+        client.clone(ceph.pool, parent, "nosuch", f"{prefix}none", MIB)
+    assert ours(ceph, prefix) == sorted([parent, clone, grown])
+    # grown (never shrunk) on its own
+    client.resize(ceph.pool, clone, 4 * MIB)
+    assert client.info(ceph.pool, clone).size == 4 * MIB
+    with pytest.raises(RbdError):
+        client.resize(ceph.pool, clone, MIB)
+    assert client.info(ceph.pool, clone).size == 4 * MIB
+    with pytest.raises(RbdNotFound):
+        client.resize(ceph.pool, f"{prefix}none", MIB)
+
+
+def test_copy_flattened_says_when_its_snapshot_is_taken(ceph, client, prefix, tmp_path):
+    """``on_snapshot`` runs once the source's snapshot exists and before the copy is
+    flattened (what the caller froze for the snapshot thaws then)."""
+    source, copy = f"{prefix}source", f"{prefix}copy"
+    client.import_image(ceph.pool, source, str(raw_file(tmp_path / "s", data(MIB))), "raw",
+                        "base", BOUND)  # fmt: skip
+    seen = []
+
+    def taken():
+        seen.append((sorted(snapshots(ceph, source)), client.info(ceph.pool, copy)))
+
+    client.copy_flattened(ceph.pool, source, copy, "own", BOUND, on_snapshot=taken)
+    assert seen == [(sorted(["base", f"{COPY_SNAPSHOT}{copy}"]), None)]

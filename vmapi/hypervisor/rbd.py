@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from vmapi.hypervisor.errors import HypervisorError, HypervisorTimeout
+
 log = logging.getLogger(__name__)
 
 #: a copy's temporary snapshot of its source: this, then the copy's name
@@ -71,9 +73,22 @@ class RbdImage:
     snapshots: tuple[str, ...]  # names, oldest first
 
 
-class RbdError(Exception):
+#: the "host" a failure of the API host's Ceph client names (it is the cluster's)
+CEPH_URI = "rbd:"
+
+
+class RbdError(HypervisorError):
     """A command failed; the message names the command (never the key) and what the tool
-    said."""
+    said. A :class:`HypervisorError` of :data:`CEPH_URI`: the services answer it as a
+    step of theirs that failed (502 with ``data.step``)."""
+
+    def __init__(self, message: str) -> None:
+        # (not super(): RbdTimeout's next class, HypervisorTimeout, takes a number)
+        HypervisorError.__init__(self, CEPH_URI, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class RbdNotFound(RbdError):
@@ -85,8 +100,10 @@ class RbdBusy(RbdError):
     client still has it open (watchers)."""
 
 
-class RbdTimeout(RbdError):
-    """A command ran past its bound and was killed."""
+class RbdTimeout(RbdError, HypervisorTimeout):
+    """A command ran past its bound and was killed (a :class:`HypervisorTimeout`: 504)."""
+
+    reason_class = "timeout"
 
 
 def _checked(kind: str, value: str) -> str:
@@ -286,8 +303,9 @@ class RbdClient:
         return size
 
     def copy_flattened(
-        self, pool: str, source: str, name: str, snapshot: str, timeout: float
-    ) -> int:
+        self, pool: str, source: str, name: str, snapshot: str, timeout: float,
+        on_snapshot: Callable[[], None] | None = None,
+    ) -> int:  # fmt: skip
         """Make ``name`` a copy of image ``source`` as it is now that stands alone, without
         its bytes leaving the cluster through vmapi: a snapshot of ``source`` (taken and
         protected here, named after ``name``), a clone of it, the clone flattened (RBD's
@@ -295,14 +313,19 @@ class RbdClient:
         gets its own protected snapshot ``snapshot``. All within ``timeout`` seconds; on
         any failure ``name`` and the temporary snapshot are gone again. Returns the size
         in bytes. ``RbdNotFound`` when ``source`` is missing, ``RbdBusy`` when ``name``
-        exists."""
+        exists. ``on_snapshot`` is called as soon as the snapshot is taken (or its taking
+        failed): what the caller froze for it may thaw (the copy then takes its time)."""
         spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
         temp = f"{pool}/{_checked('image', source)}@{COPY_SNAPSHOT}{name}"
         snap = f"{spec}@{_checked('snapshot', snapshot)}"
         left = _deadline(timeout, f"copying {pool}/{source} to {spec}")
         if self.info(pool, name) is not None:
             raise RbdBusy(f"copying {pool}/{source} to {spec}: {spec} exists")
-        self._rbd("snap", "create", "--no-progress", temp, bound=left())
+        try:
+            self._rbd("snap", "create", "--no-progress", temp, bound=left())
+        finally:
+            if on_snapshot is not None:
+                on_snapshot()
         undo: list[Callable[[], object]] = [lambda: self._drop_snapshot(temp)]
         try:
             self._rbd("snap", "protect", temp, bound=left())
@@ -344,6 +367,7 @@ class RbdClient:
                 left.append(str(failed))
         if left and isinstance(exc, RbdError):
             exc.args = (f"{exc}; cleaning up failed too: {'; '.join(left)}",)
+            exc.reason = exc.args[0]
 
     def remove_image(self, pool: str, name: str) -> bool:
         """Remove the image with every snapshot of it (unprotected first); False when there
@@ -368,6 +392,32 @@ class RbdClient:
         except RbdNotFound:
             return False
         return True
+
+    def clone(self, pool: str, parent: str, snapshot: str, name: str, size: int) -> None:
+        """Make ``name`` RBD's copy-on-write clone of ``parent@snapshot`` (a protected
+        snapshot), grown to ``size`` bytes when that is more than the parent's. On a
+        failure to grow, the clone is removed again. ``RbdBusy`` when ``name`` exists
+        (left alone), ``RbdNotFound`` when the snapshot does not."""
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        source = f"{pool}/{_checked('image', parent)}@{_checked('snapshot', snapshot)}"
+        if self.info(pool, name) is not None:
+            raise RbdBusy(f"cloning {source} to {spec}: {spec} exists")
+        self._rbd("clone", source, spec)
+        try:
+            made = self.info(pool, name)
+            if made is None:
+                raise RbdNotFound(f"rbd info {spec}: the clone is gone")
+            if size > made.size:
+                self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
+        except BaseException as exc:
+            self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
+            raise
+
+    def resize(self, pool: str, name: str, size: int) -> None:
+        """Grow the image to ``size`` bytes (never shrinks: a smaller size is refused by
+        the tool, ``RbdError``). ``RbdNotFound`` when there is none."""
+        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
+        self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
 
     def export(self, pool: str, name: str, timeout: float) -> Iterator[bytes]:
         """The image's raw bytes in chunks (``rbd export ... -``), within ``timeout``
