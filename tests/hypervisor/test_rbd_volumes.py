@@ -8,8 +8,11 @@ node gets the secret and the rbd pool first, the image is in the cluster (``rbd 
 the running guest has it as a network disk with its limits, it grows live, a second
 volume finds the node ready, and both detach live and go from the cluster. A type whose
 monitor is a closed port answers 502 with the step and leaves no pool, no secret, no
-image and no row; a secret a pool of the node uses is kept by that undo. The module removes its pools, secrets and images after itself (and
-what an earlier run that was killed left, before it starts).
+image and no row; a secret a pool of the node uses is kept by that undo. Reconcile looks
+at the type's images through the API host's Ceph client (a row whose image is gone, an
+image of ours no row owns), never by listing the node's rbd pool. The module removes its
+pools, secrets and images after itself (and what an earlier run that was killed left,
+before it starts).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import base64
 import os
 import socket
 import time
+import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -25,6 +29,7 @@ import pytest
 
 from tests.conftest import MIB
 from tests.errors import assert_error
+from tests.faults import FaultyDriver
 from tests.hypervisor.boot_env import BootEnv, wait_for_guest
 from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.qemu_host import INSTALLATION
@@ -255,3 +260,52 @@ def test_a_secret_a_pool_uses_is_kept(env, ceph, rbd_type, keys):
     assert driver.forget_ceph_secret(uri, source.secret_uuid) is True
     assert f"client.{ceph.user}" not in secrets(env.conn)
     assert driver.forget_ceph_secret(uri, source.secret_uuid) is False  # none there
+
+
+def test_reconcile_looks_at_each_image_through_the_api_host(env, ceph, rbd_type, guest):
+    made = env.api.post("storage", json={"size": 32 * MIB, "vm": {"id": guest["id"]},
+                                         "storage_type": {"id": rbd_type["id"]}})  # fmt: skip
+    assert made.status_code == 201, made.json
+    there = f"{INSTALLATION}-storage-{made.json['data']['id']}"
+    # a row whose image is not in the cluster (as an image lost behind vmapi's back leaves it)
+    with env.app.app_context():
+        lost = Storage(size=32 * MIB, vm_id=guest["id"], storage_type_id=rbd_type["id"],
+                       target="vdy", node_id=env.node["id"], pool=RBD_POOL)  # fmt: skip
+        db.session.add(lost)
+        db.session.flush()
+        lost.volume_name = f"{INSTALLATION}-storage-{lost.id}"
+        lost.path = f"{ceph.pool}/{lost.volume_name}"
+        db.session.commit()
+        lost_id, lost_path = lost.id, lost.path
+        db.session.remove()
+    stray, foreign = f"{INSTALLATION}-storage-999999", f"not-ours-{uuid.uuid4().hex[:8]}"
+    for name in (stray, foreign):
+        ceph.run("rbd", "create", "--size", "1M", f"{ceph.pool}/{name}")
+    real = env.app.extensions[DRIVER_KEY]
+    env.app.extensions[DRIVER_KEY] = counting = FaultyDriver(real)  # (fails nothing)
+    try:
+        result = env.app.test_cli_runner().invoke(args=["vmapi", "reconcile"])
+    finally:
+        env.app.extensions[DRIVER_KEY] = real
+    try:
+        lines = result.output.splitlines()
+        assert result.exit_code == 1, result.output
+        [missing] = [line for line in lines if "missing_volume" in line]
+        assert lost_path in missing and f"storage {lost_id} (vm-{guest['id']})" in missing
+        assert env.node["fqdn"] in missing
+        [unowned] = [line for line in lines if "unowned_volume" in line and "rbd/" in line]
+        assert f"rbd/{stray}" in unowned
+        assert f"ceph:127.0.0.1:{ceph.monitors[0][1]}" in unowned
+        assert not any(foreign in line or there in line for line in lines), result.output
+        assert "ceph_unreachable" not in result.output
+        # no node listed the rbd pool: the images were looked at by the API host
+        assert RBD_POOL not in [args[0] for name, args in counting.called if name == "volumes"]
+    finally:
+        with env.app.app_context():
+            db.session.delete(db.session.get(Storage, lost_id))
+            db.session.commit()
+            db.session.remove()
+        for name in (stray, foreign):
+            ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/{name}")
+        gone = env.api.delete(f"storage/{made.json['data']['id']}")
+        assert gone.status_code == 200, gone.json

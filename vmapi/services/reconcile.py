@@ -17,6 +17,13 @@ Findings, one per domain, VM or volume:
   owns and no leftover lists: leaked, another installation's, a replaced seed that could
   not be deleted, or something in the way of a new volume's name; reported, never
   touched.
+  An rbd type's images are looked at in its Ceph pool through the API host's client
+  (one ``rbd ls`` per Ceph pool, not a listing of each node's rbd pool): those named as
+  this installation names things that no row owns are reported here too.
+- ``missing_volume``: a storage row of an rbd type whose image is not in its Ceph pool
+  (one ``rbd info`` per row, by the API host); reported, never touched.
+- ``ceph_unreachable``: the API host cannot reach an rbd type's cluster, or cannot read
+  its key: that pool's images were not looked at.
 - ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
   reached when the image went); fix: delete the volume and its row.
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
@@ -36,10 +43,10 @@ Findings, one per domain, VM or volume:
   otherwise (a change could not reach it, or someone changed it); ``unused_filter``: one
   of this installation's filters no VM of the node uses; fix: the node's filters are
   brought in line with the database (services/network/protection.py).
-The volume findings (``unowned_volume``, ``stale_image_copy``) are made by
-services/reconcile_volumes.py. Domains are matched with VMs by the name stored on the VM's
-row. Young ``building``
-rows and the listed copies of saves in flight are skipped: their requests may still run.
+The volume findings (``unowned_volume``, ``missing_volume``, ``ceph_unreachable``,
+``stale_image_copy``) are made by services/reconcile_volumes.py. Domains are matched
+with VMs by the name stored on the VM's row. Young ``building`` rows and the listed
+copies of saves in flight are skipped: their requests may still run.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ from vmapi.services.names import installation_id
 from vmapi.services.network.protection import differences, sync_node
 from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
-from vmapi.services.reconcile_volumes import stale_copies, unowned_volumes
+from vmapi.services.reconcile_volumes import rbd_volumes, stale_copies, unowned_volumes
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
 from vmapi.services.vms.rebuild_ledger import interrupted, unfinished
@@ -126,7 +133,7 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings += _leftovers(nodes, answering, fix)
     findings += stale_copies(answering, fix)
     findings += _filters(answering, fix)
-    return findings + unowned_volumes(answering, listed, workers)
+    return findings + unowned_volumes(answering, listed, workers) + rbd_volumes(listed, workers)
 
 
 def _filters(hosts: dict[int, Host], fix: bool) -> list[Finding]:

@@ -1,18 +1,31 @@
 """Reconcile's findings about volumes (services/reconcile.py): copies of deleted images
 that a node kept (``stale_image_copy``), and volumes in vmapi's pools that nothing of the
-database owns (``unowned_volume``)."""
+database owns (``unowned_volume``).
+
+The images of rbd storage types are looked at through the API host's Ceph client, never
+by listing a node's rbd pool (a refresh there opens every image of the Ceph pool, on
+every node): one ``rbd info`` per storage row (``missing_volume`` when its image is not
+there) and one ``rbd ls`` per Ceph pool for this installation's images that no row owns
+(``unowned_volume``). A cluster the API host cannot reach, or a key it cannot read, is
+``ceph_unreachable``."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, PoolNotFound
-from vmapi.models import ImageCopy, Storage, StorageType, Vm
+from vmapi.hypervisor.rbd import RbdClient, RbdError, RbdImage
+from vmapi.models import ImageCopy, Node, Storage, StorageType, Vm
+from vmapi.models.catalog import RBD
 from vmapi.models.leftover import VOLUME
 from vmapi.services.findings import Finding
 from vmapi.services.images.copies import remove_if_unused
+from vmapi.services.names import installation_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
+from vmapi.services.storage.ceph import KeyUnreadable, rbd_client
 
 
 def stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
@@ -40,10 +53,12 @@ def unowned_volumes(
     no leftover lists (those are reported as leftovers).
 
     vmapi's pools are those its storage types name and those its rows recorded (a type's
-    pool may have been another when older volumes were made)."""
+    pool may have been another when older volumes were made); not those of rbd types
+    (:func:`rbd_volumes` looks at their images, once for all nodes)."""
     if not hosts:
         return []
-    type_pools = set(db.session.scalars(select(StorageType.pool)))
+    rbd_pools = set(db.session.scalars(select(StorageType.pool).where(StorageType.backend == RBD)))
+    type_pools = set(db.session.scalars(select(StorageType.pool))) - rbd_pools
     owned: dict[int, dict[str, set[str]]] = {node_id: {} for node_id in hosts}
     stmt = select(Storage.node_id, Storage.pool, Storage.volume_name)
     for node_id, pool, name in db.session.execute(stmt.where(Storage.node_id.in_(hosts))):
@@ -63,7 +78,7 @@ def unowned_volumes(
     for pool, name in db.session.execute(shared):
         for node_id in hosts:
             owned[node_id].setdefault(pool, set()).add(name)
-    pools = {node_id: sorted(type_pools | set(owned[node_id])) for node_id in hosts}
+    pools = {node_id: sorted((type_pools | set(owned[node_id])) - rbd_pools) for node_id in hosts}
     driver = hypervisor()
 
     def listing(node_id: int) -> dict[str, list[str] | None]:
@@ -96,3 +111,80 @@ def unowned_volumes(
                         )
                     )
     return findings
+
+
+def rbd_volumes(listed: set[tuple[int, str, str | None, str]], workers: int) -> list[Finding]:
+    """The images of the rbd types' storage rows and this installation's images in their
+    Ceph pools, through the API host's client: one Ceph pool (of one cluster) at a time,
+    whichever types share it, whatever nodes use it."""
+    types = db.session.scalars(
+        select(StorageType).where(StorageType.backend == RBD).order_by(StorageType.id)
+    ).all()
+    clusters: dict[tuple[tuple[str, ...], str], list[StorageType]] = {}
+    for storage_type in types:
+        key = (tuple(storage_type.ceph_monitors or ()), storage_type.ceph_pool or "")
+        clusters.setdefault(key, []).append(storage_type)
+    findings = []
+    for (monitors, pool), group in clusters.items():
+        findings += _rbd_pool(f"ceph:{','.join(monitors)}", pool, group, listed, workers)
+    return findings
+
+
+def _rbd_pool(
+    where: str, pool: str, types: list[StorageType], listed: set, workers: int
+) -> list[Finding]:
+    names = ", ".join(f"{t.id} ({t.name})" for t in types)
+    stmt = select(Storage, Node.fqdn).outerjoin(Node, Node.id == Storage.node_id)
+    rows = db.session.execute(stmt.where(Storage.storage_type_id.in_([t.id for t in types]),
+                                         Storage.volume_name.is_not(None))).all()  # fmt: skip
+    # a row owns its name from its commit on, before its image is made (its path is set
+    # when it is): read before the pool is listed, a create in flight is never unowned
+    owned = {storage.volume_name for storage, _fqdn in rows}
+    made = [(storage.id, storage.vm_id, storage.storage_type_id, storage.volume_name,
+             storage.path, fqdn) for storage, fqdn in rows if storage.path]  # fmt: skip
+    libvirt_pools = {t.pool for t in types}
+    left = {name for _node, kind, at, name in listed if kind == VOLUME and at in libvirt_pools}
+    try:
+        clients = {t.id: rbd_client(t) for t in types}
+    except KeyUnreadable as exc:
+        return [Finding("ceph_unreachable", where, pool, f"storage types {names}: {exc}; their "
+                        "volumes were not looked at")]  # fmt: skip
+    db.session.commit()  # (only read) nothing stays open while the cluster answers
+    try:
+        images = clients[types[0].id].list_images(pool)
+    except RbdError as exc:
+        return [Finding("ceph_unreachable", where, pool, f"storage types {names}: {exc}; their "
+                        "volumes were not looked at")]  # fmt: skip
+    answers = _look([(clients[row[2]], row[3]) for row in made], pool, workers)
+    findings = []
+    for (storage_id, vm_id, _type, _name, path, fqdn), answer in zip(made, answers, strict=True):
+        if isinstance(answer, RbdError):
+            findings.append(Finding("ceph_unreachable", where, path,
+                                    f"storage {storage_id}: {answer}"))  # fmt: skip
+        elif answer is None:
+            owner = f"vm-{vm_id}" if vm_id else "no VM"
+            findings.append(Finding("missing_volume", fqdn or "-", path, f"storage {storage_id} "
+                                    f"({owner}): no such image in the Ceph pool"))  # fmt: skip
+    ours = f"{installation_id()}-"
+    for image in images:
+        if image.startswith(ours) and image not in owned and image not in left:
+            findings.append(Finding("unowned_volume", where, f"{pool}/{image}",
+                                    "no storage row owns it (named as this installation "
+                                    "names its volumes)"))  # fmt: skip
+    return findings
+
+
+def _look(pairs: list[tuple[RbdClient, str]], pool: str, workers: int) -> list:
+    """``rbd info`` of each (client, image) in up to ``workers`` threads (each a process
+    of the rbd tool, bounded by its timeout): the image, None, or the RbdError raised."""
+
+    def look(pair: tuple[RbdClient, str]) -> RbdImage | RbdError | None:
+        try:
+            return pair[0].info(pool, pair[1])
+        except RbdError as exc:
+            return exc
+
+    if not pairs:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pairs)))) as threads:
+        return list(threads.map(look, pairs))

@@ -27,7 +27,8 @@ from vmapi.error_ids import VM_HYPERVISOR_ERROR, VM_STATE_CONFLICT
 from vmapi.errors import Conflict, HypervisorFailure
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorTimeout, NameTaken
-from vmapi.models import Image, StorageType
+from vmapi.hypervisor.rbd import RbdError
+from vmapi.models import Image, Storage, StorageType
 from vmapi.models.catalog import RBD
 from vmapi.models.leftover import LOG, VOLUME
 from vmapi.services.images.copies import (
@@ -50,7 +51,13 @@ from vmapi.services.names import console_log_name
 from vmapi.services.network.protection import ensure_for_vm, prune
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import Host, hypervisor
-from vmapi.services.storage.ceph import KeyUnreadable, Steps, ensure_rbd_pool, key_unreadable
+from vmapi.services.storage.ceph import (
+    KeyUnreadable,
+    Steps,
+    ensure_rbd_pool,
+    key_unreadable,
+    rbd_client,
+)
 from vmapi.services.undo import Undo
 from vmapi.services.vms.cloud_init import (
     SEED_STORAGE_TYPE,
@@ -105,21 +112,25 @@ def prepare_volumes(move: Move, undo: Undo) -> None:
 def _find_shared(
     move: Move, volume: MovedVolume, undo: Undo, storage_type: StorageType | None = None
 ) -> None:
-    """A shared pool's volume must be at the same path on the target: a directory every
-    node mounts, or (an rbd type) the Ceph pool, whose secret and rbd pool the target is
-    given first (QEMU there needs the secret; the pool shows the image)."""
+    """A shared pool's volume must be at the same path on the target: a file of a
+    directory every node mounts (the target's pool, listed, shows it), or (an rbd type)
+    the one RBD image, looked at by the API host's Ceph client (``rbd info``: the
+    target's rbd pool is never listed, which would open every image of the Ceph pool);
+    the target is given the Ceph user's secret and its rbd pool first (QEMU there needs
+    the secret)."""
     storage, driver = volume.storage, hypervisor()
     if storage_type is not None and storage_type.backend == RBD:
         try:
             ensure_rbd_pool(storage_type, move.target, undo, move.messages, Steps())
+            path = _rbd_path(storage, storage_type, move.target)
         except KeyUnreadable as exc:
             raise key_unreadable(exc, storage_type) from exc
     else:
         driver.ensure_pool(move.target.uri, storage.pool, os.path.dirname(storage.path or "/"))
-    path = None
-    # (listing refreshes the pool: it learns of files another node made in it)
-    if storage.volume_name in driver.volumes(move.target.uri, storage.pool):
-        path, _size = driver.volume(move.target.uri, storage.pool, storage.volume_name)
+        path = None
+        # (listing refreshes the pool: it learns of files another node made in it)
+        if storage.volume_name in driver.volumes(move.target.uri, storage.pool):
+            path, _size = driver.volume(move.target.uri, storage.pool, storage.volume_name)
     if path != storage.path:
         raise HypervisorFailure(
             f"Storage {storage.id} is in a pool declared shared, but node {move.target.node.fqdn} "
@@ -130,6 +141,24 @@ def _find_shared(
                   "node": {"id": move.target.node.id}},
         )  # fmt: skip
     volume.target_path = path
+
+
+def _rbd_path(storage: Storage, storage_type: StorageType, target: Host) -> str | None:
+    """``<ceph pool>/<image>`` when the row's image is in the type's Ceph pool (one
+    ``rbd info`` by the API host), None when it is not. A cluster the API host cannot
+    reach is no fault of the target's (it is not marked down)."""
+    pool = storage_type.ceph_pool or ""
+    try:
+        found = rbd_client(storage_type).info(pool, storage.volume_name or "")
+    except RbdError as exc:
+        raise HypervisorFailure(
+            f"The API host could not look for storage {storage.id} in Ceph pool {pool} "
+            f"({exc}); nothing moved.",
+            error_id=VM_HYPERVISOR_ERROR,
+            data={"step": f"finding storage {storage.id} in Ceph",
+                  "node": {"id": target.node.id}},
+        ) from exc  # fmt: skip
+    return f"{pool}/{storage.volume_name}" if found is not None else None
 
 
 def _new_volume(move: Move, volume: MovedVolume) -> Callable[[], str]:
