@@ -23,11 +23,10 @@ from tests.hypervisor.migrate_env import (
     INSTALLATION,
     MigrateEnv,
     boots,
-    migrate_env,
     ticks,
     wait_for_ticks,
 )
-from tests.hypervisor.test_rbd_moves import RBD_POOL, clean, network_disk
+from tests.hypervisor.rbd_env import ceph_env, make_rbd_type, network_disk
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
@@ -35,27 +34,14 @@ pytestmark = [pytest.mark.hypervisor]
 
 @pytest.fixture(scope="module")
 def env(host_pair, guest_image, pg_server, tmp_path_factory, ceph):
-    store = tmp_path_factory.mktemp("images")
-    keys = tmp_path_factory.mktemp("ceph-keys")
-    (keys / f"client.{ceph.user}.key").write_text(ceph.key + "\n")
-    with migrate_env(pg_server, host_pair, guest_image.path, store) as made:
-        made.app.config["CEPH_KEY_DIR"] = str(keys)
+    with ceph_env(host_pair, guest_image, pg_server, tmp_path_factory, ceph) as made:
         made.app.extensions[DRIVER_KEY] = FaultyDriver(made.app.extensions[DRIVER_KEY])
-        try:
-            yield made
-        finally:
-            made.app.extensions[DRIVER_KEY] = made.app.extensions[DRIVER_KEY].real
-            clean(made, ceph)
+        yield made
 
 
 @pytest.fixture(scope="module")
 def rbd_type(env, ceph) -> dict:
-    body = {"name": "ceph", "description": "Ceph RBD", "pool": RBD_POOL, "format": "raw",
-            "backend": "rbd", "ceph_monitors": [f"{h}:{p}" for h, p in ceph.monitors],
-            "ceph_pool": ceph.pool, "ceph_user": ceph.user}  # fmt: skip
-    made = env.api.post("storage_type", json=body)
-    assert made.status_code == 201, made.json
-    return made.json["data"]
+    return make_rbd_type(env, ceph)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +54,12 @@ def guest(env, rbd_type) -> dict:
 
 def faults(env: MigrateEnv) -> FaultyDriver:
     return env.app.extensions[DRIVER_KEY]
+
+
+def image_uploads(env: MigrateEnv) -> int:
+    """Uploads of an image's base copy to a node (seeds are uploaded too)."""
+    return sum(1 for method, args in faults(env).called
+               if method == "upload_volume" and "-image-" in args[1])  # fmt: skip
 
 
 def parent_image(env: MigrateEnv) -> str:
@@ -126,18 +118,18 @@ def test_the_guest_boots_from_a_clone_of_the_image_written_once(env, ceph, rbd_t
 
 
 def test_a_second_vm_shares_the_parent_and_writes_nothing_more(env, ceph, rbd_type, guest):
-    before = faults(env).calls.count("upload_volume")
+    before = image_uploads(env)
     second = env.create("b", root_storage_type={"id": rbd_type["id"]})
     _, first_name, _ = root_of(env, guest)
     _, second_name, _ = root_of(env, second)
     parents = {ceph.rbd_info(n)["parent"]["image"] for n in (first_name, second_name)}
     assert parents == {parent_image(env)}
     assert [n for n in ours(ceph) if "-image-" in n] == [parent_image(env)]
-    assert faults(env).calls.count("upload_volume") == before  # no node got the image
+    assert image_uploads(env) == before == 0  # no node ever got the image
     wait_for_ticks(env.console(second["id"]), 1)
     # deleting the image waits for its VMs; the last one's delete keeps the parent
     in_use = env.api.delete(f"image/{env.image['id']}")
-    assert in_use.status_code == 409 and in_use.json["error"] == "image/in_use"
+    assert in_use.status_code == 409 and in_use.json["error_id"] == "image/in_use"
     assert env.api.delete(f"vm/{second['id']}").status_code == 200
     assert second_name not in ceph.rbd_images()
     assert parent_image(env) in ceph.rbd_images()
@@ -219,10 +211,10 @@ def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, r
     # it boots in the rbd type, as a clone of itself; elsewhere it is refused, saying why
     local = env.api.post("vm", json={**create_body(env, rbd_type), "image": {"id": image["id"]},
                                      "root_storage_type": None})  # fmt: skip
-    assert local.status_code == 409 and local.json["error"] == "image/not_active", local.json
+    assert local.status_code == 409 and local.json["error_id"] == "image/not_active", local.json
     assert "Ceph" in local.json["message"]
     download = env.api.get(f"image/{image['id']}/file")
-    assert download.status_code == 409 and download.json["error"] == "image/not_active"
+    assert download.status_code == 409 and download.json["error_id"] == "image/not_active"
     booted = env.api.post("vm", json={**create_body(env, rbd_type), "image": {"id": image["id"]}})
     assert booted.status_code == 201, booted.json
     _, clone, _ = root_of(env, booted.json["data"])
@@ -280,14 +272,36 @@ def test_a_failure_keeps_the_image_other_vms_use(env, ceph, rbd_type):
 
 
 def test_a_name_taken_in_the_cluster_is_refused_and_left_alone(env, ceph, rbd_type):
-    [(last,)] = env.sql("SELECT coalesce(max(id), 0) FROM storage")
-    foreign = f"{INSTALLATION}-storage-{last + 1}"
+    [(last, called)] = env.sql("SELECT last_value, is_called FROM storage_id_seq")
+    foreign = f"{INSTALLATION}-storage-{last + 1 if called else last}"  # the next root disk
     ceph.run("rbd", "create", "--size", "4", f"{ceph.pool}/{foreign}")
     try:
         before = [n for n in ours(ceph) if n != foreign]
         made = env.api.post("vm", json=create_body(env, rbd_type))
-        assert made.status_code == 409 and made.json["error"] == "vm/name_taken", made.json
+        assert made.status_code == 409 and made.json["error_id"] == "vm/name_taken", made.json
         assert foreign in ceph.rbd_images()
         assert [n for n in ours(ceph) if n != foreign] == before
     finally:
         ceph.run("rbd", "rm", f"{ceph.pool}/{foreign}")
+
+
+def test_reconcile_owns_images_in_ceph_and_removes_a_deleted_image_s(env, ceph, rbd_type):
+    """An image's RBD image is vmapi's (never unowned_volume); one whose image was deleted
+    while the cluster was out of reach (a row without image) is stale_image_rbd, and
+    --fix removes it."""
+    if parent_image(env) not in ceph.rbd_images():
+        assert env.api.post("vm", json=create_body(env, rbd_type)).status_code == 201
+    code, output = env.reconcile()
+    assert "unowned_volume" not in output and "-image-" not in output, output
+    left = f"{INSTALLATION}-image-999"
+    ceph.run("rbd", "create", "--size", "4", f"{ceph.pool}/{left}")
+    ceph.run("rbd", "snap", "create", f"{ceph.pool}/{left}@vmapi-base")
+    ceph.run("rbd", "snap", "protect", f"{ceph.pool}/{left}@vmapi-base")
+    env.sql("INSERT INTO image_rbd (image_id, storage_type_id, ceph_pool, rbd_name, snapshot, "
+            "created_at) VALUES (NULL, :t, :p, :n, 'vmapi-base', now())",
+            t=rbd_type["id"], p=ceph.pool, n=left)  # fmt: skip
+    code, output = env.reconcile()
+    assert code == 1 and "stale_image_rbd" in output and left in output, output
+    code, output = env.reconcile("--fix")
+    assert left not in ceph.rbd_images()
+    assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=left) == [(0,)]

@@ -12,94 +12,39 @@ the cluster stops a (cold) move before anything moves.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
-import libvirt
 import pytest
 
 from tests.conftest import MIB
 from tests.errors import assert_error
 from tests.faults import FaultyDriver
-from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.migrate_env import (
     INSTALLATION,
-    MigrateEnv,
     boots,
-    migrate_env,
     ticks,
     wait_for_ticks,
+)
+from tests.hypervisor.rbd_env import (
+    RBD_POOL,
+    ceph_env,
+    clean,
+    make_rbd_type,
+    network_disk,
+    state_of,
 )
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = [pytest.mark.hypervisor]
 
-RBD_POOL = "vmapi-ceph"
-
-
-def clean(env: MigrateEnv, ceph: CephCluster) -> None:
-    """The rbd pool and the Ceph user's secret off both hosts, this installation's images
-    out of the cluster."""
-    for host in env.hosts.hosts:
-        conn = libvirt.open(host.uri)
-        try:
-            for pool in conn.listAllStoragePools():
-                if pool.name() == RBD_POOL:
-                    if pool.isActive():
-                        pool.destroy()
-                    pool.undefine()
-            for secret in conn.listAllSecrets():
-                if secret.usageID() == f"client.{ceph.user}":
-                    secret.undefine()
-        finally:
-            conn.close()
-    for image in ceph.rbd_images():
-        if image.startswith(f"{INSTALLATION}-"):
-            ceph.run("rbd", "rm", f"{ceph.pool}/{image}")
-
 
 @pytest.fixture(scope="module")
 def env(host_pair, guest_image, pg_server, tmp_path_factory, ceph):
-    store = tmp_path_factory.mktemp("images")
-    keys = tmp_path_factory.mktemp("ceph-keys")
-    (keys / f"client.{ceph.user}.key").write_text(ceph.key + "\n")
-    made = None
-    try:
-        with migrate_env(pg_server, host_pair, guest_image.path, store) as made:
-            made.app.config["CEPH_KEY_DIR"] = str(keys)
-            yield made
-    finally:
-        if made is not None:  # after the domains went: a guest still holding an image
-            clean(made, ceph)  # (a test that failed half-way) would keep it from going
+    with ceph_env(host_pair, guest_image, pg_server, tmp_path_factory, ceph) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
 def rbd_type(env, ceph) -> dict:
-    body = {"name": "ceph", "description": "Ceph RBD", "pool": RBD_POOL, "format": "raw",
-            "backend": "rbd", "ceph_monitors": [f"{h}:{p}" for h, p in ceph.monitors],
-            "ceph_pool": ceph.pool, "ceph_user": ceph.user}  # fmt: skip
-    made = env.api.post("storage_type", json=body)
-    assert made.status_code == 201, made.json
-    return made.json["data"]
-
-
-def state_of(env: MigrateEnv, name: str) -> tuple[dict[str, str], list[str]]:
-    """Host ``name``'s ceph secrets (usage -> UUID) and storage pools."""
-    conn = libvirt.open(env.host(name).uri)
-    try:
-        found = {s.usageID(): s.UUIDString() for s in conn.listAllSecrets()}
-        return found, [p.name() for p in conn.listAllStoragePools()]
-    finally:
-        conn.close()
-
-
-def network_disk(env: MigrateEnv, name: str, domain: str, target: str) -> ET.Element:
-    conn = libvirt.open(env.host(name).uri)
-    try:
-        xml = ET.fromstring(conn.lookupByName(domain).XMLDesc(0))
-    finally:
-        conn.close()
-    [disk] = [d for d in xml.iterfind("devices/disk") if d.find("target").get("dev") == target]
-    return disk
+    return make_rbd_type(env, ceph)
 
 
 def test_a_live_move_copies_no_rbd_volume(env, ceph, rbd_type):

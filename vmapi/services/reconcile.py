@@ -26,6 +26,8 @@ Findings, one per domain, VM or volume:
   its key: that pool's images were not looked at.
 - ``stale_image_copy``: the copy of a deleted image that its node kept (it could not be
   reached when the image went); fix: delete the volume and its row.
+- ``stale_image_rbd``: the RBD image of a deleted image that its Ceph pool kept (the
+  cluster could not be reached then, or a save on RBD died); ``--fix`` removes it
 - ``interrupted_move``: a VM whose move died part-way (its marker is set); fix: settle it
   by where libvirt says the domain is (recorded there, or undone), under the VM's lock.
 - ``leftover``: a domain or volume listed as left on a node by a move or an evacuation,
@@ -73,7 +75,12 @@ from vmapi.services.names import installation_id
 from vmapi.services.network.protection import differences, sync_node
 from vmapi.services.nodes.domains import BUILDING, forget, remove_domain, state_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
-from vmapi.services.reconcile_volumes import rbd_volumes, stale_copies, unowned_volumes
+from vmapi.services.reconcile_volumes import (
+    rbd_volumes,
+    stale_copies,
+    stale_rbd_images,
+    unowned_volumes,
+)
 from vmapi.services.storage.volumes import delete_vm_volumes
 from vmapi.services.vms.cloud_init import delete_seed
 from vmapi.services.vms.rebuild_ledger import interrupted, unfinished
@@ -132,6 +139,7 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings += _stale_saves(fix)  # first: the copies of the saves it forgets are leftovers
     findings += _leftovers(nodes, answering, fix)
     findings += stale_copies(answering, fix)
+    findings += stale_rbd_images(fix)
     findings += _filters(answering, fix)
     return findings + unowned_volumes(answering, listed, workers) + rbd_volumes(listed, workers)
 

@@ -18,11 +18,12 @@ from sqlalchemy import select
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, PoolNotFound
 from vmapi.hypervisor.rbd import RbdClient, RbdError, RbdImage
-from vmapi.models import ImageCopy, Node, Storage, StorageType, Vm
+from vmapi.models import ImageCopy, ImageRbd, Node, Storage, StorageType, Vm
 from vmapi.models.catalog import RBD
 from vmapi.models.leftover import VOLUME
 from vmapi.services.findings import Finding
 from vmapi.services.images.copies import remove_if_unused
+from vmapi.services.images.rbd_copies import remove_orphans as remove_rbd_orphans
 from vmapi.services.names import installation_id
 from vmapi.services.nodes.hosts import Host, hypervisor, on_hosts
 from vmapi.services.storage.ceph import KeyUnreadable, rbd_client
@@ -42,6 +43,22 @@ def stale_copies(hosts: dict[int, Host], fix: bool) -> list[Finding]:
                 finding.detail += "; volume deleted"
             except HypervisorError as exc:
                 finding.detail += f"; not deleted: {exc.reason}"
+        findings.append(finding)
+    return findings
+
+
+def stale_rbd_images(fix: bool) -> list[Finding]:
+    """Images of deleted images left in a Ceph pool (the cluster could not be reached
+    when the image was deleted, or a save died)."""
+    stmt = select(ImageRbd).where(ImageRbd.image_id.is_(None)).order_by(ImageRbd.id)
+    findings = []
+    for row in db.session.scalars(stmt).all():
+        finding = Finding("stale_image_rbd", "ceph", f"{row.ceph_pool}/{row.rbd_name}",
+                          "the RBD image of a deleted image")  # fmt: skip
+        if fix:
+            kept = remove_rbd_orphans([row.id])
+            finding.fixed = not kept
+            finding.detail += "; removed" if finding.fixed else f"; not removed: {kept[0]}"
         findings.append(finding)
     return findings
 
@@ -140,6 +157,11 @@ def _rbd_pool(
     # a row owns its name from its commit on, before its image is made (its path is set
     # when it is): read before the pool is listed, a create in flight is never unowned
     owned = {storage.volume_name for storage, _fqdn in rows}
+    # images written into the pool (and saves on RBD: recorded before they are made)
+    written = select(ImageRbd.rbd_name).where(
+        ImageRbd.ceph_pool == pool, ImageRbd.storage_type_id.in_([t.id for t in types])
+    )
+    owned |= set(db.session.scalars(written))
     made = [(storage.id, storage.vm_id, storage.storage_type_id, storage.volume_name,
              storage.path, fqdn) for storage, fqdn in rows if storage.path]  # fmt: skip
     libvirt_pools = {t.pool for t in types}
