@@ -40,7 +40,7 @@ def _closed_port() -> int:
 
 def remove_ours(conn: libvirt.virConnect, ceph: CephCluster) -> None:
     for pool in conn.listAllStoragePools():
-        if pool.name() in (GOOD_POOL, CLOSED_POOL):
+        if pool.name() in (GOOD_POOL, f"{GOOD_POOL}-b", CLOSED_POOL):
             if pool.isActive():
                 pool.destroy()
             pool.undefine()
@@ -156,3 +156,30 @@ def test_a_closed_monitor_port_reports_the_node_unable(env: BootEnv, ceph: CephC
     gone = env.api.delete(f"storage_type/{closed['id']}")
     assert gone.status_code == 200, gone.json
     made_types.remove(closed)
+
+
+def test_deleting_an_rbd_type_takes_its_pool_and_secret_off_the_nodes(
+    env: BootEnv, ceph: CephCluster, made_types
+):
+    for earlier in list(made_types):  # (the other tests' types, in any order)
+        assert env.api.delete(f"storage_type/{earlier['id']}").status_code == 200
+        made_types.remove(earlier)
+    monitors = [f"{host}:{port}" for host, port in ceph.monitors]
+    first = make_type(env, made_types, "ceph-delete-a", GOOD_POOL, monitors, ceph.user)
+    second = make_type(env, made_types, "ceph-delete-b", f"{GOOD_POOL}-b", monitors, ceph.user)
+    assert check(env).exit_code == 0
+    names = [p.name() for p in env.conn.listAllStoragePools()]
+    assert {GOOD_POOL, f"{GOOD_POOL}-b"} <= set(names)
+    # the first goes: its pool leaves the node; the secret stays, the second names its user
+    gone = env.api.delete(f"storage_type/{first['id']}")
+    assert gone.status_code == 200, gone.json
+    made_types.remove(first)
+    names = [p.name() for p in env.conn.listAllStoragePools()]
+    assert GOOD_POOL not in names and f"{GOOD_POOL}-b" in names
+    assert f"client.{ceph.user}" in ceph_secrets(env.conn)
+    # the last type of the user goes: its secret too
+    gone = env.api.delete(f"storage_type/{second['id']}")
+    assert gone.status_code == 200, gone.json
+    made_types.remove(second)
+    assert f"{GOOD_POOL}-b" not in [p.name() for p in env.conn.listAllStoragePools()]
+    assert f"client.{ceph.user}" not in ceph_secrets(env.conn)

@@ -113,6 +113,12 @@ class HypervisorDriver(Protocol):
         upload or download streams (libvirt 9.0)."""
         ...
 
+    def forget_rbd_pool(self, uri: str, pool: str, source: CephSource) -> bool:
+        """Stop and undefine the rbd pool ``pool`` when it stands over ``source`` (the
+        images in the cluster are not touched); one over another source is left as it
+        is. True when it was removed, False when there was none (or not ours)."""
+        ...
+
     def refresh_rbd_pool(self, uri: str, pool: str, source: CephSource) -> tuple[int, int]:
         """Refresh the started rbd pool ``pool`` (over ``source``) from the cluster: the
         host's librados connects to it again (bounded as :meth:`ensure_rbd_pool`'s start).

@@ -180,6 +180,21 @@ def _ensure_rbd_pool(
     return created
 
 
+def _forget_rbd_pool(conn: libvirt.virConnect, pool: str, source: CephSource) -> bool:
+    try:
+        found = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise
+        return False
+    if pool_source(found.XMLDesc(0)) != wanted_source(source):
+        return False
+    if found.isActive():
+        found.destroy()  # (an rbd pool's destroy disconnects from the cluster, nothing more)
+    found.undefine()
+    return True
+
+
 def _refresh_rbd_pool(
     conn: libvirt.virConnect, uri: str, pool: str, source: CephSource
 ) -> tuple[int, int]:
@@ -227,6 +242,12 @@ class CephCalls(LibvirtCalls):
 
     def refresh_rbd_pool(self, uri: str, pool: str, source: CephSource) -> tuple[int, int]:
         return self._call(uri, lambda conn: _refresh_rbd_pool(conn, uri, pool, source))
+
+    def forget_rbd_pool(self, uri: str, pool: str, source: CephSource) -> bool:
+        removed = self._call(uri, lambda conn: _forget_rbd_pool(conn, pool, source))
+        if removed:
+            log.info("removed rbd storage pool %s (%s) from %s", pool, source.pool, uri)
+        return removed
 
     def forget_ceph_secret(self, uri: str, secret_uuid: str) -> bool:
         removed = self._call(uri, lambda conn: _forget_secret(conn, secret_uuid))

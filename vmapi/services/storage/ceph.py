@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 from flask import current_app
 from sqlalchemy import select
 
-from vmapi.errors import ServiceUnavailable
+from vmapi.errors import ApiError, ServiceUnavailable
 from vmapi.extensions import db
-from vmapi.hypervisor import HypervisorError
+from vmapi.hypervisor import CephSource, HypervisorError, NotSupported
 from vmapi.hypervisor.rbd import CephAccess, RbdClient
-from vmapi.models import StorageType
+from vmapi.models import Node, StorageType
 from vmapi.models.catalog import RBD
 from vmapi.node_detail import NodeNote
-from vmapi.services.nodes.hosts import Host, hypervisor
+from vmapi.services.nodes.hosts import Host, hypervisor, node_uri, on_hosts
 from vmapi.services.vms.specs import ceph_source
 
 if TYPE_CHECKING:  # (a cycle otherwise: undo -> leftovers -> this module)
@@ -151,3 +151,40 @@ def resize_rbd_volume(storage_type: StorageType, name: str, size: int) -> None:
     except KeyUnreadable as exc:
         raise HypervisorError("rbd:", str(exc)) from exc
     client.resize(storage_type.ceph_pool or "", name, size)
+
+
+def forget_rbd_pools(leaving: list[tuple[str, CephSource]]) -> list[str]:
+    """After rbd types were deleted: their libvirt pools off every node, and the secrets
+    of Ceph users no remaining type names (the images in the cluster stay: nothing of
+    the types used them). A note for each node that kept them (it did not answer):
+    nothing uses them there; `virsh pool-destroy`/`pool-undefine` removes them."""
+    remaining = set(db.session.scalars(
+        select(StorageType.ceph_secret_uuid).where(StorageType.backend == RBD)))  # fmt: skip
+    nodes = db.session.scalars(select(Node).where(Node.libvirt_uri.is_not(None))).all()
+    hosts = {}
+    for node in nodes:
+        try:
+            hosts[node.id] = node_uri(node.fqdn, node.libvirt_uri)
+        except ApiError:
+            continue
+    fqdns = {node.id: node.fqdn for node in nodes}
+    db.session.commit()  # (only read) nothing stays open while the nodes answer
+    driver = hypervisor()
+
+    def forget(uri: str) -> None:
+        for pool, source in leaving:
+            driver.forget_rbd_pool(uri, pool, source)
+        for secret in {source.secret_uuid for _pool, source in leaving} - remaining:
+            driver.forget_ceph_secret(uri, secret)
+
+    notes = []
+    for node_id, result in on_hosts(hosts, forget, 16).items():
+        if isinstance(result, NotSupported):  # a driver without secrets or rbd pools
+            continue
+        if isinstance(result, HypervisorError):
+            pools = ", ".join(pool for pool, _source in leaving)
+            notes.append(NodeNote(
+                "A node could not be reached; it keeps the rbd storage pool of the deleted "
+                "type (nothing uses it).", f"node {fqdns[node_id]}, pools {pools}: "
+                f"{result.reason}"))  # fmt: skip
+    return notes

@@ -24,10 +24,12 @@ from vmapi import error_ids
 from vmapi.auth import Principal
 from vmapi.errors import Conflict, ValidationError
 from vmapi.extensions import db
+from vmapi.hypervisor import CephSource
 from vmapi.models import Storage, StorageType
 from vmapi.models.catalog import CEPH_FIELDS, DIR
-from vmapi.services.crud import IN_USE_SAMPLE, CrudService
-from vmapi.services.storage.ceph import KeyUnreadable, ceph_key
+from vmapi.services.crud import IN_USE_SAMPLE, CrudService, Outcome
+from vmapi.services.storage.ceph import KeyUnreadable, ceph_key, forget_rbd_pools
+from vmapi.services.vms.specs import ceph_source
 
 FIXED_WHILE_USED = ("pool", "format", "backend", "ceph_monitors", "ceph_pool", "ceph_user")
 #: what an rbd type must name (the secret's UUID is vmapi's)
@@ -67,6 +69,26 @@ class StorageTypeService(CrudService[StorageType]):
 
     def complete(self, obj: StorageType, data: dict[str, Any], principal: Principal) -> None:
         check_backend(obj, data)
+
+    def delete_all(
+        self, ids: list[int], principal: Principal, options: dict[str, Any], indexed: bool
+    ) -> Outcome[StorageType]:
+        """Delete the types (none in use); then the rbd pools of the rbd ones off every
+        node, with their Ceph users' secrets when no type names those any more."""
+        leaving: list[tuple[str, CephSource]] = []
+
+        def one(ident: int) -> StorageType:
+            obj = self.get(ident, principal)
+            source = ceph_source(obj)
+            self.delete(obj, principal, options)
+            if source is not None:
+                leaving.append((obj.pool, source))
+            return obj
+
+        outcome = Outcome(self.in_transaction(ids, indexed, one))
+        if leaving:
+            outcome.messages += forget_rbd_pools(leaving)
+        return outcome
 
 
 def check_backend(obj: StorageType, data: dict[str, Any]) -> None:
