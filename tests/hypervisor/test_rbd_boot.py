@@ -227,6 +227,17 @@ def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, r
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=in_ceph) == [(0,)]
 
 
+def test_a_quiesced_save_without_a_guest_agent_is_refused_and_leaves_nothing(env, ceph, guest):
+    _, name, _ = root_of(env, guest)
+    images = ours(ceph)
+    [(rows,)] = env.sql("SELECT count(*) FROM image")
+    saved = env.api.post(f"vm/{guest['id']}/image", json={"name": "quiet", "quiesce": True})
+    assert saved.status_code == 409 and saved.json["error_id"] == "vm/no_guest_agent", saved.json
+    assert ours(ceph) == images and snapshots(ceph, name) == []
+    assert env.sql("SELECT count(*) FROM image") == [(rows,)]
+    assert env.sql("SELECT count(*) FROM image_rbd WHERE image_id IS NULL") == [(0,)]
+
+
 def create_body(env: MigrateEnv, rbd_type: dict) -> dict:
     return {"cores": 1, "ram": 256 * MIB, "virt_method": {"id": env.method},
             "image": {"id": env.image["id"]}, "node": {"id": env.nodes["a"]["id"]},
