@@ -34,6 +34,7 @@ SUITE = (
     "filters",
     "backups",
     "save",
+    "rbd",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 
