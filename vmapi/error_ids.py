@@ -302,6 +302,7 @@ RESOURCE_FAMILIES: dict[str, tuple[Family, ...]] = {
     "quota": (NOT_FOUND, DUPLICATE),  # referenced by nothing, references nothing
     "security_group": (NOT_FOUND, DUPLICATE, IN_USE),  # in use while interfaces use it
     "security_group_rule": (NOT_FOUND, IN_USE),  # its group deleted meanwhile
+    "server_group": (NOT_FOUND, IN_USE),  # in use while it has VMs; names need not be unique
     "event": (NOT_FOUND,),  # read-only
 }
 #: A create on the key may create the value too, answering its create errors

@@ -153,7 +153,7 @@ def test_query_parameters_are_described_as_validated(document):
     assert (nest["style"], nest["explode"]) == ("form", False)
     assert nest["schema"]["minItems"] == 1  # nest= (empty) is refused
     assert set(nest["schema"]["items"]["enum"]) == {"node", "virt_method", "vm_state",
-                                                    "interfaces", "image"}  # fmt: skip
+                                                    "interfaces", "image", "server_group"}  # fmt: skip
     vlan = {p["name"] for p in document["paths"]["/api/v1/vlan"]["get"]["parameters"]}
     assert "nest" not in vlan  # nothing to nest there
     delete = document["paths"]["/api/v1/vm/{ident}"]["delete"]["parameters"]

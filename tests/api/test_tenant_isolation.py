@@ -1,7 +1,7 @@
 """Tenant isolation: a matrix over every resource and verb with two customers.
 
 Customer 8 acts on customer 7's objects (VM, interface, addresses, storage, image,
-security group and rule). It never
+security group and rule, server group). It never
 reads, changes or learns of them (404, exactly as for an id that does not exist), never
 reaches admin-only resources (403), and lists never show them.
 """
@@ -14,7 +14,7 @@ from vmapi.api.resource import RESOURCES
 from vmapi.schemas.base import Bool, Int, Ref, Str
 
 OWNED = ("vm", "interface", "ipv4", "ipv6", "storage", "image", "security_group",
-         "security_group_rule")  # fmt: skip
+         "security_group_rule", "server_group")  # fmt: skip
 
 
 @pytest.fixture
@@ -31,10 +31,12 @@ def tenants(api, customer_api, vm_host, test_method):
     rule = seven.post("security_group_rule", json={
         "security_group": {"id": group["id"]}, "direction": "ingress", "ethertype": "ipv4",
         "protocol": "any"}).json["data"]  # fmt: skip
+    placing = seven.post("server_group", json={"name": "own", "policy": "affinity"}).json["data"]
     eight.post("vm", json=vm_body(test_method))  # the other tenant has objects of its own
     ids = {"vm": vm["id"], "interface": iface["id"], "ipv4": iface["ipv4"][0]["id"],
            "ipv6": iface["ipv6"][0]["id"], "storage": storage["id"], "image": image["id"],
-           "security_group": group["id"], "security_group_rule": rule["id"]}  # fmt: skip
+           "security_group": group["id"], "security_group_rule": rule["id"],
+           "server_group": placing["id"]}  # fmt: skip
     return seven, eight, ids
 
 
@@ -117,3 +119,7 @@ def test_references_to_others_objects(api, tenants):
             "protocol": "any"}  # fmt: skip
     error = assert_error(eight.post("security_group_rule", json=body), 400, "general/validation")
     assert error["data"] == {"security_group": [f"No security_group with id {group}."]}
+    placing = ids["server_group"]
+    body = vm_body(1, server_group={"id": placing})  # method 1: the seeded KVM
+    error = assert_error(eight.post("vm", json=body), 400, "general/validation")
+    assert error["data"] == {"server_group": [f"No server_group with id {placing}."]}

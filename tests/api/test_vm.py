@@ -165,6 +165,7 @@ def test_no_valid_host_counts_each_filter(app, api, vm_host, make_node, test_met
     assert error["data"]["removed_by_filter"] == {
         "state_schedulable": 1, "has_virt_method": 1, "libvirt_reachable": 1, "can_guard": 0,
         "reaches_ceph": 0, "enough_cores": 1, "enough_ram": 1, "uuid_free": 0,
+        "anti-affinity": 0, "affinity": 0,
     }  # fmt: skip
     assert error["data"]["request"] == {"cores": 2, "ram": GIB, "virt_method": {"id": test_method}}
 

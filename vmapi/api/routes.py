@@ -30,6 +30,7 @@ from vmapi.api.node import node, virt_node
 from vmapi.api.quota import quota
 from vmapi.api.resource import ADMIN_ONLY, ALL_ROLES, ResourceApi
 from vmapi.api.security_groups import security_group, security_group_rule
+from vmapi.api.server_group import server_group
 from vmapi.api.storage import save_storage_image, storage
 from vmapi.api.vm import (
     console_log,
@@ -216,6 +217,16 @@ API_ROUTES: tuple[tuple[str, Handler, frozenset[str]], ...] = (
     ("PATCH /security_group_rule/<id:ident>", security_group_rule.update_view, ALL_ROLES),
     ("UPDATE /security_group_rule/<id:ident>", security_group_rule.update_view, ALL_ROLES),
     ("DELETE /security_group_rule/<id:ident>", security_group_rule.delete_view, ALL_ROLES),
+    # server_group
+    ("GET /server_group",                 server_group.list_view,         ALL_ROLES),
+    ("POST /server_group",                server_group.create_view,       ALL_ROLES),
+    ("PATCH /server_group",               server_group.update_many_view,  ALL_ROLES),
+    ("UPDATE /server_group",              server_group.update_many_view,  ALL_ROLES),
+    ("DELETE /server_group",              server_group.delete_many_view,  ALL_ROLES),
+    ("GET /server_group/<id:ident>",      server_group.read_view,         ALL_ROLES),
+    ("PATCH /server_group/<id:ident>",    server_group.update_view,       ALL_ROLES),
+    ("UPDATE /server_group/<id:ident>",   server_group.update_view,       ALL_ROLES),
+    ("DELETE /server_group/<id:ident>",   server_group.delete_view,       ALL_ROLES),
     # storage
     ("GET /storage",                      storage.list_view,              ALL_ROLES),
     ("POST /storage",                     storage.create_view,            ALL_ROLES),

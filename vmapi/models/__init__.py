@@ -11,6 +11,7 @@ from vmapi.models.network import Interface, Ipv4Address, Ipv6Address, Ipv6Pool, 
 from vmapi.models.node import Node, NodeStorageAccess, VirtNode
 from vmapi.models.quota import Quota
 from vmapi.models.security import InterfaceSecurityGroup, SecurityGroup, SecurityGroupRule
+from vmapi.models.server_group import ServerGroup
 from vmapi.models.storage import Storage
 from vmapi.models.token import ApiToken
 from vmapi.models.vm import Vm
@@ -37,6 +38,7 @@ __all__ = [
     "Quota",
     "SecurityGroup",
     "SecurityGroupRule",
+    "ServerGroup",
     "Storage",
     "StorageType",
     "VirtMethod",

@@ -26,6 +26,7 @@ from vmapi.models.catalog import VirtMethod, VmState
 from vmapi.models.image import Image
 from vmapi.models.network import Interface
 from vmapi.models.node import Node
+from vmapi.models.server_group import ServerGroup
 
 
 def vm_name(ident: int) -> str:
@@ -88,11 +89,15 @@ class Vm(db.Model):
     #: VM is not backed up unless a run names it with ``--keep``)
     backup_keep: Mapped[int | None] = mapped_column(Integer)
     console_log_path: Mapped[str | None] = mapped_column(String(1024))
+    #: the server group the VM joined when it was made (never changed): the scheduler
+    #: places it, and moves it, by the group's policy (vmapi/scheduler/filters.py)
+    server_group_id: Mapped[int | None] = mapped_column(ForeignKey("server_group.id"), index=True)
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")
     vm_state: Mapped[VmState] = relationship(lazy="raise_on_sql")
     image: Mapped[Image | None] = relationship(lazy="raise_on_sql", viewonly=True)
+    server_group: Mapped[ServerGroup | None] = relationship(lazy="raise_on_sql", viewonly=True)
     interfaces: Mapped[list[Interface]] = relationship(
         lazy="raise_on_sql", order_by="Interface.id", viewonly=True
     )

@@ -6,7 +6,7 @@ concurrent request just moves on to the next candidate.
 """
 
 from vmapi.scheduler.capacity import CapacityDefaults, refresh_all, set_free
-from vmapi.scheduler.claims import claim, release
+from vmapi.scheduler.claims import NoSuchGroup, claim, lock_group, release
 from vmapi.scheduler.filters import FILTERS, Defaults, PlacementRequest
 from vmapi.scheduler.select import NoValidHost, explain, select_and_claim, unsuitable_reasons
 
@@ -14,10 +14,12 @@ __all__ = [
     "FILTERS",
     "CapacityDefaults",
     "Defaults",
+    "NoSuchGroup",
     "NoValidHost",
     "PlacementRequest",
     "claim",
     "explain",
+    "lock_group",
     "refresh_all",
     "release",
     "select_and_claim",

@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, Exists, and_, func, literal, or_, select
 
 from vmapi.models import ImageCopy, Node, NodeState, NodeStorageAccess, VirtNode, Vm
+from vmapi.models.server_group import AFFINITY, ANTI_AFFINITY, SOFT_ANTI_AFFINITY
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class PlacementRequest:
     image_id: int | None = None
     #: the rbd storage types of the VM's volumes: nodes must reach their Ceph clusters
     rbd_type_ids: tuple[int, ...] = ()
+    #: the server group the VM joins (or is in), and its policy: the policy as read under
+    #: the group row's lock by the claim (:func:`vmapi.scheduler.claims.lock_group`)
+    server_group_id: int | None = None
+    policy: str | None = None
+    #: a VM that exists (a move's): not counted among its group's members
+    vm_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,38 @@ def uuid_free(r: PlacementRequest, d: Defaults) -> ColumnElement:
     return ~per_node(Vm.uuid == r.uuid, here)
 
 
+def members_here(r: PlacementRequest) -> list[ColumnElement]:
+    """A member of the request's group is on the node, or being moved there (its VM
+    itself left out)."""
+    conditions = [
+        Vm.server_group_id == r.server_group_id,
+        or_(Vm.node_id == Node.id, Vm.migration_node_id == Node.id),
+    ]
+    if r.vm_id is not None:
+        conditions.append(Vm.id != r.vm_id)
+    return conditions
+
+
+def anti_affinity(r: PlacementRequest, d: Defaults) -> ColumnElement:
+    """A VM of an anti-affinity group: the node holds no other member of the group (nor
+    is one being moved there)."""
+    if r.policy != ANTI_AFFINITY:
+        return literal(True)
+    return ~per_node(*members_here(r))
+
+
+def affinity(r: PlacementRequest, d: Defaults) -> ColumnElement:
+    """A VM of an affinity group: the node holds a member of the group (or one is being
+    moved there); any node when the group has no other member."""
+    if r.policy != AFFINITY:
+        return literal(True)
+    others = [Vm.server_group_id == r.server_group_id]
+    if r.vm_id is not None:
+        others.append(Vm.id != r.vm_id)
+    alone = ~select(literal(1)).where(*others).exists()  # once per query, not per node
+    return or_(alone, per_node(*members_here(r)))
+
+
 Filter = Callable[[PlacementRequest, Defaults], ColumnElement]
 
 #: In the order their removals are counted for ``vm/no_valid_host``.
@@ -126,6 +165,9 @@ FILTERS: list[tuple[str, Filter]] = [
     ("enough_cores", enough_cores),
     ("enough_ram", enough_ram),
     ("uuid_free", uuid_free),
+    # a server group's policy, named by the policy (API.md "/server_group")
+    (ANTI_AFFINITY, anti_affinity),
+    (AFFINITY, affinity),
 ]
 
 
@@ -147,12 +189,30 @@ def holds_image(image_id: int) -> ColumnElement:
     return per_node(ImageCopy.image_id == image_id, ImageCopy.node_id == Node.id)
 
 
+def members_count(r: PlacementRequest) -> ColumnElement:
+    """How many members of the request's group the node holds (or receives)."""
+    return select(func.count()).select_from(Vm).where(*members_here(r)).scalar_subquery()
+
+
+def walks_index(r: PlacementRequest) -> bool:
+    """Whether :func:`weigh`'s order starts with the weigher's index (the scheduler then
+    plans its query as a walk of it): not for a soft-anti-affinity group, whose member
+    count comes first."""
+    return r.policy != SOFT_ANTI_AFFINITY
+
+
 def weigh(r: PlacementRequest, weigher: str) -> list[ColumnElement]:
     """The weigher's order; a VM from an image prefers, among nodes the weigher ranks
     equal, those that hold the image (sparing a copy). Only a tie-break: the weigher's
     index still orders the walk (PostgreSQL sorts each run of equal weights, an
-    incremental sort), so placement stays as flat as without an image."""
+    incremental sort), so placement stays as flat as without an image.
+
+    A VM of a soft-anti-affinity group goes first to the nodes holding the fewest of its
+    group's members, then by the weigher: every node that fits is counted and sorted
+    (the group's weigher; its filters are the others')."""
     order = WEIGHERS[weigher]()
-    if r.image_id is None:
-        return order
-    return [order[0], holds_image(r.image_id).desc(), *order[1:]]
+    if r.image_id is not None:
+        order = [order[0], holds_image(r.image_id).desc(), *order[1:]]
+    if r.policy == SOFT_ANTI_AFFINITY:
+        order = [members_count(r).asc(), *order]
+    return order

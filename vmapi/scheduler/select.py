@@ -10,8 +10,8 @@ from sqlalchemy import and_, case, func, select, text
 
 from vmapi.extensions import db
 from vmapi.models import Node
-from vmapi.scheduler.claims import claim
-from vmapi.scheduler.filters import FILTERS, Defaults, PlacementRequest, weigh
+from vmapi.scheduler.claims import claim, lock_group
+from vmapi.scheduler.filters import FILTERS, Defaults, PlacementRequest, walks_index, weigh
 
 CANDIDATES = 5  # nodes fetched per query; a lost claim race moves to the next
 ATTEMPTS = 3  # queries before giving up on a fleet that keeps filling up under us
@@ -41,7 +41,12 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
 
     Both queries run under :func:`index_walk`, so their plan is that walk whatever the
     planner's statistics say.
+
+    A VM of a server group is placed holding the group's row lock
+    (:func:`~vmapi.scheduler.claims.lock_group`, until the caller's transaction ends,
+    after its VM row is written): the group's filters are then exact under races.
     """
+    request = lock_group(request)
     conditions = [f(request, d) for _name, f in FILTERS]
     order = weigh(request, weigher)
     unclaimed = (
@@ -51,13 +56,13 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
         .limit(1)
         .with_for_update(of=Node, skip_locked=True)
     )
-    with index_walk():
+    with index_walk(walks_index(request)):
         node_id = db.session.scalars(unclaimed).first()
     if node_id is not None and (node := claim(node_id, request.cores, request.ram)):
         return node
     for _attempt in range(ATTEMPTS):
         stmt = select(Node.id).where(and_(*conditions)).order_by(*order).limit(CANDIDATES)
-        with index_walk():
+        with index_walk(walks_index(request)):
             candidates = list(db.session.scalars(stmt))
         if not candidates:
             break
@@ -68,7 +73,7 @@ def select_and_claim(request: PlacementRequest, d: Defaults, weigher: str = "spr
 
 
 @contextmanager
-def index_walk() -> Iterator[None]:
+def index_walk(walk: bool = True) -> Iterator[None]:
     """PostgreSQL plans the scheduler's query as a walk of the weigher's index that stops
     at the first node passing the filters: sorting is off for it (``SET LOCAL``, this
     transaction only, and back to the default right after).
@@ -82,8 +87,12 @@ def index_walk() -> Iterator[None]:
     ``ix_virt_node_method_node`` for its virt_method). Shown by
     ``tests/api/test_placement_plans.py``. SQLite has no planner settings; its fleets
     are small.
+
+    ``walk=False``: an order that is no index walk (a soft-anti-affinity group's member
+    count first): planned as PostgreSQL likes (with sorting off it would still sort, at
+    a "disabled" cost that alone sets off JIT compilation).
     """
-    if db.session.get_bind().dialect.name != "postgresql":
+    if not walk or db.session.get_bind().dialect.name != "postgresql":
         yield
         return
     db.session.execute(text("SET LOCAL enable_sort = off"))
@@ -103,16 +112,18 @@ def explain(request: PlacementRequest, d: Defaults) -> dict[str, Any]:
     removed = {}
     for index, (name, _f) in enumerate(FILTERS):
         removed[name] = int(counts[index]) - int(counts[index + 1])
-    return {
-        "nodes": int(counts[0]),
-        "removed_by_filter": removed,
-        "request": {"cores": request.cores, "ram": request.ram,
-                    "virt_method": {"id": request.virt_method_id}},
-    }  # fmt: skip
+    asked: dict[str, Any] = {"cores": request.cores, "ram": request.ram,
+                             "virt_method": {"id": request.virt_method_id}}  # fmt: skip
+    if request.server_group_id is not None:
+        asked["server_group"] = {"id": request.server_group_id, "policy": request.policy}
+    return {"nodes": int(counts[0]), "removed_by_filter": removed, "request": asked}
 
 
 def unsuitable_reasons(node_id: int, request: PlacementRequest, d: Defaults) -> list[str]:
-    """The filters a given node fails (empty when it fits)."""
+    """The filters a given node fails (empty when it fits). Called before a claim on a
+    named node: a VM of a server group has the group's row locked first, as
+    :func:`select_and_claim` has (the claim that follows in the transaction is exact)."""
+    request = lock_group(request)
     columns = [f(request, d).label(name) for name, f in FILTERS]
     row = db.session.execute(select(*columns).where(Node.id == node_id)).one()
     return [name for name, _f in FILTERS if not getattr(row, name)]

@@ -108,6 +108,17 @@ class VmSchema(BaseSchema):
         allow_none=True,
         metadata={"on_update": False, "description": "The image the VM boots from (null: none)."},
     )
+    server_group = Ref(
+        "server_group",
+        attribute="server_group_id",
+        allow_none=True,
+        metadata={
+            "on_update": False,  # vm/immutable_field
+            "description": "The server group the VM joins (null: none): its policy places the "
+            "VM, and moves it later. One of the VM's customer's groups (a VM without a "
+            "customer: an admin group).",
+        },
+    )
     root_size = Int(
         load_only=True,
         allow_none=True,

@@ -39,6 +39,7 @@ from vmapi.models import (
     NodeStorageAccess,
     SecurityGroup,
     SecurityGroupRule,
+    ServerGroup,
     Vm,
 )
 
@@ -131,7 +132,7 @@ def _changes(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def _owner(obj: Any) -> tuple[int | None, int | None, int | None]:
     """(customer id, VM id whose customer owns it, security group id whose customer owns
     it) as far as the object itself says."""
-    if isinstance(obj, Vm | Image | SecurityGroup):
+    if isinstance(obj, Vm | Image | SecurityGroup | ServerGroup):
         return obj.__dict__.get("customer_id"), None, None
     if isinstance(obj, SecurityGroupRule):
         return None, None, obj.__dict__.get("security_group_id")
@@ -336,6 +337,8 @@ def _customer_of(resource: str, object_id: int | None) -> int | None:
         return db.session.scalar(
             select(SecurityGroup.customer_id).where(SecurityGroup.id == object_id)
         )
+    if resource == "server_group" and object_id is not None:
+        return db.session.scalar(select(ServerGroup.customer_id).where(ServerGroup.id == object_id))
     if resource == "security_group_rule" and object_id is not None:
         return db.session.scalar(
             select(SecurityGroup.customer_id)

@@ -70,9 +70,12 @@ def migration_uri(node: Node) -> str:
 def claim_target(vm: Vm, node_id: int | None) -> Node:
     """Claim the VM's cores and RAM on ``node_id`` (or the node the scheduler picks) and
     mark the VM as moving there, in one commit. A target recorded as unable to reach the
-    Ceph cluster of one of the VM's rbd volumes is unsuitable (``reaches_ceph``)."""
+    Ceph cluster of one of the VM's rbd volumes is unsuitable (``reaches_ceph``). A VM of
+    a server group goes where its policy allows, itself not counted among the members
+    (the claim holds the group's row lock until the marker is committed)."""
     request = PlacementRequest(vm.cores, vm.ram, vm.virt_method_id, vm.uuid,
-                               rbd_type_ids=rbd_types(vm.id))  # fmt: skip
+                               rbd_type_ids=rbd_types(vm.id),
+                               server_group_id=vm.server_group_id, vm_id=vm.id)  # fmt: skip
     defaults = scheduler_defaults()
     try:
         if node_id is None:

@@ -49,7 +49,8 @@ SETTABLE_STATES = (RUNNING, SHUTOFF, PAUSED)
 # (a VM's security groups are given on POST; later they are its interface's: /interface)
 IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
              "image_id": "image", "root_size": "root_size",
-             "security_groups": "security_groups"}  # fmt: skip
+             "security_groups": "security_groups",
+             "server_group_id": "server_group"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
 
 

@@ -33,6 +33,7 @@ from vmapi.services.undo import Undo, apply_all, check_all
 from vmapi.services.vms.arrays import create_array
 from vmapi.services.vms.boot import forget_root_disk, make_root_disk, plan_boot
 from vmapi.services.vms.cloud_init import refresh_seed, wanted
+from vmapi.services.vms.groups import check_joinable
 from vmapi.services.vms.placed import NewVm, finish, place, placed_spec
 
 
@@ -74,6 +75,8 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
     data["uuid"] = data.get("uuid") or str(uuidlib.uuid4())
     if data.get("security_groups"):  # for its first NIC: the VM's customer's, or admins'
         data["security_groups"] = usable_groups(data["security_groups"], data.get("customer_id"))
+    if data.get("server_group_id") is not None:  # the VM's customer's (an admin's: admins')
+        check_joinable(data["server_group_id"], data.get("customer_id"), principal)
     boot = plan_boot(data)
     return NewVm(data, method, boot)
 

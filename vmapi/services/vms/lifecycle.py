@@ -48,6 +48,11 @@ def plan_update(vm: Vm, data: dict[str, Any], principal: Principal) -> UpdatePla
         )
     if not principal.is_admin and "customer_id" in data and data["customer_id"] != vm.customer_id:
         raise Forbidden("A customer token may not change the customer of a VM.")
+    if "customer_id" in data and data["customer_id"] != vm.customer_id and vm.server_group_id:
+        raise ValidationError(
+            data={"customer_id": [f"vm-{vm.id} is in server_group {vm.server_group_id}, of its "
+                                  "customer: it cannot change customer while in a group."]}
+        )  # fmt: skip
     if not principal.is_admin and "backup_keep" in data and data["backup_keep"] != vm.backup_keep:
         raise Forbidden("A customer token may not change backup_keep; admins choose backups.")
     target = None

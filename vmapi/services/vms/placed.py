@@ -24,7 +24,13 @@ from vmapi.errors import Conflict
 from vmapi.extensions import db
 from vmapi.hypervisor import DomainInfo, DomainSpec
 from vmapi.models import Node, Storage, VirtMethod, Vm
-from vmapi.scheduler import NoValidHost, PlacementRequest, select_and_claim, unsuitable_reasons
+from vmapi.scheduler import (
+    NoSuchGroup,
+    NoValidHost,
+    PlacementRequest,
+    select_and_claim,
+    unsuitable_reasons,
+)
 from vmapi.services.names import domain_name
 from vmapi.services.network.allocation import NewInterface, add_interface
 from vmapi.services.network.filters import set_groups
@@ -34,6 +40,7 @@ from vmapi.services.nodes.placement import claim_named, scheduler_defaults
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.undo import Undo
 from vmapi.services.vms.boot import Boot, add_root_disk, check_image
+from vmapi.services.vms.groups import missing
 from vmapi.services.vms.specs import domain_spec, new_nic_specs
 from vmapi.telemetry import PLACEMENT_SECONDS
 
@@ -61,7 +68,16 @@ class Placed:
 
 def claim_node(data: dict[str, Any], request: PlacementRequest) -> Node:
     """Claim capacity on the requested node, or on the node the scheduler picks; the
-    node as the claim left it."""
+    node as the claim left it. A VM of a server group is placed holding the group's
+    row lock (until the commit of its row); a group deleted since the create's checks is
+    a 400 naming ``server_group``."""
+    try:
+        return _claim_node(data, request)
+    except NoSuchGroup as exc:
+        raise missing(exc.group_id) from exc
+
+
+def _claim_node(data: dict[str, Any], request: PlacementRequest) -> Node:
     defaults = scheduler_defaults()
     node_id = data.get("node_id")
     if node_id is None:
@@ -93,7 +109,8 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
     data, boot = new.data, new.boot
     rbd_types = (boot.rbd_type_id,) if boot is not None and boot.rbd_type_id else ()
     request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
-                               image_id=data.get("image_id"), rbd_type_ids=rbd_types)  # fmt: skip
+                               image_id=data.get("image_id"), rbd_type_ids=rbd_types,
+                               server_group_id=data.get("server_group_id"))  # fmt: skip
     root = None
     try:
         check_vm_quota(data.get("customer_id"), 1, data["cores"], data["ram"])
@@ -118,6 +135,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
             vm_state_id=state_id(BUILDING),
             created_at=datetime.now(UTC),
             image_id=data.get("image_id"),
+            server_group_id=data.get("server_group_id"),
         )
         db.session.add(vm)
         db.session.flush()

@@ -63,6 +63,7 @@ HEAD = (
     VM.c.virt_method_id,
     VM.c.vm_state_id,
     VM.c.image_id,
+    VM.c.server_group_id,
     VM.c.domain_name,
 )
 TAIL = (
@@ -103,8 +104,8 @@ def _ref(ident: int | None) -> dict[str, int] | None:
 def _answer(row: Any) -> dict[str, Any]:
     """One VM as ``VmSchema`` dumps it (the order of keys is the schema's)."""
     (ident, cores, ram, customer_id, cputime_limit, backup_keep, uuid, node_id,
-     virt_method_id, vm_state_id, image_id, domain_name, interface_ids, hostname, ssh_keys,
-     user_data_set) = row  # fmt: skip
+     virt_method_id, vm_state_id, image_id, server_group_id, domain_name, interface_ids,
+     hostname, ssh_keys, user_data_set) = row  # fmt: skip
     if interface_ids:  # ordered by id, as the relationship is
         interfaces = [{"id": i} for i in sorted(map(int, interface_ids.split(",")))]
     else:
@@ -121,6 +122,7 @@ def _answer(row: Any) -> dict[str, Any]:
         "virt_method": _ref(virt_method_id),
         "vm_state": _ref(vm_state_id),
         "image": _ref(image_id),
+        "server_group": _ref(server_group_id),
         "name": vm_name(ident),
         "domain_name": domain_name,
         "interfaces": interfaces,
