@@ -51,6 +51,10 @@ IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
              "image_id": "image", "root_size": "root_size",
              "security_groups": "security_groups"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
+#: Fields only admins set (customers read them), with the value a new VM gets without
+#: them: backups and high availability. They change nothing on the node.
+ADMIN_FIELDS: dict[str, Any] = {"backup_keep": None, "ha": None, "ha_priority": 0,
+                                "ha_local_disks": "leave"}  # fmt: skip
 
 
 @dataclass
@@ -120,7 +124,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
     """Lock the row, claim (or release) the size difference, store the new values."""
     try:
         vm = db.session.scalars(select(Vm).where(Vm.id == plan.vm_id).with_for_update()).one()
-        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", "backup_keep",
+        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", *ADMIN_FIELDS,
                                            *GUEST_FIELDS)}  # fmt: skip
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram

@@ -31,7 +31,7 @@ from vmapi.services.nodes.domains import (
 )
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.storage.volumes import delete_vm_volumes
-from vmapi.services.vms.changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan
+from vmapi.services.vms.changes import ADMIN_FIELDS, IMMUTABLE, SETTABLE_STATES, UpdatePlan
 from vmapi.services.vms.cloud_init import delete_seed
 
 
@@ -48,8 +48,11 @@ def plan_update(vm: Vm, data: dict[str, Any], principal: Principal) -> UpdatePla
         )
     if not principal.is_admin and "customer_id" in data and data["customer_id"] != vm.customer_id:
         raise Forbidden("A customer token may not change the customer of a VM.")
-    if not principal.is_admin and "backup_keep" in data and data["backup_keep"] != vm.backup_keep:
-        raise Forbidden("A customer token may not change backup_keep; admins choose backups.")
+    if not principal.is_admin:
+        chosen = [k for k in ADMIN_FIELDS if k in data and data[k] != getattr(vm, k)]
+        if chosen:
+            raise Forbidden(f"A customer token may not change {', '.join(chosen)}; admins "
+                            "choose backups and high availability.")  # fmt: skip
     target = None
     if "vm_state_id" in data:
         row = db.session.get(VmState, data.pop("vm_state_id"))
