@@ -71,7 +71,7 @@ def test_password_files(tmp_path):
 
 def fence_agents_read(line: str) -> str:
     """A value as fence-agents' fencing.py reads it from a ``name=value`` line."""
-    name, value = (line.strip() + "=").split("=", 1)
+    _name, value = (line.strip() + "=").split("=", 1)
     return re.sub(r'^"(.*)"$', r"\1", value[:-1])
 
 
