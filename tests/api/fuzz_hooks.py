@@ -104,6 +104,9 @@ UNSTATABLE = [
         r"Not an acceptable libvirt URI: .*(?:TEST_DRIVER_DIR|LIBVIRT_CREDENTIAL_DIRS).*\.",
         # POST /vm: root_size is given only with image (OpenAPI 3.0 cannot say so)
         r"Give it with image: a root disk is made from an image\.",
+        # POST /vm: a root disk's storage type is local-qcow2 or an rbd one (which rows
+        # those are is stored; the document says so in words)
+        r"A root disk is made in local-qcow2 or in an rbd storage type; \S+ is neither\.",
         # what a guest is told: an SSH key is decoded and checked, user data counted in
         # UTF-8 bytes, a dotted host name's last label is not a number
         r"Key \d+(: .+| is the same key as key \d+\.)",
@@ -127,6 +130,9 @@ UNSTATABLE = [
         r"Required for an rbd storage type\.",
         r"An rbd storage type is (?:raw|shared).*\.",
         r"No key for client\.\S+: .*\.",
+        # a node's fence agent must be installed on the API host (configuration: which
+        # agents, in VMAPI_HA_FENCE_AGENT_DIRS; the document says so in words)
+        r"No fence agent fence_\w+ in \S*(?:;|, and none is installed there).*\.",
     )
 ]
 #: 400s that depend on what is stored: the seeded vm_state rows that cannot be set, and a
