@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import vm_body
 from tests.errors import assert_error
+from tests.faults import FaultyDriver
+from vmapi.services.nodes.hosts import DRIVER_KEY
 
 pytestmark = pytest.mark.embedded
 
@@ -95,3 +97,18 @@ def test_the_document_describes_them(api):
     assert answer["ha"]["nullable"] is True and answer["ha"]["type"] == "boolean"
     assert (answer["ha_priority"]["minimum"], answer["ha_priority"]["maximum"]) == (-1000, 1000)
     assert answer["ha_local_disks"]["enum"] == ["leave", "rebuild"]
+
+
+def test_a_vm_of_a_node_that_does_not_answer_can_be_made_ha(app, api, vm_host, test_method):
+    vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    faults = app.extensions[DRIVER_KEY] = FaultyDriver(app.extensions[DRIVER_KEY])
+    for method in ("domain", "define", "host_info"):
+        faults.fail(method, "unavailable")
+    changed = api.patch(f"vm/{vm['id']}", json={**HA, "backup_keep": 2})
+    assert changed.status_code == 200, changed.json
+    assert ha_of(changed.json["data"]) == HA and faults.calls == []  # the node not asked
+    # a change the node must make still asks it
+    assert_error(api.patch(f"vm/{vm['id']}", json={"ha": False, "cores": 1}), 502,
+                 "vm/hypervisor_error")  # fmt: skip
+    assert ha_of(api.get(f"vm/{vm['id']}").json["data"]) == HA

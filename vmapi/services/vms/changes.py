@@ -67,7 +67,11 @@ class UpdatePlan:
 
 def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVolume]) -> Vm:
     """Row and claim, seed, persistent definition, live change, state; then record the
-    state. A seed that was replaced goes to ``retired`` (deleted once the request is done)."""
+    state. A seed that was replaced goes to ``retired`` (deleted once the request is done).
+    A change of admin fields alone is the row's: the node is not asked (a VM of a node
+    that is lost can still be made HA)."""
+    if plan.changes and not plan.target_state and plan.changes.keys() <= ADMIN_FIELDS.keys():
+        return change_row(plan, undo)[0]
     row = db.session.get(Vm, plan.vm_id)
     host = Host.of(row.node_id)  # a VM never changes node
     driver = hypervisor()
