@@ -25,6 +25,7 @@ from vmapi.scheduler import refresh_all
 from vmapi.services.catalog_defaults import seed_defaults
 from vmapi.services.consoles.sessions import purge_console_tokens
 from vmapi.services.events import purge_events
+from vmapi.services.ha.fencing import FenceRefused, confirm_fenced
 from vmapi.services.moves.evacuation import EvacuationRefused, evacuate_one, start_evacuation
 from vmapi.services.moves.migrate import drain_one, start_drain
 from vmapi.services.names import installation_id, stored_installation_id
@@ -243,6 +244,22 @@ def node_evacuate(fqdn: str, accept_data_loss: bool) -> None:
         f"evacuating {fqdn}", vm_ids, lambda vm_id: evacuate_one(vm_id, node.id, accept_data_loss)
     )
     report(results, [r.rebuilt for r in results], "rebuilt")
+
+
+@node_cli.command("fenced")
+@click.argument("fqdn")
+def node_fenced(fqdn: str) -> None:
+    """Confirm that a node ha watch lost (suspect, fencing, fence_failed: its fence agent
+    failed, or it has none) is powered off: you did it by hand. It becomes fenced, and its
+    HA VMs may be restarted elsewhere. Exits 1 for a node that is not lost."""
+    try:
+        before = confirm_fenced(fqdn)
+    except FenceRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+    if before == "fenced":
+        click.echo(f"{fqdn} is already fenced; nothing changed")
+    else:
+        click.echo(f"{fqdn} is fenced (it was {before}): its HA VMs may be restarted elsewhere")
 
 
 def each_vm(label: str, vm_ids: list[int], one: Callable[[int], Any]) -> list[Any]:

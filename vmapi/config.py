@@ -126,6 +126,23 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "seconds saving a disk as an image (POST /vm/<id>/image, /storage/<id>/image, a "
         "backup) may take: the copy on the node and its download into the image store",
     ),
+    "HA_INTERVAL": (5.0, "seconds between the checks `flask vmapi ha watch` makes of every node"),
+    "HA_MISSES": (3, "checks in a row a node must miss before `ha watch` fences it"),
+    "HA_DEFAULT": (
+        False,
+        "whether a VM without its own `ha` is restarted elsewhere when its node is fenced",
+    ),
+    "HA_FENCE_TIMEOUT": (30.0, "seconds each fence agent call (off, status) may take"),
+    "HA_FENCE_AGENT_DIRS": (
+        "/usr/sbin",
+        "where the fence agents (fence_ipmilan, fence_redfish, ...: Debian's fence-agents) "
+        "are looked for, colon-separated; a node's fence_agent must be one found there",
+    ),
+    "HA_FENCE_PASSWORD_DIR": (
+        None,
+        "a directory holding each node's fence password in a file named after its fqdn, "
+        "readable by the vmapi user only; unset: fencing runs without a password",
+    ),
     "TRANSFERS_PER_CUSTOMER": (
         4,
         "image uploads and downloads a customer may have in flight at once (429 beyond; "

@@ -14,6 +14,9 @@ What is measured:
 - ``vmapi_placement_duration_seconds`` — the scheduler's select-and-claim;
 - ``vmapi_migrations_total{kind,outcome}`` and ``vmapi_migration_duration_seconds{kind}``
   — moves of VMs (live, cold, evacuate), ok or their error id;
+- ``vmapi_fence_total{result}`` and ``vmapi_fence_duration_seconds`` — runs of nodes'
+  fence agents: ``off`` (the node is fenced), or why not (``no_agent``, ``failed``,
+  ``timeout``, ``still_on``): anything but ``off`` is a node nothing restarts from;
 - ``vmapi_libvirt_call_duration_seconds{node,action}`` and
   ``vmapi_libvirt_errors_total{node,action,error}``;
 - ``vmapi_node_vcpus{node,kind}``, ``vmapi_node_ram_bytes{node,kind}`` (kind: allocated,
@@ -108,6 +111,18 @@ MIGRATION_SECONDS = Histogram(
     buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=None,
 )
+FENCES = Counter(
+    "vmapi_fence_total",
+    "Fencings of nodes: off (fenced), or why not (no_agent, failed, timeout, still_on).",
+    ["result"],
+    registry=None,
+)
+FENCE_SECONDS = Histogram(
+    "vmapi_fence_duration_seconds",
+    "Time of a fencing: the agent's off and status calls.",
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+    registry=None,
+)
 DB_OPEN = Gauge(
     "vmapi_db_connections_open",
     "Database connections open in live workers.",
@@ -129,6 +144,8 @@ OWN_METRICS = (
     LIBVIRT_ERRORS,
     MIGRATIONS,
     MIGRATION_SECONDS,
+    FENCES,
+    FENCE_SECONDS,
     DB_OPEN,
     DB_IN_USE,
 )
@@ -215,6 +232,12 @@ def count_migration(kind: str, outcome: str, seconds: float) -> None:
     """A move of a VM: ``kind`` live, cold or evacuate; ``outcome`` ok or its error id."""
     MIGRATIONS.labels(kind, outcome).inc()
     MIGRATION_SECONDS.labels(kind).observe(seconds)
+
+
+def count_fence(result: str, seconds: float) -> None:
+    """A node's fencing: ``result`` off, or why it is not (see :data:`FENCES`)."""
+    FENCES.labels(result).inc()
+    FENCE_SECONDS.observe(seconds)
 
 
 def hypervisor_action(action: Action) -> None:

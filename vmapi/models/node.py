@@ -25,6 +25,14 @@ from vmapi.config import INTERFACE_MODES
 from vmapi.extensions import db
 from vmapi.models.catalog import NodeState, VirtMethod, one_of
 
+#: A node's high-availability state (``ha_state``): ``ok`` (answering), ``suspect`` (it
+#: missed checks, fewer than HA_MISSES), ``fencing`` (its agent is powering it off),
+#: ``fenced`` (its agent said off: its HA VMs are restarted elsewhere), ``fence_failed``
+#: (no agent, or the agent failed: nothing of it restarts until an admin confirms with
+#: ``flask vmapi node fenced``), ``recovered`` (it answers again after it was fenced;
+#: an admin brings it back)
+HA_STATES = ("ok", "suspect", "fencing", "fenced", "fence_failed", "recovered")
+
 
 class Node(db.Model):
     __tablename__ = "node"
@@ -36,6 +44,7 @@ class Node(db.Model):
         CheckConstraint("cpu_allocation_ratio > 0", name="cpu_ratio_positive"),
         CheckConstraint("ram_allocation_ratio > 0", name="ram_ratio_positive"),
         CheckConstraint("reserved_ram >= 0", name="reserved_ram_nonneg"),
+        CheckConstraint(column("ha_state").in_(HA_STATES), name="ha_state_known"),
         CheckConstraint(
             or_(column("interface_mode").is_(None), one_of("interface_mode", INTERFACE_MODES)),
             name="interface_mode",
@@ -90,6 +99,20 @@ class Node(db.Model):
     filters_pending: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )
+
+    #: High availability: the fence agent that powers the node off (one of the installed
+    #: ``fence_*`` agents; null: the node cannot be fenced, so nothing of it is restarted
+    #: elsewhere), the address of its power controller and the user there. The password
+    #: is read from ``<HA_FENCE_PASSWORD_DIR>/<fqdn>`` on the API host, never stored here.
+    fence_agent: Mapped[str | None] = mapped_column(String(64))
+    fence_address: Mapped[str | None] = mapped_column(String(255))
+    fence_user: Mapped[str | None] = mapped_column(String(255))
+    #: What ``flask vmapi ha watch`` last made of the node (:data:`HA_STATES`)
+    ha_state: Mapped[str] = mapped_column(String(16), default="ok", server_default="ok")
+    #: consecutive checks the node missed (the watcher's count; 0 once it answers)
+    ha_misses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    #: when it entered ``ha_state`` (the watcher's clock for alerts and the bench)
+    ha_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     node_state: Mapped[NodeState] = relationship(lazy="raise_on_sql")
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -45,6 +46,7 @@ class Vm(db.Model):
         CheckConstraint("cores > 0", name="cores_positive"),
         CheckConstraint("ram > 0", name="ram_positive"),
         CheckConstraint("backup_keep IS NULL OR backup_keep > 0", name="backup_keep_positive"),
+        CheckConstraint("ha_local_disks IN ('leave', 'rebuild')", name="ha_local_disks_known"),
         CheckConstraint(
             "cputime_limit IS NULL OR cputime_limit BETWEEN 1000 AND 1000000", name="cputime"
         ),
@@ -92,6 +94,14 @@ class Vm(db.Model):
     #: the server group the VM joined when it was made (never changed): the scheduler
     #: places it, and moves it, by the group's policy (vmapi/scheduler/filters.py)
     server_group_id: Mapped[int | None] = mapped_column(ForeignKey("server_group.id"), index=True)
+    #: High availability: restarted on another node when its node is fenced (null: the
+    #: configuration's HA_DEFAULT decides), before VMs of a lower ``ha_priority``; a root
+    #: disk on local storage is rebuilt from its image then only with ``ha_local_disks``
+    #: ``rebuild`` (``leave``: the VM stays down with its node, and is reported)
+    ha: Mapped[bool | None] = mapped_column(Boolean)
+    ha_priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    ha_local_disks: Mapped[str] = mapped_column(String(8), default="leave",
+                                                server_default="leave")  # fmt: skip
 
     node: Mapped[Node] = relationship(lazy="raise_on_sql", foreign_keys=[node_id])
     virt_method: Mapped[VirtMethod] = relationship(lazy="raise_on_sql")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from flask import current_app, has_app_context
@@ -20,6 +21,7 @@ from vmapi.hypervisor.uri import (
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.schemas.base import (
     INT32_MAX,
+    IPV6_PATTERN,
     BaseSchema,
     Float,
     Int,
@@ -35,6 +37,7 @@ from vmapi.schemas.base import (
     text_field,
     validate_hostname,
 )
+from vmapi.services.ha.agents import AGENT_PATTERN
 from vmapi.services.nodes.hosts import POLICY_KEY
 
 #: What the pattern cannot say, in words (docs/API.md, "libvirt URIs").
@@ -83,6 +86,39 @@ def bridge_template(value: str) -> None:
         raise ValidationError(problem)
 
 
+@json_schema(pattern=AGENT_PATTERN, maxLength=64)
+def fence_agent_name(value: str) -> None:
+    """The name's form; whether it is installed is the service's (NodeService.complete)."""
+    if len(value) > 64 or not re.fullmatch(AGENT_PATTERN, value):
+        raise ValidationError("Must be a fence agent's name: fence_ and letters, digits or "
+                              "'_', e.g. fence_ipmilan.")  # fmt: skip
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: A power controller's address: a host name (one label or more), an IPv4 or IPv6 address
+FENCE_ADDRESS_PATTERN = rf"^(?:{_LABEL}(?:\.{_LABEL})*|{IPV6_PATTERN})$"
+
+
+@json_schema(pattern=FENCE_ADDRESS_PATTERN, maxLength=253)
+def fence_address(value: str) -> None:
+    if len(value) > 253 or not re.fullmatch(FENCE_ADDRESS_PATTERN, value):
+        raise ValidationError("Must be a host name or an IP address, e.g. bmc1.example.com.")
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError as exc:
+            raise ValidationError("Not a valid IPv6 address.") from exc
+
+
+FENCE_USER_PATTERN = r"^[A-Za-z0-9_.@+\\-]{1,255}$"
+
+
+@json_schema(pattern=FENCE_USER_PATTERN, maxLength=255)
+def fence_user(value: str) -> None:
+    if not re.fullmatch(FENCE_USER_PATTERN, value):
+        raise ValidationError("Use 1 to 255 letters, digits and _ . @ + \\ - only.")
+
+
 class NodeSchema(BaseSchema):
     id = Int(dump_only=True)
     fqdn = Str(required=True, validate=validate_hostname)
@@ -116,12 +152,35 @@ class NodeSchema(BaseSchema):
                         metadata={"description": URI_DIRECTORIES})  # fmt: skip
     #: where QEMU's migration stream to this node connects (null: its host name)
     migration_address = Str(allow_none=True, validate=migration_address)
+    #: High availability (README): the fence agent that powers the node off (one found in
+    #: HA_FENCE_AGENT_DIRS), its power controller and the user there; the password only
+    #: from HA_FENCE_PASSWORD_DIR
+    fence_agent = Str(
+        allow_none=True,
+        validate=fence_agent_name,
+        metadata={"description": "An installed fence agent (fence-agents: fence_ipmilan, "
+                  "fence_redfish, ...) that powers the node off; null: the node cannot be "
+                  "fenced, so nothing of it is restarted elsewhere by itself."},
+    )  # fmt: skip
+    fence_address = Str(
+        allow_none=True,
+        validate=fence_address,
+        metadata={"description": "The power controller's address (the agent's ip)."},
+    )
+    fence_user = Str(
+        allow_none=True,
+        validate=fence_user,
+        metadata={"description": "The user on the power controller (the agent's username); "
+                  "its password is never given through the API."},
+    )  # fmt: skip
     allocated_cores = Int(dump_only=True)
     allocated_ram = Int(dump_only=True)
     #: host health, kept by ``flask vmapi node check``
     last_seen_at = UtcDateTime(dump_only=True, allow_none=True)
     last_error = Str(dump_only=True, allow_none=True)
     unreachable_since = UtcDateTime(dump_only=True, allow_none=True)
+    #: what ``flask vmapi ha watch`` made of the node (vmapi.models.node.HA_STATES)
+    ha_state = Str(dump_only=True)
 
 
 class NodeOrRef(Ref):

@@ -28,6 +28,8 @@ from vmapi.schemas.base import (
 )
 
 MIB = 1024 * 1024
+#: what a restart does with a root disk on the fenced node's local storage
+HA_LOCAL_DISKS = ("leave", "rebuild")
 MIN_RAM = 64 * MIB
 
 
@@ -94,6 +96,22 @@ class VmSchema(BaseSchema):
             "older ones are deleted). null: the VM is not backed up. Admins only.",
         },
     )
+    # High availability (README "High availability"), admins only like backup_keep
+    ha = Bool(
+        allow_none=True,
+        metadata={"description": "Whether the VM is made anew on another node when its "
+                  "node is fenced; null: VMAPI_HA_DEFAULT decides. Admins only."},
+    )  # fmt: skip
+    ha_priority = Int(
+        validate=validate.Range(min=-1000, max=1000),
+        metadata={"description": "Restarts go highest first (default 0). Admins only."},
+    )
+    ha_local_disks = Str(
+        validate=validate.OneOf(HA_LOCAL_DISKS),
+        metadata={"description": "A root disk on the fenced node's local storage: leave (the "
+                  "default: the VM stays down, and is reported) or rebuild (from its image, "
+                  "what the guest wrote lost). Admins only."},
+    )  # fmt: skip
     # on_update / on_create False: refused there (vm/immutable_field; a new VM is started)
     uuid = UuidStr(allow_none=True, metadata={"on_update": False})
     node = Ref("node", attribute="node_id", allow_none=True, metadata={"on_update": False})

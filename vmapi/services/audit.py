@@ -150,9 +150,12 @@ def record(
     vm_id: int | None = None,
     customer_id: int | None = None,
     security_group_id: int | None = None,
+    outcome: str = "ok",
 ) -> None:
-    """Queue an event for the current transaction (for changes made in bulk SQL). Its
-    customer: ``customer_id``, else the customer of ``vm_id`` or of ``security_group_id``."""
+    """Queue an event for the current transaction (for changes made in bulk SQL, and what
+    happened to a node outside any request: its fencing). Its customer: ``customer_id``,
+    else the customer of ``vm_id`` or of ``security_group_id``; ``outcome``: ``ok``, or
+    what went wrong."""
     session.info.setdefault(PENDING, []).append(
         {
             "resource": resource,
@@ -163,6 +166,7 @@ def record(
             "customer_id": customer_id,
             "vm_id": vm_id,
             "security_group_id": security_group_id,
+            "outcome": outcome,
         }
     )
 
@@ -246,7 +250,7 @@ def _write(session: Any) -> None:
                 "action": item["action"],
                 "before": item["before"],
                 "after": item["after"],
-                "outcome": "ok",
+                "outcome": item["outcome"],
             }
         )
     # one multi-row INSERT in this transaction (no ORM objects: cheaper, and no flush

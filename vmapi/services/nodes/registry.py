@@ -15,6 +15,7 @@ from vmapi.models import Node, VirtMethod, VirtNode
 from vmapi.models.catalog import DOMAIN_TYPES
 from vmapi.scheduler import CapacityDefaults, set_free
 from vmapi.services.crud import CrudService
+from vmapi.services.ha.agents import agent_dirs, agent_problem
 from vmapi.services.nodes.hosts import node_uri, read_capacity
 
 
@@ -22,13 +23,19 @@ class NodeService(CrudService[Node]):
     """Nodes: capacity comes from the host's libvirt when the admin does not give it.
 
     On UPDATE, ``cores: null`` or ``ram: null`` asks the host again (after a hardware
-    change); a changed ``fqdn`` or ``libvirt_uri`` is re-validated.
+    change); a changed ``fqdn`` or ``libvirt_uri`` is re-validated. A ``fence_agent``
+    given must be installed on this API host (in HA_FENCE_AGENT_DIRS).
     """
 
     def __init__(self) -> None:
         super().__init__(Node, "node")
 
     def complete(self, obj: Node, data: dict[str, Any], principal: Principal) -> None:
+        if data.get("fence_agent") is not None:
+            dirs = agent_dirs(current_app.config["HA_FENCE_AGENT_DIRS"])
+            problem = agent_problem(data["fence_agent"], dirs)
+            if problem:
+                raise ValidationError(data={"fence_agent": [problem]})
         # the URI is checked when it is set or built anew, or used; an update of other
         # fields of a node whose stored URI no longer passes still works (to fix it)
         display = obj.id is None or {"fqdn", "libvirt_uri", "console_address"} & data.keys()

@@ -52,6 +52,10 @@ IMMUTABLE = {"uuid": "uuid", "node_id": "node", "virt_method_id": "virt_method",
              "security_groups": "security_groups",
              "server_group_id": "server_group"}  # fmt: skip
 SIZE_FIELDS = ("cores", "ram", "cputime_limit")
+#: Fields only admins set (customers read them), with the value a new VM gets without
+#: them: backups and high availability. They change nothing on the node.
+ADMIN_FIELDS: dict[str, Any] = {"backup_keep": None, "ha": None, "ha_priority": 0,
+                                "ha_local_disks": "leave"}  # fmt: skip
 
 
 @dataclass
@@ -64,7 +68,11 @@ class UpdatePlan:
 
 def apply_update(plan: UpdatePlan, force: bool, undo: Undo, retired: list[SeedVolume]) -> Vm:
     """Row and claim, seed, persistent definition, live change, state; then record the
-    state. A seed that was replaced goes to ``retired`` (deleted once the request is done)."""
+    state. A seed that was replaced goes to ``retired`` (deleted once the request is done).
+    A change of admin fields alone is the row's: the node is not asked (a VM of a node
+    that is lost can still be made HA)."""
+    if plan.changes and not plan.target_state and plan.changes.keys() <= ADMIN_FIELDS.keys():
+        return change_row(plan, undo)[0]
     row = db.session.get(Vm, plan.vm_id)
     host = Host.of(row.node_id)  # a VM never changes node
     driver = hypervisor()
@@ -121,7 +129,7 @@ def change_row(plan: UpdatePlan, undo: Undo) -> tuple[Vm, dict[str, Any]]:
     """Lock the row, claim (or release) the size difference, store the new values."""
     try:
         vm = db.session.scalars(select(Vm).where(Vm.id == plan.vm_id).with_for_update()).one()
-        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", "backup_keep",
+        old = {k: getattr(vm, k) for k in (*SIZE_FIELDS, "customer_id", *ADMIN_FIELDS,
                                            *GUEST_FIELDS)}  # fmt: skip
         cores = plan.changes.get("cores", vm.cores) - vm.cores
         ram = plan.changes.get("ram", vm.ram) - vm.ram

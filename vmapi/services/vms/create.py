@@ -32,6 +32,7 @@ from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.undo import Undo, apply_all, check_all
 from vmapi.services.vms.arrays import create_array
 from vmapi.services.vms.boot import forget_root_disk, make_root_disk, plan_boot
+from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.cloud_init import refresh_seed, wanted
 from vmapi.services.vms.groups import check_joinable
 from vmapi.services.vms.placed import NewVm, finish, place, placed_spec
@@ -58,8 +59,10 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
             raise Forbidden("A customer token may create VMs only for its own customer id.")
         if data.get("node_id") is not None:
             raise Forbidden("A customer token may not choose the node of a VM.")
-        if data.get("backup_keep") is not None:
-            raise Forbidden("A customer token may not set backup_keep; admins choose backups.")
+        chosen = [k for k, default in ADMIN_FIELDS.items() if data.get(k, default) != default]
+        if chosen:
+            raise Forbidden(f"A customer token may not set {', '.join(chosen)}; admins choose "
+                            "backups and high availability.")  # fmt: skip
         data["customer_id"] = principal.customer_id
     method = db.session.get(VirtMethod, data["virt_method_id"])
     if method is None:

@@ -31,7 +31,7 @@ from vmapi.services.nodes.domains import (
 )
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.storage.volumes import delete_vm_volumes
-from vmapi.services.vms.changes import IMMUTABLE, SETTABLE_STATES, UpdatePlan
+from vmapi.services.vms.changes import ADMIN_FIELDS, IMMUTABLE, SETTABLE_STATES, UpdatePlan
 from vmapi.services.vms.cloud_init import delete_seed
 
 
@@ -53,8 +53,11 @@ def plan_update(vm: Vm, data: dict[str, Any], principal: Principal) -> UpdatePla
             data={"customer_id": [f"vm-{vm.id} is in server_group {vm.server_group_id}, of its "
                                   "customer: it cannot change customer while in a group."]}
         )  # fmt: skip
-    if not principal.is_admin and "backup_keep" in data and data["backup_keep"] != vm.backup_keep:
-        raise Forbidden("A customer token may not change backup_keep; admins choose backups.")
+    if not principal.is_admin:
+        chosen = [k for k in ADMIN_FIELDS if k in data and data[k] != getattr(vm, k)]
+        if chosen:
+            raise Forbidden(f"A customer token may not change {', '.join(chosen)}; admins "
+                            "choose backups and high availability.")  # fmt: skip
     target = None
     if "vm_state_id" in data:
         row = db.session.get(VmState, data.pop("vm_state_id"))

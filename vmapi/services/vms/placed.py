@@ -40,6 +40,7 @@ from vmapi.services.nodes.placement import claim_named, scheduler_defaults
 from vmapi.services.quotas import check_vm_quota
 from vmapi.services.undo import Undo
 from vmapi.services.vms.boot import Boot, add_root_disk, check_image
+from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.groups import missing
 from vmapi.services.vms.specs import domain_spec, new_nic_specs
 from vmapi.telemetry import PLACEMENT_SECONDS
@@ -125,7 +126,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
             ram=data["ram"],
             customer_id=data.get("customer_id"),
             cputime_limit=data.get("cputime_limit"),
-            backup_keep=data.get("backup_keep"),
+            **{key: data.get(key, default) for key, default in ADMIN_FIELDS.items()},
             hostname=data.get("hostname"),
             ssh_keys=data.get("ssh_keys", []),
             user_data=data.get("user_data"),

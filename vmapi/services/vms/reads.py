@@ -58,6 +58,9 @@ HEAD = (
     VM.c.customer_id,
     VM.c.cputime_limit,
     VM.c.backup_keep,
+    VM.c.ha,
+    VM.c.ha_priority,
+    VM.c.ha_local_disks,
     VM.c.uuid,
     VM.c.node_id,
     VM.c.virt_method_id,
@@ -103,9 +106,9 @@ def _ref(ident: int | None) -> dict[str, int] | None:
 
 def _answer(row: Any) -> dict[str, Any]:
     """One VM as ``VmSchema`` dumps it (the order of keys is the schema's)."""
-    (ident, cores, ram, customer_id, cputime_limit, backup_keep, uuid, node_id,
-     virt_method_id, vm_state_id, image_id, server_group_id, domain_name, interface_ids,
-     hostname, ssh_keys, user_data_set) = row  # fmt: skip
+    (ident, cores, ram, customer_id, cputime_limit, backup_keep, ha, ha_priority,
+     ha_local_disks, uuid, node_id, virt_method_id, vm_state_id, image_id, server_group_id,
+     domain_name, interface_ids, hostname, ssh_keys, user_data_set) = row  # fmt: skip
     if interface_ids:  # ordered by id, as the relationship is
         interfaces = [{"id": i} for i in sorted(map(int, interface_ids.split(",")))]
     else:
@@ -117,6 +120,9 @@ def _answer(row: Any) -> dict[str, Any]:
         "customer_id": customer_id,
         "cputime_limit": cputime_limit,
         "backup_keep": backup_keep,
+        "ha": ha,
+        "ha_priority": ha_priority,
+        "ha_local_disks": ha_local_disks,
         "uuid": uuid,
         "node": _ref(node_id),
         "virt_method": _ref(virt_method_id),

@@ -1,0 +1,1 @@
+"""High availability: fencing a node that is lost, restarting its VMs elsewhere."""
