@@ -52,6 +52,22 @@ _SEEDED = ("the only rows a drawn id finds are the seeded ones, protected (409 "
            "{}/protected); others are not found (404)")  # fmt: skip
 _NO_ROW = "the fleet has no {} row, and drawn ids name none the run made: not found (404)"
 _DRAWN = "drawn ids never name the fleet's row: 404 not_found, else the body is refused (400)"
+#: array DELETEs whose 2xx depends on the generated stream alone (a drawn body names a row
+#: the run made by luck; every new field of any schema changes the stream): whether they
+#: answered 2xx is not held against either list
+BY_LUCK = {
+    *(
+        f"DELETE /api/v1/{name}"
+        for name in (
+            "cache_option",
+            "node_state",
+            "storage_type",
+            "virt_method",
+            "vm_state",
+            "node",
+        )
+    ),
+}
 NO_SUCCESS: dict[str, str] = {
     "GET /api/v1/openapi.json": "the document's own URL: schemathesis leaves the operation "
     "that served it out (test_openapi.py reads it)",
@@ -63,6 +79,8 @@ NO_SUCCESS: dict[str, str] = {
         for item in ("", "/{ident}")
     },
     "DELETE /api/v1/node/{ident}": "the fleet's one node holds its VM (409 node/in_use)",
+    "DELETE /api/v1/node": "an array DELETE of nodes: its drawn body names a node the run "
+    "made without VMs only by luck of the generated stream (see BY_LUCK)",
     "DELETE /api/v1/image/{ident}": _NO_ROW.format("image"),
     "PATCH /api/v1/image/{ident}": _NO_ROW.format("image"),
     "GET /api/v1/image/{ident}/file": _NO_ROW.format("image"),
@@ -193,11 +211,12 @@ def test_contract(served: Server, tmp_path: Path) -> None:
     assert operations and set(statuses) <= set(operations), set(statuses) - set(operations)
     without = {op: sorted(statuses[op]) for op in operations
                if not any(200 <= s < 300 for s in statuses[op])}  # fmt: skip
-    assert set(without) == set(NO_SUCCESS), {
+    seen, listed = set(without) - BY_LUCK, set(NO_SUCCESS) - BY_LUCK
+    assert seen == listed, {
         "no 2xx answer (status codes seen)": {
-            k: v for k, v in without.items() if k not in NO_SUCCESS
+            k: v for k, v in without.items() if k not in NO_SUCCESS and k not in BY_LUCK
         },
-        "listed in NO_SUCCESS, yet answered 2xx": sorted(set(NO_SUCCESS) - set(without)),
+        "listed in NO_SUCCESS, yet answered 2xx": sorted(listed - seen),
     }
 
 
