@@ -76,8 +76,8 @@ class Watcher:
         node = db.session.get(Node, node_id, populate_existing=True)
         if node is None:
             return
-        if node.ha_state == FENCING or (node.ha_state == SUSPECT and
-                                        node.ha_misses >= int(current_app.config["HA_MISSES"])):  # fmt: skip
+        due = node.ha_misses >= int(current_app.config["HA_MISSES"])
+        if node.ha_state == FENCING or (node.ha_state == SUSPECT and due):
             self.fence(node)
         if node.ha_state == FENCED and node.unreachable_since is not None:
             for line in restart_fenced(node.id):
