@@ -17,6 +17,7 @@ from vmapi.api.network import ipv4, ipv6_pool
 from vmapi.api.node import node, virt_node
 from vmapi.auth import ADMIN, CLI_PRINCIPAL, CUSTOMER
 from vmapi.cli_backup import backup_cli
+from vmapi.cli_ha import ha_cli
 from vmapi.cli_image import image_cli
 from vmapi.errors import ApiError
 from vmapi.extensions import db
@@ -48,6 +49,7 @@ vmapi_cli.add_command(network_cli)
 vmapi_cli.add_command(console_cli)
 vmapi_cli.add_command(image_cli)
 vmapi_cli.add_command(backup_cli)
+vmapi_cli.add_command(ha_cli)
 
 
 @vmapi_cli.command("seed")

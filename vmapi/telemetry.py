@@ -174,6 +174,11 @@ class FleetCollector:
             "1 when the last health check reached the node's libvirt (or none ran yet).",
             labels=["node"],
         )
+        ha = GaugeMetricFamily(
+            "vmapi_node_ha_state",
+            "1 for each node's high-availability state (ha watch); alert on fence_failed.",
+            labels=["node", "state"],
+        )
         rows = db.session.execute(
             select(
                 Node.fqdn,
@@ -182,16 +187,18 @@ class FleetCollector:
                 Node.allocated_ram,
                 Node.free_ram,
                 Node.unreachable_since,
+                Node.ha_state,
             ).order_by(Node.id)
         )
-        for fqdn, cores, free_cores, used_ram, free_ram, down in rows:
+        for fqdn, cores, free_cores, used_ram, free_ram, down, ha_state in rows:
             vcpus.add_metric([fqdn, "allocated"], cores)
             vcpus.add_metric([fqdn, "schedulable"], cores + max(free_cores, 0))
             ram.add_metric([fqdn, "allocated"], used_ram)
             ram.add_metric([fqdn, "schedulable"], used_ram + max(free_ram, 0))
             up.add_metric([fqdn], 0 if down else 1)
+            ha.add_metric([fqdn, ha_state], 1)
         db.session.rollback()
-        yield from (vcpus, ram, up)
+        yield from (vcpus, ram, up, ha)
 
 
 def scrape() -> Response:

@@ -1,1 +1,2 @@
-"""High availability: fencing a node that is lost, restarting its VMs elsewhere."""
+"""High availability: dead nodes found (watch.py), fenced (agents.py, fencing.py), their
+VMs restarted elsewhere (restart.py)."""

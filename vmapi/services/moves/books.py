@@ -220,14 +220,16 @@ def _record_once(move: Move, state: str | None) -> None:
 
 
 # ---------------------------------------------------------------------- after a crash
-def settle(vm: Vm) -> str:
+def settle(vm: Vm, source_dead: bool = False) -> str:
     """Resolve a move whose process died (the VM's marker is set), by where libvirt says
     the domain is: on the target only, the move is recorded there; otherwise it is
     undone (the claim released, the volumes made on the target deleted). Call it
-    holding the VM's lock. What was done."""
+    holding the VM's lock. ``source_dead``: the source was fenced (an evacuation's or an
+    HA restart's), so only the target is asked. What was done."""
     target = Host.of(vm.migration_node_id)
     source = Host.of(vm.node_id)
-    on_target, on_source = _there(target, vm), _there(source, vm)
+    on_target = _there(target, vm)
+    on_source = False if source_dead else _there(source, vm)
     move = Move(vm, source, target, LIVE, moved_volumes(vm.id), deadline=time.monotonic())
     if on_target and on_source:
         raise Conflict(
