@@ -55,7 +55,15 @@ NOT_AUDITED = (Event, IdempotencyKey, ConsoleToken, Leftover, NodeStorageAccess)
 #: that every claim changes (the claim itself is recorded as the VM's create or resize).
 SECRET = {"api_token": {"token_hash"}, "console_token": {"token_hash"}}
 BOOKKEEPING = {
-    "node": {"allocated_cores", "allocated_ram", "free_cores", "free_ram"},
+    "node": {
+        "allocated_cores",
+        "allocated_ram",
+        "free_cores",
+        "free_ram",
+        # the HA watcher's count of misses and its clock (ha_state is recorded)
+        "ha_misses",
+        "ha_since",
+    },
     # where the node keeps a VM's console log: recorded when its domain is defined
     "vm": {"console_log_pool", "console_log_path"},
 }

@@ -42,7 +42,6 @@ from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorUnavailable
 from vmapi.models import Node, NodeState
-from vmapi.services import audit
 from vmapi.services.ha.fencing import fence_node
 from vmapi.services.ha.restart import restart_fenced
 from vmapi.services.nodes.hosts import hypervisor, node_uri, on_hosts
@@ -90,7 +89,16 @@ class Watcher:
         set_state(node, FENCING, f"missed {node.ha_misses} checks in a row")
         self.say(f"{node.fqdn}: missed {node.ha_misses} checks in a row: fencing")
         outcome = fence_node(node.id)
-        node = db.session.get(Node, node.id, populate_existing=True)
+        # under the row's lock: an operator's `node fenced` meanwhile is not overwritten
+        node = db.session.scalars(
+            select(Node).where(Node.id == node.id).with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()  # fmt: skip
+        if node.ha_state != FENCING:
+            db.session.commit()
+            self.say(f"{node.fqdn}: {node.ha_state} meanwhile (by an admin); the agent said: "
+                     f"{outcome.detail}")  # fmt: skip
+            return
         if outcome.off:
             set_state(node, FENCED, outcome.detail)
             self.say(f"{node.fqdn}: fenced ({outcome.detail}, {outcome.seconds:.1f} s)")
@@ -104,14 +112,13 @@ class Watcher:
 
 
 def set_state(node: Node, state: str, why: str) -> None:
-    """Commit the node's new ``ha_state`` (with its time), log it, audit it."""
+    """Commit the node's new ``ha_state`` (with its time: the trail records the change),
+    and log it."""
     before = node.ha_state
     if before == state:
         return
     node.ha_state = state
     node.ha_since = datetime.now(UTC)
-    audit.record(db.session, "node", node.id, "update", {"ha_state": before},
-                 {"ha_state": state})  # fmt: skip
     db.session.commit()
     log.warning("node %s: ha_state %s -> %s (%s)", node.fqdn, before, state, why)
 
