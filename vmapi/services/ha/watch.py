@@ -170,8 +170,13 @@ def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[bo
     """Hold the watcher's lock for the block (True), waiting as a standby until it is
     free; False when ``stop`` was set first."""
     interval = float(current_app.config["HA_INTERVAL"])
+    standby = "standby: another `ha watch` is active; taking over when it stops"
     if db.engine.dialect.name != "postgresql":
+        told = False
         while not _LOCAL_LEADER.acquire(timeout=interval):
+            if not told:
+                say(standby)
+                told = True
             if stop.is_set():
                 yield False
                 return
@@ -186,7 +191,7 @@ def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[bo
         while not conn.execute(select(func.pg_try_advisory_lock(LEADER_KEY))).scalar():
             conn.commit()
             if not told:
-                say("standby: another `ha watch` is active; taking over when it stops")
+                say(standby)
                 told = True
             if stop.wait(interval):
                 yield False
