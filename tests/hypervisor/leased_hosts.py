@@ -1,7 +1,8 @@
 """Two private libvirtd hosts with libvirt's lock manager: disk leases (virtlockd).
 
-Follows ../shared/recipes/disk-leases.md on top of tests/hypervisor/two_hosts.py. Each
-host runs, in its own mount namespace and in this order, virtlogd, virtlockd and libvirtd
+Follows ../shared/recipes/disk-leases.md on top of tests/hypervisor/two_hosts.py, with
+the settings deploy/libvirt/ ships for a node (all but the lease folder's path). Each host
+runs, in its own mount namespace and in this order, virtlogd, virtlockd and libvirtd
 (libvirtd registers the lockspace with its virtlockd at start-up, through
 ``/run/libvirt/virtlockd-sock``: a virtlockd started later leaves every domain start
 failing with "Lockspace for path ... does not exist"). Its ``qemu.conf`` names
@@ -35,11 +36,13 @@ from tests.hypervisor.two_hosts import (
     HostUnavailable,
     PrivateHost,
     TwoHosts,
+    _end,
     _is,
     _pid,
     check_machine,
     two_hosts,
 )
+from tests.libvirt_conf import shipped
 
 #: the test-only emulator: QEMU without its own image locks
 EMULATOR = Path(__file__).with_name("qemu-unlocked")
@@ -83,9 +86,10 @@ class LeasedHost(PrivateHost):
         super().start()
 
     def config(self) -> dict[str, dict[str, object]]:
+        """The shipped node settings (deploy/libvirt/), the pair's folder as lockspace."""
         files = super().config()
-        files["qemu.conf"] = {**files["qemu.conf"], "lock_manager": "lockd"}
-        files["qemu-lockd.conf"] = {"auto_disk_leases": 1, "require_lease_for_disks": 1,
+        files["qemu.conf"] = {**files["qemu.conf"], **shipped("qemu-lock-manager.conf")}
+        files["qemu-lockd.conf"] = {**shipped("qemu-lockd.conf"),
                                     "file_lockspace_dir": str(self.leases)}  # fmt: skip
         files["virtlockd.conf"] = {"log_outputs": "3:file:/var/log/libvirt/virtlockd.log"}
         return files
@@ -95,6 +99,15 @@ class LeasedHost(PrivateHost):
         subprocess.run(["virsh", "-c", self.uri, "domcapabilities", "--virttype", "qemu",
                         "--emulatorbin", str(EMULATOR)],
                        check=True, capture_output=True, timeout=300)  # fmt: skip
+
+    def restart_libvirtd(self) -> None:
+        """Restart its libvirtd alone, as ``systemctl restart libvirtd`` would: SIGTERM,
+        then started again in the namespace (entered through its virtlockd)."""
+        _end(self.pid("libvirtd"))
+        subprocess.run(["nsenter", "-t", str(self.pid("virtlockd")), "-m", "--", "libvirtd",
+                        "-d", "--pid-file", str(self.pid_files["libvirtd"])],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        self.wait_until_answering()
 
     def restart(self) -> None:
         """After a test killed some of its processes: end what is left of it (its domains
@@ -133,8 +146,9 @@ def lease_holder(leases: Path, disk: str | Path) -> int | None:
 def check_leased_machine() -> None:
     """Raise :class:`HostUnavailable` when leased private daemons cannot run here."""
     check_machine()
-    if shutil.which("virtlockd") is None:
-        raise HostUnavailable("virtlockd is not installed (libvirt-daemon)")
+    for program in ("virtlockd", "nsenter"):
+        if shutil.which(program) is None:
+            raise HostUnavailable(f"{program} is not installed")
 
 
 @contextlib.contextmanager

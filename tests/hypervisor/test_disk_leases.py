@@ -140,6 +140,7 @@ def kill(pids: list[int], sig: signal.Signals = signal.SIGKILL) -> None:
 
 
 def test_a_second_host_is_refused_the_disk_while_the_first_runs_it(hosts, guest):
+    """Also after the first host's libvirtd restarted, and through another domain."""
     a, b = hosts.a, hosts.b
     assert isinstance(a, LeasedHost) and isinstance(b, LeasedHost)
     # the lease: a file named by the SHA-256 of the disk's path, held by a's virtlockd
@@ -149,6 +150,10 @@ def test_a_second_host_is_refused_the_disk_while_the_first_runs_it(hosts, guest)
 
     refused(guest.on(b), guest)
     assert b.qemu_pids() == []
+
+    # a's libvirtd restarted: the lease is virtlockd's, and stays
+    a.restart_libvirtd()
+    assert guest.on(a).isActive() and holder(hosts, guest) == a.pid("virtlockd")
     # another domain of the same disk: the lease is the disk's, not the domain's
     other = Guest(guest.disk)
     refused(other.define(b), other)
