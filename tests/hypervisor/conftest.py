@@ -5,7 +5,9 @@ The stream, console-log and disk-copy tests: everything they make is named
 domains) and removed even when a test fails; leftovers of an interrupted run are removed
 first.
 Migration: two private libvirtd hosts (tests/hypervisor/two_hosts.py), started once a
-session (``host_pair``).
+session (``host_pair``). Disk leases: another such pair whose hosts also run virtlockd with
+one lease folder (tests/hypervisor/leased_hosts.py), started when a test first asks for it
+(``leased_pair``), so that ``host_pair`` stays as it is.
 Boot from an image (test_boot, test_boot_faults, test_seed_api, test_guest_network): one
 vmapi of its own on qemu:///system for the session (tests/hypervisor/boot_env.py), handed
 to each module as ``env`` and taken back as it was found.
@@ -32,6 +34,7 @@ from tests.domains import tagged_domains
 from tests.hypervisor import qemu_host, ruleset
 from tests.hypervisor.boot_env import BootEnv, boot_env
 from tests.hypervisor.ceph_cluster import CephCluster, CephUnavailable, ceph_cluster
+from tests.hypervisor.leased_hosts import check_leased_machine, leased_hosts
 from tests.hypervisor.streamtest import POOL_ROOT, PREFIX, URI, remove_leftovers, remove_pool
 from tests.hypervisor.two_hosts import HostUnavailable, TwoHosts, check_machine, two_hosts
 from vmapi.hypervisor.libvirt import LibvirtDriver
@@ -106,6 +109,19 @@ def host_pair() -> Iterator[TwoHosts]:
     except HostUnavailable as exc:
         unavailable(str(exc))
     with two_hosts() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def leased_pair() -> Iterator[TwoHosts]:
+    """Hosts ``a`` and ``b`` with libvirt's lock manager (lockd): every writable disk of a
+    running domain has a lease in ``<root>/leases``, which both share. Started once per
+    session when first asked for, stopped at its end like ``host_pair``."""
+    try:
+        check_leased_machine()
+    except HostUnavailable as exc:
+        unavailable(str(exc))
+    with leased_hosts() as pair:
         yield pair
 
 

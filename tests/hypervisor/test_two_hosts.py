@@ -1,10 +1,11 @@
-"""The two-host fixture itself (tests/hypervisor/two_hosts.py): two private libvirtd
-daemons beside the machine's own, and nothing left on the machine afterwards, also when
-the test using them fails or its session died."""
+"""The two-host fixture itself (tests/hypervisor/two_hosts.py, and its leased hosts in
+leased_hosts.py): two private libvirtd daemons beside the machine's own, and nothing left
+on the machine afterwards, also when the test using them fails or its session died."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import libvirt
 import pytest
 
 from tests.conftest import unavailable
+from tests.hypervisor.leased_hosts import LeasedHost
 from tests.hypervisor.two_hosts import (
     PARENT,
     HostUnavailable,
@@ -130,4 +132,34 @@ def test_the_hosts_of_a_dead_session_are_ended_by_the_next_one():
         for fd in (dead_lock, live_lock):
             if fd is not None:
                 os.close(fd)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_a_leased_host_runs_virtlockd_beside_its_libvirtd_and_leaves_nothing():
+    parent = Path(tempfile.mkdtemp(prefix="vmapi-abandontest-", dir=PARENT))
+    root, lock = new_root(parent)
+    host = LeasedHost(root / "a", (49380, 49399))
+    try:
+        host.start()
+        daemons = {name: host.pid(name) for name in ("libvirtd", "virtlockd", "virtlogd")}
+        # one mount namespace for the three (the lock plugin reaches virtlockd's socket
+        # at /run/libvirt there), not the machine's
+        namespaces = {os.readlink(f"/proc/{pid}/ns/mnt") for pid in daemons.values()}
+        assert len(namespaces) == 1 and os.readlink("/proc/self/ns/mnt") not in namespaces
+        assert (host.folder / "run" / "virtlockd-sock").is_socket()
+        assert 'lock_manager = "lockd"' in (host.folder / "etc" / "qemu.conf").read_text()
+        lockd = (host.folder / "etc" / "qemu-lockd.conf").read_text()
+        assert f"file_lockspace_dir = {json.dumps(str(root / 'leases'))}" in lockd
+        assert (root / "leases").is_dir()
+        os.close(lock)  # its session dies: the next one ends virtlockd too
+        lock = None
+
+        assert remove_abandoned(parent) == [root]
+
+        assert [pid for pid in daemons.values() if alive(pid)] == []
+        assert holders(root) == [] and not root.exists()
+    finally:
+        host.stop()
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(parent, ignore_errors=True)

@@ -34,6 +34,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import libvirt
 
@@ -52,16 +53,19 @@ BINDS = {
 }
 # The namespace's start-up, with the host folder as $1 (paths are arguments, never
 # pasted into the script). The daemons' -d returns once they are listening.
-START = """
+MOUNTS = """
 set -eu
 mount --bind "$1/run" /run/libvirt
 mount --bind "$1/lib" /var/lib/libvirt
 mount --bind "$1/cache" /var/cache/libvirt
 mount --bind "$1/log" /var/log/libvirt
 mount --bind "$1/etc" /etc/libvirt
+"""
+DAEMONS = """
 virtlogd -d -p "$1/virtlogd.pid"
 libvirtd -d --pid-file "$1/libvirtd.pid"
 """
+START = MOUNTS + DAEMONS
 STOP_WAIT = 15.0  # seconds a process gets to end after SIGTERM before SIGKILL
 CLEAR_WAIT = 60.0  # seconds a daemon gets to destroy its domains before they are killed
 PORTS_PER_HOST = 40
@@ -148,6 +152,7 @@ class PrivateHost:
     folder: Path
     ports: tuple[int, int]  # its migration port range
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    script: ClassVar[str] = START  # the namespace's start-up
 
     @property
     def display_ports(self) -> tuple[int, int]:
@@ -193,11 +198,22 @@ class PrivateHost:
         qemu_state = self.folder / "lib" / "qemu"
         qemu_state.mkdir(exist_ok=True)
         shutil.chown(qemu_state, "libvirt-qemu", "libvirt-qemu")
-        etc = self.folder / "etc"
-        (etc / "libvirtd.conf").write_text(
-            _conf({"host_uuid": self.host_uuid,
-                   "log_outputs": "3:file:/var/log/libvirt/libvirtd.log"})
+        for name, settings in self.config().items():
+            (self.folder / "etc" / name).write_text(_conf(settings))
+        for mount_point in BINDS.values():
+            Path(mount_point).mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", self.script, "sh", self.folder],
+            capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"starting libvirtd in {self.folder} failed: {result.stderr}")
+        self.wait_until_answering()
+
+    def config(self) -> dict[str, dict[str, object]]:
+        """The files of its /etc/libvirt and their settings."""
+        libvirtd = {"host_uuid": self.host_uuid,
+                    "log_outputs": "3:file:/var/log/libvirt/libvirtd.log"}  # fmt: skip
         # Two daemons number their domains from 1 and would share cgroup names.
         # Their "shared" pool is a folder on one local filesystem, which libvirt cannot
         # tell from a host's own disk (it skips restoring a migrated disk's owner only on
@@ -208,22 +224,12 @@ class PrivateHost:
         # one that arrived paused: "Could not open ...: Permission denied" on every
         # paused move (reproduced with the owner seen after each step: issue 22). So
         # QEMU runs as root here and neither daemon changes a file's owner.
-        (etc / "qemu.conf").write_text(
-            _conf({"cgroup_controllers": [], "migration_port_min": self.ports[0],
-                   "migration_port_max": self.ports[1], "user": "root", "group": "root",
-                   "remote_display_port_min": self.display_ports[0],
-                   "remote_display_port_max": self.display_ports[1],
-                   "dynamic_ownership": 0, "remember_owner": 0})
-        )  # fmt: skip
-        for mount_point in BINDS.values():
-            Path(mount_point).mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", START, "sh", self.folder],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"starting libvirtd in {self.folder} failed: {result.stderr}")
-        self.wait_until_answering()
+        qemu = {"cgroup_controllers": [], "migration_port_min": self.ports[0],
+                "migration_port_max": self.ports[1], "user": "root", "group": "root",
+                "remote_display_port_min": self.display_ports[0],
+                "remote_display_port_max": self.display_ports[1],
+                "dynamic_ownership": 0, "remember_owner": 0}  # fmt: skip
+        return {"libvirtd.conf": libvirtd, "qemu.conf": qemu}
 
     def wait_until_answering(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -358,18 +364,20 @@ def new_root(parent: Path = PARENT) -> tuple[Path, int]:
 
 
 @contextlib.contextmanager
-def two_hosts(ports: int | None = None, warm: bool = True) -> Iterator[TwoHosts]:
-    """Start hosts ``a`` and ``b`` (migration ports from ``ports``, 40 each; by default a
-    range picked by pid, so that parallel sessions rarely meet), warm them, and always
-    stop them and remove everything on the way out."""
+def two_hosts(
+    ports: int | None = None, warm: bool = True, host: type[PrivateHost] = PrivateHost
+) -> Iterator[TwoHosts]:
+    """Start hosts ``a`` and ``b`` of class ``host`` (migration ports from ``ports``, 40
+    each; by default a range picked by pid, so that parallel sessions rarely meet), warm
+    them, and always stop them and remove everything on the way out."""
     check_machine()
     remove_abandoned()
     if ports is None:
         ports = 49400 + (os.getpid() % 50) * 2 * PORTS_PER_HOST
     root, fd = new_root()
     last = PORTS_PER_HOST - 1
-    pair = TwoHosts(root, PrivateHost(root / "a", (ports, ports + last)),
-                    PrivateHost(root / "b", (ports + PORTS_PER_HOST, ports + PORTS_PER_HOST + last)))  # fmt: skip
+    pair = TwoHosts(root, host(root / "a", (ports, ports + last)),
+                    host(root / "b", (ports + PORTS_PER_HOST, ports + PORTS_PER_HOST + last)))  # fmt: skip
     try:
         pair.shared.mkdir(mode=0o755)
         for host in pair.hosts:

@@ -8,6 +8,7 @@ from urllib.parse import unquote
 
 from websockify.token_plugins import BasePlugin
 
+from tests.libvirt_conf import shipped
 from vmapi.config import DEFAULTS
 from vmapi.services.images.transfers import RETRY_AFTER
 
@@ -206,3 +207,17 @@ def test_the_backup_timer_runs_every_opted_in_vm_nightly():
     # a run may take long, but ends before the next night's
     hours = int(re.search(r"^TimeoutStartSec=(\d+)h$", service, re.MULTILINE).group(1))
     assert 1 <= hours < 24
+
+
+def test_the_nodes_disk_leases_are_in_one_folder_on_shared_storage():
+    assert shipped("qemu-lock-manager.conf") == {"lock_manager": "lockd"}
+    lockd = shipped("qemu-lockd.conf")
+    assert lockd["auto_disk_leases"] == 1 and lockd["require_lease_for_disks"] == 1
+    folder = lockd["file_lockspace_dir"]
+    # not libvirt's own folder of each node, which guards nothing between nodes
+    assert folder.startswith("/") and not folder.startswith("/var/lib/libvirt/")
+    # virtlockd waits for its filesystem; README's steps make and check that folder
+    dropin = (DEPLOY / "libvirt" / "virtlockd-lockspace.conf").read_text()
+    assert re.findall(r"^RequiresMountsFor=(.*)$", dropin, re.MULTILINE) == [folder]
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert f"install -d -m 0700 {folder}" in readme and f"findmnt -T {folder}" in readme
