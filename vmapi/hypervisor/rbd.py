@@ -400,15 +400,17 @@ class RbdClient:
         (left alone), ``RbdNotFound`` when the snapshot does not."""
         spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
         source = f"{pool}/{_checked('image', parent)}@{_checked('snapshot', snapshot)}"
-        if self.info(pool, name) is not None:
-            raise RbdBusy(f"cloning {source} to {spec}: {spec} exists")
+        # two commands, no lookups around them (each command is a process and a
+        # connection to the cluster: POST /vm waits for them): the clone refuses a taken
+        # name itself ("already exists": RbdBusy, that image untouched), and a resize to
+        # the size it has already is no change
         self._rbd("clone", source, spec)
         try:
-            made = self.info(pool, name)
-            if made is None:
-                raise RbdNotFound(f"rbd info {spec}: the clone is gone")
-            if size > made.size:
-                self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
+            self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
+        except RbdError as exc:
+            if "shrink" not in str(exc):  # (smaller than the parent: it keeps its size)
+                self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
+                raise
         except BaseException as exc:
             self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
             raise
