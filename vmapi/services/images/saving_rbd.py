@@ -1,5 +1,7 @@
 """Saving a disk that is an RBD image (an rbd storage type): the image is made inside the
-Ceph cluster, and no byte of it passes through vmapi's image store, a node or HTTP.
+Ceph cluster, and no byte of it passes through vmapi's process, its image store, a node
+or HTTP (the flatten is librbd's, in the API host's ``rbd`` process: RBD has no copy that
+the cluster does on its own, so the data streams once through that process).
 
 Under the VM's lock, as every save (:mod:`vmapi.services.images.saving`), within
 ``IMAGE_SAVE_TIMEOUT``:
@@ -10,8 +12,7 @@ Under the VM's lock, as every save (:mod:`vmapi.services.images.saving`), within
    pool), committed together: whatever happens next, the rows say what to remove;
 2. an RBD snapshot of the disk (with ``quiesce``, the guest's file systems frozen
    through its agent for that moment only), cloned and flattened into the new RBD image
-   by the API host's Ceph client (librbd's copy-up moves the data between the cluster's
-   OSDs), the snapshot removed again; the new image gets its own protected snapshot,
+   by the API host's Ceph client, the snapshot removed again; the new image gets its own protected snapshot,
    the parent of root disks cloned from it (:func:`vmapi.hypervisor.rbd.RbdClient.copy_flattened`);
 3. under the image row's lock, ``active`` with its size.
 
