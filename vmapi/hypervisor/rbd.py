@@ -309,7 +309,8 @@ class RbdClient:
         """Make ``name`` a copy of image ``source`` as it is now that stands alone, without
         its bytes leaving the cluster through vmapi: a snapshot of ``source`` (taken and
         protected here, named after ``name``), a clone of it, the clone flattened (RBD's
-        copy-up, done by librbd in the ``rbd`` process: the data streams through it once), the temporary snapshot removed again; then ``name``
+        copy-up, done by librbd in the ``rbd`` process: the data streams through it
+        once), the temporary snapshot removed again; then ``name``
         gets its own protected snapshot ``snapshot``. All within ``timeout`` seconds; on
         any failure ``name`` and the temporary snapshot are gone again. Returns the size
         in bytes. ``RbdNotFound`` when ``source`` is missing, ``RbdBusy`` when ``name``

@@ -12,8 +12,9 @@ Under the VM's lock, as every save (:mod:`vmapi.services.images.saving`), within
    pool), committed together: whatever happens next, the rows say what to remove;
 2. an RBD snapshot of the disk (with ``quiesce``, the guest's file systems frozen
    through its agent for that moment only), cloned and flattened into the new RBD image
-   by the API host's Ceph client, the snapshot removed again; the new image gets its own protected snapshot,
-   the parent of root disks cloned from it (:func:`vmapi.hypervisor.rbd.RbdClient.copy_flattened`);
+   by the API host's Ceph client, the snapshot removed again; the new image gets its
+   own protected snapshot, the parent of root disks cloned from it
+   (:func:`vmapi.hypervisor.rbd.RbdClient.copy_flattened`);
 3. under the image row's lock, ``active`` with its size.
 
 Such an image lives in Ceph only (its ``file`` is null): VMs boot from it in the same
