@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import MIB
 from tests.faults import FaultyDriver
+from tests.guest import console
 from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.migrate_env import (
     INSTALLATION,
@@ -225,6 +226,22 @@ def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, r
     assert env.api.delete(f"image/{image['id']}").status_code == 200
     assert in_ceph not in ceph.rbd_images()
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=in_ceph) == [(0,)]
+
+
+def test_a_rebuild_gives_the_guest_a_new_clone_and_drops_the_old(env, ceph, guest):
+    _, old, _ = root_of(env, guest)
+    read = env.console(guest["id"])
+    before = boots(read())
+    done = env.api.post(f"vm/{guest['id']}/rebuild", json={"image": {"id": env.image["id"]}})
+    assert done.status_code == 200, done.json
+    _storage, new, path = root_of(env, guest)
+    assert new != old and new.startswith(old + "-r") and path == f"{ceph.pool}/{new}"
+    assert ceph.rbd_info(new)["parent"]["image"] == parent_image(env)
+    assert old not in ceph.rbd_images()  # the replaced clone went
+    where_now = where(env, guest)
+    vda = network_disk(env, where_now, guest["domain_name"], "vda")
+    assert vda.get("type") == "network" and vda.find("source").get("name") == path
+    console.wait_for(read, lambda text: boots(text) > before, "a boot from the new clone")
 
 
 def test_a_quiesced_save_without_a_guest_agent_is_refused_and_leaves_nothing(env, ceph, guest):

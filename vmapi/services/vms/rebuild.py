@@ -30,6 +30,7 @@ names the step. A rebuilt VM always ends running.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from flask import current_app
@@ -50,13 +51,13 @@ from vmapi.hypervisor import (
     HypervisorError,
     NameTaken,
 )
-from vmapi.models import Image, Storage, VirtMethod, Vm
+from vmapi.hypervisor.rbd import RbdBusy
+from vmapi.models import Image, Storage, StorageType, VirtMethod, Vm
 from vmapi.models.image import ACTIVE
 from vmapi.node_detail import NodeNote
 from vmapi.services import audit
 from vmapi.services.crud import Outcome
 from vmapi.services.images.copies import (
-    ROOT_TYPE,
     CopyGone,
     Held,
     Source,
@@ -66,7 +67,12 @@ from vmapi.services.images.copies import (
     remove_if_unused,
     root_type,
 )
-from vmapi.services.images.rbd_copies import in_ceph_only
+from vmapi.services.images.rbd_copies import (
+    held_rbd_image,
+    in_ceph_only,
+    rbd_homes,
+    remove_rbd_if_unused,
+)
 from vmapi.services.leftovers import delete_listed_volume
 from vmapi.services.locks import vm_locks
 from vmapi.services.names import rebuilt_volume_name
@@ -81,6 +87,7 @@ from vmapi.services.nodes.domains import (
 )
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
+from vmapi.services.storage.ceph import KeyUnreadable, rbd_client
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.boot import (
     ROOT_TARGET,
@@ -118,6 +125,8 @@ class Rebuild:
     old_seed: tuple[str | None, str | None]  # pool, volume
     new_volume: str = ""
     new_path: str = ""
+    #: the root disk's rbd type (its new disk an RBD clone of the image); None: local
+    rbd_type_id: int | None = None
     new_seed: tuple[str, str, str] | None = None  # pool, volume, path
     step: str = READING
     listed: list[Listed] = field(default_factory=list)
@@ -170,16 +179,7 @@ def plan_rebuild(vm: Vm, image_id: int, root_size: int | None) -> Rebuild:
             error_id=VM_NO_ROOT_DISK,
             data={"vm": {"id": vm.id}},
         )
-    if root.storage_type_id != root_type().id:
-        raise Conflict(
-            f"vm-{vm.id}'s root disk is in an rbd storage type; a rebuild makes root disks in "
-            f"{ROOT_TYPE} only (save its data, delete it and create it anew from the image).",
-            error_id=VM_STATE_CONFLICT,
-            data={"storage": {"id": root.id}},
-        )
     image = bootable_image(image_id, vm.customer_id)
-    if image.file is None:
-        raise in_ceph_only(image)
     size = disk_size(image, root_size, vm.ram, default=root.size)
     host = Host.of(vm.node_id)  # (a URI that may not be opened: 409, nothing touched)
     try:
@@ -192,9 +192,14 @@ def plan_rebuild(vm: Vm, image_id: int, root_size: int | None) -> Rebuild:
         ) from exc
     except HypervisorError as exc:
         raise hypervisor_failure(exc, READING, host) from exc
+    rbd = None if root.storage_type_id == root_type().id else root.storage_type_id
+    if rbd is None and image.file is None:
+        raise in_ceph_only(image)
+    if rbd is not None and image.file is None and rbd not in rbd_homes(image.id):
+        raise in_ceph_only(image)
     return Rebuild(vm, host, Source.of(image), size, state, root.id, root.pool,
                    root.volume_name, root.size, root.image_id, vm.image_id,
-                   (vm.seed_pool, vm.seed_volume))  # fmt: skip
+                   (vm.seed_pool, vm.seed_volume), rbd_type_id=rbd)  # fmt: skip
 
 
 def reserve(plan: Rebuild, undo: Undo) -> None:
@@ -234,7 +239,11 @@ def _set_rows(plan: Rebuild, image_id: int | None, size: int) -> None:
 
 
 def replace_disks(plan: Rebuild, undo: Undo) -> None:
-    """Steps 3 to 5, with the image's copy on the node held until the rows use it."""
+    """Steps 3 to 5, with the image's copy on the node (or its RBD image) held until the
+    rows use it."""
+    if plan.rbd_type_id is not None:
+        replace_rbd_disks(plan, undo)
+        return
     plan.step = "copying the image to the node"
     directory = pool_directory(plan.host.node.id, plan.pool, plan.vm.virt_method_id)
     db.session.commit()  # (only read) nothing stays open across the copy
@@ -250,18 +259,52 @@ def replace_disks(plan: Rebuild, undo: Undo) -> None:
         undo.steps.clear()  # recorded: nothing of it is undone from here on
 
 
-def make_volumes(plan: Rebuild, held: Held, undo: Undo) -> None:
-    """Step 3: the new root disk (an overlay on the copy) and the new seed."""
+def replace_rbd_disks(plan: Rebuild, undo: Undo) -> None:
+    """Steps 3 to 5 for a root disk in an rbd type: the image's RBD image (written into
+    the type's Ceph pool when missing) held until the rows use the new clone."""
+    storage_type = db.session.get(StorageType, plan.rbd_type_id)
+    db.session.commit()  # (only read) nothing stays open across the cluster's answers
+    plan.step = "writing the image into Ceph"
+    with held_rbd_image(plan.source, storage_type) as held:
+        if held.made:
+            row_id = held.row.id
+            undo.push(f"removing image {plan.source.id} from Ceph pool "
+                      f"{storage_type.ceph_pool} unless used",
+                      lambda: remove_rbd_if_unused(row_id))  # fmt: skip
+
+        def clone(name: str) -> str:
+            try:
+                rbd_client(storage_type).clone(held.row.ceph_pool, held.row.rbd_name,
+                                               held.row.snapshot, name, plan.size)  # fmt: skip
+            except KeyUnreadable as exc:
+                raise HypervisorError("rbd:", str(exc)) from exc
+            return f"{held.row.ceph_pool}/{name}"
+
+        make_volumes(plan, None, undo, clone)
+        info = swap_domain(plan, undo)
+        record(plan, info)
+        undo.steps.clear()
+
+
+def make_volumes(
+    plan: Rebuild, held: Held | None, undo: Undo, clone: Callable[[str], str] | None = None
+) -> None:
+    """Step 3: the new root disk (an overlay on the copy, or ``clone``'s RBD clone) and
+    the new seed."""
     vm, host = plan.vm, plan.host
     plan.step = "creating the root disk"
     plan.new_volume = rebuilt_volume_name(plan.old_volume)
     root = Listed(host, vm.id, plan.pool, plan.new_volume, "root disk", undo)
     plan.listed.append(root)
     try:
-        plan.new_path = hypervisor().create_overlay(host.uri, plan.pool, plan.new_volume,
-                                                    plan.size, held.copy.volume_name,
-                                                    plan.source.format)  # fmt: skip
-    except NameTaken as exc:
+        if clone is not None:
+            plan.new_path = clone(plan.new_volume)
+        else:
+            assert held is not None
+            plan.new_path = hypervisor().create_overlay(host.uri, plan.pool, plan.new_volume,
+                                                        plan.size, held.copy.volume_name,
+                                                        plan.source.format)  # fmt: skip
+    except (NameTaken, RbdBusy) as exc:
         raise name_taken(exc, f"{plan.pool}/{plan.new_volume}", host, "a volume",
                          done="nothing was changed") from exc  # fmt: skip
     root.made = True
@@ -278,7 +321,9 @@ def make_volumes(plan: Rebuild, held: Held, undo: Undo) -> None:
 
 def rebuilt_spec(spec: DomainSpec, plan: Rebuild) -> DomainSpec:
     """The domain as it is, with the new root disk and seed."""
-    disks = tuple(replace(disk, path=plan.new_path) if disk.target == ROOT_TARGET else disk
+    # (a network disk is named by its RBD image, a file disk by its path)
+    path = plan.new_volume if plan.rbd_type_id is not None else plan.new_path
+    disks = tuple(replace(disk, path=path) if disk.target == ROOT_TARGET else disk
                   for disk in spec.disks)  # fmt: skip
     if plan.new_seed is None:
         return replace(spec, disks=disks)
