@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from vmapi.bridges import template_problem
+from vmapi.database import libpq_multihost_url
 from vmapi.hypervisor.uri import UriPolicy, validate_libvirt_uri
 
 GIB = 1024**3
@@ -278,8 +279,9 @@ def public_url(url: str | None) -> str | None:
 def database_url(url: str) -> str:
     """A bare ``postgresql://`` (or ``postgres://``) URL means psycopg2, the pinned driver.
 
-    SQLAlchemy 2.1 maps it to psycopg 3, which vmapi does not ship.
-    """
+    SQLAlchemy 2.1 maps it to psycopg 3, which vmapi does not ship; libpq's multi-host
+    form becomes SQLAlchemy's own."""
+    url = libpq_multihost_url(url)
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix) :]
