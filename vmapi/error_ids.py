@@ -126,7 +126,8 @@ GENERAL_HYPERVISOR_ERROR = _register("general/hypervisor_error", 502,
     {ANY_RESOURCE: NOWHERE})
 GENERAL_UNAVAILABLE = _register("general/unavailable", 503,
     "The database did not answer, or the API host cannot read what the request needs (an "
-    "rbd storage type's Ceph key: data.step says so); the request was undone, retry.")
+    "rbd storage type's Ceph key: data.step says so); the request was undone, retry (the "
+    "database's: after Retry-After seconds).")
 GENERAL_HYPERVISOR_TIMEOUT = _register("general/hypervisor_timeout", 504,
     "A hypervisor did not answer (the exception's default; answers say vm/hypervisor_timeout).",
     {ANY_RESOURCE: NOWHERE})

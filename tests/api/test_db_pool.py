@@ -10,6 +10,7 @@ that meets it answers 503 and the pool drops it, so the next one succeeds.
 import pytest
 import sqlalchemy as sa
 
+from vmapi.api.errors import RETRY_AFTER_DATABASE
 from vmapi.database import CHECKED_IN
 from vmapi.extensions import db
 
@@ -54,4 +55,30 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(app, api):
 def test_ping_after_zero_checks_every_checkout(app, api):
     assert api.get("vm_state").status_code == 200
     end_pooled_connections(app)
+    assert api.get("vm_state").status_code == 200
+
+
+def test_a_broken_connection_answers_503_with_retry_after(app, api):
+    """The primary went away under a pooled connection (a failover): 503, retry later."""
+    assert api.get("vm_state").status_code == 200
+    end_pooled_connections(app)
+    response = api.get("vm_state")
+    assert response.status_code == 503, response.json
+    assert response.json["error_id"] == "general/unavailable"
+    assert int(response.headers["Retry-After"]) == RETRY_AFTER_DATABASE > 0
+
+
+def test_a_connection_closed_on_our_side_is_a_503_too(app, api):
+    """psycopg2 answers a connection it already knows to be closed with InterfaceError
+    ("connection already closed"), not OperationalError: still the database gone, not a bug."""
+    assert api.get("vm_state").status_code == 200
+    with app.app_context():
+        records = list(db.engine.pool._pool.queue)
+        for record in records:
+            record.dbapi_connection.close()  # the fault: what a dead socket leaves behind
+    assert records
+    response = api.get("vm_state")
+    assert response.status_code == 503, response.json
+    assert response.json["error_id"] == "general/unavailable"
+    assert response.headers["Retry-After"] == str(RETRY_AFTER_DATABASE)
     assert api.get("vm_state").status_code == 200

@@ -12,6 +12,7 @@ import logging
 import re
 
 from flask import Flask, Response, current_app, g, request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -28,6 +29,10 @@ from vmapi.errors import ApiError, ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.node_detail import NODE_DETAIL, NodeNote, for_admins
 from vmapi.representations import error_response
+
+#: seconds a client is told to wait (Retry-After) when the database did not answer: a
+#: failover manager promotes a standby in about this time (Patroni, ../shared/recipes)
+RETRY_AFTER_DATABASE = 5
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +146,17 @@ def register_error_handlers(app: Flask) -> None:
         return response
 
     @app.errorhandler(SQLAlchemyOperationalError)
-    def handle_database_down(exc: SQLAlchemyOperationalError) -> Response:
+    def handle_database_down(exc: DBAPIError) -> Response:
         # The database went away (restart, failover, network): retryable, not a bug.
         request_id = getattr(g, "request_id", "-")
         log.error("database error, request_id=%s: %s", request_id, str(exc).splitlines()[0])
         _rollback_quietly()
-        return error_response(
-            ServiceUnavailable(
-                f"The database did not answer; retry. Request id {request_id}.",
-                data={"request_id": request_id},
-            )
+        unavailable = ServiceUnavailable(
+            f"The database did not answer; retry. Request id {request_id}.",
+            data={"request_id": request_id},
         )
+        unavailable.retry_after = RETRY_AFTER_DATABASE
+        return error_response(unavailable)
 
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception) -> Response:
@@ -159,6 +164,10 @@ def register_error_handlers(app: Flask) -> None:
         # handler is missing for a subclass; never turn a 404 into a 500.
         if isinstance(exc, HTTPException):
             return handle_http_exception(exc)
+        # A disconnect psycopg2 reports otherwise (InterfaceError "connection already
+        # closed"): SQLAlchemy has invalidated the connection; the database is gone.
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return handle_database_down(exc)
         request_id = getattr(g, "request_id", "-")
         log.exception("unhandled error, request_id=%s", request_id)
         err = ApiError(
