@@ -412,19 +412,20 @@ def test_clone_grown_and_its_refusals(ceph, client, prefix, tmp_path):
     client.import_image(ceph.pool, parent, str(raw_file(tmp_path / "p", content)), "raw",
                         "base", BOUND)  # fmt: skip
     client.clone(ceph.pool, parent, "base", clone, MIB)  # smaller than the parent: kept
+    client.clone(ceph.pool, parent, "base", f"{prefix}same", 2 * MIB)  # its own size
     client.clone(ceph.pool, parent, "base", grown, 8 * MIB)
     assert client.info(ceph.pool, clone).size == 2 * MIB
     made = client.info(ceph.pool, grown)
     assert (made.size, made.parent) == (8 * MIB, f"{ceph.pool}/{parent}@base")
     assert exported(client, ceph.pool, grown) == content + bytes(6 * MIB)
-    assert sorted(client.children(ceph.pool, parent)) == [f"{ceph.pool}/{clone}",
-                                                          f"{ceph.pool}/{grown}"]  # fmt: skip
+    assert sorted(client.children(ceph.pool, parent)) == sorted(
+        f"{ceph.pool}/{n}" for n in (clone, grown, f"{prefix}same"))  # fmt: skip
     with pytest.raises(RbdBusy):  # the name is taken: left as it is
         client.clone(ceph.pool, parent, "base", grown, 16 * MIB)
     assert client.info(ceph.pool, grown).size == 8 * MIB
     with pytest.raises(RbdNotFound):
         client.clone(ceph.pool, parent, "nosuch", f"{prefix}none", MIB)
-    assert ours(ceph, prefix) == sorted([parent, clone, grown])
+    assert ours(ceph, prefix) == sorted([parent, clone, grown, f"{prefix}same"])
     # grown (never shrunk) on its own
     client.resize(ceph.pool, clone, 4 * MIB)
     assert client.info(ceph.pool, clone).size == 4 * MIB

@@ -409,7 +409,8 @@ class RbdClient:
         try:
             self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
         except RbdError as exc:
-            if "shrink" not in str(exc):  # (smaller than the parent: it keeps its size)
+            # (its size already, or smaller than the parent's: it keeps the parent's)
+            if "equal to original size" not in str(exc) and "shrink" not in str(exc):
                 self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
                 raise
         except BaseException as exc:
