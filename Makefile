@@ -101,7 +101,7 @@ format: venv
 	@$(BIN)/ruff format .
 
 # BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout streams images boot
-# migration calls arrays health filters backups save rbd
+# migration calls arrays health filters backups save rbd ha
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

@@ -35,6 +35,7 @@ SUITE = (
     "backups",
     "save",
     "rbd",
+    "ha",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 
