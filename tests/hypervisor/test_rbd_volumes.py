@@ -38,7 +38,9 @@ from vmapi.hypervisor import CephSource
 from vmapi.models import Storage
 from vmapi.services.nodes.hosts import DRIVER_KEY
 
-pytestmark = [pytest.mark.hypervisor]
+# the module's tests are one story on one node (the first volume prepares the pool and
+# the secret, later ones meet them): they run in the file's order, not shuffled
+pytestmark = [pytest.mark.hypervisor, pytest.mark.random_order(disabled=True)]
 
 #: the libvirt pools of this module's storage types (a good one, one out of reach)
 RBD_POOL = f"{INSTALLATION}-rbd"
