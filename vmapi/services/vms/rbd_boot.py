@@ -57,11 +57,10 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
     storage_type = db.session.get(StorageType, root.storage_type_id)
     assert storage_type is not None
     db.session.commit()  # (only read) nothing stays open across the node and the cluster
-    steps = Steps()
-    step = steps.step
+    steps = Steps()  # (the step a failure names: ensure_rbd_pool moves it along too)
     try:
         ensure_rbd_pool(storage_type, host, undo, messages, steps)
-        step = "writing the image into Ceph"
+        steps.step = "writing the image into Ceph"
         client = rbd_client(storage_type)
         with held_rbd_image(source, storage_type) as held:
             if held.made:  # (this root disk's row goes after it: it does not count)
@@ -71,7 +70,7 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
                           lambda: remove_rbd_if_unused(row_id, ignoring=root_id))  # fmt: skip
                 messages.append(f"Image {source.id} was written into Ceph pool "
                                 f"{storage_type.ceph_pool} ({held.seconds:.1f} s).")  # fmt: skip
-            step = "creating the root disk"
+            steps.step = "creating the root disk"
             pool, name = held.row.ceph_pool, root.volume_name or ""
             try:
                 client.clone(pool, held.row.rbd_name, held.row.snapshot, name, size)
@@ -84,7 +83,7 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
     except KeyUnreadable as exc:
         raise key_unreadable(exc, storage_type) from exc
     except HypervisorError as exc:
-        raise hypervisor_failure(exc, steps.step if step == Steps.step else step, host) from exc
+        raise hypervisor_failure(exc, steps.step, host) from exc
     for message in messages:
         log.info("vm-%s: %s", vm.id, message)
     db.session.add(root)
