@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmapi.hypervisor import (
+    DiskLeased,
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
@@ -23,6 +24,9 @@ KINDS: dict[str, Callable[[str], Exception]] = {
     "unavailable": lambda uri: HypervisorUnavailable(uri, "injected: connection refused"),
     # libvirt without its network filter driver (a daemon built or packaged without it)
     "no_nwfilter": lambda uri: NoNetworkFilters(uri, "injected: no network filter driver"),
+    # the lock manager (lockd) refusing a disk another host's QEMU holds; the test driver
+    # has no lock manager (the real refusal: tests/hypervisor/test_ha_leases.py)
+    "leased": lambda uri: DiskLeased(uri, "resource busy: Lockspace resource 'ab12' is locked"),
 }
 
 

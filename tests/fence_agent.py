@@ -10,7 +10,11 @@ one program under several names), it behaves by the name it was run as:
 - ``fence_test_fail``: every action fails as a dead power controller does (exit 1);
 - ``fence_test_leak``: fails too, quoting the password it was given;
 - ``fence_test_on``: ``off`` says it succeeded, but the host stays on;
-- ``fence_test_hang``: starts a child and hangs (both hold its output open).
+- ``fence_test_hang``: starts a child and hangs (both hold its output open);
+- ``fence_test_lie``: ``off`` says it succeeded and ``status`` then says off, but the
+  host stays on (nothing is killed): a power controller that lies;
+- ``fence_test_wait``: ``fence_test``, but its ``off`` first waits (at most 10 minutes)
+  until a file ``go-<ip>`` is in the agent's folder: the test decides when it returns.
 
 Each call is appended as a JSON line to ``calls.jsonl`` in the agent's folder (or
 ``$FENCE_TEST_RECORD``): the name, the arguments, the options read from stdin, the pids.
@@ -28,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-NAMES = ("fence_test", "fence_test_fail", "fence_test_leak", "fence_test_on", "fence_test_hang")
+NAMES = ("fence_test", "fence_test_fail", "fence_test_leak", "fence_test_on", "fence_test_hang",
+         "fence_test_lie", "fence_test_wait")  # fmt: skip
 
 
 def install(folder: Path) -> Path:
@@ -88,8 +93,14 @@ def run() -> int:
         print(f"login failed for {options.get('username')}/{options.get('password')}")
         return 1
     power = folder / f"power-{options.get('ip', 'default')}"
+    if action == "off" and name == "fence_test_wait":
+        go, deadline = folder / f"go-{options.get('ip', 'default')}", time.monotonic() + 600
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     if action == "off":
-        if name != "fence_test_on":
+        if name == "fence_test_lie":
+            power.write_text("off")  # what its status will say; the host runs on
+        elif name != "fence_test_on":
             power.write_text("off")
             pids = folder / f"pids-{options.get('ip', 'default')}"
             for pid in pids.read_text().split() if pids.exists() else ():

@@ -189,6 +189,10 @@ VM_BUSY = _register("vm/busy", 409,
 VM_HYPERVISOR_ERROR = _register("vm/hypervisor_error", 502,
     "The VM's hypervisor failed; the message has libvirt's, and the request was undone.",
     {**_VM_CHANGES, "vm": WRITES})
+VM_DISK_LEASED = _register("vm/disk_leased", 409,
+    "The node's lock manager refused a disk of the VM: another host holds its lease (its "
+    "QEMU has the disk open). Nothing ran; the request was undone.",
+    {"vm": {UPDATE, ACTION}})
 VM_HYPERVISOR_TIMEOUT = _register("vm/hypervisor_timeout", 504,
     "The VM's hypervisor did not answer within VMAPI_LIBVIRT_TIMEOUT; the request was undone.",
     {**_VM_CHANGES, "vm": WRITES})

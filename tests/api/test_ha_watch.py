@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -20,9 +21,14 @@ from tests.conftest import GIB, vm_body
 from tests.faults import FaultyDriver
 from tests.fence_agent import calls, install
 from vmapi.extensions import db
-from vmapi.models import Node
+from vmapi.models import Node, Vm, VmState
 from vmapi.services.ha.watch import watch
-from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.moves.books import claim_target
+from vmapi.services.moves.evacuation import rebuild
+from vmapi.services.moves.move import EVACUATE, Move, moved_volumes
+from vmapi.services.moves.volumes import prepare_target
+from vmapi.services.nodes.hosts import DRIVER_KEY, Host, hypervisor
+from vmapi.services.undo import Undo
 
 pytestmark = pytest.mark.embedded
 
@@ -70,6 +76,14 @@ def state(api, node):
 
 def node_of(api, vm):
     return api.get(f"vm/{vm['id']}").json["data"]["node"]["id"]
+
+
+def metric(client, api, name: str) -> float:
+    """A sample's value in /metrics (0 when it is not there)."""
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {api.token}"}).get_data(
+        as_text=True)  # fmt: skip
+    found = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(found[0]) if found else 0.0
 
 
 def test_a_dead_node_is_fenced_and_its_ha_vms_restart_elsewhere_by_priority(
@@ -176,6 +190,81 @@ def test_a_watcher_that_died_while_fencing_fences_again(api, runner, app, agents
     rounds(runner, 1)
     assert [c["options"]["action"] for c in calls(agents)] == ["off", "status"]
     assert state(api, a) == "fenced" and node_of(api, vm) == b["id"]
+
+
+def test_a_restart_the_lock_manager_refuses_makes_the_node_fence_failed(
+    api, runner, faults, agents, vm_host, test_method, client
+):
+    """The target refuses the VM's disk (another host holds its lease): the node's agent
+    said off, but the node still runs the VM. The attempt is undone, the VM stays on the
+    node, the node is fence_failed (no retry) until an admin confirms it off."""
+    a = vm_host(fence_agent="fence_test", fence_address="a", fence_user="admin")
+    b = vm_host()
+    vm = ha_vm(api, test_method, a, ha=True)
+    die(faults, a)
+    faults.fail("start", "leased", uri=b["libvirt_uri"])
+    refused = 'vmapi_migrations_total{kind="evacuate",outcome="vm/disk_leased"}'
+    before = metric(client, api, refused)
+    output = rounds(runner, 4)
+    assert state(api, a) == "fence_failed"
+    assert f"vm-{vm['id']}: not restarted yet: vm/disk_leased: " in output
+    assert f"{a['fqdn']}: FENCE FAILED (its fence agent said off, but vm-{vm['id']}" in output
+    assert len(calls(agents)) == 2 and output.count("vm/disk_leased") == 2  # tried once
+    assert node_of(api, vm) == a["id"]
+    assert api.get(f"node/{b['id']}").json["data"]["allocated_cores"] == 0
+    with client.application.app_context():
+        assert db.session.get(Vm, vm["id"]).migration_node_id is None
+        assert vm["domain_name"] not in [d.name for d in hypervisor().domains(b["libvirt_uri"])]
+    events = api.get(f"event?resource=vm&object_id={vm['id']}").json["data"].values()
+    assert [(e["action"], e["outcome"]) for e in events if e["action"] == "evacuate"] == [
+        ("evacuate", "vm/disk_leased")]  # fmt: skip
+    assert metric(client, api, refused) == before + 1
+    assert metric(client, api, f'vmapi_node_ha_state{{node="{a["fqdn"]}",state="fence_failed"}}'
+                  ) == 1  # fmt: skip
+    confirmed = runner.invoke(args=["vmapi", "node", "fenced", a["fqdn"]])
+    assert confirmed.exit_code == 0, confirmed.output
+    rounds(runner, 1)  # (the injected refusal was used up: the disk is free now)
+    assert node_of(api, vm) == b["id"]
+
+
+def test_a_restart_that_died_between_defining_and_starting_is_finished(
+    api, runner, app, agents, vm_host, test_method, faults
+):
+    """The watcher died after the VM's domain was defined on the target, before it was
+    started: the next watcher records the move there and starts the domain (the VM was
+    running), rather than recording a shut-off VM that no round restarts any more."""
+    a = vm_host(fence_agent="fence_test", fence_address="a", fence_user="admin")
+    b = vm_host()
+    vm = ha_vm(api, test_method, a, ha=True)
+    die(faults, a)
+    with app.app_context():
+        node = db.session.get(Node, a["id"])
+        node.ha_state, node.unreachable_since = "fenced", datetime.now(UTC)
+        db.session.commit()
+        # the restart's steps as the evacuation takes them, up to the domain defined on
+        # the target (not started); then its process dies: nothing of it is undone
+        row = db.session.get(Vm, vm["id"])
+        claimed = claim_target(row, None)
+        move = Move(row, Host.of(a["id"]), Host.of(claimed.id), EVACUATE,
+                    moved_volumes(row.id), deadline=time.monotonic() + 60)  # fmt: skip
+        prepare_target(move, Undo())
+        assert rebuild(move, "shutoff", Undo()) == "shutoff"
+        db.session.commit()
+        db.session.remove()
+    output = rounds(runner, 1)
+    assert f"vm-{vm['id']}: an interrupted move to {b['fqdn']} was recorded (and started)" in (
+        output), output  # fmt: skip
+    assert "restarted" not in output  # (it is not made a second time)
+    assert node_of(api, vm) == b["id"]
+    with app.app_context():
+        assert hypervisor().domain(b["libvirt_uri"], vm["domain_name"]).state == "running"
+        row = db.session.get(Vm, vm["id"])
+        assert db.session.get(VmState, row.vm_state_id).name == "running"
+        assert row.migration_node_id is None
+    assert api.get(f"node/{b['id']}").json["data"]["allocated_cores"] == vm["cores"]
+    assert api.get(f"node/{a['id']}").json["data"]["allocated_cores"] == 0
+    rounds(runner, 1)  # nothing more: it is not restarted twice
+    assert len(calls(agents)) == 0 and node_of(api, vm) == b["id"]
 
 
 def test_one_watcher_is_active_the_other_waits_and_takes_over(app, vm_host):

@@ -15,7 +15,10 @@ ends).
 
 On one machine QEMU's own image locks would refuse the second host before the lease is
 looked at; the domains of these tests run QEMU through ``qemu-unlocked`` (beside this
-file), which turns them off. Nothing but these tests uses it.
+file), which turns them off. Nothing but these hosts uses it: it is each host's default
+emulator too (libvirtd finds ``qemu-system-x86_64`` in its ``PATH``, which names the
+host's ``bin/`` first, where a link to it is), so the domains vmapi defines there, which
+name no emulator, run through it as well.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ EMULATOR = Path(__file__).with_name("qemu-unlocked")
 DAEMONS = """
 virtlogd -d -p "$1/virtlogd.pid"
 virtlockd -d -p "$1/virtlockd.pid"
-libvirtd -d --pid-file "$1/libvirtd.pid"
+PATH="$1/bin:$PATH" libvirtd -d --pid-file "$1/libvirtd.pid"
 """
 START = MOUNTS + DAEMONS
 #: migration ports: above the range two_hosts picks from (49400 to 53399)
@@ -83,6 +86,10 @@ class LeasedHost(PrivateHost):
 
     def start(self) -> None:
         self.leases.mkdir(mode=0o755, exist_ok=True)
+        default = self.folder / "bin" / "qemu-system-x86_64"  # the default emulator
+        default.parent.mkdir(parents=True, exist_ok=True)
+        if not default.is_symlink():
+            default.symlink_to(EMULATOR)
         super().start()
 
     def config(self) -> dict[str, dict[str, object]]:
@@ -95,17 +102,19 @@ class LeasedHost(PrivateHost):
         return files
 
     def warm(self) -> None:
-        """Probe the emulator the tests' domains name (the only one they use)."""
-        subprocess.run(["virsh", "-c", self.uri, "domcapabilities", "--virttype", "qemu",
-                        "--emulatorbin", str(EMULATOR)],
-                       check=True, capture_output=True, timeout=300)  # fmt: skip
+        """Probe the emulators the tests' domains run: the one they name, the default."""
+        for named in (["--emulatorbin", str(EMULATOR)], []):
+            subprocess.run(["virsh", "-c", self.uri, "domcapabilities", "--virttype", "qemu",
+                            *named], check=True, capture_output=True, timeout=300)  # fmt: skip
 
     def restart_libvirtd(self) -> None:
         """Restart its libvirtd alone, as ``systemctl restart libvirtd`` would: SIGTERM,
         then started again in the namespace (entered through its virtlockd)."""
         _end(self.pid("libvirtd"))
-        subprocess.run(["nsenter", "-t", str(self.pid("virtlockd")), "-m", "--", "libvirtd",
-                        "-d", "--pid-file", str(self.pid_files["libvirtd"])],
+        path = f"{self.folder / 'bin'}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"
+        subprocess.run(["nsenter", "-t", str(self.pid("virtlockd")), "-m", "--", "env",
+                        f"PATH={path}", "libvirtd", "-d", "--pid-file",
+                        str(self.pid_files["libvirtd"])],
                        check=True, capture_output=True, timeout=60)  # fmt: skip
         self.wait_until_answering()
 

@@ -128,6 +128,17 @@ def interfaces(env, vm) -> list[tuple]:
         "ORDER BY i.id, v4.id, v6.id", id=vm["id"])  # fmt: skip
 
 
+def known_volumes(env, name: str) -> list[str]:
+    """The volumes the database records on node ``name``'s pool: its VMs' disks and seeds,
+    its copies of images."""
+    node = env.nodes[name]["id"]
+    rows = env.sql("SELECT volume_name FROM storage WHERE node_id = :id AND pool = 'vmapi' "
+                   "UNION SELECT seed_volume FROM vm WHERE node_id = :id AND seed_pool = "
+                   "'vmapi' UNION SELECT volume_name FROM image_copy WHERE node_id = :id AND "
+                   "pool = 'vmapi'", id=node)  # fmt: skip
+    return sorted(row[0] for row in rows)
+
+
 def wait(condition, what: str, timeout: float = 180.0):
     deadline = time.monotonic() + timeout
     while not (found := condition()):

@@ -6,6 +6,7 @@ imports ``libvirt``.
 
 from vmapi.hypervisor.driver import HypervisorDriver
 from vmapi.hypervisor.errors import (
+    DiskLeased,
     DomainNotFound,
     HypervisorError,
     HypervisorTimeout,
@@ -55,6 +56,7 @@ __all__ = [
     "RUNNING",
     "SHUTOFF",
     "CephSource",
+    "DiskLeased",
     "DiskSpec",
     "DisplayInfo",
     "DisplaySpec",

@@ -75,6 +75,11 @@ class VolumeHasClones(OperationInvalid):
     only once they are gone."""
 
 
+class DiskLeased(HypervisorError):
+    """The host's lock manager (libvirt's lockd) refused a disk: its lease is held by
+    another host, whose QEMU has the disk open. Nothing of the domain ran."""
+
+
 class NotSupported(HypervisorError):
     """The hypervisor cannot do this (e.g. change a live setting its driver does not support)."""
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import libvirt
 
 from vmapi.hypervisor.errors import (
+    DiskLeased,
     DomainNotFound,
     HypervisorError,
     HypervisorTimeout,
@@ -133,6 +134,8 @@ def translate(uri: str, exc: libvirt.libvirtError) -> HypervisorError:
         )
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return OperationInvalid(uri, message)
+    if code == libvirt.VIR_ERR_RESOURCE_BUSY and "Lockspace resource" in message:
+        return DiskLeased(uri, message)  # "resource busy: Lockspace resource '<sha256>' is locked"
     if code in _NOT_SUPPORTED:
         return NotSupported(uri, message)
     return HypervisorError(uri, message)

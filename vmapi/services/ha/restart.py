@@ -11,6 +11,12 @@ when its ``ha_local_disks`` is ``rebuild`` (what the guest wrote since is lost);
 volumes on the node's local storage is never restarted (their data is on the dead node).
 A VM the fleet has no room for yet is tried again in the next round.
 
+A restart the target's lock manager refuses (``vm/disk_leased``: another host holds the
+lease of a disk of the VM, so a QEMU there still has it open) proves the node is not off,
+whatever its fence agent said: :class:`FencingContradicted` ends the node's restarts (the
+watcher makes it ``fence_failed``). That VM's attempt was undone whole: it is still
+recorded on the node (where it runs), nothing of it is left on the target.
+
 A restart that died with its watcher left the VM's move marker set: it is settled first
 (recorded where the domain runs, or undone), the dead node counted as holding nothing.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 from flask import current_app
 from sqlalchemy import select
 
+from vmapi.error_ids import VM_DISK_LEASED
 from vmapi.errors import ApiError
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
@@ -32,6 +39,14 @@ from vmapi.services.moves.move import moved_volumes
 #: what a VM's line says when it is not restarted by policy (it stays so)
 LEFT = "left down: its root disk is on the dead node's local storage (ha_local_disks: leave)"
 LOCAL_DATA = "left down: its data volumes are on the dead node's local storage"
+
+
+class FencingContradicted(Exception):
+    """A restart was refused by the lock manager: the fenced node still holds a disk."""
+
+    def __init__(self, lines: list[str], detail: str) -> None:
+        self.lines, self.detail = lines, detail
+        super().__init__(detail)
 
 
 def ha_vms(node_id: int) -> list[Vm]:
@@ -56,6 +71,8 @@ def restart_fenced(node_id: int) -> list[str]:
         vm_id = vm.id
         if vm.migration_node_id is not None:
             lines.append(f"{vm_id} {settle_dead(vm_id)}")
+            if db.session.get(Vm, vm_id, populate_existing=True).node_id != node_id:
+                continue  # recorded where the interrupted restart made it: done
         volumes = moved_volumes(vm_id)
         local = [v for v in volumes if not v.shared]
         if any(not v.storage.boot for v in local):
@@ -67,6 +84,10 @@ def restart_fenced(node_id: int) -> list[str]:
         done = evacuate_one(vm_id, node_id, accept_data_loss=False)
         verb = "restarted" if done.rebuilt else "not restarted yet"
         lines.append(f"{vm_id} {verb}: {done.detail}")
+        if done.error_id == VM_DISK_LEASED:
+            db.session.commit()
+            raise FencingContradicted(lines, f"vm-{vm_id}'s restart on another node was "
+                                      f"refused: {done.detail}")  # fmt: skip
     db.session.commit()
     return lines
 

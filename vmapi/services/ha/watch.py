@@ -18,7 +18,10 @@ libvirt URI for its capacity, all at once, each call bounded by ``LIBVIRT_TIMEOU
   watcher that dies while a node is ``fencing`` fences it again when it comes back (an
   agent's ``off`` of a node that is off is no harm);
 - a ``fenced`` node's HA VMs are restarted elsewhere (:mod:`.restart`), in every round
-  until none is left to restart: the VMs capacity cannot take yet wait for the next.
+  until none is left to restart: the VMs capacity cannot take yet wait for the next. A
+  restart the lock manager refuses (another host holds the lease of the VM's disk: the
+  node is not off, whatever its agent said) makes the node ``fence_failed``, and nothing
+  more of it restarts until an admin confirms with ``flask vmapi node fenced FQDN``.
 
 Every change of ``ha_state`` is committed before what follows it, logged, and recorded
 in the audit trail; ``/metrics`` shows each node's state (``vmapi_node_ha_state``).
@@ -43,7 +46,7 @@ from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, HypervisorUnavailable
 from vmapi.models import Node, NodeState
 from vmapi.services.ha.fencing import fence_node
-from vmapi.services.ha.restart import restart_fenced
+from vmapi.services.ha.restart import FencingContradicted, restart_fenced
 from vmapi.services.nodes.hosts import hypervisor, node_uri, on_hosts
 
 log = logging.getLogger(__name__)
@@ -79,11 +82,37 @@ class Watcher:
         if node.ha_state == FENCING or (node.ha_state == SUSPECT and due):
             self.fence(node)
         if node.ha_state == FENCED and node.unreachable_since is not None:
-            for line in restart_fenced(node.id):
-                vm_id, _, detail = line.partition(" ")
-                if self.told.get(int(vm_id)) != detail:
-                    self.told[int(vm_id)] = detail
-                    self.say(f"vm-{vm_id}: {detail}")
+            try:
+                lines = restart_fenced(node.id)
+            except FencingContradicted as exc:
+                self.tell(exc.lines)
+                self.contradicted(node, exc.detail)
+                return
+            self.tell(lines)
+
+    def tell(self, lines: list[str]) -> None:
+        for line in lines:
+            vm_id, _, detail = line.partition(" ")
+            if self.told.get(int(vm_id)) != detail:
+                self.told[int(vm_id)] = detail
+                self.say(f"vm-{vm_id}: {detail}")
+
+    def contradicted(self, node: Node, detail: str) -> None:
+        """The lock manager says the fenced node still has a disk open: ``fence_failed``
+        (unless an admin changed its state meanwhile), an error in the log."""
+        node = db.session.scalars(
+            select(Node).where(Node.id == node.id).with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()  # fmt: skip
+        if node.ha_state != FENCED:
+            db.session.commit()
+            return
+        why = f"its fence agent said off, but {detail}"
+        set_state(node, FENCE_FAILED, why)
+        log.error("node %s is NOT off: %s; none of its VMs is restarted until `flask vmapi "
+                  "node fenced %s` confirms it is", node.fqdn, why, node.fqdn)  # fmt: skip
+        self.say(f"{node.fqdn}: FENCE FAILED ({why}): nothing more of it restarts until "
+                 f"`flask vmapi node fenced {node.fqdn}`")  # fmt: skip
 
     def fence(self, node: Node) -> None:
         set_state(node, FENCING, f"missed {node.ha_misses} checks in a row")

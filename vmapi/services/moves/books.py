@@ -29,10 +29,8 @@ from vmapi.error_ids import (
 )
 from vmapi.errors import Conflict, NotFound, ServiceUnavailable
 from vmapi.extensions import db
-from vmapi.hypervisor import (
-    DomainNotFound,
-)
-from vmapi.models import Node, Storage, StorageType, Vm
+from vmapi.hypervisor import PAUSED, RUNNING, SHUTOFF, DomainNotFound
+from vmapi.models import Node, Storage, StorageType, Vm, VmState
 from vmapi.models.catalog import RBD
 from vmapi.models.leftover import DOMAIN, LOG, VOLUME
 from vmapi.scheduler import (
@@ -225,7 +223,9 @@ def settle(vm: Vm, source_dead: bool = False) -> str:
     the domain is: on the target only, the move is recorded there; otherwise it is
     undone (the claim released, the volumes made on the target deleted). Call it
     holding the VM's lock. ``source_dead``: the source was fenced (an evacuation's or an
-    HA restart's), so only the target is asked. What was done."""
+    HA restart's), so only the target is asked; a domain found there defined but not
+    started (the process died between the two) is started when the VM was running or
+    paused, as the evacuation would have. What was done."""
     target = Host.of(vm.migration_node_id)
     source = Host.of(vm.node_id)
     on_target = _there(target, vm)
@@ -252,9 +252,14 @@ def settle(vm: Vm, source_dead: bool = False) -> str:
             if left.kind == VOLUME and left.name not in volumes and vm.seed_volume is not None:
                 move.seed_volume = (left.pool, left.name)
                 move.seed_path = driver.volume(target.uri, left.pool, left.name)[0]
-        record(move, driver.domain(target.uri, vm.domain_name).state)
+        state, started = driver.domain(target.uri, vm.domain_name).state, []
+        if source_dead and state == SHUTOFF and _stored_state(vm) in (RUNNING, PAUSED):
+            driver.start(target.uri, vm.domain_name)
+            state, started = driver.domain(target.uri, vm.domain_name).state, ["(and started)"]
+        record(move, state)
         notes = remove_source_leftovers(move)
-        return " ".join([f"an interrupted move to {target.node.fqdn} was recorded", *notes])
+        done = f"an interrupted move to {target.node.fqdn} was recorded"
+        return " ".join([done, *started, *notes])
     for left in made:  # what the move made on the target
         if left.kind == VOLUME:
             delete_listed_volume(target, left.pool, left.name)
@@ -263,6 +268,10 @@ def settle(vm: Vm, source_dead: bool = False) -> str:
     release_target(vm, target.node.id)
     db.session.refresh(vm, ["migration_node_id"])
     return f"an interrupted move to {target.node.fqdn} was undone"
+
+
+def _stored_state(vm: Vm) -> str:
+    return db.session.get(VmState, vm.vm_state_id).name
 
 
 def _there(host: Host, vm: Vm) -> bool:

@@ -54,6 +54,8 @@ class Evacuated:
     vm_id: int
     rebuilt: bool
     detail: str
+    #: the error id of a failed rebuild (None: rebuilt, or not tried)
+    error_id: str | None = None
 
     def line(self) -> str:
         return f"{'rebuilt' if self.rebuilt else 'NOT rebuilt':11}  vm-{self.vm_id}: {self.detail}"
@@ -89,7 +91,7 @@ def evacuate_one(vm_id: int, node_id: int, accept_data_loss: bool) -> Evacuated:
     except ApiError as exc:
         count_migration(EVACUATE, exc.error_id, time.monotonic() - started)
         audit.record_failure("vm", vm_id, EVACUATE, exc.error_id, exc.status_code)
-        return Evacuated(vm_id, False, f"{exc.error_id}: {exc.message}")
+        return Evacuated(vm_id, False, f"{exc.error_id}: {exc.message}", exc.error_id)
     if done.rebuilt:
         count_migration(EVACUATE, "ok", time.monotonic() - started)
     return done

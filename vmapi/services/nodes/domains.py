@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 
 from vmapi.error_ids import (
+    VM_DISK_LEASED,
     VM_HYPERVISOR_ERROR,
     VM_HYPERVISOR_TIMEOUT,
     VM_NAME_TAKEN,
@@ -18,6 +19,7 @@ from vmapi.error_ids import (
 from vmapi.errors import ApiError, Conflict, HypervisorFailure, HypervisorTimedOut
 from vmapi.extensions import db
 from vmapi.hypervisor import (
+    DiskLeased,
     DomainInfo,
     DomainNotFound,
     HypervisorError,
@@ -52,6 +54,14 @@ def hypervisor_failure(exc: HypervisorError, step: str, host: Host) -> ApiError:
     data = {"step": step, "node": {"id": host.node.id}}
     if isinstance(exc, HypervisorUnavailable | HypervisorTimeout):
         note_host_failure(host.node.id)
+    if isinstance(exc, DiskLeased):
+        return Conflict(
+            f"Node {host.node.fqdn}'s lock manager refused a disk while {step}: another host "
+            f"holds its lease, so a QEMU there has it open ({exc.reason}). Nothing ran; the "
+            "request was undone.",
+            error_id=VM_DISK_LEASED,
+            data=data,
+        )
     if isinstance(exc, HypervisorTimeout):
         return HypervisorTimedOut(
             f"Node {host.node.fqdn} did not answer within {exc.timeout:g} s while "
