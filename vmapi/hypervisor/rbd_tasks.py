@@ -30,8 +30,10 @@ from vmapi.hypervisor.rbd import RbdError, RbdNotFound, _checked, _deadline, _mo
 if TYPE_CHECKING:
     from vmapi.hypervisor.rbd import RbdClient
 
-#: how often a task is asked after while it runs
+#: how often a task is asked after while it runs: at first, then twice as long each time
+#: up to POLL_MAX (a flatten of a large disk takes minutes; each question is a process)
 POLL = 0.25
+POLL_MAX = 2.0
 #: what in the ceph tool's answer says the user lacks the manager's capability
 _REFUSED = ("EACCES", "Permission denied", "not authorized", "access denied")
 
@@ -71,6 +73,7 @@ def flatten_in_cluster(
                            f"capability: mgr 'profile rbd pool={pool}'") from exc  # fmt: skip
         raise
     task_id = str(task["id"])
+    pause = POLL
     try:
         while True:
             try:
@@ -82,7 +85,8 @@ def flatten_in_cluster(
                                f"{seen['retry_message']}")  # fmt: skip
             if beat is not None:
                 beat()
-            time.sleep(min(POLL, left()))
+            time.sleep(min(pause, left()))
+            pause = min(pause * 2, POLL_MAX)
     except BaseException:
         cancel(client, task_id)
         raise
