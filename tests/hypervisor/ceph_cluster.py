@@ -4,7 +4,8 @@ One monitor, one manager and one BlueStore OSD on a sparse file, all in a folder
 own under the temporary directory (``vmapi-ceph-<random>``), bound to 127.0.0.1 only, run
 as forking daemons with pid files (no systemd, nothing in /etc/ceph: every command is
 given the folder's ``ceph.conf``). The pool ``rbd`` is initialised and the cephx user
-``client.libvirt`` may use it (``profile rbd``). Up in about 10 s; :func:`ceph_cluster`
+``client.libvirt`` may use it (``profile rbd`` of the monitors, the OSDs on the pool and the
+manager on the pool, as README asks of operators). Up in about 10 s; :func:`ceph_cluster`
 ends the daemons with SIGKILL and removes the folder (about 2 s), also when the tests
 failed, and first removes what an earlier run that was killed left: a folder whose owner
 (the process that made it, by pid and start time) is gone.
@@ -286,8 +287,10 @@ def start(folder: Path) -> CephCluster:
     run("ceph", *c, "osd", "pool", "create", POOL, "8", "8")
     run("rbd", *c, "pool", "init", POOL)
     user_keyring = folder / f"client.{USER}.keyring"
+    # mgr: the manager's rbd_support tasks (a save's flatten inside the cluster)
     run("ceph", *c, "auth", "get-or-create", f"client.{USER}", "mon", "profile rbd",
-        "osd", f"profile rbd pool={POOL}", "-o", str(user_keyring))  # fmt: skip
+        "osd", f"profile rbd pool={POOL}", "mgr", f"profile rbd pool={POOL}",
+        "-o", str(user_keyring))  # fmt: skip
     key = run("ceph", *c, "auth", "get-key", f"client.{USER}").strip()
     _wait_healthy(conf, time.monotonic() + HEALTHY_SECONDS)
     return CephCluster(folder=folder, monitors=((HOST, v1),), pool=POOL, user=USER, key=key,

@@ -1,10 +1,14 @@
 """What the RBD modules with two hosts share (test_rbd_moves.py, test_rbd_boot.py): vmapi on
 the host pair (migrate_env) given the session cluster's key, an rbd type over that cluster,
-and the clean-up of both hosts and of this installation's images in the cluster."""
+the clean-up of both hosts and of this installation's images in the cluster, and a record
+of the processes vmapi's Ceph client starts (what passes through the API host)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +17,7 @@ import libvirt
 
 from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.migrate_env import INSTALLATION, MigrateEnv, migrate_env
+from vmapi.hypervisor import rbd as rbd_module
 
 RBD_POOL = "vmapi-ceph"
 
@@ -88,3 +93,73 @@ def network_disk(env: MigrateEnv, name: str, domain: str, target: str) -> ET.Ele
         conn.close()
     [disk] = [d for d in xml.iterfind("devices/disk") if d.find("target").get("dev") == target]
     return disk
+
+
+#: words of an ``rbd`` command line that read or write an image's data (through the tool)
+DATA_WORDS = frozenset({"flatten", "export", "export-diff", "import", "import-diff", "cp", "copy",
+                        "deep", "migration", "bench", "map", "device"})  # fmt: skip
+
+
+class Spawned:
+    """Stands for ``subprocess`` in vmapi's Ceph client (vmapi/hypervisor/rbd.py: every
+    process it starts, the ``ceph`` tool's included, goes through its ``run`` or
+    ``Popen``): records each command line, then runs it for real, with when it started
+    and ended (``times``). ``slow`` (word, seconds): a command with that word waits that
+    long first (a slow cluster); ``failing`` (a word): such a command fails instead, as
+    if the cluster had refused it (neither can be had from the cluster on demand)."""
+
+    def __init__(self) -> None:
+        self.argv: list[list[str]] = []
+        self.times: list[tuple[list[str], float, float]] = []
+        self.slow: tuple[str, float] | None = None
+        self.failing: str | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(subprocess, name)
+
+    def run(self, argv, *args, **kwargs):
+        argv = [str(a) for a in argv]
+        self.argv.append(argv)
+        started = time.monotonic()
+        if self.slow is not None and self.slow[0] in argv:
+            time.sleep(self.slow[1])
+        try:
+            if self.failing is not None and self.failing in argv:
+                return subprocess.CompletedProcess(argv, 5, b"", b"injected failure")
+            return subprocess.run(argv, *args, **kwargs)
+        finally:
+            self.times.append((argv, started, time.monotonic()))
+
+    def Popen(self, argv, *args, **kwargs):
+        self.argv.append([str(a) for a in argv])
+        return subprocess.Popen(argv, *args, **kwargs)
+
+    def tools(self, name: str) -> list[list[str]]:
+        return [argv for argv in self.argv if os.path.basename(argv[0]) == name]
+
+    def moving_data(self) -> list[list[str]]:
+        """The command lines that would pass an image's bytes through the API host: any
+        tool but ``rbd`` and ``ceph`` (``qemu-img convert``, ``cp``, ``dd``...), and ``rbd``
+        with a word that reads or writes data (``flatten``, ``export``, ``cp``...)."""
+        return [argv for argv in self.argv
+                if os.path.basename(argv[0]) not in ("rbd", "ceph")
+                or (os.path.basename(argv[0]) == "rbd" and DATA_WORDS & set(argv))]  # fmt: skip
+
+    def manager_commands(self) -> list[list[str]]:
+        """The ``ceph`` command lines, from their command words on (after the options)."""
+        return [argv[argv.index("rbd") :] for argv in self.tools("ceph")]
+
+
+def record_processes(monkeypatch) -> Spawned:
+    """From now on until the test ends, every process vmapi's Ceph client starts."""
+    spawned = Spawned()
+    monkeypatch.setattr(rbd_module, "subprocess", spawned)
+    return spawned
+
+
+def flattens_done_by_the_manager(ceph: CephCluster) -> list[str]:
+    """The images the cluster's manager flattened (its progress module keeps the events of
+    the rbd_support tasks it completed: "Flattening image POOL/IMAGE")."""
+    progress = json.loads(ceph.run("ceph", "progress", "json"))
+    return [event["message"].split()[-1] for event in progress.get("completed", [])
+            if event.get("message", "").startswith("Flattening image ")]  # fmt: skip

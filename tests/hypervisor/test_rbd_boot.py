@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import libvirt
 import pytest
@@ -31,9 +32,16 @@ from tests.hypervisor.migrate_env import (
     ticks,
     wait_for_ticks,
 )
-from tests.hypervisor.rbd_env import ceph_env, make_rbd_type, network_disk
+from tests.hypervisor.rbd_env import (
+    ceph_env,
+    flattens_done_by_the_manager,
+    make_rbd_type,
+    network_disk,
+    record_processes,
+)
 from tests.image_files import OCTET
 from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.vms.boot import round_up
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -203,10 +211,14 @@ def test_an_evacuation_restarts_the_vm_on_its_own_clone(env, ceph, guest):
         env.reconcile("--fix")  # b is back: what it kept of the guest goes
 
 
-def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, rbd_type, guest):
+def test_saving_the_running_guest_makes_an_image_inside_the_cluster(
+    env, ceph, rbd_type, guest, monkeypatch
+):
     _, name, _ = root_of(env, guest)
     faults(env).calls.clear()
+    spawned = record_processes(monkeypatch)
     saved = env.api.post(f"vm/{guest['id']}/image", json={"name": "saved"})
+    monkeypatch.undo()
     assert saved.status_code == 201, saved.json
     image = saved.json["data"]
     assert (image["state"], image["format"], image["kind"]) == ("active", "raw", "snapshot")
@@ -214,6 +226,14 @@ def test_saving_the_running_guest_makes_an_image_inside_the_cluster(env, ceph, r
     # made in the cluster: no volume of a node copied, read or streamed
     assert not {"copy_disk_live", "clone_volume", "download_volume"} & set(faults(env).calls)
     in_ceph = f"{INSTALLATION}-image-{image['id']}"
+    # and no byte through the API host: the manager flattened the copy (its progress
+    # module completed the task), and the API host's Ceph client ran metadata commands
+    # only (no rbd flatten/export/cp, no qemu-img, no other tool)
+    assert f"{ceph.pool}/{in_ceph}" in flattens_done_by_the_manager(ceph)
+    assert spawned.argv and spawned.moving_data() == []
+    assert ["rbd", "task", "add", "flatten", f"{ceph.pool}/{in_ceph}"] in (
+        spawned.manager_commands()
+    )
     info = ceph.rbd_info(in_ceph)
     assert "parent" not in info  # flattened: it stands alone
     assert image["size"] == info["size"] == ceph.rbd_info(name)["size"]
@@ -289,14 +309,16 @@ def vms(env: MigrateEnv) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "method", ["ensure_rbd_pool", "upload_volume", "define", "start", "domain"]
+    "method",
+    ["ensure_rbd_pool", "upload_volume", "define", "start", "resize_disk_live", "resume", "domain"],
 )
 def test_a_failure_at_any_step_leaves_nothing_in_the_cluster(env, ceph, rbd_type, fresh_image,
                                                              method):  # fmt: skip
-    """A failed create takes its clone, and the image it wrote (no other VM uses it)."""
+    """A failed create takes its clone, and the image it wrote (no other VM uses it); its
+    root disk is larger than the image, so the start grows it (resize_disk_live, resume)."""
     images, before, domains = ours(ceph), vms(env), env.domains("a")
     faults(env).fail(method)
-    made = env.api.post("vm", json={**create_body(env, rbd_type),
+    made = env.api.post("vm", json={**create_body(env, rbd_type), "root_size": 4 * MIB,
                                     "image": {"id": fresh_image["id"]}})  # fmt: skip
     assert made.status_code == 502, made.json
     assert ours(ceph) == images
@@ -349,3 +371,103 @@ def test_reconcile_owns_images_in_ceph_and_removes_a_deleted_image_s(env, ceph, 
     code, output = env.reconcile("--fix")
     assert left not in ceph.rbd_images()
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=left) == [(0,)]
+
+
+def test_the_root_disk_is_grown_by_qemu_before_the_guest_first_runs(
+    env, ceph, rbd_type, monkeypatch
+):
+    """A root disk larger than its image: the clone is made at the image's size (no ``rbd
+    resize`` process on the create's path) and grown through QEMU's open image while the
+    domain, just started, is still paused (no vCPU has run: the guest's first look at
+    the disk finds root_size); then it runs, and libvirt and the cluster agree on the
+    size."""
+    size = round_up(env.image["virtual_size"]) + 8 * MIB
+    seen: list[tuple[int, int, int]] = []
+
+    def before(method: str, uri: str, args: tuple) -> None:
+        if method == "resize_disk_live":
+            conn = libvirt.open(uri)
+            try:
+                dom = conn.lookupByName(args[0])
+                seen.append((dom.state()[0], dom.blockInfo("vda")[0], args[2]))
+            finally:
+                conn.close()
+
+    faults(env).before = before
+    spawned = record_processes(monkeypatch)
+    try:
+        made = env.api.post("vm", json={**create_body(env, rbd_type), "root_size": size})
+    finally:
+        faults(env).before = None
+        monkeypatch.undo()
+    assert made.status_code == 201, made.json
+    vm = made.json["data"]
+    try:
+        # paused, QEMU holding the clone at the image's size, grown to root_size
+        assert seen == [(libvirt.VIR_DOMAIN_PAUSED, env.image["virtual_size"], size)]
+        assert [a for a in spawned.tools("rbd") if "resize" in a] == []
+        [clone] = [a for a in spawned.tools("rbd") if "clone" in a]
+        assert "--size" not in clone
+        _, name, _ = root_of(env, vm)
+        assert ceph.rbd_info(name)["size"] == size
+        conn = libvirt.open(env.host("a").uri)
+        try:
+            dom = conn.lookupByName(vm["domain_name"])
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            assert dom.blockInfo("vda")[0] == size
+        finally:
+            conn.close()
+        wait_for_ticks(env.console(vm["id"]), 1)
+    finally:
+        assert env.api.delete(f"vm/{vm['id']}").status_code == 200
+
+
+def test_the_clone_is_made_while_the_create_goes_on(env, ceph, rbd_type, monkeypatch):
+    """The root disk's ``rbd clone`` runs while the create defines the domain (made slow
+    here, 1 s: the definition happens between its start and its end), and the domain
+    starts once it is done."""
+    spawned = record_processes(monkeypatch)
+    spawned.slow = ("clone", 1.0)
+    called: list[tuple[str, float]] = []
+    faults(env).before = lambda method, uri, args: called.append((method, time.monotonic()))
+    try:
+        made = env.api.post("vm", json=create_body(env, rbd_type))
+    finally:
+        faults(env).before = None
+        monkeypatch.undo()
+    assert made.status_code == 201, made.json
+    try:
+        [(_, started, ended)] = [t for t in spawned.times if "clone" in t[0]]
+        [defined] = [at for method, at in called if method == "define"]
+        [start] = [at for method, at in called if method == "start"]
+        assert started < defined < ended < start
+    finally:
+        assert env.api.delete(f"vm/{made.json['data']['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("failing", ["define", "upload_volume", "clone"])
+def test_a_failure_beside_the_running_clone_leaves_nothing(env, ceph, rbd_type, fresh_image,
+                                                           monkeypatch, failing):  # fmt: skip
+    """A step that fails while the clone is still running (the seed's upload, the
+    definition): the undo waits for the clone, then removes it. The clone failing while
+    the rest went well: the domain and everything else go, 502 at its step."""
+    images, before, domains = ours(ceph), vms(env), env.domains("a")
+    spawned = record_processes(monkeypatch)
+    spawned.slow = ("clone", 1.0)
+    if failing == "clone":
+        spawned.failing = "clone"
+    else:
+        faults(env).fail(failing)
+    try:
+        made = env.api.post("vm", json={**create_body(env, rbd_type),
+                                        "image": {"id": fresh_image["id"]}})  # fmt: skip
+    finally:
+        monkeypatch.undo()
+    assert made.status_code == 502, made.json
+    if failing == "clone":
+        assert made.json["data"]["step"] == "creating the root disk", made.json
+        assert "injected failure" in made.json["message"]
+    assert ours(ceph) == images
+    assert env.sql("SELECT count(*) FROM image_rbd WHERE image_id = :i",
+                   i=fresh_image["id"]) == [(0,)]  # fmt: skip
+    assert vms(env) == before and env.domains("a") == domains

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.hypervisor.ceph_cluster import CephCluster, CephError
+from tests.hypervisor.rbd_env import flattens_done_by_the_manager, record_processes
 from vmapi.hypervisor.rbd import (
     COPY_SNAPSHOT,
     CephAccess,
@@ -227,28 +228,36 @@ def test_import_failing_half_way_leaves_nothing(ceph, client, prefix, tmp_path):
 
 
 class FailingAt(RbdClient):
-    """The real client, except that one rbd step fails as if the cluster had refused it
-    (the cluster cannot be made to fail at that step on demand)."""
+    """The real client, except that one command (the first whose words start with
+    ``step``, e.g. ``rbd snap protect`` or ``ceph rbd task add flatten``) fails once as
+    if the cluster had refused it (the cluster cannot be made to fail at that step on
+    demand)."""
 
     def __init__(self, access: CephAccess, step: tuple[str, ...]) -> None:
         super().__init__(access)
-        self.step = step
+        self.step: str | None = " ".join(step)
 
-    def _rbd(self, *args: str, bound: float | None = None) -> bytes:
-        if args[: len(self.step)] == self.step:
-            raise RbdError(f"rbd {' '.join(args)} failed (5): injected")
-        return super()._rbd(*args, bound=bound)
+    def _run(self, argv, bound, what, ok=(0,)):
+        if self.step is not None and what.startswith(self.step):
+            self.step = None
+            raise RbdError(f"{what} failed (5): injected")
+        return super()._run(argv, bound, what, ok)
 
 
 def test_import_failing_at_the_snapshot_leaves_nothing(ceph, client, prefix, tmp_path):
-    failing = FailingAt(client.access, ("snap", "protect"))
+    failing = FailingAt(client.access, ("rbd", "snap", "protect"))
     with pytest.raises(RbdError, match="injected"):
         failing.import_image(ceph.pool, f"{prefix}late", str(raw_file(tmp_path / "f", data(MIB))),
                              "raw", "base", BOUND)  # fmt: skip
     assert ours(ceph, prefix) == []
 
 
-def test_copy_flattened(ceph, client, prefix, tmp_path):
+def test_copy_flattened(ceph, client, prefix, tmp_path, monkeypatch):
+    """The copy stands alone with the source's content, and its flatten was the cluster's
+    manager's: the manager's progress module completed "Flattening image POOL/COPY", and
+    the processes the client started for the copy are metadata commands only (``rbd
+    snap``/``clone``/``info``, ``ceph rbd task``): no ``rbd flatten``, ``export``, ``cp``,
+    no ``qemu-img``, nothing else that could carry the image's bytes through this host."""
     source, copy = f"{prefix}source", f"{prefix}copy"
     first = data(4 * MIB)
     client.import_image(ceph.pool, source, str(raw_file(tmp_path / "first", first)), "raw",
@@ -257,7 +266,15 @@ def test_copy_flattened(ceph, client, prefix, tmp_path):
     write_into(ceph, source, raw_file(tmp_path / "changed", changed))
     at_copy = changed + first[MIB:]
 
+    assert f"{ceph.pool}/{copy}" not in flattens_done_by_the_manager(ceph)
+    spawned = record_processes(monkeypatch)
     assert client.copy_flattened(ceph.pool, source, copy, "own", BOUND) == 4 * MIB
+    monkeypatch.undo()
+    assert spawned.moving_data() == []
+    queued, *polls = spawned.manager_commands()
+    assert queued == ["rbd", "task", "add", "flatten", f"{ceph.pool}/{copy}"]
+    assert polls and all(argv[:3] == ["rbd", "task", "list"] for argv in polls)
+    assert f"{ceph.pool}/{copy}" in flattens_done_by_the_manager(ceph)
     made = client.info(ceph.pool, copy)
     assert (made.parent, made.snapshots) == (None, ("own",))
     assert snapshots(ceph, copy) == {"own": True}
@@ -287,19 +304,56 @@ def test_copy_flattened_refusals(ceph, client, prefix, tmp_path):
     assert snapshots(ceph, source) == {"base": True}
 
 
-@pytest.mark.parametrize("step", [("flatten",), ("snap", "protect")])
+@pytest.mark.parametrize(
+    "step",
+    [
+        ("ceph", "rbd", "task", "add", "flatten"),
+        ("ceph", "rbd", "task", "list"),
+        ("rbd", "snap", "protect"),
+    ],
+)
 def test_copy_failing_half_way_leaves_nothing(ceph, client, prefix, tmp_path, step):
+    """Refused at the queueing of the manager's flatten, failing while it is followed
+    (the task is cancelled: the manager drops it), or at the copy's own snapshot: no
+    copy, no snapshot, no task left."""
     source = f"{prefix}source"
-    client.import_image(ceph.pool, source, str(raw_file(tmp_path / "s", data(MIB))), "raw",
+    client.import_image(ceph.pool, source, str(raw_file(tmp_path / "s", data(8 * MIB))), "raw",
                         "base", BOUND)  # fmt: skip
     failing = FailingAt(client.access, step)
-    if step == ("snap", "protect"):  # the copy's own snapshot: the temporary one is made
-        failing.step = ("snap", "protect", f"{ceph.pool}/{prefix}copy@own")
+    if step[0] == "rbd":  # the copy's own snapshot: the temporary one is made
+        failing.step = f"rbd snap protect {ceph.pool}/{prefix}copy@own"
     with pytest.raises(RbdError, match="injected"):
         failing.copy_flattened(ceph.pool, source, f"{prefix}copy", "own", BOUND)
+    assert failing.step is None  # (it did fail there)
     assert ours(ceph, prefix) == [source]
     assert snapshots(ceph, source) == {"base": True}
     assert not any(s.startswith(COPY_SNAPSHOT) for s in snapshots(ceph, source))
+    tasks = json.loads(ceph.run("ceph", "rbd", "task", "list"))
+    assert [t for t in tasks if prefix in t["refs"].get("image_name", "")] == []
+
+
+def test_copy_without_the_managers_capability_says_so_and_leaves_nothing(ceph, prefix, tmp_path):
+    """A user with the monitors' and OSDs' ``profile rbd`` but not the manager's: the
+    manager refuses the task, the error names the capability to grant, nothing is left
+    (and nothing was flattened by this host instead)."""
+    user = f"{prefix}nomgr"
+    ceph.run("ceph", "auth", "get-or-create", f"client.{user}", "mon", "profile rbd",
+             "osd", f"profile rbd pool={ceph.pool}")  # fmt: skip
+    try:
+        keyfile = tmp_path / f"client.{user}.key"
+        keyfile.write_text(ceph.run("ceph", "auth", "get-key", f"client.{user}").strip() + "\n")
+        limited = RbdClient(CephAccess(monitors=ceph.monitors, user=user, keyfile=str(keyfile),
+                                       timeout=BOUND))  # fmt: skip
+        source = f"{prefix}source"
+        limited.import_image(ceph.pool, source, str(raw_file(tmp_path / "s", data(MIB))), "raw",
+                             "base", BOUND)  # fmt: skip
+        with pytest.raises(RbdError) as refused:
+            limited.copy_flattened(ceph.pool, source, f"{prefix}copy", "own", BOUND)
+        assert f"mgr 'profile rbd pool={ceph.pool}'" in str(refused.value)
+        assert ours(ceph, prefix) == [source]
+        assert snapshots(ceph, source) == {"base": True}
+    finally:
+        ceph.run("ceph", "auth", "del", f"client.{user}")
 
 
 def test_remove_image(ceph, client, prefix, tmp_path):

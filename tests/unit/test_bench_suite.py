@@ -62,7 +62,8 @@ def test_the_rbd_report_says_whether_the_create_is_within_1_1_x():
     # the other two comparisons, as ratios of RBD to local
     assert "A new node on RBD: 0.30 s against 0.80 s local (the copy to that node): 0.37 x" in over
     assert "RBD against local: 0.42 x the move that copies the disk, 0.95 x" in over
-    assert "`rbd resize`: the root disk's default size, 25 MiB" in over
+    assert "(`rbd clone` at the image's 24.00 MiB; the root disk's default size, 25 MiB" in over
+    assert "no `rbd resize` process" in over
 
 
 def test_write_times_reads_the_seconds_of_a_write_into_ceph_from_the_create_s_log():

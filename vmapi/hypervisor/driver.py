@@ -34,8 +34,9 @@ class HypervisorDriver(Protocol):
         domain with another UUID has that name)."""
         ...
 
-    def start(self, uri: str, name: str) -> None:
-        """Boot a defined, shut-off domain."""
+    def start(self, uri: str, name: str, paused: bool = False) -> None:
+        """Boot a defined, shut-off domain; ``paused``: QEMU runs with its disks open but
+        no vCPU has run yet (until :meth:`resume`)."""
         ...
 
     def shutdown(self, uri: str, name: str) -> None:

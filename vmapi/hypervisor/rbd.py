@@ -304,18 +304,21 @@ class RbdClient:
 
     def copy_flattened(
         self, pool: str, source: str, name: str, snapshot: str, timeout: float,
-        on_snapshot: Callable[[], None] | None = None,
+        on_snapshot: Callable[[], None] | None = None, beat: Callable[[], None] | None = None,
     ) -> int:  # fmt: skip
         """Make ``name`` a copy of image ``source`` as it is now that stands alone, without
-        its bytes leaving the cluster through vmapi: a snapshot of ``source`` (taken and
-        protected here, named after ``name``), a clone of it, the clone flattened (RBD's
-        copy-up, done by librbd in the ``rbd`` process: the data streams through it
-        once), the temporary snapshot removed again; then ``name``
-        gets its own protected snapshot ``snapshot``. All within ``timeout`` seconds; on
-        any failure ``name`` and the temporary snapshot are gone again. Returns the size
-        in bytes. ``RbdNotFound`` when ``source`` is missing, ``RbdBusy`` when ``name``
-        exists. ``on_snapshot`` is called as soon as the snapshot is taken (or its taking
-        failed): what the caller froze for it may thaw (the copy then takes its time)."""
+        a byte of it passing through the API host: a snapshot of ``source`` (taken and
+        protected here, named after ``name``), a clone of it, the clone flattened by the
+        cluster's manager (its ``rbd_support`` task: :mod:`vmapi.hypervisor.rbd_tasks`;
+        ``beat`` is called while it is waited for), the temporary snapshot removed again;
+        then ``name`` gets its own protected snapshot ``snapshot``. All within
+        ``timeout`` seconds; on any failure ``name`` and the temporary snapshot are gone
+        again. Returns the size in bytes. ``RbdNotFound`` when ``source`` is missing,
+        ``RbdBusy`` when ``name`` exists. ``on_snapshot`` is called as soon as the
+        snapshot is taken (or its taking failed): what the caller froze for it may thaw
+        (the copy then takes its time)."""
+        from vmapi.hypervisor.rbd_tasks import flatten_in_cluster  # cycle: rbd -> rbd_tasks -> rbd
+
         spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
         temp = f"{pool}/{_checked('image', source)}@{COPY_SNAPSHOT}{name}"
         snap = f"{spec}@{_checked('snapshot', snapshot)}"
@@ -332,7 +335,7 @@ class RbdClient:
             self._rbd("snap", "protect", temp, bound=left())
             self._rbd("clone", temp, spec, bound=left())
             undo.insert(0, lambda: self.remove_image(pool, name))
-            self._rbd("flatten", "--no-progress", spec, bound=left())
+            flatten_in_cluster(self, pool, name, left(), beat)
             self._drop_snapshot(temp, bound=left())
             undo.pop()
             self._rbd("snap", "create", "--no-progress", snap, bound=left())
@@ -394,11 +397,12 @@ class RbdClient:
             return False
         return True
 
-    def clone(self, pool: str, parent: str, snapshot: str, name: str, size: int) -> None:
+    def clone(self, pool: str, parent: str, snapshot: str, name: str, size: int | None) -> None:
         """Make ``name`` RBD's copy-on-write clone of ``parent@snapshot`` (a protected
-        snapshot), grown to ``size`` bytes when that is more than the parent's. On a
-        failure to grow, the clone is removed again. ``RbdBusy`` when ``name`` exists
-        (left alone), ``RbdNotFound`` when the snapshot does not."""
+        snapshot), grown to ``size`` bytes when that is more than the parent's (None: the
+        parent's size, one command: the caller grows it some other way). On a failure to
+        grow, the clone is removed again. ``RbdBusy`` when ``name`` exists (left alone),
+        ``RbdNotFound`` when the snapshot does not."""
         spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
         source = f"{pool}/{_checked('image', parent)}@{_checked('snapshot', snapshot)}"
         # two commands, no lookups around them (each command is a process and a
@@ -406,6 +410,8 @@ class RbdClient:
         # name itself ("already exists": RbdBusy, that image untouched), and a resize to
         # the size it has already is no change
         self._rbd("clone", source, spec)
+        if size is None:
+            return
         try:
             self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
         except RbdError as exc:

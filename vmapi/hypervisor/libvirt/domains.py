@@ -55,8 +55,12 @@ class DomainCalls(LibvirtCalls):
         xml = design(spec).to_xml()
         self._call(uri, lambda conn: conn.defineXML(xml))
 
-    def start(self, uri: str, name: str) -> None:
-        self._on_domain(uri, name, lambda dom: dom.create())
+    def start(self, uri: str, name: str, paused: bool = False) -> None:
+        if paused:
+            flag = libvirt.VIR_DOMAIN_START_PAUSED
+            self._on_domain(uri, name, lambda dom: dom.createWithFlags(flag))
+        else:
+            self._on_domain(uri, name, lambda dom: dom.create())
 
     def shutdown(self, uri: str, name: str) -> None:
         self._on_domain(uri, name, lambda dom: dom.shutdown())

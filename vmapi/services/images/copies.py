@@ -68,12 +68,13 @@ class Source:
     size: int
     checksum: str
     path: str  # the file in the image store
+    virtual_size: int = 0  # the disk's size it holds (0: not known)
 
     @classmethod
     def of(cls, image: Image) -> Source:
         store = os.path.abspath(current_app.config["IMAGE_DIR"])
         return cls(image.id, image.format, image.size or 0, image.checksum or "",
-                   os.path.join(store, image.file or ""))  # fmt: skip
+                   os.path.join(store, image.file or ""), image.virtual_size or 0)  # fmt: skip
 
 
 @dataclass(frozen=True)

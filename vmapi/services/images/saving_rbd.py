@@ -1,7 +1,8 @@
 """Saving a disk that is an RBD image (an rbd storage type): the image is made inside the
-Ceph cluster, and no byte of it passes through vmapi's process, its image store, a node
-or HTTP (the flatten is librbd's, in the API host's ``rbd`` process: RBD has no copy that
-the cluster does on its own, so the data streams once through that process).
+Ceph cluster, and no byte of it passes through the API host (vmapi's process or any tool
+it runs), its image store, a node or HTTP: the flatten is a task of the cluster's
+manager (its ``rbd_support`` module, :mod:`vmapi.hypervisor.rbd_tasks`), which the API
+host queues and waits for.
 
 Under the VM's lock, as every save (:mod:`vmapi.services.images.saving`), within
 ``IMAGE_SAVE_TIMEOUT``:
@@ -11,8 +12,10 @@ Under the VM's lock, as every save (:mod:`vmapi.services.images.saving`), within
    the RBD image it will be (``<installation>-image-<image id>`` in the disk's Ceph
    pool), committed together: whatever happens next, the rows say what to remove;
 2. an RBD snapshot of the disk (with ``quiesce``, the guest's file systems frozen
-   through its agent for that moment only), cloned and flattened into the new RBD image
-   by the API host's Ceph client, the snapshot removed again; the new image gets its
+   through its agent for that moment only), cloned by the API host's Ceph client and
+   flattened into the new RBD image by the cluster's manager (waited for within the
+   bound, beating the worker's heartbeat; a task still running at the bound is
+   cancelled), the snapshot removed again; the new image gets its
    own protected snapshot, the parent of root disks cloned from it
    (:func:`vmapi.hypervisor.rbd.RbdClient.copy_flattened`);
 3. under the image row's lock, ``active`` with its size.
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING
 from flask import current_app
 from sqlalchemy import select
 
+from vmapi import heartbeat
 from vmapi.error_ids import IMAGE_QUOTA_EXCEEDED, VM_NO_GUEST_AGENT, not_found
 from vmapi.errors import Conflict, NotFound
 from vmapi.extensions import db
@@ -85,7 +89,7 @@ def save_rbd(saving: Saving, live: bool, quiesce: bool, deadline: float) -> Outc
             raise HypervisorTimeout(host.uri, float(current_app.config["IMAGE_SAVE_TIMEOUT"]))
         undo.push(f"removing RBD image {pool}/{name}", lambda: client.remove_image(pool, name))
         size = client.copy_flattened(pool, disk.volume_name or "", name, SNAPSHOT, remaining,
-                                     on_snapshot=thaw)  # fmt: skip
+                                     on_snapshot=thaw, beat=heartbeat.beat)  # fmt: skip
         thaw()
         image = activate(image_id, size)
     except NoGuestAgent as exc:

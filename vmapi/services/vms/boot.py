@@ -13,6 +13,7 @@ request made that nobody uses, the row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +45,9 @@ from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
-from vmapi.services.vms.rbd_boot import make_rbd_root, rbd_type
+from vmapi.services.vms.rbd_boot import ROOT_TARGET, make_rbd_root, rbd_type
 
 MIB = 1024 * 1024
-ROOT_TARGET = "vda"
 
 
 @dataclass(frozen=True)
@@ -194,16 +194,32 @@ def forget_root_disk(storage_id: int) -> None:
         db.session.commit()
 
 
-def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) -> None:
+def grown_at_start(boot: Boot | None) -> int | None:
+    """The size an RBD root disk is grown to by QEMU when the domain first starts (paused:
+    before any vCPU runs, so the guest never sees the image's size), or None when it is
+    made at its size. An RBD clone is made at its image's size (one ``rbd`` command,
+    no ``rbd resize`` process on the create's path) whenever ``root_size`` is more and
+    the image's size is known; the local overlay is made at its size."""
+    if boot is None or boot.rbd_type_id is None:
+        return None
+    known = boot.source.virtual_size
+    return boot.root_size if 0 < known < boot.root_size else None
+
+
+def make_root_disk(
+    vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo
+) -> Callable[[], None] | None:
     """The image's copy on the node (made now if missing), then the overlay on it; the
     row records the overlay's path. Failures answer as POST /vm's steps do. (In an rbd
-    type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`.)"""
+    type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`, the clone at the image's
+    size when :func:`grown_at_start` says the start grows it, made while the create goes
+    on: call what this returns before the domain starts; None: nothing to wait for.)"""
     if boot.rbd_type_id is not None:
+        size = None if grown_at_start(boot) else boot.root_size
         try:
-            make_rbd_root(vm, root, boot.source, boot.root_size, host, undo)
+            return make_rbd_root(vm, root, boot.source, size, host, undo)
         except CopyGone as exc:  # (the VM's row holds the image: only if that changes)
             raise image_not_found(boot.source.id) from exc
-        return
     driver = hypervisor()
     uri, pool = host.uri, root.pool
     directory = pool_directory(host.node.id, pool, vm.virt_method_id)
@@ -232,3 +248,4 @@ def make_root_disk(vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo) ->
         raise image_not_found(boot.source.id) from exc
     db.session.add(root)
     db.session.commit()
+    return None

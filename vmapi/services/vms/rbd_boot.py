@@ -9,16 +9,29 @@ client rather than by ``vol-create-from`` in the node's libvirt pool: libvirt kn
 image another client wrote only after a refresh of the pool, which lists and opens
 every image in it (the slowness CloudStack #14188 reports), while ``rbd clone`` touches
 the one parent. The domain reaches the clone as a network disk, never through the pool.
+
+The clone (one ``rbd clone``, a process that starts and connects to the cluster: tens of
+milliseconds POST /vm would wait for) runs in a thread while the create goes on with the
+seed and the domain's definition; the create waits for it before the domain starts. Its
+undo waits for it too, then removes it (a failed clone made nothing).
+
+A root disk larger than its image is not grown by a second ``rbd`` process (``rbd
+resize``, each process a start and a connection to the cluster that POST /vm waits
+for): the clone is made at the image's size and the domain's first start grows it
+(:func:`start_grown`: started paused, QEMU's own ``block_resize`` on the image it holds
+open, then resumed), before the guest has run an instruction.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 from sqlalchemy import select
 
 from vmapi.extensions import db
-from vmapi.hypervisor import HypervisorError
+from vmapi.hypervisor import HypervisorDriver, HypervisorError
 from vmapi.hypervisor.rbd import RbdBusy
 from vmapi.models import Storage, StorageType, Vm
 from vmapi.models.catalog import RBD
@@ -40,6 +53,9 @@ from vmapi.services.undo import Undo
 
 log = logging.getLogger(__name__)
 
+#: a root disk's target (vmapi.services.vms.boot's too)
+ROOT_TARGET = "vda"
+
 
 def rbd_type(type_id: int) -> StorageType:
     """An rbd type, read under a share lock as a volume's type is (its Ceph fields cannot
@@ -48,11 +64,40 @@ def rbd_type(type_id: int) -> StorageType:
     return db.session.scalars(stmt.with_for_update(read=True)).one()
 
 
-def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, undo: Undo) -> None:
-    """The node's Ceph access, the image in Ceph (written if missing), then the clone;
-    the row records the clone's path (``<ceph pool>/<name>``, as libvirt reports RBD
-    volumes). Failures answer as POST /vm's steps do, with ``data.step``; ``CopyGone``
-    when the image was deleted meanwhile. What was made for the first time is logged."""
+class Cloning:
+    """The root disk's clone, made by the API host's ``rbd`` in a thread of its own while
+    the create goes on (no database, no Flask: the client runs its tools only)."""
+
+    def __init__(self, make: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make,), daemon=True,
+                                        name="vmapi-rbd-clone")  # fmt: skip
+        self._thread.start()
+
+    def _run(self, make: Callable[[], None]) -> None:
+        try:
+            make()
+        except BaseException as exc:  # (handed to the request's thread by wait())
+            self.error = exc
+
+    def wait(self) -> bool:
+        """Wait for the clone (each of the tool's commands is bounded by the client's
+        timeout); True when it was made."""
+        self._thread.join()
+        return self.error is None
+
+
+def make_rbd_root(
+    vm: Vm, root: Storage, source: Source, size: int | None, host: Host, undo: Undo
+) -> Callable[[], None]:
+    """The node's Ceph access, the image in Ceph (written if missing), then the clone
+    (grown to ``size``; None: at the image's size, grown by the domain's start,
+    :func:`start_grown`), which goes on while the create does (the seed, the domain's
+    definition): call what this returns before the domain starts (it waits for the
+    clone and raises its failure). The row records the clone's path (``<ceph
+    pool>/<name>``, as libvirt reports RBD volumes). Failures answer as POST /vm's steps
+    do, with ``data.step``; ``CopyGone`` when the image was deleted meanwhile. What was
+    made for the first time is logged."""
     messages: list[str] = []
     storage_type = db.session.get(StorageType, root.storage_type_id)
     assert storage_type is not None
@@ -72,12 +117,17 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
                                 f"{storage_type.ceph_pool} ({held.seconds:.1f} s).")  # fmt: skip
             steps.step = "creating the root disk"
             pool, name = held.row.ceph_pool, root.volume_name or ""
-            try:
-                client.clone(pool, held.row.rbd_name, held.row.snapshot, name, size)
-            except RbdBusy as exc:  # not ours (ours are recorded before they are made)
-                raise name_taken(exc, f"{pool}/{name}", host, "an RBD image") from exc
-            undo.push(f"deleting root disk {pool}/{name}",
-                      lambda: delete_volume(root, host),
+            parent, snapshot = held.row.rbd_name, held.row.snapshot
+            # (the image cannot go once the clone is started: this root disk's row,
+            # committed with the VM's claim, is a user of it, and RBD keeps a parent
+            # with clones)
+            cloning = Cloning(lambda: client.clone(pool, parent, snapshot, name, size))
+
+            def unclone() -> None:
+                if cloning.wait():  # (a failed clone made nothing; a taken name is not ours)
+                    delete_volume(root, host)
+
+            undo.push(f"deleting root disk {pool}/{name}", unclone,
                       Left(host.node.id, VOLUME, name, vm.id, root.pool))  # fmt: skip
             root.path = f"{pool}/{name}"
     except KeyUnreadable as exc:
@@ -88,3 +138,29 @@ def make_rbd_root(vm: Vm, root: Storage, source: Source, size: int, host: Host, 
         log.info("vm-%s: %s", vm.id, message)
     db.session.add(root)
     db.session.commit()
+
+    def ready() -> None:
+        if cloning.wait():
+            return
+        exc = cloning.error
+        if isinstance(exc, RbdBusy):  # not ours (ours are recorded before they are made)
+            raise name_taken(exc, root.path or name, host, "an RBD image") from exc
+        if isinstance(exc, HypervisorError):
+            raise hypervisor_failure(exc, "creating the root disk", host) from exc
+        raise exc  # type: ignore[misc]
+
+    return ready
+
+
+def start_grown(driver: HypervisorDriver, uri: str, name: str, size: int, steps: Steps) -> None:
+    """Start the domain paused (QEMU opens the clone, no vCPU runs), grow its root disk
+    to ``size`` through QEMU's own open image (``block_resize``: the guest's first look at
+    the disk, by its firmware, already finds the new capacity), then let it run. A
+    failure leaves the domain to the create's undo (destroyed and undefined), then the
+    clone's."""
+    steps.step = "starting the domain"
+    driver.start(uri, name, paused=True)
+    steps.step = "growing the root disk"
+    driver.resize_disk_live(uri, name, ROOT_TARGET, size)
+    steps.step = "starting the domain"
+    driver.resume(uri, name)
