@@ -38,3 +38,6 @@ class IdempotencyKey(db.Model):
     #: ids (a JSON list) of the objects the request made, written in the transaction that
     #: commits each of them: what a retry answers when the request died before its answer
     made: Mapped[str | None] = mapped_column(Text)
+    #: ids (a JSON list) of the VMs it committed as ``building`` (in that transaction):
+    #: what a retry that takes the key over from a dead request removes
+    building: Mapped[str | None] = mapped_column(Text)

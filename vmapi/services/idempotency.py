@@ -34,6 +34,7 @@ from flask import g, has_request_context
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm.exc import StaleDataError
 
 from vmapi.errors import DatabaseLost, OutcomeUnknown
 from vmapi.extensions import db
@@ -50,6 +51,7 @@ class Running:
     key: str
     owner: str
     made: list[int] = field(default_factory=list)
+    building: list[int] = field(default_factory=list)
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:
@@ -106,7 +108,7 @@ def take_over(record: IdempotencyKey, owner: str) -> bool:
             made.is_(None) if record.made is None else made == record.made,
             IdempotencyKey.status_code.is_(None),
         )
-        .values(owner=owner, made=None)
+        .values(owner=owner, made=None, building=None)
     )
     taken = db.session.execute(stmt.execution_options(synchronize_session=False)).rowcount
     db.session.commit()
@@ -148,6 +150,26 @@ def _fenced(running: Running) -> Any:
     )
 
 
+def note_building(ids: list[int]) -> None:
+    """Under an Idempotency-Key: name the VMs ``ids``, about to be committed as
+    ``building``, on the key's row in the same transaction (a retry that takes the key
+    over from a dead request removes them); the caller commits."""
+    running = current()
+    if running is None:
+        return
+    building = running.building + ids
+    if db.session.execute(_fenced(running).values(building=json.dumps(building))).rowcount != 1:
+        raise DatabaseLost(
+            "Another request took this Idempotency-Key over while this one ran (its "
+            "database session was lost); retry to get its answer."
+        )
+    running.building = building
+
+
+def building_ids(record: IdempotencyKey) -> list[int]:
+    return [] if record.building is None else list(json.loads(record.building))
+
+
 def commit_made(ids: list[int]) -> None:
     """Commit the session's transaction, which makes the objects ``ids``. Under an
     Idempotency-Key the key's row names them in the same transaction (so the key and
@@ -157,7 +179,12 @@ def commit_made(ids: list[int]) -> None:
     if running is None:
         db.session.commit()
         return
-    db.session.flush()
+    try:
+        db.session.flush()
+    except StaleDataError as exc:  # a retry that took the key over removed our row
+        db.session.rollback()
+        raise DatabaseLost("Another request took this Idempotency-Key over while this one "
+                           "ran; retry to get its answer.") from exc  # fmt: skip
     made = running.made + ids
     bound = db.session.execute(_fenced(running).values(made=json.dumps(made))).rowcount
     if bound != 1:
