@@ -22,7 +22,7 @@ from flask import Response, current_app, g, request
 from vmapi.api.errors import for_the_caller
 from vmapi.auth import Principal
 from vmapi.error_ids import GENERAL_IDEMPOTENCY_CONFLICT
-from vmapi.errors import ApiError, Conflict, NotFound, ValidationError
+from vmapi.errors import ApiError, Conflict, NotFound, OutcomeUnknown, ValidationError
 from vmapi.extensions import db
 from vmapi.models import IdempotencyKey
 from vmapi.representations import error_response, parse_body
@@ -145,15 +145,20 @@ def replay_of(resource: ResourceApi, who: Principal, record: IdempotencyKey, sta
 
 def run(resource: ResourceApi, who: Principal, running: idempotency.Running) -> Response:
     """Run the create as the key's request; store its answer (or give the key up)."""
+    kept = False
     try:
         response = resource.create(who)
     except ApiError as exc:  # (answered here, not by the error handler: the same view)
         response = error_response(for_the_caller(exc))
+        # its work is kept, not undone: the row stays for the retry, which takes the key
+        # over and removes what is still building (or answers what landed)
+        kept = isinstance(exc, OutcomeUnknown)
     except BaseException:
         idempotency.release(running)
         raise
     if response.status_code >= 500:
-        idempotency.release(running)  # (not if it made something: that stays replayable)
+        if not kept:
+            idempotency.release(running)  # (not if it made something: that is answered)
     else:
         body = response.get_data()
         idempotency.store_answer(running, response.status_code, response.mimetype, body)

@@ -254,10 +254,11 @@ def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[Le
             yield Lead(conn)
         finally:
             try:
-                conn.rollback()
-                conn.execute(select(func.pg_advisory_unlock(LEADER_KEY)))
-                conn.commit()
-            except DBAPIError:  # the session is gone, and its lock with it
+                if not conn.invalidated:  # (else its session is gone, and the lock with it)
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(LEADER_KEY)))
+                    conn.commit()
+            except Exception:  # the session is gone, and its lock with it
                 log.warning("the ha watch lock's session was gone at its release")
     finally:
         _close(conn)
