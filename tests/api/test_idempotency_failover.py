@@ -12,6 +12,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from flask import g
 
 from tests.conftest import vm_body
 from tests.dbproxy import DbRelay
@@ -258,3 +259,74 @@ def test_a_live_owner_is_waited_for_and_a_dead_one_is_not(api, app, vm_host, tes
     assert taken.status_code == 201 and "Idempotent-Replayed" not in taken.headers
     assert time.monotonic() - started < 3
     assert len(running_vms(api)) == 1
+
+
+def test_a_request_taken_over_while_alive_makes_nothing(api, app, vm_host, test_method,
+                                                        faults, pg_database, driver):  # fmt: skip
+    """Its lock's session ends while the request itself still runs (paused on its node):
+    a retry takes the key over, removes its building VM and makes its own; the first
+    one, resumed, fails and leaves nothing."""
+    node = vm_host()
+    paused, resume = threading.Event(), threading.Event()
+
+    def before(name, uri, args):
+        if name == "domain" and not paused.is_set():
+            paused.set()
+            resume.wait(30)
+
+    faults.before = before
+    answers = []
+
+    def first():
+        answers.append(app.test_client().post("/api/v1/vm", json=vm_body(test_method),
+                                              headers=api.headers(KEY)))  # fmt: skip
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert paused.wait(30)
+        with app.app_context():
+            token_id = db.session.scalar(sa.text("SELECT min(id) FROM api_token"))
+            db.session.remove()
+        namespace, digest = lock_ids(token_id, KEY["Idempotency-Key"])
+        admin = sa.create_engine(database_url(pg_database), poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            (pid,) = conn.execute(sa.text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+                " AND classid::bigint = :ns AND objid::bigint = :h"),
+                {"ns": namespace & 0xFFFFFFFF, "h": digest & 0xFFFFFFFF}).scalars().all()  # fmt: skip
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.dispose()
+        retry = api.post("vm", json=vm_body(test_method), headers=KEY)
+        assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    finally:
+        resume.set()
+        thread.join(30)
+    (lost,) = answers
+    assert lost.status_code == 502, lost.json  # its domain was gone: vm/hypervisor_error
+    made = retry.json["data"]
+    assert list(running_vms(api)) == [made["id"]]
+    assert domains(driver, node) == [made["domain_name"]]
+    again = api.post("vm", json=vm_body(test_method), headers=KEY)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["data"]["id"] == made["id"]
+
+
+def test_the_key_row_is_fenced_by_its_owner(app, api):
+    """A request whose key was taken over cannot bind what it made (nor answer): its
+    commit is refused before it happens."""
+    from vmapi.errors import DatabaseLost
+    from vmapi.services import idempotency
+
+    with app.test_request_context():
+        token_id = db.session.scalar(sa.text("SELECT min(id) FROM api_token"))
+        assert idempotency.claim(token_id, "k", "print", 3600, "old-owner") is None
+        record = idempotency.find(token_id, "k")
+        assert idempotency.take_over(record, "new-owner")
+        g.idempotency = idempotency.Running(token_id, "k", "old-owner")
+        with pytest.raises(DatabaseLost):
+            idempotency.commit_made([1])
+        idempotency.store_answer(g.idempotency, 201, "application/json", b"{}")
+        record = idempotency.find(token_id, "k")
+        assert (record.owner, record.made, record.status_code) == ("new-owner", None, None)
+        db.session.remove()
