@@ -84,7 +84,8 @@ def leader_pids(pg_database):
     with engine.connect() as conn:
         pids = conn.execute(sa.text(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-            " AND classid::bigint = :hi AND objid::bigint = :lo"), {"hi": hi, "lo": lo}
+            " AND classid::bigint = :hi AND objid::bigint = :lo AND database = (SELECT oid"
+            " FROM pg_database WHERE datname = current_database())"), {"hi": hi, "lo": lo}
         ).scalars().all()  # fmt: skip
     engine.dispose()
     return pids

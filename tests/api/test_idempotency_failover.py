@@ -293,7 +293,8 @@ def test_a_request_taken_over_while_alive_makes_nothing(api, app, vm_host, test_
         with admin.connect() as conn:
             (pid,) = conn.execute(sa.text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
-                " AND classid::bigint = :ns AND objid::bigint = :h"),
+                " AND classid::bigint = :ns AND objid::bigint = :h AND database = (SELECT oid"
+                " FROM pg_database WHERE datname = current_database())"),
                 {"ns": namespace & 0xFFFFFFFF, "h": digest & 0xFFFFFFFF}).scalars().all()  # fmt: skip
             conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         admin.dispose()
