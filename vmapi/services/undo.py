@@ -74,8 +74,9 @@ def run_undo(undo: Undo) -> None:
 def keep_for_reconcile(undo: Undo) -> None:
     """A commit whose outcome is unknown (:class:`~vmapi.errors.OutcomeUnknown`): what
     was done may belong to committed rows, so nothing is undone; a row that did not
-    commit stays ``building`` from its first commit, and ``flask vmapi reconcile --fix``
-    removes it with its domain after BUILD_TIMEOUT. Each step is logged."""
+    commit stays ``building`` from its first commit: a retry with the request's
+    Idempotency-Key removes it with its domain (:mod:`vmapi.services.vms.abandoned`), as
+    ``flask vmapi reconcile --fix`` does after BUILD_TIMEOUT. Each step is logged."""
     db.session.rollback()
     for step in reversed(undo.steps):
         log.warning("commit outcome unknown: not %s; left for reconcile", step.name)
