@@ -11,6 +11,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from vmapi import models
 from vmapi.api.network import ipv4, ipv6_pool
@@ -36,7 +37,35 @@ from vmapi.services.reconcile import reconcile
 from vmapi.services.storage.access import check_rbd_access
 from vmapi.services.tokens import TokenError, create_token, list_tokens, revoke_token
 
-vmapi_cli = AppGroup("vmapi", help="vmapi administration.")
+#: the exit status of a command the database went away under (rerun it)
+DATABASE_GONE = 3
+
+
+class DatabaseGone(click.ClickException):
+    exit_code = DATABASE_GONE
+
+
+class VmapiGroup(AppGroup):
+    """``flask vmapi``: a command that loses its database (a failover, a restart) stops
+    with one clear line and exit status 3, not a traceback. Every command commits each
+    of its steps on its own (a move's marker, a node's check, a reconcile fix), so what
+    it did is kept and what it did not is left for the next run: run it again once the
+    database answers. (``ha watch`` does not stop: it waits for the database.)"""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DBAPIError as exc:
+            if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
+                raise
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise DatabaseGone(
+                f"the database did not answer ({first}); what the command finished is "
+                "kept: run it again once the database answers"
+            ) from exc
+
+
+vmapi_cli = VmapiGroup("vmapi", help="vmapi administration.")
 token_cli = AppGroup("token", help="API tokens.")
 node_cli = AppGroup("node", help="Hypervisor hosts.")
 event_cli = AppGroup("event", help="The audit trail.")

@@ -161,3 +161,16 @@ class ServiceUnavailable(ApiError):
     status_code = 503
     error_id = GENERAL_UNAVAILABLE
     template = "The service is unavailable: {reason}"
+
+
+class DatabaseLost(ServiceUnavailable):
+    """503 when the database went away mid-write (retryable: Retry-After, as for any
+    database error)."""
+
+    retry_after = 5
+
+
+class OutcomeUnknown(DatabaseLost):
+    """The connection broke during a COMMIT and the database could not be asked whether
+    it landed: what the request did on the nodes is left for reconcile, not undone (it
+    may belong to a committed row). :func:`vmapi.services.undo.apply_all` keeps it."""

@@ -94,3 +94,55 @@ def test_key_shape(api, vm_host, test_method, key):
         "general/validation",
     )
     assert api.get("vm").json["data"] == {}
+
+
+def lose_the_answer(app):
+    """As a request that died after its commit, before its answer was stored."""
+    with app.app_context():
+        db.session.execute(sa.update(IdempotencyKey).values(status_code=None, body=None,
+                                                            mimetype=None))  # fmt: skip
+        db.session.commit()
+
+
+def test_a_committed_vm_whose_answer_was_lost_is_answered(app, api, vm_host, test_method):
+    vm_host()
+    first = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "k"})
+    lose_the_answer(app)
+    again = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "k"})
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["data"]["id"] == first.json["data"]["id"]
+    assert len(api.get("vm").json["data"]) == 1
+
+
+def test_an_array_whose_answer_was_lost_is_answered_keyed(app, api, vm_host, test_method):
+    vm_host()
+    body = [vm_body(test_method), vm_body(test_method)]
+    first = api.post("vm", json=body, headers={"Idempotency-Key": "k"})
+    assert first.status_code == 201
+    lose_the_answer(app)
+    again = api.post("vm", json=body, headers={"Idempotency-Key": "k"})
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert sorted(again.json["data"]) == sorted(first.json["data"])
+    assert len(api.get("vm").json["data"]) == 2
+
+
+def test_storage_whose_answer_was_lost_is_answered(app, api, vm_host, test_method):
+    vm_host()
+    vm = api.post("vm", json=vm_body(test_method)).json["data"]
+    body = {"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+    first = api.post("storage", json=body, headers={"Idempotency-Key": "disk-1"})
+    lose_the_answer(app)
+    again = api.post("storage", json=body, headers={"Idempotency-Key": "disk-1"})
+    assert again.status_code == 201 and again.json["data"]["id"] == first.json["data"]["id"]
+    assert len(api.get("storage").json["data"]) == 1
+
+
+def test_a_made_vm_deleted_since_is_made_anew(app, api, vm_host, test_method):
+    """What the key names was undone (or deleted): nothing is left to answer, so it runs."""
+    vm_host()
+    first = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "k"})
+    lose_the_answer(app)
+    api.delete(f"vm/{first.json['data']['id']}")
+    again = api.post("vm", json=vm_body(test_method), headers={"Idempotency-Key": "k"})
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+    assert len(api.get("vm").json["data"]) == 1

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from vmapi.extensions import db
@@ -24,3 +32,12 @@ class IdempotencyKey(db.Model):
     status_code: Mapped[int | None] = mapped_column(Integer)
     mimetype: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: the request running the key (a random token): a retry that took the key over from
+    #: a dead request wrote its own, and the dead one's writes to the row match no more
+    owner: Mapped[str | None] = mapped_column(String(32))
+    #: ids (a JSON list) of the objects the request made, written in the transaction that
+    #: commits each of them: what a retry answers when the request died before its answer
+    made: Mapped[str | None] = mapped_column(Text)
+    #: ids (a JSON list) of the VMs it committed as ``building`` (in that transaction):
+    #: what a retry that takes the key over from a dead request removes
+    building: Mapped[str | None] = mapped_column(Text)

@@ -1,23 +1,57 @@
 """Idempotent creates: the first request with a key runs, repeats get its answer.
 
-The key is claimed with one ``INSERT ... ON CONFLICT DO NOTHING`` committed before the
-create runs, so of two racing requests exactly one runs; the other waits for the
-stored answer. Keys are per token and expire after IDEMPOTENCY_TTL seconds.
+The key's row is claimed with one ``INSERT ... ON CONFLICT DO NOTHING`` committed before
+the create runs, so of two racing requests exactly one runs. The row names the request
+running it (``owner``, a random token) and, written in the very transaction that commits
+each object the create makes, the ids of those objects (``made``, :func:`commit_made`):
+a request that dies after its commit but before its answer was stored still left the
+answer's content behind, and one that died before it left no object a retry could
+duplicate. Every write of the running request to the row is fenced by its ``owner``:
+once a retry took the key over (:func:`take_over`, only while nothing is made yet), the
+old request's commit matches no row and is rolled back and undone. Whether the request
+running a key is alive is PostgreSQL's lock (:mod:`.idempotency_lock`); the fence keeps
+it correct even when that signal is wrong. Keys are per token and expire after
+IDEMPOTENCY_TTL seconds.
+
+A COMMIT whose connection broke may have landed or not; :func:`commit_made` asks the
+database (on a new connection) whether the row names what it made, and goes on as
+committed if so. If the database cannot be asked, the work on the nodes is kept for
+reconcile (:class:`~vmapi.errors.OutcomeUnknown`) rather than undone under a row that
+may be committed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flask import g, has_request_context
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm.exc import StaleDataError
 
+from vmapi.errors import DatabaseLost, OutcomeUnknown
 from vmapi.extensions import db
 from vmapi.models import IdempotencyKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    """The key this request runs (kept in ``g`` while the create runs)."""
+
+    token_id: int
+    key: str
+    owner: str
+    made: list[int] = field(default_factory=list)
+    building: list[int] = field(default_factory=list)
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:
@@ -26,20 +60,22 @@ def fingerprint(method: str, path: str, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def claim(token_id: int, key: str, print_: str, ttl: int) -> IdempotencyKey | None:
-    """None when this request owns the key; otherwise the record of the one that does."""
+def _where(token_id: int, key: str) -> Any:
+    return (IdempotencyKey.token_id == token_id) & (IdempotencyKey.key == key)
+
+
+def claim(token_id: int, key: str, print_: str, ttl: int, owner: str) -> IdempotencyKey | None:
+    """None when this request now runs the key (``owner``); otherwise the key's row."""
     now = datetime.now(UTC)
     db.session.execute(
         delete(IdempotencyKey).where(
-            IdempotencyKey.token_id == token_id,
-            IdempotencyKey.key == key,
-            IdempotencyKey.created_at < now - timedelta(seconds=ttl),
+            _where(token_id, key), IdempotencyKey.created_at < now - timedelta(seconds=ttl)
         )
     )
     dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
     stmt = (
         dialect.insert(IdempotencyKey)
-        .values(token_id=token_id, key=key, fingerprint=print_, created_at=now)
+        .values(token_id=token_id, key=key, fingerprint=print_, created_at=now, owner=owner)
         .on_conflict_do_nothing(index_elements=["token_id", "key"])
         .returning(IdempotencyKey.id)
     )
@@ -47,44 +83,170 @@ def claim(token_id: int, key: str, print_: str, ttl: int) -> IdempotencyKey | No
     db.session.commit()
     if mine is not None:
         return None
-    return _find(token_id, key)
+    return find(token_id, key)
 
 
-def _find(token_id: int, key: str) -> IdempotencyKey | None:
-    stmt = select(IdempotencyKey).where(
-        IdempotencyKey.token_id == token_id, IdempotencyKey.key == key
-    )
+def find(token_id: int, key: str) -> IdempotencyKey | None:
+    stmt = select(IdempotencyKey).where(_where(token_id, key))
     return db.session.scalars(stmt.execution_options(populate_existing=True)).first()
 
 
+def made_ids(record: IdempotencyKey) -> list[int] | None:
+    return None if record.made is None else list(json.loads(record.made))
+
+
+def take_over(record: IdempotencyKey, owner: str) -> bool:
+    """Run the key of a request that is gone and answered nothing, if its row is still
+    as ``record`` says (the caller saw that nothing it names exists); whether this
+    request runs it now."""
+    was, made = IdempotencyKey.owner, IdempotencyKey.made
+    stmt = (
+        update(IdempotencyKey)
+        .where(
+            IdempotencyKey.id == record.id,
+            was.is_(None) if record.owner is None else was == record.owner,
+            made.is_(None) if record.made is None else made == record.made,
+            IdempotencyKey.status_code.is_(None),
+        )
+        .values(owner=owner, made=None, building=None)
+    )
+    taken = db.session.execute(stmt.execution_options(synchronize_session=False)).rowcount
+    db.session.commit()
+    if taken:
+        log.warning("idempotency key %r of token %s taken over: its request is gone",
+                    record.key, record.token_id)  # fmt: skip
+    return taken == 1
+
+
 def wait_for_answer(token_id: int, key: str, timeout: float) -> IdempotencyKey | None:
-    """The record once the first request stored its answer (None if it did not in time,
-    or gave the key up after a server error)."""
+    """The key's row once its request stored its answer or made what it makes (or
+    the row is gone, or ``timeout`` passed: then as it is). For SQLite, which has no
+    lock to wait on."""
     deadline = time.monotonic() + timeout
     while True:
         db.session.rollback()  # see other transactions' commits
-        record = _find(token_id, key)
-        if record is None or record.status_code is not None:
+        record = find(token_id, key)
+        if record is None or record.status_code is not None or record.made is not None:
             return record
         if time.monotonic() >= deadline:
-            return None
+            return record
         time.sleep(0.05)
 
 
-def store_answer(token_id: int, key: str, status: int, mimetype: str, body: bytes) -> None:
-    db.session.rollback()
-    db.session.execute(
+def current() -> Running | None:
+    """The key the request runs, if it runs one."""
+    return g.get("idempotency") if has_request_context() else None
+
+
+def _fenced(running: Running) -> Any:
+    return (
         update(IdempotencyKey)
-        .where(IdempotencyKey.token_id == token_id, IdempotencyKey.key == key)
-        .values(status_code=status, mimetype=mimetype, body=body)
+        .where(
+            _where(running.token_id, running.key),
+            IdempotencyKey.owner == running.owner,
+            IdempotencyKey.status_code.is_(None),
+        )
+        .execution_options(synchronize_session=False)
     )
-    db.session.commit()
 
 
-def release(token_id: int, key: str) -> None:
-    """Give the key up (the first request failed on our side; a retry may run again)."""
+def note_building(ids: list[int]) -> None:
+    """Under an Idempotency-Key: name the VMs ``ids``, about to be committed as
+    ``building``, on the key's row in the same transaction (a retry that takes the key
+    over from a dead request removes them); the caller commits."""
+    running = current()
+    if running is None:
+        return
+    building = running.building + ids
+    if db.session.execute(_fenced(running).values(building=json.dumps(building))).rowcount != 1:
+        raise DatabaseLost(
+            "Another request took this Idempotency-Key over while this one ran (its "
+            "database session was lost); retry to get its answer."
+        )
+    running.building = building
+
+
+def building_ids(record: IdempotencyKey) -> list[int]:
+    return [] if record.building is None else list(json.loads(record.building))
+
+
+def commit_made(ids: list[int]) -> None:
+    """Commit the session's transaction, which makes the objects ``ids``. Under an
+    Idempotency-Key the key's row names them in the same transaction (so the key and
+    the objects are committed together or not at all); a key taken over meanwhile is a
+    503 here, before anything is committed (the caller's undo runs)."""
+    running = current()
+    if running is None:
+        db.session.commit()
+        return
+    try:
+        db.session.flush()
+    except StaleDataError as exc:  # a retry that took the key over removed our row
+        db.session.rollback()
+        raise DatabaseLost("Another request took this Idempotency-Key over while this one "
+                           "ran; retry to get its answer.") from exc  # fmt: skip
+    made = running.made + ids
+    bound = db.session.execute(_fenced(running).values(made=json.dumps(made))).rowcount
+    if bound != 1:
+        db.session.rollback()
+        raise DatabaseLost(
+            "Another request took this Idempotency-Key over while this one ran (its "
+            "database session was lost); retry to get its answer."
+        )
+    try:
+        db.session.commit()
+    except DBAPIError:
+        if not _landed(running, made):
+            raise
+        log.warning("a COMMIT failed but had landed (idempotency key %r)", running.key)
+    running.made = made
+
+
+def _landed(running: Running, made: list[int]) -> bool:
+    """After a COMMIT that failed: whether it landed, asked on a new connection."""
+    try:
+        db.session.rollback()
+        row = db.session.execute(
+            select(IdempotencyKey.owner, IdempotencyKey.made).where(
+                _where(running.token_id, running.key)
+            )
+        ).first()
+    except DBAPIError as exc:
+        _rollback_quietly()
+        raise OutcomeUnknown(
+            "The database went away during a commit and cannot say whether it landed; "
+            "retry with the same Idempotency-Key to get what was made."
+        ) from exc
+    return row is not None and row.owner == running.owner and row.made == json.dumps(made)
+
+
+def store_answer(running: Running, status: int, mimetype: str, body: bytes) -> None:
     db.session.rollback()
-    db.session.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.token_id == token_id, IdempotencyKey.key == key)
-    )
+    db.session.execute(_fenced(running).values(status_code=status, mimetype=mimetype, body=body))
     db.session.commit()
+
+
+def release(running: Running) -> None:
+    """Give the key up (the request failed on our side; a retry may run again), unless
+    it made something. A database that fails here too leaves the row: its owner gone,
+    the next retry takes it over (PostgreSQL), so this never raises."""
+    try:
+        db.session.rollback()
+        db.session.execute(
+            delete(IdempotencyKey).where(
+                _where(running.token_id, running.key),
+                IdempotencyKey.owner == running.owner,
+                IdempotencyKey.made.is_(None),
+            )
+        )
+        db.session.commit()
+    except DBAPIError:
+        _rollback_quietly()
+        log.warning("could not release idempotency key %r; a retry takes it over", running.key)
+
+
+def _rollback_quietly() -> None:
+    try:
+        db.session.rollback()
+    except Exception:
+        log.debug("rollback failed", exc_info=True)

@@ -65,7 +65,6 @@ from vmapi.extensions import db
 from vmapi.hypervisor import ERROR, DomainInfo, HypervisorError
 from vmapi.models import Leftover, Node, Storage, Vm, VmState
 from vmapi.models.leftover import DOMAIN, VOLUME
-from vmapi.services.consoles.log import delete_console_log
 from vmapi.services.findings import Finding
 from vmapi.services.images.stale_saves import forget_stale, stale_images
 from vmapi.services.leftovers import leftovers_on, remove_leftover, save_in_flight
@@ -81,8 +80,7 @@ from vmapi.services.reconcile_volumes import (
     stale_rbd_images,
     unowned_volumes,
 )
-from vmapi.services.storage.volumes import delete_vm_volumes
-from vmapi.services.vms.cloud_init import delete_seed
+from vmapi.services.vms.abandoned import remove_building
 from vmapi.services.vms.rebuild_ledger import interrupted, unfinished
 
 log = logging.getLogger(__name__)
@@ -282,15 +280,10 @@ def _check_vm(
         )
         if fix:
             try:
-                notes = delete_vm_volumes(vm, host)
-                if domain is not None:
-                    remove_domain(host, name)
-                delete_seed(vm, host)
-                notes += delete_console_log(vm, host)
+                notes = remove_building(vm, host, domain is not None)
             except (ApiError, HypervisorError) as exc:
                 finding.detail += f"; not cleaned: {getattr(exc, 'message', exc)}"
                 return [finding]
-            forget(vm)
             finding.fixed = True
             finding.detail += "; volumes, domain, claim and addresses removed" + (
                 f" ({' '.join(notes)})" if notes else ""

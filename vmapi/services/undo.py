@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vmapi.errors import at_index
+from vmapi.errors import OutcomeUnknown, at_index
 from vmapi.extensions import db
 from vmapi.services.leftovers import Left, note_failed_undo
 
@@ -71,6 +71,18 @@ def run_undo(undo: Undo) -> None:
                 note_failed_undo(step.leftover, step.name, exc)
 
 
+def keep_for_reconcile(undo: Undo) -> None:
+    """A commit whose outcome is unknown (:class:`~vmapi.errors.OutcomeUnknown`): what
+    was done may belong to committed rows, so nothing is undone; a row that did not
+    commit stays ``building`` from its first commit: a retry with the request's
+    Idempotency-Key removes it with its domain (:mod:`vmapi.services.vms.abandoned`), as
+    ``flask vmapi reconcile --fix`` does after BUILD_TIMEOUT. Each step is logged."""
+    db.session.rollback()
+    for step in reversed(undo.steps):
+        log.warning("commit outcome unknown: not %s; left for reconcile", step.name)
+    undo.steps.clear()
+
+
 def all_or_nothing(
     items: Iterable[T],
     indexed: bool,
@@ -100,6 +112,9 @@ def apply_all(checked: list[C], indexed: bool, apply: Callable[[C, Undo], R]) ->
         try:
             with at_index(index if indexed else None):
                 done.append(apply(item, undo))
+        except OutcomeUnknown:
+            keep_for_reconcile(undo)
+            raise
         except BaseException:
             run_undo(undo)
             raise

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from vmapi.errors import ApiError
 from vmapi.extensions import db
@@ -61,6 +63,10 @@ WORKERS = 64
 _LOCAL_LEADER = threading.Lock()  # SQLite: one process, one watcher
 
 
+class LostLead(Exception):
+    """The watcher's lock session is gone: another watcher may be active now."""
+
+
 @dataclass
 class Watcher:
     """The active watcher's memory between rounds: what it last said of each VM it could
@@ -68,6 +74,12 @@ class Watcher:
 
     say: Callable[[str], None] = print
     told: dict[int, str] = field(default_factory=dict)
+    lead: Lead | None = None
+
+    def leading(self) -> None:
+        """Raise :class:`LostLead` unless this watcher still holds the leader lock."""
+        if self.lead is not None and not self.lead.held():
+            raise LostLead()
 
     def round(self) -> None:
         """One round: probe every node, move each along its states, restart what is due."""
@@ -80,8 +92,10 @@ class Watcher:
             return
         due = node.ha_misses >= int(current_app.config["HA_MISSES"])
         if node.ha_state == FENCING or (node.ha_state == SUSPECT and due):
+            self.leading()
             self.fence(node)
         if node.ha_state == FENCED and node.unreachable_since is not None:
+            self.leading()
             try:
                 lines = restart_fenced(node.id)
             except FencingContradicted as exc:
@@ -194,10 +208,40 @@ def probe_all() -> list[int]:
     return list(uris)
 
 
+class Lead:
+    """The active watcher's hold on the leader lock. On PostgreSQL the lock lives as
+    long as the session of :attr:`conn`: a failover or a cut connection ends it, and
+    :meth:`held` says so (it asks the server whether this session still holds it, so a
+    connection SQLAlchemy replaced underneath does not pass for the lock)."""
+
+    def __init__(self, conn: Connection | None = None) -> None:
+        self.conn = conn
+
+    def held(self) -> bool:
+        if self.conn is None:
+            return True  # SQLite: the process's own lock
+        hi, lo = (LEADER_KEY >> 32) & 0xFFFFFFFF, LEADER_KEY & 0xFFFFFFFF
+        try:
+            if self.conn.invalidated:
+                return False
+            mine = self.conn.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                     "AND pid = pg_backend_pid() AND objsubid = 1 "
+                     "AND classid::bigint = :hi AND objid::bigint = :lo"),
+                {"hi": hi, "lo": lo},
+            ).scalar()  # fmt: skip
+            self.conn.commit()
+        except DBAPIError:
+            return False
+        return bool(mine)
+
+
 @contextmanager
-def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[bool]:
-    """Hold the watcher's lock for the block (True), waiting as a standby until it is
-    free; False when ``stop`` was set first."""
+def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[Lead | None]:
+    """Hold the watcher's lock for the block (a :class:`Lead`), waiting as a standby
+    until it is free — and, on PostgreSQL, until the database answers (a failover):
+    the lock is tried again every HA_INTERVAL on a new session; None when ``stop`` was
+    set first."""
     interval = float(current_app.config["HA_INTERVAL"])
     standby = "standby: another `ha watch` is active; taking over when it stops"
     if db.engine.dialect.name != "postgresql":
@@ -207,53 +251,98 @@ def leadership(stop: threading.Event, say: Callable[[str], None]) -> Iterator[bo
                 say(standby)
                 told = True
             if stop.is_set():
-                yield False
+                yield None
                 return
         try:
-            yield True
+            yield Lead()
         finally:
             _LOCAL_LEADER.release()
         return
-    conn = db.engine.connect()
+    conn = None
     try:
-        told = False
-        while not conn.execute(select(func.pg_try_advisory_lock(LEADER_KEY))).scalar():
-            conn.commit()
-            if not told:
-                say(standby)
-                told = True
+        told = None
+        while True:
+            try:
+                conn = conn or db.engine.connect()
+                if conn.execute(select(func.pg_try_advisory_lock(LEADER_KEY))).scalar():
+                    break
+                conn.commit()
+                why = standby
+            except DBAPIError as exc:
+                _close(conn)
+                conn = None
+                why = f"standby: the database does not answer ({_first_line(exc)}); retrying"
+            if told != why:
+                say(why)
+                told = why
             if stop.wait(interval):
-                yield False
+                yield None
                 return
         conn.commit()  # a session lock: no transaction stays open while it is held
         try:
-            yield True
+            yield Lead(conn)
         finally:
-            conn.rollback()
-            conn.execute(select(func.pg_advisory_unlock(LEADER_KEY)))
-            conn.commit()
+            try:
+                if not conn.invalidated:  # (else its session is gone, and the lock with it)
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(LEADER_KEY)))
+                    conn.commit()
+            except Exception:  # the session is gone, and its lock with it
+                log.warning("the ha watch lock's session was gone at its release")
     finally:
+        _close(conn)
+
+
+def _close(conn: Connection | None) -> None:
+    if conn is None:
+        return
+    try:
+        conn.invalidate()  # never back to the pool: a session lock may still be on it
         conn.close()
+    except Exception:
+        log.debug("closing the ha watch lock's connection failed", exc_info=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
 
 
 def watch(stop: threading.Event, say: Callable[[str], None] = print,
           rounds: int | None = None) -> None:  # fmt: skip
     """Run rounds every HA_INTERVAL until ``stop`` (or ``rounds`` rounds), as the active
-    watcher."""
+    watcher. Before each round (and each fencing) it checks that it still holds the
+    leader lock; once its lock's session is gone (a failover, a cut connection) it acts
+    no more, and waits as a standby to take the lock again on a new session."""
     interval = float(current_app.config["HA_INTERVAL"])
-    with leadership(stop, say) as active:
-        if not active:
-            return
-        say(f"active: checking every node every {interval:g} s, fencing after "
-            f"{current_app.config['HA_MISSES']} misses")  # fmt: skip
-        watcher = Watcher(say)
-        done = 0
-        while not stop.is_set() and (rounds is None or done < rounds):
-            started = time.monotonic()
-            try:
-                watcher.round()
-            except Exception:  # a round that failed (the database away?) is retried
-                db.session.rollback()
-                log.exception("an ha watch round failed; the next one retries")
-            done += 1
-            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+    done = 0
+    while not stop.is_set() and (rounds is None or done < rounds):
+        with leadership(stop, say) as lead:
+            if lead is None:
+                return
+            say(f"active: checking every node every {interval:g} s, fencing after "
+                f"{current_app.config['HA_MISSES']} misses")  # fmt: skip
+            watcher = Watcher(say, lead=lead)
+            while not stop.is_set() and (rounds is None or done < rounds):
+                if not lead.held():
+                    _rollback_quietly()
+                    say("lost the leader lock (its database session is gone): acting no "
+                        "more; taking it again on a new session")  # fmt: skip
+                    break
+                started = time.monotonic()
+                try:
+                    watcher.round()
+                except LostLead:
+                    _rollback_quietly()
+                    continue  # (said at the top of the loop)
+                except Exception:  # a round that failed (the database away?) is retried
+                    _rollback_quietly()
+                    log.exception("an ha watch round failed; the next one retries")
+                done += 1
+                stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _rollback_quietly() -> None:
+    try:
+        db.session.rollback()
+    except Exception:
+        log.debug("rollback failed", exc_info=True)

@@ -16,6 +16,7 @@ from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError
 from vmapi.models import Storage, Vm
+from vmapi.services import idempotency
 from vmapi.services.crud import CrudService, Outcome
 from vmapi.services.nodes.domains import hypervisor_failure
 from vmapi.services.nodes.hosts import hypervisor
@@ -58,7 +59,10 @@ class StorageService(CrudService[Storage]):
             return new
 
         def apply(new: NewVolume, undo: Undo) -> Storage:
-            return create_volume(new, undo, messages)
+            storage = create_volume(new, undo, messages)
+            if idempotency.current() is not None:  # the key names it, once it is attached
+                idempotency.commit_made([storage.id])
+            return storage
 
         return Outcome(all_or_nothing(items, indexed, check, apply), messages)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from flask import current_app
 
-from vmapi.errors import at_index
+from vmapi.errors import OutcomeUnknown, at_index
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainInfo,
@@ -54,6 +54,7 @@ from vmapi.hypervisor import (
 from vmapi.models import Vm
 from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import console_log_path, push_log_remover
+from vmapi.services.idempotency import commit_made, note_building
 from vmapi.services.leftovers import Left
 from vmapi.services.network.allocation import make_free_ipv6
 from vmapi.services.network.filters import NodeFilters
@@ -66,7 +67,7 @@ from vmapi.services.network.protection import (
 )
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
-from vmapi.services.undo import Undo, run_undo
+from vmapi.services.undo import Undo, keep_for_reconcile, run_undo
 from vmapi.services.vms.placed import NewVm, Placed, finish, place, placed_spec
 
 PREPARING_LOG = "preparing the console log"
@@ -120,6 +121,7 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
             with at_index(index):
                 placed.append(place(new, undo, False))
                 jobs.append(DomainJob(index, placed[-1].host.uri, placed_spec(new, placed[-1])))
+        note_building([one.vm.id for one in placed])
         db.session.commit()  # no transaction stays open while the nodes answer
         by_node: dict[int, list[DomainJob]] = {}
         for one, job in zip(placed, jobs, strict=True):
@@ -151,8 +153,11 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
             with at_index(job.index):
                 raise_failure(job, placed[job.index].host)
         made = [finish(one, job.info, False) for one, job in zip(placed, jobs, strict=True)]  # type: ignore[arg-type]
-        db.session.commit()
+        commit_made([vm.id for vm in made])
         return made
+    except OutcomeUnknown:
+        keep_for_reconcile(undo)
+        raise
     except BaseException:
         run_undo(undo)
         raise

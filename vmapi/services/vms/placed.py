@@ -31,6 +31,7 @@ from vmapi.scheduler import (
     select_and_claim,
     unsuitable_reasons,
 )
+from vmapi.services.idempotency import commit_made, note_building
 from vmapi.services.names import domain_name
 from vmapi.services.network.allocation import NewInterface, add_interface
 from vmapi.services.network.filters import set_groups
@@ -149,6 +150,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
         if boot is not None:
             root = add_root_disk(vm, boot)
         if commit:
+            note_building([vm.id])
             db.session.commit()
     except IntegrityError as exc:  # a concurrent request took the UUID on that node
         db.session.rollback()
@@ -176,8 +178,11 @@ def placed_spec(new: NewVm, placed: Placed) -> DomainSpec:
 
 def finish(placed: Placed, info: DomainInfo, commit: bool = True) -> Vm:
     """The last step of a create: record the state its domain reports (commits, unless
-    an array commits its elements together)."""
-    record_state(placed.vm, info, commit)
+    an array commits its elements together; under an Idempotency-Key the key's row
+    names the VM in the same commit)."""
+    record_state(placed.vm, info, commit=False)
+    if commit:
+        commit_made([placed.vm.id])
     # What the answer shows, known without reading it back: the one new interface.
     set_committed_value(placed.vm, "interfaces", [placed.interface.row])
     return placed.vm
