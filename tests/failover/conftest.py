@@ -150,16 +150,17 @@ def setup_vmapi(hosts: Hosts, leader: str, installation: str) -> tuple[str, dict
 
 
 def setup_fleet(sock: str, token: str) -> dict:
-    """A test-driver node with room for hundreds of small VMs, and address pools."""
+    """A test-driver node with room for thousands of small VMs (4,096 vCPUs), and 4,094
+    IPv4 addresses (a benchmark run makes about 2,000 VMs)."""
     status, _, method = call(sock, "POST", "/api/v1/virt_method", token,
                              {"name": "TEST", "domain_type": "test"})  # fmt: skip
     assert status == 201, method
-    node = node_body(libvirt_uri=SHARED_URI, cores=256, ram=1024 * GIB,
+    node = node_body(libvirt_uri=SHARED_URI, cores=1024, ram=4096 * GIB,
                      cpu_allocation_ratio=4.0, ram_allocation_ratio=1.0, reserved_ram=0)  # fmt: skip
     status, _, answer = call(sock, "POST", "/api/v1/virt_node", token,
                              {"node": node, "virt_method": {"id": method["data"]["id"]}})  # fmt: skip
     assert status == 201, answer
-    for path, body in (("ipv4", {"network": "10.64.0.0/21", "gateway": "10.64.0.1"}),
+    for path, body in (("ipv4", {"network": "10.64.0.0/20", "gateway": "10.64.0.1"}),
                        ("ipv6", {"network": "2001:db8:64::/64", "gateway": "2001:db8:64::1"})):  # fmt: skip
         status, _, answer = call(sock, "POST", f"/api/v1/{path}", token, body)
         assert status == 201, answer

@@ -13,6 +13,7 @@ of the ``Popen`` is the program's own (patroni, etcd, gunicorn's master, nginx).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -257,13 +258,29 @@ class Hosts:
         writable = [m for m in ("n1", "n2") if self.writable(m)]
         return writable[0] if len(writable) == 1 else None
 
+    def patroni_roles(self, member: str) -> dict[str, str]:
+        """Patroni's view (its REST API's /cluster, asked from inside ``member``'s
+        namespace): member name -> role, for the members that are running."""
+        answer = sh("ip", "netns", "exec", self.ns(member), "curl", "-s", "--max-time", "1",
+                    f"http://{self.ip(member)}:8008/cluster", check=False).stdout  # fmt: skip
+        try:
+            members = json.loads(answer)["members"]
+        except (ValueError, KeyError):
+            return {}
+        return {m["name"]: m["role"] for m in members
+                if m.get("state") in ("running", "streaming")}  # fmt: skip
+
     def wait_healthy(self, timeout: float = 60) -> str:
-        """Both members running, one primary with the other as its synchronous standby."""
+        """Both members running, one primary with the other as its synchronous standby, in
+        PostgreSQL (pg_stat_replication) and in Patroni's state in etcd (only the member
+        etcd names the synchronous standby may be promoted)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             leader = self.leader()
             if leader and self.sync_standby(leader):
-                return leader
+                standby = "n2" if leader == "n1" else "n1"
+                if self.patroni_roles(leader) == {leader: "leader", standby: "sync_standby"}:
+                    return leader
             time.sleep(0.2)
         raise AssertionError(
             "no leader with a synchronous standby:\n"
