@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 
 from bench.placement import verdict
 from bench.scaleout import cpu_times
@@ -49,8 +50,9 @@ def failover(fleet, kind: str) -> tuple[float, float, int, int]:
     return back - killed, seconds, len(load.failed()), len(load.answers)
 
 
-def throughput(fleet) -> tuple[float, float, int]:
-    """(creates/s, CPU busy share, non-201 answers) of SECONDS of 8 creating threads."""
+def throughput(fleet) -> tuple[float, float, str]:
+    """(creates/s, CPU busy share, the non-201 answers by status) of SECONDS of 8
+    creating threads."""
     from tests.failover.load import Load
 
     busy0, total0 = cpu_times()
@@ -60,7 +62,9 @@ def throughput(fleet) -> tuple[float, float, int]:
     elapsed = time.monotonic() - began
     busy1, total1 = cpu_times()
     made = sum(a.status == 201 for a in load.of("create"))
-    return made / elapsed, (busy1 - busy0) / max(total1 - total0, 1), len(load.failed())
+    failed = Counter(f"{a.status} {a.error_id or ''}".strip() for a in load.failed())
+    text = ", ".join(f"{n} x {status}" for status, n in failed.most_common()) or "none"
+    return made / elapsed, (busy1 - busy0) / max(total1 - total0, 1), text
 
 
 def run() -> list[str]:
