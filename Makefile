@@ -26,8 +26,9 @@ SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-c
 # a libvirtd started after it: scripts/ensure-libvirtd.sh restarts an idle one)
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
   libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium \
-  ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra libvirt-daemon-driver-storage-rbd
-BENCH_PACKAGES := wrk
+  ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra libvirt-daemon-driver-storage-rbd \
+  etcd-server patroni
+BENCH_PACKAGES := wrk nginx-light etcd-server patroni  # nginx, etcd, Patroni: BENCH=failover
 PYTEST_ARGS ?=
 # Modules run in a random order and so do the tests of each module (pytest-random-order;
 # the seed is printed at the top: `make test ORDER=--random-order-seed=N` runs that order
@@ -39,8 +40,10 @@ DURATIONS ?= --durations=30
 # runs in one process.
 WORKERS ?= -n 2
 # The inner loop: no real hypervisor (tests/hypervisor), no concurrency tier (gunicorn and
-# nginx, tests/concurrency), no served README walk (tests/docs); markers set by tests/conftest.py
-FAST_TIERS := not hypervisor and not concurrency and not docs
+# nginx, tests/concurrency), no served README walk (tests/docs), no failover tier (etcd,
+# Patroni, two API hosts in network namespaces, tests/failover); markers set by
+# tests/conftest.py
+FAST_TIERS := not hypervisor and not concurrency and not docs and not failover
 
 .PHONY: help run test test-fast lint format bench db-upgrade system-packages venv clean
 
@@ -101,7 +104,7 @@ format: venv
 	@$(BIN)/ruff format .
 
 # BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout streams images boot
-# migration calls arrays health filters backups save rbd ha
+# migration calls arrays health filters backups save rbd ha failover
 bench: venv
 	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \

@@ -36,6 +36,7 @@ SUITE = (
     "save",
     "rbd",
     "ha",
+    "failover",
 )
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-history.md"
 

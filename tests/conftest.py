@@ -53,13 +53,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any):
 
 #: every test under these folders carries its tier's marker (``make test-fast`` leaves them out)
 TIERS = {"hypervisor": pytest.mark.hypervisor, "concurrency": pytest.mark.concurrency,
-         "docs": pytest.mark.docs}  # fmt: skip
+         "docs": pytest.mark.docs, "failover": pytest.mark.failover}  # fmt: skip
 
 
 #: ``make test`` runs two pytest-xdist workers. Every hypervisor test goes to one worker, as
 #: one unit of work: they share the session's vmapi on qemu:///system and the two-host
-#: pair, and their guests need the other core. Each module of the concurrency and docs
-#: tiers goes whole to one worker (its gunicorn or nginx is made once per module); every
+#: pair, and their guests need the other core. Each module of the concurrency, docs and
+#: failover tiers goes whole to one worker (its gunicorn or nginx is made once per module); every
 #: other test is a unit of its own, taken by whichever worker is free. (xdist's own
 #: ``--dist loadgroup`` cannot do this under pytest 9: it renames items by ``_nodeid``,
 #: which pytest 9 no longer reads.)
@@ -69,7 +69,7 @@ class TierScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
         if nodeid.startswith("tests/hypervisor/"):
             return "tests/hypervisor"
-        if nodeid.startswith(("tests/concurrency/", "tests/docs/")):
+        if nodeid.startswith(("tests/concurrency/", "tests/docs/", "tests/failover/")):
             return nodeid.split("::", 1)[0]
         return nodeid
 
