@@ -109,7 +109,6 @@ def test_primary_node_killed_under_load(fleet: Fleet) -> None:
     check_acknowledged(load, fleet, other(leader))
 
 
-@pytest.mark.xfail(strict=True, reason="idempotency takeover (issue 27) not merged yet")
 def test_a_create_retried_with_its_key_after_a_503_is_made_once(fleet: Fleet) -> None:
     """The primary's postmaster is killed (Patroni restarts it in place): every create
     that answered 503 and was retried with its key ends in 201 with exactly one VM."""
