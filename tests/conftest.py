@@ -475,3 +475,27 @@ def address_pools(api: Api) -> dict[str, Any]:
     v6 = api.post("ipv6", json={"network": "2001:db8:100::/64", "gateway": "2001:db8:100::1"})
     assert v4.status_code == v6.status_code == 201, (v4.json, v6.json)
     return {"ipv4": v4.json["data"], "ipv6_pool": v6.json["data"]}
+
+
+@pytest.fixture
+def faults(app: Flask):
+    """The app's driver wrapped in tests/faults.py's FaultyDriver (a module may define its
+    own ``faults`` where its driver lives elsewhere)."""
+    from tests.faults import FaultyDriver
+    from vmapi.services.nodes.hosts import DRIVER_KEY
+
+    real = app.extensions[DRIVER_KEY]
+    app.extensions[DRIVER_KEY] = FaultyDriver(real)
+    yield app.extensions[DRIVER_KEY]
+    app.extensions[DRIVER_KEY] = real
+
+
+@pytest.fixture
+def relay(pg_database: str):
+    """A TCP relay to the test's PostgreSQL database that a test can cut
+    (tests/dbproxy.py): sessions through it break as in a failover."""
+    from tests.dbproxy import DbRelay
+
+    relay = DbRelay(pg_database)
+    yield relay
+    relay.close()

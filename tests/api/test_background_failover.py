@@ -15,33 +15,15 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import vm_body
-from tests.dbproxy import DbRelay
-from tests.faults import FaultyDriver
 from vmapi.cli import DATABASE_GONE
 from vmapi.config import database_url
 from vmapi.extensions import db
 from vmapi.services.ha.watch import LEADER_KEY, watch
-from vmapi.services.nodes.hosts import DRIVER_KEY
-
-
-@pytest.fixture
-def relay(pg_database):
-    relay = DbRelay(pg_database)
-    yield relay
-    relay.close()
 
 
 @pytest.fixture
 def app_config(relay):
     return {"DATABASE_URL": relay.url, "HA_INTERVAL": 0.05, "HA_MISSES": 1000}
-
-
-@pytest.fixture
-def faults(app):
-    real = app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = FaultyDriver(real)
-    yield app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = real
 
 
 class Watching:

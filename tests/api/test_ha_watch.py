@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.conftest import GIB, vm_body
-from tests.faults import FaultyDriver
 from tests.fence_agent import calls, install
 from vmapi.extensions import db
 from vmapi.models import Node, Vm, VmState
@@ -27,7 +26,7 @@ from vmapi.services.moves.books import claim_target
 from vmapi.services.moves.evacuation import rebuild
 from vmapi.services.moves.move import EVACUATE, Move, moved_volumes
 from vmapi.services.moves.volumes import prepare_target
-from vmapi.services.nodes.hosts import DRIVER_KEY, Host, hypervisor
+from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.undo import Undo
 
 pytestmark = pytest.mark.embedded
@@ -42,14 +41,6 @@ def agents(tmp_path):
 def app_config(agents):
     return {"HA_FENCE_AGENT_DIRS": str(agents), "HA_MISSES": 2, "HA_INTERVAL": 0.01,
             "HA_FENCE_TIMEOUT": 30.0}  # fmt: skip
-
-
-@pytest.fixture
-def faults(app):
-    real = app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = FaultyDriver(real)
-    yield app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = real
 
 
 def ha_vm(api, method, node, **fields):

@@ -15,37 +15,19 @@ import sqlalchemy as sa
 from flask import g
 
 from tests.conftest import vm_body
-from tests.dbproxy import DbRelay
 from tests.errors import assert_error
-from tests.faults import FaultyDriver
 from vmapi.config import database_url
 from vmapi.extensions import db
 from vmapi.models import IdempotencyKey
 from vmapi.services.idempotency_lock import lock_ids
-from vmapi.services.nodes.hosts import DRIVER_KEY
 
 KEY = {"Idempotency-Key": "order-1"}
-
-
-@pytest.fixture
-def relay(pg_database):
-    relay = DbRelay(pg_database)
-    yield relay
-    relay.close()
 
 
 @pytest.fixture
 def app_config(relay):
     # BUILD_TIMEOUT 0: reconcile --fix may clean a dead request's building row at once
     return {"DATABASE_URL": relay.url, "BUILD_TIMEOUT": 0}
-
-
-@pytest.fixture
-def faults(app):
-    real = app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = FaultyDriver(real)
-    yield app.extensions[DRIVER_KEY]
-    app.extensions[DRIVER_KEY] = real
 
 
 def cut_at(faults, relay, method):
