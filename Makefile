@@ -23,12 +23,14 @@ SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-c
 # and the ceph/rbd tools), started by the test session in a folder of its own (no unit
 # starts on install); qemu-block-extra: QEMU's rbd block driver (guests and qemu-img on
 # RBD images); libvirt-daemon-driver-storage-rbd: libvirt's rbd storage pools (loaded by
-# a libvirtd started after it: scripts/ensure-libvirtd.sh restarts an idle one)
+# a libvirtd started after it: scripts/ensure-libvirtd.sh restarts an idle one);
+# etcd-server, patroni, haproxy: the failover tier's database hosts and the HAProxy in
+# front of them (tests/failover; started by the tests, no unit starts on install)
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
   libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium \
   ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra libvirt-daemon-driver-storage-rbd \
-  etcd-server patroni
-BENCH_PACKAGES := wrk nginx-light etcd-server patroni  # nginx, etcd, Patroni: BENCH=failover
+  etcd-server patroni haproxy
+BENCH_PACKAGES := wrk nginx-light etcd-server patroni haproxy  # nginx, etcd, Patroni, HAProxy: BENCH=failover
 PYTEST_ARGS ?=
 # Modules run in a random order and so do the tests of each module (pytest-random-order;
 # the seed is printed at the top: `make test ORDER=--random-order-seed=N` runs that order

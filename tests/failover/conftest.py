@@ -3,7 +3,9 @@ and nginx, each host a network namespace (tests/failover/hosts.py).
 
 The API hosts run the shipped files: deploy/gunicorn.conf.py, deploy/patroni/patroni.yml
 (with tight timings), deploy/nginx/vmapi-site.conf with vmapi-upstreams.conf and
-vmapi-proxy.conf, and the multi-host database URL the README documents. Their nodes are
+vmapi-proxy.conf, and the database URL the README documents: through HAProxy
+(deploy/haproxy/vmapi-db.cfg, a host of its own), which sends connections only to the
+member Patroni's REST API names the primary. Their nodes are
 libvirtd's test driver (``test+unix:///default``, reached through libvirtd's Unix socket),
 so both API hosts see one hypervisor and a VM's domain can be looked up by the test.
 
@@ -39,9 +41,9 @@ from vmapi.extensions import db
 ROOT = Path(__file__).resolve().parents[2]
 API_HOSTS = ("api1", "api2")
 WORKERS = 3
-#: the README's multi-host URL: libpq tries the members in order and keeps the writable
-#: one; a connection to a member that went silent (a partition) breaks after
-#: tcp_user_timeout instead of hanging a worker until gunicorn kills it
+#: the README's URL options: a connection to a member (or HAProxy) that went silent (a
+#: partition) breaks after tcp_user_timeout instead of hanging a worker until gunicorn
+#: kills it; target_session_attrs keeps a connection HAProxy sent to a standby unused
 DATABASE_OPTIONS = ("target_session_attrs=read-write&connect_timeout=2&tcp_user_timeout=5000"
                     "&keepalives_idle=5&keepalives_interval=2&keepalives_count=2")  # fmt: skip
 
@@ -133,10 +135,10 @@ def setup_vmapi(hosts: Hosts, leader: str, installation: str) -> tuple[str, dict
     conn.close()
     local = f"postgresql://postgres@/vmapi?host={hosts.base / leader}"
     migrate(local)
-    members = ",".join(f"{hosts.ip(m)}:5432" for m in ("n1", "n2"))
+    proxy = f"{hosts.ip('dbproxy')}:5000"  # HAProxy: deploy/haproxy/vmapi-db.cfg
     env = {**os.environ, "VMAPI_INSTALLATION_ID": installation, "VMAPI_LIBVIRT_TIMEOUT": "10",
            "VMAPI_DATABASE_URL":
-               f"postgresql://postgres:{SUPERUSER_PASSWORD}@{members}/vmapi?{DATABASE_OPTIONS}",
+               f"postgresql://postgres:{SUPERUSER_PASSWORD}@{proxy}/vmapi?{DATABASE_OPTIONS}",
            # a retry waiting on a key whose first request is gone waits this long, not 55 s
            "VMAPI_IDEMPOTENCY_WAIT": "2", "VMAPI_LOG_REQUESTS": "false"}  # fmt: skip
     seed = {**env, "VMAPI_DATABASE_URL": local}
@@ -191,6 +193,8 @@ def deployment() -> Iterator[Fleet]:
         for member in ("n1", "n2"):
             hosts.start_patroni(member)
         leader = hosts.wait_healthy()
+        hosts.start_haproxy()
+        hosts.wait_routed(leader)
         token, env = setup_vmapi(hosts, leader, installation)
         for host in API_HOSTS:
             start_api(hosts, host, env)
@@ -223,9 +227,13 @@ def restore(fleet: Fleet) -> None:
         if hosts.is_cut(host):
             hosts.heal(host)
     for member in ("n1", "n2"):
+        # a member whose Patroni alone was killed still runs its PostgreSQL: the Patroni
+        # started again finds it, demotes it and rewinds it when the other one is leader
         if not hosts.alive(f"patroni-{member}"):
             hosts.start_patroni(member)
-    hosts.wait_healthy()
+    if not hosts.alive("haproxy"):
+        hosts.start_haproxy()
+    hosts.wait_routed(hosts.wait_healthy())
     for host in API_HOSTS:
         if not hosts.alive(host):
             fleet.kill_api(host)  # workers a dead master may have left

@@ -13,10 +13,12 @@ of the ``Popen`` is the program's own (patroni, etcd, gunicorn's master, nginx).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -26,9 +28,10 @@ from pathlib import Path
 import psycopg2
 
 NET = "198.18.0"  # RFC 2544's benchmark range, only ever inside the test's namespaces
-ADDRESSES = {"etcd": 2, "n1": 11, "n2": 12, "api1": 21, "api2": 22, "lb": 30}
+ADDRESSES = {"etcd": 2, "n1": 11, "n2": 12, "api1": 21, "api2": 22, "lb": 30, "dbproxy": 40}
 PATRONI_BIN = "/usr/bin/patroni"
 ETCD_BIN = "/usr/bin/etcd"
+HAPROXY_BIN = "/usr/sbin/haproxy"
 PG_BIN = "/usr/lib/postgresql/15/bin"
 SUPERUSER_PASSWORD = "failover-secret"
 #: ttl 10 / loop_wait 2 / retry_timeout 4: the tightest settings that keep Patroni's rule
@@ -50,7 +53,7 @@ def running(pid: int) -> bool:
 
 
 def missing_tools() -> list[str]:
-    needed = ["ip", "setpriv", PATRONI_BIN, ETCD_BIN, f"{PG_BIN}/postgres", "nginx"]
+    needed = ["ip", "setpriv", PATRONI_BIN, ETCD_BIN, f"{PG_BIN}/postgres", "nginx", HAPROXY_BIN]
     return [tool for tool in needed if not (shutil.which(tool) or Path(tool).exists())]
 
 
@@ -286,6 +289,65 @@ class Hosts:
             "no leader with a synchronous standby:\n"
             + "\n".join(self.log_tail(f"patroni-{m}", 1500) for m in ("n1", "n2"))
         )
+
+    # -- HAProxy -------------------------------------------------------------------
+    def start_haproxy(self) -> None:
+        """deploy/haproxy/vmapi-db.cfg with the members' addresses (server names n1, n2)
+        and a stats socket in the test's folder, in a namespace of its own."""
+        text = (Path(__file__).resolve().parents[2] / "deploy/haproxy/vmapi-db.cfg").read_text()
+        replace = {
+            "server db1 192.0.2.11:": f"server n1 {self.ip('n1')}:",
+            "server db2 192.0.2.12:": f"server n2 {self.ip('n2')}:",
+            "\nglobal\n": f"\nglobal\n    stats socket {self.base}/haproxy.sock mode 600 level admin\n",
+        }
+        for old, new in replace.items():
+            assert old in text, old
+            text = text.replace(old, new)
+        path = self.base / "haproxy.cfg"
+        path.write_text(text)
+        self.start("haproxy", "dbproxy", [HAPROXY_BIN, "-db", "-f", str(path)])
+
+    def haproxy_states(self) -> dict[str, str]:
+        """HAProxy's state of each member ("UP", "DOWN", "UP 1/2" going down...), from
+        ``show stat`` on its stats socket; {} while it does not answer."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2)
+                sock.connect(str(self.base / "haproxy.sock"))
+                sock.sendall(b"show stat\n")
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+        except OSError:
+            return {}
+        rows = csv.DictReader(raw.decode().removeprefix("# ").splitlines())
+        return {row["svname"]: row["status"] for row in rows
+                if row.get("svname") in ("n1", "n2")}  # fmt: skip
+
+    def wait_routed(self, leader: str, timeout: float = 15) -> None:
+        """HAProxy sends connections to ``leader`` and to no other member."""
+        standby = "n2" if leader == "n1" else "n1"
+        deadline = time.monotonic() + timeout
+        while (states := self.haproxy_states()) != {leader: "UP", standby: "DOWN"}:
+            assert self.alive("haproxy"), self.log_tail("haproxy")
+            assert time.monotonic() < deadline, f"HAProxy's states: {states}"
+            time.sleep(0.1)
+
+    def sessions_from(self, member: str, host: str) -> int | None:
+        """Client connections to ``member``'s PostgreSQL from ``host``'s address."""
+        try:
+            conn = self.pg(member)
+        except psycopg2.Error:
+            return None
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE client_addr = %s",
+                            (self.ip(host),))  # fmt: skip
+                return cur.fetchone()[0]
+        except psycopg2.Error:
+            return None
+        finally:
+            conn.close()
 
     # -- teardown ----------------------------------------------------------------
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """Failures of a multi-host deployment under a load of creates, deletes and reads.
 
 The fleet (tests/failover/conftest.py): etcd, two PostgreSQL members under Patroni in
-synchronous mode, two gunicorn API hosts behind nginx, each in a network namespace. Each
-test prints what it measured (run with -s, or read the captured output of a failure).
+synchronous mode, HAProxy in front of them, two gunicorn API hosts behind nginx, each in a
+network namespace. Each test prints what it measured (run with -s, or read the captured
+output of a failure).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.concurrency.conftest import ROOT, our_domains
-from tests.failover.conftest import Fleet
+from tests.failover.conftest import Fleet, restore
 from tests.failover.load import Load
 
 #: the test's nginx log_format (tests/failover/conftest.py)
@@ -145,17 +146,74 @@ def test_a_create_retried_with_its_key_after_a_503_is_made_once(fleet: Fleet) ->
     print(f"\npostmaster of {leader} killed; {len(load.retried)} keys retried; "
           + summary(load, killed))  # fmt: skip
     assert load.retried, "no create was retried: the kill did not reach the load"
-    rows = vm_rows(fleet, hosts.leader())
+    check_retried_made_once(load, vm_rows(fleet, hosts.leader()))
+
+
+def check_retried_made_once(load: Load, rows: dict[int, str]) -> None:
+    """Every key retried after a 503 ended in 201, with exactly one VM of its hostname on
+    the primary (none if that VM's delete answered 200)."""
     by_hostname: dict[str, list[int]] = {}
     for ident, hostname in rows.items():
         by_hostname.setdefault(hostname, []).append(ident)
     finals = {}
     for a in sorted(load.of("create"), key=lambda a: a.end):
         finals[a.key] = a
-    wrong = {key: (finals[key].status, finals[key].error_id, by_hostname.get(f"k{key[:20]}"))
-             for key in load.retried
-             if finals[key].status != 201 or len(by_hostname.get(f"k{key[:20]}", [])) != 1}  # fmt: skip
+    wrong = {}
+    for key in load.retried:
+        made = by_hostname.get(f"k{key[:20]}", [])
+        expected = 0 if load.made.get(key) in load.deleted else 1
+        if finals[key].status != 201 or len(made) != expected:
+            wrong[key] = (finals[key].status, finals[key].error_id, made)
     assert not wrong, f"retried keys not answered with exactly one VM: {wrong}"
+
+
+def test_only_the_primarys_patroni_killed(fleet: Fleet) -> None:
+    """Only the primary's Patroni dies (SIGKILL): its PostgreSQL keeps running and taking
+    connections, and once the standby is promoted its commits would wait forever for a
+    synchronous standby that is gone. HAProxy's check of Patroni's ``GET /primary`` fails:
+    it marks the member down and cuts its sessions (the requests on them answer 503 and
+    are retried with their keys); the standby is promoted about ttl later and creates
+    succeed again through HAProxy; every acknowledged VM is on the new primary, none only
+    on the old one. Restarting the member's Patroni demotes and rewinds it (restore)."""
+    hosts = fleet.hosts
+    leader = hosts.wait_healthy()
+    standby = other(leader)
+    with Load(fleet.nginx, fleet.token, fleet.body) as load:
+        time.sleep(2)
+        assert hosts.sessions_from(leader, "dbproxy"), "no connection through HAProxy"
+        killed = time.monotonic()
+        hosts.kill(f"patroni-{leader}")
+        hosts.processes[f"patroni-{leader}"].wait(timeout=10)
+        down = wait_until(lambda: hosts.haproxy_states().get(leader) == "DOWN", 10,
+                          "HAProxy marks the old primary down")  # fmt: skip
+        cut = wait_until(lambda: hosts.sessions_from(leader, "dbproxy") == 0, 5,
+                         "HAProxy cuts its sessions to the old primary")  # fmt: skip
+        promoted = wait_until(lambda: hosts.writable(standby), 30, "standby promoted")
+        # the trap HAProxy is there for: the old primary still runs and is writable
+        assert hosts.writable(leader), "the old primary's PostgreSQL stopped"
+        wait_until(created_after(load, promoted), 30, "a create succeeds after the promotion")
+        time.sleep(0.5)
+    print(f"\nPatroni of {leader} killed: HAProxy marked it down after {down - killed:.2f} s, "
+          f"its sessions gone after {cut - killed:.2f} s, {standby} promoted after "
+          f"{promoted - killed:.2f} s; {len(load.retried)} keys retried; "
+          + summary(load, killed))  # fmt: skip
+    check_answers(load)
+    assert load.retried, "no create was retried: the kill did not reach the load"
+    assert load.longest_gap(killed) <= 30, summary(load, killed)
+    outage = load.outage(killed)
+    assert outage is None or (outage[1] is not None and outage[1] - outage[0] <= 30), outage
+    new_rows, old_rows = vm_rows(fleet, standby), vm_rows(fleet, leader)
+    check_acknowledged(load, fleet, standby)
+    check_retried_made_once(load, new_rows)
+    only_old = (set(load.made.values()) - load.deleted) & (set(old_rows) - set(new_rows))
+    assert not only_old, f"acknowledged VMs only on the old primary: {sorted(only_old)}"
+    # its Patroni started again: the old primary is demoted, rewound and becomes the new
+    # primary's synchronous standby; HAProxy keeps sending everything to the new one
+    started = time.monotonic()
+    restore(fleet)
+    assert hosts.wait_healthy() == standby
+    assert hosts.writable(leader) is False
+    print(f"{leader} back as the synchronous standby after {time.monotonic() - started:.2f} s")
 
 
 def test_an_api_host_killed_under_load(fleet: Fleet) -> None:
