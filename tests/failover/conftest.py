@@ -66,11 +66,28 @@ class Fleet:
 
     def kill_api(self, host: str) -> None:
         """The API host's gunicorn dies at once, master and workers (SIGKILL to its
-        process group: it was started in a session of its own)."""
+        process group: it was started in a session of its own); returns once its master
+        is reaped."""
         process = self.hosts.processes[host]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)  # (gone, its sockets closed: the signal is not the death)
+        deadline = time.monotonic() + 10
+        while living_in_group(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # (its workers, which share the listening socket)
         process.wait(timeout=10)
+
+
+def living_in_group(pgid: int) -> list[int]:
+    """Processes of the process group that are not yet dead (zombies have closed their
+    sockets: they count as dead)."""
+    living = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                living.append(int(stat.parent.name))
+    return living
 
 
 def start_api(hosts: Hosts, host: str, env: dict) -> None:
