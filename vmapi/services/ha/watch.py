@@ -114,10 +114,7 @@ class Watcher:
     def contradicted(self, node: Node, detail: str) -> None:
         """The lock manager says the fenced node still has a disk open: ``fence_failed``
         (unless an admin changed its state meanwhile), an error in the log."""
-        node = db.session.scalars(
-            select(Node).where(Node.id == node.id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()  # fmt: skip
+        node = locked_node(node.id)
         if node.ha_state != FENCED:
             db.session.commit()
             return
@@ -133,10 +130,7 @@ class Watcher:
         self.say(f"{node.fqdn}: missed {node.ha_misses} checks in a row: fencing")
         outcome = fence_node(node.id)
         # under the row's lock: an operator's `node fenced` meanwhile is not overwritten
-        node = db.session.scalars(
-            select(Node).where(Node.id == node.id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()  # fmt: skip
+        node = locked_node(node.id)
         if node.ha_state != FENCING:
             db.session.commit()
             self.say(f"{node.fqdn}: {node.ha_state} meanwhile (by an admin); the agent said: "
@@ -346,3 +340,12 @@ def _rollback_quietly() -> None:
         db.session.rollback()
     except Exception:
         log.debug("rollback failed", exc_info=True)
+
+
+def locked_node(node_id: int) -> Node:
+    """The node's row read afresh under its lock: an operator's change meanwhile (``node
+    fenced``, a state set by hand) is seen and not overwritten."""
+    return db.session.scalars(
+        select(Node).where(Node.id == node_id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()  # fmt: skip
