@@ -29,7 +29,6 @@ from vmapi.representations import error_response, parse_body
 from vmapi.services import idempotency
 from vmapi.services.crud import Outcome
 from vmapi.services.idempotency_lock import KeyLock
-from vmapi.services.vms.abandoned import remove_abandoned
 
 if TYPE_CHECKING:
     from vmapi.api.resource import ResourceApi
@@ -95,7 +94,7 @@ def settle(resource: ResourceApi, who: Principal, running: idempotency.Running, 
             # the lock is ours: the request that ran the key is gone (or, SQLite, what
             # it made is undone: it failed)
             if idempotency.take_over(record, running.owner):
-                remove_abandoned(idempotency.building_ids(record))
+                resource.service.remove_abandoned(idempotency.abandoned_ids(record))
                 return None
             continue  # the row changed meanwhile: look again
         record = idempotency.wait_for_answer(token_id, key, deadline - time.monotonic())
