@@ -446,6 +446,28 @@ def test_storage_array_lost_part_way_the_retry_makes_it_once(api, app, disk_vm, 
     assert sorted(again.json["data"]) == sorted(retry.json["data"])
 
 
+def test_storage_lost_before_its_pool_existed_is_removed(api, app, disk_vm, faults, relay,
+                                                         driver):  # fmt: skip
+    """The first volume of the node: the row is committed, then the database goes before
+    the pool is made. Its volume was never made (nor its pool): the row alone goes."""
+    body = storage_body(disk_vm)
+
+    def before(name, uri, args):
+        if name == "ensure_pool" and relay.up:
+            relay.cut()
+            faults.fail("ensure_pool")  # (and the request, dying, never makes it)
+
+    faults.before = before
+    assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    faults.before = None
+    relay.restore()
+    with pytest.raises(HypervisorError, match="not found"):  # no pool yet
+        driver.volumes(disk_vm["uri"], "vmapi")
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert_only(api, driver, disk_vm, [retry.json["data"]])
+
+
 def test_storage_on_a_node_that_does_not_answer_is_left(api, app, disk_vm, faults, relay,
                                                         driver, caplog):  # fmt: skip
     """The node does not answer while the retry removes what the lost request left: the
