@@ -468,10 +468,11 @@ def test_storage_lost_before_its_pool_existed_is_removed(api, app, disk_vm, faul
     assert_only(api, driver, disk_vm, [retry.json["data"]])
 
 
-def test_storage_on_a_node_that_does_not_answer_is_left(api, app, disk_vm, faults, relay,
-                                                        driver, caplog):  # fmt: skip
+def test_storage_on_a_node_that_does_not_answer_waits_for_it(api, app, disk_vm, faults, relay,
+                                                             driver):  # fmt: skip
     """The node does not answer while the retry removes what the lost request left: the
-    row stays as it is (logged), an ordinary volume of its VM that a DELETE removes."""
+    retry makes nothing (its volume would be a second one) and says so; the key still
+    names the lost row, and the next retry removes it and makes the one volume."""
     body = storage_body(disk_vm)
     stop = lose_the_database_at(app, relay, "UPDATE idempotency_key SET made",
                                 lambda: dies_with_it(faults))  # fmt: skip
@@ -481,9 +482,40 @@ def test_storage_on_a_node_that_does_not_answer_is_left(api, app, disk_vm, fault
         stop()
     relay.restore()
     faults.fail("domain", "unavailable")  # the removal's first look at the domain
+    refused = api.post("storage", json=body, headers=KEY)
+    error = assert_error(refused, 502, "vm/hypervisor_error")
+    assert "left unfinished could not be removed yet" in error["message"]
+    assert error["data"]["step"] == "detaching the disk"
+    assert sorted(int(i) for i in api.get("storage").json["data"]) == [1]
+    assert pool_volumes(driver, disk_vm) == [volume(disk_vm, 1)]
     retry = api.post("storage", json=body, headers=KEY)
     assert retry.status_code == 201, retry.json
-    assert "storage 1: not made when its request died; left as it is" in caplog.text
-    assert sorted(int(i) for i in api.get("storage").json["data"]) == [1, 2]
-    assert api.delete("storage/1").status_code == 200
+    assert "Idempotent-Replayed" not in retry.headers
+    assert_only(api, driver, disk_vm, [retry.json["data"]])
+
+
+def test_storage_of_a_busy_vm_waits_for_it(api, app, disk_vm, faults, relay, driver,
+                                           pg_database):  # fmt: skip
+    """Another operation holds the VM's lock while the retry would remove what the lost
+    request left: 409 ``vm/busy``, nothing made; once the VM is free a retry makes one."""
+    from vmapi.services.locks import LOCK_SPACE
+
+    body = storage_body(disk_vm)
+    stop = lose_the_database_at(app, relay, "UPDATE idempotency_key SET made")
+    try:
+        assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    finally:
+        stop()
+    relay.restore()
+    app.config["VM_LOCK_TIMEOUT"] = 0.2
+    engine = sa.create_engine(database_url(pg_database), poolclass=sa.pool.NullPool)
+    with engine.connect() as other:
+        other.execute(sa.select(sa.func.pg_advisory_lock(LOCK_SPACE, disk_vm["id"])))
+        other.commit()
+        error = assert_error(api.post("storage", json=body, headers=KEY), 409, "vm/busy")
+        assert "left unfinished could not be removed yet" in error["message"]
+        assert sorted(int(i) for i in api.get("storage").json["data"]) == [1]
+    engine.dispose()
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
     assert_only(api, driver, disk_vm, [retry.json["data"]])

@@ -213,7 +213,9 @@ class CrudService(Generic[M]):
         """A retry took an Idempotency-Key of this resource over from a request that is
         gone: remove ``ids``, what that request committed unfinished and never named
         made (:func:`vmapi.services.idempotency.abandoned_ids`), so the retry's objects
-        are the only ones. A create that commits nothing before it is whole names none."""
+        are the only ones. An error raised here is the retry's answer, before it makes
+        anything; the key still names ``ids`` for the next retry. A create that commits
+        nothing before it is whole names none."""
 
     def create_locks(self, items: list[dict[str, Any]]) -> Iterable[int]:
         """The VMs whose locks a create of ``items`` holds."""

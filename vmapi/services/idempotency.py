@@ -97,10 +97,12 @@ def made_ids(record: IdempotencyKey) -> list[int] | None:
     return None if record.made is None else list(json.loads(record.made))
 
 
-def take_over(record: IdempotencyKey, owner: str) -> bool:
+def take_over(record: IdempotencyKey, owner: str, building: list[int] | None = None) -> bool:
     """Run the key of a request that is gone and answered nothing, if its row is still
     as ``record`` says (the caller saw that nothing it names exists); whether this
-    request runs it now."""
+    request runs it now. The row goes on naming ``building`` (what the gone request
+    left, :func:`abandoned_ids`) until the new request is answered: should their
+    removal fail, the next retry that takes the key over finds them still named."""
     was, made = IdempotencyKey.owner, IdempotencyKey.made
     stmt = (
         update(IdempotencyKey)
@@ -110,7 +112,7 @@ def take_over(record: IdempotencyKey, owner: str) -> bool:
             made.is_(None) if record.made is None else made == record.made,
             IdempotencyKey.status_code.is_(None),
         )
-        .values(owner=owner, made=None, building=None)
+        .values(owner=owner, made=None, building=json.dumps(building) if building else None)
     )
     taken = db.session.execute(stmt.execution_options(synchronize_session=False)).rowcount
     db.session.commit()

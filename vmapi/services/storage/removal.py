@@ -8,7 +8,8 @@ volume is), and named ``building`` on its key's row in that commit; the key name
 A row the key names building but not made, after its request is gone and the key was
 taken over, is abandoned: nobody was answered with it. Its volume may or may not exist,
 its disk may or may not be in the domain's definition (and live): the removal finds
-out, as a delete does.
+out, as a delete does. The retry makes its own volume only once they are gone: on the
+same VM, on the same node, it would otherwise be a second one.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def remove_storage(storage: Storage, messages: list[str]) -> None:
 
 def remove_abandoned(storage_ids: list[int]) -> None:
     """Remove the abandoned storage ``storage_ids`` (module doc), each under its VM's
-    lock. One whose node does not answer (or whose VM stays busy, or whose guest keeps
-    the disk) stays as it is, logged: an ordinary volume of its VM, which
-    ``DELETE /storage/<id>`` removes."""
+    lock. If one cannot go (its node does not answer, its VM stays busy, its guest keeps
+    the disk), its error is raised with a message that says so: the retry makes nothing
+    (its volume would be a second one), and the key still names them for the next
+    retry."""
     if not storage_ids:
         return
     vms = sorted(set(vms_of(storage_ids)))
@@ -74,21 +76,18 @@ def remove_abandoned(storage_ids: list[int]) -> None:
                 # read under the lock: what the VM holds now
                 stmt = select(Storage).where(Storage.id.in_(storage_ids), Storage.vm_id == vm_id)
                 for storage in db.session.scalars(stmt.order_by(Storage.id)).all():
-                    if not storage.boot:  # (a root disk comes with its VM, never /storage)
-                        _remove_one(storage)
-        except ApiError as exc:  # vm/busy: another operation holds the VM
+                    if storage.boot:  # (a root disk comes with its VM, never /storage)
+                        continue
+                    ident = storage.id
+                    remove_storage(storage, [])
+                    log.warning("storage %s: not made when its request died; removed", ident)
+        except ApiError as exc:
             db.session.rollback()
-            log.warning("storage %s of vm-%s: not made when its request died; left as it is "
-                        "(%s)", storage_ids, vm_id, exc.message)  # fmt: skip
-
-
-def _remove_one(storage: Storage) -> None:
-    ident = storage.id
-    try:
-        remove_storage(storage, [])
-    except (ApiError, HypervisorError) as exc:
-        db.session.rollback()
-        log.warning("storage %s: not made when its request died; left as it is (%s)",
-                    ident, getattr(exc, "message", exc))  # fmt: skip
-        return
-    log.warning("storage %s: not made when its request died; removed", ident)
+            log.warning("storage %s of vm-%s: not made when its request died; kept for the "
+                        "next retry (%s)", storage_ids, vm_id, exc.message)  # fmt: skip
+            exc.message = (
+                f"Storage of vm-{vm_id} that the first request with this Idempotency-Key "
+                "left unfinished could not be removed yet, so nothing was made "
+                f"({exc.message}); retry with the same key."
+            )
+            raise
