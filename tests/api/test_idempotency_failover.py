@@ -14,10 +14,12 @@ import pytest
 import sqlalchemy as sa
 from flask import g
 
-from tests.conftest import vm_body
+from tests.api.test_storage import disks, volume
+from tests.conftest import GIB, vm_body
 from tests.errors import assert_error
 from vmapi.config import database_url
 from vmapi.extensions import db
+from vmapi.hypervisor import HypervisorError
 from vmapi.models import IdempotencyKey
 from vmapi.services.idempotency_lock import lock_ids
 
@@ -313,3 +315,207 @@ def test_the_key_row_is_fenced_by_its_owner(app, api):
         record = idempotency.find(token_id, "k")
         assert (record.owner, record.made, record.status_code) == ("new-owner", None, None)
         db.session.remove()
+
+
+# ---------------------------------------------------------------------- POST /storage
+# A storage row is committed before its volume is made, named building on its key's row;
+# the key names it made only in the request's last commit. A retry that takes the key
+# over from a request lost in between removes that row with its volume and disk.
+
+
+def storage_body(vm):
+    return {"size": GIB, "vm": {"id": vm["id"]}, "storage_type": {"id": 1}}
+
+
+@pytest.fixture
+def disk_vm(api, vm_host, test_method, installation):
+    node = vm_host()
+    made = api.post("vm", json=vm_body(test_method)).json["data"]  # (no key: plain)
+    return {**made, "uri": node["libvirt_uri"], "installation": installation}
+
+
+def pool_volumes(driver, vm):
+    """The storage volumes in the pool of storage type 1 (none while it does not exist)."""
+    try:
+        names = driver.volumes(vm["uri"], "vmapi")
+    except HypervisorError:
+        return []
+    return sorted(name for name in names if "-storage-" in name)
+
+
+def lose_the_database_at(app, relay, statement, then=None):
+    """Cut the relay as the create sends ``statement`` (a prefix), once (and ``then``)."""
+    with app.app_context():
+        engine = db.engine
+
+    def before(conn, cursor, sent, parameters, context, executemany):
+        if sent.startswith(statement) and relay.up:
+            relay.cut()
+            if then is not None:
+                then()
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    return lambda: sa.event.remove(engine, "before_cursor_execute", before)
+
+
+def dies_with_it(faults):
+    """The request's process dies with its database: its undo never redefines the
+    domain, so its disk stays. (A lost request that lives on cannot delete its volumes
+    either: which backend a volume is on is read from the database.)"""
+    faults.fail("define")
+
+
+def assert_only(api, driver, vm, made):
+    """``made`` (the answer's storage objects) is all there is: rows, volumes, disks."""
+    ids = [storage["id"] for storage in made]
+    assert sorted(int(i) for i in api.get("storage").json["data"]) == ids
+    assert pool_volumes(driver, vm) == sorted(volume(vm, i) for i in ids)
+    found = disks(driver, vm)
+    assert len(found) == len(ids)
+    paths = {driver.volume(vm["uri"], "vmapi", volume(vm, i))[0] for i in ids}
+    assert {disk.find("source").get("file") for disk in found.values()} == paths
+
+
+@pytest.mark.parametrize("undone", [True, False])
+def test_storage_lost_before_made_the_retry_makes_one_volume(api, app, disk_vm, faults, relay,
+                                                             driver, undone):  # fmt: skip
+    """The row, its volume and its disk were committed and made; the database goes just
+    before the key names it made. ``undone``: the lost request took its disk out of the
+    domain's definition (as it does while its process lives); else it stayed (it died
+    too). Its row and volume stay either way."""
+    body = storage_body(disk_vm)
+    stop = lose_the_database_at(app, relay, "UPDATE idempotency_key SET made",
+                                None if undone else lambda: dies_with_it(faults))  # fmt: skip
+    try:
+        lost = api.post("storage", json=body, headers=KEY)
+    finally:
+        stop()
+    assert_error(lost, 503, "general/unavailable")
+    assert pool_volumes(driver, disk_vm) == [volume(disk_vm, 1)]
+    assert len(disks(driver, disk_vm)) == (0 if undone else 1)
+    relay.restore()
+    with app.app_context():  # the lost request's row is there (it could not forget it)
+        assert db.session.scalar(sa.text("SELECT count(*) FROM storage")) == 1
+        db.session.remove()
+    started = time.monotonic()
+    retry = api.post("storage", json=body, headers=KEY)
+    assert time.monotonic() - started < 5
+    assert retry.status_code == 201, retry.json
+    assert "Idempotent-Replayed" not in retry.headers
+    made = retry.json["data"]
+    assert made["id"] == 2 and made["size"] == GIB
+    assert_only(api, driver, disk_vm, [made])
+    again = api.post("storage", json=body, headers=KEY)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["data"]["id"] == made["id"]
+    assert_only(api, driver, disk_vm, [made])
+
+
+@pytest.mark.parametrize("undone", [True, False])
+def test_storage_array_lost_part_way_the_retry_makes_it_once(api, app, disk_vm, faults, relay,
+                                                             driver, undone):  # fmt: skip
+    """An array dies at its second element (its row committed, its volume being made;
+    the first element whole): the key names neither made, the retry removes both and
+    makes the array once."""
+    body = [storage_body(disk_vm), storage_body(disk_vm)]
+    calls = []
+
+    def before(name, uri, args):
+        if name == "create_volume":
+            calls.append(args)
+            if len(calls) == 2 and relay.up:
+                relay.cut()
+                if not undone:
+                    dies_with_it(faults)
+
+    faults.before = before
+    lost = api.post("storage", json=body, headers=KEY)
+    faults.before = None
+    assert_error(lost, 503, "general/unavailable")
+    assert len(pool_volumes(driver, disk_vm)) == 2
+    assert len(disks(driver, disk_vm)) == (0 if undone else 1)  # the first's
+    relay.restore()
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    made = list(retry.json["data"].values())
+    assert [storage["id"] for storage in made] == [3, 4]
+    assert_only(api, driver, disk_vm, made)
+    assert sorted(disks(driver, disk_vm)) == ["vdb", "vdc"]
+    again = api.post("storage", json=body, headers=KEY)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert sorted(again.json["data"]) == sorted(retry.json["data"])
+
+
+def test_storage_lost_before_its_pool_existed_is_removed(api, app, disk_vm, faults, relay,
+                                                         driver):  # fmt: skip
+    """The first volume of the node: the row is committed, then the database goes before
+    the pool is made. Its volume was never made (nor its pool): the row alone goes."""
+    body = storage_body(disk_vm)
+
+    def before(name, uri, args):
+        if name == "ensure_pool" and relay.up:
+            relay.cut()
+            faults.fail("ensure_pool")  # (and the request, dying, never makes it)
+
+    faults.before = before
+    assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    faults.before = None
+    relay.restore()
+    with pytest.raises(HypervisorError, match="not found"):  # no pool yet
+        driver.volumes(disk_vm["uri"], "vmapi")
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert_only(api, driver, disk_vm, [retry.json["data"]])
+
+
+def test_storage_on_a_node_that_does_not_answer_waits_for_it(api, app, disk_vm, faults, relay,
+                                                             driver):  # fmt: skip
+    """The node does not answer while the retry removes what the lost request left: the
+    retry makes nothing (its volume would be a second one) and says so; the key still
+    names the lost row, and the next retry removes it and makes the one volume."""
+    body = storage_body(disk_vm)
+    stop = lose_the_database_at(app, relay, "UPDATE idempotency_key SET made",
+                                lambda: dies_with_it(faults))  # fmt: skip
+    try:
+        assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    finally:
+        stop()
+    relay.restore()
+    faults.fail("domain", "unavailable")  # the removal's first look at the domain
+    refused = api.post("storage", json=body, headers=KEY)
+    error = assert_error(refused, 502, "vm/hypervisor_error")
+    assert "left unfinished could not be removed yet" in error["message"]
+    assert error["data"]["step"] == "detaching the disk"
+    assert sorted(int(i) for i in api.get("storage").json["data"]) == [1]
+    assert pool_volumes(driver, disk_vm) == [volume(disk_vm, 1)]
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert "Idempotent-Replayed" not in retry.headers
+    assert_only(api, driver, disk_vm, [retry.json["data"]])
+
+
+def test_storage_of_a_busy_vm_waits_for_it(api, app, disk_vm, faults, relay, driver,
+                                           pg_database):  # fmt: skip
+    """Another operation holds the VM's lock while the retry would remove what the lost
+    request left: 409 ``vm/busy``, nothing made; once the VM is free a retry makes one."""
+    from vmapi.services.locks import LOCK_SPACE
+
+    body = storage_body(disk_vm)
+    stop = lose_the_database_at(app, relay, "UPDATE idempotency_key SET made")
+    try:
+        assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    finally:
+        stop()
+    relay.restore()
+    app.config["VM_LOCK_TIMEOUT"] = 0.2
+    engine = sa.create_engine(database_url(pg_database), poolclass=sa.pool.NullPool)
+    with engine.connect() as other:
+        other.execute(sa.select(sa.func.pg_advisory_lock(LOCK_SPACE, disk_vm["id"])))
+        other.commit()
+        error = assert_error(api.post("storage", json=body, headers=KEY), 409, "vm/busy")
+        assert "left unfinished could not be removed yet" in error["message"]
+        assert sorted(int(i) for i in api.get("storage").json["data"]) == [1]
+    engine.dispose()
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert_only(api, driver, disk_vm, [retry.json["data"]])

@@ -29,7 +29,6 @@ from vmapi.representations import error_response, parse_body
 from vmapi.services import idempotency
 from vmapi.services.crud import Outcome
 from vmapi.services.idempotency_lock import KeyLock
-from vmapi.services.vms.abandoned import remove_abandoned
 
 if TYPE_CHECKING:
     from vmapi.api.resource import ResourceApi
@@ -94,8 +93,10 @@ def settle(resource: ResourceApi, who: Principal, running: idempotency.Running, 
         if lock is not None or record.made is not None:
             # the lock is ours: the request that ran the key is gone (or, SQLite, what
             # it made is undone: it failed)
-            if idempotency.take_over(record, running.owner):
-                remove_abandoned(idempotency.building_ids(record))
+            left = idempotency.abandoned_ids(record)
+            if idempotency.take_over(record, running.owner, left):
+                running.building = left  # (still named, with what this request builds)
+                resource.service.remove_abandoned(left)
                 return None
             continue  # the row changed meanwhile: look again
         record = idempotency.wait_for_answer(token_id, key, deadline - time.monotonic())

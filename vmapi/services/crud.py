@@ -209,6 +209,14 @@ class CrudService(Generic[M]):
         with vm_locks(self.delete_locks(ids)):
             return self.delete_all(ids, principal, options, indexed)
 
+    def remove_abandoned(self, ids: list[int]) -> None:
+        """A retry took an Idempotency-Key of this resource over from a request that is
+        gone: remove ``ids``, what that request committed unfinished and never named
+        made (:func:`vmapi.services.idempotency.abandoned_ids`), so the retry's objects
+        are the only ones. An error raised here is the retry's answer, before it makes
+        anything; the key still names ``ids`` for the next retry. A create that commits
+        nothing before it is whole names none."""
+
     def create_locks(self, items: list[dict[str, Any]]) -> Iterable[int]:
         """The VMs whose locks a create of ``items`` holds."""
         return ()

@@ -2,16 +2,18 @@
 
 The key's row is claimed with one ``INSERT ... ON CONFLICT DO NOTHING`` committed before
 the create runs, so of two racing requests exactly one runs. The row names the request
-running it (``owner``, a random token) and, written in the very transaction that commits
-each object the create makes, the ids of those objects (``made``, :func:`commit_made`):
-a request that dies after its commit but before its answer was stored still left the
-answer's content behind, and one that died before it left no object a retry could
-duplicate. Every write of the running request to the row is fenced by its ``owner``:
-once a retry took the key over (:func:`take_over`, only while nothing is made yet), the
-old request's commit matches no row and is rolled back and undone. Whether the request
-running a key is alive is PostgreSQL's lock (:mod:`.idempotency_lock`); the fence keeps
-it correct even when that signal is wrong. Keys are per token and expire after
-IDEMPOTENCY_TTL seconds.
+running it (``owner``, a random token), the objects it committed before they were whole
+(``building``, :func:`note_building`: a VM ``building``, a storage row before its volume)
+and, written in the very transaction that commits each object the create makes, the ids
+of those objects (``made``, :func:`commit_made`): a request that dies after its commit
+but before its answer was stored still left the answer's content behind, and of one that
+died before it the retry that takes the key over removes what the row names building,
+so nothing is made twice. Every write of the running request to the row is fenced by
+its ``owner``: once a retry took the key over (:func:`take_over`, only while nothing is
+made yet), the old request's commit matches no row and is rolled back and undone.
+Whether the request running a key is alive is PostgreSQL's lock
+(:mod:`.idempotency_lock`); the fence keeps it correct even when that signal is wrong.
+Keys are per token and expire after IDEMPOTENCY_TTL seconds.
 
 A COMMIT whose connection broke may have landed or not; :func:`commit_made` asks the
 database (on a new connection) whether the row names what it made, and goes on as
@@ -95,10 +97,12 @@ def made_ids(record: IdempotencyKey) -> list[int] | None:
     return None if record.made is None else list(json.loads(record.made))
 
 
-def take_over(record: IdempotencyKey, owner: str) -> bool:
+def take_over(record: IdempotencyKey, owner: str, building: list[int] | None = None) -> bool:
     """Run the key of a request that is gone and answered nothing, if its row is still
     as ``record`` says (the caller saw that nothing it names exists); whether this
-    request runs it now."""
+    request runs it now. The row goes on naming ``building`` (what the gone request
+    left, :func:`abandoned_ids`) until the new request is answered: should their
+    removal fail, the next retry that takes the key over finds them still named."""
     was, made = IdempotencyKey.owner, IdempotencyKey.made
     stmt = (
         update(IdempotencyKey)
@@ -108,7 +112,7 @@ def take_over(record: IdempotencyKey, owner: str) -> bool:
             made.is_(None) if record.made is None else made == record.made,
             IdempotencyKey.status_code.is_(None),
         )
-        .values(owner=owner, made=None, building=None)
+        .values(owner=owner, made=None, building=json.dumps(building) if building else None)
     )
     taken = db.session.execute(stmt.execution_options(synchronize_session=False)).rowcount
     db.session.commit()
@@ -151,9 +155,11 @@ def _fenced(running: Running) -> Any:
 
 
 def note_building(ids: list[int]) -> None:
-    """Under an Idempotency-Key: name the VMs ``ids``, about to be committed as
-    ``building``, on the key's row in the same transaction (a retry that takes the key
-    over from a dead request removes them); the caller commits."""
+    """Under an Idempotency-Key: name the objects ``ids``, about to be committed before
+    they are whole (a VM as ``building``, a storage row before its volume and disk),
+    on the key's row in the same transaction: a retry that takes the key over from a
+    dead request removes those it did not name ``made`` (:func:`abandoned_ids`, the
+    resource's ``remove_abandoned``); the caller commits."""
     running = current()
     if running is None:
         return
@@ -168,6 +174,14 @@ def note_building(ids: list[int]) -> None:
 
 def building_ids(record: IdempotencyKey) -> list[int]:
     return [] if record.building is None else list(json.loads(record.building))
+
+
+def abandoned_ids(record: IdempotencyKey) -> list[int]:
+    """What the key's request committed unfinished and never named made: abandoned
+    once its owner is gone and the key was taken over (:func:`take_over`, which holds
+    only while the row is as ``record`` says, no answer stored)."""
+    made = set(made_ids(record) or [])
+    return [ident for ident in building_ids(record) if ident not in made]
 
 
 def commit_made(ids: list[int]) -> None:

@@ -88,11 +88,13 @@ def all_or_nothing(
     indexed: bool,
     check: Callable[[T], C],
     apply: Callable[[C, Undo], R],
+    finish: Callable[[list[R]], None] | None = None,
 ) -> list[R]:
     """``check`` every item, then ``apply`` each checked item with the shared undo stack;
     the results in order. Any failure undoes what the earlier items did and re-raises,
-    with ``data.index`` when ``indexed`` (an array request)."""
-    return apply_all(check_all(items, indexed, check), indexed, apply)
+    with ``data.index`` when ``indexed`` (an array request). ``finish``, if given, runs
+    once every item is applied, under the same stack (e.g. the commit naming them all)."""
+    return apply_all(check_all(items, indexed, check), indexed, apply, finish)
 
 
 def check_all(items: Iterable[T], indexed: bool, check: Callable[[T], C]) -> list[C]:
@@ -104,18 +106,26 @@ def check_all(items: Iterable[T], indexed: bool, check: Callable[[T], C]) -> lis
     return checked
 
 
-def apply_all(checked: list[C], indexed: bool, apply: Callable[[C, Undo], R]) -> list[R]:
-    """``apply`` each checked item in order under one undo stack (see all_or_nothing)."""
+def apply_all(
+    checked: list[C],
+    indexed: bool,
+    apply: Callable[[C, Undo], R],
+    finish: Callable[[list[R]], None] | None = None,
+) -> list[R]:
+    """``apply`` each checked item in order under one undo stack, then ``finish`` (see
+    all_or_nothing)."""
     undo = Undo()
     done: list[R] = []
-    for index, item in enumerate(checked):
-        try:
+    try:
+        for index, item in enumerate(checked):
             with at_index(index if indexed else None):
                 done.append(apply(item, undo))
-        except OutcomeUnknown:
-            keep_for_reconcile(undo)
-            raise
-        except BaseException:
-            run_undo(undo)
-            raise
+        if finish is not None:
+            finish(done)
+    except OutcomeUnknown:
+        keep_for_reconcile(undo)
+        raise
+    except BaseException:
+        run_undo(undo)
+        raise
     return done

@@ -1,10 +1,11 @@
 """A new volume for a VM (POST /storage), each step with its named inverse.
 
-Order: pick a target device under the VM's row lock and commit the row; make sure the
-pool exists; create the volume (empty, or holding an image's content: cloned whole from
-the image's copy on the node, made there first when missing, then grown to its size);
-rewrite the domain's persistent definition (from the database, now with the disk);
-attach it live when the domain runs.
+Order: pick a target device under the VM's row lock and commit the row (named building
+on its Idempotency-Key's row, if any); make sure the pool exists; create the volume
+(empty, or holding an image's content: cloned whole from the image's copy on the node,
+made there first when missing, then grown to its size); rewrite the domain's persistent
+definition (from the database, now with the disk); attach it live when the domain runs.
+The caller names it made on the key's row once the whole request is done.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vmapi.models.catalog import RBD
 from vmapi.models.image import ACTIVE
 from vmapi.models.leftover import VOLUME
 from vmapi.node_detail import NodeNote
+from vmapi.services.idempotency import note_building
 from vmapi.services.images.copies import (
     CopyGone,
     Source,
@@ -106,6 +108,9 @@ def create_volume(new: NewVolume, undo: Undo, messages: list[str]) -> Storage:
         db.session.flush()
         # stored before the volume is made: from now on the row says where it is
         storage.volume_name = volume_name(storage.id)
+        # and under an Idempotency-Key the key names it building until it is made: a
+        # retry that takes the key over from a dead request removes it (.removal)
+        note_building([storage.id])
         db.session.commit()
     except BaseException:
         db.session.rollback()

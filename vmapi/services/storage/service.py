@@ -14,25 +14,15 @@ from vmapi.auth import Principal
 from vmapi.error_ids import STORAGE_NODE_MISMATCH, STORAGE_SHRINK_FORBIDDEN
 from vmapi.errors import Conflict, ValidationError, at_index
 from vmapi.extensions import db
-from vmapi.hypervisor import HypervisorError
 from vmapi.models import Storage, Vm
 from vmapi.services import idempotency
 from vmapi.services.crud import CrudService, Outcome
-from vmapi.services.nodes.domains import hypervisor_failure
-from vmapi.services.nodes.hosts import hypervisor
 from vmapi.services.ownership import own_vms
 from vmapi.services.storage.changes import apply_update
 from vmapi.services.storage.create import NewVolume, create_volume, plan_volume
-from vmapi.services.storage.disks import (
-    AttachedVolume,
-    check_size,
-    detach,
-    root_disk,
-    visible_vm,
-    vms_of,
-)
-from vmapi.services.storage.volumes import delete_volume
-from vmapi.services.undo import Undo, all_or_nothing, run_undo
+from vmapi.services.storage.disks import check_size, root_disk, visible_vm, vms_of
+from vmapi.services.storage.removal import remove_abandoned, remove_storage
+from vmapi.services.undo import Undo, all_or_nothing
 
 
 class StorageService(CrudService[Storage]):
@@ -59,12 +49,20 @@ class StorageService(CrudService[Storage]):
             return new
 
         def apply(new: NewVolume, undo: Undo) -> Storage:
-            storage = create_volume(new, undo, messages)
-            if idempotency.current() is not None:  # the key names it, once it is attached
-                idempotency.commit_made([storage.id])
-            return storage
+            return create_volume(new, undo, messages)
 
-        return Outcome(all_or_nothing(items, indexed, check, apply), messages)
+        def made(done: list[Storage]) -> None:
+            # the key names them made once all are attached (each was named building
+            # when its row was first committed): a request that dies before leaves them
+            # to the retry that takes its key over (remove_abandoned), array and all
+            if idempotency.current() is not None:
+                idempotency.commit_made([storage.id for storage in done])
+
+        return Outcome(all_or_nothing(items, indexed, check, apply, made), messages)
+
+    def remove_abandoned(self, ids: list[int]) -> None:
+        """The volumes a dead request committed and never named made (:mod:`.removal`)."""
+        remove_abandoned(ids)
 
     # ------------------------------------------------------------------ update
     def update_locks(self, items: list[tuple[int, dict[str, Any]]]) -> list[int]:
@@ -136,27 +134,7 @@ class StorageService(CrudService[Storage]):
                 if found[-1].boot:
                     raise root_disk(found[-1], "is deleted on its own")
         messages: list[str] = []
-        driver = hypervisor()
         for index, storage in enumerate(found):
-            undo = Undo()
-            disk = AttachedVolume(storage)
-            step = "detaching the disk"
-            try:
-                with at_index(index if indexed else None):
-                    try:
-                        detach(disk, messages, undo)
-                        step = "redefining the domain"
-                        driver.define(disk.host.uri, disk.domain(without=True))
-                        name = f"redefining {disk.vm.domain_name} with storage {storage.id} again"
-                        undo.push(name, lambda d=disk: driver.define(d.host.uri, d.domain()))
-                        step = "deleting the volume"
-                        if not delete_volume(disk.storage, disk.host):
-                            messages.append(f"The volume of storage {storage.id} was already gone.")
-                    except HypervisorError as exc:
-                        raise hypervisor_failure(exc, step, disk.host) from exc
-            except BaseException:
-                run_undo(undo)
-                raise
-            db.session.delete(storage)
-            db.session.commit()
+            with at_index(index if indexed else None):
+                remove_storage(storage, messages)
         return Outcome(found, messages)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from vmapi.errors import ApiError, HypervisorTimedOut
 from vmapi.extensions import db
-from vmapi.hypervisor import DomainNotFound, HypervisorError, VolumeNotFound
+from vmapi.hypervisor import DomainNotFound, HypervisorError, PoolNotFound, VolumeNotFound
 from vmapi.models import Storage, StorageType, VirtMethod, Vm
 from vmapi.models.catalog import RBD
 from vmapi.services.nodes.domains import hypervisor_failure, record_state
@@ -26,7 +26,8 @@ from vmapi.services.vms.specs import domain_spec
 
 def delete_volume(storage: Storage, host: Host | None = None) -> bool:
     """Delete the row's volume where the row says it is; False if it was already gone
-    (or never made: a create that died before the volume existed). An RBD image goes
+    (or never made: a create that died before the volume existed, or even before its
+    pool did: a pool the node does not have holds nothing of ours). An RBD image goes
     through the API host's Ceph client, whatever node the VM is on."""
     if storage.volume_name is None:
         return False
@@ -36,7 +37,7 @@ def delete_volume(storage: Storage, host: Host | None = None) -> bool:
     host = host or Host.of(storage.node_id)
     try:
         hypervisor().delete_volume(host.uri, storage.pool, storage.volume_name)
-    except VolumeNotFound:
+    except (VolumeNotFound, PoolNotFound):
         return False
     return True
 

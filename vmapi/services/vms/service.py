@@ -19,6 +19,7 @@ from vmapi.node_detail import prefixed
 from vmapi.services.crud import Outcome
 from vmapi.services.locks import vm_locks
 from vmapi.services.undo import Undo, all_or_nothing
+from vmapi.services.vms.abandoned import remove_abandoned
 from vmapi.services.vms.changes import UpdatePlan, apply_update
 from vmapi.services.vms.cloud_init import SeedVolume, delete_retired
 from vmapi.services.vms.create import create_vms
@@ -32,6 +33,10 @@ class VmService(VmRows):
     ) -> Outcome[Vm]:
         """Create every VM or none (:func:`vmapi.services.vms.create.create_vms`)."""
         return Outcome(create_vms(items, principal, indexed))
+
+    def remove_abandoned(self, ids: list[int]) -> None:
+        """The VMs a dead request left ``building`` (:mod:`.abandoned`)."""
+        remove_abandoned(ids)
 
     def update_locks(self, items: list[tuple[int, dict[str, Any]]]) -> list[int]:
         return [ident for ident, _data in items]
