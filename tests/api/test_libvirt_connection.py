@@ -14,6 +14,7 @@ from vmapi.hypervisor import DomainNotFound, HypervisorTimeout, HypervisorUnavai
 from vmapi.hypervisor.libvirt import LibvirtDriver
 from vmapi.hypervisor.libvirt import channel as channel_module
 from vmapi.hypervisor.libvirt import connection as connection_module
+from vmapi.hypervisor.libvirt import domains as domains_module
 from vmapi.hypervisor.libvirt.config import StoragePool
 from vmapi.hypervisor.libvirt.connection import ConnectionCache
 from vmapi.hypervisor.specs import DomainSpec
@@ -371,4 +372,41 @@ def test_a_pools_directory_is_kept_per_connection_until_a_call_fails(tmp_path):
             found.destroy()
             found.undefine()
         admin.connections.clear()
+        driver.connections.clear()
+
+
+def test_a_guest_that_goes_off_on_its_own_during_destroy_is_off(monkeypatch):
+    """The race a rebuild or a delete meets when the guest it asked to shut down goes off
+    between ``isActive`` and ``destroy``: libvirt's "domain is not running" means the
+    domain is what destroy wanted, not a failure (the CI saw a rebuild answer 502 on it).
+    The fault is injected: the real domain goes off inside the first ``isActive``."""
+    driver = LibvirtDriver(timeout=5)
+    name = f"vmapi-calls-{uuid.uuid4().hex[:8]}"
+    driver.define(URI, DomainSpec(name=name, uuid=str(uuid.uuid4()), domain_type="test",
+                                  vcpus=1, max_vcpus=1, memory=64 * MIB, max_memory=64 * MIB,
+                                  vm_id=0, installation="vmapi-calls"))  # fmt: skip
+    domain_class = domains_module.libvirt.virDomain
+    real_is_active = domain_class.isActive
+    raced = []
+
+    def goes_off_meanwhile(dom):
+        active = real_is_active(dom)
+        if active and not raced and dom.name() == name:
+            raced.append(True)
+            domain_class.destroy(dom)  # the guest's own power-off, after the answer
+        return active
+
+    try:
+        driver.start(URI, name)
+        monkeypatch.setattr(domain_class, "isActive", goes_off_meanwhile)
+        driver.destroy(URI, name)
+        assert raced and driver.domain(URI, name).state == "shutoff"
+        # a domain that is running on is still powered off; one that is off stays so
+        driver.start(URI, name)
+        driver.destroy(URI, name)
+        driver.destroy(URI, name)
+        assert driver.domain(URI, name).state == "shutoff"
+    finally:
+        monkeypatch.undo()
+        driver.undefine(URI, name)
         driver.connections.clear()

@@ -3,9 +3,9 @@ and nginx, each host a network namespace (tests/failover/hosts.py).
 
 The API hosts run the shipped files: deploy/gunicorn.conf.py, deploy/patroni/patroni.yml
 (with tight timings), deploy/nginx/vmapi-site.conf with vmapi-upstreams.conf and
-vmapi-proxy.conf, and the database URL the README documents: through HAProxy
-(deploy/haproxy/vmapi-db.cfg, a host of its own), which sends connections only to the
-member Patroni's REST API names the primary. Their nodes are
+vmapi-proxy.conf, and the database URL the README documents: through two HAProxy hosts
+in libpq's multi-host form (deploy/haproxy/vmapi-db.cfg, each a host of its own), which
+send connections only to the member Patroni's REST API names the primary. Their nodes are
 libvirtd's test driver (``test+unix:///default``, reached through libvirtd's Unix socket),
 so both API hosts see one hypervisor and a VM's domain can be looked up by the test.
 
@@ -33,7 +33,7 @@ import pytest
 from tests.concurrency.conftest import SHARED_URI, remove_domains
 from tests.concurrency.test_nginx import SITE, WORKER_USER, local_paths
 from tests.conftest import GIB, make_token, migrate, node_body, unavailable
-from tests.failover.hosts import SUPERUSER_PASSWORD, Hosts, missing_tools
+from tests.failover.hosts import PROXIES, SUPERUSER_PASSWORD, Hosts, missing_tools
 from tests.failover.load import MIB, call
 from vmapi.app import create_app
 from vmapi.extensions import db
@@ -152,12 +152,15 @@ def setup_vmapi(hosts: Hosts, leader: str, installation: str) -> tuple[str, dict
     conn.close()
     local = f"postgresql://postgres@/vmapi?host={hosts.base / leader}"
     migrate(local)
-    proxy = f"{hosts.ip('dbproxy')}:5000"  # HAProxy: deploy/haproxy/vmapi-db.cfg
+    # both HAProxy hosts (deploy/haproxy/vmapi-db.cfg), in libpq's multi-host form
+    proxy = ",".join(f"{hosts.ip(host)}:5000" for host in PROXIES.values())
     env = {**os.environ, "VMAPI_INSTALLATION_ID": installation, "VMAPI_LIBVIRT_TIMEOUT": "10",
            "VMAPI_DATABASE_URL":
                f"postgresql://postgres:{SUPERUSER_PASSWORD}@{proxy}/vmapi?{DATABASE_OPTIONS}",
            # a retry waiting on a key whose first request is gone waits this long, not 55 s
-           "VMAPI_IDEMPOTENCY_WAIT": "2", "VMAPI_LOG_REQUESTS": "false"}  # fmt: skip
+           "VMAPI_IDEMPOTENCY_WAIT": "2", "VMAPI_LOG_REQUESTS": "false",
+           # the image store every API host mounts (README: one shared directory)
+           "VMAPI_IMAGE_DIR": str(hosts.base / "images")}  # fmt: skip
     seed = {**env, "VMAPI_DATABASE_URL": local}
     flask = [sys.executable, "-m", "flask", "--app", "wsgi", "vmapi", "seed"]
     subprocess.run(flask, cwd=ROOT, env=seed, check=True, capture_output=True)
@@ -210,7 +213,8 @@ def deployment() -> Iterator[Fleet]:
         for member in ("n1", "n2"):
             hosts.start_patroni(member)
         leader = hosts.wait_healthy()
-        hosts.start_haproxy()
+        for proxy in PROXIES:
+            hosts.start_haproxy(proxy)
         hosts.wait_routed(leader)
         token, env = setup_vmapi(hosts, leader, installation)
         for host in API_HOSTS:
@@ -248,8 +252,9 @@ def restore(fleet: Fleet) -> None:
         # started again finds it, demotes it and rewinds it when the other one is leader
         if not hosts.alive(f"patroni-{member}"):
             hosts.start_patroni(member)
-    if not hosts.alive("haproxy"):
-        hosts.start_haproxy()
+    for proxy in PROXIES:
+        if not hosts.alive(proxy):
+            hosts.start_haproxy(proxy)
     hosts.wait_routed(hosts.wait_healthy())
     for host in API_HOSTS:
         if not hosts.alive(host):

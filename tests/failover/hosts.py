@@ -28,7 +28,11 @@ from pathlib import Path
 import psycopg2
 
 NET = "198.18.0"  # RFC 2544's benchmark range, only ever inside the test's namespaces
-ADDRESSES = {"etcd": 2, "n1": 11, "n2": 12, "api1": 21, "api2": 22, "lb": 30, "dbproxy": 40}
+ADDRESSES = {"etcd": 2, "n1": 11, "n2": 12, "api1": 21, "api2": 22, "lb": 30, "dbproxy": 40,
+             "dbproxy2": 41}  # fmt: skip
+#: the HAProxy processes (deploy/haproxy/vmapi-db.cfg), each on a host of its own, both
+#: in the API hosts' multi-host database URL (README: two HAProxy hosts)
+PROXIES = {"haproxy": "dbproxy", "haproxy2": "dbproxy2"}
 PATRONI_BIN = "/usr/bin/patroni"
 ETCD_BIN = "/usr/bin/etcd"
 HAPROXY_BIN = "/usr/sbin/haproxy"
@@ -291,29 +295,30 @@ class Hosts:
         )
 
     # -- HAProxy -------------------------------------------------------------------
-    def start_haproxy(self) -> None:
+    def start_haproxy(self, name: str = "haproxy") -> None:
         """deploy/haproxy/vmapi-db.cfg with the members' addresses (server names n1, n2)
-        and a stats socket in the test's folder, in a namespace of its own."""
+        and a stats socket in the test's folder, on its host (:data:`PROXIES`)."""
         text = (Path(__file__).resolve().parents[2] / "deploy/haproxy/vmapi-db.cfg").read_text()
+        stats = f"    stats socket {self.base}/{name}.sock mode 600 level admin\n"
         replace = {
             "server db1 192.0.2.11:": f"server n1 {self.ip('n1')}:",
             "server db2 192.0.2.12:": f"server n2 {self.ip('n2')}:",
-            "\nglobal\n": f"\nglobal\n    stats socket {self.base}/haproxy.sock mode 600 level admin\n",
+            "\nglobal\n": f"\nglobal\n{stats}",
         }
         for old, new in replace.items():
             assert old in text, old
             text = text.replace(old, new)
-        path = self.base / "haproxy.cfg"
+        path = self.base / f"{name}.cfg"
         path.write_text(text)
-        self.start("haproxy", "dbproxy", [HAPROXY_BIN, "-db", "-f", str(path)])
+        self.start(name, PROXIES[name], [HAPROXY_BIN, "-db", "-f", str(path)])
 
-    def haproxy_states(self) -> dict[str, str]:
+    def haproxy_states(self, name: str = "haproxy") -> dict[str, str]:
         """HAProxy's state of each member ("UP", "DOWN", "UP 1/2" going down...), from
         ``show stat`` on its stats socket; {} while it does not answer."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2)
-                sock.connect(str(self.base / "haproxy.sock"))
+                sock.connect(str(self.base / f"{name}.sock"))
                 sock.sendall(b"show stat\n")
                 raw = b""
                 while chunk := sock.recv(65536):
@@ -325,13 +330,14 @@ class Hosts:
                 if row.get("svname") in ("n1", "n2")}  # fmt: skip
 
     def wait_routed(self, leader: str, timeout: float = 15) -> None:
-        """HAProxy sends connections to ``leader`` and to no other member."""
+        """Every HAProxy sends connections to ``leader`` and to no other member."""
         standby = "n2" if leader == "n1" else "n1"
         deadline = time.monotonic() + timeout
-        while (states := self.haproxy_states()) != {leader: "UP", standby: "DOWN"}:
-            assert self.alive("haproxy"), self.log_tail("haproxy")
-            assert time.monotonic() < deadline, f"HAProxy's states: {states}"
-            time.sleep(0.1)
+        for name in PROXIES:
+            while (states := self.haproxy_states(name)) != {leader: "UP", standby: "DOWN"}:
+                assert self.alive(name), self.log_tail(name)
+                assert time.monotonic() < deadline, f"{name}'s states: {states}"
+                time.sleep(0.1)
 
     def sessions_from(self, member: str, host: str) -> int | None:
         """Client connections to ``member``'s PostgreSQL from ``host``'s address."""

@@ -8,8 +8,12 @@ output of a failure).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +23,9 @@ from collections.abc import Callable
 import pytest
 
 from tests.concurrency.conftest import ROOT, our_domains
-from tests.failover.conftest import Fleet, restore
-from tests.failover.load import Load
+from tests.failover.conftest import API_HOSTS, Fleet, restore
+from tests.failover.hosts import PROXIES
+from tests.failover.load import MIB, Load, UnixHTTPConnection, call
 
 #: the test's nginx log_format (tests/failover/conftest.py)
 LOG_LINE = re.compile(r'(\S+) (\S+) (\S+) "([^"]*)" "([^"]*)"')
@@ -186,8 +191,8 @@ def test_only_the_primarys_patroni_killed(fleet: Fleet) -> None:
         hosts.processes[f"patroni-{leader}"].wait(timeout=10)
         down = wait_until(lambda: hosts.haproxy_states().get(leader) == "DOWN", 10,
                           "HAProxy marks the old primary down")  # fmt: skip
-        cut = wait_until(lambda: hosts.sessions_from(leader, "dbproxy") == 0, 5,
-                         "HAProxy cuts its sessions to the old primary")  # fmt: skip
+        cut = wait_until(lambda: all(hosts.sessions_from(leader, h) == 0 for h in PROXIES.values()),
+                         5, "the HAProxies cut their sessions to the old primary")  # fmt: skip
         promoted = wait_until(lambda: hosts.writable(standby), 30, "standby promoted")
         # the trap HAProxy is there for: the old primary still runs and is writable
         assert hosts.writable(leader), "the old primary's PostgreSQL stopped"
@@ -214,6 +219,33 @@ def test_only_the_primarys_patroni_killed(fleet: Fleet) -> None:
     assert hosts.wait_healthy() == standby
     assert hosts.writable(leader) is False
     print(f"{leader} back as the synchronous standby after {time.monotonic() - started:.2f} s")
+
+
+def test_an_haproxy_host_killed_under_load(fleet: Fleet) -> None:
+    """The first HAProxy of the API hosts' multi-host URL dies (SIGKILL): the requests on
+    its connections fail with 503 (retried with their keys), new connections go to the
+    second one (libpq tries the next host of the URL), and creates go on; nothing
+    acknowledged is lost, and the primary never changed."""
+    hosts = fleet.hosts
+    leader = hosts.wait_healthy()
+    first, second = PROXIES.values()
+    with Load(fleet.nginx, fleet.token, fleet.body) as load:
+        time.sleep(2)
+        assert hosts.sessions_from(leader, first), "no connection through the first HAProxy"
+        killed = time.monotonic()
+        hosts.kill("haproxy")
+        hosts.processes["haproxy"].wait(timeout=10)
+        wait_until(created_after(load, killed), 30, "a create succeeds after the kill")
+        moved = wait_until(lambda: hosts.sessions_from(leader, second), 10,
+                           "connections through the second HAProxy")  # fmt: skip
+        time.sleep(2)
+    print(f"\nHAProxy on {first} killed: connections through {second} after "
+          f"{moved - killed:.2f} s; {summary(load, killed)}")  # fmt: skip
+    check_answers(load)
+    assert hosts.wait_healthy() == leader
+    assert load.longest_gap(killed) <= 10, summary(load, killed)
+    check_acknowledged(load, fleet, leader)
+    check_retried_made_once(load, vm_rows(fleet, leader))
 
 
 def test_an_api_host_killed_under_load(fleet: Fleet) -> None:
@@ -288,6 +320,80 @@ def test_partitioned_primary_is_fenced(fleet: Fleet) -> None:
     assert demoted < first_new
     check_answers(load)
     check_acknowledged(load, fleet, standby)
+
+
+def put_file(
+    sock: str, token: str, image: int, data: bytes, held: threading.Event, answer: list
+) -> None:
+    """An upload over ``sock``: its headers and first 64 KiB, then nothing until
+    ``held`` is set, then the rest; ``answer`` gets (status, envelope)."""
+    head = (f"PUT /api/v1/image/{image}/file HTTP/1.1\r\nHost: vmapi.test\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(90)
+        conn.connect(sock)
+        conn.sendall(head.encode() + data[: 64 * 1024])
+        held.wait(60)
+        conn.sendall(data[64 * 1024 :])
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    answer.append((status, json.loads(reply.split(b"\r\n\r\n", 1)[1])))
+
+
+def test_the_image_store_and_upload_lock_hold_across_api_hosts(fleet: Fleet) -> None:
+    """The image store is one directory both API hosts mount (VMAPI_IMAGE_DIR, as README
+    says) and an image's upload lock is PostgreSQL's: while an upload crawls into api1,
+    api2 refuses a second upload of that image (409 image/busy, asked with the upload
+    check, which reads no body); the file api1 wrote is what api2 serves."""
+    hosts = fleet.hosts
+    api1, api2 = (str(hosts.base / f"{host}.sock") for host in API_HOSTS)
+    status, _, made = call(api1, "POST", "/api/v1/image", fleet.token,
+                           {"name": "shared", "format": "raw"})  # fmt: skip
+    assert status == 201, made
+    image = made["data"]["id"]
+    data = os.urandom(4 * MIB)
+    held, answer = threading.Event(), []
+    upload = threading.Thread(target=put_file, daemon=True,
+                              args=(api1, fleet.token, image, data, held, answer))  # fmt: skip
+    upload.start()
+    check = {"X-Vmapi-Upload-Check": "1", "X-Vmapi-Upload-Length": str(len(data)),
+             "Content-Type": "application/octet-stream"}  # fmt: skip
+    try:
+        asked = time.monotonic()
+        refused = wait_until(
+            lambda: call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
+                         headers=check)[0] == 409, 30, "api2 refusing a second upload")  # fmt: skip
+        status, _, body = call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
+                               headers=check)  # fmt: skip
+        assert (status, body["error_id"]) == (409, "image/busy"), body
+    finally:
+        held.set()
+        upload.join(90)
+    assert answer and answer[0][0] == 200, answer
+    assert answer[0][1]["data"]["checksum"] == hashlib.sha256(data).hexdigest()
+    # the lock went with the upload: api2 may upload now (an active image: immutable)
+    status, _, body = call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
+                           headers=check)  # fmt: skip
+    assert (status, body["error_id"]) == (409, "image/immutable"), body
+    served = served_file(api2, fleet.token, image)
+    assert served == data
+    print(f"\napi2 refused a second upload {refused - asked:.2f} s after the first was "
+          f"sent to api1, and served the {len(served)} bytes api1 stored")  # fmt: skip
+
+
+def served_file(sock: str, token: str, image: int) -> bytes:
+    conn = UnixHTTPConnection(sock, 30)
+    try:
+        conn.request("GET", f"/api/v1/image/{image}/file",
+                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        response = conn.getresponse()
+        assert response.status == 200, response.read()[:300]
+        return response.read()
+    finally:
+        conn.close()
 
 
 def test_the_shipped_proxy_never_retries_a_post() -> None:

@@ -96,8 +96,11 @@ def remove_test_domains(host: LeasedHost) -> None:
     try:
         for dom in conn.listAllDomains():
             if dom.name().startswith(PREFIX):
-                if dom.isActive():
+                try:
                     dom.destroy()
+                except libvirt.libvirtError:
+                    if dom.isActive():  # (not running: off already, or went off meanwhile)
+                        raise
                 dom.undefine()
     finally:
         conn.close()

@@ -67,8 +67,15 @@ class DomainCalls(LibvirtCalls):
 
     def destroy(self, uri: str, name: str) -> None:
         def destroy(dom: libvirt.virDomain) -> None:
-            if dom.isActive():
+            if not dom.isActive():
+                return
+            try:
                 dom.destroy()
+            except libvirt.libvirtError as exc:
+                # the guest went off on its own between the two calls (it had been asked
+                # to shut down): off is what was wanted
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
+                    raise
 
         self._on_domain(uri, name, destroy)
 
