@@ -8,6 +8,7 @@ output of a failure).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from tests.concurrency.conftest import ROOT, our_domains
 from tests.failover.conftest import API_HOSTS, Fleet, restore
 from tests.failover.hosts import PROXIES
 from tests.failover.load import MIB, Load, UnixHTTPConnection, call
+from vmapi.services.images.transfers import upload_key
 
 #: the test's nginx log_format (tests/failover/conftest.py)
 LOG_LINE = re.compile(r'(\S+) (\S+) (\S+) "([^"]*)" "([^"]*)"')
@@ -335,7 +337,8 @@ def put_file(
         conn.connect(sock)
         conn.sendall(head.encode() + data[: 64 * 1024])
         held.wait(60)
-        conn.sendall(data[64 * 1024 :])
+        with contextlib.suppress(BrokenPipeError):  # (answered early: the answer says why)
+            conn.sendall(data[64 * 1024 :])
         reply = b""
         while chunk := conn.recv(65536):
             reply += chunk
@@ -346,8 +349,8 @@ def put_file(
 def test_the_image_store_and_upload_lock_hold_across_api_hosts(fleet: Fleet) -> None:
     """The image store is one directory both API hosts mount (VMAPI_IMAGE_DIR, as README
     says) and an image's upload lock is PostgreSQL's: while an upload crawls into api1,
-    api2 refuses a second upload of that image (409 image/busy, asked with the upload
-    check, which reads no body); the file api1 wrote is what api2 serves."""
+    api2 refuses a second upload of that image (409 image/busy, before it reads a byte);
+    the file api1 wrote is what api2 serves."""
     hosts = fleet.hosts
     api1, api2 = (str(hosts.base / f"{host}.sock") for host in API_HOSTS)
     status, _, made = call(api1, "POST", "/api/v1/image", fleet.token,
@@ -359,29 +362,56 @@ def test_the_image_store_and_upload_lock_hold_across_api_hosts(fleet: Fleet) -> 
     upload = threading.Thread(target=put_file, daemon=True,
                               args=(api1, fleet.token, image, data, held, answer))  # fmt: skip
     upload.start()
-    check = {"X-Vmapi-Upload-Check": "1", "X-Vmapi-Upload-Length": str(len(data)),
-             "Content-Type": "application/octet-stream"}  # fmt: skip
+    leader = hosts.wait_healthy()
     try:
+        # the upload holds the image's upload lock (PostgreSQL's, taken before a byte is
+        # read): then api2 is asked to take an upload of its own
         asked = time.monotonic()
-        refused = wait_until(
-            lambda: call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
-                         headers=check)[0] == 409, 30, "api2 refusing a second upload")  # fmt: skip
-        status, _, body = call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
-                               headers=check)  # fmt: skip
-        assert (status, body["error_id"]) == (409, "image/busy"), body
+        wait_until(lambda: upload_locked(fleet, leader, image) or answer, 30,
+                   "api1's upload holding the image's lock")  # fmt: skip
+        assert not answer, f"the upload on api1 ended early: {answer}"
+        refused = time.monotonic()
+        status, body = put_bytes(api2, fleet.token, image, b"second upload")
+        assert (status, body.get("error_id")) == (409, "image/busy"), body
     finally:
         held.set()
         upload.join(90)
     assert answer and answer[0][0] == 200, answer
     assert answer[0][1]["data"]["checksum"] == hashlib.sha256(data).hexdigest()
-    # the lock went with the upload: api2 may upload now (an active image: immutable)
-    status, _, body = call(api2, "PUT", f"/api/v1/image/{image}/file", fleet.token,
-                           headers=check)  # fmt: skip
-    assert (status, body["error_id"]) == (409, "image/immutable"), body
+    # the lock went with the upload; the image is active: its file never changes
+    status, body = put_bytes(api2, fleet.token, image, b"second upload")
+    assert (status, body.get("error_id")) == (409, "image/immutable"), body
     served = served_file(api2, fleet.token, image)
     assert served == data
-    print(f"\napi2 refused a second upload {refused - asked:.2f} s after the first was "
-          f"sent to api1, and served the {len(served)} bytes api1 stored")  # fmt: skip
+    print(f"\napi1's upload held the lock {refused - asked:.2f} s after it was sent; api2 "
+          f"refused a second one, and served the {len(served)} bytes api1 stored")  # fmt: skip
+
+
+def upload_locked(fleet: Fleet, member: str, image: int) -> bool:
+    """Whether a session holds ``image``'s upload lock (an advisory lock on one bigint key:
+    pg_locks shows its high and low 32 bits)."""
+    key = upload_key(image) & 0xFFFFFFFFFFFFFFFF
+    conn = fleet.hosts.pg(member, "vmapi")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                        "classid::bigint = %s AND objid::bigint = %s AND objsubid = 1 AND granted",
+                        (key >> 32, key & 0xFFFFFFFF))  # fmt: skip
+            return cur.fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def put_bytes(sock: str, token: str, image: int, data: bytes) -> tuple[int, dict]:
+    conn = UnixHTTPConnection(sock, 30)
+    try:
+        conn.request("PUT", f"/api/v1/image/{image}/file", body=data,
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/octet-stream"})  # fmt: skip
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
 
 
 def served_file(sock: str, token: str, image: int) -> bytes:
