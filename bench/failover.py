@@ -2,8 +2,9 @@
 over under load, and the create throughput of two API hosts against one.
 
 The failover tier's deployment (tests/failover/conftest.py: etcd, two PostgreSQL members
-under Patroni in synchronous mode with ttl 10 / loop_wait 2 / retry_timeout 4, two
-gunicorn API hosts behind nginx, each host a network namespace) and its load (4 threads
+under Patroni in synchronous mode with ttl 10 / loop_wait 2 / retry_timeout 4, two HAProxy
+hosts in front of them, two gunicorn API hosts behind nginx, each host a network
+namespace) and its load (4 threads
 creating with Idempotency-Keys, 1 deleting, 2 reading; a 503 retried with its key after
 0.3 s). Outage: from the first failed create to the first 201 of a create sent after it.
 Throughput: 8 threads creating through nginx for 10 s, with both API hosts, then with
@@ -85,9 +86,10 @@ def run() -> list[str]:
     lines = [
         title,
         "",
-        "Patroni ttl 10 / loop_wait 2 / retry_timeout 4, synchronous mode; 4 threads creating"
-        " (503 retried with the key), 1 deleting, 2 reading, through nginx over two API hosts"
-        " (3 sync workers each). One run each.",
+        "Patroni ttl 10 / loop_wait 2 / retry_timeout 4, synchronous mode; the API hosts reach"
+        " the primary through two HAProxy hosts (libpq's multi-host URL; Patroni's GET /primary"
+        " checked every second); 4 threads creating (503 retried with the key), 1 deleting,"
+        " 2 reading, through nginx over two API hosts (3 sync workers each). One run each.",
         "",
         "| failure | writable primary again | client outage (creates) | failed / requests |",
         "|---|---:|---:|---:|",
