@@ -217,6 +217,31 @@ def test_a_cluster_out_of_reach_is_a_clear_error_within_the_bound(ceph, keyfile)
             assert connection(access) is None
 
 
+def test_threads_waiting_for_a_failing_connect_share_its_answer(ceph, keyfile):
+    """Four creates at once while the cluster is out of reach: one waits for Ceph's mount
+    timeout (2 s), the others, queued behind it, get its answer rather than a wait of
+    their own each (8 s in all)."""
+    access = access_for(ceph, keyfile, monitors=(("127.0.0.1", closed_port()),), timeout=2.0)
+    errors: list[BaseException] = []
+
+    def clone() -> None:
+        try:
+            LibRbdClient(access).clone(ceph.pool, "any", "base", "other", MIB)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=clone) for _ in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    took = time.monotonic() - started
+    assert len(errors) == 4 and all(type(e) is RbdError for e in errors), errors
+    assert all("couldn't connect to the cluster" in str(e) for e in errors)
+    assert took < 5.5, took
+
+
 @contextlib.contextmanager
 def stopped_osd(ceph: CephCluster):
     """The cluster's OSD stopped (SIGSTOP: it answers nothing) for the block."""

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ class _Registry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     connections: dict[CephAccess, _Connection] = field(default_factory=dict)
     connecting: dict[CephAccess, threading.Lock] = field(default_factory=dict)
+    #: the last failure to connect: when, and the error
+    failed: dict[CephAccess, tuple[float, RbdError]] = field(default_factory=dict)
 
     def acquire(self, access: CephAccess) -> _Connection:
         stamp = _stamp(access.keyfile)
@@ -109,12 +112,22 @@ class _Registry:
             if found is not None:
                 return found
             gate = self.connecting.setdefault(access, threading.Lock())
+        arrived = time.monotonic()
         with gate:  # one thread connects, the others wait for its connection
             with self.lock:
                 found = self._current(access, stamp)
                 if found is not None:
                     return found
-            made = _Connection(_connect(access), stamp)
+                last = self.failed.get(access)
+            if last is not None and last[0] >= arrived:
+                # it failed while this thread waited: the same answer, not another wait
+                # of the mount timeout
+                raise type(last[1])(str(last[1]))
+            try:
+                made = _Connection(_connect(access), stamp)
+            except RbdError as exc:
+                self.failed[access] = (time.monotonic(), exc)
+                raise
             with self.lock:
                 old = self.connections.get(access)
                 self.connections[access] = made
