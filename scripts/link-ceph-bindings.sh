@@ -11,7 +11,8 @@ dist=${VMAPI_CEPH_BINDINGS_DIR:-/usr/lib/python3/dist-packages}
 python="$venv/bin/python"
 # the file name's ABI tag must be the virtualenv's Python's (cpython-311-...): a module
 # built for another Python does not load
-read -r suffix site < <("$python" -c 'import sysconfig as s; print(s.get_config_var("EXT_SUFFIX"), s.get_paths()["platlib"])')
+paths=$("$python" -c 'import sysconfig as s; print(s.get_config_var("EXT_SUFFIX"), s.get_paths()["platlib"])')
+read -r suffix site <<<"$paths"
 linked=()
 for module in rados rbd; do
   source="$dist/$module$suffix"
