@@ -21,16 +21,24 @@ SYSTEM_PACKAGES := libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-c
 # novnc, chromium: the console's web client, opened by a headless browser in the tests;
 # ceph-mon, ceph-mgr, ceph-osd, ceph-common: the tests' one-node Ceph cluster (its daemons,
 # and the ceph/rbd tools), started by the test session in a folder of its own (no unit
-# starts on install); qemu-block-extra: QEMU's rbd block driver (guests and qemu-img on
+# starts on install); CEPH_BINDINGS (below); qemu-block-extra: QEMU's rbd block driver (guests and qemu-img on
 # RBD images); libvirt-daemon-driver-storage-rbd: libvirt's rbd storage pools (loaded by
 # a libvirtd started after it: scripts/ensure-libvirtd.sh restarts an idle one);
 # etcd-server, patroni, haproxy: the failover tier's database hosts and the HAProxy in
 # front of them (tests/failover; started by the tests, no unit starts on install)
+# python3-rados, python3-rbd: Ceph's Python bindings, the API host's in-process Ceph
+# client (vmapi/hypervisor/librbd.py: an RBD root disk's clone); built for Debian's Python
+# 3.11 and on no package index, so scripts/link-ceph-bindings.sh links exactly these two
+# modules into the virtualenv (`make venv`, and after `make run`/`make test`/`make bench`
+# install them). Not pinned (no Debian package is): the link checks the ABI tag.
+CEPH_BINDINGS := python3-rados python3-rbd
 TEST_PACKAGES := nginx-light busybox-static cpio grub-pc-bin grub-common xorriso mtools \
   libc6-dev tcpdump nftables qemu-utils cloud-init openssh-client genisoimage novnc chromium \
-  ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra libvirt-daemon-driver-storage-rbd \
+  ceph-mon ceph-mgr ceph-osd ceph-common $(CEPH_BINDINGS) qemu-block-extra \
+  libvirt-daemon-driver-storage-rbd \
   etcd-server patroni haproxy
-BENCH_PACKAGES := wrk nginx-light etcd-server patroni haproxy  # nginx, etcd, Patroni, HAProxy: BENCH=failover
+# nginx, etcd, Patroni, HAProxy: BENCH=failover; Ceph's bindings: BENCH=rbd
+BENCH_PACKAGES := wrk nginx-light etcd-server patroni haproxy $(CEPH_BINDINGS)
 PYTEST_ARGS ?=
 # Modules run in a random order and so do the tests of each module (pytest-random-order;
 # the seed is printed at the top: `make test ORDER=--random-order-seed=N` runs that order
@@ -70,6 +78,7 @@ $(STAMP): requirements.txt requirements-dev.txt | system-packages
 	@touch $(STAMP)
 
 venv: system-packages $(STAMP)
+	@scripts/link-ceph-bindings.sh $(VENV)
 
 db-upgrade: venv
 	@$(FLASK) db upgrade
@@ -79,6 +88,7 @@ db-upgrade: venv
 # address ranges for new VMs, a new admin token (the script is idempotent; the README's
 # walk test sets up its server with it too).
 run: venv
+	@scripts/ensure-packages.sh $(CEPH_BINDINGS) && scripts/link-ceph-bindings.sh $(VENV)
 	@FLASK="$(FLASK)" scripts/ensure-embedded-default.sh
 	@echo "serving on http://$(HOST):$(PORT)/api/v1/  (Ctrl-C stops)"
 	@# One process (with threads): the embedded test driver keeps its domains per process.
@@ -88,7 +98,7 @@ run: venv
 # machine at boot.
 test: venv
 	@[ "$$(id -u)" -ne 0 ] || { mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled; }
-	@scripts/ensure-packages.sh $(TEST_PACKAGES)
+	@scripts/ensure-packages.sh $(TEST_PACKAGES) && scripts/link-ceph-bindings.sh $(VENV)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
 	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/pytest $(WORKERS) $(ORDER) $(DURATIONS) $(PYTEST_ARGS)
 
@@ -108,7 +118,7 @@ format: venv
 # BENCH= picks some of: placement stale listing overhead hypervisor memory scaleout streams images boot
 # migration calls arrays health filters backups save rbd ha failover
 bench: venv
-	@scripts/ensure-packages.sh $(BENCH_PACKAGES)
+	@scripts/ensure-packages.sh $(BENCH_PACKAGES) && scripts/link-ceph-bindings.sh $(VENV)
 	@PG_URL=$$(scripts/ensure-postgres.sh) && scripts/ensure-libvirtd.sh && \
 	  VMAPI_TEST_PG_URL="$$PG_URL" $(BIN)/python -m bench $(BENCH)
 

@@ -1,7 +1,8 @@
 """What the RBD modules with two hosts share (test_rbd_moves.py, test_rbd_boot.py): vmapi on
 the host pair (migrate_env) given the session cluster's key, an rbd type over that cluster,
-the clean-up of both hosts and of this installation's images in the cluster, and a record
-of the processes vmapi's Ceph client starts (what passes through the API host)."""
+the clean-up of both hosts and of this installation's images in the cluster, a record
+of the processes vmapi's Ceph client starts (what passes through the API host), and one
+of the clones its in-process client makes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import libvirt
 
 from tests.hypervisor.ceph_cluster import CephCluster
 from tests.hypervisor.migrate_env import INSTALLATION, MigrateEnv, migrate_env
+from vmapi.hypervisor import librbd as librbd_module
 from vmapi.hypervisor import rbd as rbd_module
 
 RBD_POOL = "vmapi-ceph"
@@ -155,6 +157,82 @@ def record_processes(monkeypatch) -> Spawned:
     spawned = Spawned()
     monkeypatch.setattr(rbd_module, "subprocess", spawned)
     return spawned
+
+
+class InProcess:
+    """Stands for Ceph's ``rbd`` bindings in vmapi's in-process Ceph client
+    (vmapi/hypervisor/librbd.py): records each clone and growth (``times``: the call's
+    word, when it started and ended), then makes it for real. ``slow`` (word, seconds): a
+    ``clone`` or ``resize`` waits that long first (a slow cluster); ``failing`` (a word):
+    it fails instead, as librbd does on an I/O error (neither can be had from the
+    cluster on demand)."""
+
+    def __init__(self) -> None:
+        import rbd  # (Ceph's bindings: there whenever the tier runs)
+
+        self.real = rbd
+        self.times: list[tuple[str, float, float]] = []
+        self.slow: tuple[str, float] | None = None
+        self.failing: str | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def made(self, word: str, call):
+        started = time.monotonic()
+        try:
+            if self.slow is not None and self.slow[0] == word:
+                time.sleep(self.slow[1])
+            if self.failing == word:
+                raise self.real.IOError("injected failure", errno=5)
+            return call()
+        finally:
+            self.times.append((word, started, time.monotonic()))
+
+    def RBD(self) -> _Rbd:
+        return _Rbd(self, self.real.RBD())
+
+    def Image(self, *args, **kwargs) -> _Image:
+        return _Image(self, self.real.Image(*args, **kwargs))
+
+    def words(self) -> list[str]:
+        return [word for word, _started, _ended in self.times]
+
+
+class _Rbd:
+    def __init__(self, seen: InProcess, real) -> None:
+        self.seen, self.real = seen, real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def clone(self, *args, **kwargs):
+        return self.seen.made("clone", lambda: self.real.clone(*args, **kwargs))
+
+
+class _Image:
+    def __init__(self, seen: InProcess, real) -> None:
+        self.seen, self.real = seen, real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def __enter__(self) -> _Image:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.real.close()
+
+    def resize(self, *args, **kwargs):
+        return self.seen.made("resize", lambda: self.real.resize(*args, **kwargs))
+
+
+def record_in_process(monkeypatch) -> InProcess:
+    """From now on until the test ends, every clone and growth of vmapi's in-process
+    Ceph client."""
+    seen = InProcess()
+    monkeypatch.setattr(librbd_module, "rbd", seen)
+    return seen
 
 
 def flattens_done_by_the_manager(ceph: CephCluster) -> list[str]:

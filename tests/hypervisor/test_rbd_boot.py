@@ -37,6 +37,7 @@ from tests.hypervisor.rbd_env import (
     flattens_done_by_the_manager,
     make_rbd_type,
     network_disk,
+    record_in_process,
     record_processes,
 )
 from tests.image_files import OCTET
@@ -309,13 +310,12 @@ def vms(env: MigrateEnv) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "method",
-    ["ensure_rbd_pool", "upload_volume", "define", "start", "resize_disk_live", "resume", "domain"],
+    "method", ["ensure_rbd_pool", "upload_volume", "define", "start", "domain"]
 )
 def test_a_failure_at_any_step_leaves_nothing_in_the_cluster(env, ceph, rbd_type, fresh_image,
                                                              method):  # fmt: skip
-    """A failed create takes its clone, and the image it wrote (no other VM uses it); its
-    root disk is larger than the image, so the start grows it (resize_disk_live, resume)."""
+    """A failed create takes its clone (grown: its root disk is larger than the image),
+    and the image it wrote (no other VM uses it)."""
     images, before, domains = ours(ceph), vms(env), env.domains("a")
     faults(env).fail(method)
     made = env.api.post("vm", json={**create_body(env, rbd_type), "root_size": 4 * MIB,
@@ -373,28 +373,24 @@ def test_reconcile_owns_images_in_ceph_and_removes_a_deleted_image_s(env, ceph, 
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=left) == [(0,)]
 
 
-def test_the_root_disk_is_grown_by_qemu_before_the_guest_first_runs(
-    env, ceph, rbd_type, monkeypatch
-):
-    """A root disk larger than its image: the clone is made at the image's size (no ``rbd
-    resize`` process on the create's path) and grown through QEMU's open image while the
-    domain, just started, is still paused (no vCPU has run: the guest's first look at
-    the disk finds root_size); then it runs, and libvirt and the cluster agree on the
-    size."""
+def test_the_clone_has_root_size_before_the_domain_starts(env, ceph, rbd_type, monkeypatch):
+    """A root disk larger than its image: the API host's in-process client clones the
+    image's snapshot and grows the clone to root_size (no ``rbd`` process: no clone, no
+    resize on a command line) before the domain starts, so QEMU opens it at root_size
+    and the guest never sees the image's size; then libvirt and the cluster agree."""
     size = round_up(env.image["virtual_size"]) + 8 * MIB
-    seen: list[tuple[int, int, int]] = []
+    at_start: list[tuple[str, dict]] = []
 
     def before(method: str, uri: str, args: tuple) -> None:
-        if method == "resize_disk_live":
-            conn = libvirt.open(uri)
-            try:
-                dom = conn.lookupByName(args[0])
-                seen.append((dom.state()[0], dom.blockInfo("vda")[0], args[2]))
-            finally:
-                conn.close()
+        if method == "start":
+            [(name,)] = env.sql("SELECT volume_name FROM storage WHERE boot AND vm_id = "
+                                "(SELECT id FROM vm WHERE domain_name = :d)", d=args[0])  # fmt: skip
+            at_start.append((name, ceph.rbd_info(name)))
 
     faults(env).before = before
+    faults(env).calls.clear()
     spawned = record_processes(monkeypatch)
+    made_in_process = record_in_process(monkeypatch)
     try:
         made = env.api.post("vm", json={**create_body(env, rbd_type), "root_size": size})
     finally:
@@ -403,13 +399,15 @@ def test_the_root_disk_is_grown_by_qemu_before_the_guest_first_runs(
     assert made.status_code == 201, made.json
     vm = made.json["data"]
     try:
-        # paused, QEMU holding the clone at the image's size, grown to root_size
-        assert seen == [(libvirt.VIR_DOMAIN_PAUSED, env.image["virtual_size"], size)]
-        assert [a for a in spawned.tools("rbd") if "resize" in a] == []
-        [clone] = [a for a in spawned.tools("rbd") if "clone" in a]
-        assert "--size" not in clone
         _, name, _ = root_of(env, vm)
+        [(seen, info)] = at_start
+        assert seen == name and info["size"] == size  # root_size before QEMU opened it
+        assert info["parent"]["image"] == parent_image(env)
+        assert info["parent"]["snapshot"] == "vmapi-base"
+        assert made_in_process.words() == ["clone", "resize"]
+        assert [a for a in spawned.tools("rbd") if {"clone", "resize"} & set(a)] == []
         assert ceph.rbd_info(name)["size"] == size
+        assert "resize_disk_live" not in faults(env).calls and "resume" not in faults(env).calls
         conn = libvirt.open(env.host("a").uri)
         try:
             dom = conn.lookupByName(vm["domain_name"])
@@ -423,11 +421,11 @@ def test_the_root_disk_is_grown_by_qemu_before_the_guest_first_runs(
 
 
 def test_the_clone_is_made_while_the_create_goes_on(env, ceph, rbd_type, monkeypatch):
-    """The root disk's ``rbd clone`` runs while the create defines the domain (made slow
-    here, 1 s: the definition happens between its start and its end), and the domain
-    starts once it is done."""
-    spawned = record_processes(monkeypatch)
-    spawned.slow = ("clone", 1.0)
+    """The root disk's clone runs while the create defines the domain (made slow here,
+    1 s: the definition happens between its start and its end), and the domain starts
+    once it is done."""
+    made_in_process = record_in_process(monkeypatch)
+    made_in_process.slow = ("clone", 1.0)
     called: list[tuple[str, float]] = []
     faults(env).before = lambda method, uri, args: called.append((method, time.monotonic()))
     try:
@@ -437,7 +435,8 @@ def test_the_clone_is_made_while_the_create_goes_on(env, ceph, rbd_type, monkeyp
         monkeypatch.undo()
     assert made.status_code == 201, made.json
     try:
-        [(_, started, ended)] = [t for t in spawned.times if "clone" in t[0]]
+        [(_, started, _)] = [t for t in made_in_process.times if t[0] == "clone"]
+        ended = max(t[2] for t in made_in_process.times)  # the growth after it
         [defined] = [at for method, at in called if method == "define"]
         [start] = [at for method, at in called if method == "start"]
         assert started < defined < ended < start
@@ -445,26 +444,27 @@ def test_the_clone_is_made_while_the_create_goes_on(env, ceph, rbd_type, monkeyp
         assert env.api.delete(f"vm/{made.json['data']['id']}").status_code == 200
 
 
-@pytest.mark.parametrize("failing", ["define", "upload_volume", "clone"])
+@pytest.mark.parametrize("failing", ["define", "upload_volume", "clone", "resize"])
 def test_a_failure_beside_the_running_clone_leaves_nothing(env, ceph, rbd_type, fresh_image,
                                                            monkeypatch, failing):  # fmt: skip
     """A step that fails while the clone is still running (the seed's upload, the
-    definition): the undo waits for the clone, then removes it. The clone failing while
-    the rest went well: the domain and everything else go, 502 at its step."""
+    definition): the undo waits for the clone, then removes it. The clone, or its growth
+    to root_size, failing while the rest went well: the domain and everything else go
+    (a clone whose growth failed first of all), 502 at its step."""
     images, before, domains = ours(ceph), vms(env), env.domains("a")
-    spawned = record_processes(monkeypatch)
-    spawned.slow = ("clone", 1.0)
-    if failing == "clone":
-        spawned.failing = "clone"
+    made_in_process = record_in_process(monkeypatch)
+    made_in_process.slow = ("clone", 1.0)
+    if failing in ("clone", "resize"):
+        made_in_process.failing = failing
     else:
         faults(env).fail(failing)
     try:
-        made = env.api.post("vm", json={**create_body(env, rbd_type),
+        made = env.api.post("vm", json={**create_body(env, rbd_type), "root_size": 4 * MIB,
                                         "image": {"id": fresh_image["id"]}})  # fmt: skip
     finally:
         monkeypatch.undo()
     assert made.status_code == 502, made.json
-    if failing == "clone":
+    if failing in ("clone", "resize"):
         assert made.json["data"]["step"] == "creating the root disk", made.json
         assert "injected failure" in made.json["message"]
     assert ours(ceph) == images

@@ -4,11 +4,12 @@ qemu-block-extra's rbd driver), never through a shell and never with the key on 
 command line (it is read from its file: ``--keyfile`` for ``rbd``, a QEMU secret object
 ``file=`` for ``qemu-img``).
 
-Why the tools and not Ceph's Python bindings (python3-rados/python3-rbd): the bindings
-are compiled for Debian's own Python and cannot be installed into vmapi's virtualenv
-from PyPI; the tools are what every Ceph admin already has, ``qemu-img convert`` turns a
-qcow2 image into a raw RBD image in one pass without a temporary file, and every call
-is bounded by a timeout that kills the tool.
+Why the tools here and not Ceph's Python bindings (python3-rados/python3-rbd): the tools
+are what every Ceph admin already has, ``qemu-img convert`` turns a qcow2 image into a
+raw RBD image in one pass without a temporary file, and every call is bounded by a
+timeout that kills the tool. What POST /vm waits for, a root disk's clone, is made
+in-process through the bindings instead (:mod:`vmapi.hypervisor.librbd`: a process and
+its connection to the cluster per command cost more than the clone itself).
 
 Why here and not through libvirt: libvirt 9.0's rbd pools have no volume upload or
 download streams, no clone across pools, and learn of an image another client made only
@@ -82,6 +83,9 @@ class RbdError(HypervisorError):
     said. A :class:`HypervisorError` of :data:`CEPH_URI`: the services answer it as a
     step of theirs that failed (502 with ``data.step``)."""
 
+    #: the in-process client's connection is not to be used again after this failure
+    lost = False
+
     def __init__(self, message: str) -> None:
         # (not super(): RbdTimeout's next class, HypervisorTimeout, takes a number)
         HypervisorError.__init__(self, CEPH_URI, message)
@@ -101,9 +105,15 @@ class RbdBusy(RbdError):
 
 
 class RbdTimeout(RbdError, HypervisorTimeout):
-    """A command ran past its bound and was killed (a :class:`HypervisorTimeout`: 504)."""
+    """A command ran past its bound and was killed, or a call of the in-process client
+    ran into Ceph's own timeout (a :class:`HypervisorTimeout`: 504); ``timeout`` the
+    bound in seconds."""
 
     reason_class = "timeout"
+
+    def __init__(self, message: str, timeout: float = 0.0) -> None:
+        RbdError.__init__(self, message)
+        self.timeout = timeout
 
 
 def _checked(kind: str, value: str) -> str:
@@ -141,7 +151,7 @@ def _deadline(seconds: float, what: str) -> Callable[[], float]:
 
     def left() -> float:
         if (remaining := end - time.monotonic()) <= 0:
-            raise RbdTimeout(f"{what}: not done within {seconds:g} s")
+            raise RbdTimeout(f"{what}: not done within {seconds:g} s", seconds)
         return remaining
 
     return left
@@ -172,7 +182,7 @@ class RbdClient:
                 argv, capture_output=True, timeout=bound, env=_environment(), check=False
             )
         except subprocess.TimeoutExpired:
-            raise RbdTimeout(f"{what}: no answer within {bound:g} s (killed)") from None
+            raise RbdTimeout(f"{what}: no answer within {bound:g} s (killed)", bound) from None
         except OSError as exc:
             raise RbdError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
         if done.returncode not in ok:
@@ -454,7 +464,7 @@ class RbdClient:
                     tool.wait()
                 tool.stdout.close()  # type: ignore[union-attr]
             if killed.is_set():
-                raise RbdTimeout(f"{what}: not done within {timeout:g} s (killed)")
+                raise RbdTimeout(f"{what}: not done within {timeout:g} s (killed)", timeout)
             if code != 0:
                 said.seek(0)
                 raise self._failure(what, code, said.read()[-65536:])

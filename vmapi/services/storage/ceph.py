@@ -21,6 +21,7 @@ from sqlalchemy import select
 from vmapi.errors import ApiError, ServiceUnavailable
 from vmapi.extensions import db
 from vmapi.hypervisor import CephSource, HypervisorError, NotSupported
+from vmapi.hypervisor.librbd import LibRbdClient
 from vmapi.hypervisor.rbd import CephAccess, RbdClient
 from vmapi.models import Node, StorageType
 from vmapi.models.catalog import RBD
@@ -124,6 +125,13 @@ def rbd_client(storage_type: StorageType) -> RbdClient:
         timeout=float(current_app.config["LIBVIRT_TIMEOUT"]),
     )
     return RbdClient(access)
+
+
+def librbd_client(storage_type: StorageType) -> LibRbdClient:
+    """The API host as an in-process client of the type's cluster (this process's
+    connection to it, made at the first use), as the type's user; the key read by
+    librados from its file (:class:`KeyUnreadable` first when it cannot be read here)."""
+    return LibRbdClient(rbd_client(storage_type).access)
 
 
 def rbd_type_of_pool(pool: str) -> StorageType | None:

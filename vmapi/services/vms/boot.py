@@ -194,30 +194,17 @@ def forget_root_disk(storage_id: int) -> None:
         db.session.commit()
 
 
-def grown_at_start(boot: Boot | None) -> int | None:
-    """The size an RBD root disk is grown to by QEMU when the domain first starts (paused:
-    before any vCPU runs, so the guest never sees the image's size), or None when it is
-    made at its size. An RBD clone is made at its image's size (one ``rbd`` command,
-    no ``rbd resize`` process on the create's path) whenever ``root_size`` is more and
-    the image's size is known; the local overlay is made at its size."""
-    if boot is None or boot.rbd_type_id is None:
-        return None
-    known = boot.source.virtual_size
-    return boot.root_size if 0 < known < boot.root_size else None
-
-
 def make_root_disk(
     vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo
 ) -> Callable[[], None] | None:
     """The image's copy on the node (made now if missing), then the overlay on it; the
     row records the overlay's path. Failures answer as POST /vm's steps do. (In an rbd
-    type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`, the clone at the image's
-    size when :func:`grown_at_start` says the start grows it, made while the create goes
-    on: call what this returns before the domain starts; None: nothing to wait for.)"""
+    type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`, the clone grown to
+    ``root_size``, made while the create goes on: call what this returns before the
+    domain starts; None: nothing to wait for.)"""
     if boot.rbd_type_id is not None:
-        size = None if grown_at_start(boot) else boot.root_size
         try:
-            return make_rbd_root(vm, root, boot.source, size, host, undo)
+            return make_rbd_root(vm, root, boot.source, boot.root_size, host, undo)
         except CopyGone as exc:  # (the VM's row holds the image: only if that changes)
             raise image_not_found(boot.source.id) from exc
     driver = hypervisor()

@@ -29,15 +29,13 @@ from vmapi.services.network.protection import ensure_for_vm
 from vmapi.services.network.security_groups import usable_groups
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import hypervisor
-from vmapi.services.storage.ceph import Steps
 from vmapi.services.undo import Undo, apply_all, check_all
 from vmapi.services.vms.arrays import create_array
-from vmapi.services.vms.boot import forget_root_disk, grown_at_start, make_root_disk, plan_boot
+from vmapi.services.vms.boot import forget_root_disk, make_root_disk, plan_boot
 from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.cloud_init import refresh_seed, wanted
 from vmapi.services.vms.groups import check_joinable
 from vmapi.services.vms.placed import NewVm, finish, place, placed_spec
-from vmapi.services.vms.rbd_boot import start_grown
 
 
 def create_vms(items: list[dict[str, Any]], principal: Principal, indexed: bool) -> list[Vm]:
@@ -117,15 +115,7 @@ def create_one(new: NewVm, undo: Undo) -> Vm:
         if ready is not None:
             ready()
         step = "starting the domain"
-        grow = grown_at_start(boot) if root is not None else None
-        if grow is None:
-            driver.start(host.uri, vm.domain_name)
-        else:
-            steps = Steps()
-            try:
-                start_grown(driver, host.uri, vm.domain_name, grow, steps)
-            finally:
-                step = steps.step
+        driver.start(host.uri, vm.domain_name)
         step = "reading the domain's state"
         info = driver.domain(host.uri, vm.domain_name)
     except NameTaken as exc:

@@ -10,16 +10,12 @@ image another client wrote only after a refresh of the pool, which lists and ope
 every image in it (the slowness CloudStack #14188 reports), while ``rbd clone`` touches
 the one parent. The domain reaches the clone as a network disk, never through the pool.
 
-The clone (one ``rbd clone``, a process that starts and connects to the cluster: tens of
-milliseconds POST /vm would wait for) runs in a thread while the create goes on with the
-seed and the domain's definition; the create waits for it before the domain starts. Its
-undo waits for it too, then removes it (a failed clone made nothing).
-
-A root disk larger than its image is not grown by a second ``rbd`` process (``rbd
-resize``, each process a start and a connection to the cluster that POST /vm waits
-for): the clone is made at the image's size and the domain's first start grows it
-(:func:`start_grown`: started paused, QEMU's own ``block_resize`` on the image it holds
-open, then resumed), before the guest has run an instruction.
+The clone is made by the API host in-process, through Ceph's Python bindings on this
+process's connection to the cluster (:mod:`vmapi.hypervisor.librbd`: no ``rbd`` process
+starting and connecting for each create), and grown to ``root_size`` before anything
+opens it: the guest never sees the image's size. It runs in a thread while the create
+goes on with the seed and the domain's definition; the create waits for it before the
+domain starts. Its undo waits for it too, then removes it (a failed clone made nothing).
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from vmapi.extensions import db
-from vmapi.hypervisor import HypervisorDriver, HypervisorError
+from vmapi.hypervisor import HypervisorError
 from vmapi.hypervisor.rbd import RbdBusy
 from vmapi.models import Storage, StorageType, Vm
 from vmapi.models.catalog import RBD
@@ -46,7 +42,7 @@ from vmapi.services.storage.ceph import (
     Steps,
     ensure_rbd_pool,
     key_unreadable,
-    rbd_client,
+    librbd_client,
 )
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
@@ -65,8 +61,9 @@ def rbd_type(type_id: int) -> StorageType:
 
 
 class Cloning:
-    """The root disk's clone, made by the API host's ``rbd`` in a thread of its own while
-    the create goes on (no database, no Flask: the client runs its tools only)."""
+    """The root disk's clone, made by the API host's in-process Ceph client in a thread
+    of its own while the create goes on (no database, no Flask: the client calls
+    librbd only)."""
 
     def __init__(self, make: Callable[[], None]) -> None:
         self.error: BaseException | None = None
@@ -81,18 +78,17 @@ class Cloning:
             self.error = exc
 
     def wait(self) -> bool:
-        """Wait for the clone (each of the tool's commands is bounded by the client's
-        timeout); True when it was made."""
+        """Wait for the clone (each of its calls is bounded by Ceph's timeouts, set from
+        the client's); True when it was made."""
         self._thread.join()
         return self.error is None
 
 
 def make_rbd_root(
-    vm: Vm, root: Storage, source: Source, size: int | None, host: Host, undo: Undo
+    vm: Vm, root: Storage, source: Source, size: int, host: Host, undo: Undo
 ) -> Callable[[], None]:
     """The node's Ceph access, the image in Ceph (written if missing), then the clone
-    (grown to ``size``; None: at the image's size, grown by the domain's start,
-    :func:`start_grown`), which goes on while the create does (the seed, the domain's
+    (grown to ``size``), which goes on while the create does (the seed, the domain's
     definition): call what this returns before the domain starts (it waits for the
     clone and raises its failure). The row records the clone's path (``<ceph
     pool>/<name>``, as libvirt reports RBD volumes). Failures answer as POST /vm's steps
@@ -106,7 +102,7 @@ def make_rbd_root(
     try:
         ensure_rbd_pool(storage_type, host, undo, messages, steps)
         steps.step = "writing the image into Ceph"
-        client = rbd_client(storage_type)
+        client = librbd_client(storage_type)
         with held_rbd_image(source, storage_type) as held:
             if held.made:  # (this root disk's row goes after it: it does not count)
                 row_id, root_id = held.row.id, root.id
@@ -150,17 +146,3 @@ def make_rbd_root(
         raise exc  # type: ignore[misc]
 
     return ready
-
-
-def start_grown(driver: HypervisorDriver, uri: str, name: str, size: int, steps: Steps) -> None:
-    """Start the domain paused (QEMU opens the clone, no vCPU runs), grow its root disk
-    to ``size`` through QEMU's own open image (``block_resize``: the guest's first look at
-    the disk, by its firmware, already finds the new capacity), then let it run. A
-    failure leaves the domain to the create's undo (destroyed and undefined), then the
-    clone's."""
-    steps.step = "starting the domain"
-    driver.start(uri, name, paused=True)
-    steps.step = "growing the root disk"
-    driver.resize_disk_live(uri, name, ROOT_TARGET, size)
-    steps.step = "starting the domain"
-    driver.resume(uri, name)
