@@ -45,10 +45,10 @@ PYTEST_ARGS ?=
 # again, `ORDER=` keeps the files' order). The 30 slowest steps are listed at the end.
 ORDER ?= --random-order-bucket=module
 DURATIONS ?= --durations=30
-# Two pytest-xdist workers: the hypervisor tier on one (its guests need a core of their
-# own), every other test on whichever is free (groups in tests/conftest.py). `WORKERS=`
-# runs in one process.
-WORKERS ?= -n 2
+# Three pytest-xdist workers on two cores: the hypervisor tier in two groups side by side
+# (they wait for TCG guests and daemons about half the time), every other test on whichever
+# worker is free (groups in tests/conftest.py). `WORKERS=` runs in one process.
+WORKERS ?= -n 3
 # The inner loop: no real hypervisor (tests/hypervisor), no concurrency tier (gunicorn and
 # nginx, tests/concurrency), no served README walk (tests/docs), no failover tier (etcd,
 # Patroni, two API hosts in network namespaces, tests/failover); markers set by

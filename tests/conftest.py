@@ -56,22 +56,64 @@ TIERS = {"hypervisor": pytest.mark.hypervisor, "concurrency": pytest.mark.concur
          "docs": pytest.mark.docs, "failover": pytest.mark.failover}  # fmt: skip
 
 
-#: ``make test`` runs two pytest-xdist workers. Every hypervisor test goes to one worker, as
-#: one unit of work: they share the session's vmapi on qemu:///system and the two-host
-#: pair, and their guests need the other core. Each module of the concurrency, docs and
-#: failover tiers goes whole to one worker (its gunicorn or nginx is made once per module); every
-#: other test is a unit of its own, taken by whichever worker is free. (xdist's own
-#: ``--dist loadgroup`` cannot do this under pytest 9: it renames items by ``_nodeid``,
-#: which pytest 9 no longer reads.)
+#: ``make test`` runs three pytest-xdist workers on two cores. The hypervisor tier goes to
+#: them as two units of work, each whole to one worker, so that the two run side by side
+#: (their guests and daemons keep them waiting about half the time; the third worker takes
+#: the other tests meanwhile). ``APART`` holds the modules whose guests and daemons are all
+#: their own: on private libvirtd hosts (the two-host pair, the leased pair) with user
+#: networking, in the Ceph cluster alone, libvirt's own domains of a name prefix of their
+#: own (test_guest), network namespaces (test_capture, test_ruleset); the other unit holds
+#: the rest, which share the session's vmapi on qemu:///system (``boot_vmapi``; its test
+#: domains and pools are found and removed by name prefix), its streamtest pools and its
+#: one libvirt secret of Ceph's ``client.libvirt``. Every guest on a filtered bridge is in
+#: that second unit, test_migrate_filters' and test_migrate_guard's on private hosts too:
+#: libvirt names taps vnetN in each daemon, and a filter test reads the host's
+#: ebtables/iptables by tap name. A session fixture is made once per unit that uses it:
+#: the vmapi on qemu:///system in the second only, the leased pair in the first; the
+#: two-host pair and a Ceph cluster in both (made for that: each cluster and pair has its
+#: own folder, ports and owner, and a live session's are never taken for leftovers).
+#: The concurrency tier goes whole to one worker, as one unit: each of its modules makes its
+#: gunicorn once and first removes every domain a server of the tier left on the shared
+#: test driver (``vmapi-r-*``), so no two of its modules may run at once. Each module of
+#: the docs and failover tiers goes whole to one worker (its nginx or its hosts are made
+#: once per module); every other test is a unit of its own,
+#: taken by whichever worker is free. Units start longest first (``FIRST``, then by number
+#: of tests), so that no long one is left for the end. (xdist's own ``--dist loadgroup``
+#: cannot do this under pytest 9: it renames items by ``_nodeid``, which pytest 9 no
+#: longer reads.)
+APART = frozenset({
+    "test_disk_leases", "test_ha", "test_ha_kill", "test_ha_leases", "test_migrate_api",
+    "test_migration", "test_rbd_boot", "test_rbd_moves", "test_save_two_hosts",
+    "test_two_hosts", "test_rbd_client", "test_ceph_cluster", "test_guest", "test_guest_build",
+    "test_capture", "test_ruleset",
+})  # fmt: skip
+HYPERVISOR_UNITS = ("tests/hypervisor [apart]", "tests/hypervisor [qemu:///system]")
+#: the units that begin first (in this order): the hypervisor tier's two, then the three
+#: minutes of the contract fuzzer (one test); the rest follow, those of most tests first
+FIRST = (*HYPERVISOR_UNITS, "tests/api/test_fuzz.py::test_contract")
+
+
 class TierScheduling(LoadScopeScheduling):
-    """xdist's scheduling by scope, with the scopes above (units of the largest first)."""
+    """xdist's scheduling by scope, with the scopes above (``FIRST`` first, then the units
+    of the largest first)."""
 
     def _split_scope(self, nodeid: str) -> str:
         if nodeid.startswith("tests/hypervisor/"):
-            return "tests/hypervisor"
-        if nodeid.startswith(("tests/concurrency/", "tests/docs/", "tests/failover/")):
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[1].removesuffix(".py")
+            return HYPERVISOR_UNITS[0] if module in APART else HYPERVISOR_UNITS[1]
+        if nodeid.startswith("tests/concurrency/"):
+            return "tests/concurrency"
+        if nodeid.startswith(("tests/docs/", "tests/failover/")):
             return nodeid.split("::", 1)[0]
         return nodeid
+
+    def _assign_work_unit(self, node: Any) -> None:
+        if not getattr(self, "_first_moved", False):
+            for scope in reversed(FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            self._first_moved = True
+        super()._assign_work_unit(node)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> TierScheduling:

@@ -22,9 +22,13 @@ started when a test first asks for it, stopped and removed at the session's end.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -41,17 +45,45 @@ from vmapi.hypervisor.libvirt import LibvirtDriver
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_filter_frames() -> Iterator[None]:
+def no_filter_frames(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
     """The tables of libvirt's filters that the session made (none of them existed when it
     began) go at its end when they hold nothing but libvirt's empty frame; a table that
-    was there before, or holds any rule of a guest or another program, stays."""
+    was there before, or holds any rule of a guest or another program, stays. Under
+    pytest-xdist both workers may run guests: the first to get here reads the tables, the
+    last to finish takes the frames away (counted in the run's shared temporary folder),
+    so that no worker deletes a table another's guests are about to use."""
     try:
         before = ruleset.tables() if ruleset.available() else None
     except (OSError, subprocess.SubprocessError):  # (not root: nothing to clean either)
         before = None
-    yield
-    if before is not None:
+    if before is None:
+        yield
+        return
+    if not hasattr(request.config, "workerinput"):
+        yield
         ruleset.remove_frames(before)
+        return
+    shared = tmp_path_factory.getbasetemp().parent / "filter-frames.json"
+    with frames_lock(shared):
+        state = json.loads(shared.read_text()) if shared.exists() else {"sessions": 0}
+        if state["sessions"] == 0:
+            state["before"] = sorted(before)
+        state["sessions"] += 1
+        shared.write_text(json.dumps(state))
+    yield
+    with frames_lock(shared):
+        state = json.loads(shared.read_text())
+        state["sessions"] -= 1
+        shared.write_text(json.dumps(state))
+        if state["sessions"] == 0:
+            ruleset.remove_frames({tuple(table) for table in state["before"]})
+
+
+@contextlib.contextmanager
+def frames_lock(shared: Path) -> Iterator[None]:
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="module")
