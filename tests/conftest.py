@@ -85,7 +85,7 @@ APART = frozenset({
     "test_disk_leases", "test_ha", "test_ha_kill", "test_ha_leases", "test_migrate_api",
     "test_migration", "test_rbd_boot", "test_rbd_moves", "test_save_two_hosts",
     "test_two_hosts", "test_rbd_client", "test_ceph_cluster", "test_guest", "test_guest_build",
-    "test_capture", "test_ruleset",
+    "test_capture", "test_ruleset", "test_rbd_librbd",
 })  # fmt: skip
 HYPERVISOR_UNITS = ("tests/hypervisor [apart]", "tests/hypervisor [qemu:///system]")
 #: the units that begin first (in this order): the hypervisor tier's two, then the three
