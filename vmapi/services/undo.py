@@ -15,7 +15,8 @@ element undoes the elements before it, and the error names the failing element
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -83,6 +84,21 @@ def keep_for_reconcile(undo: Undo) -> None:
     undo.steps.clear()
 
 
+@contextmanager
+def undone_on_failure(undo: Undo) -> Iterator[None]:
+    """The block's failure undoes ``undo`` (:func:`run_undo`) and is raised, except a
+    commit of unknown outcome, whose steps are kept for reconcile
+    (:func:`keep_for_reconcile`)."""
+    try:
+        yield
+    except OutcomeUnknown:
+        keep_for_reconcile(undo)
+        raise
+    except BaseException:
+        run_undo(undo)
+        raise
+
+
 def all_or_nothing(
     items: Iterable[T],
     indexed: bool,
@@ -116,16 +132,10 @@ def apply_all(
     all_or_nothing)."""
     undo = Undo()
     done: list[R] = []
-    try:
+    with undone_on_failure(undo):
         for index, item in enumerate(checked):
             with at_index(index if indexed else None):
                 done.append(apply(item, undo))
         if finish is not None:
             finish(done)
-    except OutcomeUnknown:
-        keep_for_reconcile(undo)
-        raise
-    except BaseException:
-        run_undo(undo)
-        raise
     return done

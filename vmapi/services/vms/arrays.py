@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from flask import current_app
 
-from vmapi.errors import OutcomeUnknown, at_index
+from vmapi.errors import at_index
 from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainInfo,
@@ -67,7 +67,7 @@ from vmapi.services.network.protection import (
 )
 from vmapi.services.nodes.domains import hypervisor_failure, name_taken, remove_domain
 from vmapi.services.nodes.hosts import Host, hypervisor
-from vmapi.services.undo import Undo, keep_for_reconcile, run_undo
+from vmapi.services.undo import Undo, undone_on_failure
 from vmapi.services.vms.placed import NewVm, Placed, finish, place, placed_spec
 
 PREPARING_LOG = "preparing the console log"
@@ -114,7 +114,7 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
     config = current_app.config
     undo = Undo()
     make_free_ipv6(len(checked))  # one pool transaction for the array, not one per VM
-    try:
+    with undone_on_failure(undo):
         placed: list[Placed] = []
         jobs: list[DomainJob] = []
         for index, new in enumerate(checked):
@@ -155,12 +155,6 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
         made = [finish(one, job.info, False) for one, job in zip(placed, jobs, strict=True)]  # type: ignore[arg-type]
         commit_made([vm.id for vm in made])
         return made
-    except OutcomeUnknown:
-        keep_for_reconcile(undo)
-        raise
-    except BaseException:
-        run_undo(undo)
-        raise
 
 
 def on_nodes(groups: list[list[DomainJob]], build: Callable[[list[DomainJob]], None],
