@@ -32,7 +32,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 def call(path: str, method: str, url: str, token: str = "", body: Any = None,
          headers: dict[str, str] | None = None, timeout: float = 30):  # fmt: skip
     """(status, headers, JSON body) of one request over a Unix socket; status 0 when no
-    HTTP answer came (the connection broke)."""
+    whole HTTP answer came (the connection broke, before or during the answer)."""
     conn = UnixHTTPConnection(path, timeout)
     sent = {"Authorization": f"Bearer {token}", **(headers or {})}
     data = None
@@ -48,7 +48,7 @@ def call(path: str, method: str, url: str, token: str = "", body: Any = None,
         except ValueError:
             parsed = {"raw": raw[:200].decode(errors="replace")}
         return response.status, dict(response.headers), parsed
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # (cut mid-answer: IncompleteRead)
         return 0, {}, {"error": repr(exc)}
     finally:
         conn.close()
