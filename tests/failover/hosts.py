@@ -231,35 +231,30 @@ class Hosts:
         return psycopg2.connect(host=str(self.base / member), port=5432, user="postgres",
                                 dbname=dbname, connect_timeout=timeout)  # fmt: skip
 
-    def writable(self, member: str) -> bool | None:
-        """True: a primary; False: a standby; None: not answering."""
+    def scalar(self, member: str, sql: str, params: tuple = (), dbname: str = "postgres"):
+        """The one value ``sql`` reads on ``member``'s PostgreSQL; None while it does not
+        answer."""
         try:
-            conn = self.pg(member)
+            conn = self.pg(member, dbname)
         except psycopg2.Error:
             return None
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT NOT pg_is_in_recovery()")
+                cur.execute(sql, params)
                 return cur.fetchone()[0]
         except psycopg2.Error:
             return None
         finally:
             conn.close()
 
+    def writable(self, member: str) -> bool | None:
+        """True: a primary; False: a standby; None: not answering."""
+        return self.scalar(member, "SELECT NOT pg_is_in_recovery()")
+
     def sync_standby(self, leader: str) -> bool:
-        try:
-            conn = self.pg(leader)
-        except psycopg2.Error:
-            return False
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_replication "
-                            "WHERE state = 'streaming' AND sync_state = 'sync'")  # fmt: skip
-                return cur.fetchone()[0] >= 1
-        except psycopg2.Error:
-            return False
-        finally:
-            conn.close()
+        streaming = self.scalar(leader, "SELECT count(*) FROM pg_stat_replication "
+                                "WHERE state = 'streaming' AND sync_state = 'sync'")  # fmt: skip
+        return bool(streaming)
 
     def leader(self) -> str | None:
         writable = [m for m in ("n1", "n2") if self.writable(m)]
@@ -341,19 +336,8 @@ class Hosts:
 
     def sessions_from(self, member: str, host: str) -> int | None:
         """Client connections to ``member``'s PostgreSQL from ``host``'s address."""
-        try:
-            conn = self.pg(member)
-        except psycopg2.Error:
-            return None
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE client_addr = %s",
-                            (self.ip(host),))  # fmt: skip
-                return cur.fetchone()[0]
-        except psycopg2.Error:
-            return None
-        finally:
-            conn.close()
+        return self.scalar(member, "SELECT count(*) FROM pg_stat_activity WHERE client_addr = %s",
+                           (self.ip(host),))  # fmt: skip
 
     # -- teardown ----------------------------------------------------------------
     def close(self) -> None:

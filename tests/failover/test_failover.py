@@ -392,15 +392,11 @@ def upload_locked(fleet: Fleet, member: str, image: int) -> bool:
     """Whether a session holds ``image``'s upload lock (an advisory lock on one bigint key:
     pg_locks shows its high and low 32 bits)."""
     key = upload_key(image) & 0xFFFFFFFFFFFFFFFF
-    conn = fleet.hosts.pg(member, "vmapi")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
-                        "classid::bigint = %s AND objid::bigint = %s AND objsubid = 1 AND granted",
-                        (key >> 32, key & 0xFFFFFFFF))  # fmt: skip
-            return cur.fetchone()[0] == 1
-    finally:
-        conn.close()
+    held = fleet.hosts.scalar(
+        member, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s"
+        " AND objid::bigint = %s AND objsubid = 1 AND granted", (key >> 32, key & 0xFFFFFFFF),
+        dbname="vmapi")  # fmt: skip
+    return held == 1
 
 
 def put_bytes(sock: str, token: str, image: int, data: bytes) -> tuple[int, dict]:
