@@ -5,6 +5,12 @@ the app sees it, to lose on demand.
 through the relay is closed (the server ends those sessions, and with them their advisory
 locks), and new ones are refused until ``restore()`` (the promoted standby taking over,
 here the same server: nothing committed is lost, as with synchronous replication).
+
+``lose_answer(port, delay)`` is a COMMIT that reaches the server and whose answer never
+comes back: the next COMMIT the app sends on its connection from ``port`` breaks that
+connection at once, and is handed to the server ``delay`` seconds later (as a server
+busy or a network slow to drain does), so the server commits it after the app saw its
+connection break.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 import sqlalchemy as sa
 
@@ -32,6 +39,7 @@ class DbRelay:
         self.closed = False
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.lock = threading.Lock()
+        self.losing: dict[int, float] = {}  # the app's port -> delay (lose_answer)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -46,13 +54,16 @@ class DbRelay:
             upstream = socket.create_connection(self.target)
             with self.lock:
                 self.pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            port = client.getpeername()[1]
+            threading.Thread(target=self._pipe, args=(client, upstream, port), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, port: int | None = None) -> None:
         try:
             while data := source.recv(65536):
+                if port in self.losing and b"COMMIT\x00" in data:
+                    source.shutdown(socket.SHUT_RDWR)  # the app sees its connection break
+                    time.sleep(self.losing.pop(port))
                 sink.sendall(data)
         except OSError:
             pass
@@ -60,6 +71,11 @@ class DbRelay:
             for end in (source, sink):
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
+
+    def lose_answer(self, port: int, delay: float) -> None:
+        """The next COMMIT from the app's ``port`` reaches the server ``delay`` seconds
+        after its connection broke (the module's doc)."""
+        self.losing[port] = delay
 
     def cut(self) -> None:
         """The database host is gone: every connection closed, new ones refused."""

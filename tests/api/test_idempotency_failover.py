@@ -7,6 +7,8 @@ those sessions and their locks. libvirt is its test driver. Only a COMMIT that l
 and still fails is injected (the real one cannot be made to on demand).
 """
 
+import logging
+import socket
 import threading
 import time
 
@@ -173,6 +175,105 @@ def test_an_unknown_commit_keeps_the_domain_and_the_retry_answers_it(
     retry = api.post("vm", json=vm_body(test_method), headers=KEY)
     assert retry.status_code == 201 and retry.headers["Idempotent-Replayed"] == "true"
     assert retry.json["data"]["id"] == vm["id"]
+
+
+def lose_the_commit_answer(app, relay, statement, delay):
+    """The COMMIT after the create's ``statement`` (a prefix) reaches the server
+    ``delay`` s after the app saw its connection break (tests/dbproxy.py), once."""
+    with app.app_context():
+        engine = db.engine
+    armed = []
+
+    def before(conn, cursor, sent, parameters, context, executemany):
+        if sent.startswith(statement) and not armed:
+            with socket.fromfd(cursor.connection.fileno(), socket.AF_INET,
+                               socket.SOCK_STREAM) as sock:  # fmt: skip
+                armed.append(sock.getsockname()[1])
+            relay.lose_answer(armed[0], delay)
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    return lambda: sa.event.remove(engine, "before_cursor_execute", before) or armed
+
+
+def vm_rows(app):
+    with app.app_context():
+        rows = db.session.execute(sa.text("SELECT id FROM vm ORDER BY id")).scalars().all()
+        db.session.remove()
+    return rows
+
+
+@pytest.mark.parametrize("delay", [0, 0.5])
+@pytest.mark.parametrize("array", [False, True])
+def test_building_commit_landed_unanswered_the_retry_makes_it_once(
+    api, app, runner, vm_host, test_method, relay, driver, delay, array
+):
+    """The commit of the building row reaches the server but its answer is lost (``delay``:
+    the server commits it after the app's connection broke). The request answers 503 and
+    keeps its key (never given up with the row committed): the retry removes that row and
+    makes the VM once."""
+    node = vm_host()
+    body = [vm_body(test_method), vm_body(test_method)] if array else vm_body(test_method)
+    stop = lose_the_commit_answer(app, relay, "UPDATE idempotency_key SET building", delay)
+    try:
+        lost = api.post("vm", json=body, headers=KEY)
+    finally:
+        assert stop(), "the building row's commit was not reached"
+    assert_error(lost, 503, "general/unavailable")
+    assert "retry with the same Idempotency-Key" in lost.json["message"]
+    assert len(vm_rows(app)) == (2 if array else 1)  # it landed, building
+    retry = api.post("vm", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert "Idempotent-Replayed" not in retry.headers
+    made = list(retry.json["data"].values()) if array else [retry.json["data"]]
+    assert vm_rows(app) == sorted(vm["id"] for vm in made)
+    assert sorted(domains(driver, node)) == sorted(vm["domain_name"] for vm in made)
+    assert "0 finding(s)" in reconcile_fix(runner)
+
+
+def test_a_row_its_undo_could_not_forget_keeps_the_key(api, app, runner, vm_host, test_method,
+                                                       faults, relay, driver):  # fmt: skip
+    """The database goes as the VM starts, so the undo cannot forget the building row; it
+    is back (another proxy, a promoted standby) by the time the key would be given up:
+    the key is kept, so the retry removes that row and makes the VM once."""
+    node = vm_host()
+    cut_at(faults, relay, "start")
+
+    class Back(logging.Handler):
+        def emit(self, record):
+            if "undo step failed: forgetting vm-" in record.getMessage():
+                relay.restore()
+
+    back = Back()
+    logging.getLogger("vmapi.services.undo").addHandler(back)
+    try:
+        lost = api.post("vm", json=vm_body(test_method), headers=KEY)
+    finally:
+        logging.getLogger("vmapi.services.undo").removeHandler(back)
+    faults.before = None
+    assert_error(lost, 503, "general/unavailable")
+    assert relay.up and len(vm_rows(app)) == 1  # (restored: the undo's log was seen)
+    retry = api.post("vm", json=vm_body(test_method), headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert "Idempotent-Replayed" not in retry.headers
+    assert vm_rows(app) == [retry.json["data"]["id"]]
+    assert domains(driver, node) == [retry.json["data"]["domain_name"]]
+    assert "0 finding(s)" in reconcile_fix(runner)
+
+
+@pytest.mark.parametrize("delay", [0, 0.5])
+def test_made_commit_landing_late_answers_201(api, app, vm_host, test_method, relay, driver,
+                                              delay):  # fmt: skip
+    """The commit naming the VM made reaches the server after the app saw the connection
+    break: asked on a new connection, which waits for that transaction, it landed."""
+    node = vm_host()
+    stop = lose_the_commit_answer(app, relay, "UPDATE idempotency_key SET made", delay)
+    try:
+        first = api.post("vm", json=vm_body(test_method), headers=KEY)
+    finally:
+        assert stop()
+    assert first.status_code == 201, first.json
+    assert vm_rows(app) == [first.json["data"]["id"]]
+    assert domains(driver, node) == [first.json["data"]["domain_name"]]
 
 
 def test_two_retries_racing_for_a_dead_owners_key_make_one_vm(
@@ -518,4 +619,20 @@ def test_storage_of_a_busy_vm_waits_for_it(api, app, disk_vm, faults, relay, dri
     engine.dispose()
     retry = api.post("storage", json=body, headers=KEY)
     assert retry.status_code == 201, retry.json
+    assert_only(api, driver, disk_vm, [retry.json["data"]])
+
+
+def test_storage_building_commit_landed_unanswered_makes_one_volume(api, app, disk_vm, relay,
+                                                                    driver):  # fmt: skip
+    """The storage row's commit lands after its connection broke: 503, the key kept; the
+    retry removes that row and makes the one volume."""
+    body = storage_body(disk_vm)
+    stop = lose_the_commit_answer(app, relay, "UPDATE idempotency_key SET building", 0.5)
+    try:
+        assert_error(api.post("storage", json=body, headers=KEY), 503, "general/unavailable")
+    finally:
+        assert stop()
+    retry = api.post("storage", json=body, headers=KEY)
+    assert retry.status_code == 201, retry.json
+    assert "Idempotent-Replayed" not in retry.headers
     assert_only(api, driver, disk_vm, [retry.json["data"]])

@@ -15,9 +15,13 @@ Whether the request running a key is alive is PostgreSQL's lock
 (:mod:`.idempotency_lock`); the fence keeps it correct even when that signal is wrong.
 Keys are per token and expire after IDEMPOTENCY_TTL seconds.
 
-A COMMIT whose connection broke may have landed or not; :func:`commit_made` asks the
-database (on a new connection) whether the row names what it made, and goes on as
-committed if so. If the database cannot be asked, the work on the nodes is kept for
+A COMMIT whose connection broke may have landed or not, and may still be landing: the
+server can read it after the client saw the connection break. So the row is asked about
+on a new connection with ``FOR UPDATE``, which waits until the old transaction ended
+(:func:`_landed`). :func:`commit_made` goes on as committed if its commit landed;
+:func:`commit_building` answers 503 keeping the key's row, which names the building
+objects for the retry to remove (given up, it would name nothing and the retry would
+make them twice). If the database cannot be asked, the work on the nodes is kept for
 reconcile (:class:`~vmapi.errors.OutcomeUnknown`) rather than undone under a row that
 may be committed.
 """
@@ -33,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import g, has_request_context
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm.exc import StaleDataError
@@ -43,6 +47,10 @@ from vmapi.extensions import db
 from vmapi.models import IdempotencyKey
 
 log = logging.getLogger(__name__)
+
+#: seconds a request waits, after its COMMIT failed, for the server to end that
+#: transaction before it says the outcome is unknown
+LANDED_WAIT = 10.0
 
 
 @dataclass
@@ -54,6 +62,8 @@ class Running:
     owner: str
     made: list[int] = field(default_factory=list)
     building: list[int] = field(default_factory=list)
+    #: whether the key's row must outlive a failure (:func:`keep`), not be given up
+    kept: bool = False
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:
@@ -154,6 +164,30 @@ def _fenced(running: Running) -> Any:
     )
 
 
+def commit_building(ids: list[int]) -> None:
+    """Commit the session's transaction, which commits the objects ``ids`` before they
+    are whole, named building on the key's row (:func:`note_building`). A COMMIT that
+    failed but landed is a 503 that keeps the key's row (:class:`OutcomeUnknown`: not
+    undone, not given up), so the retry that takes the key over removes them; one that
+    did not land raises as it failed (an IntegrityError stays one)."""
+    running = current()
+    if running is None:
+        db.session.commit()
+        return
+    note_building(ids)
+    try:
+        db.session.commit()
+    except DBAPIError:
+        if not _landed(running, IdempotencyKey.building, running.building):
+            raise
+        log.warning("a COMMIT failed but had landed (idempotency key %r): kept for its retry",
+                    running.key)  # fmt: skip
+        raise OutcomeUnknown(
+            "The database connection broke as this request committed; what it began is "
+            "removed by a retry with the same Idempotency-Key, which makes it once."
+        ) from None
+
+
 def note_building(ids: list[int]) -> None:
     """Under an Idempotency-Key: name the objects ``ids``, about to be committed before
     they are whole (a VM as ``building``, a storage row before its volume and disk),
@@ -210,28 +244,35 @@ def commit_made(ids: list[int]) -> None:
     try:
         db.session.commit()
     except DBAPIError:
-        if not _landed(running, made):
+        if not _landed(running, IdempotencyKey.made, made):
             raise
         log.warning("a COMMIT failed but had landed (idempotency key %r)", running.key)
     running.made = made
 
 
-def _landed(running: Running, made: list[int]) -> bool:
-    """After a COMMIT that failed: whether it landed, asked on a new connection."""
+def _landed(running: Running, column: Any, ids: list[int]) -> bool:
+    """After a COMMIT that failed: whether it landed (the key's row owned by ``running``
+    with ``column`` naming ``ids``), asked on a new connection. The old transaction
+    wrote the row, so ``FOR UPDATE`` waits (LANDED_WAIT at most) until the server has
+    ended it: a COMMIT still on its way in is read as it ends, not as not landed."""
     try:
         db.session.rollback()
+        if db.engine.dialect.name == "postgresql":
+            timeout = f"{int(LANDED_WAIT * 1000)}ms"
+            db.session.execute(select(func.set_config("lock_timeout", timeout, True)))
         row = db.session.execute(
-            select(IdempotencyKey.owner, IdempotencyKey.made).where(
-                _where(running.token_id, running.key)
-            )
+            select(IdempotencyKey.owner, column.label("ids"))
+            .where(_where(running.token_id, running.key))
+            .with_for_update()
         ).first()
+        db.session.rollback()  # (the row's lock)
     except DBAPIError as exc:
         _rollback_quietly()
         raise OutcomeUnknown(
             "The database went away during a commit and cannot say whether it landed; "
             "retry with the same Idempotency-Key to get what was made."
         ) from exc
-    return row is not None and row.owner == running.owner and row.made == json.dumps(made)
+    return row is not None and row.owner == running.owner and row.ids == json.dumps(ids)
 
 
 def store_answer(running: Running, status: int, mimetype: str, body: bytes) -> None:
@@ -240,10 +281,22 @@ def store_answer(running: Running, status: int, mimetype: str, body: bytes) -> N
     db.session.commit()
 
 
+def keep() -> None:
+    """The request's failure must not give its key up (:func:`release`): an undo step
+    lost the database, so what the row names building may still be there for the retry
+    that takes the key over to remove."""
+    running = current()
+    if running is not None:
+        running.kept = True
+
+
 def release(running: Running) -> None:
     """Give the key up (the request failed on our side; a retry may run again), unless
-    it made something. A database that fails here too leaves the row: its owner gone,
-    the next retry takes it over (PostgreSQL), so this never raises."""
+    it made something or must be kept (:func:`keep`). A database that fails here too
+    leaves the row: its owner gone, the next retry takes it over (PostgreSQL), so this
+    never raises."""
+    if running.kept:
+        return
     try:
         db.session.rollback()
         db.session.execute(

@@ -20,8 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from vmapi.errors import OutcomeUnknown, at_index
 from vmapi.extensions import db
+from vmapi.services import idempotency
 from vmapi.services.leftovers import Left, note_failed_undo
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ def run_undo(undo: Undo) -> None:
         except Exception as exc:  # an undo that fails must not hide the original error
             db.session.rollback()
             log.exception("undo step failed: %s; reconcile will find what is left", step.name)
+            if isinstance(exc, DBAPIError):  # (a row it was to forget may be left)
+                idempotency.keep()
             if step.leftover is not None:
                 note_failed_undo(step.leftover, step.name, exc)
 

@@ -25,7 +25,7 @@ from vmapi.models.catalog import RBD
 from vmapi.models.image import ACTIVE
 from vmapi.models.leftover import VOLUME
 from vmapi.node_detail import NodeNote
-from vmapi.services.idempotency import note_building
+from vmapi.services.idempotency import commit_building
 from vmapi.services.images.copies import (
     CopyGone,
     Source,
@@ -110,8 +110,7 @@ def create_volume(new: NewVolume, undo: Undo, messages: list[str]) -> Storage:
         storage.volume_name = volume_name(storage.id)
         # and under an Idempotency-Key the key names it building until it is made: a
         # retry that takes the key over from a dead request removes it (.removal)
-        note_building([storage.id])
-        db.session.commit()
+        commit_building([storage.id])
     except BaseException:
         db.session.rollback()
         raise

@@ -42,7 +42,6 @@ from dataclasses import dataclass, replace
 from flask import current_app
 
 from vmapi.errors import at_index
-from vmapi.extensions import db
 from vmapi.hypervisor import (
     DomainInfo,
     DomainSpec,
@@ -54,7 +53,7 @@ from vmapi.hypervisor import (
 from vmapi.models import Vm
 from vmapi.models.leftover import DOMAIN
 from vmapi.services.consoles.log import console_log_path, push_log_remover
-from vmapi.services.idempotency import commit_made, note_building
+from vmapi.services.idempotency import commit_building, commit_made
 from vmapi.services.leftovers import Left
 from vmapi.services.network.allocation import make_free_ipv6
 from vmapi.services.network.filters import NodeFilters
@@ -121,8 +120,7 @@ def create_array(checked: list[NewVm]) -> list[Vm]:
             with at_index(index):
                 placed.append(place(new, undo, False))
                 jobs.append(DomainJob(index, placed[-1].host.uri, placed_spec(new, placed[-1])))
-        note_building([one.vm.id for one in placed])
-        db.session.commit()  # no transaction stays open while the nodes answer
+        commit_building([one.vm.id for one in placed])  # none open while the nodes answer
         by_node: dict[int, list[DomainJob]] = {}
         for one, job in zip(placed, jobs, strict=True):
             by_node.setdefault(one.host.node.id, []).append(job)

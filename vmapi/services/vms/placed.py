@@ -31,7 +31,7 @@ from vmapi.scheduler import (
     select_and_claim,
     unsuitable_reasons,
 )
-from vmapi.services.idempotency import commit_made, note_building
+from vmapi.services.idempotency import commit_building, commit_made
 from vmapi.services.names import domain_name
 from vmapi.services.network.allocation import NewInterface, add_interface
 from vmapi.services.network.filters import set_groups
@@ -150,8 +150,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
         if boot is not None:
             root = add_root_disk(vm, boot)
         if commit:
-            note_building([vm.id])
-            db.session.commit()
+            commit_building([vm.id])
     except IntegrityError as exc:  # a concurrent request took the UUID on that node
         db.session.rollback()
         raise Conflict(
