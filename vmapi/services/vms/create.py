@@ -36,6 +36,7 @@ from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.cloud_init import refresh_seed, wanted
 from vmapi.services.vms.groups import check_joinable
 from vmapi.services.vms.placed import NewVm, finish, place, placed_spec
+from vmapi.services.vms.rbd_boot import early_clone
 
 
 def create_vms(items: list[dict[str, Any]], principal: Principal, indexed: bool) -> list[Vm]:
@@ -85,8 +86,10 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
 
 
 def create_one(new: NewVm, undo: Undo) -> Vm:
-    """Claim, record as building, define, start, record the state libvirt reports."""
-    placed = place(new, undo)
+    """Claim, record as building, define, start, record the state libvirt reports. An
+    RBD root disk's clone goes on meanwhile, from before the claim when it can."""
+    with early_clone(new.boot, undo) as clone:
+        placed = place(new, undo, clone=clone)
     vm, host, root, boot = placed.vm, placed.host, placed.root, new.boot
     try:
         # recorded on the row with the domain's state (record_state commits it)
@@ -98,7 +101,7 @@ def create_one(new: NewVm, undo: Undo) -> Vm:
     if root is not None:
         root_id = root.id
         undo.push(f"forgetting root disk storage {root_id}", lambda: forget_root_disk(root_id))
-        ready = make_root_disk(vm, root, boot, host, undo)
+        ready = make_root_disk(vm, root, boot, host, undo, clone)
         # what the guest is told: a VM booted from an image gets a cloud-init seed
         if wanted(vm):
             refresh_seed(vm, host, undo)
