@@ -134,7 +134,7 @@ class RbdClone:
         if self.cloning.wait():
             return
         exc = self.cloning.error
-        if isinstance(exc, RbdBusy):  # not ours (ours are recorded before they are made)
+        if isinstance(exc, RbdBusy):  # not ours (its id came from the sequence: never twice)
             raise name_taken(exc, self.path, host, "an RBD image") from exc
         if isinstance(exc, HypervisorError):
             raise hypervisor_failure(exc, "creating the root disk", host) from exc
