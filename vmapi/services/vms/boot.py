@@ -168,7 +168,8 @@ def check_image(boot: Boot, customer_id: int | None) -> None:
 
 def add_root_disk(vm: Vm, boot: Boot, clone: RbdClone | None = None) -> Storage:
     """The root disk's row, in the claim transaction (flushed, named); with the id, name
-    and path of its ``clone`` when that was started before the claim (:func:`early_clone`)."""
+    and path of its ``clone`` when that was started before the claim
+    (:func:`vmapi.services.vms.rbd_boot.early_clone`)."""
     storage_type = root_type() if boot.rbd_type_id is None else rbd_type(boot.rbd_type_id)
     root = Storage(
         size=boot.root_size,

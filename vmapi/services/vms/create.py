@@ -5,7 +5,9 @@ no row lock held, then record what libvirt reports — or undo the claim. Each s
 that changed something pushes its named inverse on an undo stack; any failure runs the
 stack backwards, so a request (or a whole array) leaves nothing half done: no domain, no
 claim, no row. A worker killed between two steps leaves a ``building`` row that
-``flask vmapi reconcile --fix`` cleans.
+``flask vmapi reconcile --fix`` cleans. (An RBD root disk's clone needs no node and no
+row lock: it starts before the claim, its undo on the stack from then on,
+:func:`vmapi.services.vms.rbd_boot.early_clone`.)
 
 The steps a single create and an array share are in :mod:`vmapi.services.vms.placed`;
 an array of VMs without an image calls its nodes at once (:mod:`vmapi.services.vms.arrays`).
