@@ -45,8 +45,9 @@ def creates(out: dict[str, Any]) -> list[str]:
         "in-process; each VM deleted after it is timed (not timed). Local: the root disk "
         "a qcow2 overlay on the image's copy on the node. RBD: the image already in Ceph, "
         "the root disk an RBD clone of its snapshot made by the API host in-process (Ceph's "
-        f"Python bindings on the process's connection to the cluster{grown}), beside the "
-        "seed and the domain's definition; a network disk of the domain.",
+        f"Python bindings on the process's connection to the cluster{grown}), started "
+        "before the create's claim and going on beside it, the seed and the domain's "
+        "definition; a network disk of the domain.",
         "",
         "| POST /vm | median ms | p95 ms | libvirt calls ms | of which `start` ms |",
         "|---|---:|---:|---:|---:|",
@@ -65,7 +66,9 @@ def creates(out: dict[str, Any]) -> list[str]:
         f"{_med(rcalls, 'start') - _med(lcalls, 'start'):+.1f} ms against the file; "
         f"outside libvirt's calls the RBD create took "
         f"{(median(rbd) - calls(rcalls)) - (median(local) - calls(lcalls)):+.1f} ms "
-        "more than the local one (medians).",
+        "more than the local one (medians); of which its wait for the clone before the "
+        f"start (begun before the create's claim) {median(c['waits']):.1f} ms (max "
+        f"{max(c['waits']):.1f}).",
         "",
         f"Target RBD ≤ {TARGET} x local, the clone included: {ratio:.2f} x "
         f"({extra:+.1f} ms; {TARGET} x allows {(TARGET - 1) * median(local):+.1f} ms) — "

@@ -5,11 +5,16 @@ failed (and ``--fix`` removes the thing once the node answers)."""
 import logging
 
 import pytest
+from sqlalchemy import select
 
 from tests.api.test_envelope import assert_error
 from tests.conftest import vm_body
 from tests.faults import FaultyDriver
+from vmapi.extensions import db
 from vmapi.hypervisor import DomainNotFound, HypervisorError
+from vmapi.models import Leftover
+from vmapi.models.leftover import VOLUME
+from vmapi.services.leftovers import Left
 from vmapi.services.nodes.hosts import DRIVER_KEY
 from vmapi.services.undo import Undo, run_undo
 
@@ -41,6 +46,28 @@ def test_a_failed_step_is_logged_by_its_name_and_the_others_still_run(app, caplo
         "undo step failed: the failing step; reconcile will find what is left"
     ]
     assert len(undo) == 0
+
+
+def test_a_leftover_known_only_later_is_listed_as_it_is_when_the_step_fails(
+    app, vm_host, installation
+):
+    """A thing made before its node was known (an RBD clone started before the claim)
+    names its leftover by a callable, asked when the step fails: None lists nothing."""
+    node = vm_host()
+    known: list[Left | None] = [None]
+
+    def fail():
+        raise HypervisorError("rbd:", "injected failure")
+
+    undo = Undo()
+    undo.push("removing a clone placed later", fail, lambda: known[0])
+    undo.push("removing a clone never placed", fail, lambda: None)
+    known[0] = Left(node["id"], VOLUME, "a-clone", None, "ceph-pool")
+    with app.app_context():
+        run_undo(undo)
+        rows = db.session.execute(select(Leftover.node_id, Leftover.name, Leftover.reason)).all()
+    assert [(n, name) for n, name, _reason in rows] == [(node["id"], "a-clone")]
+    assert rows[0].reason.startswith("undo step failed: removing a clone placed later")
 
 
 def test_every_step_needs_a_name():

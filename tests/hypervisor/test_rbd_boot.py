@@ -20,6 +20,7 @@ import time
 
 import libvirt
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from tests.conftest import MIB
 from tests.faults import FaultyDriver
@@ -41,7 +42,9 @@ from tests.hypervisor.rbd_env import (
     record_processes,
 )
 from tests.image_files import OCTET
+from vmapi.extensions import db
 from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.vms import placed as placed_module
 from vmapi.services.vms.boot import round_up
 
 pytestmark = [pytest.mark.hypervisor]
@@ -471,3 +474,107 @@ def test_a_failure_beside_the_running_clone_leaves_nothing(env, ceph, rbd_type, 
     assert env.sql("SELECT count(*) FROM image_rbd WHERE image_id = :i",
                    i=fresh_image["id"]) == [(0,)]  # fmt: skip
     assert vms(env) == before and env.domains("a") == domains
+
+
+def refused_claim(env: MigrateEnv, guest: dict, monkeypatch, failure: str) -> tuple[dict, int, str]:
+    """A create of ``guest``'s image that its claim refuses by ``failure``: its body, and
+    the status and error id it is answered with."""
+    body = create_body(env, {"id": root_type_of(env, guest)})
+    if failure == "quota":
+        made = env.api.post("quota", json={"customer_id": 4711, "max_vms": 0})
+        assert made.status_code == 201, made.json
+        return {**body, "customer_id": 4711}, 403, "vm/quota_exceeded"
+    if failure == "no_valid_host":
+        del body["node"]
+        return {**body, "ram": 1024 * 1024 * MIB}, 409, "vm/no_valid_host"
+    if failure == "uuid":
+        node = env.nodes[where(env, guest)]
+        return {**body, "node": {"id": node["id"]}, "uuid": guest["uuid"]}, 409, "vm/uuid_conflict"
+    assert failure == "database"  # the claim's commit fails (the connection dropped)
+
+    def lost(ids: list[int]) -> None:
+        db.session.rollback()
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(placed_module, "commit_building", lost)
+    return body, 503, "general/unavailable"
+
+
+def root_type_of(env: MigrateEnv, vm: dict) -> int:
+    [(type_id,)] = env.sql("SELECT storage_type_id FROM storage WHERE vm_id = :id AND boot",
+                           id=vm["id"])  # fmt: skip
+    return type_id
+
+
+@pytest.mark.parametrize("failure", ["quota", "no_valid_host", "uuid", "database"])
+def test_the_clone_starts_before_the_claim_and_goes_with_its_failure(env, ceph, guest,
+                                                                    monkeypatch, failure):  # fmt: skip
+    """The image in the cluster already: the root disk's clone starts before the create's
+    claim (it needs no node), so a claim that fails (the quota, no node to take the VM,
+    the UUID, the database) still had it started: the undo waits for it (slow here, 1 s),
+    then removes it. Nothing is left: no RBD image, no VM, no storage row."""
+    images, before = ours(ceph), vms(env)
+    rows = env.sql("SELECT count(*) FROM storage")
+    body, status, error_id = refused_claim(env, guest, monkeypatch, failure)
+    made_in_process = record_in_process(monkeypatch)
+    made_in_process.slow = ("clone", 1.0)
+    try:
+        made = env.api.post("vm", json=body)
+    finally:
+        monkeypatch.undo()
+        env.sql("DELETE FROM quota WHERE customer_id = 4711")
+    assert made.status_code == status and made.json["error_id"] == error_id, made.json
+    assert made_in_process.words()[:1] == ["clone"]  # started all the same, then removed
+    assert ours(ceph) == images
+    assert vms(env) == before and env.sql("SELECT count(*) FROM storage") == rows
+
+
+def test_an_idempotent_create_whose_claim_failed_clones_once_on_its_retry(env, ceph, guest,
+                                                                         monkeypatch):  # fmt: skip
+    """The claim's commit lost under an Idempotency-Key: the early clone goes with it and
+    the key is given up; the retry with the same key makes the VM, one clone."""
+    images, before = ours(ceph), vms(env)
+    body, status, _ = refused_claim(env, guest, monkeypatch, "database")
+    key = {"Idempotency-Key": f"rbd-early-{time.monotonic_ns()}"}
+    try:
+        failed = env.api.post("vm", json=body, headers=key)
+    finally:
+        monkeypatch.undo()
+    assert failed.status_code == status, failed.json
+    assert ours(ceph) == images and vms(env) == before
+    made = env.api.post("vm", json=body, headers=key)
+    assert made.status_code == 201, made.json
+    try:
+        again = env.api.post("vm", json=body, headers=key)
+        assert again.status_code == 201 and again.json["data"]["id"] == made.json["data"]["id"]
+        _, name, path = root_of(env, made.json["data"])
+        assert [n for n in ours(ceph) if n not in images] == [name]
+        assert path == f"{ceph.pool}/{name}"
+        assert ceph.rbd_info(name)["parent"]["image"] == parent_image(env)
+    finally:
+        assert env.api.delete(f"vm/{made.json['data']['id']}").status_code == 200
+    assert ours(ceph) == images
+
+
+def test_a_key_this_host_cannot_read_starts_no_clone_and_answers_after_the_claim(
+    env, ceph, guest, monkeypatch, tmp_path
+):
+    """No early clone without the Ceph key: the claim answers first (the quota here), as
+    it did before the clone started early; within the quota the key's 503 comes at its
+    step, nothing made."""
+    images, before = ours(ceph), vms(env)
+    body, status, error_id = refused_claim(env, guest, monkeypatch, "quota")
+    monkeypatch.setitem(env.app.config, "CEPH_KEY_DIR", str(tmp_path))  # no key file there
+    made_in_process = record_in_process(monkeypatch)
+    try:
+        refused = env.api.post("vm", json=body)
+        env.sql("DELETE FROM quota WHERE customer_id = 4711")
+        unreadable = env.api.post("vm", json=body)
+    finally:
+        monkeypatch.undo()
+        env.sql("DELETE FROM quota WHERE customer_id = 4711")
+    assert refused.status_code == status and refused.json["error_id"] == error_id, refused.json
+    assert unreadable.status_code == 503, unreadable.json
+    assert unreadable.json["data"]["step"] == "reading the Ceph key"
+    assert made_in_process.words() == []
+    assert ours(ceph) == images and vms(env) == before

@@ -44,6 +44,7 @@ def figures(local_ms: float, rbd_ms: float) -> dict:
         "guest_size": 24 * 2**20, "fresh_size": 256 * 2**20, "disk": 2**30,
         "creates": {"local": [local_ms] * 3, "rbd": [rbd_ms] * 3, "size": 25 * 2**20,
                     "parent": 24 * 2**20, "clone": {"first": 30.0, "warm": [6.0, 8.0]},
+                    "waits": [0.1, 0.2, 3.0],
                     "local_calls": [{"start": 160.0, "create_overlay": 10.0}] * 3,
                     "rbd_calls": [{"start": 180.0, "ensure_rbd_pool": 1.0}] * 3},
         "firsts": {"node_local": (0.3, 0.05), "node_rbd": (0.4, 0.03), "fresh": [first] * 3},
@@ -69,6 +70,10 @@ def test_the_rbd_report_says_whether_the_create_is_within_1_1_x():
     ) in over
     assert "2 times on a kept connection: median 7.0 ms (max 8.0)" in over
     assert "the first on a new connection (a worker's first create) 30.0 ms" in over
+    assert (
+        "its wait for the clone before the start (begun before the create's claim) 0.2 ms "
+        "(max 3.0)" in over
+    )
 
 
 def test_write_times_reads_the_seconds_of_a_write_into_ceph_from_the_create_s_log():

@@ -15,8 +15,9 @@ Findings, one per domain, VM or volume:
 - ``unowned_volume``: a volume in one of vmapi's pools (those its storage types, storage
   rows and image copies name) that no storage row, image copy or VM (its cloud-init seed)
   owns and no leftover lists: leaked, another installation's, a replaced seed that could
-  not be deleted, or something in the way of a new volume's name; reported, never
-  touched.
+  not be deleted, or something in the way of a new volume's name (or an RBD root disk
+  cloned before its create's claim committed: in flight, or its worker died then);
+  reported, never touched.
   An rbd type's images are looked at in its Ceph pool through the API host's client
   (one ``rbd ls`` per Ceph pool, not a listing of each node's rbd pool): those named as
   this installation names things that no row owns are reported here too.

@@ -155,7 +155,10 @@ def _rbd_pool(
     rows = db.session.execute(stmt.where(Storage.storage_type_id.in_([t.id for t in types]),
                                          Storage.volume_name.is_not(None))).all()  # fmt: skip
     # a row owns its name from its commit on, before its image is made (its path is set
-    # when it is): read before the pool is listed, a create in flight is never unowned
+    # when it is): read before the pool is listed, a create in flight is never unowned,
+    # but for a root disk cloned before its create's claim (services/vms/rbd_boot.py
+    # early_clone): unowned until the claim commits (milliseconds), and for good if its
+    # worker died then (reported, never touched, as any unowned volume)
     owned = {storage.volume_name for storage, _fqdn in rows}
     # images written into the pool (and saves on RBD: recorded before they are made)
     written = select(ImageRbd.rbd_name).where(

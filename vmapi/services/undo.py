@@ -41,7 +41,8 @@ class UndoStep:
 
     name: str
     run: Callable[[], None]
-    leftover: Left | None = None
+    #: (or what says it when the step fails: a thing made before its node was known)
+    leftover: Left | Callable[[], Left | None] | None = None
 
 
 class Undo:
@@ -50,7 +51,12 @@ class Undo:
     def __init__(self) -> None:
         self.steps: list[UndoStep] = []
 
-    def push(self, name: str, run: Callable[[], None], leftover: Left | None = None) -> None:
+    def push(
+        self,
+        name: str,
+        run: Callable[[], None],
+        leftover: Left | Callable[[], Left | None] | None = None,
+    ) -> None:
         """Put the inverse of what was just done on the stack; ``name`` says what it
         undoes ("removing domain X on node Y"); ``leftover``: what stays on a node if it
         fails."""
@@ -73,8 +79,9 @@ def run_undo(undo: Undo) -> None:
             log.exception("undo step failed: %s; reconcile will find what is left", step.name)
             if isinstance(exc, DBAPIError):  # (a row it was to forget may be left)
                 idempotency.keep()
-            if step.leftover is not None:
-                note_failed_undo(step.leftover, step.name, exc)
+            left = step.leftover() if callable(step.leftover) else step.leftover
+            if left is not None:
+                note_failed_undo(left, step.name, exc)
 
 
 def keep_for_reconcile(undo: Undo) -> None:

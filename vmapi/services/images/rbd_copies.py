@@ -101,9 +101,7 @@ def held_rbd_image(source: Source, storage_type: StorageType) -> Iterator[HeldRb
     """The image's RBD image in the type's Ceph pool (written there when there is none),
     kept from removal while the block runs (clone it there)."""
     type_id = storage_type.id
-    with copy_lock(source.id, type_id, shared=True, where="rbd"):
-        row = find_rbd_image(source.id, type_id)
-        db.session.commit()  # (only read) no transaction stays open across the tools
+    with rbd_image_if_there(source, storage_type) as row:
         if row is not None:
             yield HeldRbd(row, made=False)
             return
@@ -116,6 +114,16 @@ def held_rbd_image(source: Source, storage_type: StorageType) -> Iterator[HeldRb
         started = time.monotonic()
         row = write_rbd_image(source, storage_type)
         yield HeldRbd(row, made=True, seconds=time.monotonic() - started)
+
+
+@contextmanager
+def rbd_image_if_there(source: Source, storage_type: StorageType) -> Iterator[ImageRbd | None]:
+    """The image's RBD image in the type's Ceph pool, kept from removal while the block
+    runs (under the shared lock); None when it is not there (nothing is written)."""
+    with copy_lock(source.id, storage_type.id, shared=True, where="rbd"):
+        row = find_rbd_image(source.id, storage_type.id)
+        db.session.commit()  # (only read) no transaction stays open across the tools
+        yield row
 
 
 def write_rbd_image(source: Source, storage_type: StorageType) -> ImageRbd:

@@ -45,7 +45,7 @@ from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
 from vmapi.services.storage.volumes import delete_volume
 from vmapi.services.undo import Undo
-from vmapi.services.vms.rbd_boot import ROOT_TARGET, make_rbd_root, rbd_type
+from vmapi.services.vms.rbd_boot import ROOT_TARGET, RbdClone, make_rbd_root, rbd_type
 
 MIB = 1024 * 1024
 
@@ -166,8 +166,10 @@ def check_image(boot: Boot, customer_id: int | None) -> None:
     check_storage_quota(customer_id, boot.root_size, VM_QUOTA_EXCEEDED)
 
 
-def add_root_disk(vm: Vm, boot: Boot) -> Storage:
-    """The root disk's row, in the claim transaction (flushed, named)."""
+def add_root_disk(vm: Vm, boot: Boot, clone: RbdClone | None = None) -> Storage:
+    """The root disk's row, in the claim transaction (flushed, named); with the id, name
+    and path of its ``clone`` when that was started before the claim
+    (:func:`vmapi.services.vms.rbd_boot.early_clone`)."""
     storage_type = root_type() if boot.rbd_type_id is None else rbd_type(boot.rbd_type_id)
     root = Storage(
         size=boot.root_size,
@@ -179,6 +181,9 @@ def add_root_disk(vm: Vm, boot: Boot) -> Storage:
         boot=True,
         image_id=boot.source.id,
     )
+    if clone is not None:  # its id (and so its name) taken from the sequence already
+        root.id, root.path = clone.storage_id, clone.path
+        clone.placed(vm.node_id, vm.id, root.pool)
     db.session.add(root)
     db.session.flush()
     root.volume_name = volume_name(root.id)
@@ -195,16 +200,17 @@ def forget_root_disk(storage_id: int) -> None:
 
 
 def make_root_disk(
-    vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo
+    vm: Vm, root: Storage, boot: Boot, host: Host, undo: Undo, clone: RbdClone | None = None
 ) -> Callable[[], None] | None:
     """The image's copy on the node (made now if missing), then the overlay on it; the
     row records the overlay's path. Failures answer as POST /vm's steps do. (In an rbd
     type: :func:`vmapi.services.vms.rbd_boot.make_rbd_root`, the clone grown to
-    ``root_size``, made while the create goes on: call what this returns before the
-    domain starts; None: nothing to wait for.)"""
+    ``root_size``, made while the create goes on, or started before its claim:
+    ``clone``; call what this returns before the domain starts; None: nothing to wait
+    for.)"""
     if boot.rbd_type_id is not None:
         try:
-            return make_rbd_root(vm, root, boot.source, boot.root_size, host, undo)
+            return make_rbd_root(vm, root, boot, host, undo, clone)
         except CopyGone as exc:  # (the VM's row holds the image: only if that changes)
             raise image_not_found(boot.source.id) from exc
     driver = hypervisor()

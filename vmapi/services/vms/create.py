@@ -5,7 +5,9 @@ no row lock held, then record what libvirt reports — or undo the claim. Each s
 that changed something pushes its named inverse on an undo stack; any failure runs the
 stack backwards, so a request (or a whole array) leaves nothing half done: no domain, no
 claim, no row. A worker killed between two steps leaves a ``building`` row that
-``flask vmapi reconcile --fix`` cleans.
+``flask vmapi reconcile --fix`` cleans. (An RBD root disk's clone needs no node and no
+row lock: it starts before the claim, its undo on the stack from then on,
+:func:`vmapi.services.vms.rbd_boot.early_clone`.)
 
 The steps a single create and an array share are in :mod:`vmapi.services.vms.placed`;
 an array of VMs without an image calls its nodes at once (:mod:`vmapi.services.vms.arrays`).
@@ -36,6 +38,7 @@ from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.cloud_init import refresh_seed, wanted
 from vmapi.services.vms.groups import check_joinable
 from vmapi.services.vms.placed import NewVm, finish, place, placed_spec
+from vmapi.services.vms.rbd_boot import early_clone
 
 
 def create_vms(items: list[dict[str, Any]], principal: Principal, indexed: bool) -> list[Vm]:
@@ -85,8 +88,10 @@ def prepare_create(data: dict[str, Any], principal: Principal) -> NewVm:
 
 
 def create_one(new: NewVm, undo: Undo) -> Vm:
-    """Claim, record as building, define, start, record the state libvirt reports."""
-    placed = place(new, undo)
+    """Claim, record as building, define, start, record the state libvirt reports. An
+    RBD root disk's clone goes on meanwhile, from before the claim when it can."""
+    with early_clone(new.boot, undo) as clone:
+        placed = place(new, undo, clone=clone)
     vm, host, root, boot = placed.vm, placed.host, placed.root, new.boot
     try:
         # recorded on the row with the domain's state (record_state commits it)
@@ -98,7 +103,7 @@ def create_one(new: NewVm, undo: Undo) -> Vm:
     if root is not None:
         root_id = root.id
         undo.push(f"forgetting root disk storage {root_id}", lambda: forget_root_disk(root_id))
-        ready = make_root_disk(vm, root, boot, host, undo)
+        ready = make_root_disk(vm, root, boot, host, undo, clone)
         # what the guest is told: a VM booted from an image gets a cloud-init seed
         if wanted(vm):
             refresh_seed(vm, host, undo)

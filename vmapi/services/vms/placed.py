@@ -43,6 +43,7 @@ from vmapi.services.undo import Undo
 from vmapi.services.vms.boot import Boot, add_root_disk, check_image
 from vmapi.services.vms.changes import ADMIN_FIELDS
 from vmapi.services.vms.groups import missing
+from vmapi.services.vms.rbd_boot import RbdClone
 from vmapi.services.vms.specs import domain_spec, new_nic_specs
 from vmapi.telemetry import PLACEMENT_SECONDS
 
@@ -103,11 +104,12 @@ def _claim_node(data: dict[str, Any], request: PlacementRequest) -> Node:
     return claim_named(node_id, request, defaults, "this VM", reasons)
 
 
-def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
+def place(new: NewVm, undo: Undo, commit: bool = True, clone: RbdClone | None = None) -> Placed:
     """The first half of a create, in the request's session: check the quota (and the
     image), claim a node, insert the row as building with its interface (and root disk
-    row), commit; its undo (the claim, the row) goes on ``undo``. An array commits its
-    elements together (``commit=False``): a failure rolls them all back."""
+    row: named by its ``clone`` when that was started already), commit; its undo (the
+    claim, the row) goes on ``undo``. An array commits its elements together
+    (``commit=False``): a failure rolls them all back."""
     data, boot = new.data, new.boot
     rbd_types = (boot.rbd_type_id,) if boot is not None and boot.rbd_type_id else ()
     request = PlacementRequest(data["cores"], data["ram"], data["virt_method_id"], data["uuid"],
@@ -148,7 +150,7 @@ def place(new: NewVm, undo: Undo, commit: bool = True) -> Placed:
         if data.get("security_groups"):
             set_groups(made.row.id, data["security_groups"])
         if boot is not None:
-            root = add_root_disk(vm, boot)
+            root = add_root_disk(vm, boot, clone)
         if commit:
             commit_building([vm.id])
     except IntegrityError as exc:  # a concurrent request took the UUID on that node
