@@ -25,6 +25,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from xdist.scheduler import LoadScopeScheduling
 
+from tests.pg_reset import PostgresReset
 from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.hypervisor.uri import UriPolicy
@@ -193,6 +194,8 @@ def pg_database(pg_server: str) -> Iterator[str]:
     url = create_database(pg_server)
     migrate(url)
     yield url
+    if url in RESETS:
+        RESETS.pop(url).dispose()
     drop_database(pg_server, url)
 
 
@@ -203,28 +206,15 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def reset_postgres(app: Flask) -> None:
-    """Empty every table and put the seeded rows back with their original ids.
+#: each test database's resets (tests/pg_reset.py), by URL
+RESETS: dict[str, PostgresReset] = {}
 
-    DELETE, children first, and sequences restarted: a few tables hold a few rows after a
-    test, and TRUNCATE's new files for each of the ~30 tables cost 2-3 times as much on
-    every one of the suite's PostgreSQL tests."""
-    from vmapi.services.catalog_defaults import seed_defaults
 
-    with app.app_context():
-        db.session.remove()
-        quote = db.engine.dialect.identifier_preparer.quote
-        for table in reversed(db.metadata.sorted_tables):
-            db.session.execute(sa.delete(table))
-        sequences = db.session.execute(sa.text(
-            "SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()"
-        )).scalars()  # fmt: skip
-        for sequence in sequences.all():
-            db.session.execute(sa.text(f"ALTER SEQUENCE {quote(sequence)} RESTART"))
-        db.session.commit()
-        seed_defaults()
-        db.session.remove()
-        db.engine.dispose()
+def reset_postgres(app: Flask, url: str) -> None:
+    """Put the test database at ``url`` back as every test finds it (tests/pg_reset.py)."""
+    if url not in RESETS:
+        RESETS[url] = PostgresReset(url)
+    RESETS[url](app)
 
 
 @pytest.fixture
@@ -266,7 +256,7 @@ def app(
     yield app
     close_connections(app)
     if backend == "postgresql" and app.config["DATABASE_URL"].endswith(db_url.split("/")[-1]):
-        reset_postgres(app)
+        reset_postgres(app, db_url)
     else:
         with app.app_context():
             db.session.remove()

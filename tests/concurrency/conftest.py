@@ -32,10 +32,10 @@ from tests.conftest import (
     drop_database,
     make_token,
     migrate,
-    reset_postgres,
     unavailable,
 )
 from tests.domains import tagged_domains
+from tests.pg_reset import full_reset
 from vmapi.app import create_app
 from vmapi.extensions import db
 
@@ -164,7 +164,7 @@ def server(served: Server) -> Server:
     remove_domains(served.installation)
     app = create_app({"DATABASE_URL": served.db_url, "TESTING": True,
                       "INSTALLATION_ID": served.installation})  # fmt: skip
-    reset_postgres(app)
+    full_reset(app)  # the served database: a few tests a module, gunicorn's workers on it
     token = make_token(app, "admin")
     with app.app_context():
         db.engine.dispose()

@@ -8,6 +8,7 @@ from werkzeug.routing import IntegerConverter
 
 from vmapi.api.resource import RESOURCES
 from vmapi.api.routes import register_routes
+from vmapi.api.url_rule import LazyBuilderRule
 from vmapi.api.version import check_version
 from vmapi.services.audit import record_failure
 from vmapi.telemetry import count_change
@@ -47,6 +48,8 @@ class IdConverter(IntegerConverter):
 
 
 def register_api(app: Flask) -> None:
+    # URL builders compiled on first use (vmapi/api/url_rule.py): a cheaper start
+    app.url_rule_class = LazyBuilderRule
     app.url_map.converters["id"] = IdConverter
     app.jinja_env.globals["resources"] = set(RESOURCES)
 
