@@ -20,6 +20,7 @@ import time
 
 import libvirt
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import MIB
@@ -43,9 +44,13 @@ from tests.hypervisor.rbd_env import (
 )
 from tests.image_files import OCTET
 from vmapi.extensions import db
+from vmapi.models import ImageRbd, StorageType
 from vmapi.services.nodes.hosts import DRIVER_KEY
+from vmapi.services.storage.ceph import librbd_client
+from vmapi.services.undo import Undo
 from vmapi.services.vms import placed as placed_module
 from vmapi.services.vms.boot import round_up
+from vmapi.services.vms.rbd_boot import start_clone
 
 pytestmark = [pytest.mark.hypervisor]
 
@@ -374,6 +379,77 @@ def test_reconcile_owns_images_in_ceph_and_removes_a_deleted_image_s(env, ceph, 
     code, output = env.reconcile("--fix")
     assert left not in ceph.rbd_images()
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=left) == [(0,)]
+
+
+def clone_as_a_create_dying_before_its_claim(env: MigrateEnv, rbd_type: dict) -> str:
+    """A root disk's clone left as a worker killed between its start and the claim's
+    commit leaves it: an id taken from the storage rows' sequence, the clone made by the
+    API host's in-process client under that id's name (as early_clone makes it), then
+    neither the row nor the undo (the worker is dead); its name."""
+    [(storage_id,)] = env.sql("SELECT nextval(pg_get_serial_sequence('storage', 'id'))")
+    with env.app.app_context():
+        storage_type = db.session.get(StorageType, rbd_type["id"])
+        parent = db.session.scalars(
+            select(ImageRbd).where(ImageRbd.rbd_name == parent_image(env))
+        ).one()
+        clone = start_clone(librbd_client(storage_type), parent, storage_id,
+                            env.image["virtual_size"], Undo())  # fmt: skip
+        assert clone.cloning.wait(), clone.cloning.error
+        db.session.remove()
+    return clone.name
+
+
+def test_reconcile_removes_a_clone_whose_create_died_before_its_claim(env, ceph, rbd_type,
+                                                                      monkeypatch):  # fmt: skip
+    """A root disk cloned before its create's claim whose row never committed (the worker
+    died) is reported as unowned_volume while younger than BUILD_TIMEOUT (a create may
+    still be running) and left; once older it is abandoned_clone, which --fix removes.
+    Other unowned images are reported and left: a clone under an id above the sequence's
+    last value (a future row's), one named otherwise (a rebuilt root disk's form), and an
+    image that is no clone under a taken id (a stranger in the way of a name)."""
+    if parent_image(env) not in ceph.rbd_images():
+        assert env.api.post("vm", json=create_body(env, rbd_type)).status_code == 201
+    images = ours(ceph)
+    leak = clone_as_a_create_dying_before_its_claim(env, rbd_type)
+    number = int(leak.rsplit("-", 1)[1])
+    base = f"{ceph.pool}/{parent_image(env)}@vmapi-base"
+    future = f"{INSTALLATION}-storage-{number + 1000}"
+    rebuilt = f"{leak}-r0a1b2c"
+    [(taken,)] = env.sql("SELECT nextval(pg_get_serial_sequence('storage', 'id'))")
+    stranger = f"{INSTALLATION}-storage-{taken}"
+    for name in (future, rebuilt):
+        ceph.run("rbd", "clone", base, f"{ceph.pool}/{name}")
+    ceph.run("rbd", "create", "--size", "4", f"{ceph.pool}/{stranger}")
+    others = (future, rebuilt, stranger)
+    try:
+        for args in ((), ("--fix",)):  # young: reported, never removed
+            code, output = env.reconcile(*args)
+            assert code == 1 and "abandoned_clone" not in output, output
+            for name in (leak, *others):
+                [line] = [line for line in output.splitlines() if f"rbd/{name} " in line]
+                assert line.startswith("found") and "unowned_volume" in line, output
+        assert set(ours(ceph)) == {*images, leak, *others}
+
+        monkeypatch.setitem(env.app.config, "BUILD_TIMEOUT", 0)
+        time.sleep(1.1)  # (creation times are whole seconds)
+        code, output = env.reconcile()
+        assert code == 1, output
+        [line] = [line for line in output.splitlines() if "abandoned_clone" in line]
+        assert line.startswith("found") and f"rbd/{leak} " in line, output
+        assert f"storage id {number} " in line and parent_image(env) in line
+        assert leak in ceph.rbd_images()
+        code, output = env.reconcile("--fix")
+        [line] = [line for line in output.splitlines() if "abandoned_clone" in line]
+        assert line.startswith("fixed") and f"rbd/{leak} " in line, output
+        assert leak not in ceph.rbd_images()
+        for name in others:
+            [line] = [line for line in output.splitlines() if f"rbd/{name} " in line]
+            assert line.startswith("found") and "unowned_volume" in line, output
+        assert set(ours(ceph)) == {*images, *others}
+    finally:
+        for name in (leak, *others):
+            if name in ceph.rbd_images():
+                ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/{name}")
 
 
 def test_the_clone_has_root_size_before_the_domain_starts(env, ceph, rbd_type, monkeypatch):

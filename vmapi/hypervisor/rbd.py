@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from vmapi.hypervisor.errors import HypervisorError, HypervisorTimeout
 
@@ -72,6 +73,7 @@ class RbdImage:
     size: int  # bytes (the virtual size)
     parent: str | None  # ``pool/image@snapshot`` of a clone, None for an image that stands alone
     snapshots: tuple[str, ...]  # names, oldest first
+    created: datetime | None = None  # when it was made (UTC, whole seconds), if the tool says
 
 
 #: the "host" a failure of the API host's Ceph client names (it is the cluster's)
@@ -141,8 +143,20 @@ def _monitor(host: str, port: int) -> str:
 
 def _environment() -> dict[str, str]:
     """The tools' environment without Ceph's own variables (no host configuration, no
-    extra arguments through ``CEPH_ARGS``)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CEPH")}
+    extra arguments through ``CEPH_ARGS``), in UTC (``rbd info`` prints an image's
+    creation time in the local time zone, without one)."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("CEPH")}
+    return {**kept, "TZ": "UTC0"}
+
+
+def _created(stamp: object) -> datetime | None:
+    """``rbd info``'s ``create_timestamp`` (C's ``ctime()`` in UTC, see
+    :func:`_environment`), None when there is none or it reads otherwise."""
+    try:
+        made = datetime.strptime(" ".join(str(stamp).split()), "%a %b %d %H:%M:%S %Y")
+    except ValueError:
+        return None
+    return made.replace(tzinfo=UTC)
 
 
 def _deadline(seconds: float, what: str) -> Callable[[], float]:
@@ -243,8 +257,9 @@ class RbdClient:
         snapshots: tuple[str, ...] = ()
         if found.get("snapshot_count"):
             snapshots = tuple(s["name"] for s in self._snapshots(pool, name) or ())
+        created = _created(found.get("create_timestamp"))
         return RbdImage(name=found["name"], size=int(found["size"]), parent=parent or None,
-                        snapshots=snapshots)  # fmt: skip
+                        snapshots=snapshots, created=created)  # fmt: skip
 
     def _snapshots(self, pool: str, name: str) -> list[dict] | None:
         """``rbd snap ls`` oldest first; None when there is no such image."""

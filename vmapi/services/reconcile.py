@@ -16,11 +16,18 @@ Findings, one per domain, VM or volume:
   rows and image copies name) that no storage row, image copy or VM (its cloud-init seed)
   owns and no leftover lists: leaked, another installation's, a replaced seed that could
   not be deleted, or something in the way of a new volume's name (or an RBD root disk
-  cloned before its create's claim committed: in flight, or its worker died then);
-  reported, never touched.
+  cloned before its create's claim committed, younger than BUILD_TIMEOUT: in flight, or
+  its worker died then); reported, never touched.
   An rbd type's images are looked at in its Ceph pool through the API host's client
   (one ``rbd ls`` per Ceph pool, not a listing of each node's rbd pool): those named as
   this installation names things that no row owns are reported here too.
+- ``abandoned_clone``: an RBD image of an rbd type's Ceph pool named exactly
+  ``<installation>-storage-<N>``, a clone of one of the type's images, made more than
+  BUILD_TIMEOUT ago, where no storage row has id N (nor the name) and no leftover lists
+  it, and N is not above the storage id sequence's last value: a root disk cloned before
+  its create's claim (services/vms/rbd_boot.py ``early_clone``) whose worker died, or
+  whose claim's commit did not land, before the row was committed. Its id was taken
+  from the sequence and is never handed out again: no row can own it. Fix: removed.
 - ``missing_volume``: a storage row of an rbd type whose image is not in its Ceph pool
   (one ``rbd info`` per row, by the API host); reported, never touched.
 - ``ceph_unreachable``: the API host cannot reach an rbd type's cluster, or cannot read
@@ -46,10 +53,10 @@ Findings, one per domain, VM or volume:
   otherwise (a change could not reach it, or someone changed it); ``unused_filter``: one
   of this installation's filters no VM of the node uses; fix: the node's filters are
   brought in line with the database (services/network/protection.py).
-The volume findings (``unowned_volume``, ``missing_volume``, ``ceph_unreachable``,
-``stale_image_copy``) are made by services/reconcile_volumes.py. Domains are matched
-with VMs by the name stored on the VM's row. Young ``building`` rows and the listed
-copies of saves in flight are skipped: their requests may still run.
+The volume findings (``unowned_volume``, ``abandoned_clone``, ``missing_volume``,
+``ceph_unreachable``, ``stale_image_copy``) are made by services/reconcile_volumes.py.
+Domains are matched with VMs by the name stored on the VM's row. Young ``building`` rows
+and the listed copies of saves in flight are skipped: their requests may still run.
 """
 
 from __future__ import annotations
@@ -140,7 +147,8 @@ def reconcile(fix: bool, workers: int = 32) -> list[Finding]:
     findings += stale_copies(answering, fix)
     findings += stale_rbd_images(fix)
     findings += _filters(answering, fix)
-    return findings + unowned_volumes(answering, listed, workers) + rbd_volumes(listed, workers)
+    findings += unowned_volumes(answering, listed, workers)
+    return findings + rbd_volumes(listed, workers, fix, stale_before)
 
 
 def _filters(hosts: dict[int, Host], fix: bool) -> list[Finding]:

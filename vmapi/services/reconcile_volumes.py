@@ -7,13 +7,26 @@ by listing a node's rbd pool (a refresh there opens every image of the Ceph pool
 every node): one ``rbd info`` per storage row (``missing_volume`` when its image is not
 there) and one ``rbd ls`` per Ceph pool for this installation's images that no row owns
 (``unowned_volume``). A cluster the API host cannot reach, or a key it cannot read, is
-``ceph_unreachable``."""
+``ceph_unreachable``.
+
+One kind of those unowned images is known to be a leak, and ``--fix`` removes it
+(``abandoned_clone``): a root disk's clone started before its create's claim
+(services/vms/rbd_boot.py ``early_clone``) whose worker died, or whose claim's commit
+did not land, before the root disk's row was committed. It is named exactly
+``<installation>-storage-<N>``, no row has id N nor its name and no leftover lists it,
+N is not above the storage id sequence's last value (ids are never handed out twice:
+no row can own it later), it is a clone of one of the type's images (``image_rbd``),
+and it was made more than BUILD_TIMEOUT ago (a younger one is reported as
+``unowned_volume``: its create may still be running)."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import cast, func, or_, select
+from sqlalchemy.dialects.postgresql import REGCLASS
 
 from vmapi.extensions import db
 from vmapi.hypervisor import HypervisorError, PoolNotFound
@@ -130,10 +143,16 @@ def unowned_volumes(
     return findings
 
 
-def rbd_volumes(listed: set[tuple[int, str, str | None, str]], workers: int) -> list[Finding]:
+def rbd_volumes(
+    listed: set[tuple[int, str, str | None, str]],
+    workers: int,
+    fix: bool = False,
+    stale_before: datetime | None = None,
+) -> list[Finding]:
     """The images of the rbd types' storage rows and this installation's images in their
     Ceph pools, through the API host's client: one Ceph pool (of one cluster) at a time,
-    whichever types share it, whatever nodes use it."""
+    whichever types share it, whatever nodes use it. Abandoned clones made before
+    ``stale_before`` (None: none is) are removed when ``fix``."""
     types = db.session.scalars(
         select(StorageType).where(StorageType.backend == RBD).order_by(StorageType.id)
     ).all()
@@ -143,12 +162,19 @@ def rbd_volumes(listed: set[tuple[int, str, str | None, str]], workers: int) -> 
         clusters.setdefault(key, []).append(storage_type)
     findings = []
     for (monitors, pool), group in clusters.items():
-        findings += _rbd_pool(f"ceph:{','.join(monitors)}", pool, group, listed, workers)
+        where = f"ceph:{','.join(monitors)}"
+        findings += _rbd_pool(where, pool, group, listed, workers, fix, stale_before)
     return findings
 
 
 def _rbd_pool(
-    where: str, pool: str, types: list[StorageType], listed: set, workers: int
+    where: str,
+    pool: str,
+    types: list[StorageType],
+    listed: set,
+    workers: int,
+    fix: bool,
+    stale_before: datetime | None,
 ) -> list[Finding]:
     names = ", ".join(f"{t.id} ({t.name})" for t in types)
     stmt = select(Storage, Node.fqdn).outerjoin(Node, Node.id == Storage.node_id)
@@ -158,13 +184,15 @@ def _rbd_pool(
     # when it is): read before the pool is listed, a create in flight is never unowned,
     # but for a root disk cloned before its create's claim (services/vms/rbd_boot.py
     # early_clone): unowned until the claim commits (milliseconds), and for good if its
-    # worker died then (reported, never touched, as any unowned volume)
+    # worker died then (abandoned_clone once older than BUILD_TIMEOUT: --fix removes it)
     owned = {storage.volume_name for storage, _fqdn in rows}
     # images written into the pool (and saves on RBD: recorded before they are made)
     written = select(ImageRbd.rbd_name).where(
         ImageRbd.ceph_pool == pool, ImageRbd.storage_type_id.in_([t.id for t in types])
     )
-    owned |= set(db.session.scalars(written))
+    parents = set(db.session.scalars(written))
+    owned |= parents
+    last_id = _last_storage_id()
     made = [(storage.id, storage.vm_id, storage.storage_type_id, storage.volume_name,
              storage.path, fqdn) for storage, fqdn in rows if storage.path]  # fmt: skip
     libvirt_pools = {t.pool for t in types}
@@ -191,12 +219,77 @@ def _rbd_pool(
             findings.append(Finding("missing_volume", fqdn or "-", path, f"storage {storage_id} "
                                     f"({owner}): no such image in the Ceph pool"))  # fmt: skip
     ours = f"{installation_id()}-"
-    for image in images:
-        if image.startswith(ours) and image not in owned and image not in left:
+    unowned = [i for i in images if i.startswith(ours) and i not in owned and i not in left]
+    abandoned = _abandoned(clients[types[0].id], pool, unowned, parents, last_id, stale_before,
+                           workers)  # fmt: skip
+    for image in unowned:
+        if image not in abandoned:
             findings.append(Finding("unowned_volume", where, f"{pool}/{image}",
                                     "no storage row owns it (named as this installation "
                                     "names its volumes)"))  # fmt: skip
+            continue
+        finding = Finding("abandoned_clone", where, f"{pool}/{image}", abandoned[image])
+        if fix:
+            try:
+                clients[types[0].id].remove_image(pool, image)
+                finding.fixed = True
+                finding.detail += "; removed"
+            except RbdError as exc:
+                finding.detail += f"; not removed: {exc}"
+        findings.append(finding)
     return findings
+
+
+def _last_storage_id() -> int | None:
+    """The last id the storage rows' sequence handed out (None before its first, and on
+    SQLite: there no id is taken before its row is committed)."""
+    if db.engine.dialect.name != "postgresql":
+        return None
+    sequence = cast(func.pg_get_serial_sequence(Storage.__tablename__, "id"), REGCLASS)
+    return db.session.scalar(select(func.pg_sequence_last_value(sequence)))
+
+
+def _abandoned(
+    client: RbdClient,
+    pool: str,
+    unowned: list[str],
+    parents: set[str],
+    last_id: int | None,
+    stale_before: datetime | None,
+    workers: int,
+) -> dict[str, str]:
+    """Of the unowned images, the root disks cloned before a claim that never committed
+    (see the module's docstring), each with what the finding says of it."""
+    if last_id is None or stale_before is None:
+        return {}
+    form = re.compile(rf"{re.escape(installation_id())}-storage-([0-9]+)")
+    taken = {name: int(m[1]) for name in unowned if (m := form.fullmatch(name))}
+    taken = {name: n for name, n in taken.items() if n <= last_id}
+    if not taken:
+        return {}
+    looked = dict(zip(taken, _look([(client, name) for name in taken], pool, workers),
+                      strict=True))  # fmt: skip
+    # read again after the images were: a claim that committed since owns its clone
+    claimed = select(Storage.id, Storage.volume_name).where(
+        or_(Storage.id.in_(taken.values()), Storage.volume_name.in_(taken))
+    )
+    owners = db.session.execute(claimed).all()
+    db.session.commit()  # (only read)
+    ids, names = {n for n, _name in owners}, {name for _n, name in owners}
+    found = {}
+    for name, n in taken.items():
+        image = looked[name]
+        if n in ids or name in names or not isinstance(image, RbdImage):
+            continue
+        if image.created is None or image.created >= stale_before:
+            continue  # (a create may still be running)
+        parent_pool, _, parent = (image.parent or "").partition("@")[0].partition("/")
+        if parent_pool != pool or parent not in parents:
+            continue  # not made as a root disk is: a stranger in the way of the name
+        found[name] = (f"storage id {n} (taken from the sequence) has no row: a clone of "
+                       f"{image.parent} made {image.created:%Y-%m-%d %H:%M:%S} UTC, before "
+                       "a create's claim that never committed")  # fmt: skip
+    return found
 
 
 def _look(pairs: list[tuple[RbdClient, str]], pool: str, workers: int) -> list:

@@ -102,7 +102,8 @@ class RbdClone:
     """A root disk's clone, started (:class:`Cloning`): its storage row's id, and where
     it is; ``left``: what an undo that cannot remove it lists (None until the VM's node
     is known: then a failed removal is only logged, and reconcile reports the image as
-    unowned_volume)."""
+    unowned_volume, then as abandoned_clone once older than BUILD_TIMEOUT, which --fix
+    removes)."""
 
     storage_id: int
     storage_type_id: int
