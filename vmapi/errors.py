@@ -172,5 +172,8 @@ class DatabaseLost(ServiceUnavailable):
 
 class OutcomeUnknown(DatabaseLost):
     """The connection broke during a COMMIT and the database could not be asked whether
-    it landed: what the request did on the nodes is left for reconcile, not undone (it
-    may belong to a committed row). :func:`vmapi.services.undo.apply_all` keeps it."""
+    it landed, or it landed with rows still building (the key's row names them:
+    :func:`vmapi.services.idempotency.commit_building`): what the request did on the
+    nodes is left for the retry with its key (or reconcile), not undone (it may belong
+    to a committed row), and the key is not given up.
+    :func:`vmapi.services.undo.apply_all` keeps it."""
