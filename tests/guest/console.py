@@ -63,7 +63,11 @@ def boots(text: str) -> list[Boot]:
     """Each boot the console shows, in order (lines before the first one are firmware,
     boot loader and kernel messages)."""
     found: list[Boot] = []
-    for line in lines(text):
+    shown = lines(text)
+    for index, line in enumerate(shown):
+        # the last line while the guest still writes it (no newline yet): whole lines
+        # only where a cut one would read as another value
+        unfinished = index == len(shown) - 1 and not text.endswith("\n")
         if match := GUEST.search(line):
             boot_id = None if match.group(3) in (None, "none") else match.group(3)
             found.append(Boot(root=match.group(1), sectors=int(match.group(2)), boot_id=boot_id))
@@ -80,7 +84,8 @@ def boots(text: str) -> list[Boot]:
         elif match := ERROR.search(line):
             found[-1].errors.append(match.group(0))
         elif match := NET.search(line):
-            found[-1].nics.append(dict(p.split("=", 1) for p in match.group(1).split()))
+            if not unfinished:
+                found[-1].nics.append(dict(p.split("=", 1) for p in match.group(1).split()))
         elif match := TOLD.search(line):
             found[-1].hostname, found[-1].keys = match.group(1), int(match.group(2))
             found[-1].instance_id = match.group(3)

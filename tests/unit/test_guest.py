@@ -121,6 +121,14 @@ def test_console_log_splits_into_boots():
     assert (old.sectors, old.boot_id) == (8, None)
 
 
+def test_a_net_line_still_being_written_is_not_read_yet():
+    head = "VMAPI-GUEST root=vda sectors=8\r\nVMAPI-NET name=eth0 dev=eth0 gateway4=198.51.100.1"
+    [boot] = console.boots(head + " gateway")  # (cut mid-word by the console's read)
+    assert boot.nics == []
+    [boot] = console.boots(head + "\r\n")
+    assert boot.nics == [{"name": "eth0", "dev": "eth0", "gateway4": "198.51.100.1"}]
+
+
 def test_wait_for_gives_up_with_the_console_tail():
     texts = iter(["", "VMAPI-GUEST root=vda sectors=8\r\n"])
     text = console.wait_for(lambda: next(texts), lambda t: bool(console.boots(t)), "a boot")
