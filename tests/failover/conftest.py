@@ -255,8 +255,16 @@ def restore(fleet: Fleet) -> None:
     for proxy in PROXIES:
         if not hosts.alive(proxy):
             hosts.start_haproxy(proxy)
-    hosts.wait_routed(hosts.wait_healthy())
+    leader = hosts.wait_healthy()
+    hosts.wait_routed(leader)
+    # libpq keeps the first host of the URL that takes the connection: one an API host
+    # made while the first HAProxy had no primary to send it to (a postmaster restarting)
+    # went through the second and stays there, in the pool. Every test starts as after a
+    # fresh start, every connection through the first HAProxy (the tests that kill it or
+    # a primary's Patroni check that their load went through it): API hosts holding one
+    # through the second start again.
+    second = hosts.sessions_from(leader, PROXIES["haproxy2"])
     for host in API_HOSTS:
-        if not hosts.alive(host):
+        if second or not hosts.alive(host):
             fleet.kill_api(host)  # workers a dead master may have left
             start_api(hosts, host, fleet.env)
