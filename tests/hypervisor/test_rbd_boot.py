@@ -268,12 +268,20 @@ def test_saving_the_running_guest_makes_an_image_inside_the_cluster(
     assert env.sql("SELECT count(*) FROM image_rbd WHERE rbd_name = :n", n=in_ceph) == [(0,)]
 
 
-def test_a_rebuild_gives_the_guest_a_new_clone_and_drops_the_old(env, ceph, guest):
+def test_a_rebuild_gives_the_guest_a_new_clone_and_drops_the_old(env, ceph, guest, monkeypatch):
+    """The new clone is made in process (librbd), as POST /vm's: no ``rbd`` tool runs."""
     _, old, _ = root_of(env, guest)
     read = env.console(guest["id"])
     before = boots(read())
-    done = env.api.post(f"vm/{guest['id']}/rebuild", json={"image": {"id": env.image["id"]}})
+    spawned = record_processes(monkeypatch)
+    made_in_process = record_in_process(monkeypatch)
+    try:
+        done = env.api.post(f"vm/{guest['id']}/rebuild", json={"image": {"id": env.image["id"]}})
+    finally:
+        monkeypatch.undo()
     assert done.status_code == 200, done.json
+    assert made_in_process.words()[:1] == ["clone"]
+    assert [a for a in spawned.tools("rbd") if {"clone", "resize"} & set(a)] == []
     _storage, new, path = root_of(env, guest)
     assert new != old and "-r" in new and path == f"{ceph.pool}/{new}"
     assert ceph.rbd_info(new)["parent"]["image"] == parent_image(env)
@@ -282,6 +290,34 @@ def test_a_rebuild_gives_the_guest_a_new_clone_and_drops_the_old(env, ceph, gues
     vda = network_disk(env, where_now, guest["domain_name"], "vda")
     assert vda.get("type") == "network" and vda.find("source").get("name") == path
     console.wait_for(read, lambda text: boots(text) > before, "a boot from the new clone")
+
+
+@pytest.mark.parametrize("failing", ["clone", "resize"])
+def test_a_rebuild_whose_clone_fails_keeps_the_old_disk_and_leaves_nothing(env, ceph, guest,
+                                                                          monkeypatch, failing):  # fmt: skip
+    """The new clone, or its growth to the larger root_size, fails (librbd's I/O error,
+    injected): 502 at its step, the VM keeps its root disk, its size and its domain's disk,
+    and no new clone is left in the pool."""
+    ident, old, path = root_of(env, guest)
+    [(size,)] = env.sql("SELECT size FROM storage WHERE id = :i", i=ident)
+    images = ours(ceph)
+    made_in_process = record_in_process(monkeypatch)
+    made_in_process.failing = failing
+    try:
+        done = env.api.post(f"vm/{guest['id']}/rebuild",
+                            json={"image": {"id": env.image["id"]}, "root_size": size + 8 * MIB})  # fmt: skip
+    finally:
+        monkeypatch.undo()
+    assert done.status_code == 502, done.json
+    assert done.json["data"]["step"] == "creating the root disk", done.json
+    assert "injected failure" in done.json["message"]
+    assert made_in_process.words() == (["clone"] if failing == "clone" else ["clone", "resize"])
+    assert root_of(env, guest) == (ident, old, path)
+    assert env.sql("SELECT size FROM storage WHERE id = :i", i=ident) == [(size,)]
+    assert ours(ceph) == images
+    vda = network_disk(env, where(env, guest), guest["domain_name"], "vda")
+    assert vda.find("source").get("name") == path
+    assert env.domains(where(env, guest))[guest["domain_name"]] == "running"
 
 
 def test_a_quiesced_save_without_a_guest_agent_is_refused_and_leaves_nothing(env, ceph, guest):

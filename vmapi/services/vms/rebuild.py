@@ -87,7 +87,7 @@ from vmapi.services.nodes.domains import (
 )
 from vmapi.services.nodes.hosts import Host, hypervisor
 from vmapi.services.quotas import check_storage_quota
-from vmapi.services.storage.ceph import KeyUnreadable, rbd_client
+from vmapi.services.storage.ceph import KeyUnreadable, librbd_client
 from vmapi.services.undo import Undo, run_undo
 from vmapi.services.vms.boot import (
     ROOT_TARGET,
@@ -274,10 +274,13 @@ def replace_rbd_disks(plan: Rebuild, undo: Undo) -> None:
 
         def clone(name: str) -> str:
             try:
-                rbd_client(storage_type).clone(held.row.ceph_pool, held.row.rbd_name,
-                                               held.row.snapshot, name, plan.size)  # fmt: skip
+                client = librbd_client(storage_type)
             except KeyUnreadable as exc:
                 raise HypervisorError("rbd:", str(exc)) from exc
+            # in process, as POST /vm's clone: no process to start, no new connection to
+            # the cluster for each of the clone and its growth
+            client.clone(held.row.ceph_pool, held.row.rbd_name, held.row.snapshot, name,
+                         plan.size)  # fmt: skip
             return f"{held.row.ceph_pool}/{name}"
 
         make_volumes(plan, None, undo, clone)
