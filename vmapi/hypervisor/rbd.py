@@ -7,8 +7,8 @@ command line (it is read from its file: ``--keyfile`` for ``rbd``, a QEMU secret
 Why the tools here and not Ceph's Python bindings (python3-rados/python3-rbd): the tools
 are what every Ceph admin already has, ``qemu-img convert`` turns a qcow2 image into a
 raw RBD image in one pass without a temporary file, and every call is bounded by a
-timeout that kills the tool. What POST /vm waits for, a root disk's clone, is made
-in-process through the bindings instead (:mod:`vmapi.hypervisor.librbd`: a process and
+timeout that kills the tool. What POST /vm and a rebuild wait for, a root disk's clone,
+is made in-process through the bindings instead (:mod:`vmapi.hypervisor.librbd`: a process and
 its connection to the cluster per command cost more than the clone itself).
 
 Why here and not through libvirt: libvirt 9.0's rbd pools have no volume upload or
@@ -421,32 +421,6 @@ class RbdClient:
         except RbdNotFound:
             return False
         return True
-
-    def clone(self, pool: str, parent: str, snapshot: str, name: str, size: int | None) -> None:
-        """Make ``name`` RBD's copy-on-write clone of ``parent@snapshot`` (a protected
-        snapshot), grown to ``size`` bytes when that is more than the parent's (None: the
-        parent's size, one command: the caller grows it some other way). On a failure to
-        grow, the clone is removed again. ``RbdBusy`` when ``name`` exists (left alone),
-        ``RbdNotFound`` when the snapshot does not."""
-        spec = f"{_checked('pool', pool)}/{_checked('image', name)}"
-        source = f"{pool}/{_checked('image', parent)}@{_checked('snapshot', snapshot)}"
-        # two commands, no lookups around them (each command is a process and a
-        # connection to the cluster: POST /vm waits for them): the clone refuses a taken
-        # name itself ("already exists": RbdBusy, that image untouched), and a resize to
-        # the size it has already is no change
-        self._rbd("clone", source, spec)
-        if size is None:
-            return
-        try:
-            self._rbd("resize", "--no-progress", "--size", f"{size}B", spec)
-        except RbdError as exc:
-            # (its size already, or smaller than the parent's: it keeps the parent's)
-            if "equal to original size" not in str(exc) and "shrink" not in str(exc):
-                self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
-                raise
-        except BaseException as exc:
-            self._undo(exc, [lambda: self.remove_image(pool, name)], spec)
-            raise
 
     def resize(self, pool: str, name: str, size: int) -> None:
         """Grow the image to ``size`` bytes (never shrinks: a smaller size is refused by
