@@ -29,6 +29,7 @@ from tests.pg_reset import PostgresReset
 from vmapi.app import create_app
 from vmapi.extensions import db
 from vmapi.hypervisor.uri import UriPolicy
+from vmapi.telemetry import LIBVIRT_ERRORS, LIBVIRT_SECONDS
 
 CI = os.environ.get("CI", "").lower() == "true"
 PG_URL = os.environ.get("VMAPI_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -252,6 +253,12 @@ def app(
     config = {"DATABASE_URL": db_url, "TESTING": True, "LIBVIRT_TIMEOUT": 5.0,
               "IMAGE_DIR": str(tmp_path / "images"),
               "TEST_DRIVER_DIR": node_files_dir(tmp_path_factory), **app_config}  # fmt: skip
+    # The process's libvirt metrics are labelled by node, and a test node's label is its
+    # whole test:// URI, new in every test: the series of the worker's earlier tests
+    # would pile up (~6 a test), and /metrics late in a worker's life would write, and
+    # its test parse, thousands of them (seconds). A test starts with none of them.
+    for metric in (LIBVIRT_SECONDS, LIBVIRT_ERRORS):
+        metric.clear()
     app = create_app(config)
     yield app
     close_connections(app)
