@@ -320,6 +320,26 @@ def test_a_rebuild_whose_clone_fails_keeps_the_old_disk_and_leaves_nothing(env, 
     assert env.domains(where(env, guest))[guest["domain_name"]] == "running"
 
 
+@pytest.mark.parametrize("method,step", [("define", "defining the domain"),
+                                         ("start", "starting the domain")])  # fmt: skip
+def test_a_rebuild_failing_after_its_clone_removes_it_and_runs_the_old_disk(env, ceph, guest,
+                                                                           method, step):  # fmt: skip
+    """The new clone is made, then the domain's definition with it, or its start, fails:
+    502 at that step, the new clone is removed from the pool, and the guest runs again on
+    its old clone."""
+    ident, old, path = root_of(env, guest)
+    images = ours(ceph)
+    faults(env).fail(method)
+    done = env.api.post(f"vm/{guest['id']}/rebuild", json={"image": {"id": env.image["id"]}})
+    assert done.status_code == 502, done.json
+    assert done.json["data"]["step"] == step, done.json
+    assert root_of(env, guest) == (ident, old, path)
+    assert ours(ceph) == images
+    vda = network_disk(env, where(env, guest), guest["domain_name"], "vda")
+    assert vda.find("source").get("name") == path
+    assert env.domains(where(env, guest))[guest["domain_name"]] == "running"
+
+
 def test_a_quiesced_save_without_a_guest_agent_is_refused_and_leaves_nothing(env, ceph, guest):
     _, name, _ = root_of(env, guest)
     images = ours(ceph)
